@@ -1,0 +1,562 @@
+//! Portcullis kernel side: cgroup programs that divert protected processes' connections to
+//! the proxy and remember where they were going and who opened them.
+//!
+//! The contract with userspace (which map holds what, who writes and who deletes each entry)
+//! is documented in `docs/ARCHITECTURE.md`; the types are in `gateway-common`.
+//!
+//! Flow for one connection:
+//! 1. `pc_connect4` / `pc_connect6` (cgroup `connect4`/`connect6`): a TCP connect by a
+//!    protected process (cgroup ancestry or uid) to a target (LPM trie on port+address) gets
+//!    an [`Origin`] in the socket's local storage ([`ORIGINS`]) and its destination rewritten
+//!    to the proxy's listener.
+//! 2. `pc_sock_ops` (`BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`): once the handshake with the proxy
+//!    completes, the origin is copied to [`CONNS`] under the client's address and port, which
+//!    is the peer address the proxy sees on `accept()`. The proxy removes the entry when it
+//!    takes the connection.
+//! 3. `pc_sock_ops` (`BPF_SOCK_OPS_STATE_CB`, `TCP_CLOSE`): if the client socket closes
+//!    before the proxy took the entry, the entry is removed here. Socket storage is freed by
+//!    the kernel with the socket. No entry depends on LRU eviction.
+//! 4. `pc_getpeername4` / `pc_getpeername6`: the client asking whom it is connected to
+//!    hears the original destination, not the proxy.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
+    },
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, lpm_trie::Key},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_storage_get,
+        },
+    },
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use gateway_common::{
+    AF_INET, AF_INET6, AGENTS_CAPACITY, AgentRef, CONFIG_ENABLED, CONNS_CAPACITY, ConnKey,
+    GlobalConfig, MAX_CGROUP_DEPTH, Origin, TARGETS_CAPACITY, TargetKey, TargetValue, counter,
+    ipv4_mapped, ipv4_unmapped,
+};
+
+/// Reads a `bpf_sock_ops` field straight off the context pointer. The verifier only allows
+/// loads at constant offsets from the unmodified context register; a volatile read keeps
+/// LLVM from hoisting the field address into a register of its own.
+macro_rules! ops_field {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$($field)+) }
+    };
+}
+
+/// Return codes of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+/// Makes `connect()` fail with `EPERM`.
+const REJECT: i32 = 0;
+/// `SOCK_STREAM` from the socket's type.
+const SOCK_STREAM: u32 = 1;
+
+#[btf_map]
+static PC_CONFIG: Array<GlobalConfig, 1> = Array::new();
+
+#[btf_map]
+static PC_TARGETS: LpmTrie<TargetKey, TargetValue, { TARGETS_CAPACITY as usize }> = LpmTrie::new();
+
+#[btf_map]
+static PC_AGENT_CGROUPS: HashMap<u64, AgentRef, { AGENTS_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+static PC_AGENT_UIDS: HashMap<u32, AgentRef, { AGENTS_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+static PC_ORIGINS: SkStorage<Origin> = SkStorage::new();
+
+#[btf_map]
+static PC_CONNS: HashMap<ConnKey, Origin, { CONNS_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+static PC_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = PC_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPUs while running, so nothing
+        // else writes this slot concurrently.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// A destination, as the client asked for it.
+struct Destination {
+    /// IPv6 or IPv4-mapped, network byte order.
+    addr: [u8; 16],
+    /// Network byte order.
+    port_be: [u8; 2],
+}
+
+/// What a connect hook decided.
+enum Verdict {
+    /// Leave the connect alone.
+    Pass,
+    /// Rewrite the destination to the proxy (the origin is already stored).
+    Redirect,
+    /// Fail the connect with `EPERM`.
+    Reject,
+}
+
+// Fails closed on internal errors: a protected process whose origin cannot be stored is
+// refused rather than let through unseen.
+#[cgroup_sock_addr(connect4)]
+pub fn pc_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run; fields are read-only except
+    // user_ip4/user_port, which the connect4 attach type may write.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    // user_ip4 holds the address in network byte order; its in-memory bytes are the address.
+    let ip4 = sa.user_ip4.to_ne_bytes();
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port_be = (sa.user_port as u16).to_ne_bytes();
+    let dst = Destination {
+        addr: ipv4_mapped(normalize_any4(ip4)),
+        port_be,
+    };
+    let Some(cfg) = PC_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    match decide(&ctx, cfg, &dst, AF_INET) {
+        Verdict::Pass => ALLOW,
+        Verdict::Reject => REJECT,
+        Verdict::Redirect => {
+            sa.user_ip4 = u32::from_ne_bytes(cfg.proxy_ip4);
+            sa.user_port = u16::from_ne_bytes(cfg.proxy_port4) as u32;
+            ALLOW
+        }
+    }
+}
+
+// Fails closed on internal errors, as `pc_connect4`.
+#[cgroup_sock_addr(connect6)]
+pub fn pc_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in pc_connect4; connect6 may write user_ip6/user_port.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let w = sa.user_ip6;
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    let mapped = ipv4_unmapped(&addr);
+    let addr = match mapped {
+        Some(v4) => ipv4_mapped(normalize_any4(v4)),
+        None => normalize_any6(addr),
+    };
+    let dst = Destination {
+        addr,
+        port_be: (sa.user_port as u16).to_ne_bytes(),
+    };
+    let Some(cfg) = PC_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    match decide(&ctx, cfg, &dst, AF_INET6) {
+        Verdict::Pass => ALLOW,
+        Verdict::Reject => REJECT,
+        Verdict::Redirect => {
+            // An IPv4-mapped destination stays IPv4-mapped (the proxy's IPv4 listener), so a
+            // dual-stack socket keeps talking IPv4 on the wire as it asked to.
+            let target = match mapped {
+                Some(_) => ipv4_mapped(cfg.proxy_ip4),
+                None => cfg.proxy_ip6,
+            };
+            let mut i = 0;
+            while i < 4 {
+                sa.user_ip6[i] = u32::from_ne_bytes([
+                    target[i * 4],
+                    target[i * 4 + 1],
+                    target[i * 4 + 2],
+                    target[i * 4 + 3],
+                ]);
+                i += 1;
+            }
+            let port = match mapped {
+                Some(_) => cfg.proxy_port4,
+                None => cfg.proxy_port6,
+            };
+            sa.user_port = u16::from_ne_bytes(port) as u32;
+            ALLOW
+        }
+    }
+}
+
+/// The origin stored on the socket of a sock_addr context, if it was redirected.
+#[inline(always)]
+fn stored_origin(ctx: &SockAddrContext) -> Option<Origin> {
+    // SAFETY: valid context pointer; `sk` is set for getpeername hooks.
+    let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: socket storage map, socket from the context, no create flag.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PC_ORIGINS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<Origin>();
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null pointer to this socket's storage.
+        Some(unsafe { *p })
+    }
+}
+
+// Transparency: a redirected socket's getpeername() reports the original destination, not
+// the proxy. Only when the peer really is the proxy (a socket may have connected again
+// elsewhere since). Fails open: on any doubt the kernel's answer stands.
+#[cgroup_sock_addr(getpeername4)]
+pub fn pc_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context; getpeername4 may write user_ip4/user_port.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = PC_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    let is_proxy = sa.user_ip4.to_ne_bytes() == cfg.proxy_ip4
+        && (sa.user_port as u16).to_ne_bytes() == cfg.proxy_port4;
+    if !is_proxy {
+        return ALLOW;
+    }
+    if let Some(o) = stored_origin(&ctx)
+        && let Some(v4) = ipv4_unmapped(&o.dst_addr)
+    {
+        sa.user_ip4 = u32::from_ne_bytes(v4);
+        sa.user_port = u16::from_ne_bytes(o.dst_port.to_be_bytes()) as u32;
+    }
+    ALLOW
+}
+
+// As pc_getpeername4, for IPv6 sockets (including IPv4-mapped peers).
+#[cgroup_sock_addr(getpeername6)]
+pub fn pc_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context; getpeername6 may write user_ip6/user_port.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = PC_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    let w = sa.user_ip6;
+    let mut peer = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        peer[i * 4] = b[0];
+        peer[i * 4 + 1] = b[1];
+        peer[i * 4 + 2] = b[2];
+        peer[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    let port = (sa.user_port as u16).to_ne_bytes();
+    let is_proxy = (peer == cfg.proxy_ip6 && port == cfg.proxy_port6)
+        || (peer == ipv4_mapped(cfg.proxy_ip4) && port == cfg.proxy_port4);
+    if !is_proxy {
+        return ALLOW;
+    }
+    if let Some(o) = stored_origin(&ctx) {
+        let mut i = 0;
+        while i < 4 {
+            sa.user_ip6[i] = u32::from_ne_bytes([
+                o.dst_addr[i * 4],
+                o.dst_addr[i * 4 + 1],
+                o.dst_addr[i * 4 + 2],
+                o.dst_addr[i * 4 + 3],
+            ]);
+            i += 1;
+        }
+        sa.user_port = u16::from_ne_bytes(o.dst_port.to_be_bytes()) as u32;
+    }
+    ALLOW
+}
+
+/// `connect()` to `0.0.0.0` reaches the local host, as `127.0.0.1` does; match it as such so
+/// that the wildcard address is not a way around a loopback target.
+#[inline(always)]
+fn normalize_any4(v4: [u8; 4]) -> [u8; 4] {
+    if v4 == [0, 0, 0, 0] {
+        [127, 0, 0, 1]
+    } else {
+        v4
+    }
+}
+
+/// `::` reaches the local host as `::1` does.
+#[inline(always)]
+fn normalize_any6(v6: [u8; 16]) -> [u8; 16] {
+    if v6 == [0u8; 16] {
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        lo
+    } else {
+        v6
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, cfg: &GlobalConfig, dst: &Destination, family: u16) -> Verdict {
+    if cfg.flags & CONFIG_ENABLED == 0 {
+        return Verdict::Pass;
+    }
+    // SAFETY: valid context pointer; `sk` is always set for connect hooks.
+    let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    }
+    // The proxy's own upstream sockets carry the mark: never redirect them (no loops).
+    // SAFETY: non-null socket pointer from the context.
+    if unsafe { (*sk).mark } == cfg.upstream_mark && cfg.upstream_mark != 0 {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    }
+    let Some(agent) = protected_agent() else {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    };
+    let Some(target) = PC_TARGETS.get(&Key::new(
+        TargetKey::BITS,
+        TargetKey {
+            port: dst.port_be,
+            addr: dst.addr,
+            _pad: [0; 2],
+        },
+    )) else {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    };
+    let target_id = target.target_id;
+    // A connection straight to the proxy is already where it must go.
+    if is_proxy(cfg, dst) {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    }
+    // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    if netns_cookie != cfg.netns_cookie {
+        // Rewriting to the proxy's loopback would reach this namespace's own loopback, not
+        // the proxy. Refuse (fail closed) rather than let a protected process through.
+        count(counter::REFUSED_NETNS);
+        return Verdict::Reject;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let origin = Origin {
+        // SAFETY: helper valid for sock_addr programs.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        netns_cookie,
+        // SAFETY: helper valid for cgroup programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        // SAFETY: helper without preconditions.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        agent_id: agent.agent_id,
+        selected_by: agent.selected_by,
+        target_id,
+        family,
+        dst_port: u16::from_be_bytes(dst.port_be),
+        dst_addr: dst.addr,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    };
+    // SAFETY: map pointer of a socket storage map, socket pointer from the context, and the
+    // initial value lives on the stack for the call.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PC_ORIGINS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::from_ref(&origin).cast_mut().cast(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast::<Origin>();
+    if stored.is_null() {
+        count(counter::ERRORS);
+        return Verdict::Reject;
+    }
+    // A socket may connect() again after a failed attempt; the storage then already existed
+    // and kept the old value.
+    // SAFETY: non-null pointer to this socket's storage of type Origin.
+    unsafe { *stored = origin };
+    count(counter::REDIRECTED);
+    Verdict::Redirect
+}
+
+#[inline(always)]
+fn is_proxy(cfg: &GlobalConfig, dst: &Destination) -> bool {
+    match ipv4_unmapped(&dst.addr) {
+        Some(v4) => v4 == cfg.proxy_ip4 && dst.port_be == cfg.proxy_port4,
+        None => dst.addr == cfg.proxy_ip6 && dst.port_be == cfg.proxy_port6,
+    }
+}
+
+/// The agent selecting the current task, by uid first, then by its cgroup or any ancestor.
+#[inline(always)]
+fn protected_agent() -> Option<AgentRef> {
+    let uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: lookups return pointers into the map that stay valid during the program.
+    if let Some(agent) = unsafe { PC_AGENT_UIDS.get(uid) } {
+        return Some(*agent);
+    }
+    let mut level: i32 = 0;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: helper valid for cgroup programs; returns 0 past the task's depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(agent) = unsafe { PC_AGENT_CGROUPS.get(id) } {
+            return Some(*agent);
+        }
+        level += 1;
+    }
+    None
+}
+
+// Fails closed: if the established connection cannot be recorded, the proxy finds no origin
+// for it and refuses it.
+#[sock_ops]
+pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ops_field!(ctx, op) {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ops_field!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
+                on_close(&ctx);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn origin_of(ctx: &SockOpsContext) -> Option<*mut Origin> {
+    // `sk` may be null and is checked.
+    let sk = ops_field!(ctx, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: socket storage map, non-null full socket from the context, no create flag.
+    let origin = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PC_ORIGINS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<Origin>();
+    if origin.is_null() { None } else { Some(origin) }
+}
+
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    // Every field is read unconditionally, in straight-line code: loads chosen by a branch
+    // get merged by LLVM into one load through a pointer phi, which the verifier rejects.
+    let family = ops_field!(ctx, family);
+    let ip4 = ops_field!(ctx, local_ip4);
+    let w = [
+        ops_field!(ctx, local_ip6[0]),
+        ops_field!(ctx, local_ip6[1]),
+        ops_field!(ctx, local_ip6[2]),
+        ops_field!(ctx, local_ip6[3]),
+    ];
+    // local_port is in host byte order in bpf_sock_ops.
+    let port = ops_field!(ctx, local_port) as u16;
+    let addr = if family == AF_INET as u32 {
+        ipv4_mapped(ip4.to_ne_bytes())
+    } else {
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            a[i * 4] = b[0];
+            a[i * 4 + 1] = b[1];
+            a[i * 4 + 2] = b[2];
+            a[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        a
+    };
+    ConnKey {
+        addr,
+        port,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let Some(origin) = origin_of(ctx) else {
+        return;
+    };
+    let key = conn_key(ctx);
+    // SAFETY: non-null pointer to this socket's storage.
+    let value = unsafe { *origin };
+    if PC_CONNS.insert(key, value, BPF_ANY.into()).is_err() {
+        count(counter::ERRORS);
+        return;
+    }
+    count(counter::TRACKED);
+    // Ask for state callbacks so the entry goes away when the socket closes, whatever
+    // happens to the proxy.
+    let flags = ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        count(counter::ERRORS);
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let Some(origin) = origin_of(ctx) else {
+        return;
+    };
+    let key = conn_key(ctx);
+    // SAFETY: non-null pointer to this socket's storage.
+    let cookie = unsafe { (*origin).socket_cookie };
+    // Only remove the entry this socket wrote: the same address and port may already belong
+    // to a newer connection.
+    // SAFETY: the value is only read for its cookie.
+    let ours = match unsafe { PC_CONNS.get(key) } {
+        Some(entry) => entry.socket_cookie == cookie,
+        None => false,
+    };
+    if ours && PC_CONNS.remove(key).is_ok() {
+        count(counter::REMOVED_ON_CLOSE);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

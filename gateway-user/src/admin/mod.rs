@@ -1,0 +1,104 @@
+//! The admin API: newline-delimited JSON over the Unix socket `[admin].socket`, one request
+//! and one response per connection. Callers are authorised by their peer credentials
+//! (`SO_PEERCRED`); the socket file is also mode 0600, root's.
+
+pub mod client;
+pub mod proto;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use self::proto::{MAX_REQUEST, Request, Response};
+use crate::daemon::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create the admin socket {path}: {source}", path = path.display())]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket, replacing a stale one.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(l)
+}
+
+pub async fn serve(listener: UnixListener, state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            () = shutdown.cancelled() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &state).await {
+                        tracing::debug!(error = %e, "admin connection failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
+    let response = match reader.read_line(&mut line).await {
+        Ok(0) => return Ok(()),
+        Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => {
+            Response::err("request too large")
+        }
+        Ok(_) => match serde_json::from_str::<Request>(line.trim_end()) {
+            Err(e) => Response::err(format!("bad request: {e}")),
+            Ok(req) => {
+                if cred.uid() != 0 {
+                    tracing::warn!(peer.uid = cred.uid(), peer.pid = ?cred.pid(), op = req.op(), "admin request refused");
+                    Response::err(format!(
+                        "permission denied: uid {} may not use the admin API (root only)",
+                        cred.uid()
+                    ))
+                } else {
+                    state.answer(req)
+                }
+            }
+        },
+        Err(e) => Response::err(format!("cannot read request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}

@@ -1,0 +1,81 @@
+//! Requests and responses of the admin API.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ebpf::{KernelStatus, selection::AgentBinding},
+    proxy::ProxyStatus,
+};
+
+/// Largest request accepted, in bytes.
+pub const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+impl Request {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn err(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            data: None,
+        }
+    }
+    pub fn ok<T: Serialize>(data: &T) -> Self {
+        match serde_json::to_value(data) {
+            Ok(v) => Self {
+                ok: true,
+                error: None,
+                data: Some(v),
+            },
+            Err(e) => Self::err(format!("cannot encode the response: {e}")),
+        }
+    }
+}
+
+/// `portcullis status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub config: String,
+    pub uptime_secs: u64,
+    pub kernel: KernelStatus,
+    pub proxy: ProxyStatus,
+    pub agents: Vec<AgentStatus>,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub name: String,
+    pub selector: String,
+    pub binding: AgentBinding,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub protocol: String,
+    pub addresses: Vec<String>,
+}

@@ -1,0 +1,227 @@
+//! The configuration file as written: serde model with `deny_unknown_fields` everywhere and
+//! spans on the values validation may complain about. Defaults live here, one function per
+//! field, and are documented in `docs/configuration.md`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Duration, FailMode, LogFormat, Protocol};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub ebpf: EbpfSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentEntry>,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Loopback addresses, at most one per family.
+    #[serde(default = "default_listen")]
+    pub listen: Spanned<Vec<Spanned<String>>>,
+    /// `SO_MARK` on upstream sockets so the kernel never redirects them.
+    #[serde(default = "default_mark")]
+    pub upstream_mark: Spanned<u32>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Spanned<usize>,
+    /// On SIGTERM, how long open sessions may take to finish before they are closed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            upstream_mark: default_mark(),
+            connect_timeout: default_connect_timeout(),
+            max_connections: default_max_connections(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn unspanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+
+fn default_listen() -> Spanned<Vec<Spanned<String>>> {
+    unspanned(vec![
+        unspanned("127.0.0.1:15001".to_owned()),
+        unspanned("[::1]:15001".to_owned()),
+    ])
+}
+/// "PC" in the high bytes: unlikely to collide with marks used for policy routing.
+pub const DEFAULT_MARK: u32 = 0x5043_0000;
+fn default_mark() -> Spanned<u32> {
+    unspanned(DEFAULT_MARK)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> Spanned<usize> {
+    unspanned(10_000)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbpfSection {
+    #[serde(default = "default_pin_path")]
+    pub pin_path: Spanned<PathBuf>,
+    #[serde(default = "default_attach_cgroup")]
+    pub attach_cgroup: Spanned<String>,
+    #[serde(default = "default_fail_mode")]
+    pub fail_mode: FailMode,
+    #[serde(default = "default_rescan")]
+    pub rescan_interval: Duration,
+}
+
+impl Default for EbpfSection {
+    fn default() -> Self {
+        Self {
+            pin_path: default_pin_path(),
+            attach_cgroup: default_attach_cgroup(),
+            fail_mode: default_fail_mode(),
+            rescan_interval: default_rescan(),
+        }
+    }
+}
+
+fn default_pin_path() -> Spanned<PathBuf> {
+    unspanned(PathBuf::from("/sys/fs/bpf/portcullis"))
+}
+fn default_attach_cgroup() -> Spanned<String> {
+    unspanned("/".to_owned())
+}
+fn default_fail_mode() -> FailMode {
+    FailMode::Closed
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            socket: default_admin_socket(),
+        }
+    }
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/portcullis/admin.sock")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A `tracing` filter (`info`, `portcullis=debug,info`); `RUST_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default = "default_format")]
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            format: default_format(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+fn default_format() -> LogFormat {
+    LogFormat::Text
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub selector: Spanned<AgentMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentMatch {
+    pub cgroup: Option<Spanned<String>>,
+    pub unit: Option<Spanned<String>>,
+    pub uid: Option<Spanned<u32>>,
+    pub user: Option<Spanned<String>>,
+    pub exe: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetEntry {
+    pub name: Spanned<String>,
+    pub protocol: Spanned<Protocol>,
+    /// One pattern or a list of them.
+    pub address: Spanned<OneOrMany>,
+}
+
+/// `"a"` or `["a", "b"]`.
+#[derive(Debug)]
+pub struct OneOrMany(pub Vec<Spanned<String>>);
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[Spanned<String>] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address string or a list of address strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Spanned::new(0..0, v.to_owned())]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<Spanned<String>>()? {
+                    out.push(s);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,540 @@
+//! The daemon's configuration: one TOML file (`/etc/portcullis/portcullis.toml`), or the
+//! complete commented default embedded in the binary (`config/portcullis.toml` in the repo).
+//!
+//! Loading is two steps: serde parses the file into the raw [`file`] model (unknown keys are
+//! errors, with file, line and column), then [`validate`] checks it and resolves names (users
+//! to uids, host names to addresses) into [`Config`], the form the rest of the daemon uses.
+//! Every problem found by validation is reported at once, each with its position.
+
+pub mod address;
+pub mod duration;
+pub mod file;
+pub mod source;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+pub use address::TargetAddr;
+pub use duration::Duration;
+pub use source::{Location, Source};
+use toml::Spanned;
+
+/// The embedded default configuration (the same text `portcullis run` uses when no file
+/// exists and `cargo xtask run` starts with).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/portcullis.toml");
+/// Where the daemon and the CLI look for the configuration unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/portcullis/portcullis.toml";
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Where, when known; otherwise the file.
+    pub location: Option<Location>,
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Some(l) => write!(f, "{l}: {}", self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", join(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn join(d: &[Diagnostic]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            Self::Invalid(d) => d,
+            Self::Read { .. } => &[],
+        }
+    }
+}
+
+/// What happens to protected connections while the daemon is not running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Programs stay attached (pinned): connections are refused. The default.
+    Closed,
+    /// Programs are detached with the daemon: connections go direct, unseen.
+    Open,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Protocol engines a target can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP relay: connections are seen, identified and recorded, not parsed.
+    Tcp,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from; `None` for the embedded default.
+    pub path: Option<PathBuf>,
+    pub proxy: ProxyConfig,
+    pub ebpf: EbpfConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub agents: Vec<Agent>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Loopback listener per family; port 0 lets the kernel choose (tests use this).
+    pub listen_v4: Option<SocketAddr>,
+    pub listen_v6: Option<SocketAddr>,
+    pub upstream_mark: u32,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    pub pin_path: PathBuf,
+    /// cgroup (relative to the cgroup2 mount, `/` = root) the programs attach to.
+    pub attach_cgroup: String,
+    pub fail_mode: FailMode,
+    pub rescan_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// A protected agent and how to recognise its processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    /// Index in [`Config::agents`]; the kernel reports it in each origin.
+    pub id: u32,
+    pub name: String,
+    pub selector: AgentSelector,
+}
+
+/// Conditions on a process; all that are given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentSelector {
+    /// cgroup path relative to the cgroup2 mount; the cgroup and all its descendants.
+    pub cgroup: Option<String>,
+    /// systemd unit (service, scope or slice) whose cgroup, and descendants, are the agent.
+    pub unit: Option<String>,
+    /// Real uid of the process (from `uid` or `user`).
+    pub uid: Option<u32>,
+    /// The user name, when given as `user`.
+    pub user: Option<String>,
+    /// Executable path; refines another selector, never selects alone.
+    pub exe: Option<PathBuf>,
+}
+
+impl AgentSelector {
+    /// Whether the kernel selects this agent by cgroup (otherwise by uid).
+    pub fn kernel_by_cgroup(&self) -> bool {
+        self.cgroup.is_some() || self.unit.is_some()
+    }
+}
+
+/// A protected destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Index in [`Config::targets`]; the kernel reports it in each origin.
+    pub id: u32,
+    pub name: String,
+    pub protocol: Protocol,
+    pub addrs: Vec<TargetAddr>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&Source::new(path, text))?;
+        cfg.path = Some(path.to_owned());
+        Ok(cfg)
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(&Source::new("<embedded default>", DEFAULT_CONFIG))
+    }
+
+    /// `path` if it exists; the embedded default if it does not and the caller did not name
+    /// a file explicitly.
+    pub fn load_or_default(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        if !explicit && !path.exists() {
+            return Self::embedded();
+        }
+        Self::load(path)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(src: &Source) -> Result<Self, ConfigError> {
+        let raw: file::ConfigFile = toml::from_str(&src.text).map_err(|e| {
+            ConfigError::Invalid(vec![Diagnostic {
+                location: e.span().map(|s| src.locate(&s)),
+                path: src.path.clone(),
+                message: e.message().trim().to_owned(),
+            }])
+        })?;
+        validate(raw, src)
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The target a destination belongs to: the longest matching pattern, as in the kernel.
+    pub fn target_for(&self, dst: SocketAddr) -> Option<&Target> {
+        self.targets
+            .iter()
+            .filter_map(|t| {
+                t.addrs
+                    .iter()
+                    .filter_map(|a| a.prefix_len_matching(dst))
+                    .max()
+                    .map(|len| (len, t))
+            })
+            .max_by_key(|(len, t)| (*len, std::cmp::Reverse(t.id)))
+            .map(|(_, t)| t)
+    }
+}
+
+/// Collects diagnostics with positions.
+struct Checker<'a> {
+    src: &'a Source,
+    out: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn at<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
+        self.at_span(spanned.span(), message);
+    }
+
+    fn at_span(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        // Defaults carry an empty span: they have no place in the file.
+        let location = (!span.is_empty()).then(|| self.src.locate(&span));
+        self.out.push(Diagnostic {
+            location,
+            path: self.src.path.clone(),
+            message: message.into(),
+        });
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Normalises a cgroup path: absolute, no empty, `.` or `..` components.
+pub fn normalize_cgroup_path(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.iter().any(|c| *c == "." || *c == "..") {
+        return None;
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        src,
+        out: Vec::new(),
+    };
+
+    // [proxy]
+    let mut listen_v4 = None;
+    let mut listen_v6 = None;
+    if raw.proxy.listen.get_ref().is_empty() {
+        c.at(&raw.proxy.listen, "`listen` needs at least one address");
+    }
+    for addr in raw.proxy.listen.get_ref() {
+        match addr.get_ref().parse::<SocketAddr>() {
+            Err(_) => c.at(
+                addr,
+                format!(
+                    "`{}` is not an address:port (e.g. `127.0.0.1:15001`, `[::1]:15001`)",
+                    addr.get_ref()
+                ),
+            ),
+            Ok(sa) if !sa.ip().is_loopback() => c.at(
+                addr,
+                format!(
+                    "the proxy must listen on loopback, where the kernel sends redirected \
+                     connections; `{sa}` is not"
+                ),
+            ),
+            Ok(sa) => {
+                let slot = match sa.ip() {
+                    IpAddr::V4(_) => &mut listen_v4,
+                    IpAddr::V6(_) => &mut listen_v6,
+                };
+                if slot.replace(sa).is_some() {
+                    c.at(addr, "only one listener per address family");
+                }
+            }
+        }
+    }
+    if *raw.proxy.upstream_mark.get_ref() == 0 {
+        c.at(
+            &raw.proxy.upstream_mark,
+            "`upstream_mark` must not be 0: it marks the proxy's own connections",
+        );
+    }
+    if *raw.proxy.max_connections.get_ref() == 0 {
+        c.at(
+            &raw.proxy.max_connections,
+            "`max_connections` must be at least 1",
+        );
+    }
+
+    // [ebpf]
+    let attach_cgroup = match normalize_cgroup_path(raw.ebpf.attach_cgroup.get_ref()) {
+        Some(p) => p,
+        None => {
+            c.at(
+                &raw.ebpf.attach_cgroup,
+                "`attach_cgroup` must be an absolute cgroup path without `.` or `..` (`/` is \
+                 the root)",
+            );
+            "/".into()
+        }
+    };
+    if !raw.ebpf.pin_path.get_ref().is_absolute() {
+        c.at(&raw.ebpf.pin_path, "`pin_path` must be absolute");
+    }
+
+    // [[agent]]
+    let mut agents = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, a) in raw.agents.iter().enumerate() {
+        let name = a.name.get_ref().clone();
+        if !is_name(&name) {
+            c.at(
+                &a.name,
+                format!("agent name `{name}`: use letters, digits, `-`, `_`, `.` (1-64)"),
+            );
+        }
+        if seen.insert(name.clone(), ()).is_some() {
+            c.at(&a.name, format!("agent `{name}` is defined twice"));
+        }
+        let m = a.selector.get_ref();
+        let mut sel = AgentSelector::default();
+        if let Some(cg) = &m.cgroup {
+            match normalize_cgroup_path(cg.get_ref()) {
+                Some(p) if p != "/" => sel.cgroup = Some(p),
+                _ => c.at(
+                    cg,
+                    "`cgroup` must be an absolute path below the cgroup2 root, e.g. \
+                     `/portcullis/local`",
+                ),
+            }
+        }
+        if let Some(unit) = &m.unit {
+            let u = unit.get_ref();
+            let ok = is_name(u.trim_end_matches(".service"))
+                && [".service", ".scope", ".slice"]
+                    .iter()
+                    .any(|s| u.ends_with(s));
+            if ok {
+                sel.unit = Some(u.clone());
+            } else {
+                c.at(
+                    unit,
+                    format!(
+                        "`{u}` is not a systemd unit name ending in .service, .scope or .slice"
+                    ),
+                );
+            }
+        }
+        if let Some(uid) = &m.uid {
+            sel.uid = Some(*uid.get_ref());
+        }
+        if let Some(user) = &m.user {
+            match nix::unistd::User::from_name(user.get_ref()) {
+                Ok(Some(u)) => {
+                    if sel.uid.is_some_and(|uid| uid != u.uid.as_raw()) {
+                        c.at(
+                            user,
+                            format!(
+                                "user `{}` has uid {}, which contradicts `uid`",
+                                user.get_ref(),
+                                u.uid
+                            ),
+                        );
+                    }
+                    sel.uid = Some(u.uid.as_raw());
+                    sel.user = Some(user.get_ref().clone());
+                }
+                Ok(None) => c.at(user, format!("no such user `{}`", user.get_ref())),
+                Err(e) => c.at(
+                    user,
+                    format!("cannot look up user `{}`: {e}", user.get_ref()),
+                ),
+            }
+        }
+        if let Some(exe) = &m.exe {
+            let p = PathBuf::from(exe.get_ref());
+            if p.is_absolute() {
+                sel.exe = Some(p);
+            } else {
+                c.at(exe, "`exe` must be an absolute path");
+            }
+        }
+        if m.cgroup.is_none() && m.unit.is_none() && m.uid.is_none() && m.user.is_none() {
+            c.at(
+                &a.selector,
+                "an agent needs `cgroup`, `unit`, `uid` or `user` (the kernel selects processes \
+                 by these; `exe` only narrows them down)",
+            );
+        }
+        agents.push(Agent {
+            id: i as u32,
+            name,
+            selector: sel,
+        });
+    }
+
+    // [[target]]
+    let mut targets: Vec<Target> = Vec::new();
+    let mut seen = HashMap::new();
+    let mut patterns: HashMap<(u32, gateway_common::TargetKey), String> = HashMap::new();
+    for (i, t) in raw.targets.iter().enumerate() {
+        let name = t.name.get_ref().clone();
+        if !is_name(&name) {
+            c.at(
+                &t.name,
+                format!("target name `{name}`: use letters, digits, `-`, `_`, `.` (1-64)"),
+            );
+        }
+        if seen.insert(name.clone(), ()).is_some() {
+            c.at(&t.name, format!("target `{name}` is defined twice"));
+        }
+        let list = t.address.get_ref().as_slice();
+        if list.is_empty() {
+            c.at(&t.address, "a target needs at least one `address`");
+        }
+        let mut addrs = Vec::new();
+        for a in list {
+            // A single string has no span of its own; point at the `address` value.
+            let span = if a.span().is_empty() {
+                t.address.span()
+            } else {
+                a.span()
+            };
+            match TargetAddr::parse(a.get_ref()) {
+                Ok(parsed) => {
+                    for p in parsed {
+                        let key = (p.trie_prefix(), p.trie_key());
+                        if let Some(other) = patterns.insert(key, name.clone()) {
+                            c.at_span(
+                                span.clone(),
+                                format!("`{p}` is already an address of target `{other}`"),
+                            );
+                        }
+                        addrs.push(p);
+                    }
+                }
+                Err(e) => c.at_span(span, e.to_string()),
+            }
+        }
+        targets.push(Target {
+            id: i as u32,
+            name,
+            protocol: *t.protocol.get_ref(),
+            addrs,
+        });
+    }
+
+    if !c.out.is_empty() {
+        return Err(ConfigError::Invalid(c.out));
+    }
+    Ok(Config {
+        path: None,
+        proxy: ProxyConfig {
+            listen_v4,
+            listen_v6,
+            upstream_mark: raw.proxy.upstream_mark.into_inner(),
+            connect_timeout: raw.proxy.connect_timeout,
+            max_connections: raw.proxy.max_connections.into_inner(),
+            drain_timeout: raw.proxy.drain_timeout,
+        },
+        ebpf: EbpfConfig {
+            pin_path: raw.ebpf.pin_path.into_inner(),
+            attach_cgroup,
+            fail_mode: raw.ebpf.fail_mode,
+            rescan_interval: raw.ebpf.rescan_interval,
+        },
+        admin: AdminConfig {
+            socket: raw.admin.socket,
+        },
+        log: LogConfig {
+            level: raw.log.level,
+            format: raw.log.format,
+        },
+        agents,
+        targets,
+    })
+}
+
+#[cfg(test)]
+mod tests;

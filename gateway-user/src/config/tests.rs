@@ -1,0 +1,157 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(&Source::new("test.toml", text))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.diagnostics().iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded().expect("embedded default parses");
+    assert_eq!(c.agents.len(), 1);
+    assert_eq!(c.agents[0].name, "local");
+    assert_eq!(
+        c.agents[0].selector.cgroup.as_deref(),
+        Some("/portcullis/local")
+    );
+    assert_eq!(c.targets[0].addrs[0].to_string(), "*:5432");
+    assert_eq!(
+        c.proxy.listen_v4,
+        Some("127.0.0.1:15001".parse().expect("addr"))
+    );
+    assert_eq!(
+        c.proxy.listen_v6,
+        Some("[::1]:15001".parse().expect("addr"))
+    );
+    assert_eq!(c.ebpf.fail_mode, FailMode::Closed);
+}
+
+#[test]
+fn empty_file_gets_defaults() {
+    let c = parse("").expect("empty is valid");
+    assert!(c.agents.is_empty() && c.targets.is_empty());
+    assert_eq!(c.proxy.upstream_mark, file::DEFAULT_MARK);
+    assert_eq!(c.ebpf.pin_path, PathBuf::from("/sys/fs/bpf/portcullis"));
+}
+
+#[test]
+fn unknown_keys_name_file_line_and_column() {
+    let e = errors("[proxy]\nlisten = [\"127.0.0.1:1\"]\n  bogus = 1\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("test.toml:3:3: "), "{e:?}");
+    assert!(e[0].contains("bogus"), "{e:?}");
+
+    let e = errors("[[agent]]\nname = \"a\"\nmatch = { uid = 1, colour = \"red\" }\n");
+    assert!(e[0].starts_with("test.toml:3:"), "{e:?}");
+    assert!(e[0].contains("colour"), "{e:?}");
+
+    let e = errors("[nonsense]\n");
+    assert!(e[0].starts_with("test.toml:1:2"), "{e:?}");
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let e = errors("[proxy]\nlisten = [\n");
+    assert!(e[0].starts_with("test.toml:"), "{e:?}");
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_place() {
+    let e = errors(
+        r#"
+[proxy]
+listen = ["10.0.0.1:15001", "127.0.0.1:1", "127.0.0.2:2"]
+upstream_mark = 0
+
+[[agent]]
+name = "a"
+match = { exe = "/bin/sh" }
+
+[[agent]]
+name = "a"
+match = { cgroup = "relative/path" }
+
+[[target]]
+name = "t"
+protocol = "tcp"
+address = ["127.0.0.1", "127.0.0.1:5432"]
+
+[[target]]
+name = "u"
+protocol = "tcp"
+address = "127.0.0.1:5432"
+"#,
+    );
+    let all = e.join("\n");
+    for needle in [
+        "test.toml:3:11: the proxy must listen on loopback",
+        "test.toml:3:44: only one listener per address family",
+        "test.toml:4:17: `upstream_mark` must not be 0",
+        "test.toml:8:9: an agent needs `cgroup`, `unit`, `uid` or `user`",
+        "test.toml:11:8: agent `a` is defined twice",
+        "test.toml:12:20: `cgroup` must be an absolute path",
+        "test.toml:17:12: `127.0.0.1` has no port",
+        "test.toml:22:11: `127.0.0.1:5432` is already an address of target `t`",
+    ] {
+        assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+    }
+    assert_eq!(e.len(), 8, "{all}");
+}
+
+#[test]
+fn unknown_user_and_bad_protocol() {
+    let e = errors("[[agent]]\nname = \"x\"\nmatch = { user = \"no-such-user-here\" }\n");
+    assert!(e[0].contains("no such user `no-such-user-here`"), "{e:?}");
+    let e = errors("[[target]]\nname = \"x\"\nprotocol = \"gopher\"\naddress = \"*:70\"\n");
+    assert!(e[0].starts_with("test.toml:3:12"), "{e:?}");
+    assert!(e[0].contains("gopher"), "{e:?}");
+}
+
+#[test]
+fn user_resolves_to_uid() {
+    let c = parse("[[agent]]\nname = \"r\"\nmatch = { user = \"root\" }\n").expect("root exists");
+    assert_eq!(c.agents[0].selector.uid, Some(0));
+    assert!(!c.agents[0].selector.kernel_by_cgroup());
+}
+
+#[test]
+fn target_for_takes_the_longest_match() {
+    let c = parse(
+        r#"
+[[target]]
+name = "any"
+protocol = "tcp"
+address = "*:5432"
+[[target]]
+name = "lo"
+protocol = "tcp"
+address = ["127.0.0.0/8:5432", "[::1]:5432"]
+[[target]]
+name = "one"
+protocol = "tcp"
+address = "127.0.0.7:5432"
+"#,
+    )
+    .expect("valid");
+    let t = |s: &str| c.target_for(s.parse().expect(s)).map(|t| t.name.as_str());
+    assert_eq!(t("127.0.0.7:5432"), Some("one"));
+    assert_eq!(t("[::ffff:127.0.0.7]:5432"), Some("one"));
+    assert_eq!(t("127.0.0.8:5432"), Some("lo"));
+    assert_eq!(t("[::1]:5432"), Some("lo"));
+    assert_eq!(t("192.0.2.1:5432"), Some("any"));
+    assert_eq!(t("127.0.0.7:5433"), None);
+}
+
+#[test]
+fn cgroup_paths_are_normalised() {
+    assert_eq!(normalize_cgroup_path("/a//b/"), Some("/a/b".into()));
+    assert_eq!(normalize_cgroup_path("/"), Some("/".into()));
+    assert_eq!(normalize_cgroup_path("a/b"), None);
+    assert_eq!(normalize_cgroup_path("/a/../b"), None);
+}

@@ -1,0 +1,338 @@
+//! `portcullis run`: brings the pieces up in an order that never opens a gap, serves until
+//! told to stop, reloads on SIGHUP.
+//!
+//! Start-up order:
+//! 1. load the eBPF object, adopting pinned maps (a previous daemon's programs, if pinned,
+//!    keep refusing protected connections meanwhile);
+//! 2. bind the listeners (so the kernel has somewhere to send connections);
+//! 3. fill the selection maps and the global configuration;
+//! 4. attach and pin the programs, then drop the previous daemon's links;
+//! 5. serve; log `ready`.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{
+        self, AdminError,
+        proto::{AgentStatus, Request, Response, Status, TargetStatus},
+    },
+    cgroup::{CgroupError, Hierarchy},
+    config::{Config, ConfigError},
+    ebpf::{self, EbpfError, Kernel, Selection, selection::AgentBinding},
+    proxy::{self, Listeners, ProxyError, identity::Resolver},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Everything the admin API and the background tasks need.
+pub struct State {
+    pub config: Arc<ArcSwap<Config>>,
+    pub kernel: Mutex<Kernel>,
+    pub hierarchy: Hierarchy,
+    pub proxy: Arc<proxy::Shared>,
+    bindings: Mutex<Vec<AgentBinding>>,
+    started: Instant,
+}
+
+impl State {
+    pub fn answer(&self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::ok(&self.status()),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let cfg = self.config.load();
+        let kernel = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status();
+        let bindings = self
+            .bindings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            config: cfg.path.as_ref().map_or_else(
+                || "<embedded default>".to_owned(),
+                |p| p.display().to_string(),
+            ),
+            uptime_secs: self.started.elapsed().as_secs(),
+            kernel,
+            proxy: self.proxy.status(),
+            agents: cfg
+                .agents
+                .iter()
+                .map(|a| AgentStatus {
+                    name: a.name.clone(),
+                    selector: describe_selector(&a.selector),
+                    binding: bindings
+                        .iter()
+                        .find(|b| b.agent == a.name)
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            targets: cfg
+                .targets
+                .iter()
+                .map(|t| TargetStatus {
+                    name: t.name.clone(),
+                    protocol: t.protocol.as_str().to_owned(),
+                    addresses: t.addrs.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Re-resolves agent cgroups and rewrites the selection maps if anything changed (or
+    /// `force`).
+    pub fn resync(&self, force: bool) -> Result<(), EbpfError> {
+        let cfg = self.config.load();
+        let (sel, bindings) = Selection::build(&cfg, &self.hierarchy);
+        let mut last = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+        if !force && *last == bindings {
+            return Ok(());
+        }
+        self.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&sel)?;
+        for b in &bindings {
+            if !last.contains(b) {
+                tracing::info!(
+                    agent.name = %b.agent,
+                    cgroups = ?b.cgroups,
+                    uids = ?b.uids,
+                    note = b.note.as_deref().unwrap_or(""),
+                    "agent selection"
+                );
+            }
+        }
+        *last = bindings;
+        Ok(())
+    }
+
+    /// SIGHUP: load the file again; on success swap it in and resync, otherwise keep the
+    /// running configuration.
+    fn reload(&self) {
+        let current = self.config.load_full();
+        let Some(path) = current.path.clone() else {
+            tracing::info!("reload: running the embedded default, nothing to reload");
+            return;
+        };
+        match Config::load(&path) {
+            Ok(mut new) => {
+                new.path = Some(path.clone());
+                for (what, changed) in restart_only_changes(&current, &new) {
+                    if changed {
+                        tracing::warn!(
+                            setting = what,
+                            "reload: this setting needs a restart; keeping the running value"
+                        );
+                    }
+                }
+                keep_restart_only(&current, &mut new);
+                self.config.store(Arc::new(new));
+                match self.resync(true) {
+                    Ok(()) => {
+                        tracing::info!(config = %path.display(), result = "ok", "configuration reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, result = "error", "reload: updating the kernel maps failed")
+                    }
+                }
+            }
+            Err(e) => log_config_error(&path, &e),
+        }
+    }
+}
+
+fn log_config_error(path: &std::path::Path, e: &ConfigError) {
+    tracing::error!(
+        config = %path.display(),
+        result = "error",
+        error = %e,
+        "reload failed; the running configuration stays"
+    );
+}
+
+fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 5] {
+    [
+        (
+            "proxy.listen",
+            a.proxy.listen_v4 != b.proxy.listen_v4 || a.proxy.listen_v6 != b.proxy.listen_v6,
+        ),
+        ("ebpf.pin_path", a.ebpf.pin_path != b.ebpf.pin_path),
+        (
+            "ebpf.attach_cgroup",
+            a.ebpf.attach_cgroup != b.ebpf.attach_cgroup,
+        ),
+        ("ebpf.fail_mode", a.ebpf.fail_mode != b.ebpf.fail_mode),
+        ("admin.socket", a.admin.socket != b.admin.socket),
+    ]
+}
+
+fn keep_restart_only(running: &Config, new: &mut Config) {
+    new.proxy.listen_v4 = running.proxy.listen_v4;
+    new.proxy.listen_v6 = running.proxy.listen_v6;
+    new.ebpf.pin_path = running.ebpf.pin_path.clone();
+    new.ebpf.attach_cgroup = running.ebpf.attach_cgroup.clone();
+    new.ebpf.fail_mode = running.ebpf.fail_mode;
+    new.admin.socket = running.admin.socket.clone();
+}
+
+/// One line describing an agent's selector.
+pub fn describe_selector(s: &crate::config::AgentSelector) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &s.cgroup {
+        parts.push(format!("cgroup={c}"));
+    }
+    if let Some(u) = &s.unit {
+        parts.push(format!("unit={u}"));
+    }
+    match (&s.user, s.uid) {
+        (Some(user), Some(uid)) => parts.push(format!("user={user}({uid})")),
+        (None, Some(uid)) => parts.push(format!("uid={uid}")),
+        _ => {}
+    }
+    if let Some(e) = &s.exe {
+        parts.push(format!("exe={}", e.display()));
+    }
+    parts.join(" ")
+}
+
+/// Lets the process hold many sockets (two per proxied connection).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid pointer to an initialised rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    raise_nofile();
+    let hierarchy = Hierarchy::discover()?;
+    let mut kernel = Kernel::load(&cfg)?;
+    let listeners = Listeners::bind(&cfg.proxy)?;
+    let (v4, v6) = listeners.addrs();
+    kernel.set_proxy(v4, v6, cfg.proxy.upstream_mark, ebpf::own_netns_cookie()?);
+    let conns = kernel.conn_table()?;
+    let admin_listener = admin::bind(&cfg.admin.socket)?;
+    let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(proxy::Shared::new(
+        config.clone(),
+        conns,
+        Resolver::system(Some(hierarchy.clone())),
+        &listeners,
+        shutdown.child_token(),
+    ));
+    let state = Arc::new(State {
+        config,
+        kernel: Mutex::new(kernel),
+        hierarchy: hierarchy.clone(),
+        proxy: shared.clone(),
+        bindings: Mutex::new(Vec::new()),
+        started: Instant::now(),
+    });
+    state.resync(true)?;
+    state
+        .kernel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .attach(&hierarchy, &cfg.ebpf.attach_cgroup)?;
+
+    proxy::spawn(listeners, shared.clone());
+    tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(rescan(state.clone(), shutdown.clone()));
+
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    tracing::info!(
+        listen.v4 = ?v4,
+        listen.v6 = ?v6,
+        admin.socket = %cfg.admin.socket.display(),
+        pid = std::process::id(),
+        "ready"
+    );
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => state.reload(),
+        }
+    }
+    drain(&state, &shutdown, cfg.proxy.drain_timeout.get()).await;
+    let _ = std::fs::remove_file(&cfg.admin.socket);
+    tracing::info!(
+        fail_mode = ?cfg.ebpf.fail_mode,
+        "stopped; pinned programs stay attached (fail-closed) unless fail_mode is open"
+    );
+    Ok(())
+}
+
+/// Stops accepting, lets open sessions finish up to `deadline`, then ends the rest.
+async fn drain(state: &State, shutdown: &CancellationToken, deadline: Duration) {
+    let tasks = &state.proxy.tasks;
+    tasks.close();
+    state.proxy.accepting.cancel();
+    let open = tasks.len();
+    tracing::info!(sessions = open, deadline = ?deadline, "stopping: draining sessions");
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            sessions = tasks.len(),
+            "drain deadline passed; closing the rest"
+        );
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    }
+    shutdown.cancel();
+}
+
+async fn rescan(state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        let every = state.config.load().ebpf.rescan_interval.get();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = state.resync(false) {
+            tracing::error!(error = %e, "updating agent selection failed");
+        }
+    }
+}

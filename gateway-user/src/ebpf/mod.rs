@@ -1,0 +1,581 @@
+//! Loading, attaching, pinning and adopting the eBPF programs, and keeping their selection
+//! maps in step with the configuration.
+//!
+//! Pin layout under `[ebpf].pin_path` (default `/sys/fs/bpf/portcullis`):
+//! - `maps/v<ABI>/<MAP>`: every map. A restarted daemon opens these instead of creating new
+//!   ones, so in-flight connections and counters survive it.
+//! - `links/<program>@<stamp>`: the cgroup links (fail-closed mode only). They keep the
+//!   programs attached while no daemon runs, so protected connections are refused rather
+//!   than let through. A new daemon attaches and pins its links first and only then removes
+//!   the old pins: there is no moment without a program attached.
+
+pub mod conns;
+pub mod selection;
+
+use std::{
+    fs,
+    net::{SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
+};
+use gateway_common::{
+    ABI_VERSION, AgentRef, CONFIG_ENABLED, GlobalConfig, TargetKey, TargetValue, counter,
+    map_names, program_names,
+};
+use serde::Serialize;
+
+pub use self::{conns::ConnTable, selection::Selection};
+use crate::{
+    cgroup::{BpffsError, Hierarchy, ensure_bpffs},
+    config::{Config, FailMode},
+};
+
+/// cgroup programs are attached as BPF links, which always coexist with other programs on
+/// the same cgroup (multi-attach semantics); the kernel rejects `BPF_F_ALLOW_MULTI` in the
+/// link flags, so the mode that maps to flags 0 is the one to pass.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The eBPF object built from `gateway-ebpf` by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+const ALL_MAPS: [&str; 7] = [
+    map_names::CONFIG,
+    map_names::TARGETS,
+    map_names::AGENT_CGROUPS,
+    map_names::AGENT_UIDS,
+    map_names::ORIGINS,
+    map_names::CONNS,
+    map_names::COUNTERS,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot load the eBPF object: {0}\nhint: run as root (CAP_BPF, CAP_NET_ADMIN, \
+         CAP_SYS_ADMIN) on Linux 5.14+ with BTF"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("cannot pin the link of {name} at {path}: {source}", path = path.display())]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("cannot open the attach cgroup {path}: {source}", path = path.display())]
+    AttachCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where the pinned objects live.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps").join(format!("v{ABI_VERSION}"))
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    /// Pinned links, sorted.
+    pub fn pinned_links(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(self.links())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Removes every pin: detaches the programs (once no process holds their links) and
+    /// frees the maps. Protection stops.
+    pub fn remove_all(&self) -> Result<(), EbpfError> {
+        if !self.root.exists() {
+            return Ok(());
+        }
+        // Links first, so the programs go before the maps they use.
+        for l in self.pinned_links() {
+            fs::remove_file(&l).map_err(|source| EbpfError::Io {
+                what: format!("unpin {}", l.display()),
+                source,
+            })?;
+        }
+        fs::remove_dir_all(&self.root).map_err(|source| EbpfError::Io {
+            what: format!("remove {}", self.root.display()),
+            source,
+        })
+    }
+}
+
+/// Loaded programs and their maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    layout: PinLayout,
+    global: GlobalConfig,
+    /// Links held in memory (fail-open mode): they detach when the daemon exits.
+    held_links: Vec<FdLink>,
+    programs: Vec<ProgramStatus>,
+    attach: Option<(String, PathBuf)>,
+    fail_mode: FailMode,
+}
+
+/// One attached program, for `portcullis status`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub id: u32,
+    /// Where its link is pinned; `None` when held in memory (fail-open).
+    pub link_pin: Option<PathBuf>,
+}
+
+/// What `portcullis status` shows of the kernel side.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct KernelStatus {
+    pub attach_cgroup: String,
+    pub attach_path: PathBuf,
+    pub pin_path: PathBuf,
+    pub fail_mode: FailMode,
+    pub programs: Vec<ProgramStatus>,
+    pub pinned_links: Vec<PathBuf>,
+    pub pinned_maps: Vec<String>,
+    pub counters: Vec<(String, u64)>,
+    /// Established connections the proxy has not taken yet.
+    pub in_flight: usize,
+    pub cgroup_selectors: usize,
+    pub uid_selectors: usize,
+    pub target_prefixes: usize,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EbpfError {
+    let what = what.into();
+    move |source| EbpfError::Io { what, source }
+}
+
+impl Kernel {
+    /// Loads the object, adopting pinned maps of the same ABI when they exist.
+    pub fn load(cfg: &Config) -> Result<Self, EbpfError> {
+        let layout = PinLayout::new(&cfg.ebpf.pin_path);
+        if ensure_bpffs(&layout.root)? {
+            tracing::info!(path = "/sys/fs/bpf", "mounted bpffs");
+        }
+        for dir in [layout.maps(), layout.links()] {
+            fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        }
+        raise_memlock();
+        let adopted = layout.map(map_names::CONFIG).exists();
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+        tracing::info!(
+            pin_path = %layout.root.display(),
+            adopted,
+            "ebpf object loaded"
+        );
+        Ok(Self {
+            ebpf,
+            layout,
+            global: GlobalConfig::default(),
+            held_links: Vec::new(),
+            programs: Vec::new(),
+            attach: None,
+            fail_mode: cfg.ebpf.fail_mode,
+        })
+    }
+
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// Opens the connection table for the proxy.
+    pub fn conn_table(&self) -> Result<ConnTable, EbpfError> {
+        ConnTable::open(&self.layout.map(map_names::CONNS))
+    }
+
+    /// Sets the proxy addresses, the upstream mark and the network namespace the programs
+    /// redirect in. Takes effect with the next [`Kernel::apply`].
+    pub fn set_proxy(
+        &mut self,
+        v4: Option<SocketAddrV4>,
+        v6: Option<SocketAddrV6>,
+        mark: u32,
+        netns_cookie: u64,
+    ) {
+        let g = &mut self.global;
+        g.upstream_mark = mark;
+        g.netns_cookie = netns_cookie;
+        // A missing listener leaves address and port zero: connects to it fail (closed).
+        if let Some(a) = v4 {
+            g.proxy_ip4 = a.ip().octets();
+            g.proxy_port4 = a.port().to_be_bytes();
+        }
+        if let Some(a) = v6 {
+            g.proxy_ip6 = a.ip().octets();
+            g.proxy_port6 = a.port().to_be_bytes();
+        }
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(EbpfError::MissingMap { name })
+    }
+
+    /// Makes the selection maps equal to `sel`: new entries first, stale ones after, so a
+    /// change never leaves a moment with less protection than both old and new; then writes
+    /// the global configuration with the enabled flag.
+    pub fn apply(&mut self, sel: &Selection) -> Result<(), EbpfError> {
+        let m = |name| move |source| EbpfError::Map { name, source };
+        {
+            let mut trie: LpmTrie<&mut MapData, TargetKey, TargetValue> =
+                LpmTrie::try_from(self.map_mut(map_names::TARGETS)?)
+                    .map_err(m(map_names::TARGETS))?;
+            for (k, v) in &sel.targets {
+                trie.insert(k, v, 0).map_err(m(map_names::TARGETS))?;
+            }
+            let stale: Vec<_> = trie
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| {
+                    !sel.targets
+                        .iter()
+                        .any(|(d, _)| d.prefix_len() == k.prefix_len() && d.data() == k.data())
+                })
+                .collect();
+            for k in stale {
+                trie.remove(&k).map_err(m(map_names::TARGETS))?;
+            }
+        }
+        sync_hash(
+            self.map_mut(map_names::AGENT_CGROUPS)?,
+            &sel.cgroups,
+            map_names::AGENT_CGROUPS,
+        )?;
+        sync_hash(
+            self.map_mut(map_names::AGENT_UIDS)?,
+            &sel.uids,
+            map_names::AGENT_UIDS,
+        )?;
+        self.global.flags = CONFIG_ENABLED;
+        let global = self.global;
+        let mut cfg: Array<&mut MapData, GlobalConfig> =
+            Array::try_from(self.map_mut(map_names::CONFIG)?).map_err(m(map_names::CONFIG))?;
+        cfg.set(0, global, 0).map_err(m(map_names::CONFIG))?;
+        Ok(())
+    }
+
+    /// Attaches the programs to `attach_cgroup`, pins their links (fail-closed) and
+    /// then removes the links of a previous daemon.
+    pub fn attach(&mut self, h: &Hierarchy, attach_cgroup: &str) -> Result<(), EbpfError> {
+        let dir = h.dir(attach_cgroup);
+        let cgroup = fs::File::open(&dir).map_err(|source| EbpfError::AttachCgroup {
+            path: dir.clone(),
+            source,
+        })?;
+        let old = self.layout.pinned_links();
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let mut programs: Vec<ProgramStatus> = Vec::new();
+        let result = self.attach_each(&cgroup, attach_cgroup, stamp, &mut programs);
+        if let Err(e) = result {
+            // Leave the previous daemon's links (if any) as they were; drop ours.
+            for p in &programs {
+                if let Some(pin) = &p.link_pin {
+                    let _ = fs::remove_file(pin);
+                }
+            }
+            self.held_links.clear();
+            return Err(e);
+        }
+        // The new programs run; now let the previous daemon's go.
+        for path in old {
+            fs::remove_file(&path).map_err(io(format!("unpin {}", path.display())))?;
+            tracing::info!(link = %path.display(), "previous link removed");
+        }
+        self.programs = programs;
+        self.attach = Some((attach_cgroup.to_owned(), dir));
+        remove_other_abi_maps(&self.layout);
+        Ok(())
+    }
+
+    fn attach_each(
+        &mut self,
+        cgroup: &fs::File,
+        attach_cgroup: &str,
+        stamp: u128,
+        programs: &mut Vec<ProgramStatus>,
+    ) -> Result<(), EbpfError> {
+        for name in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::SOCK_OPS,
+            program_names::GETPEERNAME4,
+            program_names::GETPEERNAME6,
+        ] {
+            let perr = |source| EbpfError::Program { name, source };
+            let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?;
+            let (link, id): (FdLink, u32) = if name == program_names::SOCK_OPS {
+                let p: &mut SockOps = program.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+                let id = p.info().map_err(perr)?.id();
+                let link_id = p.attach(cgroup, LINK_MODE).map_err(perr)?;
+                let link = p.take_link(link_id).map_err(perr)?;
+                (
+                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
+                    id,
+                )
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+                let id = p.info().map_err(perr)?.id();
+                let link_id = p.attach(cgroup, LINK_MODE).map_err(perr)?;
+                let link = p.take_link(link_id).map_err(perr)?;
+                (
+                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
+                    id,
+                )
+            };
+            let link_pin = match self.fail_mode {
+                FailMode::Closed => {
+                    let path = self.layout.links().join(format!("{name}@{stamp}"));
+                    // The pin keeps the link (and so the attachment) after our fd closes.
+                    let _pinned = link.pin(&path).map_err(|source| EbpfError::Pin {
+                        name,
+                        path: path.clone(),
+                        source,
+                    })?;
+                    Some(path)
+                }
+                FailMode::Open => {
+                    self.held_links.push(link);
+                    None
+                }
+            };
+            tracing::info!(
+                program = name,
+                id,
+                cgroup = attach_cgroup,
+                pinned = link_pin.is_some(),
+                "program attached"
+            );
+            programs.push(ProgramStatus {
+                name: name.to_owned(),
+                id,
+                link_pin,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let Some(map) = self.ebpf.map(map_names::COUNTERS) else {
+            return Vec::new();
+        };
+        let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return Vec::new();
+        };
+        (0..counter::COUNT)
+            .map(|i| {
+                let v = arr
+                    .get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (counter::NAMES[i as usize].to_owned(), v)
+            })
+            .collect()
+    }
+
+    fn count_keys(&self, name: &'static str) -> usize {
+        let Some(map) = self.ebpf.map(name) else {
+            return 0;
+        };
+        match name {
+            map_names::TARGETS => LpmTrie::<&MapData, TargetKey, TargetValue>::try_from(map)
+                .map(|m| m.keys().count())
+                .unwrap_or(0),
+            map_names::AGENT_CGROUPS => BpfHashMap::<&MapData, u64, AgentRef>::try_from(map)
+                .map(|m| m.keys().count())
+                .unwrap_or(0),
+            map_names::AGENT_UIDS => BpfHashMap::<&MapData, u32, AgentRef>::try_from(map)
+                .map(|m| m.keys().count())
+                .unwrap_or(0),
+            map_names::CONNS => {
+                BpfHashMap::<&MapData, gateway_common::ConnKey, gateway_common::Origin>::try_from(
+                    map,
+                )
+                .map(|m| m.keys().count())
+                .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn status(&self) -> KernelStatus {
+        let (attach_cgroup, attach_path) = self.attach.clone().unwrap_or_default();
+        let mut pinned_maps: Vec<String> = fs::read_dir(self.layout.maps())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        pinned_maps.sort();
+        KernelStatus {
+            attach_cgroup,
+            attach_path,
+            pin_path: self.layout.root.clone(),
+            fail_mode: self.fail_mode,
+            programs: self.programs.clone(),
+            pinned_links: self.layout.pinned_links(),
+            pinned_maps,
+            counters: self.counters(),
+            in_flight: self.count_keys(map_names::CONNS),
+            cgroup_selectors: self.count_keys(map_names::AGENT_CGROUPS),
+            uid_selectors: self.count_keys(map_names::AGENT_UIDS),
+            target_prefixes: self.count_keys(map_names::TARGETS),
+        }
+    }
+}
+
+fn sync_hash<K, V>(
+    map: &mut aya::maps::Map,
+    want: &std::collections::HashMap<K, V>,
+    name: &'static str,
+) -> Result<(), EbpfError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let m = |source| EbpfError::Map { name, source };
+    let mut h: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map).map_err(m)?;
+    for (k, v) in want {
+        h.insert(k, v, 0).map_err(m)?;
+    }
+    let stale: Vec<K> = h
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        h.remove(&k).map_err(m)?;
+    }
+    Ok(())
+}
+
+/// Maps pinned by a daemon with another layout are unused once our links replaced its.
+fn remove_other_abi_maps(layout: &PinLayout) {
+    let current = layout.maps();
+    for e in fs::read_dir(layout.root.join("maps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path();
+        if p != current {
+            match fs::remove_dir_all(&p) {
+                Ok(()) => tracing::info!(path = %p.display(), "removed maps of another ABI"),
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot remove old maps"),
+            }
+        }
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to a properly initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("cannot raise RLIMIT_MEMLOCK; fine on Linux 5.11+");
+    }
+}
+
+/// The network namespace cookie of this process (`SO_NETNS_COOKIE`, Linux 5.14+).
+pub fn own_netns_cookie() -> Result<u64, EbpfError> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .map_err(io("create a socket to read the netns cookie"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SO_NETNS_COOKIE = 71
+    // SAFETY: valid fd, out pointer and length for a u64 option.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            71,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(EbpfError::Io {
+            what: "read SO_NETNS_COOKIE (needs Linux 5.14+)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(cookie)
+}
+
+/// Whether pinned programs exist at `pin_path` (the daemon may be down, protection is on).
+pub fn pinned_state(pin_path: &Path) -> (Vec<PathBuf>, bool) {
+    let layout = PinLayout::new(pin_path);
+    (
+        layout.pinned_links(),
+        layout.map(map_names::CONFIG).exists(),
+    )
+}

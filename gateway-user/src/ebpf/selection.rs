@@ -1,0 +1,159 @@
+//! What the kernel selects: target prefixes, agent cgroups and agent uids, computed from the
+//! configuration and the live cgroup tree.
+
+use std::collections::HashMap;
+
+use aya::maps::lpm_trie::Key;
+use gateway_common::{AgentRef, SELECTED_BY_CGROUP, SELECTED_BY_UID, TargetKey, TargetValue};
+use serde::{Deserialize, Serialize};
+
+use crate::{cgroup::Hierarchy, config::Config};
+
+/// How deep below the cgroup root a unit's cgroup is looked for
+/// (`/user.slice/user-1000.slice/user@1000.service/app.slice/x.service` is 5).
+const UNIT_SEARCH_DEPTH: usize = 8;
+
+/// The contents of the selection maps.
+#[derive(Clone, Default)]
+pub struct Selection {
+    pub targets: Vec<(Key<TargetKey>, TargetValue)>,
+    pub cgroups: HashMap<u64, AgentRef>,
+    pub uids: HashMap<u32, AgentRef>,
+}
+
+/// Where an agent was found, for status and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBinding {
+    pub agent: String,
+    /// cgroups selected in the kernel: (path, id).
+    pub cgroups: Vec<(String, u64)>,
+    pub uids: Vec<u32>,
+    /// Why the agent selects nothing right now (e.g. its unit is not running).
+    pub note: Option<String>,
+}
+
+impl Selection {
+    /// Builds the selection. Creates the cgroups of `cgroup` selectors when absent (so that
+    /// `portcullis exec` and units can be placed in them); looks up the current cgroups of
+    /// `unit` selectors.
+    pub fn build(cfg: &Config, h: &Hierarchy) -> (Self, Vec<AgentBinding>) {
+        let mut sel = Self {
+            targets: target_entries(cfg),
+            ..Self::default()
+        };
+        let mut bindings = Vec::new();
+        for agent in &cfg.agents {
+            let s = &agent.selector;
+            let mut b = AgentBinding {
+                agent: agent.name.clone(),
+                ..Default::default()
+            };
+            let by_cgroup = AgentRef {
+                agent_id: agent.id,
+                selected_by: SELECTED_BY_CGROUP,
+            };
+            if let Some(path) = &s.cgroup {
+                match h.ensure(path) {
+                    Ok(id) => b.cgroups.push((path.clone(), id)),
+                    Err(e) => b.note = Some(e.to_string()),
+                }
+            }
+            if let Some(unit) = &s.unit {
+                let found = h.find_named(unit, UNIT_SEARCH_DEPTH);
+                if found.is_empty() {
+                    b.note = Some(format!("unit {unit} has no cgroup (not running?)"));
+                }
+                b.cgroups.extend(found);
+            }
+            if s.kernel_by_cgroup() {
+                for (_, id) in &b.cgroups {
+                    sel.cgroups.entry(*id).or_insert(by_cgroup);
+                }
+            } else if let Some(uid) = s.uid {
+                b.uids.push(uid);
+                sel.uids.entry(uid).or_insert(AgentRef {
+                    agent_id: agent.id,
+                    selected_by: SELECTED_BY_UID,
+                });
+            }
+            bindings.push(b);
+        }
+        (sel, bindings)
+    }
+}
+
+/// Trie entries for every target address.
+pub fn target_entries(cfg: &Config) -> Vec<(Key<TargetKey>, TargetValue)> {
+    cfg.targets
+        .iter()
+        .flat_map(|t| {
+            t.addrs.iter().map(|a| {
+                (
+                    Key::new(a.trie_prefix(), a.trie_key()),
+                    TargetValue {
+                        target_id: t.id,
+                        _pad: 0,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Source;
+
+    #[test]
+    fn selection_follows_the_configuration() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("system.slice/bot.service")).expect("mkdir");
+        let h = Hierarchy {
+            mount: root.path().to_owned(),
+        };
+        let cfg = Config::parse(&Source::new(
+            "t.toml",
+            r#"
+[[agent]]
+name = "local"
+match = { cgroup = "/portcullis/local" }
+[[agent]]
+name = "bot"
+match = { unit = "bot.service", uid = 0 }
+[[agent]]
+name = "ghost"
+match = { unit = "ghost.service" }
+[[agent]]
+name = "root"
+match = { uid = 0 }
+[[target]]
+name = "pg"
+protocol = "tcp"
+address = ["127.0.0.1:5432", "*:6432"]
+"#,
+        ))
+        .expect("valid");
+        let (sel, bindings) = Selection::build(&cfg, &h);
+        assert!(
+            root.path().join("portcullis/local").is_dir(),
+            "cgroup created"
+        );
+        assert_eq!(sel.cgroups.len(), 2);
+        assert_eq!(bindings[0].cgroups[0].0, "/portcullis/local");
+        assert_eq!(bindings[1].cgroups[0].0, "/system.slice/bot.service");
+        assert!(
+            bindings[1].uids.is_empty(),
+            "cgroup selection wins in the kernel"
+        );
+        assert!(
+            bindings[2]
+                .note
+                .as_deref()
+                .is_some_and(|n| n.contains("not running"))
+        );
+        assert_eq!(sel.uids.get(&0).map(|a| a.agent_id), Some(3));
+        assert_eq!(sel.targets.len(), 2);
+        assert_eq!(sel.targets[1].0.prefix_len(), 16);
+    }
+}

@@ -1,0 +1,14 @@
+//! Portcullis: a host agent that puts a policy gate between autonomous agents and the
+//! infrastructure they reach. See `docs/ARCHITECTURE.md` for the map of this crate.
+
+pub mod admin;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod exec;
+pub mod protocol;
+pub mod proxy;
+pub mod render;
+pub mod telemetry;

@@ -1,0 +1,345 @@
+//! Who opened a connection: the kernel's origin record (pid, uid, gid, cgroup id, comm at
+//! the moment of `connect()`), completed from `/proc` (executable, command line) and the
+//! cgroup hierarchy (path, systemd unit, container).
+//!
+//! The kernel fields are facts. The `/proc` fields are read after the fact, so the process
+//! may have exited or, in theory, its pid been reused: the process start time is compared
+//! with the connect time, before and after the reads, and the result says how much of the
+//! identity is trustworthy ([`ProcessState`]).
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Read as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use gateway_common::Origin;
+use serde::Serialize;
+
+use crate::cgroup::{self, CgroupInfo, Hierarchy};
+
+/// Most bytes of `/proc/PID/cmdline` kept.
+const CMDLINE_MAX: usize = 4096;
+/// Entries kept in each lookup cache before it is cleared.
+const CACHE_MAX: usize = 4096;
+
+/// How far the `/proc` part of an identity can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    /// The process that connected was still there, unchanged, while we read it.
+    Verified,
+    /// It had exited: only the kernel fields are known.
+    Exited,
+    /// The pid now belongs to a process started after the connect: `/proc` fields dropped.
+    PidReused,
+}
+
+/// The identity of the process behind a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub user: Option<String>,
+    pub comm: String,
+    pub exe: Option<PathBuf>,
+    pub cmdline: Vec<String>,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    #[serde(flatten)]
+    pub cgroup_info: CgroupInfo,
+    pub netns_cookie: u64,
+    pub process: ProcessState,
+}
+
+/// Resolves identities; caches the lookups that are stable (cgroup ids are never reused,
+/// user names rarely change).
+pub struct Resolver {
+    proc_root: PathBuf,
+    hierarchy: Option<Hierarchy>,
+    ns_per_tick: u64,
+    user_lookup: fn(u32) -> Option<String>,
+    users: Mutex<HashMap<u32, Option<String>>>,
+    cgroups: Mutex<HashMap<u64, String>>,
+}
+
+fn system_user(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+impl Resolver {
+    /// The real `/proc` and cgroup hierarchy.
+    pub fn system(hierarchy: Option<Hierarchy>) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ticks = if ticks > 0 { ticks as u64 } else { 100 };
+        Self::new("/proc", hierarchy, 1_000_000_000 / ticks, system_user)
+    }
+
+    pub fn new(
+        proc_root: impl Into<PathBuf>,
+        hierarchy: Option<Hierarchy>,
+        ns_per_tick: u64,
+        user_lookup: fn(u32) -> Option<String>,
+    ) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            hierarchy,
+            ns_per_tick,
+            user_lookup,
+            users: Mutex::new(HashMap::new()),
+            cgroups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn resolve(&self, origin: &Origin) -> Identity {
+        let pid = origin.tgid;
+        let dir = self.proc_root.join(pid.to_string());
+        let before = read_start_ticks(&dir);
+        let mut state = match before {
+            None => ProcessState::Exited,
+            Some(t) if t.saturating_mul(self.ns_per_tick) > origin.boot_ns => {
+                ProcessState::PidReused
+            }
+            Some(_) => ProcessState::Verified,
+        };
+        let (mut exe, mut cmdline, mut proc_cgroup) = (None, Vec::new(), None);
+        if state == ProcessState::Verified {
+            exe = fs::read_link(dir.join("exe"))
+                .ok()
+                .map(|p| strip_deleted(&p));
+            cmdline = read_cmdline(&dir.join("cmdline"));
+            proc_cgroup = fs::read_to_string(dir.join("cgroup"))
+                .ok()
+                .and_then(|t| cgroup::parse_proc_cgroup(&t));
+            // The pid changed hands while we were reading: drop what we read.
+            if read_start_ticks(&dir) != before {
+                state = ProcessState::PidReused;
+                (exe, cmdline, proc_cgroup) = (None, Vec::new(), None);
+            }
+        }
+        let cgroup = self.cgroup_path(origin.cgroup_id, proc_cgroup.as_deref());
+        let cgroup_info = cgroup.as_deref().map(cgroup::describe).unwrap_or_default();
+        Identity {
+            pid,
+            tid: origin.pid,
+            uid: origin.uid,
+            gid: origin.gid,
+            user: self.user(origin.uid),
+            comm: comm_string(&origin.comm),
+            exe,
+            cmdline,
+            cgroup_id: origin.cgroup_id,
+            cgroup,
+            cgroup_info,
+            netns_cookie: origin.netns_cookie,
+            process: state,
+        }
+    }
+
+    fn user(&self, uid: u32) -> Option<String> {
+        let mut cache = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = cache.get(&uid) {
+            return hit.clone();
+        }
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        let name = (self.user_lookup)(uid);
+        cache.insert(uid, name.clone());
+        name
+    }
+
+    /// The cgroup path for the kernel's cgroup id: by id (cached; ids are never reused),
+    /// or from `/proc` when that path still has the same id.
+    fn cgroup_path(&self, id: u64, from_proc: Option<&str>) -> Option<String> {
+        if let Some(hit) = self
+            .cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(hit.clone());
+        }
+        let h = self.hierarchy.as_ref()?;
+        let found = h.path_of_id(id).or_else(|| {
+            let p = from_proc?;
+            (h.id_of(p).ok()? == id).then(|| p.to_owned())
+        })?;
+        let mut cache = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id, found.clone());
+        Some(found)
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot. The command name
+/// (field 2) may contain spaces and parentheses, so fields are counted after the last `)`.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After ")" come fields 3.. ; field 22 is the 20th of them.
+    after.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+fn read_start_ticks(dir: &Path) -> Option<u64> {
+    let text = fs::read_to_string(dir.join("stat")).ok()?;
+    parse_start_ticks(&text)
+}
+
+fn read_cmdline(path: &Path) -> Vec<String> {
+    let Ok(f) = fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut buf = Vec::with_capacity(256);
+    if f.take(CMDLINE_MAX as u64).read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    buf.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// `/proc/PID/exe` of a deleted binary reads `/path (deleted)`.
+fn strip_deleted(p: &Path) -> PathBuf {
+    let s = p.to_string_lossy();
+    match s.strip_suffix(" (deleted)") {
+        Some(base) => PathBuf::from(base),
+        None => p.to_owned(),
+    }
+}
+
+pub fn comm_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, symlink};
+
+    use super::*;
+
+    fn stat_line(pid: u32, comm: &str, start: u64) -> String {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime cstime priority nice threads itrealvalue starttime ...
+        format!("{pid} ({comm}) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 10 0\n")
+    }
+
+    struct FakeProc {
+        dir: tempfile::TempDir,
+        cgroot: tempfile::TempDir,
+    }
+
+    impl FakeProc {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().expect("tempdir"),
+                cgroot: tempfile::tempdir().expect("tempdir"),
+            }
+        }
+        fn process(&self, pid: u32, comm: &str, start: u64, exe: &str, cg: &str) -> u64 {
+            let d = self.dir.path().join(pid.to_string());
+            fs::create_dir_all(&d).expect("mkdir");
+            fs::write(d.join("stat"), stat_line(pid, comm, start)).expect("stat");
+            fs::write(d.join("cmdline"), b"python3\0agent.py\0--fast\0").expect("cmdline");
+            fs::write(d.join("cgroup"), format!("0::{cg}\n")).expect("cgroup");
+            symlink(exe, d.join("exe")).expect("exe");
+            let cgdir = self.cgroot.path().join(cg.trim_start_matches('/'));
+            fs::create_dir_all(&cgdir).expect("cg");
+            fs::metadata(&cgdir).expect("cg").ino()
+        }
+        fn resolver(&self) -> Resolver {
+            let h = Hierarchy {
+                mount: self.cgroot.path().to_owned(),
+            };
+            Resolver::new(self.dir.path(), Some(h), 10_000_000, |uid| {
+                (uid == 1000).then(|| "alice".to_owned())
+            })
+        }
+    }
+
+    fn origin(pid: u32, boot_ns: u64, cgroup_id: u64) -> Origin {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"python3");
+        Origin {
+            tgid: pid,
+            pid: pid + 1,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id,
+            boot_ns,
+            comm,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resolves_a_live_process() {
+        let f = FakeProc::new();
+        let cg = "/system.slice/agent.service";
+        let id = f.process(42, "python3", 500, "/usr/bin/python3.11", cg);
+        // started at tick 500 = 5 s; connected at 6 s
+        let who = f.resolver().resolve(&origin(42, 6_000_000_000, id));
+        assert_eq!(who.process, ProcessState::Verified);
+        assert_eq!(who.exe.as_deref(), Some(Path::new("/usr/bin/python3.11")));
+        assert_eq!(who.cmdline, ["python3", "agent.py", "--fast"]);
+        assert_eq!(who.user.as_deref(), Some("alice"));
+        assert_eq!(who.comm, "python3");
+        assert_eq!(who.cgroup.as_deref(), Some(cg));
+        assert_eq!(who.cgroup_info.unit.as_deref(), Some("agent.service"));
+        assert_eq!((who.pid, who.tid), (42, 43));
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_believed() {
+        let f = FakeProc::new();
+        let id = f.process(42, "evil", 900, "/tmp/evil", "/x");
+        // connected at 6 s, but the process now at pid 42 started at 9 s
+        let who = f.resolver().resolve(&origin(42, 6_000_000_000, id));
+        assert_eq!(who.process, ProcessState::PidReused);
+        assert_eq!(who.exe, None);
+        assert!(who.cmdline.is_empty());
+        // kernel facts stay
+        assert_eq!(who.comm, "python3");
+        assert_eq!(who.uid, 1000);
+    }
+
+    #[test]
+    fn an_exited_process_keeps_kernel_facts() {
+        let f = FakeProc::new();
+        let who = f.resolver().resolve(&origin(7, 1, 12345));
+        assert_eq!(who.process, ProcessState::Exited);
+        assert_eq!(who.exe, None);
+        assert_eq!(who.cgroup, None, "unknown id, no /proc");
+        assert_eq!(who.user.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn cgroup_from_proc_must_match_the_kernel_id() {
+        let f = FakeProc::new();
+        let _ = f.process(42, "python3", 1, "/bin/x", "/moved/elsewhere");
+        let who = f.resolver().resolve(&origin(42, 6_000_000_000, 999_999));
+        assert_eq!(
+            who.cgroup, None,
+            "process moved since connect: path not trusted"
+        );
+    }
+
+    #[test]
+    fn stat_parsing_survives_odd_names() {
+        assert_eq!(parse_start_ticks(&stat_line(1, "a) (b c", 777)), Some(777));
+        assert_eq!(parse_start_ticks("1 (x) S"), None);
+        assert_eq!(parse_start_ticks("garbage"), None);
+        assert_eq!(comm_string(b"abc\0\0\0\0\0\0\0\0\0\0\0\0\0"), "abc");
+    }
+}

@@ -1,0 +1,359 @@
+//! The proxy: loopback listeners that redirected connections land on, and for each accepted
+//! connection: take its origin from the kernel, resolve who opened it, find its agent and
+//! target, hand it to the target's protocol engine, and record how it went.
+//!
+//! A connection the kernel did not record (someone connected to the listener directly), or
+//! that matches no agent or target, is refused: closed with a reset, and logged.
+
+pub mod agent;
+pub mod identity;
+pub mod relay;
+pub mod upstream;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use gateway_common::{Origin, ipv4_unmapped};
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Socket, Type};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use self::{identity::Resolver, upstream::Upstream};
+use crate::{
+    config::{Config, ProxyConfig},
+    ebpf::ConnTable,
+    protocol::{ConnContext, Outcome, Session, Traffic, engine_for},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The proxy's listening sockets, one per family.
+pub struct Listeners {
+    pub v4: Option<TcpListener>,
+    pub v6: Option<TcpListener>,
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let err = |source| ProxyError::Bind { addr, source };
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(err)?;
+    }
+    s.bind(&addr.into()).map_err(err)?;
+    s.listen(4096).map_err(err)?;
+    TcpListener::from_std(s.into()).map_err(err)
+}
+
+impl Listeners {
+    /// Binds the configured addresses. An IPv6 listener that cannot bind because the host
+    /// has no IPv6 loopback is skipped with a warning (IPv6 connects to targets then fail,
+    /// closed); any other failure is an error.
+    pub fn bind(cfg: &ProxyConfig) -> Result<Self, ProxyError> {
+        let v4 = cfg.listen_v4.map(listen).transpose()?;
+        let v6 = match cfg.listen_v6.map(listen).transpose() {
+            Ok(l) => l,
+            Err(ProxyError::Bind { addr, source })
+                if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) && v4.is_some() =>
+            {
+                tracing::warn!(%addr, error = %source, "no IPv6 loopback; IPv6 listener skipped");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self { v4, v6 })
+    }
+
+    /// The bound addresses (with the real ports when port 0 was asked for).
+    pub fn addrs(&self) -> (Option<SocketAddrV4>, Option<SocketAddrV6>) {
+        let v4 = self.v4.as_ref().and_then(|l| match l.local_addr() {
+            Ok(SocketAddr::V4(a)) => Some(a),
+            _ => None,
+        });
+        let v6 = self.v6.as_ref().and_then(|l| match l.local_addr() {
+            Ok(SocketAddr::V6(a)) => Some(a),
+            _ => None,
+        });
+        (v4, v6)
+    }
+}
+
+/// Counters of the proxy, for `portcullis status` (and metrics).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub refused_no_origin: AtomicU64,
+    pub refused_no_target: AtomicU64,
+    pub refused_no_agent: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub listeners: Vec<SocketAddr>,
+    pub accepted: u64,
+    pub active: u64,
+    pub refused_no_origin: u64,
+    pub refused_no_target: u64,
+    pub refused_no_agent: u64,
+    pub upstream_failures: u64,
+}
+
+/// State shared by every connection task.
+pub struct Shared {
+    pub config: Arc<ArcSwap<Config>>,
+    pub conns: ConnTable,
+    pub resolver: Resolver,
+    pub stats: ProxyStats,
+    /// Cancelled to stop accepting (first step of a graceful stop).
+    pub accepting: CancellationToken,
+    /// Cancelled to end open sessions (after the drain deadline).
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    limiter: Arc<Semaphore>,
+    next_id: AtomicU64,
+    listeners: Vec<SocketAddr>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        conns: ConnTable,
+        resolver: Resolver,
+        listeners: &Listeners,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let max = config.load().proxy.max_connections;
+        let (v4, v6) = listeners.addrs();
+        let listeners = v4
+            .map(SocketAddr::V4)
+            .into_iter()
+            .chain(v6.map(SocketAddr::V6))
+            .collect();
+        Self {
+            config,
+            conns,
+            resolver,
+            stats: ProxyStats::default(),
+            accepting: CancellationToken::new(),
+            shutdown,
+            tasks: TaskTracker::new(),
+            limiter: Arc::new(Semaphore::new(max)),
+            next_id: AtomicU64::new(1),
+            listeners,
+        }
+    }
+
+    pub fn status(&self) -> ProxyStatus {
+        let s = &self.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProxyStatus {
+            listeners: self.listeners.clone(),
+            accepted: l(&s.accepted),
+            active: l(&s.active),
+            refused_no_origin: l(&s.refused_no_origin),
+            refused_no_target: l(&s.refused_no_target),
+            refused_no_agent: l(&s.refused_no_agent),
+            upstream_failures: l(&s.upstream_failures),
+        }
+    }
+}
+
+/// Starts accepting on every listener.
+pub fn spawn(listeners: Listeners, shared: Arc<Shared>) {
+    for l in [listeners.v4, listeners.v6].into_iter().flatten() {
+        let shared = shared.clone();
+        tokio::spawn(accept_loop(l, shared));
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        // Wait for capacity before accepting: excess connections wait in the backlog.
+        let permit = tokio::select! {
+            p = shared.limiter.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shared.accepting.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shared.accepting.cancelled() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let shared2 = shared.clone();
+                shared.tasks.spawn(async move {
+                    handle(&shared2, client, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The original destination recorded by the kernel.
+pub fn original_dst(o: &Origin) -> SocketAddr {
+    match ipv4_unmapped(&o.dst_addr) {
+        Some(v4) => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(v4)), o.dst_port),
+        None => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o.dst_addr)), o.dst_port),
+    }
+}
+
+fn refuse(client: &tokio::net::TcpStream) {
+    relay::reset(client);
+}
+
+async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr) {
+    let stats = &shared.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let origin = match shared.conns.take(peer) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            stats.refused_no_origin.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "portcullis::audit",
+                end = "refused",
+                reason = "no_origin",
+                client.addr = %peer,
+                "connection refused: not redirected by the kernel (direct connection to the proxy?)"
+            );
+            refuse(&client);
+            return;
+        }
+        Err(e) => {
+            stats.refused_no_origin.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(client.addr = %peer, error = %e, "reading the connection map failed");
+            refuse(&client);
+            return;
+        }
+    };
+    let started = Instant::now();
+    let cfg = shared.config.load_full();
+    let dst = original_dst(&origin);
+    let identity = shared.resolver.resolve(&origin);
+    let Some(target) = cfg.target_for(dst) else {
+        stats.refused_no_target.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            target: "portcullis::audit",
+            end = "refused",
+            reason = "no_target",
+            client.addr = %peer,
+            dst.addr = %dst,
+            src.pid = identity.pid,
+            src.uid = identity.uid,
+            "connection refused: destination is no longer a configured target"
+        );
+        refuse(&client);
+        return;
+    };
+    let Some(agent) = agent::identify(&cfg, &identity, &origin) else {
+        stats.refused_no_agent.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            target: "portcullis::audit",
+            end = "refused",
+            reason = "no_agent",
+            client.addr = %peer,
+            dst.addr = %dst,
+            target.name = %target.name,
+            src.pid = identity.pid,
+            src.uid = identity.uid,
+            src.exe = ?identity.exe,
+            src.cgroup = ?identity.cgroup,
+            "connection refused: the kernel selected this process but no agent fully matches it"
+        );
+        refuse(&client);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let ctx = Arc::new(ConnContext {
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        agent: agent.clone(),
+        target: target.clone(),
+        identity,
+        client_addr: peer,
+        original_dst: dst,
+        started: SystemTime::now(),
+    });
+    let traffic = Arc::new(Traffic::default());
+    let session = Session {
+        client,
+        ctx: ctx.clone(),
+        upstream: Upstream {
+            addr: dst,
+            mark: cfg.proxy.upstream_mark,
+            timeout: cfg.proxy.connect_timeout.get(),
+        },
+        traffic: traffic.clone(),
+        shutdown: shared.shutdown.clone(),
+    };
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let outcome = engine_for(target.protocol).serve(session).await;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    if outcome.end == crate::protocol::End::UpstreamUnreachable {
+        stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    record(&ctx, &traffic, &outcome, started);
+}
+
+/// The connection record: one structured event per connection, under the audit target.
+fn record(ctx: &ConnContext, traffic: &Traffic, outcome: &Outcome, started: Instant) {
+    let (up, down) = traffic.snapshot();
+    let who = &ctx.identity;
+    tracing::info!(
+        target: "portcullis::audit",
+        protocol = ctx.target.protocol.as_str(),
+        conn.id = ctx.id,
+        agent.name = %ctx.agent.name,
+        target.name = %ctx.target.name,
+        src.pid = who.pid,
+        src.tid = who.tid,
+        src.uid = who.uid,
+        src.gid = who.gid,
+        src.user = who.user.as_deref().unwrap_or(""),
+        src.comm = %who.comm,
+        src.exe = %who.exe.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        src.cmdline = ?who.cmdline,
+        src.cgroup = who.cgroup.as_deref().unwrap_or(""),
+        src.cgroup_id = who.cgroup_id,
+        src.unit = who.cgroup_info.unit.as_deref().unwrap_or(""),
+        src.slice = who.cgroup_info.slice.as_deref().unwrap_or(""),
+        src.container = who.cgroup_info.container_id.as_deref().unwrap_or(""),
+        src.process = ?who.process,
+        client.addr = %ctx.client_addr,
+        dst.addr = %ctx.original_dst,
+        bytes.up = up,
+        bytes.down = down,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        end = outcome.end.as_str(),
+        error = outcome.detail.as_deref().unwrap_or(""),
+        "connection"
+    );
+}
