@@ -18,8 +18,11 @@
 //!    the kernel with the socket. No entry depends on LRU eviction.
 //! 4. `pc_getpeername4` / `pc_getpeername6`: the client asking whom it is connected to
 //!    hears the original destination, not the proxy.
-#![no_std]
-#![no_main]
+// On the BPF target this is a no_std, no_main object. A host build of the workspace
+// (`cargo build --workspace`, clippy) compiles the same code against std with an empty
+// `main`, which is never run: only gateway-user/build.rs builds the real object.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{
@@ -551,11 +554,14 @@ fn on_close(ctx: &SockOpsContext) {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -283,11 +283,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let show = |a: Option<String>| a.unwrap_or_default();
     tracing::info!(
-        listen.v4 = ?v4,
-        listen.v6 = ?v6,
-        admin.socket = %cfg.admin.socket.display(),
         pid = std::process::id(),
+        listen.v4 = %show(v4.map(|a| a.to_string())),
+        listen.v6 = %show(v6.map(|a| a.to_string())),
+        admin.socket = %cfg.admin.socket.display(),
         "ready"
     );
     loop {

@@ -1,1 +1,651 @@
+//! Harness for the privileged end-to-end tests and the benchmarks.
+//!
+//! Every test builds its own world and removes it, also when it fails (drop guards):
+//! - a cgroup `/portcullis-test-<pid>-<n>` under the cgroup2 mount, where the daemon attaches
+//!   its programs (so nothing outside it is affected), with agent cgroups below;
+//! - its own bpffs pin path `/sys/fs/bpf/portcullis-test-<pid>-<n>`;
+//! - its own admin socket and configuration in a temporary directory;
+//! - echo servers on loopback only.
+//!
+//! Leftovers of a crashed run (cgroups and pins whose `<pid>` is dead) are removed when the
+//! first test of a run starts.
+//!
+//! These tests need root. Without it they fail with a message; they never skip.
 
+use std::{
+    collections::VecDeque,
+    ffi::CString,
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener},
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Condvar, Mutex, Once,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Prefix of every object the tests create.
+pub const PREFIX: &str = "portcullis-test-";
+
+/// Panics unless running as root: a privileged test that cannot run must fail, loudly.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "these end-to-end tests load eBPF programs and create cgroups: they must run as root \
+         (sudo cargo xtask test). They do not skip."
+    );
+}
+
+/// A binary of this workspace, next to the test executable's `deps` directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`, which \
+         `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The cgroup2 mount, from mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = pre.split(' ').collect();
+        if post.starts_with("cgroup2 ") && f.len() > 4 && f[3] == "/" {
+            return PathBuf::from(f[4]);
+        }
+    }
+    panic!("no cgroup2 mount found in /proc/self/mountinfo");
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes a cgroup and everything below it, killing the processes in it.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    // Children first.
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        if let Ok(rd) = fs::read_dir(&dirs[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for d in dirs.iter().rev() {
+        while fs::remove_dir(d).is_err() && d.exists() && Instant::now() < deadline {
+            let _ = fs::write(d.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes leftovers of earlier runs whose process is gone.
+fn sweep_leftovers() {
+    let owner =
+        |name: &str| -> Option<u32> { name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok() };
+    let dead = |name: &str| owner(name).is_some_and(|pid| !pid_alive(pid));
+    // Processes of a dead run (a daemon whose test crashed) go first: a live daemon would
+    // re-create the cgroups we remove.
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let stale = cmdline.split(['\0', '/']).any(dead);
+        if stale {
+            eprintln!(
+                "killing leftover process {pid}: {}",
+                cmdline.replace('\0', " ")
+            );
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let cg = cgroup2_mount();
+    for e in fs::read_dir(&cg).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead(&name) {
+            eprintln!("removing leftover cgroup {}", e.path().display());
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    for e in fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead(&name) {
+            eprintln!("removing leftover pins {}", e.path().display());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+static SWEEP: Once = Once::new();
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world. Dropping it removes everything it made.
+pub struct Env {
+    pub id: String,
+    pub cg_mount: PathBuf,
+    /// The attach cgroup, as a cgroup path (`/portcullis-test-...`).
+    pub root: String,
+    pub pin_path: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        require_root();
+        SWEEP.call_once(sweep_leftovers);
+        ensure_bpffs();
+        let id = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let cg_mount = cgroup2_mount();
+        let root = format!("/{id}");
+        fs::create_dir_all(cg_mount.join(&id)).expect("create test cgroup");
+        let dir = std::env::temp_dir().join(&id);
+        fs::create_dir_all(&dir).expect("create test dir");
+        // Test processes run as unprivileged users and write results here.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .expect("chmod test dir");
+        Self {
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&id),
+            id,
+            cg_mount,
+            root,
+            dir,
+        }
+    }
+
+    /// A cgroup path below the test's root (created).
+    pub fn cgroup(&self, rel: &str) -> String {
+        let path = format!("{}/{}", self.root, rel.trim_matches('/'));
+        fs::create_dir_all(self.cg_dir(&path)).expect("create cgroup");
+        path
+    }
+
+    /// Filesystem directory of a cgroup path.
+    pub fn cg_dir(&self, cgroup: &str) -> PathBuf {
+        self.cg_mount.join(cgroup.trim_start_matches('/'))
+    }
+
+    /// cgroup id (inode) of a cgroup path.
+    pub fn cg_id(&self, cgroup: &str) -> u64 {
+        fs::metadata(self.cg_dir(cgroup)).expect("cgroup").ino()
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// Writes a configuration: this environment's pins, cgroup, socket and ephemeral
+    /// listener ports, plus `body` (agents, targets, overrides of `[ebpf]` keys go in
+    /// `ebpf_extra`).
+    pub fn config(&self, ebpf_extra: &str, body: &str) -> PathBuf {
+        let text = format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n\n\
+             [ebpf]\npin_path = \"{}\"\nattach_cgroup = \"{}\"\nrescan_interval = \"200ms\"\n{ebpf_extra}\n\n\
+             [admin]\nsocket = \"{}\"\n\n{body}\n",
+            self.pin_path.display(),
+            self.root,
+            self.admin_socket().display(),
+        );
+        let path = self.dir.join("portcullis.toml");
+        fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.cg_mount.join(&self.id));
+        // Unpinning the links detaches the programs; removing the map pins frees the maps.
+        let _ = fs::remove_dir_all(&self.pin_path);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ensure_bpffs() {
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
+    if !mounted {
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "cannot mount bpffs at /sys/fs/bpf");
+    }
+}
+
+/// Makes `cmd`'s child join `cgroup_dir` and then (optionally) drop to `uid`/`gid`, before
+/// it execs. (std applies `Command::uid` before `pre_exec` closures, too early for us.)
+pub fn in_cgroup(cmd: &mut Command, cgroup_dir: &Path, uid: Option<u32>) {
+    let procs = CString::new(
+        cgroup_dir
+            .join("cgroup.procs")
+            .as_os_str()
+            .as_encoded_bytes(),
+    )
+    .expect("path");
+    // SAFETY: the closure only makes async-signal-safe syscalls on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(uid) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs `pc-probe ARGS` in a cgroup as `uid` and returns its JSON answer, with the pid of
+/// the process the harness started added as `launcher_pid`.
+pub fn probe(env: &Env, cgroup: &str, uid: Option<u32>, args: &[&str]) -> Value {
+    let mut cmd = Command::new(workspace_bin("pc-probe"));
+    cmd.args(args);
+    run_json(env, cgroup, uid, cmd)
+}
+
+/// Runs a command in a cgroup as `uid`; its last stdout line is JSON.
+pub fn run_json(env: &Env, cgroup: &str, uid: Option<u32>, mut cmd: Command) -> Value {
+    in_cgroup(&mut cmd, &env.cg_dir(cgroup), uid);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn probe");
+    let launcher = child.id();
+    let out = child.wait_with_output().expect("wait probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut v: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+            panic!(
+                "{cmd:?} gave no JSON ({e}); status {}, stdout {stdout:?}, stderr {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    v["launcher_pid"] = launcher.into();
+    v
+}
+
+/// `[::ffff:a.b.c.d]:p` → `a.b.c.d:p`, as the proxy's IPv4 listener sees such a client.
+pub fn canonical(addr: &str) -> String {
+    match addr.parse::<SocketAddr>() {
+        Ok(SocketAddr::V6(a)) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()).to_string(),
+            None => addr.to_owned(),
+        },
+        _ => addr.to_owned(),
+    }
+}
+
+/// Log events of a running daemon (its JSON log lines).
+#[derive(Default)]
+pub struct Logs {
+    events: Mutex<Vec<Value>>,
+    raw: Mutex<VecDeque<String>>,
+    changed: Condvar,
+}
+
+impl Logs {
+    fn push(&self, line: String) {
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            self.events.lock().expect("logs").push(v);
+        }
+        let mut raw = self.raw.lock().expect("logs");
+        raw.push_back(line);
+        if raw.len() > 400 {
+            raw.pop_front();
+        }
+        self.changed.notify_all();
+    }
+
+    /// The last lines, for failure messages.
+    pub fn tail(&self) -> String {
+        let raw = self.raw.lock().expect("logs");
+        raw.iter()
+            .rev()
+            .take(40)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn all(&self) -> Vec<Value> {
+        self.events.lock().expect("logs").clone()
+    }
+
+    /// Waits for an event matching `pred`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut events = self.events.lock().expect("logs");
+        loop {
+            if let Some(v) = events.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(events);
+                panic!("timed out waiting for {what}; daemon log:\n{}", self.tail());
+            }
+            events = self
+                .changed
+                .wait_timeout(events, deadline - now)
+                .expect("logs")
+                .0;
+        }
+    }
+}
+
+/// Connection records (`portcullis::audit`, message `connection`).
+pub fn is_connection(v: &Value) -> bool {
+    v["target"] == "portcullis::audit" && v["message"] == "connection"
+}
+
+/// Kills a child unless taken: a failed start never leaks a daemon.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn get(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child")
+    }
+    fn take(&mut self) -> Child {
+        self.0.take().expect("child")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `portcullis run` child process.
+pub struct Daemon {
+    pub child: Child,
+    pub logs: Arc<Logs>,
+    pub v4: SocketAddr,
+    pub v6: Option<SocketAddr>,
+    pub config: PathBuf,
+}
+
+fn parse_addr(v: &Value) -> Option<SocketAddr> {
+    v.as_str().and_then(|s| s.parse().ok())
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Self {
+        Self::spawn(config, None)
+    }
+
+    /// Starts the daemon inside a cgroup (to show its own connections are not redirected).
+    pub fn start_in(config: &Path, cgroup_dir: &Path) -> Self {
+        Self::spawn(config, Some(cgroup_dir))
+    }
+
+    fn spawn(config: &Path, cgroup_dir: Option<&Path>) -> Self {
+        let mut cmd = Command::new(workspace_bin("portcullis"));
+        cmd.arg("--config")
+            .arg(config)
+            .args(["run", "--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(dir) = cgroup_dir {
+            in_cgroup(&mut cmd, dir, None);
+        }
+        let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn portcullis")));
+        let logs = Arc::new(Logs::default());
+        let stderr = child.get().stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                match line {
+                    Ok(l) => sink.push(l),
+                    Err(_) => break,
+                }
+            }
+            sink.push("{\"message\":\"<stderr closed>\"}".into());
+        });
+        let ready = logs.wait_for("the daemon to be ready", Duration::from_secs(30), |v| {
+            v["message"] == "ready" || v["message"] == "<stderr closed>"
+        });
+        assert_eq!(
+            ready["message"],
+            "ready",
+            "the daemon exited before it was ready:\n{}",
+            logs.tail()
+        );
+        Self {
+            child: child.take(),
+            v4: parse_addr(&ready["listen.v4"]).expect("v4 listener"),
+            v6: parse_addr(&ready["listen.v6"]),
+            logs,
+            config: config.to_owned(),
+        }
+    }
+
+    /// `portcullis status --json`.
+    pub fn status(&self) -> Value {
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .output()
+            .expect("run portcullis status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// A kernel counter from `status`.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.status()["kernel"]["counters"]
+            .as_array()
+            .expect("counters")
+            .iter()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Waits for the connection record of the client at `client_local` (as the probe saw
+    /// its own address).
+    pub fn record_for(&self, client_local: &str) -> Value {
+        let want = canonical(client_local);
+        self.logs.wait_for(
+            &format!("the connection record of {client_local}"),
+            Duration::from_secs(10),
+            |v| is_connection(v) && v["client.addr"].as_str() == Some(want.as_str()),
+        )
+    }
+
+    /// Whether any connection record exists for this client address.
+    pub fn has_record_for(&self, client_local: &str) -> bool {
+        let want = canonical(client_local);
+        self.logs
+            .all()
+            .iter()
+            .any(|v| is_connection(v) && v["client.addr"].as_str() == Some(want.as_str()))
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An echo server on loopback (one IPv4 address and `::1`, same port), recording the peer
+/// address of every connection it accepts.
+pub struct Echo {
+    pub port: u16,
+    pub v4: Ipv4Addr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    /// Listens on `v4` (a 127.0.0.0/8 address) and `[::1]` at one free port.
+    pub fn start(v4: Ipv4Addr) -> Self {
+        assert!(v4.is_loopback(), "tests only talk to loopback");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        for _ in 0..50 {
+            let l4 = StdListener::bind((v4, 0)).expect("bind echo v4");
+            let port = l4.local_addr().expect("addr").port();
+            let Ok(l6) = StdListener::bind((Ipv6Addr::LOCALHOST, port)) else {
+                continue;
+            };
+            for l in [l4, l6] {
+                let peers = peers.clone();
+                let accepted = accepted.clone();
+                std::thread::spawn(move || serve_echo(l, peers, accepted));
+            }
+            return Self {
+                port,
+                v4,
+                peers,
+                accepted,
+            };
+        }
+        panic!("no port free on both {v4} and ::1");
+    }
+
+    pub fn addr4(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.v4), self.port)
+    }
+
+    pub fn addr6(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.port)
+    }
+
+    /// Whether a connection from exactly `client` reached the server (i.e. went direct).
+    pub fn saw_peer(&self, client: &str) -> bool {
+        let client: SocketAddr = client.parse().expect("client addr");
+        let norm = |a: SocketAddr| match a.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+            _ => a,
+        };
+        self.peers
+            .lock()
+            .expect("peers")
+            .iter()
+            .any(|p| norm(*p) == norm(client))
+    }
+}
+
+fn serve_echo(l: StdListener, peers: Arc<Mutex<Vec<SocketAddr>>>, accepted: Arc<AtomicUsize>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("echo runtime");
+    rt.block_on(async move {
+        l.set_nonblocking(true).expect("nonblocking");
+        let l = tokio::net::TcpListener::from_std(l).expect("listener");
+        loop {
+            let Ok((mut s, peer)) = l.accept().await else {
+                continue;
+            };
+            peers.lock().expect("peers").push(peer);
+            accepted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+        }
+    });
+}
+
+/// A configuration body with one agent per cgroup and one TCP target.
+pub fn agents_and_target(agents: &[(&str, &str)], target_addrs: &[String]) -> String {
+    let mut s = String::new();
+    for (name, sel) in agents {
+        s.push_str(&format!(
+            "[[agent]]\nname = \"{name}\"\nmatch = {{ {sel} }}\n\n"
+        ));
+    }
+    let addrs: Vec<String> = target_addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    s.push_str(&format!(
+        "[[target]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = [{}]\n",
+        addrs.join(", ")
+    ));
+    s
+}

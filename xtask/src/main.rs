@@ -1,1 +1,152 @@
-fn main() {}
+//! `cargo xtask <task>`: everything that is not `cargo build`.
+//!
+//! - `setup`: nightly `rust-src` and a `bpf-linker` built against the nightly toolchain's
+//!   own LLVM (idempotent).
+//! - `run`: as root: setup if needed, build, run the daemon in the foreground with the
+//!   default configuration (`config/portcullis.toml`, the text embedded in the binary).
+//! - `test`: unit tests and the privileged end-to-end tests.
+//! - `bench [intercept]`: benchmarks, printing ratios measured side by side.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building needs: nightly rust-src and bpf-linker.
+    Setup,
+    /// Build everything (the eBPF object is built and embedded by gateway-user/build.rs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run the daemon in the foreground with the default configuration (root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Use this configuration instead of the default one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the unit tests and the privileged end-to-end tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run benchmarks (root); `intercept` is the only suite so far.
+    Bench {
+        /// Suites to run; all when empty.
+        suites: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions. (Avoids a libc dependency for one call.)
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} needs root (it loads eBPF programs and creates cgroups); run it with sudo \
+             or as root"
+        );
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::ensure()?;
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build { release } => build(release),
+        Task::Run { release, config } => {
+            require_root("cargo xtask run")?;
+            build(release)?;
+            let profile = if release { "release" } else { "debug" };
+            let bin = workspace_root()
+                .join("target")
+                .join(profile)
+                .join("portcullis");
+            let config = config.unwrap_or_else(|| workspace_root().join("config/portcullis.toml"));
+            eprintln!(
+                "xtask: starting {} with {}\nxtask: in another terminal: sudo {} exec -- psql -h 127.0.0.1 ...",
+                bin.display(),
+                config.display(),
+                bin.display()
+            );
+            let err = std::os::unix::process::CommandExt::exec(
+                Command::new(&bin).arg("--config").arg(&config).arg("run"),
+            );
+            bail!("cannot run {}: {err}", bin.display())
+        }
+        Task::Test { args } => {
+            require_root("cargo xtask test")?;
+            build(false)?;
+            let mut c = cargo();
+            c.args(["test", "--workspace", "--no-fail-fast"])
+                .args(&args);
+            run(&mut c)
+        }
+        Task::Bench { suites } => {
+            require_root("cargo xtask bench")?;
+            build(true)?;
+            let bin = workspace_root().join("target/release/portcullis-bench");
+            let mut c = Command::new(bin);
+            c.current_dir(workspace_root()).args(&suites);
+            run(&mut c)
+        }
+    }
+}

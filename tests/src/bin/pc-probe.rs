@@ -1,0 +1,226 @@
+//! Test client: connects the ways an agent might and prints one JSON line about it.
+//!
+//! ```text
+//! pc-probe connect ADDR [BYTES]          connect, echo BYTES (default 5), report
+//! pc-probe reset ADDR                    connect, then close with a reset at once
+//! pc-probe fork ...                      a forked child does the rest
+//! pc-probe daemonize OUTFILE ...         a double-forked, setsid'd grandchild does the rest,
+//!                                        writing its JSON to OUTFILE
+//! pc-probe rename NAME ...               prctl(PR_SET_NAME) then the rest
+//! pc-probe many ADDR CONNS BYTES         CONNS concurrent connections echo BYTES each
+//! ```
+//! Only loopback addresses are accepted (the tests' network rule).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+fn loopback(addr: &str) -> SocketAddr {
+    let a: SocketAddr = addr.parse().expect("ADDR is ip:port");
+    let ok = match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    };
+    assert!(ok, "pc-probe only talks to loopback, not {a}");
+    a
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn connect(addr: &str, bytes: usize) -> Value {
+    let a = loopback(addr);
+    // SAFETY: getpid/gettid have no preconditions.
+    let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+    let mut s = match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            return json!({"ok": false, "pid": pid, "error": e.to_string(),
+                          "errno": e.raw_os_error(), "kind": format!("{:?}", e.kind())});
+        }
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let data = pattern(bytes);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let result = (|| -> std::io::Result<Vec<u8>> {
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })();
+    match result {
+        Ok(back) => json!({"ok": back == data, "pid": pid, "tid": tid, "local": local,
+                           "peer": peer, "echoed": back.len()}),
+        Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
+                         "error": e.to_string(), "kind": format!("{:?}", e.kind())}),
+    }
+}
+
+fn reset(addr: &str) -> Value {
+    let a = loopback(addr);
+    match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+        Ok(s) => {
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let sock = socket_linger_zero(&s);
+            drop(s);
+            json!({"ok": sock, "local": local})
+        }
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+fn socket_linger_zero(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+fn many(addr: &str, conns: usize, bytes: usize) -> Value {
+    let a = loopback(addr);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let data = std::sync::Arc::new(pattern(bytes));
+        let mut tasks = Vec::with_capacity(conns);
+        // Open every connection first, so they are all open at once.
+        let mut streams = Vec::with_capacity(conns);
+        let mut errors = Vec::new();
+        for _ in 0..conns {
+            match tokio::net::TcpStream::connect(a).await {
+                Ok(s) => streams.push(s),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let opened = streams.len();
+        for s in streams {
+            let data = data.clone();
+            tasks.push(tokio::spawn(async move {
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let (mut r, mut w) = s.into_split();
+                let writer = async {
+                    w.write_all(&data).await?;
+                    w.shutdown().await
+                };
+                let reader = async {
+                    let mut back = Vec::with_capacity(data.len());
+                    r.read_to_end(&mut back).await?;
+                    Ok::<_, std::io::Error>(back)
+                };
+                let (wr, back) = tokio::join!(writer, reader);
+                wr?;
+                let back = back?;
+                if back[..] != data[..] {
+                    return Err(std::io::Error::other(format!(
+                        "{local}: {} bytes came back, not the {} sent",
+                        back.len(),
+                        data.len()
+                    )));
+                }
+                Ok(back.len())
+            }));
+        }
+        let mut ok = 0usize;
+        let mut total = 0usize;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(n)) => {
+                    ok += 1;
+                    total += n;
+                }
+                Ok(Err(e)) => errors.push(e.to_string()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors.truncate(5);
+        json!({"ok": ok, "opened": opened, "bytes": total, "errors": errors})
+    })
+}
+
+fn run(args: &[String]) -> Value {
+    match args.first().map(String::as_str) {
+        Some("connect") => {
+            let bytes = args.get(2).map_or(5, |b| b.parse().expect("BYTES"));
+            connect(&args[1], bytes)
+        }
+        Some("reset") => reset(&args[1]),
+        Some("many") => many(
+            &args[1],
+            args[2].parse().expect("CONNS"),
+            args[3].parse().expect("BYTES"),
+        ),
+        Some("rename") => {
+            let name = std::ffi::CString::new(args[1].as_str()).expect("name");
+            // SAFETY: PR_SET_NAME with a NUL-terminated string.
+            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+            run(&args[2..])
+        }
+        Some("fork") => {
+            // SAFETY: single-threaded here; the child only runs our code then exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let v = run(&args[1..]);
+                    println!("{v}");
+                    std::process::exit(0);
+                }
+                child => {
+                    let mut status = 0;
+                    // SAFETY: waiting for our own child.
+                    unsafe { libc::waitpid(child, &mut status, 0) };
+                    // The child printed the answer.
+                    std::process::exit(0);
+                }
+            }
+        }
+        Some("daemonize") => {
+            let out = args[1].clone();
+            // SAFETY: as above; classic double fork with setsid in between.
+            unsafe {
+                match libc::fork() {
+                    0 => {
+                        libc::setsid();
+                        if libc::fork() == 0 {
+                            let v = run(&args[2..]);
+                            std::fs::write(&out, v.to_string()).expect("write result");
+                        }
+                        libc::_exit(0);
+                    }
+                    child => {
+                        let mut status = 0;
+                        libc::waitpid(child, &mut status, 0);
+                    }
+                }
+            }
+            json!({"daemonized": true})
+        }
+        other => panic!("unknown mode {other:?}; see the source for usage"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("{}", run(&args));
+}

@@ -1,0 +1,476 @@
+//! Transparent interception, end to end: real programs in this kernel, real cgroups, real
+//! processes, the real daemon. Run as root (`cargo xtask test`); they fail without it.
+
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use portcullis_tests::*;
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+
+/// A protected agent cgroup `agents/a`, an echo server on 127.0.0.2 and [::1], a target
+/// covering 127.0.0.0/8 and ::1 at the echo port.
+struct World {
+    env: Env,
+    agent: String,
+    echo: Echo,
+    config: std::path::PathBuf,
+}
+
+fn world(ebpf_extra: &str, extra_agents: &[(&str, &str)]) -> World {
+    let env = Env::new();
+    let agent = env.cgroup("agents/a");
+    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
+    let sel = format!("cgroup = \"{agent}\"");
+    let mut agents = vec![("a", sel.as_str())];
+    agents.extend_from_slice(extra_agents);
+    let config = env.config(
+        ebpf_extra,
+        &agents_and_target(
+            &agents,
+            &[
+                format!("127.0.0.0/8:{}", echo.port),
+                format!("[::1]:{}", echo.port),
+            ],
+        ),
+    );
+    World {
+        env,
+        agent,
+        echo,
+        config,
+    }
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+fn probe_exe() -> String {
+    workspace_bin("pc-probe")
+        .canonicalize()
+        .expect("probe path")
+        .display()
+        .to_string()
+}
+
+/// Asserts the probe's answer is a successful echo through the proxy, and returns the
+/// daemon's record of it.
+fn assert_intercepted(w: &World, d: &Daemon, r: &Value, bytes: u64) -> Value {
+    assert_eq!(r["ok"], true, "probe failed: {r}");
+    assert_eq!(r["echoed"].as_u64(), Some(bytes), "{r}");
+    assert!(
+        !w.echo.saw_peer(s(&r["local"])),
+        "the server saw the client's own address: it was not proxied ({r})"
+    );
+    let rec = d.record_for(s(&r["local"]));
+    assert_eq!(rec["agent.name"], "a", "{rec}");
+    assert_eq!(rec["target.name"], "echo", "{rec}");
+    assert_eq!(rec["bytes.up"].as_u64(), Some(bytes), "{rec}");
+    assert_eq!(rec["bytes.down"].as_u64(), Some(bytes), "{rec}");
+    assert_eq!(rec["end"], "closed", "{rec}");
+    rec
+}
+
+#[test]
+fn ipv4_ipv6_and_mapped_destinations_are_redirected_with_identity() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    let p = w.echo.port;
+    for (dst, original) in [
+        (format!("127.0.0.2:{p}"), format!("127.0.0.2:{p}")),
+        (format!("127.0.0.3:{p}"), format!("127.0.0.3:{p}")),
+        (format!("[::1]:{p}"), format!("[::1]:{p}")),
+        (format!("[::ffff:127.0.0.2]:{p}"), format!("127.0.0.2:{p}")),
+    ] {
+        if dst.starts_with("127.0.0.3") {
+            // Nothing listens on .3; the proxy's connect upstream is refused and the
+            // client sees a reset, after having been intercepted.
+            let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &dst, "10"]);
+            assert_eq!(r["ok"], false, "{r}");
+            // The reset can beat the client to getsockname(): find the record by pid.
+            let rec = d
+                .logs
+                .wait_for("the unreachable record", Duration::from_secs(10), |v| {
+                    is_connection(v) && v["src.pid"] == r["pid"]
+                });
+            assert_eq!(rec["end"], "upstream_unreachable", "{rec}");
+            assert_eq!(rec["dst.addr"], original.as_str());
+            continue;
+        }
+        let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &dst, "1000"]);
+        let rec = assert_intercepted(&w, &d, &r, 1000);
+        // The client believes it talks to the original destination.
+        assert_eq!(
+            s(&r["peer"]),
+            dst,
+            "getpeername must show the original destination"
+        );
+        assert_eq!(rec["dst.addr"], original.as_str(), "{rec}");
+        assert_eq!(rec["src.pid"], r["pid"], "{rec}");
+        assert_eq!(rec["src.pid"], r["launcher_pid"], "{rec}");
+        assert_eq!(rec["src.uid"].as_u64(), Some(u64::from(NOBODY)), "{rec}");
+        assert_eq!(rec["src.user"], "nobody", "{rec}");
+        assert_eq!(rec["src.exe"], probe_exe().as_str(), "{rec}");
+        assert_eq!(rec["src.cgroup"], w.agent.as_str(), "{rec}");
+        assert_eq!(
+            rec["src.cgroup_id"].as_u64(),
+            Some(w.env.cg_id(&w.agent)),
+            "{rec}"
+        );
+        assert_eq!(rec["src.comm"], "pc-probe", "{rec}");
+        assert_eq!(rec["src.process"], "Verified", "{rec}");
+    }
+    let st = d.status();
+    let programs: Vec<&str> = st["kernel"]["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect();
+    assert_eq!(
+        programs,
+        [
+            "pc_connect4",
+            "pc_connect6",
+            "pc_sock_ops",
+            "pc_getpeername4",
+            "pc_getpeername6"
+        ]
+    );
+    assert_eq!(
+        st["kernel"]["pinned_links"].as_array().map(Vec::len),
+        Some(5)
+    );
+    assert_eq!(d.counter("redirected"), 4);
+    assert_eq!(d.counter("tracked"), 4);
+    assert_eq!(d.counter("errors"), 0);
+    assert_eq!(
+        st["agents"][0]["binding"]["cgroups"][0][0],
+        w.agent.as_str()
+    );
+}
+
+#[test]
+fn unprotected_processes_and_non_targets_go_direct() {
+    let w = world("", &[("u", "uid = 64999")]);
+    let other = w.env.cgroup("other");
+    let elsewhere = Echo::start(Ipv4Addr::new(127, 0, 0, 4));
+    let d = Daemon::start(&w.config);
+    let target = w.echo.addr4().to_string();
+
+    // Unprotected cgroup, unprotected uid: straight to the server.
+    let r = probe(&w.env, &other, Some(64998), &["connect", &target, "100"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        w.echo.saw_peer(s(&r["local"])),
+        "should have gone direct: {r}"
+    );
+
+    // Same cgroup, protected uid: intercepted and attributed to the uid agent.
+    let r = probe(&w.env, &other, Some(64999), &["connect", &target, "100"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        !w.echo.saw_peer(s(&r["local"])),
+        "should have been proxied: {r}"
+    );
+    let rec = d.record_for(s(&r["local"]));
+    assert_eq!(rec["agent.name"], "u", "{rec}");
+
+    // Protected process, destination that is not a target: direct.
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["connect", &elsewhere.addr4().to_string(), "100"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        elsewhere.saw_peer(s(&r["local"])),
+        "non-target should go direct: {r}"
+    );
+
+    // Unprotected process connecting to the proxy port directly: refused, no origin.
+    let r = probe(
+        &w.env,
+        &other,
+        Some(64998),
+        &["connect", &d.v4.to_string(), "10"],
+    );
+    assert_eq!(
+        r["ok"], false,
+        "a direct connection to the proxy must not work: {r}"
+    );
+    d.logs
+        .wait_for("a no_origin refusal", Duration::from_secs(5), |v| {
+            v["reason"] == "no_origin"
+        });
+    assert_eq!(d.counter("redirected"), 1);
+    assert!(d.counter("passed") >= 2);
+}
+
+#[test]
+fn forks_daemons_renames_and_execs_stay_intercepted() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    let target = w.echo.addr4().to_string();
+
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["fork", "connect", &target, "64"],
+    );
+    let rec = assert_intercepted(&w, &d, &r, 64);
+    assert_eq!(rec["src.pid"], r["pid"]);
+    assert_ne!(r["pid"], r["launcher_pid"], "the forked child connected");
+
+    let out = w.env.dir.join("daemonized.json");
+    let out_s = out.display().to_string();
+    let _ = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["daemonize", &out_s, "connect", &target, "64"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r: Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&out)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemonized grandchild never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rec = assert_intercepted(&w, &d, &r, 64);
+    assert_eq!(rec["src.pid"], r["pid"]);
+
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["rename", "innocent", "connect", &target, "64"],
+    );
+    let rec = assert_intercepted(&w, &d, &r, 64);
+    assert_eq!(
+        rec["src.comm"], "innocent",
+        "the kernel saw the new name: {rec}"
+    );
+    assert_eq!(
+        rec["src.exe"],
+        probe_exe().as_str(),
+        "but the executable is known: {rec}"
+    );
+
+    // A shell that execs another binary: same pid, new executable.
+    let mut sh = Command::new("/bin/sh");
+    sh.arg("-c").arg(format!(
+        "exec '{}' connect {target} 64",
+        workspace_bin("pc-probe").display()
+    ));
+    let r = run_json(&w.env, &w.agent, Some(NOBODY), sh);
+    let rec = assert_intercepted(&w, &d, &r, 64);
+    assert_eq!(rec["src.pid"], r["launcher_pid"], "exec keeps the pid");
+    assert_eq!(rec["src.exe"], probe_exe().as_str());
+}
+
+#[test]
+fn the_proxy_inside_a_protected_cgroup_does_not_loop() {
+    let w = world("", &[]);
+    let d = Daemon::start_in(&w.config, &w.env.cg_dir(&w.agent));
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["connect", &w.echo.addr4().to_string(), "100"],
+    );
+    assert_intercepted(&w, &d, &r, 100);
+    assert_eq!(
+        d.counter("redirected"),
+        1,
+        "the proxy's upstream connection carries the mark and must not be redirected"
+    );
+    assert!(
+        d.counter("passed") >= 1,
+        "the upstream connect was seen and passed"
+    );
+}
+
+#[test]
+fn sigkill_fails_closed_and_a_restart_adopts_the_pins() {
+    let w = world("", &[]);
+    let target = w.echo.addr4().to_string();
+    let mut d = Daemon::start(&w.config);
+    let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
+    assert_intercepted(&w, &d, &r, 10);
+    d.kill9();
+
+    let before = w.echo.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
+    assert_eq!(
+        r["ok"], false,
+        "with the daemon dead the connection must fail: {r}"
+    );
+    assert_eq!(r["kind"], "ConnectionRefused", "{r}");
+    let r6 = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["connect", &w.echo.addr6().to_string(), "10"],
+    );
+    assert_eq!(r6["kind"], "ConnectionRefused", "{r6}");
+    assert_eq!(
+        w.echo.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "nothing may reach the server while the daemon is down"
+    );
+    // status explains the situation.
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.config)
+        .arg("status")
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("being refused"), "{err}");
+
+    let d2 = Daemon::start(&w.config);
+    d2.logs
+        .wait_for("adoption of pinned maps", Duration::from_secs(5), |v| {
+            v["message"] == "ebpf object loaded" && v["adopted"] == true
+        });
+    let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
+    assert_intercepted(&w, &d2, &r, 10);
+    assert_eq!(
+        d2.status()["kernel"]["pinned_links"]
+            .as_array()
+            .map(Vec::len),
+        Some(5),
+        "the old links were replaced, not added to"
+    );
+    // Counters live in pinned maps: they survived the restart.
+    assert_eq!(d2.counter("redirected"), 4);
+}
+
+#[test]
+fn fail_open_is_explicit_and_bypasses_when_down() {
+    let w = world("fail_mode = \"open\"", &[]);
+    let target = w.echo.addr4().to_string();
+    let mut d = Daemon::start(&w.config);
+    let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
+    assert_intercepted(&w, &d, &r, 10);
+    assert_eq!(
+        d.status()["kernel"]["pinned_links"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    d.kill9();
+    let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
+    assert_eq!(
+        r["ok"], true,
+        "fail-open: direct while the daemon is down: {r}"
+    );
+    assert!(w.echo.saw_peer(s(&r["local"])));
+}
+
+#[test]
+fn a_thousand_concurrent_connections_each_echo_64k() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["many", &w.echo.addr4().to_string(), "1000", "65536"],
+    );
+    assert_eq!(r["ok"], 1000, "{r}");
+    assert_eq!(r["bytes"].as_u64(), Some(1000 * 65536), "{r}");
+    // Every connection closed and was recorded with its bytes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records: Vec<Value> = d.logs.all().into_iter().filter(is_connection).collect();
+        if records.len() == 1000 {
+            assert!(
+                records
+                    .iter()
+                    .all(|r| r["bytes.up"] == 65536 && r["bytes.down"] == 65536)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} records", records.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = d.status();
+    assert_eq!(
+        st["kernel"]["in_flight"], 0,
+        "no connection entry may remain: {st}"
+    );
+    assert_eq!(d.counter("tracked"), 1000);
+    assert_eq!(d.counter("redirected"), 1000);
+    assert_eq!(d.counter("errors"), 0);
+    assert_eq!(st["proxy"]["active"], 0);
+}
+
+#[test]
+fn a_foreign_network_namespace_is_refused_not_rewritten() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    // Inside its own network namespace the agent's loopback is not the proxy's.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "/bin/sh", "-c"]).arg(format!(
+        "ip link set lo up && exec '{}' connect {} 10",
+        workspace_bin("pc-probe").display(),
+        w.echo.addr4()
+    ));
+    let r = run_json(&w.env, &w.agent, None, cmd);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(
+        r["errno"],
+        libc::EPERM,
+        "refused by the program, not rewritten: {r}"
+    );
+    assert_eq!(d.counter("refused_netns"), 1);
+    assert_eq!(d.counter("redirected"), 0);
+}
+
+#[test]
+fn entries_of_connections_never_accepted_are_removed_on_close() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    // With the daemon frozen, the kernel completes the handshake (the connection waits in
+    // the listen backlog) but nobody takes the entry. The client then resets: its socket
+    // reaches TCP_CLOSE and the sock_ops program must remove the entry itself.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGSTOP) };
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["reset", &w.echo.addr4().to_string()],
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGCONT) };
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(d.counter("tracked"), 1);
+    assert_eq!(
+        d.counter("removed_on_close"),
+        1,
+        "the kernel removed the orphan entry"
+    );
+    assert_eq!(d.status()["kernel"]["in_flight"], 0);
+    // The proxy then accepts the dead connection, finds no origin and drops it.
+    d.logs
+        .wait_for("a no_origin refusal", Duration::from_secs(5), |v| {
+            v["reason"] == "no_origin"
+        });
+}
