@@ -447,10 +447,8 @@ fn protected_agent() -> Option<AgentRef> {
 pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
     match ops_field!(ctx, op) {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ops_field!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
-                on_close(&ctx);
-            }
+        BPF_SOCK_OPS_STATE_CB if ops_field!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
+            on_close(&ctx);
         }
         _ => {}
     }

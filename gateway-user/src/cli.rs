@@ -108,7 +108,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(LogFormatArg::Text) => LogFormat::Text,
                 None => cfg.log.format,
             };
-            telemetry::init(&cfg.log.level, format);
+            let _log_guard = telemetry::init(&cfg.log.level, format);
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
                 config = %cfg.path.as_ref().map_or_else(|| "<embedded default>".into(), |p| p.display().to_string()),

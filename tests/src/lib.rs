@@ -280,13 +280,12 @@ pub fn in_cgroup(cmd: &mut Command, cgroup_dir: &Path, uid: Option<u32>) {
             if n != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(uid) = uid {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some(uid) = uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

@@ -11,9 +11,12 @@ use std::{
     collections::HashMap,
     fs,
     io::Read as _,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Mutex,
 };
+
+use nix::{fcntl::OFlag, sys::stat::Mode};
 
 use gateway_common::Origin;
 use serde::Serialize;
@@ -101,31 +104,29 @@ impl Resolver {
 
     pub fn resolve(&self, origin: &Origin) -> Identity {
         let pid = origin.tgid;
-        let dir = self.proc_root.join(pid.to_string());
-        let before = read_start_ticks(&dir);
-        let mut state = match before {
+        // Every read goes through one directory fd: it stays bound to the process instance
+        // it was opened for, so if that process exits and its pid is reused, later reads
+        // fail instead of describing a stranger. One start-time check then covers all reads.
+        let dir = ProcDir::open(&self.proc_root, pid);
+        let start = dir.as_ref().and_then(ProcDir::start_ticks);
+        let state = match start {
             None => ProcessState::Exited,
             Some(t) if t.saturating_mul(self.ns_per_tick) > origin.boot_ns => {
                 ProcessState::PidReused
             }
             Some(_) => ProcessState::Verified,
         };
-        let (mut exe, mut cmdline, mut proc_cgroup) = (None, Vec::new(), None);
-        if state == ProcessState::Verified {
-            exe = fs::read_link(dir.join("exe"))
-                .ok()
-                .map(|p| strip_deleted(&p));
-            cmdline = read_cmdline(&dir.join("cmdline"));
-            proc_cgroup = fs::read_to_string(dir.join("cgroup"))
-                .ok()
-                .and_then(|t| cgroup::parse_proc_cgroup(&t));
-            // The pid changed hands while we were reading: drop what we read.
-            if read_start_ticks(&dir) != before {
-                state = ProcessState::PidReused;
-                (exe, cmdline, proc_cgroup) = (None, Vec::new(), None);
+        let (mut exe, mut cmdline) = (None, Vec::new());
+        let mut cgroup = self.cached_cgroup(origin.cgroup_id);
+        if let (ProcessState::Verified, Some(dir)) = (state, &dir) {
+            exe = dir.exe();
+            cmdline = dir.cmdline();
+            if cgroup.is_none() {
+                cgroup = self.lookup_cgroup(origin.cgroup_id, dir.cgroup().as_deref());
             }
+        } else if cgroup.is_none() {
+            cgroup = self.lookup_cgroup(origin.cgroup_id, None);
         }
-        let cgroup = self.cgroup_path(origin.cgroup_id, proc_cgroup.as_deref());
         let cgroup_info = cgroup.as_deref().map(cgroup::describe).unwrap_or_default();
         Identity {
             pid,
@@ -157,17 +158,18 @@ impl Resolver {
         name
     }
 
-    /// The cgroup path for the kernel's cgroup id: by id (cached; ids are never reused),
-    /// or from `/proc` when that path still has the same id.
-    fn cgroup_path(&self, id: u64, from_proc: Option<&str>) -> Option<String> {
-        if let Some(hit) = self
-            .cgroups
+    fn cached_cgroup(&self, id: u64) -> Option<String> {
+        self.cgroups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
-        {
-            return Some(hit.clone());
-        }
+            .cloned()
+    }
+
+    /// The cgroup path for the kernel's cgroup id: by file handle, or from `/proc` when that
+    /// path still has the same id (the process may have moved since it connected). Cached:
+    /// cgroup ids are never reused.
+    fn lookup_cgroup(&self, id: u64, from_proc: Option<&str>) -> Option<String> {
         let h = self.hierarchy.as_ref()?;
         let found = h.path_of_id(id).or_else(|| {
             let p = from_proc?;
@@ -182,31 +184,70 @@ impl Resolver {
     }
 }
 
+/// `/proc/PID`, opened once.
+struct ProcDir(OwnedFd);
+
+impl ProcDir {
+    fn open(proc_root: &Path, pid: u32) -> Option<Self> {
+        let path = proc_root.join(pid.to_string());
+        nix::fcntl::open(
+            &path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        .map(Self)
+    }
+
+    /// Reads a file below the directory, at most `max` bytes.
+    fn read(&self, name: &str, max: usize) -> Option<Vec<u8>> {
+        let fd = nix::fcntl::openat(
+            &self.0,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut f = fs::File::from(fd);
+        let mut buf = Vec::with_capacity(512);
+        (&mut f).take(max as u64).read_to_end(&mut buf).ok()?;
+        Some(buf)
+    }
+
+    fn start_ticks(&self) -> Option<u64> {
+        let stat = self.read("stat", 4096)?;
+        parse_start_ticks(&String::from_utf8_lossy(&stat))
+    }
+
+    fn exe(&self) -> Option<PathBuf> {
+        nix::fcntl::readlinkat(&self.0, "exe")
+            .ok()
+            .map(|p| strip_deleted(Path::new(&p)))
+    }
+
+    fn cmdline(&self) -> Vec<String> {
+        self.read("cmdline", CMDLINE_MAX)
+            .map(|buf| {
+                buf.split(|&b| b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn cgroup(&self) -> Option<String> {
+        let text = self.read("cgroup", 64 * 1024)?;
+        cgroup::parse_proc_cgroup(&String::from_utf8_lossy(&text))
+    }
+}
+
 /// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot. The command name
 /// (field 2) may contain spaces and parentheses, so fields are counted after the last `)`.
 pub fn parse_start_ticks(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     // After ")" come fields 3.. ; field 22 is the 20th of them.
     after.split_ascii_whitespace().nth(19)?.parse().ok()
-}
-
-fn read_start_ticks(dir: &Path) -> Option<u64> {
-    let text = fs::read_to_string(dir.join("stat")).ok()?;
-    parse_start_ticks(&text)
-}
-
-fn read_cmdline(path: &Path) -> Vec<String> {
-    let Ok(f) = fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut buf = Vec::with_capacity(256);
-    if f.take(CMDLINE_MAX as u64).read_to_end(&mut buf).is_err() {
-        return Vec::new();
-    }
-    buf.split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
 }
 
 /// `/proc/PID/exe` of a deleted binary reads `/path (deleted)`.

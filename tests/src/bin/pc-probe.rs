@@ -8,6 +8,8 @@
 //!                                        writing its JSON to OUTFILE
 //! pc-probe rename NAME ...               prctl(PR_SET_NAME) then the rest
 //! pc-probe many ADDR CONNS BYTES         CONNS concurrent connections echo BYTES each
+//! pc-probe rate ADDR SECS CONC           connect, 1-byte echo, close, in CONC loops for SECS
+//! pc-probe latency ADDR COUNT            COUNT 1-byte round trips on one connection
 //! ```
 //! Only loopback addresses are accepted (the tests' network rule).
 
@@ -160,6 +162,64 @@ fn many(addr: &str, conns: usize, bytes: usize) -> Value {
     })
 }
 
+/// Connections per second: each loop connects, echoes one byte, closes.
+fn rate(addr: &str, secs: f64, conc: usize) -> Value {
+    let a = loopback(addr);
+    let until = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let threads: Vec<_> = (0..conc)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut done, mut failed) = (0u64, 0u64);
+                while std::time::Instant::now() < until {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect(a)?;
+                        s.set_nodelay(true)?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    })();
+                    if ok.is_ok() {
+                        done += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    let (mut done, mut failed) = (0, 0);
+    for t in threads {
+        let (d, f) = t.join().expect("thread");
+        done += d;
+        failed += f;
+    }
+    json!({"per_sec": done as f64 / secs, "done": done, "failed": failed})
+}
+
+/// 1-byte request/response round trips on one open connection, in microseconds.
+fn latency(addr: &str, count: usize) -> Value {
+    let a = loopback(addr);
+    let mut s = TcpStream::connect(a).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let mut b = [0u8; 1];
+    for _ in 0..1000 {
+        s.write_all(b"x").expect("write");
+        s.read_exact(&mut b).expect("read");
+    }
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = std::time::Instant::now();
+        s.write_all(b"x").expect("write");
+        s.read_exact(&mut b).expect("read");
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let q = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    json!({"p50_us": q(0.50), "p99_us": q(0.99), "mean_us": samples.iter().sum::<f64>() / samples.len() as f64})
+}
+
 fn run(args: &[String]) -> Value {
     match args.first().map(String::as_str) {
         Some("connect") => {
@@ -167,6 +227,12 @@ fn run(args: &[String]) -> Value {
             connect(&args[1], bytes)
         }
         Some("reset") => reset(&args[1]),
+        Some("rate") => rate(
+            &args[1],
+            args[2].parse().expect("SECS"),
+            args[3].parse().expect("CONC"),
+        ),
+        Some("latency") => latency(&args[1], args[2].parse().expect("COUNT")),
         Some("many") => many(
             &args[1],
             args[2].parse().expect("CONNS"),
