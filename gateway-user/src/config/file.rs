@@ -20,6 +20,8 @@ pub struct ConfigFile {
     pub admin: AdminSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub policy: PolicySection,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
     #[serde(default, rename = "target")]
@@ -161,6 +163,65 @@ fn default_level() -> String {
 }
 fn default_format() -> LogFormat {
     LogFormat::Text
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Directory of policy files (every `*.toml`, in name order). Absent: the policies
+    /// shipped in the binary (the repository's `policies/`).
+    pub dir: Option<Spanned<PathBuf>>,
+    /// Verdict for requests no rule decides: `allow`, `deny` or `require_approval`.
+    #[serde(default = "default_policy_default")]
+    pub default: Spanned<String>,
+    /// Verdict for SQL that cannot be classified: `deny` or `require_approval`.
+    #[serde(default = "default_on_parse_error")]
+    pub on_parse_error: Spanned<String>,
+    /// Approver groups for `require_approval` rules that name none.
+    #[serde(default = "default_approvers")]
+    pub approvers: Vec<String>,
+    /// How long a held request waits for a decision, unless its rule says otherwise.
+    #[serde(default = "default_approval_timeout")]
+    pub approval_timeout: Duration,
+    /// How often the policy directory is checked for changes.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval: Duration,
+    /// Decisions kept in the cache (statement text and identity class).
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            default: default_policy_default(),
+            on_parse_error: default_on_parse_error(),
+            approvers: default_approvers(),
+            approval_timeout: default_approval_timeout(),
+            watch_interval: default_watch_interval(),
+            cache_entries: default_cache_entries(),
+        }
+    }
+}
+
+fn default_policy_default() -> Spanned<String> {
+    unspanned("allow".to_owned())
+}
+fn default_on_parse_error() -> Spanned<String> {
+    unspanned("deny".to_owned())
+}
+fn default_approvers() -> Vec<String> {
+    vec!["portcullis-approvers".to_owned()]
+}
+fn default_approval_timeout() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_cache_entries() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]

@@ -116,8 +116,22 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub policy: PolicyConfig,
     pub agents: Vec<Agent>,
     pub targets: Vec<Target>,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// `None`: the shipped policies compiled into the binary.
+    pub dir: Option<PathBuf>,
+    pub default: crate::policy::Verdict,
+    pub on_parse_error: crate::policy::Verdict,
+    pub approvers: Vec<String>,
+    pub approval_timeout: Duration,
+    pub watch_interval: Duration,
+    pub cache_entries: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -363,6 +377,40 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         c.at(&raw.ebpf.pin_path, "`pin_path` must be absolute");
     }
 
+    // [policy]
+    let verdict = |s: &str| match s {
+        "allow" => Some(crate::policy::Verdict::Allow),
+        "deny" => Some(crate::policy::Verdict::Deny),
+        "require_approval" => Some(crate::policy::Verdict::RequireApproval),
+        _ => None,
+    };
+    let policy_default = verdict(raw.policy.default.get_ref()).unwrap_or_else(|| {
+        c.at(
+            &raw.policy.default,
+            "`default` is `allow`, `deny` or `require_approval`",
+        );
+        crate::policy::Verdict::Deny
+    });
+    let on_parse_error = match verdict(raw.policy.on_parse_error.get_ref()) {
+        Some(v @ (crate::policy::Verdict::Deny | crate::policy::Verdict::RequireApproval)) => v,
+        _ => {
+            c.at(
+                &raw.policy.on_parse_error,
+                "`on_parse_error` is `deny` or `require_approval`: SQL that cannot be \
+                 classified never passes unseen",
+            );
+            crate::policy::Verdict::Deny
+        }
+    };
+    let policy_dir = raw.policy.dir.as_ref().map(|d| {
+        let p = d.get_ref();
+        // Relative to the configuration file.
+        match (&src.path.parent(), p.is_relative()) {
+            (Some(base), true) if src.path.exists() => base.join(p),
+            _ => p.clone(),
+        }
+    });
+
     // [[agent]]
     let mut agents = Vec::new();
     let mut seen = HashMap::new();
@@ -530,6 +578,15 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
+        },
+        policy: PolicyConfig {
+            dir: policy_dir,
+            default: policy_default,
+            on_parse_error,
+            approvers: raw.policy.approvers,
+            approval_timeout: raw.policy.approval_timeout,
+            watch_interval: raw.policy.watch_interval,
+            cache_entries: raw.policy.cache_entries,
         },
         agents,
         targets,

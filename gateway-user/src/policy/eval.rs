@@ -1,0 +1,229 @@
+//! Evaluation: a pure function of (policy set, request) → decision, no I/O.
+//!
+//! Every rule that applies to the request (who, where) and matches a statement (what)
+//! contributes its action; the most restrictive verdict wins (deny > require_approval >
+//! mask > allow), ties go to the earlier rule, and the decision names the rule. A statement
+//! no rule decides gets the configured default. A message with several statements is
+//! judged as a whole: its verdict is the most restrictive of its statements'. SQL that
+//! cannot be classified gets `on_parse_error` (never less restrictive than what its
+//! classified statements got).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use super::{
+    glob,
+    model::{
+        Action, DEFAULT_RULE, DangerMatch, Decision, IdentityMatch, MaskSpec, Operation,
+        PARSE_ERROR_RULE, Request, Rule, SqlMatch, Subject, Verdict, kind_matches,
+    },
+    sql::StatementClass,
+};
+
+/// A loaded, validated set of rules with its defaults.
+#[derive(Clone, Debug)]
+pub struct PolicySet {
+    pub rules: Vec<Rule>,
+    pub default: Verdict,
+    pub on_parse_error: Verdict,
+    pub approvers: Vec<String>,
+    pub approval_timeout: Duration,
+    /// Files the rules came from, for status and explain.
+    pub sources: Vec<PathBuf>,
+}
+
+fn any_glob(patterns: &[String], value: &str) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| glob::matches(p, value))
+}
+
+fn identity_matches(m: &IdentityMatch, s: &Subject) -> bool {
+    let opt = |patterns: &[String], v: &Option<String>| {
+        patterns.is_empty()
+            || v.as_deref()
+                .is_some_and(|v| patterns.iter().any(|p| glob::matches(p, v)))
+    };
+    opt(&m.users, &s.user)
+        && (m.uids.is_empty() || m.uids.contains(&s.uid))
+        && opt(&m.units, &s.unit)
+        && opt(&m.exes, &s.exe)
+        && opt(&m.cgroups, &s.cgroup)
+        && (m.groups.is_empty()
+            || m.groups
+                .iter()
+                .any(|g| s.groups.iter().any(|h| glob::matches(g, h))))
+}
+
+/// Who and where.
+fn applies(rule: &Rule, req: &Request<'_>) -> bool {
+    any_glob(&rule.agents, &req.subject.agent)
+        && any_glob(&rule.targets, req.target)
+        && (rule.protocols.is_empty() || rule.protocols.iter().any(|p| p == req.protocol))
+        && identity_matches(&rule.identity, req.subject)
+}
+
+/// What, for one SQL statement.
+pub fn sql_matches(m: &SqlMatch, s: &StatementClass) -> bool {
+    let tables_any =
+        |patterns: &[String], tables: &mut dyn Iterator<Item = &super::sql::TableName>| {
+            let v: Vec<_> = tables.collect();
+            patterns.is_empty()
+                || patterns
+                    .iter()
+                    .any(|p| v.iter().any(|t| t.matches_pattern(p)))
+        };
+    (m.kinds.is_empty()
+        || m.kinds
+            .iter()
+            .any(|p| s.kinds.iter().any(|k| kind_matches(p, *k, s.dynamic_sql))))
+        && tables_any(
+            &m.tables,
+            &mut s.tables_read.iter().chain(&s.tables_written),
+        )
+        && tables_any(&m.tables_read, &mut s.tables_read.iter())
+        && tables_any(&m.tables_written, &mut s.tables_written.iter())
+        && (m.functions.is_empty()
+            || m.functions
+                .iter()
+                .any(|p| s.functions.iter().any(|f| glob::matches(p, f))))
+        && match &m.dangerous_functions {
+            None => true,
+            Some(DangerMatch::Any(want)) => s.dangerous.is_empty() != *want,
+            Some(DangerMatch::Categories(cats)) => {
+                s.dangerous.iter().any(|(_, d)| cats.contains(d))
+            }
+        }
+        && m.missing_where.is_none_or(|w| w == s.missing_where)
+        && m.dynamic_sql.is_none_or(|d| d == s.dynamic_sql)
+}
+
+/// The deciding candidate so far: verdict and the rule (index) or a pseudo-rule.
+#[derive(Clone, Copy)]
+enum Decider {
+    Rule(usize),
+    Default,
+    ParseError,
+    Empty,
+}
+
+pub fn evaluate(set: &PolicySet, req: &Request<'_>) -> Decision {
+    let applicable: Vec<usize> = set
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| applies(r, req))
+        .map(|(i, _)| i)
+        .collect();
+    let mut best: Option<(Verdict, Decider)> = None;
+    let mut matched: Vec<usize> = Vec::new();
+    let mut masks: Vec<Arc<MaskSpec>> = Vec::new();
+    let mut audit: Vec<String> = Vec::new();
+    let consider = |v: Verdict, d: Decider, best: &mut Option<(Verdict, Decider)>| {
+        // Strictly more restrictive replaces: ties keep the earlier decider.
+        if best.is_none_or(|(bv, _)| v > bv) {
+            *best = Some((v, d));
+        }
+    };
+    let Operation::Sql(c) = req.operation;
+    for stmt in &c.statements {
+        let mut stmt_best: Option<(Verdict, Decider)> = None;
+        for &i in &applicable {
+            let rule = &set.rules[i];
+            if !rule.sql.as_ref().is_none_or(|m| sql_matches(m, stmt)) {
+                continue;
+            }
+            if !matched.contains(&i) {
+                matched.push(i);
+            }
+            match &rule.action {
+                Action::Audit => {
+                    if !audit.contains(&rule.id) {
+                        audit.push(rule.id.clone());
+                    }
+                }
+                action => {
+                    if let Action::Mask(m) = action
+                        && !masks.iter().any(|x| Arc::ptr_eq(x, m))
+                    {
+                        masks.push(m.clone());
+                    }
+                    if let Some(v) = action.verdict() {
+                        consider(v, Decider::Rule(i), &mut stmt_best);
+                    }
+                }
+            }
+        }
+        let (v, d) = stmt_best.unwrap_or((set.default, Decider::Default));
+        consider(v, d, &mut best);
+    }
+    if c.error.is_some() {
+        consider(set.on_parse_error, Decider::ParseError, &mut best);
+    }
+    let (verdict, decider) = best.unwrap_or((Verdict::Allow, Decider::Empty));
+    let matched_ids: Vec<String> = matched.iter().map(|&i| set.rules[i].id.clone()).collect();
+    let mut d = Decision {
+        verdict,
+        rule: String::new(),
+        message: None,
+        approvers: Vec::new(),
+        approval_timeout_secs: None,
+        masks: if verdict == Verdict::Deny {
+            Vec::new()
+        } else {
+            masks
+        },
+        audit,
+        matched: matched_ids,
+    };
+    let approval = |d: &mut Decision, approvers: &[String], timeout: Duration| {
+        d.approvers = approvers.to_vec();
+        d.approval_timeout_secs = Some(timeout.as_secs());
+    };
+    match decider {
+        Decider::Rule(i) => {
+            let r = &set.rules[i];
+            d.rule = r.id.clone();
+            match &r.action {
+                Action::Deny { message } => d.message = Some(message.clone()),
+                Action::RequireApproval {
+                    approvers,
+                    timeout,
+                    message,
+                } => {
+                    d.message = Some(message.clone());
+                    approval(&mut d, approvers, *timeout);
+                }
+                _ => {}
+            }
+        }
+        Decider::Default => {
+            d.rule = DEFAULT_RULE.to_owned();
+            match verdict {
+                Verdict::Deny => {
+                    d.message = Some("no policy rule allows this (the default is deny)".into());
+                }
+                Verdict::RequireApproval => {
+                    d.message = Some(
+                        "no policy rule decides this; the default holds it for approval".into(),
+                    );
+                    approval(&mut d, &set.approvers, set.approval_timeout);
+                }
+                _ => {}
+            }
+        }
+        Decider::ParseError => {
+            d.rule = PARSE_ERROR_RULE.to_owned();
+            let why = c
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            d.message = Some(format!(
+                "{why}; SQL that cannot be classified does not pass unreviewed"
+            ));
+            if verdict == Verdict::RequireApproval {
+                approval(&mut d, &set.approvers, set.approval_timeout);
+            }
+        }
+        Decider::Empty => d.rule = "empty".to_owned(),
+    }
+    d
+}

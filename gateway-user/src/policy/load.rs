@@ -1,0 +1,559 @@
+//! Loading policy files into a [`PolicySet`]: parse every file, validate every rule, report
+//! every problem with its file, line and column, and warn about rules that can never
+//! decide anything because an earlier one covers them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use toml::Spanned;
+
+use super::{
+    eval::PolicySet,
+    file::{DangerEntry, PolicyFile, RuleEntry},
+    glob,
+    model::{
+        Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, Rule, SqlMatch, Strategy,
+        Unresolved, Verdict,
+    },
+    sql::{Danger, kind},
+};
+use crate::config::{Config, Diagnostic, Source};
+
+/// The policies shipped with Portcullis (the repository's `policies/`), compiled in: used
+/// when `[policy].dir` is not set.
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "10-deny-destructive.toml",
+        include_str!("../../../policies/10-deny-destructive.toml"),
+    ),
+    (
+        "20-require-approval.toml",
+        include_str!("../../../policies/20-require-approval.toml"),
+    ),
+    (
+        "30-mask-pii.toml",
+        include_str!("../../../policies/30-mask-pii.toml"),
+    ),
+];
+
+/// Protocol names rules may use: the engines that exist and those planned, so that policy
+/// files written ahead of an engine stay valid.
+pub const PROTOCOLS: [&str; 7] = [
+    "tcp",
+    "postgres",
+    "mysql",
+    "kubernetes",
+    "http",
+    "redis",
+    "ssh",
+];
+
+/// Problems found: errors reject the set; warnings (shadowed rules) do not.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Report {
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// The files a configuration's policies come from: `(display path, text)`.
+pub fn sources(cfg: &Config) -> Result<Vec<Source>, Diagnostic> {
+    match &cfg.policy.dir {
+        None => Ok(BUILTIN
+            .iter()
+            .map(|(name, text)| Source::new(format!("<builtin>/{name}"), *text))
+            .collect()),
+        Some(dir) => read_dir(dir),
+    }
+}
+
+/// Every `*.toml` in `dir`, or `dir` itself when it is a file, in name order.
+pub fn read_dir(dir: &Path) -> Result<Vec<Source>, Diagnostic> {
+    let err = |message: String| Diagnostic {
+        location: None,
+        path: dir.to_owned(),
+        message,
+    };
+    let paths: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_owned()]
+    } else {
+        let rd = std::fs::read_dir(dir).map_err(|e| {
+            err(format!(
+                "cannot read the policy directory: {e} (set [policy].dir, or remove it to use \
+                 the shipped policies)"
+            ))
+        })?;
+        let mut v: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        v.sort();
+        v
+    };
+    paths
+        .into_iter()
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map(|text| Source::new(&p, text))
+                .map_err(|e| Diagnostic {
+                    location: None,
+                    path: p.clone(),
+                    message: format!("cannot read: {e}"),
+                })
+        })
+        .collect()
+}
+
+struct Ctx<'a> {
+    src: &'a Source,
+    report: &'a mut Report,
+    cfg: Option<&'a Config>,
+}
+
+impl Ctx<'_> {
+    fn err_span(&mut self, span: std::ops::Range<usize>, msg: impl Into<String>) {
+        self.report.errors.push(Diagnostic {
+            location: (!span.is_empty()).then(|| self.src.locate(&span)),
+            path: self.src.path.clone(),
+            message: msg.into(),
+        });
+    }
+    fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
+        self.err_span(at.span(), msg);
+    }
+}
+
+/// Parses and validates policy files. `cfg` (when given) supplies the agent and target names
+/// rules may refer to and the defaults.
+pub fn load(sources: &[Source], cfg: &Config) -> (Option<PolicySet>, Report) {
+    let mut report = Report::default();
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut ids: HashMap<String, String> = HashMap::new();
+    for src in sources {
+        let file: PolicyFile = match toml::from_str(&src.text) {
+            Ok(f) => f,
+            Err(e) => {
+                report.errors.push(Diagnostic {
+                    location: e.span().map(|s| src.locate(&s)),
+                    path: src.path.clone(),
+                    message: e.message().trim().to_owned(),
+                });
+                continue;
+            }
+        };
+        let mut ctx = Ctx {
+            src,
+            report: &mut report,
+            cfg: Some(cfg),
+        };
+        for entry in &file.rules {
+            let at = ctx.src.locate(&entry.span());
+            let e = entry.get_ref();
+            if let Some(first) = ids.insert(e.id.get_ref().clone(), at.to_string()) {
+                ctx.err(
+                    &e.id,
+                    format!("rule `{}` is already defined at {first}", e.id.get_ref()),
+                );
+            }
+            if let Some(rule) = compile(&mut ctx, e, at) {
+                rules.push(rule);
+            }
+        }
+    }
+    shadowing(&rules, &mut report);
+    if !report.is_ok() {
+        return (None, report);
+    }
+    let set = PolicySet {
+        rules,
+        default: cfg.policy.default,
+        on_parse_error: cfg.policy.on_parse_error,
+        approvers: cfg.policy.approvers.clone(),
+        approval_timeout: cfg.policy.approval_timeout.get(),
+        sources: sources.iter().map(|s| s.path.clone()).collect(),
+    };
+    (Some(set), report)
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn names(v: &[Spanned<String>]) -> Vec<String> {
+    v.iter().map(|s| s.get_ref().clone()).collect()
+}
+
+fn compile(ctx: &mut Ctx<'_>, e: &RuleEntry, source: crate::config::Location) -> Option<Rule> {
+    let errors_before = ctx.report.errors.len();
+    let id = e.id.get_ref().clone();
+    if !is_id(&id) {
+        ctx.err(
+            &e.id,
+            format!("rule id `{id}`: use letters, digits, `-`, `_`, `.`"),
+        );
+    }
+    // Who and where: literal names must exist, or the rule silently never applies.
+    if let Some(cfg) = ctx.cfg {
+        for a in &e.agents {
+            let n = a.get_ref();
+            if !glob::has_wildcards(n) && cfg.agent(n).is_none() {
+                ctx.err(a, format!("no agent named `{n}` in the configuration"));
+            }
+        }
+        for t in &e.targets {
+            let n = t.get_ref();
+            if !glob::has_wildcards(n) && cfg.target(n).is_none() {
+                ctx.err(t, format!("no target named `{n}` in the configuration"));
+            }
+        }
+    }
+    for p in &e.protocols {
+        if !PROTOCOLS.contains(&p.get_ref().as_str()) {
+            ctx.err(
+                p,
+                format!(
+                    "unknown protocol `{}`; one of {}",
+                    p.get_ref(),
+                    PROTOCOLS.join(", ")
+                ),
+            );
+        }
+    }
+    let identity = e
+        .identity
+        .as_ref()
+        .map(|i| IdentityMatch {
+            users: i.users.clone(),
+            uids: i.uids.clone(),
+            units: i.units.clone(),
+            exes: i.exes.clone(),
+            cgroups: i.cgroups.clone(),
+            groups: i.groups.clone(),
+        })
+        .unwrap_or_default();
+    let sql = e.sql.as_ref().map(|s| compile_sql(ctx, s));
+    let action = compile_action(ctx, e, &id);
+    if ctx.report.errors.len() > errors_before {
+        return None;
+    }
+    Some(Rule {
+        id,
+        description: e.description.clone(),
+        source,
+        agents: names(&e.agents),
+        identity,
+        targets: names(&e.targets),
+        protocols: names(&e.protocols),
+        sql,
+        action: action?,
+    })
+}
+
+fn compile_sql(ctx: &mut Ctx<'_>, s: &Spanned<crate::policy::file::SqlEntry>) -> SqlMatch {
+    let e = s.get_ref();
+    let all = kind::all_kind_names();
+    for k in &e.kinds {
+        let k_s = k.get_ref();
+        let ok = match k_s.strip_prefix('@') {
+            Some(g) => kind::Kind::GROUPS.contains(&g),
+            None => all.iter().any(|n| glob::matches(k_s, n)),
+        };
+        if !ok {
+            ctx.err(
+                k,
+                format!(
+                    "`{k_s}` names no statement kind (kinds: select, insert, update, delete, \
+                     drop_table, ...; groups: @{})",
+                    kind::Kind::GROUPS.join(", @")
+                ),
+            );
+        }
+    }
+    for t in e
+        .tables
+        .iter()
+        .chain(&e.tables_read)
+        .chain(&e.tables_written)
+    {
+        let parts = t.get_ref().split('.').count();
+        if !(1..=2).contains(&parts) || t.get_ref().split('.').any(str::is_empty) {
+            ctx.err(
+                t,
+                format!("`{}` is not `table` or `schema.table`", t.get_ref()),
+            );
+        }
+    }
+    let dangerous_functions = e.dangerous_functions.as_ref().map(|d| match d.get_ref() {
+        DangerEntry::Flag(b) => DangerMatch::Any(*b),
+        DangerEntry::Categories(list) => {
+            let mut out = Vec::new();
+            for c in list {
+                match Danger::parse(c) {
+                    Some(x) => out.push(x),
+                    None => ctx.err(
+                        d,
+                        format!(
+                            "unknown function category `{c}`; one of {}",
+                            Danger::ALL.map(|d| d.as_str()).join(", ")
+                        ),
+                    ),
+                }
+            }
+            DangerMatch::Categories(out)
+        }
+    });
+    let m = SqlMatch {
+        kinds: names(&e.kinds),
+        tables: names(&e.tables),
+        tables_read: names(&e.tables_read),
+        tables_written: names(&e.tables_written),
+        functions: e.functions.iter().map(|f| f.to_lowercase()).collect(),
+        dangerous_functions,
+        missing_where: e.missing_where,
+        dynamic_sql: e.dynamic_sql,
+    };
+    if m == SqlMatch::default() {
+        ctx.err(
+            s,
+            "an empty `sql` table matches everything; remove it or add a condition",
+        );
+    }
+    m
+}
+
+fn compile_action(ctx: &mut Ctx<'_>, e: &RuleEntry, id: &str) -> Option<Action> {
+    let name = e.action.get_ref().as_str();
+    let only = |ctx: &mut Ctx<'_>,
+                what: &str,
+                present: Option<std::ops::Range<usize>>,
+                allowed: &[&str]| {
+        if let Some(span) = present
+            && !allowed.contains(&name)
+        {
+            ctx.err_span(
+                span,
+                format!(
+                    "`{what}` is for {} rules, not `{name}`",
+                    allowed.join(" and ")
+                ),
+            );
+        }
+    };
+    only(
+        ctx,
+        "message",
+        e.message.as_ref().map(Spanned::span),
+        &["deny", "require_approval"],
+    );
+    only(
+        ctx,
+        "approvers",
+        e.approvers.as_ref().map(Spanned::span),
+        &["require_approval"],
+    );
+    only(
+        ctx,
+        "timeout",
+        e.timeout.as_ref().map(Spanned::span),
+        &["require_approval"],
+    );
+    only(ctx, "mask", e.mask.as_ref().map(Spanned::span), &["mask"]);
+    let message = e.message.as_ref().map(|m| m.get_ref().clone());
+    match name {
+        "allow" => Some(Action::Allow),
+        "audit" => Some(Action::Audit),
+        "deny" => Some(Action::Deny {
+            message: message.unwrap_or_else(|| format!("denied by policy rule {id}")),
+        }),
+        "require_approval" => {
+            let cfg = ctx.cfg;
+            let approvers = e
+                .approvers
+                .as_ref()
+                .map(|a| a.get_ref().clone())
+                .or_else(|| cfg.map(|c| c.policy.approvers.clone()))
+                .unwrap_or_default();
+            if approvers.is_empty() {
+                ctx.err(&e.action, "a require_approval rule needs approver groups (`approvers`, or [policy].approvers)");
+            }
+            Some(Action::RequireApproval {
+                approvers,
+                timeout: e
+                    .timeout
+                    .as_ref()
+                    .map(|t| t.get_ref().get())
+                    .or_else(|| cfg.map(|c| c.policy.approval_timeout.get()))
+                    .unwrap_or(std::time::Duration::from_secs(900)),
+                message: message
+                    .unwrap_or_else(|| format!("held for approval by policy rule {id}")),
+            })
+        }
+        "mask" => {
+            let Some(m) = &e.mask else {
+                ctx.err(
+                    &e.action,
+                    "a mask rule needs a `mask` table (columns and/or detectors)",
+                );
+                return None;
+            };
+            compile_mask(ctx, m, id).map(|spec| Action::Mask(Arc::new(spec)))
+        }
+        other => {
+            ctx.err(
+                &e.action,
+                format!(
+                    "unknown action `{other}`; one of allow, deny, require_approval, mask, audit"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn compile_mask(
+    ctx: &mut Ctx<'_>,
+    m: &Spanned<crate::policy::file::MaskEntry>,
+    id: &str,
+) -> Option<MaskSpec> {
+    let e = m.get_ref();
+    if e.columns.is_empty() && e.detectors.is_empty() {
+        ctx.err(m, "a mask needs `columns` and/or `detectors`");
+    }
+    for c in &e.columns {
+        let n = c.get_ref().split('.').count();
+        if !(2..=3).contains(&n) || c.get_ref().split('.').any(str::is_empty) {
+            ctx.err(
+                c,
+                format!(
+                    "`{}` is not `table.column` or `schema.table.column`",
+                    c.get_ref()
+                ),
+            );
+        }
+    }
+    for d in &e.detectors {
+        if !DETECTORS.contains(&d.get_ref().as_str()) {
+            ctx.err(
+                d,
+                format!(
+                    "unknown detector `{}`; one of {}",
+                    d.get_ref(),
+                    DETECTORS.join(", ")
+                ),
+            );
+        }
+    }
+    let strategy = match e.strategy.get_ref().as_str() {
+        "redact" => Strategy::Redact {
+            text: e.text.clone(),
+        },
+        "partial" => Strategy::Partial {
+            keep: e.keep.unwrap_or(4),
+        },
+        "hash" => Strategy::Hash,
+        "null" => Strategy::Null,
+        other => {
+            ctx.err(
+                &e.strategy,
+                format!("unknown strategy `{other}`; one of redact, partial, hash, null"),
+            );
+            return None;
+        }
+    };
+    let unresolved = match e.unresolved.as_ref().map(|u| u.get_ref().as_str()) {
+        None | Some("mask_all") => Unresolved::MaskAll,
+        Some("deny") => Unresolved::Deny,
+        Some(other) => {
+            if let Some(u) = &e.unresolved {
+                ctx.err(
+                    u,
+                    format!("`unresolved` is `mask_all` or `deny`, not `{other}`"),
+                );
+            }
+            return None;
+        }
+    };
+    Some(MaskSpec {
+        rule: id.to_owned(),
+        columns: e.columns.iter().map(|c| c.get_ref().clone()).collect(),
+        detectors: e.detectors.iter().map(|d| d.get_ref().clone()).collect(),
+        strategy,
+        unresolved,
+    })
+}
+
+/// Whether every pattern in `b` is covered by one in `a` (`a` empty = any).
+fn list_covers(a: &[String], b: &[String]) -> bool {
+    a.is_empty() || (!b.is_empty() && b.iter().all(|p| a.iter().any(|q| glob::covers(q, p))))
+}
+
+fn opt_covers<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+    a.is_none() || a == b
+}
+
+/// Whether `a` matches everything `b` matches (conservative: may say no when it does).
+fn rule_covers(a: &Rule, b: &Rule) -> bool {
+    if !(list_covers(&a.agents, &b.agents)
+        && list_covers(&a.targets, &b.targets)
+        && list_covers(&a.protocols, &b.protocols)
+        && (a.identity.is_empty() || a.identity == b.identity))
+    {
+        return false;
+    }
+    match (&a.sql, &b.sql) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(x), Some(y)) => {
+            list_covers(&x.kinds, &y.kinds)
+                && list_covers(&x.tables, &y.tables)
+                && list_covers(&x.tables_read, &y.tables_read)
+                && list_covers(&x.tables_written, &y.tables_written)
+                && list_covers(&x.functions, &y.functions)
+                && opt_covers(&x.dangerous_functions, &y.dangerous_functions)
+                && opt_covers(&x.missing_where, &y.missing_where)
+                && opt_covers(&x.dynamic_sql, &y.dynamic_sql)
+        }
+    }
+}
+
+/// A later rule never decides when an earlier one matches all it matches and is at least as
+/// restrictive (ties go to the earlier rule). Mask and audit rules add to decisions rather
+/// than decide them, so only a covering `deny` shadows those.
+fn shadowing(rules: &[Rule], report: &mut Report) {
+    for (j, b) in rules.iter().enumerate() {
+        for a in &rules[..j] {
+            let (Some(va), vb) = (a.action.verdict(), b.action.verdict()) else {
+                continue;
+            };
+            let shadows = match (&b.action, vb) {
+                (Action::Mask(_) | Action::Audit, _) => va == Verdict::Deny,
+                (_, Some(vb)) => va >= vb,
+                (_, None) => false,
+            };
+            if shadows && rule_covers(a, b) {
+                report.warnings.push(Diagnostic {
+                    location: Some(b.source.clone()),
+                    path: b.source.path.clone(),
+                    message: format!(
+                        "rule `{}` never decides anything: `{}` ({}) matches everything it \
+                         matches and is at least as restrictive",
+                        b.id, a.id, a.source
+                    ),
+                });
+                break;
+            }
+        }
+    }
+}

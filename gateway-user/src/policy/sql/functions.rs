@@ -1,0 +1,143 @@
+//! Functions with effects beyond the data an agent should touch: the shipped catalogue
+//! behind the `dangerous_functions` matcher, by category.
+//!
+//! Names are matched without schema (`pg_catalog.pg_read_file` and `pg_read_file` are the
+//! same function; a user function of the same name in another schema is flagged too, which
+//! errs on the safe side).
+
+use serde::Serialize;
+
+/// Why a function is dangerous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Danger {
+    /// Reads or writes server files, lists server directories.
+    File,
+    /// Server-side large-object import/export (files).
+    LargeObject,
+    /// Connects out from the server (dblink), possibly back to the same database.
+    Remote,
+    /// Cancels or terminates other sessions.
+    Backend,
+    /// Changes server configuration or reloads it.
+    Config,
+    /// Replication slots, WAL, backups, promotion.
+    Replication,
+    /// Statistics resets, advisory locks on others' behalf and other administration.
+    Admin,
+    /// Runs a SQL string given as an argument (dynamic SQL in disguise).
+    DynamicSql,
+    /// Holds a backend for a chosen time (denial of service).
+    Sleep,
+}
+
+impl Danger {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::LargeObject => "large_object",
+            Self::Remote => "remote",
+            Self::Backend => "backend",
+            Self::Config => "config",
+            Self::Replication => "replication",
+            Self::Admin => "admin",
+            Self::DynamicSql => "dynamic_sql",
+            Self::Sleep => "sleep",
+        }
+    }
+
+    pub const ALL: [Danger; 9] = [
+        Self::File,
+        Self::LargeObject,
+        Self::Remote,
+        Self::Backend,
+        Self::Config,
+        Self::Replication,
+        Self::Admin,
+        Self::DynamicSql,
+        Self::Sleep,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+const CATALOGUE: &[(&str, Danger)] = &[
+    ("pg_read_file", Danger::File),
+    ("pg_read_binary_file", Danger::File),
+    ("pg_stat_file", Danger::File),
+    ("pg_ls_dir", Danger::File),
+    ("pg_ls_logdir", Danger::File),
+    ("pg_ls_waldir", Danger::File),
+    ("pg_ls_tmpdir", Danger::File),
+    ("pg_ls_archive_statusdir", Danger::File),
+    ("pg_ls_logicalsnapdir", Danger::File),
+    ("pg_ls_logicalmapdir", Danger::File),
+    ("pg_ls_replslotdir", Danger::File),
+    ("pg_file_write", Danger::File),
+    ("pg_file_rename", Danger::File),
+    ("pg_file_unlink", Danger::File),
+    ("pg_file_sync", Danger::File),
+    ("pg_logdir_ls", Danger::File),
+    ("pg_current_logfile", Danger::File),
+    ("lo_import", Danger::LargeObject),
+    ("lo_export", Danger::LargeObject),
+    ("dblink", Danger::Remote),
+    ("dblink_exec", Danger::Remote),
+    ("dblink_connect", Danger::Remote),
+    ("dblink_connect_u", Danger::Remote),
+    ("dblink_send_query", Danger::Remote),
+    ("dblink_open", Danger::Remote),
+    ("dblink_fetch", Danger::Remote),
+    ("pg_terminate_backend", Danger::Backend),
+    ("pg_cancel_backend", Danger::Backend),
+    ("set_config", Danger::Config),
+    ("pg_reload_conf", Danger::Config),
+    ("pg_rotate_logfile", Danger::Config),
+    ("pg_log_backend_memory_contexts", Danger::Config),
+    ("pg_promote", Danger::Replication),
+    ("pg_switch_wal", Danger::Replication),
+    ("pg_create_restore_point", Danger::Replication),
+    ("pg_backup_start", Danger::Replication),
+    ("pg_backup_stop", Danger::Replication),
+    ("pg_start_backup", Danger::Replication),
+    ("pg_stop_backup", Danger::Replication),
+    ("pg_create_physical_replication_slot", Danger::Replication),
+    ("pg_create_logical_replication_slot", Danger::Replication),
+    ("pg_drop_replication_slot", Danger::Replication),
+    ("pg_copy_physical_replication_slot", Danger::Replication),
+    ("pg_copy_logical_replication_slot", Danger::Replication),
+    ("pg_replication_slot_advance", Danger::Replication),
+    ("pg_logical_slot_get_changes", Danger::Replication),
+    ("pg_logical_slot_peek_changes", Danger::Replication),
+    ("pg_logical_emit_message", Danger::Replication),
+    ("pg_wal_replay_pause", Danger::Replication),
+    ("pg_wal_replay_resume", Danger::Replication),
+    ("pg_stat_reset", Danger::Admin),
+    ("pg_stat_reset_shared", Danger::Admin),
+    ("pg_stat_reset_single_table_counters", Danger::Admin),
+    ("pg_stat_reset_single_function_counters", Danger::Admin),
+    ("pg_stat_reset_slru", Danger::Admin),
+    ("pg_import_system_collations", Danger::Admin),
+    ("pg_truncate_visibility_map", Danger::Admin),
+    ("query_to_xml", Danger::DynamicSql),
+    ("query_to_xmlschema", Danger::DynamicSql),
+    ("query_to_xml_and_xmlschema", Danger::DynamicSql),
+    ("pg_sleep", Danger::Sleep),
+    ("pg_sleep_for", Danger::Sleep),
+    ("pg_sleep_until", Danger::Sleep),
+];
+
+/// The danger of a function by its unqualified, lower-cased name.
+pub fn danger_of(name: &str) -> Option<Danger> {
+    CATALOGUE.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
+}
+
+/// Functions that execute SQL given as text, making the statement dynamic SQL.
+pub fn runs_sql_text(name: &str) -> bool {
+    matches!(
+        name,
+        "dblink" | "dblink_exec" | "dblink_send_query" | "dblink_open"
+    ) || danger_of(name) == Some(Danger::DynamicSql)
+}

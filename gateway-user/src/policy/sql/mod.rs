@@ -1,0 +1,835 @@
+//! SQL classification: what a message of SQL does, for the policy engine.
+//!
+//! The classifier is the security boundary: an agent will try to hide a destructive
+//! statement in comments, odd case, quoting, dollar quotes, CTEs, several statements, DO
+//! blocks or functions. So:
+//! - text is tokenized as PostgreSQL would and split into statements; each is parsed with
+//!   sqlparser's PostgreSQL dialect, and the whole tree is walked (nested queries, CTEs,
+//!   RETURNING, subqueries in expressions, PREPARE bodies, EXPLAIN ANALYZE);
+//! - a handful of statements sqlparser does not parse are recognised by their leading
+//!   keywords (`DO`, `ALTER SYSTEM`, `CHECKPOINT`, `REINDEX`, `CLUSTER`, `SECURITY LABEL`);
+//! - anything else that does not parse, or could be read two ways, is an error: the policy
+//!   decides what errors get (deny by default).
+//!
+//! Pure: no I/O, no state; `classify` takes text and lexical options and returns facts.
+
+pub mod functions;
+pub mod kind;
+pub mod lex;
+pub mod predicate;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt,
+    ops::ControlFlow,
+};
+
+use serde::Serialize;
+use sqlparser::{
+    ast::{
+        CopySource, CopyTarget, Expr, FromTable, Ident, MergeAction, ObjectName, ObjectNamePart,
+        ObjectType, Query, SetExpr, Statement, TableFactor, TableObject, Visit, Visitor,
+    },
+    dialect::PostgreSqlDialect,
+    parser::Parser,
+    tokenizer::Token,
+};
+
+pub use self::{
+    functions::Danger,
+    kind::{Kind, Object},
+    lex::LexOptions,
+};
+
+/// Deepest nesting sqlparser may recurse into (parenthesised expressions, subqueries).
+/// Measured stack use stays well inside the proxy's worker stacks; see the tests.
+pub const RECURSION_LIMIT: usize = 64;
+
+/// Why a message could not be classified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum ClassifyError {
+    #[error("SQL does not parse: {0}")]
+    Syntax(String),
+    #[error("SQL is too complex to classify: {0}")]
+    TooComplex(String),
+    #[error("SQL could be read two ways: {0}")]
+    Ambiguous(String),
+}
+
+/// A table as named in SQL: unquoted names folded to lower case, quoted ones kept; a
+/// database qualifier dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// PostgreSQL's identifier rule: unquoted folds to lower case.
+pub fn ident_name(i: &Ident) -> String {
+    match i.quote_style {
+        Some(_) => i.value.clone(),
+        None => i.value.to_lowercase(),
+    }
+}
+
+fn parts(name: &ObjectName) -> Vec<String> {
+    name.0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(i) => ident_name(i),
+            other => other.to_string().to_lowercase(),
+        })
+        .collect()
+}
+
+impl TableName {
+    pub fn from_object(name: &ObjectName) -> Self {
+        let mut p = parts(name);
+        let name = p.pop().unwrap_or_default();
+        let schema = p.pop();
+        Self { schema, name }
+    }
+}
+
+/// What one statement does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatementClass {
+    /// The statement's own kind.
+    pub kind: Kind,
+    /// Every kind it performs, including nested ones (a data-modifying CTE, the body of a
+    /// PREPARE, the statement under EXPLAIN ANALYZE).
+    pub kinds: BTreeSet<Kind>,
+    pub tables_read: BTreeSet<TableName>,
+    pub tables_written: BTreeSet<TableName>,
+    /// Functions called, unqualified, lower case.
+    pub functions: BTreeSet<String>,
+    pub dangerous: BTreeSet<(String, Danger)>,
+    /// An UPDATE, DELETE or MERGE with no WHERE, or one that is always true.
+    pub missing_where: bool,
+    /// Runs SQL that is not visible here: DO blocks, function and procedure bodies, rules,
+    /// functions that execute text.
+    pub dynamic_sql: bool,
+    /// Name of the prepared statement a PREPARE creates or an EXECUTE runs.
+    pub prepared: Option<String>,
+}
+
+impl StatementClass {
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            kinds: BTreeSet::from([kind]),
+            tables_read: BTreeSet::new(),
+            tables_written: BTreeSet::new(),
+            functions: BTreeSet::new(),
+            dangerous: BTreeSet::new(),
+            missing_where: false,
+            dynamic_sql: false,
+            prepared: None,
+        }
+    }
+}
+
+/// What a message does: its statements, or why it cannot be told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Classification {
+    pub statements: Vec<StatementClass>,
+    pub error: Option<ClassifyError>,
+}
+
+impl Classification {
+    /// Every kind in the message.
+    pub fn kinds(&self) -> BTreeSet<Kind> {
+        self.statements
+            .iter()
+            .flat_map(|s| s.kinds.iter().copied())
+            .collect()
+    }
+}
+
+/// Classifies a message (one or more statements).
+pub fn classify(sql: &str, opts: LexOptions) -> Classification {
+    let statements = match lex::split(sql, opts) {
+        Ok(s) => s,
+        Err(e) => {
+            return Classification {
+                statements: Vec::new(),
+                error: Some(e),
+            };
+        }
+    };
+    let mut out = Vec::with_capacity(statements.len());
+    for tokens in statements {
+        match classify_tokens(tokens) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                return Classification {
+                    statements: out,
+                    error: Some(e),
+                };
+            }
+        }
+    }
+    Classification {
+        statements: out,
+        error: None,
+    }
+}
+
+fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, ClassifyError> {
+    if let Some(c) = by_keyword(&tokens) {
+        return Ok(c);
+    }
+    let tokens = rewrite_table_statement(tokens);
+    let fallback = after_parse_failure(&tokens);
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect)
+        .with_recursion_limit(RECURSION_LIMIT)
+        .with_tokens_with_locations(tokens);
+    let parsed = parser
+        .parse_statement()
+        .map_err(|e| ClassifyError::Syntax(e.to_string()))
+        .and_then(|stmt| {
+            // One statement per split: anything left over was not understood.
+            let next = parser.peek_token();
+            if matches!(next.token, Token::EOF) {
+                Ok(stmt)
+            } else {
+                Err(ClassifyError::Syntax(format!(
+                    "unexpected {} after the statement",
+                    next.token
+                )))
+            }
+        });
+    match (parsed, fallback) {
+        (Ok(stmt), _) => Ok(classify_statement(&stmt)),
+        (Err(_), Some(c)) => Ok(c),
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// `TABLE name` is `SELECT * FROM name`; sqlparser does not parse the short form.
+fn rewrite_table_statement(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+    use sqlparser::{keywords::Keyword, tokenizer::Word};
+    let Some(first) = tokens.iter().position(|t| !lex::is_trivia(&t.token)) else {
+        return tokens;
+    };
+    let is_table = matches!(&tokens[first].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("table"));
+    if !is_table {
+        return tokens;
+    }
+    let span = tokens[first].span;
+    let word = |v: &str, k: Keyword| {
+        sqlparser::tokenizer::TokenWithSpan::new(
+            Token::Word(Word {
+                value: v.into(),
+                quote_style: None,
+                keyword: k,
+            }),
+            span,
+        )
+    };
+    let space = sqlparser::tokenizer::TokenWithSpan::new(
+        Token::Whitespace(sqlparser::tokenizer::Whitespace::Space),
+        span,
+    );
+    let replacement = vec![
+        word("SELECT", Keyword::SELECT),
+        space.clone(),
+        sqlparser::tokenizer::TokenWithSpan::new(Token::Mul, span),
+        space.clone(),
+        word("FROM", Keyword::FROM),
+    ];
+    tokens.splice(first..=first, replacement);
+    tokens
+}
+
+/// Classification by leading keywords for statements sqlparser cannot always parse, used
+/// only when parsing failed. Limited to statements whose grammar embeds no expressions or
+/// queries (so nothing else can run inside them) or whose class is already restrictive
+/// (held or denied by the shipped policies): a parse failure never makes a statement look
+/// more harmless than its first words say.
+fn after_parse_failure(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option<StatementClass> {
+    let w = lex::leading_words(tokens, 4);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let dynamic = |k: Kind| {
+        let mut c = StatementClass::new(k);
+        c.dynamic_sql = true;
+        Some(c)
+    };
+    let kind = match w.as_slice() {
+        ["DROP", "DATABASE", ..] => Kind::Drop(Object::Database),
+        ["DROP", "SCHEMA", ..] => Kind::Drop(Object::Schema),
+        ["DROP", "TABLE", ..] => Kind::Drop(Object::Table),
+        ["TRUNCATE", ..] => Kind::Truncate,
+        ["CREATE", "ROLE" | "USER" | "GROUP", ..] => Kind::Create(Object::Role),
+        ["ALTER", "ROLE" | "USER" | "GROUP", ..] => Kind::Alter(Object::Role),
+        ["DROP", "ROLE" | "USER" | "GROUP", ..] => Kind::Drop(Object::Role),
+        ["CREATE", "FUNCTION", ..] | ["CREATE", "OR", "REPLACE", "FUNCTION"] => {
+            return dynamic(Kind::Create(Object::Function));
+        }
+        ["CREATE", "PROCEDURE", ..] | ["CREATE", "OR", "REPLACE", "PROCEDURE"] => {
+            return dynamic(Kind::Create(Object::Procedure));
+        }
+        ["CREATE", "RULE", ..] | ["CREATE", "OR", "REPLACE", "RULE"] => {
+            return dynamic(Kind::Create(Object::Rule));
+        }
+        ["VACUUM", ..] => Kind::Vacuum,
+        ["ANALYZE" | "ANALYSE", ..] => Kind::Analyze,
+        _ => return None,
+    };
+    Some(StatementClass::new(kind))
+}
+
+/// Statements sqlparser does not parse, known by their first words. Their bodies are not
+/// needed: the kind is the fact policies act on.
+fn by_keyword(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option<StatementClass> {
+    let w = lex::leading_words(tokens, 3);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let kind = match w.as_slice() {
+        ["DO", ..] => {
+            let mut c = StatementClass::new(Kind::Do);
+            c.dynamic_sql = true;
+            return Some(c);
+        }
+        ["ALTER", "SYSTEM", ..] => Kind::AlterSystem,
+        ["CHECKPOINT", ..] => Kind::Checkpoint,
+        ["REINDEX", ..] => Kind::Reindex,
+        ["CLUSTER", ..] => Kind::Cluster,
+        ["SECURITY", "LABEL", ..] => Kind::SecurityLabel,
+        _ => return None,
+    };
+    Some(StatementClass::new(kind))
+}
+
+fn object_of(t: &ObjectType) -> Object {
+    match t {
+        ObjectType::Table => Object::Table,
+        ObjectType::View => Object::View,
+        ObjectType::MaterializedView => Object::MaterializedView,
+        ObjectType::Index => Object::Index,
+        ObjectType::Schema => Object::Schema,
+        ObjectType::Database => Object::Database,
+        ObjectType::Role | ObjectType::User | ObjectType::Group => Object::Role,
+        ObjectType::Sequence => Object::Sequence,
+        ObjectType::Type => Object::Type,
+        ObjectType::Collation => Object::Collation,
+        ObjectType::ForeignTable => Object::ForeignTable,
+        _ => Object::Other,
+    }
+}
+
+/// The kind a statement has by itself.
+fn own_kind(s: &Statement) -> Kind {
+    use Statement as S;
+    match s {
+        S::Query(q) => match q.body.as_ref() {
+            SetExpr::Select(sel) if sel.into.is_some() => Kind::Create(Object::Table),
+            // `WITH ... INSERT/UPDATE/DELETE/MERGE` is a query wrapping the statement.
+            SetExpr::Insert(inner)
+            | SetExpr::Update(inner)
+            | SetExpr::Delete(inner)
+            | SetExpr::Merge(inner) => own_kind(inner),
+            _ => Kind::Select,
+        },
+        S::Insert(_) => Kind::Insert,
+        S::Update(_) => Kind::Update,
+        S::Delete(_) => Kind::Delete,
+        S::Merge(_) => Kind::Merge,
+        S::Truncate(_) => Kind::Truncate,
+        S::Copy {
+            to, target, source, ..
+        } => {
+            let program = matches!(target, CopyTarget::Program { .. })
+                || matches!(source, CopySource::Table { .. })
+                    && matches!(target, CopyTarget::Program { .. });
+            let file = matches!(target, CopyTarget::File { .. });
+            if program {
+                Kind::CopyProgram
+            } else if file {
+                Kind::CopyFile
+            } else if *to {
+                Kind::CopyTo
+            } else {
+                Kind::CopyFrom
+            }
+        }
+        S::CreateTable(_) => Kind::Create(Object::Table),
+        S::CreateVirtualTable { .. } => Kind::Create(Object::Table),
+        S::CreateView(v) => {
+            if v.materialized {
+                Kind::Create(Object::MaterializedView)
+            } else {
+                Kind::Create(Object::View)
+            }
+        }
+        S::CreateIndex(_) => Kind::Create(Object::Index),
+        S::CreateRole(_) | S::CreateUser(_) => Kind::Create(Object::Role),
+        S::CreateSchema { .. } => Kind::Create(Object::Schema),
+        S::CreateDatabase { .. } => Kind::Create(Object::Database),
+        S::CreateFunction(_) => Kind::Create(Object::Function),
+        S::CreateProcedure { .. } => Kind::Create(Object::Procedure),
+        S::CreateTrigger(_) => Kind::Create(Object::Trigger),
+        S::CreateExtension(_) => Kind::Create(Object::Extension),
+        S::CreateSequence { .. } => Kind::Create(Object::Sequence),
+        S::CreateType { .. } => Kind::Create(Object::Type),
+        S::CreateDomain(_) => Kind::Create(Object::Domain),
+        S::CreatePolicy(_) => Kind::Create(Object::Policy),
+        S::CreateRule(_) => Kind::Create(Object::Rule),
+        S::CreateServer(_) => Kind::Create(Object::Server),
+        S::CreateForeignTable(_) => Kind::Create(Object::ForeignTable),
+        S::CreateForeignDataWrapper(_) => Kind::Create(Object::ForeignDataWrapper),
+        S::CreateUserMapping(_) => Kind::Create(Object::UserMapping),
+        S::CreateCollation(_) => Kind::Create(Object::Collation),
+        S::CreateOperator(_) | S::CreateOperatorFamily(_) | S::CreateOperatorClass(_) => {
+            Kind::Create(Object::Operator)
+        }
+        S::CreateTextSearch(_) => Kind::Create(Object::TextSearch),
+        S::CreateAggregate(_) => Kind::Create(Object::Aggregate),
+        S::AlterTable(_) => Kind::Alter(Object::Table),
+        S::AlterSchema(_) => Kind::Alter(Object::Schema),
+        S::AlterIndex { .. } => Kind::Alter(Object::Index),
+        S::AlterView(_) => Kind::Alter(Object::View),
+        S::AlterFunction(_) => Kind::Alter(Object::Function),
+        S::AlterType(_) => Kind::Alter(Object::Type),
+        S::AlterCollation(_) => Kind::Alter(Object::Collation),
+        S::AlterOperator(_) | S::AlterOperatorFamily(_) | S::AlterOperatorClass(_) => {
+            Kind::Alter(Object::Operator)
+        }
+        S::AlterTextSearch(_) => Kind::Alter(Object::TextSearch),
+        S::AlterRole { .. } | S::AlterUser(_) => Kind::Alter(Object::Role),
+        S::AlterPolicy(_) => Kind::Alter(Object::Policy),
+        S::AlterTrigger(_) => Kind::Alter(Object::Trigger),
+        S::AlterDefaultPrivileges(_) => Kind::Grant,
+        S::RenameTable(_) => Kind::Alter(Object::Table),
+        S::Drop { object_type, .. } => Kind::Drop(object_of(object_type)),
+        S::DropFunction(_) => Kind::Drop(Object::Function),
+        S::DropProcedure { .. } => Kind::Drop(Object::Procedure),
+        S::DropTrigger(_) => Kind::Drop(Object::Trigger),
+        S::DropDomain(_) => Kind::Drop(Object::Domain),
+        S::DropPolicy(_) => Kind::Drop(Object::Policy),
+        S::DropRule(_) => Kind::Drop(Object::Rule),
+        S::DropExtension(_) => Kind::Drop(Object::Extension),
+        S::DropOperator(_) | S::DropOperatorFamily(_) | S::DropOperatorClass(_) => {
+            Kind::Drop(Object::Operator)
+        }
+        S::Comment { .. } => Kind::Comment,
+        S::Grant(_) | S::GrantRole(_) => Kind::Grant,
+        S::Revoke(_) | S::RevokeRole(_) | S::Deny(_) => Kind::Revoke,
+        S::Set(set) => match set {
+            sqlparser::ast::Set::SetRole { .. } => Kind::SetRole,
+            sqlparser::ast::Set::SetSessionAuthorization(_) => Kind::SetSessionAuthorization,
+            sqlparser::ast::Set::SingleAssignment { variable, .. } => {
+                let p = parts(variable);
+                match p.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                    ["role"] => Kind::SetRole,
+                    ["session_authorization"] => Kind::SetSessionAuthorization,
+                    _ => Kind::Set,
+                }
+            }
+            _ => Kind::Set,
+        },
+        S::Reset(_) => Kind::Reset,
+        S::ShowVariable { .. }
+        | S::ShowVariables { .. }
+        | S::ShowStatus { .. }
+        | S::ShowCreate { .. }
+        | S::ShowColumns { .. }
+        | S::ShowTables { .. }
+        | S::ShowFunctions { .. }
+        | S::ShowSchemas { .. }
+        | S::ShowDatabases { .. }
+        | S::ShowCollation { .. }
+        | S::ShowViews { .. }
+        | S::ShowObjects(_)
+        | S::ShowCharset(_)
+        | S::ShowCatalogs { .. }
+        | S::ShowProcessList { .. } => Kind::Show,
+        S::Discard { .. } => Kind::Discard,
+        S::StartTransaction { .. } => Kind::Begin,
+        S::Commit { .. } => Kind::Commit,
+        S::Rollback { savepoint, .. } => {
+            if savepoint.is_some() {
+                Kind::RollbackToSavepoint
+            } else {
+                Kind::Rollback
+            }
+        }
+        S::Savepoint { .. } => Kind::Savepoint,
+        S::ReleaseSavepoint { .. } => Kind::Release,
+        S::Prepare { .. } => Kind::Prepare,
+        S::Execute { .. } => Kind::Execute,
+        S::Deallocate { .. } => Kind::Deallocate,
+        S::Call(_) => Kind::Call,
+        S::Vacuum(_) => Kind::Vacuum,
+        S::Analyze(_) => Kind::Analyze,
+        S::Lock(_) | S::LockTables { .. } => Kind::Lock,
+        S::LISTEN { .. } => Kind::Listen,
+        S::NOTIFY { .. } => Kind::Notify,
+        S::UNLISTEN { .. } => Kind::Unlisten,
+        S::Explain { .. } | S::ExplainTable { .. } => Kind::Explain,
+        S::RefreshMaterializedView(_) => Kind::Refresh,
+        S::Declare { .. } => Kind::Declare,
+        S::Fetch { .. } => Kind::Fetch,
+        S::Close { .. } => Kind::Close,
+        _ => Kind::Other,
+    }
+}
+
+/// Walks one statement with sqlparser's visitor. CTE names are scoped the way PostgreSQL
+/// scopes them: a CTE's own body does not see itself (unless RECURSIVE), later CTEs and the
+/// main query do. A relation named like a visible CTE is that CTE, not a table.
+struct Collector<'a> {
+    c: &'a mut StatementClass,
+    frames: Vec<CteFrame>,
+    /// Write targets whose relation visit is still to come (not counted as reads).
+    pending_targets: HashMap<TableName, usize>,
+    /// Table functions (`FROM dblink(...)`) whose name is about to be visited as a relation.
+    skip_relations: usize,
+    /// Inside EXPLAIN without ANALYZE: nested statements are planned, not run.
+    plan_only: usize,
+}
+
+struct CteFrame {
+    owner: *const Query,
+    names: Vec<String>,
+    bodies: Vec<*const Query>,
+    recursive: bool,
+    visible: usize,
+}
+
+impl Collector<'_> {
+    fn is_cte(&self, t: &TableName) -> bool {
+        t.schema.is_none()
+            && self
+                .frames
+                .iter()
+                .any(|f| f.names[..f.visible.min(f.names.len())].contains(&t.name))
+    }
+
+    fn write_target(&mut self, name: &ObjectName, visited_as_relation: bool) {
+        let t = TableName::from_object(name);
+        if visited_as_relation {
+            *self.pending_targets.entry(t.clone()).or_default() += 1;
+        }
+        self.c.tables_written.insert(t);
+    }
+
+    fn add_kind(&mut self, k: Kind) {
+        if self.plan_only == 0 {
+            self.c.kinds.insert(k);
+        }
+    }
+
+    fn function(&mut self, name: &ObjectName) {
+        let f = parts(name).pop().unwrap_or_default();
+        if let Some(d) = functions::danger_of(&f) {
+            self.c.dangerous.insert((f.clone(), d));
+        }
+        if functions::runs_sql_text(&f) {
+            self.c.dynamic_sql = true;
+        }
+        self.c.functions.insert(f);
+    }
+
+    fn returning_reads(&mut self, target: &ObjectName, returning: bool) {
+        if returning {
+            self.c.tables_read.insert(TableName::from_object(target));
+        }
+    }
+}
+
+/// Whether an EXPLAIN executes its statement: `EXPLAIN ANALYZE` or `EXPLAIN (ANALYZE [on])`.
+fn explain_runs(s: &Statement) -> bool {
+    let Statement::Explain {
+        analyze, options, ..
+    } = s
+    else {
+        return false;
+    };
+    *analyze
+        || options.iter().flatten().any(|o| {
+            let name = o.name.value.to_ascii_lowercase();
+            (name == "analyze" || name == "analyse")
+                && o.arg.as_ref().is_none_or(|a| {
+                    !matches!(
+                        a.to_string()
+                            .to_ascii_lowercase()
+                            .trim_matches('\'')
+                            .as_ref(),
+                        "false" | "off" | "0" | "no"
+                    )
+                })
+        })
+}
+
+/// `SELECT ... INTO t` names its new table as an expression.
+fn expr_object_name(e: &Expr) -> Option<ObjectName> {
+    match e {
+        Expr::Identifier(i) => Some(ObjectName::from(vec![i.clone()])),
+        Expr::CompoundIdentifier(ids) => Some(ObjectName::from(ids.clone())),
+        _ => None,
+    }
+}
+
+fn missing_where(selection: Option<&Expr>) -> bool {
+    selection.is_none_or(predicate::is_trivially_true)
+}
+
+fn table_factor_name(tf: &TableFactor) -> Option<&ObjectName> {
+    match tf {
+        TableFactor::Table {
+            name, args: None, ..
+        } => Some(name),
+        _ => None,
+    }
+}
+
+impl Visitor for Collector<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        let ptr: *const Query = q;
+        if let Some(top) = self.frames.last_mut()
+            && let Some(i) = top.bodies.iter().position(|b| std::ptr::eq(*b, ptr))
+            && !top.recursive
+        {
+            top.visible = i;
+        }
+        if let Some(with) = &q.with {
+            let names: Vec<String> = with
+                .cte_tables
+                .iter()
+                .map(|c| ident_name(&c.alias.name))
+                .collect();
+            let n = names.len();
+            self.frames.push(CteFrame {
+                owner: ptr,
+                bodies: with
+                    .cte_tables
+                    .iter()
+                    .map(|c| std::ptr::from_ref(c.query.as_ref()))
+                    .collect(),
+                names,
+                recursive: with.recursive,
+                // WITH RECURSIVE: every CTE sees every name.
+                visible: if with.recursive { n } else { 0 },
+            });
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        let ptr: *const Query = q;
+        if self
+            .frames
+            .last()
+            .is_some_and(|f| std::ptr::eq(f.owner, ptr))
+        {
+            self.frames.pop();
+        }
+        if let Some(top) = self.frames.last_mut()
+            && let Some(i) = top.bodies.iter().position(|b| std::ptr::eq(*b, ptr))
+        {
+            top.visible = top.visible.max(i + 1);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if self.skip_relations > 0 {
+            self.skip_relations -= 1;
+            return ControlFlow::Continue(());
+        }
+        let t = TableName::from_object(relation);
+        if let Some(n) = self.pending_targets.get_mut(&t)
+            && *n > 0
+        {
+            *n -= 1;
+            return ControlFlow::Continue(());
+        }
+        if !self.is_cte(&t) {
+            self.c.tables_read.insert(t);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        match tf {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
+                // `FROM f(...)` is a function call whose name the visitor reports as a
+                // relation next.
+                self.function(name);
+                self.skip_relations += 1;
+            }
+            TableFactor::Function { name, .. } => self.function(name),
+            TableFactor::UNNEST { .. } => {
+                self.c.functions.insert("unnest".to_owned());
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = e {
+            self.function(&f.name);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        use Statement as S;
+        self.add_kind(own_kind(s));
+        match s {
+            S::Query(q) => {
+                if let SetExpr::Select(sel) = q.body.as_ref()
+                    && let Some(into) = &sel.into
+                {
+                    for t in &into.targets {
+                        if let Some(name) = expr_object_name(t) {
+                            self.write_target(&name, false);
+                        }
+                    }
+                }
+            }
+            S::Insert(i) => {
+                if let TableObject::TableName(name) = &i.table {
+                    self.write_target(name, true);
+                    self.returning_reads(name, i.returning.is_some());
+                }
+            }
+            S::Update(u) => {
+                if self.plan_only == 0 && missing_where(u.selection.as_ref()) {
+                    self.c.missing_where = true;
+                }
+                if let Some(name) = table_factor_name(&u.table.relation) {
+                    self.write_target(name, true);
+                    self.returning_reads(name, u.returning.is_some());
+                }
+            }
+            S::Delete(d) => {
+                if self.plan_only == 0 && missing_where(d.selection.as_ref()) {
+                    self.c.missing_where = true;
+                }
+                let from = match &d.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+                };
+                let targets: Vec<&ObjectName> = if d.tables.is_empty() {
+                    from.iter()
+                        .filter_map(|t| table_factor_name(&t.relation))
+                        .collect()
+                } else {
+                    d.tables.iter().collect()
+                };
+                for name in targets {
+                    self.write_target(name, true);
+                    self.returning_reads(name, d.returning.is_some());
+                }
+            }
+            S::Merge(m) => {
+                if self.plan_only == 0 && predicate::is_trivially_true(&m.on) {
+                    self.c.missing_where = true;
+                }
+                if let Some(name) = table_factor_name(&m.table) {
+                    self.write_target(name, true);
+                }
+                for clause in &m.clauses {
+                    match &clause.action {
+                        MergeAction::Insert(_) => self.add_kind(Kind::Insert),
+                        MergeAction::Update(_) => self.add_kind(Kind::Update),
+                        MergeAction::Delete { .. } => self.add_kind(Kind::Delete),
+                        _ => {}
+                    }
+                }
+            }
+            S::Truncate(t) => {
+                for target in &t.table_names {
+                    self.write_target(&target.name, false);
+                }
+            }
+            S::Copy {
+                source, to, target, ..
+            } => {
+                if let CopySource::Table { table_name, .. } = source {
+                    if *to {
+                        self.c
+                            .tables_read
+                            .insert(TableName::from_object(table_name));
+                    } else {
+                        self.write_target(table_name, false);
+                    }
+                }
+                // A program or file on either side is named by the target field.
+                if matches!(target, CopyTarget::Program { .. }) {
+                    self.add_kind(Kind::CopyProgram);
+                }
+            }
+            S::CreateTable(ct) => self.write_target(&ct.name, true),
+            S::CreateView(v) => self.write_target(&v.name, true),
+            S::AlterTable(at) => self.write_target(&at.name, true),
+            S::Drop {
+                object_type, names, ..
+            } => {
+                if matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
+                ) {
+                    for n in names {
+                        self.write_target(n, false);
+                    }
+                }
+            }
+            S::CreateFunction(_) | S::CreateProcedure { .. } | S::CreateRule(_) => {
+                // Bodies are SQL (or PL/pgSQL) run later, out of sight.
+                self.c.dynamic_sql = true;
+            }
+            S::Call(f) => self.function(&f.name),
+            S::Prepare { name, .. } => self.c.prepared = Some(ident_name(name)),
+            S::Execute {
+                name: Some(name), ..
+            } => {
+                self.c.prepared = parts(name).pop();
+            }
+            S::Explain { .. } if !explain_runs(s) => self.plan_only += 1,
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        if matches!(s, Statement::Explain { .. }) && !explain_runs(s) {
+            self.plan_only -= 1;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn classify_statement(s: &Statement) -> StatementClass {
+    let mut c = StatementClass::new(own_kind(s));
+    let mut v = Collector {
+        c: &mut c,
+        frames: Vec::new(),
+        pending_targets: HashMap::new(),
+        skip_relations: 0,
+        plan_only: 0,
+    };
+    let _ = s.visit(&mut v);
+    c
+}
+
+#[cfg(test)]
+mod tests;

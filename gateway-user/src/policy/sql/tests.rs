@@ -1,0 +1,139 @@
+//! Robustness of the classifier: no panics on arbitrary input, quick errors on
+//! pathological input, and no stack overflow on the proxy's worker stacks.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::{ClassifyError, LexOptions, classify, lex::MAX_OPERATOR_CHAIN};
+
+/// The stack the classifier gets in the daemon (tokio worker threads are given this).
+pub const WORKER_STACK: usize = 2 * 1024 * 1024;
+
+/// Runs `f` on a thread with the worker stack size; a stack overflow aborts the test
+/// process, which fails the test run loudly.
+fn on_worker_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(WORKER_STACK)
+        .spawn(f)
+        .expect("spawn")
+        .join()
+        .expect("classifier thread panicked")
+}
+
+fn quick(sql: String) -> (super::Classification, Duration) {
+    on_worker_stack(move || {
+        let t = Instant::now();
+        let c = classify(&sql, LexOptions::default());
+        (c, t.elapsed())
+    })
+}
+
+#[test]
+fn deep_parentheses_are_refused_quickly() {
+    for depth in [100, 10_000, 200_000] {
+        let sql = format!("SELECT {}1{}", "(".repeat(depth), ")".repeat(depth));
+        let (c, took) = quick(sql);
+        assert!(
+            matches!(c.error, Some(ClassifyError::Syntax(_))),
+            "depth {depth}: {:?}",
+            c.error
+        );
+        assert!(took < Duration::from_secs(2), "depth {depth} took {took:?}");
+    }
+}
+
+#[test]
+fn deep_subqueries_are_refused_quickly() {
+    let depth = 5_000;
+    let sql = format!(
+        "SELECT * FROM {} t {}",
+        "(SELECT * FROM ".repeat(depth),
+        ") x".repeat(depth)
+    );
+    let (c, took) = quick(sql);
+    assert!(c.error.is_some());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
+fn the_longest_allowed_operator_chain_fits_the_stack() {
+    // Parsed, walked and dropped on a worker-sized stack.
+    let sql = format!("SELECT {}1 FROM t", "1+".repeat(MAX_OPERATOR_CHAIN - 1));
+    let (c, took) = quick(sql);
+    assert_eq!(c.error, None);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let sql = format!(
+        "DELETE FROM t WHERE {}true",
+        "true AND ".repeat(MAX_OPERATOR_CHAIN - 1)
+    );
+    let (c, _) = quick(sql);
+    assert_eq!(c.error, None);
+    assert!(c.statements[0].missing_where);
+}
+
+#[test]
+fn longer_chains_are_refused_not_overflowed() {
+    for n in [MAX_OPERATOR_CHAIN + 1, 100_000, 1_000_000] {
+        let sql = format!("SELECT {}1", "1+".repeat(n));
+        let (c, took) = quick(sql);
+        assert!(
+            matches!(c.error, Some(ClassifyError::TooComplex(_))),
+            "{n}: {:?}",
+            c.error
+        );
+        assert!(took < Duration::from_secs(3), "{n} took {took:?}");
+    }
+    let casts = format!("SELECT 1{}", "::int".repeat(100_000));
+    assert!(matches!(
+        quick(casts).0.error,
+        Some(ClassifyError::TooComplex(_))
+    ));
+}
+
+#[test]
+fn huge_flat_statements_are_fine() {
+    let rows = vec!["(1, 'x', -2.5)"; 50_000].join(",");
+    let (c, took) = quick(format!("INSERT INTO t VALUES {rows}"));
+    assert_eq!(c.error, None);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn deep_nested_comments_and_long_literals() {
+    let nested = format!("SELECT 1 {}{}", "/*".repeat(100_000), "*/".repeat(100_000));
+    let (c, took) = quick(nested);
+    assert_eq!(c.error, None, "nested comments are whitespace");
+    assert!(took < Duration::from_secs(2));
+    let long = format!("SELECT '{}'", "x".repeat(10_000_000));
+    let (c, took) = quick(long);
+    assert_eq!(c.error, None);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn never_panics_on_arbitrary_text(s in ".{0,300}") {
+        let _ = classify(&s, LexOptions::default());
+    }
+
+    #[test]
+    fn never_panics_on_sql_shaped_noise(
+        parts in proptest::collection::vec(
+            prop_oneof![
+                Just("SELECT"), Just("FROM"), Just("WHERE"), Just("("), Just(")"), Just(","),
+                Just(";"), Just("'"), Just("$$"), Just("$a$"), Just("/*"), Just("*/"), Just("--"),
+                Just("\n"), Just("DROP"), Just("TABLE"), Just("users"), Just("1"), Just("="),
+                Just("WITH"), Just("AS"), Just("DELETE"), Just("DO"), Just("E'"), Just("\\"),
+                Just("::"), Just("[" ), Just("]"), Just("\""), Just("OR"), Just("RETURNING"),
+            ],
+            0..60,
+        ),
+        scs in any::<bool>(),
+    ) {
+        let sql = parts.join(" ");
+        let _ = classify(&sql, LexOptions { standard_conforming_strings: scs });
+    }
+}

@@ -1,0 +1,224 @@
+//! Table-driven tests of classification and decisions with the shipped policies.
+//!
+//! `sql_cases.txt` holds the cases, each as
+//!
+//! ```text
+//! # why the case matters
+//! > the SQL (one or more lines)
+//! = expectations
+//! ```
+//!
+//! Expectations: the decision (`allow`, `deny:RULE`, `approve:RULE`, `mask:RULE`) and
+//! `kinds:a,b` (every kind in the message) are always given; optional facets are
+//! `read:t1,t2`, `write:t`, `fn:f`, `danger:cat`, `where:missing|ok`, `dynamic:yes|no`,
+//! `stmts:N`, `error:syntax|too_complex|ambiguous`. A facet given is compared exactly.
+
+use std::collections::BTreeSet;
+
+use super::{
+    model::{Subject, Verdict},
+    sql::{LexOptions, StatementClass},
+    store::{judge, load_set},
+};
+use crate::config::Config;
+
+struct Case {
+    line: usize,
+    why: String,
+    sql: String,
+    expect: Vec<String>,
+}
+
+fn parse_cases(text: &str) -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut why = String::new();
+    let mut sql: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (i, line) in text.lines().enumerate() {
+        if let Some(w) = line.strip_prefix("# ") {
+            why = w.to_owned();
+        } else if let Some(s) = line.strip_prefix("> ") {
+            if sql.is_empty() {
+                start = i + 1;
+            }
+            sql.push(s);
+        } else if line == ">" {
+            sql.push("");
+        } else if let Some(e) = line.strip_prefix("= ") {
+            assert!(!sql.is_empty(), "line {}: expectations without SQL", i + 1);
+            out.push(Case {
+                line: start,
+                why: why.clone(),
+                sql: sql.join("\n"),
+                expect: e.split_whitespace().map(str::to_owned).collect(),
+            });
+            sql.clear();
+        } else if !line.trim().is_empty() && !line.starts_with("##") {
+            panic!("line {}: not a case line: {line}", i + 1);
+        }
+    }
+    out
+}
+
+fn set_of(s: &str) -> BTreeSet<String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn union<F: Fn(&StatementClass) -> BTreeSet<String>>(
+    st: &[StatementClass],
+    f: F,
+) -> BTreeSet<String> {
+    st.iter().flat_map(f).collect()
+}
+
+fn check(case: &Case, set: &super::PolicySet) -> Result<(), String> {
+    let subject = Subject {
+        agent: "local".into(),
+        uid: 1000,
+        ..Default::default()
+    };
+    let j = judge(
+        set,
+        &subject,
+        "postgres",
+        "postgres",
+        &case.sql,
+        LexOptions::default(),
+    );
+    let c = &j.classification;
+    let d = &j.decision;
+    let st = &c.statements;
+    let mut problems = Vec::new();
+    for e in &case.expect {
+        let (key, val) = e.split_once(':').unwrap_or((e.as_str(), ""));
+        let got: String = match key {
+            "allow" => {
+                if d.verdict != Verdict::Allow {
+                    problems.push(format!(
+                        "decision: expected allow, got {} by {}",
+                        d.verdict, d.rule
+                    ));
+                }
+                continue;
+            }
+            "deny" | "approve" | "mask" => {
+                let want = match key {
+                    "deny" => Verdict::Deny,
+                    "approve" => Verdict::RequireApproval,
+                    _ => Verdict::Mask,
+                };
+                if d.verdict != want || d.rule != val {
+                    problems.push(format!(
+                        "decision: expected {} by {val}, got {} by {} ({:?})",
+                        want, d.verdict, d.rule, d.message
+                    ));
+                }
+                continue;
+            }
+            "kinds" => {
+                let got = union(st, |s| s.kinds.iter().map(|k| k.name()).collect());
+                if got != set_of(val) {
+                    problems.push(format!("kinds: expected {val}, got {got:?}"));
+                }
+                continue;
+            }
+            "read" => fmt_set(union(st, |s| {
+                s.tables_read.iter().map(ToString::to_string).collect()
+            })),
+            "write" => fmt_set(union(st, |s| {
+                s.tables_written.iter().map(ToString::to_string).collect()
+            })),
+            "fn" => fmt_set(union(st, |s| s.functions.clone())),
+            "danger" => fmt_set(union(st, |s| {
+                s.dangerous
+                    .iter()
+                    .map(|(_, d)| d.as_str().to_owned())
+                    .collect()
+            })),
+            "where" => (if st.iter().any(|s| s.missing_where) {
+                "missing"
+            } else {
+                "ok"
+            })
+            .to_owned(),
+            "dynamic" => (if st.iter().any(|s| s.dynamic_sql) {
+                "yes"
+            } else {
+                "no"
+            })
+            .to_owned(),
+            "stmts" => st.len().to_string(),
+            "error" => match &c.error {
+                Some(super::sql::ClassifyError::Syntax(_)) => "syntax".into(),
+                Some(super::sql::ClassifyError::TooComplex(_)) => "too_complex".into(),
+                Some(super::sql::ClassifyError::Ambiguous(_)) => "ambiguous".into(),
+                None => "none".into(),
+            },
+            other => return Err(format!("unknown expectation `{other}`")),
+        };
+        let want = if matches!(key, "read" | "write" | "fn" | "danger") {
+            fmt_set(set_of(val))
+        } else {
+            val.to_owned()
+        };
+        if got != want {
+            problems.push(format!("{key}: expected {want}, got {got}"));
+        }
+    }
+    let has_decision = case.expect.iter().any(|e| {
+        e == "allow"
+            || e.starts_with("deny:")
+            || e.starts_with("approve:")
+            || e.starts_with("mask:")
+    });
+    if !has_decision {
+        problems.push("the case gives no decision".into());
+    }
+    if c.error.is_none() && !case.expect.iter().any(|e| e.starts_with("kinds:")) {
+        problems.push("the case gives no kinds".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn fmt_set(s: BTreeSet<String>) -> String {
+    s.into_iter().collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn sql_cases_classify_and_decide_as_written() {
+    let cfg = Config::embedded().expect("default config");
+    let (set, warnings) = load_set(&cfg).expect("shipped policies load");
+    assert!(
+        warnings.is_empty(),
+        "shipped policies shadow themselves: {warnings:?}"
+    );
+    let cases = parse_cases(include_str!("sql_cases.txt"));
+    assert!(cases.len() >= 300, "only {} cases", cases.len());
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            check(c, &set).err().map(|e| {
+                format!(
+                    "sql_cases.txt:{} ({})\n    {}\n    {e}",
+                    c.line,
+                    c.why,
+                    c.sql.replace('\n', "\n    ")
+                )
+            })
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
