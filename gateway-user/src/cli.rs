@@ -57,6 +57,56 @@ pub enum Command {
     },
     /// Detach the pinned programs and remove pinned maps. Protection stops.
     Detach,
+    /// Check policy files, or explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files: unknown fields (file:line:column), unknown agent or target
+    /// names, invalid kinds, rules shadowed by earlier ones. Exits non-zero on errors.
+    Check {
+        /// A policy file or directory (default: the configuration's, or the shipped ones).
+        path: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify SQL and show the decision and the rule that made it.
+    Explain {
+        /// Agent name (from the configuration).
+        #[arg(long)]
+        agent: String,
+        /// Target name (from the configuration).
+        #[arg(long)]
+        target: String,
+        /// The caller's uid (default: the agent's `uid`, else 0).
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The caller's user name.
+        #[arg(long)]
+        user: Option<String>,
+        /// The caller's systemd unit.
+        #[arg(long)]
+        unit: Option<String>,
+        /// The caller's executable.
+        #[arg(long)]
+        exe: Option<String>,
+        /// An OIDC group of the caller (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Judge as if standard_conforming_strings were off.
+        #[arg(long)]
+        non_standard_strings: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The SQL (one or more statements).
+        sql: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -99,7 +149,39 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The admin socket for client commands. When the configuration does not validate (the
+/// daemon keeps running on the last good one), the socket is read from it leniently so the
+/// daemon can still be asked, with a warning.
+fn admin_socket(cli: &Cli) -> Result<PathBuf, String> {
+    match load_config(cli) {
+        Ok(cfg) => Ok(cfg.admin.socket),
+        Err(e) => {
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let text = std::fs::read_to_string(&path).map_err(|_| e.clone())?;
+            let value: toml::Value = toml::from_str(&text).map_err(|_| e.clone())?;
+            let socket = value
+                .get("admin")
+                .and_then(|a| a.get("socket"))
+                .and_then(|s| s.as_str())
+                .map_or_else(
+                    || PathBuf::from("/run/portcullis/admin.sock"),
+                    PathBuf::from,
+                );
+            eprintln!(
+                "warning: the configuration has errors (the daemon keeps its last good one):\n{e}"
+            );
+            Ok(socket)
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Status { json } = &cli.command {
+        return status(cli.config.as_ref(), &admin_socket(&cli)?, *json, &cli);
+    }
     let cfg = load_config(&cli)?;
     match cli.command {
         Command::Run { log_format } => {
@@ -143,36 +225,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Err(e) => Err(error_chain(&e)),
             }
         }
-        Command::Status { json } => {
-            match client::call::<proto::Status>(&cfg.admin.socket, &proto::Request::Status) {
-                Ok(status) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
-                        );
-                    } else {
-                        print!("{}", render::status(&status));
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    let (links, maps) = ebpf::pinned_state(&cfg.ebpf.pin_path);
-                    let mut msg = e.to_string();
-                    if !links.is_empty() {
-                        msg.push_str(&format!(
-                            "\nnote: {} program link(s) are pinned under {}: protected \
-                             connections are being refused until the daemon is back",
-                            links.len(),
-                            cfg.ebpf.pin_path.display()
-                        ));
-                    } else if maps {
-                        msg.push_str("\nnote: maps are pinned but no programs are attached: nothing is protected");
-                    }
-                    Err(msg)
-                }
-            }
-        }
+        Command::Status { .. } => unreachable!("handled above"),
+        Command::Policy { command } => policy_command(&cfg, command),
         Command::Detach => {
             ebpf::PinLayout::new(&cfg.ebpf.pin_path)
                 .remove_all()
@@ -181,6 +235,141 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 "detached: removed {}; protected processes now connect directly",
                 cfg.ebpf.pin_path.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn status(
+    _config: Option<&PathBuf>,
+    socket: &std::path::Path,
+    json: bool,
+    cli: &Cli,
+) -> Result<ExitCode, String> {
+    match client::call::<proto::Status>(socket, &proto::Request::Status) {
+        Ok(status) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", render::status(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            if let Ok(cfg) = load_config(cli) {
+                let (links, maps) = ebpf::pinned_state(&cfg.ebpf.pin_path);
+                if !links.is_empty() {
+                    msg.push_str(&format!(
+                        "\nnote: {} program link(s) are pinned under {}: protected \
+                         connections are being refused until the daemon is back",
+                        links.len(),
+                        cfg.ebpf.pin_path.display()
+                    ));
+                } else if maps {
+                    msg.push_str(
+                        "\nnote: maps are pinned but no programs are attached: nothing is protected",
+                    );
+                }
+            }
+            Err(msg)
+        }
+    }
+}
+
+fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, String> {
+    use crate::policy::{self, model::Subject, sql::LexOptions};
+    match command {
+        PolicyCommand::Check { path, json } => {
+            let sources = match &path {
+                Some(p) => policy::load::read_dir(p),
+                None => policy::load::sources(cfg),
+            }
+            .map_err(|d| d.to_string())?;
+            let (set, report) = policy::load::load(&sources, cfg);
+            let rules = set.as_ref().map_or(0, |s| s.rules.len());
+            if json {
+                let v = serde_json::json!({
+                    "files": sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>(),
+                    "rules": rules,
+                    "errors": report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "warnings": report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                );
+            } else {
+                for e in &report.errors {
+                    println!("error: {e}");
+                }
+                for w in &report.warnings {
+                    println!("warning: {w}");
+                }
+                println!(
+                    "{} file(s), {rules} rule(s): {} error(s), {} warning(s)",
+                    sources.len(),
+                    report.errors.len(),
+                    report.warnings.len()
+                );
+            }
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PolicyCommand::Explain {
+            agent,
+            target,
+            uid,
+            user,
+            unit,
+            exe,
+            groups,
+            non_standard_strings,
+            json,
+            sql,
+        } => {
+            let a = cfg
+                .agent(&agent)
+                .ok_or_else(|| format!("no agent named `{agent}` in the configuration"))?;
+            let t = cfg
+                .target(&target)
+                .ok_or_else(|| format!("no target named `{target}` in the configuration"))?;
+            let (set, warnings) = policy::store::load_set(cfg)
+                .map_err(|e| format!("the policies do not load:\n{e}"))?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let subject = Subject {
+                agent: a.name.clone(),
+                uid: uid.or(a.selector.uid).unwrap_or(0),
+                user: user.or_else(|| a.selector.user.clone()),
+                unit: unit.or_else(|| a.selector.unit.clone()),
+                exe: exe.or_else(|| a.selector.exe.as_ref().map(|p| p.display().to_string())),
+                cgroup: a.selector.cgroup.clone(),
+                groups,
+            };
+            let lex = LexOptions {
+                standard_conforming_strings: !non_standard_strings,
+            };
+            let j = policy::store::judge(&set, &subject, &t.name, t.protocol.as_str(), &sql, lex);
+            if json {
+                let v = serde_json::json!({
+                    "classification": j.classification,
+                    "decision": j.decision,
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", render::explain(&j, &set));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{
         self, AdminError,
-        proto::{AgentStatus, Request, Response, Status, TargetStatus},
+        proto::{AgentStatus, PolicyStatus, Request, Response, Status, TargetStatus},
     },
     cgroup::{CgroupError, Hierarchy},
     config::{Config, ConfigError},
     ebpf::{self, EbpfError, Kernel, Selection, selection::AgentBinding},
+    policy::PolicyStore,
     proxy::{self, Listeners, ProxyError, identity::Resolver},
 };
 
@@ -41,11 +42,14 @@ pub enum DaemonError {
     Admin(#[from] AdminError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("policies: {0}")]
+    Policy(ConfigError),
 }
 
 /// Everything the admin API and the background tasks need.
 pub struct State {
     pub config: Arc<ArcSwap<Config>>,
+    pub policy: Arc<PolicyStore>,
     pub kernel: Mutex<Kernel>,
     pub hierarchy: Hierarchy,
     pub proxy: Arc<proxy::Shared>,
@@ -62,6 +66,34 @@ impl State {
 
     fn status(&self) -> Status {
         let cfg = self.config.load();
+        let set = self.policy.current();
+        let policy = PolicyStatus {
+            source: cfg
+                .policy
+                .dir
+                .as_ref()
+                .map_or_else(|| "<builtin>".to_owned(), |d| d.display().to_string()),
+            files: set
+                .sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            rules: set.rules.len(),
+            generation: self.policy.generation(),
+            reloads_ok: self
+                .policy
+                .stats
+                .ok
+                .load(std::sync::atomic::Ordering::Relaxed),
+            reloads_failed: self
+                .policy
+                .stats
+                .failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            cached_decisions: self.policy.cached_decisions(),
+            default: set.default.as_str().to_owned(),
+            on_parse_error: set.on_parse_error.as_str().to_owned(),
+        };
         let kernel = self
             .kernel
             .lock()
@@ -80,6 +112,7 @@ impl State {
                 |p| p.display().to_string(),
             ),
             uptime_secs: self.started.elapsed().as_secs(),
+            policy,
             kernel,
             proxy: self.proxy.status(),
             agents: cfg
@@ -135,38 +168,53 @@ impl State {
         Ok(())
     }
 
-    /// SIGHUP: load the file again; on success swap it in and resync, otherwise keep the
-    /// running configuration.
+    /// SIGHUP: load the configuration file and its policies again. Both are validated
+    /// before either is swapped in; on any error both stay as they were.
     fn reload(&self) {
         let current = self.config.load_full();
-        let Some(path) = current.path.clone() else {
-            tracing::info!("reload: running the embedded default, nothing to reload");
-            return;
+        let mut new = match &current.path {
+            None => (*current).clone(),
+            Some(path) => match Config::load(path) {
+                Ok(mut c) => {
+                    c.path = Some(path.clone());
+                    c
+                }
+                Err(e) => {
+                    self.policy
+                        .stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    log_config_error(path, &e);
+                    return;
+                }
+            },
         };
-        match Config::load(&path) {
-            Ok(mut new) => {
-                new.path = Some(path.clone());
-                for (what, changed) in restart_only_changes(&current, &new) {
-                    if changed {
-                        tracing::warn!(
-                            setting = what,
-                            "reload: this setting needs a restart; keeping the running value"
-                        );
-                    }
-                }
-                keep_restart_only(&current, &mut new);
-                self.config.store(Arc::new(new));
-                match self.resync(true) {
-                    Ok(()) => {
-                        tracing::info!(config = %path.display(), result = "ok", "configuration reloaded")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, result = "error", "reload: updating the kernel maps failed")
-                    }
-                }
+        for (what, changed) in restart_only_changes(&current, &new) {
+            if changed {
+                tracing::warn!(
+                    setting = what,
+                    "reload: this setting needs a restart; keeping the running value"
+                );
             }
-            Err(e) => log_config_error(&path, &e),
         }
+        keep_restart_only(&current, &mut new);
+        if self.policy.reload(&new).is_err() {
+            // Logged and counted by the store; the configuration stays with its policies.
+            return;
+        }
+        self.config.store(Arc::new(new));
+        match self.resync(true) {
+            Ok(()) => tracing::info!(result = "ok", "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, result = "error", "reload: updating the kernel maps failed")
+            }
+        }
+    }
+
+    /// The policy directory changed: reload the policies against the running configuration.
+    fn reload_policies(&self) {
+        let cfg = self.config.load_full();
+        let _ = self.policy.reload(&cfg);
     }
 }
 
@@ -247,6 +295,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let (v4, v6) = listeners.addrs();
     kernel.set_proxy(v4, v6, cfg.proxy.upstream_mark, ebpf::own_netns_cookie()?);
     let conns = kernel.conn_table()?;
+    let policy = Arc::new(PolicyStore::open(&cfg).map_err(DaemonError::Policy)?);
     let admin_listener = admin::bind(&cfg.admin.socket)?;
     let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
     let shutdown = CancellationToken::new();
@@ -259,6 +308,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     ));
     let state = Arc::new(State {
         config,
+        policy,
         kernel: Mutex::new(kernel),
         hierarchy: hierarchy.clone(),
         proxy: shared.clone(),
@@ -279,6 +329,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     tokio::spawn(rescan(state.clone(), shutdown.clone()));
+    tokio::spawn(watch_policies(state.clone(), shutdown.clone()));
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -323,6 +374,26 @@ async fn drain(state: &State, shutdown: &CancellationToken, deadline: Duration) 
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     }
     shutdown.cancel();
+}
+
+/// Polls the policy directory (names, sizes, modification times) and reloads on change.
+/// Polling, not inotify: it also sees files replaced through symlinks (ConfigMaps) and
+/// costs a directory listing per interval.
+async fn watch_policies(state: Arc<State>, shutdown: CancellationToken) {
+    let mut last = crate::policy::store::fingerprint(&state.config.load());
+    loop {
+        let every = state.config.load().policy.watch_interval.get();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = crate::policy::store::fingerprint(&state.config.load());
+        if now != last {
+            tracing::info!("policy files changed");
+            state.reload_policies();
+            last = now;
+        }
+    }
 }
 
 async fn rescan(state: Arc<State>, shutdown: CancellationToken) {

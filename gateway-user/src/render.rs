@@ -48,6 +48,20 @@ pub fn status(s: &Status) -> String {
     );
     let counters: Vec<String> = k.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
     let _ = writeln!(o, "kernel     {}", counters.join("  "));
+    let pol = &s.policy;
+    let _ = writeln!(
+        o,
+        "\npolicies   {} rules from {} ({} files), generation {}, reloads ok {} failed {}, default {}, on parse error {}, {} cached decisions",
+        pol.rules,
+        pol.source,
+        pol.files.len(),
+        pol.generation,
+        pol.reloads_ok,
+        pol.reloads_failed,
+        pol.default,
+        pol.on_parse_error,
+        pol.cached_decisions
+    );
     let p = &s.proxy;
     let listeners: Vec<String> = p.listeners.iter().map(ToString::to_string).collect();
     let _ = writeln!(o, "\nlisteners  {}", listeners.join("  "));
@@ -90,5 +104,95 @@ pub fn status(s: &Status) -> String {
             t.addresses.join(", ")
         );
     }
+    o
+}
+
+fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let v: Vec<String> = items.into_iter().map(|x| x.to_string()).collect();
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `portcullis policy explain`.
+pub fn explain(j: &crate::policy::Judgement, set: &crate::policy::PolicySet) -> String {
+    let mut o = String::new();
+    let c = &j.classification;
+    for (i, s) in c.statements.iter().enumerate() {
+        let _ = writeln!(o, "statement {}: {}", i + 1, s.kind);
+        let _ = writeln!(o, "  kinds            {}", list(&s.kinds));
+        let _ = writeln!(o, "  tables read      {}", list(&s.tables_read));
+        let _ = writeln!(o, "  tables written   {}", list(&s.tables_written));
+        let _ = writeln!(o, "  functions        {}", list(&s.functions));
+        if !s.dangerous.is_empty() {
+            let _ = writeln!(
+                o,
+                "  dangerous        {}",
+                list(
+                    s.dangerous
+                        .iter()
+                        .map(|(f, d)| format!("{f} ({})", d.as_str()))
+                )
+            );
+        }
+        if matches!(
+            s.kind,
+            crate::policy::sql::Kind::Update
+                | crate::policy::sql::Kind::Delete
+                | crate::policy::sql::Kind::Merge
+        ) || s.missing_where
+        {
+            let _ = writeln!(
+                o,
+                "  missing WHERE    {}",
+                if s.missing_where { "yes" } else { "no" }
+            );
+        }
+        if s.dynamic_sql {
+            let _ = writeln!(o, "  dynamic SQL      yes");
+        }
+    }
+    if c.statements.is_empty() && c.error.is_none() {
+        let _ = writeln!(o, "no statements");
+    }
+    if let Some(e) = &c.error {
+        let _ = writeln!(o, "not classified: {e}");
+    }
+    let d = &j.decision;
+    let source = set
+        .rules
+        .iter()
+        .find(|r| r.id == d.rule)
+        .map(|r| format!(" ({})", r.source))
+        .unwrap_or_default();
+    let _ = writeln!(o, "\ndecision: {} by rule {}{source}", d.verdict, d.rule);
+    if let Some(m) = &d.message {
+        let _ = writeln!(o, "  message          {m}");
+    }
+    if !d.approvers.is_empty() {
+        let _ = writeln!(
+            o,
+            "  approvers        {} (timeout {})",
+            d.approvers.join(", "),
+            d.approval_timeout_secs
+                .map_or_else(String::new, |t| duration(t))
+        );
+    }
+    for m in &d.masks {
+        let what: Vec<String> = m.columns.iter().chain(&m.detectors).cloned().collect();
+        let _ = writeln!(
+            o,
+            "  mask             {} ({}): {:?}",
+            m.rule,
+            what.join(", "),
+            m.strategy
+        );
+    }
+    if !d.audit.is_empty() {
+        let _ = writeln!(o, "  audit            {}", d.audit.join(", "));
+    }
+    let _ = writeln!(o, "  matched rules    {}", list(&d.matched));
     o
 }

@@ -60,6 +60,7 @@ pub struct Status {
     pub pid: u32,
     pub config: String,
     pub uptime_secs: u64,
+    pub policy: PolicyStatus,
     pub kernel: KernelStatus,
     pub proxy: ProxyStatus,
     pub agents: Vec<AgentStatus>,
@@ -78,4 +79,19 @@ pub struct TargetStatus {
     pub name: String,
     pub protocol: String,
     pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The policy directory, or `<builtin>`.
+    pub source: String,
+    pub files: Vec<String>,
+    pub rules: usize,
+    /// Bumped by every successful reload.
+    pub generation: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub cached_decisions: usize,
+    pub default: String,
+    pub on_parse_error: String,
 }

@@ -503,6 +503,32 @@ fn opt_covers<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
     a.is_none() || a == b
 }
 
+/// The kinds a list of kind patterns (names, globs, groups) matches; `None` = any kind.
+/// `@dynamic` depends on the statement, not the kind, so it expands to nothing certain.
+fn kind_set(patterns: &[String]) -> Option<std::collections::BTreeSet<kind::Kind>> {
+    if patterns.is_empty() {
+        return None;
+    }
+    Some(
+        kind::all_kinds()
+            .into_iter()
+            .filter(|k| {
+                patterns
+                    .iter()
+                    .any(|p| p != "@dynamic" && crate::policy::model::kind_matches(p, *k, false))
+            })
+            .collect(),
+    )
+}
+
+fn kinds_cover(a: &[String], b: &[String]) -> bool {
+    match (kind_set(a), kind_set(b)) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => !b.is_empty() && b.is_subset(&a),
+    }
+}
+
 /// Whether `a` matches everything `b` matches (conservative: may say no when it does).
 fn rule_covers(a: &Rule, b: &Rule) -> bool {
     if !(list_covers(&a.agents, &b.agents)
@@ -516,7 +542,8 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
         (None, _) => true,
         (Some(_), None) => false,
         (Some(x), Some(y)) => {
-            list_covers(&x.kinds, &y.kinds)
+            kinds_cover(&x.kinds, &y.kinds)
+                && !y.kinds.iter().any(|k| k == "@dynamic")
                 && list_covers(&x.tables, &y.tables)
                 && list_covers(&x.tables_read, &y.tables_read)
                 && list_covers(&x.tables_written, &y.tables_written)
@@ -555,5 +582,249 @@ fn shadowing(rules: &[Rule], report: &mut Report) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Source,
+        policy::{PolicyStore, model::Subject, sql::LexOptions},
+    };
+
+    fn cfg() -> Config {
+        Config::parse(&Source::new(
+            "c.toml",
+            r#"
+[[agent]]
+name = "claude"
+match = { uid = 1001 }
+[[target]]
+name = "shop"
+protocol = "tcp"
+address = "127.0.0.1:5432"
+"#,
+        ))
+        .expect("config")
+    }
+
+    fn check(files: &[(&str, &str)]) -> (Option<PolicySet>, Report) {
+        let sources: Vec<Source> = files.iter().map(|(p, t)| Source::new(*p, *t)).collect();
+        load(&sources, &cfg())
+    }
+
+    fn messages(r: &[Diagnostic]) -> Vec<String> {
+        r.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn unknown_fields_point_at_file_line_and_column() {
+        let (set, r) = check(&[(
+            "p.toml",
+            "[[rule]]\nid = \"a\"\naction = \"deny\"\nsql = { kinds = [\"select\"], colour = 1 }\n",
+        )]);
+        assert!(set.is_none());
+        let m = messages(&r.errors);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].starts_with("p.toml:4:"), "{m:?}");
+        assert!(m[0].contains("colour"), "{m:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_place() {
+        let (set, r) = check(&[
+            (
+                "a.toml",
+                r#"
+[[rule]]
+id = "r1"
+agents = ["nobody-here", "claude*"]
+targets = ["nowhere"]
+protocols = ["gopher"]
+sql = { kinds = ["drop_tabel", "@nonsense", "drop_*"], tables = ["a.b.c"], dangerous_functions = ["file", "magic"] }
+action = "deny"
+approvers = ["x"]
+
+[[rule]]
+id = "r2"
+action = "mask"
+
+[[rule]]
+id = "r3"
+action = "mask"
+mask = { columns = ["justone"], detectors = ["emial"], strategy = "shred" }
+"#,
+            ),
+            (
+                "b.toml",
+                "[[rule]]\nid = \"r1\"\naction = \"allow\"\n\n[[rule]]\nid = \"bad id!\"\naction = \"frobnicate\"\n",
+            ),
+        ]);
+        assert!(set.is_none());
+        let all = messages(&r.errors).join("\n");
+        for needle in [
+            "a.toml:4:11: no agent named `nobody-here`",
+            "a.toml:5:12: no target named `nowhere`",
+            "a.toml:6:14: unknown protocol `gopher`",
+            "a.toml:7:18: `drop_tabel` names no statement kind",
+            "a.toml:7:32: `@nonsense` names no statement kind",
+            "a.toml:7:66: `a.b.c` is not `table` or `schema.table`",
+            "unknown function category `magic`",
+            "a.toml:9:13: `approvers` is for require_approval rules, not `deny`",
+            "a.toml:13:10: a mask rule needs a `mask` table",
+            "a.toml:18:21: `justone` is not `table.column`",
+            "a.toml:18:46: unknown detector `emial`",
+            "a.toml:18:67: unknown strategy `shred`",
+            "b.toml:2:6: rule `r1` is already defined at a.toml:2:1",
+            "b.toml:6:6: rule id `bad id!`",
+            "b.toml:7:10: unknown action `frobnicate`",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn shadowed_rules_are_warned_about() {
+        let (set, r) = check(&[(
+            "p.toml",
+            r#"
+[[rule]]
+id = "deny-ddl"
+sql = { kinds = ["@ddl"] }
+action = "deny"
+
+[[rule]]
+id = "deny-drop-table"
+sql = { kinds = ["drop_table"] }
+action = "deny"
+message = "never reached"
+
+[[rule]]
+id = "allow-claude"
+agents = ["claude"]
+sql = { kinds = ["drop_*"] }
+action = "allow"
+
+[[rule]]
+id = "approve-deletes"
+sql = { kinds = ["delete"], missing_where = true }
+action = "require_approval"
+
+[[rule]]
+id = "deny-deletes"
+sql = { kinds = ["delete"] }
+action = "deny"
+"#,
+        )]);
+        assert!(r.is_ok(), "{:?}", r.errors);
+        assert!(set.is_some());
+        let w = messages(&r.warnings);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("`deny-drop-table` never decides") && w[0].contains("`deny-ddl`"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("`allow-claude`"), "{w:?}");
+        // deny-deletes is broader than approve-deletes and more restrictive: not shadowed.
+        assert!(!w.iter().any(|x| x.contains("`deny-deletes`")));
+    }
+
+    #[test]
+    fn the_shipped_policies_are_clean() {
+        let (set, r) = load(
+            &sources(&Config::embedded().expect("default")).expect("builtin"),
+            &Config::embedded().expect("default"),
+        );
+        assert!(
+            r.errors.is_empty() && r.warnings.is_empty(),
+            "{:?} {:?}",
+            r.errors,
+            r.warnings
+        );
+        assert!(set.expect("set").rules.len() >= 9);
+        // The repository's policies/ directory is what is compiled in.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let on_disk = read_dir(&dir).expect("policies dir");
+        assert_eq!(on_disk.len(), BUILTIN.len());
+        for (s, (name, text)) in on_disk.iter().zip(BUILTIN) {
+            assert!(s.path.ends_with(name));
+            assert_eq!(s.text, *text);
+        }
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_the_previous_policies() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "[[rule]]\nid = \"d\"\nsql = { kinds = [\"select\"] }\naction = \"deny\"\n",
+        )
+        .expect("write");
+        let mut c = cfg();
+        c.policy.dir = Some(dir.path().to_owned());
+        let store = PolicyStore::open(&c).expect("loads");
+        let subject = Subject {
+            agent: "claude".into(),
+            ..Default::default()
+        };
+        let class = store.class_of(&subject, "shop", "tcp");
+        let judge = |s: &PolicyStore| {
+            s.judge_sql(
+                class,
+                &subject,
+                "shop",
+                "tcp",
+                "SELECT 1",
+                LexOptions::default(),
+            )
+            .decision
+            .verdict
+        };
+        assert_eq!(judge(&store), crate::policy::Verdict::Deny);
+        let g = store.generation();
+
+        std::fs::write(&file, "[[rule]]\nid = \"d\"\nsql = { kinds = [\"select\"] }\naction = \"deny\"\nbogus = true\n").expect("write");
+        let err = store.reload(&c).expect_err("broken file");
+        assert!(err.to_string().contains("p.toml:5:1"), "{err}");
+        assert_eq!(store.generation(), g, "nothing swapped");
+        assert_eq!(
+            judge(&store),
+            crate::policy::Verdict::Deny,
+            "previous policy in force"
+        );
+        assert_eq!(
+            store
+                .stats
+                .failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        std::fs::write(
+            &file,
+            "[[rule]]\nid = \"a\"\nsql = { kinds = [\"select\"] }\naction = \"allow\"\n",
+        )
+        .expect("write");
+        store.reload(&c).expect("good file");
+        assert_eq!(store.generation(), g + 1);
+        assert_eq!(
+            judge(&store),
+            crate::policy::Verdict::Allow,
+            "the cache does not outlive the policy"
+        );
+        assert_eq!(store.stats.ok.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn missing_policy_directory_is_a_hard_error() {
+        let mut c = cfg();
+        c.policy.dir = Some("/nonexistent/policies".into());
+        let err = PolicyStore::open(&c).err().expect("must fail");
+        assert!(
+            err.to_string().contains("cannot read the policy directory"),
+            "{err}"
+        );
     }
 }

@@ -272,9 +272,8 @@ impl serde::Serialize for Kind {
     }
 }
 
-/// Every kind name, for validating policy files (a rule naming a kind that does not exist
-/// would silently never match).
-pub fn all_kind_names() -> Vec<String> {
+/// Every kind, for validating policy files and comparing patterns.
+pub fn all_kinds() -> Vec<Kind> {
     use Kind::*;
     let objects = [
         Object::Database,
@@ -303,7 +302,7 @@ pub fn all_kind_names() -> Vec<String> {
         Object::TextSearch,
         Object::Other,
     ];
-    let mut out: Vec<String> = [
+    let mut out = vec![
         Select,
         Insert,
         Update,
@@ -351,14 +350,15 @@ pub fn all_kind_names() -> Vec<String> {
         Fetch,
         Close,
         Other,
-    ]
-    .iter()
-    .map(|k| k.name())
-    .collect();
+    ];
     for o in objects {
-        out.push(Create(o).name());
-        out.push(Alter(o).name());
-        out.push(Drop(o).name());
+        out.extend([Create(o), Alter(o), Drop(o)]);
     }
     out
+}
+
+/// Every kind name, for validating policy files (a rule naming a kind that does not exist
+/// would silently never match).
+pub fn all_kind_names() -> Vec<String> {
+    all_kinds().into_iter().map(Kind::name).collect()
 }
