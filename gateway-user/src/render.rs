@@ -176,8 +176,7 @@ pub fn explain(j: &crate::policy::Judgement, set: &crate::policy::PolicySet) -> 
             o,
             "  approvers        {} (timeout {})",
             d.approvers.join(", "),
-            d.approval_timeout_secs
-                .map_or_else(String::new, |t| duration(t))
+            d.approval_timeout_secs.map_or_else(String::new, duration)
         );
     }
     for m in &d.masks {

@@ -35,10 +35,13 @@ pub struct DecisionCache {
     inner: Mutex<Inner>,
 }
 
+/// Entries sharing a hash: the text is kept to tell them apart.
+type Bucket = Vec<(ClassKey, Box<str>, Arc<Judgement>)>;
+
 struct Inner {
     generation: u64,
     entries: usize,
-    map: HashMap<u64, Vec<(ClassKey, Box<str>, Arc<Judgement>)>, NoHash>,
+    map: HashMap<u64, Bucket, NoHash>,
 }
 
 /// Keys are already hashes.

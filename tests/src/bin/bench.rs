@@ -2,6 +2,8 @@
 //! one run, on this machine, so that the ratios mean something on a noisy host.
 //!
 //! Suites:
+//! - `policy`: classification + decision time for an OLTP statement and a 2 KB analytic
+//!   query, uncached and through the decision cache.
 //! - `intercept`: connection rate (connect, 1-byte echo, close) and 1-byte round-trip
 //!   latency on an open connection, direct vs through the proxy. Rounds alternate between
 //!   the two paths; the median round of each is reported.
@@ -115,17 +117,134 @@ fn intercept() {
     assert_eq!(failed, 0.0, "clients saw errors");
 }
 
+/// A ~2 KB analytic query: CTEs, joins, window functions, CASE, aggregates.
+const ANALYTIC: &str = "WITH monthly AS ( SELECT date_trunc('month', o.created_at) AS month, o.customer_id, \
+sum(oi.quantity * oi.unit_price) AS revenue, count(DISTINCT o.id) AS orders FROM sales.orders o \
+JOIN sales.order_items oi ON oi.order_id = o.id JOIN catalog.products p ON p.id = oi.product_id \
+WHERE o.created_at >= now() - interval '2 years' AND o.status IN ('paid', 'shipped', 'delivered') \
+AND p.category_id NOT IN (SELECT id FROM catalog.categories WHERE archived) GROUP BY 1, 2 ), \
+ranked AS ( SELECT month, customer_id, revenue, orders, rank() OVER (PARTITION BY month ORDER BY \
+revenue DESC) AS rnk, lag(revenue) OVER (PARTITION BY customer_id ORDER BY month) AS prev_revenue \
+FROM monthly ), segments AS ( SELECT c.id, CASE WHEN c.created_at > now() - interval '90 days' THEN \
+'new' WHEN EXISTS (SELECT 1 FROM sales.subscriptions s WHERE s.customer_id = c.id AND s.active) \
+THEN 'subscriber' ELSE 'regular' END AS segment, coalesce(r.name, 'unknown') AS region FROM \
+crm.customers c LEFT JOIN geo.regions r ON r.id = c.region_id ) SELECT r.month, s.segment, \
+s.region, count(*) FILTER (WHERE r.rnk <= 10) AS top10, sum(r.revenue) AS revenue, avg(r.orders) AS \
+avg_orders, sum(CASE WHEN r.prev_revenue IS NULL THEN 0 ELSE r.revenue - r.prev_revenue END) AS \
+growth, percentile_cont(0.5) WITHIN GROUP (ORDER BY r.revenue) AS median_revenue, \
+max(r.revenue) - min(r.revenue) AS spread, round(100.0 * sum(r.revenue) / nullif(sum(sum(r.revenue)) \
+OVER (PARTITION BY r.month), 0), 2) AS share FROM ranked r JOIN segments s ON s.id = r.customer_id \
+WHERE r.revenue > 0 AND s.region <> 'test' GROUP BY r.month, s.segment, s.region HAVING \
+sum(r.revenue) > 1000 ORDER BY r.month DESC, revenue DESC LIMIT 500";
+
+const OLTP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+
+/// Nanoseconds per call: the median of batches.
+fn per_call(mut f: impl FnMut(), batch: usize, batches: usize) -> f64 {
+    for _ in 0..batch {
+        f();
+    }
+    let mut samples = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..batch {
+            f();
+        }
+        samples.push(t.elapsed().as_nanos() as f64 / batch as f64);
+    }
+    median(samples)
+}
+
+fn policy() {
+    use portcullis::{
+        config::Config,
+        policy::{PolicyStore, Verdict, model::Subject, sql::LexOptions, store::judge},
+    };
+    let cfg = Config::embedded().expect("default configuration");
+    let store = PolicyStore::open(&cfg).expect("shipped policies");
+    let set = store.current();
+    let subject = Subject {
+        agent: "local".into(),
+        uid: 1000,
+        ..Default::default()
+    };
+    let class = store.class_of(&subject, "postgres", "postgres");
+    let lex = LexOptions::default();
+    println!();
+    println!(
+        "policy: classify + decide with the shipped policies ({} rules); ns per call, median of 20 batches",
+        set.rules.len()
+    );
+    println!("{:<34} {:>12} {:>12}   targets", "", "uncached", "cached");
+    for (name, sql) in [
+        ("pgbench OLTP select", OLTP),
+        ("2 KB analytic query", ANALYTIC),
+    ] {
+        let j = judge(&set, &subject, "postgres", "postgres", sql, lex);
+        assert!(
+            j.classification.error.is_none(),
+            "{name}: {:?}",
+            j.classification.error
+        );
+        assert_eq!(j.decision.verdict, Verdict::Mask);
+        let uncached = per_call(
+            || {
+                std::hint::black_box(judge(
+                    &set,
+                    &subject,
+                    "postgres",
+                    "postgres",
+                    std::hint::black_box(sql),
+                    lex,
+                ));
+            },
+            200,
+            20,
+        );
+        let cached = per_call(
+            || {
+                std::hint::black_box(store.judge_sql(
+                    class,
+                    &subject,
+                    "postgres",
+                    "postgres",
+                    std::hint::black_box(sql),
+                    lex,
+                ));
+            },
+            20_000,
+            20,
+        );
+        println!(
+            "{:<34} {:>9.2} us {:>9.3} us   (sql len {} B; cached <= 1 us{})",
+            name,
+            uncached / 1000.0,
+            cached / 1000.0,
+            sql.len(),
+            if sql == OLTP {
+                ", uncached <= 20 us"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all = args.is_empty();
     let want = |s: &str| all || args.iter().any(|a| a == s);
     let mut ran = false;
+    if want("policy") {
+        policy();
+        ran = true;
+    }
     if want("intercept") {
         intercept();
         ran = true;
     }
     if !ran {
-        eprintln!("unknown suite(s) {args:?}; available: intercept");
+        eprintln!("unknown suite(s) {args:?}; available: policy, intercept");
         std::process::exit(2);
     }
 }

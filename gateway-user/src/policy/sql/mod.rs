@@ -346,12 +346,10 @@ fn own_kind(s: &Statement) -> Kind {
         S::Delete(_) => Kind::Delete,
         S::Merge(_) => Kind::Merge,
         S::Truncate(_) => Kind::Truncate,
-        S::Copy {
-            to, target, source, ..
-        } => {
-            let program = matches!(target, CopyTarget::Program { .. })
-                || matches!(source, CopySource::Table { .. })
-                    && matches!(target, CopyTarget::Program { .. });
+        S::Copy { to, target, .. } => {
+            // `target` is the outside end in both directions: STDIN/STDOUT, a file or a
+            // program.
+            let program = matches!(target, CopyTarget::Program { .. });
             let file = matches!(target, CopyTarget::File { .. });
             if program {
                 Kind::CopyProgram
@@ -562,10 +560,7 @@ fn explain_runs(s: &Statement) -> bool {
             (name == "analyze" || name == "analyse")
                 && o.arg.as_ref().is_none_or(|a| {
                     !matches!(
-                        a.to_string()
-                            .to_ascii_lowercase()
-                            .trim_matches('\'')
-                            .as_ref(),
+                        a.to_string().to_ascii_lowercase().trim_matches('\''),
                         "false" | "off" | "0" | "no"
                     )
                 })
