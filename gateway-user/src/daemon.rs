@@ -27,6 +27,11 @@ use crate::{
     config::{Config, ConfigError},
     ebpf::{self, EbpfError, Kernel, Selection, selection::AgentBinding},
     policy::PolicyStore,
+    protocol::{
+        Engines,
+        postgres::{PgShared, PostgresEngine, approval},
+        tcp::TcpEngine,
+    },
     proxy::{self, Listeners, ProxyError, identity::Resolver},
 };
 
@@ -44,6 +49,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("policies: {0}")]
     Policy(ConfigError),
+    #[error("postgres engine: {0}")]
+    Postgres(crate::protocol::postgres::PgError),
 }
 
 /// Everything the admin API and the background tasks need.
@@ -299,11 +306,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let admin_listener = admin::bind(&cfg.admin.socket)?;
     let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
     let shutdown = CancellationToken::new();
+    let pg = PgShared::new(&cfg.daemon, policy.clone(), approval::none())
+        .map_err(DaemonError::Postgres)?;
+    let engines = Engines {
+        tcp: Arc::new(TcpEngine),
+        postgres: Arc::new(PostgresEngine {
+            shared: Arc::new(pg),
+        }),
+    };
     let shared = Arc::new(proxy::Shared::new(
         config.clone(),
         conns,
         Resolver::system(Some(hierarchy.clone())),
         &listeners,
+        engines,
         shutdown.child_token(),
     ));
     let state = Arc::new(State {

@@ -216,9 +216,11 @@ impl Env {
     /// `ebpf_extra`).
     pub fn config(&self, ebpf_extra: &str, body: &str) -> PathBuf {
         let text = format!(
-            "[proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n\n\
+            "[daemon]\nstate_dir = \"{}\"\n\n\
+             [proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n\n\
              [ebpf]\npin_path = \"{}\"\nattach_cgroup = \"{}\"\nrescan_interval = \"200ms\"\n{ebpf_extra}\n\n\
              [admin]\nsocket = \"{}\"\n\n{body}\n",
+            self.dir.join("state").display(),
             self.pin_path.display(),
             self.root,
             self.admin_socket().display(),
@@ -633,6 +635,21 @@ fn serve_echo(l: StdListener, peers: Arc<Mutex<Vec<SocketAddr>>>, accepted: Arc<
     });
 }
 
+/// A configuration body with one agent per cgroup and one PostgreSQL target (`extra` is
+/// added to the target table: `auth = "inject"`, credentials, TLS settings).
+pub fn agents_and_pg(agents: &[(&str, &str)], addr: &str, extra: &str) -> String {
+    let mut s = String::new();
+    for (name, sel) in agents {
+        s.push_str(&format!(
+            "[[agent]]\nname = \"{name}\"\nmatch = {{ {sel} }}\n\n"
+        ));
+    }
+    s.push_str(&format!(
+        "[[target]]\nname = \"pg\"\nprotocol = \"postgres\"\naddress = \"{addr}\"\n{extra}\n"
+    ));
+    s
+}
+
 /// A configuration body with one agent per cgroup and one TCP target.
 pub fn agents_and_target(agents: &[(&str, &str)], target_addrs: &[String]) -> String {
     let mut s = String::new();
@@ -648,3 +665,5 @@ pub fn agents_and_target(agents: &[(&str, &str)], target_addrs: &[String]) -> St
     ));
     s
 }
+
+pub mod pg;

@@ -13,6 +13,8 @@ use super::{Duration, FailMode, LogFormat, Protocol};
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
+    pub daemon: DaemonSection,
+    #[serde(default)]
     pub proxy: ProxySection,
     #[serde(default)]
     pub ebpf: EbpfSection,
@@ -249,6 +251,55 @@ pub struct TargetEntry {
     pub protocol: Spanned<Protocol>,
     /// One pattern or a list of them.
     pub address: Spanned<OneOrMany>,
+    /// postgres: `passthrough` (default) or `inject`.
+    pub auth: Option<Spanned<String>>,
+    /// postgres: credentials Portcullis holds (inject mode; catalog lookups in both modes).
+    pub credentials: Option<Spanned<CredentialsEntry>>,
+    /// postgres: TLS to the server: `disable`, `prefer` (default), `require`, `verify-full`.
+    pub upstream_tls: Option<Spanned<String>>,
+    /// postgres: CA bundle for `verify-full`.
+    pub upstream_ca: Option<PathBuf>,
+    /// postgres: name to verify the server certificate against (default: the host part of
+    /// the target's first address).
+    pub upstream_server_name: Option<String>,
+    /// postgres: largest message accepted in either direction, in bytes.
+    pub max_message_size: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsEntry {
+    pub user: String,
+    /// A root-only file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// A systemd credential (LoadCredential=) holding the password.
+    pub password_credential: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Where the daemon keeps what it generates: TLS certificate and key, masking key.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Certificate (PEM) presented to clients that ask for TLS; generated when absent.
+    pub tls_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/portcullis")
 }
 
 /// `"a"` or `["a", "b"]`.

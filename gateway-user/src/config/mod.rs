@@ -97,14 +97,71 @@ pub enum LogFormat {
 pub enum Protocol {
     /// Opaque TCP relay: connections are seen, identified and recorded, not parsed.
     Tcp,
+    /// PostgreSQL wire protocol: statements classified, decided and enforced.
+    Postgres,
 }
 
 impl Protocol {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
+            Self::Postgres => "postgres",
         }
     }
+}
+
+/// How the PostgreSQL engine authenticates to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgAuth {
+    /// The client's authentication exchange is relayed to the server.
+    Passthrough,
+    /// Portcullis authenticates with credentials it holds; the agent is admitted by its
+    /// process identity and its own password is never forwarded.
+    Inject,
+}
+
+/// TLS on the proxy → server leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+/// Where a password comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Secret {
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY`.
+    Credential(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Secret,
+}
+
+/// PostgreSQL settings of a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgTarget {
+    pub auth: PgAuth,
+    pub credentials: Option<Credentials>,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_server_name: Option<String>,
+    pub max_message_size: usize,
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -112,6 +169,7 @@ impl Protocol {
 pub struct Config {
     /// The file it came from; `None` for the embedded default.
     pub path: Option<PathBuf>,
+    pub daemon: DaemonConfig,
     pub proxy: ProxyConfig,
     pub ebpf: EbpfConfig,
     pub admin: AdminConfig,
@@ -204,6 +262,8 @@ pub struct Target {
     pub name: String,
     pub protocol: Protocol,
     pub addrs: Vec<TargetAddr>,
+    /// PostgreSQL settings (protocol `postgres` only).
+    pub pg: Option<PgTarget>,
 }
 
 impl Config {
@@ -307,6 +367,105 @@ pub fn normalize_cgroup_path(p: &str) -> Option<String> {
         return None;
     }
     Some(format!("/{}", parts.join("/")))
+}
+
+/// PostgreSQL keys of a target: valid only for `protocol = "postgres"`.
+fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
+    let is_pg = *t.protocol.get_ref() == Protocol::Postgres;
+    if !is_pg {
+        for (key, span) in [
+            ("auth", t.auth.as_ref().map(Spanned::span)),
+            ("credentials", t.credentials.as_ref().map(Spanned::span)),
+            ("upstream_tls", t.upstream_tls.as_ref().map(Spanned::span)),
+            (
+                "max_message_size",
+                t.max_message_size.as_ref().map(Spanned::span),
+            ),
+        ] {
+            if let Some(span) = span {
+                c.at_span(span, format!("`{key}` is for postgres targets"));
+            }
+        }
+        return None;
+    }
+    let auth = match t.auth.as_ref().map(|a| a.get_ref().as_str()) {
+        None | Some("passthrough") => PgAuth::Passthrough,
+        Some("inject") => PgAuth::Inject,
+        Some(other) => {
+            if let Some(a) = &t.auth {
+                c.at(
+                    a,
+                    format!("`auth` is `passthrough` or `inject`, not `{other}`"),
+                );
+            }
+            PgAuth::Passthrough
+        }
+    };
+    let credentials = t.credentials.as_ref().and_then(|cr| {
+        let e = cr.get_ref();
+        let password = match (&e.password_file, &e.password_credential) {
+            (Some(f), None) => Secret::File(f.clone()),
+            (None, Some(n)) => Secret::Credential(n.clone()),
+            _ => {
+                c.at(
+                    cr,
+                    "credentials need exactly one of `password_file` or `password_credential`",
+                );
+                return None;
+            }
+        };
+        Some(Credentials {
+            user: e.user.clone(),
+            password,
+        })
+    });
+    if auth == PgAuth::Inject && credentials.is_none() && t.credentials.is_none() {
+        c.at(
+            &t.name,
+            "`auth = \"inject\"` needs `credentials` (user and password)",
+        );
+    }
+    let upstream_tls = match t.upstream_tls.as_ref().map(|a| a.get_ref().as_str()) {
+        None | Some("prefer") => UpstreamTls::Prefer,
+        Some("disable") => UpstreamTls::Disable,
+        Some("require") => UpstreamTls::Require,
+        Some("verify-full") => UpstreamTls::VerifyFull,
+        Some(other) => {
+            if let Some(a) = &t.upstream_tls {
+                c.at(
+                    a,
+                    format!(
+                        "`upstream_tls` is disable, prefer, require or verify-full, not `{other}`"
+                    ),
+                );
+            }
+            UpstreamTls::Prefer
+        }
+    };
+    if upstream_tls == UpstreamTls::VerifyFull && t.upstream_ca.is_none() {
+        if let Some(a) = &t.upstream_tls {
+            c.at(
+                a,
+                "`verify-full` needs `upstream_ca` (the CA bundle to verify the server with)",
+            );
+        }
+    }
+    let max_message_size = match &t.max_message_size {
+        Some(m) if *m.get_ref() < 8192 => {
+            c.at(m, "`max_message_size` must be at least 8192 bytes");
+            8192
+        }
+        Some(m) => *m.get_ref(),
+        None => crate::protocol::postgres::codec::DEFAULT_MAX_MESSAGE,
+    };
+    Some(PgTarget {
+        auth,
+        credentials,
+        upstream_tls,
+        upstream_ca: t.upstream_ca.clone(),
+        upstream_server_name: t.upstream_server_name.clone(),
+        max_message_size,
+    })
 }
 
 fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> {
@@ -545,19 +704,34 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
                 Err(e) => c.at_span(span, e.to_string()),
             }
         }
+        let pg = validate_pg(&mut c, t);
         targets.push(Target {
             id: i as u32,
             name,
             protocol: *t.protocol.get_ref(),
             addrs,
+            pg,
         });
     }
 
+    if (raw.daemon.tls_cert.is_some()) != (raw.daemon.tls_key.is_some()) {
+        c.out.push(Diagnostic {
+            location: None,
+            path: src.path.clone(),
+            message: "[daemon] needs both `tls_cert` and `tls_key`, or neither (one is generated)"
+                .into(),
+        });
+    }
     if !c.out.is_empty() {
         return Err(ConfigError::Invalid(c.out));
     }
     Ok(Config {
         path: None,
+        daemon: DaemonConfig {
+            state_dir: raw.daemon.state_dir,
+            tls_cert: raw.daemon.tls_cert,
+            tls_key: raw.daemon.tls_key,
+        },
         proxy: ProxyConfig {
             listen_v4,
             listen_v6,

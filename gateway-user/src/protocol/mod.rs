@@ -6,6 +6,7 @@
 //! shutdown signal. It returns how the connection ended. The opaque TCP relay
 //! ([`tcp::TcpEngine`]) is the first; the PostgreSQL engine implements the same trait.
 
+pub mod postgres;
 pub mod tcp;
 
 use std::{
@@ -73,6 +74,10 @@ pub enum End {
     UpstreamUnreachable,
     /// The daemon shut down.
     Shutdown,
+    /// Refused before any statement ran (startup parameters, authentication).
+    Refused,
+    /// A protocol violation or lost protocol state; the connection was closed.
+    ProtocolError,
 }
 
 impl End {
@@ -83,6 +88,8 @@ impl End {
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::Shutdown => "shutdown",
+            Self::Refused => "refused",
+            Self::ProtocolError => "protocol_error",
         }
     }
 }
@@ -116,9 +123,18 @@ pub trait Engine: Send + Sync + 'static {
     fn serve(&self, session: Session) -> BoxFuture<Outcome>;
 }
 
-/// The engine for a protocol.
-pub fn engine_for(protocol: Protocol) -> Arc<dyn Engine> {
-    match protocol {
-        Protocol::Tcp => Arc::new(tcp::TcpEngine),
+/// The engines of a daemon, one per protocol, built once with their shared state.
+#[derive(Clone)]
+pub struct Engines {
+    pub tcp: Arc<dyn Engine>,
+    pub postgres: Arc<dyn Engine>,
+}
+
+impl Engines {
+    pub fn get(&self, protocol: Protocol) -> &Arc<dyn Engine> {
+        match protocol {
+            Protocol::Tcp => &self.tcp,
+            Protocol::Postgres => &self.postgres,
+        }
     }
 }

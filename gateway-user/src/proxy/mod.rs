@@ -30,7 +30,7 @@ use self::{identity::Resolver, upstream::Upstream};
 use crate::{
     config::{Config, ProxyConfig},
     ebpf::ConnTable,
-    protocol::{ConnContext, Outcome, Session, Traffic, engine_for},
+    protocol::{ConnContext, Engines, Outcome, Session, Traffic},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +131,7 @@ pub struct Shared {
     /// Cancelled to end open sessions (after the drain deadline).
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub engines: Engines,
     limiter: Arc<Semaphore>,
     next_id: AtomicU64,
     listeners: Vec<SocketAddr>,
@@ -142,6 +143,7 @@ impl Shared {
         conns: ConnTable,
         resolver: Resolver,
         listeners: &Listeners,
+        engines: Engines,
         shutdown: CancellationToken,
     ) -> Self {
         let max = config.load().proxy.max_connections;
@@ -159,6 +161,7 @@ impl Shared {
             accepting: CancellationToken::new(),
             shutdown,
             tasks: TaskTracker::new(),
+            engines,
             limiter: Arc::new(Semaphore::new(max)),
             next_id: AtomicU64::new(1),
             listeners,
@@ -315,7 +318,7 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
         shutdown: shared.shutdown.clone(),
     };
     stats.active.fetch_add(1, Ordering::Relaxed);
-    let outcome = engine_for(target.protocol).serve(session).await;
+    let outcome = shared.engines.get(target.protocol).serve(session).await;
     stats.active.fetch_sub(1, Ordering::Relaxed);
     if outcome.end == crate::protocol::End::UpstreamUnreachable {
         stats.upstream_failures.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,394 @@
+//! Which client message does each server response answer?
+//!
+//! The engine pushes an [`Expect`] for every message it forwards to the server (the client's,
+//! substitutes for denied ones, and its own injected ones); the server's responses are fed
+//! to [`Tracker::on_server`], which pairs them up following the protocol's rules:
+//! - simple query: any number of result sets, errors and notices, then ReadyForQuery;
+//! - extended query: one response per message, and after an ErrorResponse the server
+//!   discards everything up to the next Sync (so those expectations are dropped);
+//! - asynchronous messages (notices, notifications, parameter changes) belong to nobody.
+//!
+//! Pure: no I/O. A response that fits no expectation is a desync, and the session ends
+//! rather than guess (masking depends on knowing which rows belong to what).
+
+use std::{collections::VecDeque, sync::Arc};
+
+use super::messages::be;
+
+/// Why a substituted message was denied: what the client will be told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub rule: String,
+    pub message: String,
+}
+
+/// The judgement of the statement a response belongs to (for masking its results).
+pub type Ctx = Arc<crate::policy::Judgement>;
+
+/// What a forwarded message will be answered with.
+#[derive(Clone)]
+pub enum Expect {
+    /// Simple `Query` (or a substitute for a denied one): results, then ReadyForQuery.
+    Query {
+        denied: Option<Denial>,
+        ctx: Option<Ctx>,
+    },
+    /// `FunctionCall`: FunctionCallResponse or an error, then ReadyForQuery.
+    FunctionCall {
+        denied: Option<Denial>,
+    },
+    /// `Parse`: ParseComplete (or the error of a denied statement's substitute).
+    Parse {
+        denied: Option<Denial>,
+    },
+    Bind,
+    /// `Describe` of a statement: ParameterDescription, then RowDescription or NoData.
+    DescribeStatement {
+        name: String,
+        swallow: bool,
+    },
+    /// `Describe` of a portal: RowDescription or NoData.
+    DescribePortal {
+        name: String,
+        swallow: bool,
+    },
+    /// `Execute`: rows, then CommandComplete / EmptyQuery / PortalSuspended (or COPY).
+    Execute {
+        portal: String,
+    },
+    Close,
+    /// `Sync`: ReadyForQuery.
+    Sync,
+}
+
+impl std::fmt::Debug for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = match self {
+            Self::Query { .. } => "Query",
+            Self::FunctionCall { .. } => "FunctionCall",
+            Self::Parse { .. } => "Parse",
+            Self::Bind => "Bind",
+            Self::DescribeStatement { .. } => "DescribeStatement",
+            Self::DescribePortal { .. } => "DescribePortal",
+            Self::Execute { .. } => "Execute",
+            Self::Close => "Close",
+            Self::Sync => "Sync",
+        };
+        f.write_str(n)
+    }
+}
+
+/// What to do with a server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Relay it.
+    Pass,
+    /// Relay it; it belongs to a result (rows, row description, copy) of `owner`.
+    Result(Owner),
+    /// Replace it with the denial error.
+    Deny(Denial),
+    /// An answer to a message the engine injected: do not relay.
+    Swallow(Owner),
+    /// The transaction status of a ReadyForQuery, after which nothing is pending for the
+    /// Sync/Query it answered.
+    Ready(u8),
+}
+
+/// Whose result a message is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The simple query at the head of the queue.
+    Query,
+    /// A statement being described.
+    Statement(String),
+    /// A portal being described or executed.
+    Portal(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the server sent {tag:?} while the proxy expected {expected}")]
+pub struct Desync {
+    pub tag: char,
+    pub expected: String,
+}
+
+#[derive(Default)]
+pub struct Tracker {
+    queue: VecDeque<Expect>,
+    /// A ParameterDescription was seen for the head DescribeStatement.
+    described_params: bool,
+}
+
+impl Tracker {
+    pub fn push(&mut self, e: Expect) {
+        self.queue.push_back(e);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The context of the query at the head, if it is one.
+    pub fn head_query_ctx(&self) -> Option<&Ctx> {
+        match self.queue.front() {
+            Some(Expect::Query { ctx, .. }) => ctx.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn desync(&self, tag: u8) -> Desync {
+        Desync {
+            tag: tag as char,
+            expected: self
+                .queue
+                .front()
+                .map_or_else(|| "nothing".to_owned(), |e| format!("{e:?}")),
+        }
+    }
+
+    /// After an error in the extended protocol the server skips to the next Sync.
+    fn skip_to_sync(&mut self) {
+        while let Some(e) = self.queue.front() {
+            if matches!(
+                e,
+                Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
+            ) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    pub fn on_server(&mut self, tag: u8) -> Result<Route, Desync> {
+        // Asynchronous: may arrive at any time.
+        if matches!(
+            tag,
+            be::NOTICE_RESPONSE | be::NOTIFICATION | be::PARAMETER_STATUS
+        ) {
+            return Ok(Route::Pass);
+        }
+        let Some(head) = self.queue.front().cloned() else {
+            return Err(self.desync(tag));
+        };
+        use Expect as X;
+        let route = match (&head, tag) {
+            // ---- simple query and function call: everything until ReadyForQuery
+            (X::Query { denied, .. }, be::ERROR_RESPONSE) => match denied {
+                Some(d) => Route::Deny(d.clone()),
+                None => Route::Pass,
+            },
+            (X::FunctionCall { denied }, be::ERROR_RESPONSE) => match denied {
+                Some(d) => Route::Deny(d.clone()),
+                None => Route::Pass,
+            },
+            (X::Query { .. } | X::FunctionCall { .. } | X::Sync, be::READY_FOR_QUERY) => {
+                self.queue.pop_front();
+                return Ok(Route::Ready(0));
+            }
+            (X::FunctionCall { .. }, be::FUNCTION_CALL_RESPONSE) => Route::Pass,
+            (
+                X::Query { .. },
+                be::ROW_DESCRIPTION
+                | be::DATA_ROW
+                | be::COMMAND_COMPLETE
+                | be::EMPTY_QUERY
+                | be::COPY_IN_RESPONSE
+                | be::COPY_OUT_RESPONSE
+                | be::COPY_BOTH_RESPONSE
+                | be::COPY_DATA
+                | be::COPY_DONE,
+            ) => Route::Result(Owner::Query),
+            // ---- extended query
+            (_, be::ERROR_RESPONSE) => {
+                let route = match &head {
+                    X::Parse { denied: Some(d) } => Route::Deny(d.clone()),
+                    _ => Route::Pass,
+                };
+                self.skip_to_sync();
+                self.described_params = false;
+                return Ok(route);
+            }
+            (X::Parse { .. }, be::PARSE_COMPLETE) => {
+                self.queue.pop_front();
+                Route::Pass
+            }
+            (X::Bind, be::BIND_COMPLETE) | (X::Close, be::CLOSE_COMPLETE) => {
+                self.queue.pop_front();
+                Route::Pass
+            }
+            (X::DescribeStatement { name, swallow }, be::PARAMETER_DESCRIPTION) => {
+                self.described_params = true;
+                if *swallow {
+                    Route::Swallow(Owner::Statement(name.clone()))
+                } else {
+                    Route::Pass
+                }
+            }
+            (X::DescribeStatement { name, swallow }, be::ROW_DESCRIPTION | be::NO_DATA)
+                if self.described_params =>
+            {
+                self.described_params = false;
+                self.queue.pop_front();
+                let owner = Owner::Statement(name.clone());
+                if *swallow {
+                    Route::Swallow(owner)
+                } else {
+                    Route::Result(owner)
+                }
+            }
+            (X::DescribePortal { name, swallow }, be::ROW_DESCRIPTION | be::NO_DATA) => {
+                self.queue.pop_front();
+                let owner = Owner::Portal(name.clone());
+                if *swallow {
+                    Route::Swallow(owner)
+                } else {
+                    Route::Result(owner)
+                }
+            }
+            (
+                X::Execute { portal },
+                be::DATA_ROW
+                | be::COPY_IN_RESPONSE
+                | be::COPY_OUT_RESPONSE
+                | be::COPY_BOTH_RESPONSE
+                | be::COPY_DATA
+                | be::COPY_DONE,
+            ) => Route::Result(Owner::Portal(portal.clone())),
+            (
+                X::Execute { portal },
+                be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED,
+            ) => {
+                let p = portal.clone();
+                self.queue.pop_front();
+                Route::Result(Owner::Portal(p))
+            }
+            _ => return Err(self.desync(tag)),
+        };
+        Ok(route)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deny() -> Option<Denial> {
+        Some(Denial {
+            rule: "r".into(),
+            message: "no".into(),
+        })
+    }
+
+    fn feed(t: &mut Tracker, tags: &[u8]) -> Vec<Route> {
+        tags.iter()
+            .map(|&g| t.on_server(g).expect("in sync"))
+            .collect()
+    }
+
+    #[test]
+    fn simple_query_results_then_ready() {
+        let mut t = Tracker::default();
+        t.push(Expect::Query {
+            denied: None,
+            ctx: None,
+        });
+        let r = feed(&mut t, b"TDDCNTDCZ");
+        assert_eq!(r[0], Route::Result(Owner::Query));
+        assert_eq!(r[4], Route::Pass, "notice");
+        assert_eq!(r[8], Route::Ready(0));
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn a_denied_query_gets_its_error_rewritten() {
+        let mut t = Tracker::default();
+        t.push(Expect::Query {
+            denied: deny(),
+            ctx: None,
+        });
+        assert_eq!(
+            t.on_server(be::ERROR_RESPONSE),
+            Ok(Route::Deny(Denial {
+                rule: "r".into(),
+                message: "no".into()
+            }))
+        );
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+    }
+
+    #[test]
+    fn extended_pipeline_with_a_denied_parse() {
+        let mut t = Tracker::default();
+        for e in [
+            Expect::Parse { denied: None },
+            Expect::Bind,
+            Expect::Execute { portal: "".into() },
+            Expect::Sync,
+            Expect::Parse { denied: deny() },
+            Expect::Bind,
+            Expect::Execute { portal: "".into() },
+            Expect::Sync,
+        ] {
+            t.push(e);
+        }
+        let r = feed(&mut t, b"12DCZ");
+        assert_eq!(r[2], Route::Result(Owner::Portal(String::new())));
+        assert_eq!(r[4], Route::Ready(0));
+        // The substitute fails at Parse; Bind and Execute are skipped by the server.
+        assert!(matches!(
+            t.on_server(be::ERROR_RESPONSE),
+            Ok(Route::Deny(_))
+        ));
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn an_earlier_error_skips_a_later_substitute() {
+        let mut t = Tracker::default();
+        for e in [
+            Expect::Parse { denied: None },
+            Expect::Bind,
+            Expect::Execute { portal: "".into() },
+            Expect::Parse { denied: deny() },
+            Expect::Sync,
+        ] {
+            t.push(e);
+        }
+        feed(&mut t, b"12");
+        // The Execute fails: the server never parses the substitute.
+        assert_eq!(
+            t.on_server(be::ERROR_RESPONSE),
+            Ok(Route::Pass),
+            "not rewritten"
+        );
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn injected_describes_are_swallowed() {
+        let mut t = Tracker::default();
+        t.push(Expect::Parse { denied: None });
+        t.push(Expect::DescribeStatement {
+            name: "s".into(),
+            swallow: true,
+        });
+        t.push(Expect::Sync);
+        let r = feed(&mut t, b"1tTZ");
+        assert_eq!(r[1], Route::Swallow(Owner::Statement("s".into())));
+        assert_eq!(r[2], Route::Swallow(Owner::Statement("s".into())));
+    }
+
+    #[test]
+    fn unexpected_messages_are_a_desync() {
+        let mut t = Tracker::default();
+        assert!(t.on_server(be::DATA_ROW).is_err(), "rows nobody asked for");
+        t.push(Expect::Bind);
+        assert!(t.on_server(be::PARSE_COMPLETE).is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! The PostgreSQL engine: terminates the client's protocol (and TLS), authenticates to the
+//! server (relaying the client's exchange, or with credentials Portcullis holds), and relays
+//! messages both ways, judging every statement on the way in and masking results on the
+//! way out. See `docs/postgres.md`.
+//!
+//! - [`codec`], [`messages`]: sans-IO framing and the messages the engine reads;
+//! - [`startup`], [`tls`], [`auth`], [`cancel`]: connection start, TLS, authentication,
+//!   cancellation;
+//! - [`expect`]: which client message each server response answers;
+//! - [`session`]: the relay with enforcement;
+//! - [`approval`]: the hook for statements held for a person.
+
+pub mod approval;
+pub mod auth;
+pub mod cancel;
+pub mod codec;
+pub mod expect;
+pub mod messages;
+pub mod session;
+pub mod startup;
+pub mod stream;
+pub mod tls;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use self::{approval::Approver, cancel::CancelMap, codec::FrameError};
+use super::{BoxFuture, Engine, Outcome, Session};
+use crate::{
+    config::{DaemonConfig, PgTarget},
+    policy::PolicyStore,
+    proxy::upstream::UpstreamError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("the client closed the connection")]
+    ClientGone,
+    #[error("client I/O: {0}")]
+    ClientIo(std::io::Error),
+    #[error("client TLS handshake: {0}")]
+    ClientTls(std::io::Error),
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(FrameError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("server I/O: {0}")]
+    ServerIo(std::io::Error),
+    #[error("server TLS: {0}")]
+    ServerTls(String),
+    #[error("server protocol violation: {0}")]
+    ServerProtocol(FrameError),
+    #[error("authenticating to the server: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("the server refused the session: {0}")]
+    ServerRefused(String),
+    #[error("protocol state lost: {0}")]
+    Desync(#[from] expect::Desync),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// State shared by every PostgreSQL session of a daemon.
+pub struct PgShared {
+    /// TLS for clients (`None` answers `N` to SSLRequest).
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    pub policy: Arc<PolicyStore>,
+    pub cancels: Arc<CancelMap>,
+    pub approver: Arc<dyn Approver>,
+    upstream_tls: Mutex<HashMap<String, (PgTarget, Option<Arc<rustls::ClientConfig>>)>>,
+}
+
+impl PgShared {
+    pub fn new(
+        daemon: &DaemonConfig,
+        policy: Arc<PolicyStore>,
+        approver: Arc<dyn Approver>,
+    ) -> Result<Self, PgError> {
+        Ok(Self {
+            client_tls: Some(tls::server_config(daemon)?),
+            policy,
+            cancels: Arc::new(CancelMap::default()),
+            approver,
+            upstream_tls: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The rustls client configuration of a target, built once per target settings.
+    pub fn upstream_tls(
+        &self,
+        target: &str,
+        pg: &PgTarget,
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, PgError> {
+        let mut cache = self.upstream_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((settings, cfg)) = cache.get(target)
+            && settings == pg
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = tls::client_config(pg)?;
+        cache.insert(target.to_owned(), (pg.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+pub struct PostgresEngine {
+    pub shared: Arc<PgShared>,
+}
+
+impl Engine for PostgresEngine {
+    fn serve(&self, s: Session) -> BoxFuture<Outcome> {
+        Box::pin(session::run(self.shared.clone(), s))
+    }
+}

@@ -1,0 +1,1101 @@
+//! One PostgreSQL session through the gate.
+//!
+//! Start: client negotiation ([`super::startup`]), checks on the startup parameters, the
+//! server connection (with TLS per target), authentication (relayed, or injected with
+//! Portcullis's credentials), then the relay.
+//!
+//! Relay: two pumps run side by side so neither direction can block the other.
+//! - Client → server: every statement (simple `Query`, extended `Parse`, SQL `PREPARE`) is
+//!   judged by the policy before anything is forwarded. A denied message is replaced by a
+//!   harmless one that makes the server raise an error (a constant cast that fails at parse
+//!   analysis), so the server's own rules give the session exactly the state it would have
+//!   had if it had refused the statement: an error inside a transaction block aborts it, a
+//!   pipeline skips to its Sync. The denied text never reaches the server.
+//! - Server → client: each response is paired with the message it answers
+//!   ([`super::expect`]); the error of a substitute is rewritten into the denial
+//!   (SQLSTATE 42501, naming the rule). Results are streamed message by message.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{
+    AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    PgError, PgShared,
+    approval::{ApprovalOutcome, ApprovalRequest},
+    auth,
+    codec::{Frame, SSL_REQUEST, Startup, decode},
+    expect::{Denial, Expect, Route, Tracker},
+    messages::{self, Notice, Parse, auth_codes, be, fe},
+    startup::{self, Accepted},
+    stream::Stream,
+};
+use crate::{
+    config::{PgAuth, PgTarget, UpstreamTls},
+    policy::{
+        Judgement, PolicyStore, Subject, Verdict,
+        cache::ClassKey,
+        sql::{Kind, LexOptions},
+    },
+    protocol::{ConnContext, End, Outcome, Session, Traffic},
+    proxy::upstream::Upstream,
+};
+
+/// What a denied statement is replaced with: valid SQL that fails during parse analysis,
+/// before anything executes, with no side effect. Schema-qualified so no search_path can
+/// redirect it; no backslash, so it reads the same whatever standard_conforming_strings is.
+pub const DENIED_SQL: &str = "SELECT 'portcullis: statement refused by policy'::pg_catalog.int4";
+
+/// Rule id reported for the function-call sub-protocol, which is always refused.
+pub const FUNCTION_CALL_RULE: &str = "function-call-protocol";
+
+/// Writes are batched; a batch is written out once it reaches this size.
+const WRITE_BATCH: usize = 64 * 1024;
+
+pub async fn run(shared: Arc<PgShared>, s: Session) -> Outcome {
+    let Session {
+        client,
+        ctx,
+        upstream,
+        traffic,
+        shutdown,
+    } = s;
+    let client_sock = socket2::SockRef::from(&client).try_clone().ok();
+    match session(&shared, client, &ctx, &upstream, &traffic, &shutdown).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let end = match &e {
+                PgError::ClientGone => End::Closed,
+                PgError::ClientIo(_) | PgError::ClientTls(_) => End::ClientReset,
+                PgError::Upstream(_) => End::UpstreamUnreachable,
+                PgError::ServerIo(_) => End::UpstreamReset,
+                PgError::Refused(_) | PgError::ServerRefused(_) | PgError::Auth(_) => End::Refused,
+                _ => End::ProtocolError,
+            };
+            if matches!(end, End::ProtocolError | End::UpstreamUnreachable)
+                && let Some(sock) = client_sock
+            {
+                let _ = sock.set_linger(Some(Duration::ZERO));
+            }
+            tracing::info!(conn.id = ctx.id, error = %e, "postgres session ended");
+            Outcome::new(end, Some(e.to_string()))
+        }
+    }
+}
+
+/// Framed reading from one side.
+pub(crate) struct Reader<R> {
+    r: R,
+    buf: BytesMut,
+    max: usize,
+    client: bool,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    fn new(r: R, buf: BytesMut, max: usize, client: bool) -> Self {
+        Self {
+            r,
+            buf,
+            max,
+            client,
+        }
+    }
+
+    fn proto_err(&self, e: super::codec::FrameError) -> PgError {
+        if self.client {
+            PgError::ClientProtocol(e)
+        } else {
+            PgError::ServerProtocol(e)
+        }
+    }
+
+    /// Decodes what is buffered; `None` when more must be read.
+    fn try_frame(&mut self) -> Result<Option<Frame>, PgError> {
+        decode(&mut self.buf, self.max).map_err(|e| self.proto_err(e))
+    }
+
+    /// Reads more; `false` on a clean EOF.
+    async fn fill(&mut self) -> Result<bool, PgError> {
+        if self.buf.capacity() - self.buf.len() < 8192 {
+            self.buf.reserve(8192);
+        }
+        let n = self.r.read_buf(&mut self.buf).await.map_err(|e| {
+            if self.client {
+                PgError::ClientIo(e)
+            } else {
+                PgError::ServerIo(e)
+            }
+        })?;
+        Ok(n > 0)
+    }
+
+    async fn frame(&mut self) -> Result<Frame, PgError> {
+        loop {
+            if let Some(f) = self.try_frame()? {
+                return Ok(f);
+            }
+            if !self.fill().await? {
+                return Err(if self.client {
+                    PgError::ClientGone
+                } else {
+                    PgError::ServerIo(std::io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Frame],
+    client: bool,
+) -> Result<(), PgError> {
+    let mut b = BytesMut::new();
+    for f in frames {
+        f.encode(&mut b);
+    }
+    w.write_all(&b).await.map_err(|e| {
+        if client {
+            PgError::ClientIo(e)
+        } else {
+            PgError::ServerIo(e)
+        }
+    })
+}
+
+fn fatal(code: &'static str, message: String) -> Frame {
+    Notice {
+        severity: "FATAL",
+        code,
+        message,
+        detail: None,
+        hint: None,
+    }
+    .error()
+}
+
+fn denial_error(d: &Denial) -> Frame {
+    Notice {
+        severity: "ERROR",
+        code: "42501",
+        message: format!("portcullis: {}", d.message),
+        detail: Some(format!("Refused by Portcullis policy rule \"{}\".", d.rule)),
+        hint: Some(
+            "The statement was not sent to the server. See `portcullis policy explain` on \
+             the host for why."
+                .into(),
+        ),
+    }
+    .error()
+}
+
+/// Startup parameters that would change identity or protocol before any statement could
+/// be judged.
+fn check_params(params: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in params {
+        let k_l = k.to_ascii_lowercase();
+        match k_l.as_str() {
+            "replication" => {
+                return Err("replication connections are not allowed through Portcullis".into());
+            }
+            "role" | "session_authorization" => {
+                return Err(format!(
+                    "setting `{k}` at connection time is not allowed through Portcullis; use \
+                     SET ROLE, which the policy judges"
+                ));
+            }
+            "options" => {
+                let l = v.to_ascii_lowercase();
+                if l.contains("role") || l.contains("session_authorization") {
+                    return Err(
+                        "setting a role in `options` at connection time is not allowed through \
+                         Portcullis; use SET ROLE, which the policy judges"
+                            .into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn subject_of(ctx: &ConnContext) -> Subject {
+    let who = &ctx.identity;
+    Subject {
+        agent: ctx.agent.name.clone(),
+        uid: who.uid,
+        user: who.user.clone(),
+        unit: who.cgroup_info.unit.clone(),
+        exe: who.exe.as_ref().map(|p| p.display().to_string()),
+        cgroup: who.cgroup.clone(),
+        groups: Vec::new(),
+    }
+}
+
+async fn connect_server(
+    shared: &PgShared,
+    ctx: &ConnContext,
+    pg: &PgTarget,
+    upstream: &Upstream,
+) -> Result<Stream, PgError> {
+    let mut tcp = upstream.connect().await?;
+    let Some(tls) = shared.upstream_tls(&ctx.target.name, pg)? else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let req = Startup::SslRequest.encode();
+    debug_assert_eq!(&req[4..8], &SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req).await.map_err(PgError::ServerIo)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(PgError::ServerIo)?;
+    match answer[0] {
+        b'S' => {
+            let name = pg
+                .upstream_server_name
+                .clone()
+                .unwrap_or_else(|| upstream.addr.ip().to_string());
+            let name = rustls::pki_types::ServerName::try_from(name)
+                .map_err(|e| PgError::ServerTls(e.to_string()))?;
+            let t = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| PgError::ServerTls(e.to_string()))?;
+            Ok(Stream::ToServer(Box::new(t)))
+        }
+        b'N' if pg.upstream_tls == UpstreamTls::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(PgError::ServerTls(
+            "the server does not offer TLS but the target requires it".into(),
+        )),
+        other => Err(PgError::ServerTls(format!(
+            "unexpected answer {other:#x} to SSLRequest"
+        ))),
+    }
+}
+
+/// Removes `SCRAM-SHA-256-PLUS` from an AuthenticationSASL list: channel binding cannot
+/// cross the proxy (the client would bind to Portcullis's TLS, the server checks its own).
+fn without_channel_binding(body: &[u8]) -> Bytes {
+    let mut out = BytesMut::from(&body[..4]);
+    for mech in body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()) {
+        if mech != b"SCRAM-SHA-256-PLUS" {
+            out.extend_from_slice(mech);
+            out.extend_from_slice(&[0]);
+        }
+    }
+    out.extend_from_slice(&[0]);
+    out.freeze()
+}
+
+async fn session(
+    shared: &PgShared,
+    client_tcp: tokio::net::TcpStream,
+    ctx: &Arc<ConnContext>,
+    upstream: &Upstream,
+    traffic: &Arc<Traffic>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, PgError> {
+    let pg = ctx.target.pg.clone().ok_or_else(|| {
+        PgError::Config(format!(
+            "target {} has no postgres settings",
+            ctx.target.name
+        ))
+    })?;
+    let (mut client, version, mut params, leftover) =
+        match startup::accept(client_tcp, shared.client_tls.as_ref()).await? {
+            Accepted::Cancel { pid, key } => {
+                super::cancel::forward(&shared.cancels, upstream, pid, key).await;
+                return Ok(Outcome::new(End::Closed, None));
+            }
+            Accepted::Session {
+                client,
+                version,
+                params,
+                leftover,
+            } => (client, version, params, leftover),
+        };
+    if let Err(why) = check_params(&params) {
+        let _ = send(
+            &mut client,
+            &[fatal("42501", format!("portcullis: {why}"))],
+            true,
+        )
+        .await;
+        return Err(PgError::Refused(why));
+    }
+    let client_user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let database = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map_or_else(|| client_user.clone(), |(_, v)| v.clone());
+    let creds = pg.credentials.clone();
+    if pg.auth == PgAuth::Inject {
+        let user = creds.as_ref().map(|c| c.user.clone()).unwrap_or_default();
+        params.retain(|(k, _)| k != "user");
+        params.insert(0, ("user".into(), user));
+        if !params.iter().any(|(k, _)| k == "database") {
+            params.push(("database".into(), database.clone()));
+        }
+    }
+    let server = match connect_server(shared, ctx, &pg, upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = send(
+                &mut client,
+                &[fatal(
+                    "08006",
+                    format!("portcullis: cannot reach the server: {e}"),
+                )],
+                true,
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let mut server = Reader::new(
+        server,
+        BytesMut::with_capacity(16 * 1024),
+        pg.max_message_size,
+        false,
+    );
+    let mut client = Reader::new(client, leftover, pg.max_message_size, true);
+    server
+        .r
+        .write_all(&Startup::Startup { version, params }.encode())
+        .await
+        .map_err(PgError::ServerIo)?;
+
+    // ---- authentication
+    match pg.auth {
+        PgAuth::Passthrough => relay_auth(&mut client, &mut server).await?,
+        PgAuth::Inject => {
+            let creds =
+                creds.ok_or_else(|| PgError::Config("inject without credentials".into()))?;
+            if let Err(e) = inject_auth(&mut server, &creds).await {
+                let _ = send(
+                    &mut client.r,
+                    &[fatal(
+                        "28000",
+                        format!("portcullis: could not authenticate to the server: {e}"),
+                    )],
+                    true,
+                )
+                .await;
+                return Err(e);
+            }
+            tracing::info!(conn.id = ctx.id, db.user = %creds.user, agent.name = %ctx.agent.name, "injected credentials");
+            send(&mut client.r, &[messages::auth(auth_codes::OK, &[])], true).await?;
+        }
+    }
+
+    // ---- until the first ReadyForQuery: parameters and the backend key
+    let mut scs = true;
+    let mut key: Option<(i32, Bytes)> = None;
+    loop {
+        let f = server.frame().await?;
+        match f.tag {
+            be::PARAMETER_STATUS => {
+                if let Ok((k, v)) = messages::parameter_status(&f.body)
+                    && k == "standard_conforming_strings"
+                {
+                    scs = v == "on";
+                }
+            }
+            be::BACKEND_KEY_DATA => key = messages::backend_key(&f.body).ok(),
+            be::ERROR_RESPONSE => {
+                send(&mut client.r, &[f], true).await?;
+                return Err(PgError::ServerRefused(
+                    "error before the session was ready".into(),
+                ));
+            }
+            _ => {}
+        }
+        let ready = f.tag == be::READY_FOR_QUERY;
+        send(&mut client.r, &[f], true).await?;
+        if ready {
+            break;
+        }
+    }
+    let _cancel_guard = key.map(|(pid, k)| shared.cancels.insert(pid, k, upstream.addr));
+    tracing::debug!(conn.id = ctx.id, db = %database, "postgres session ready");
+
+    // ---- relay
+    let subject = subject_of(ctx);
+    let class = shared
+        .policy
+        .class_of(&subject, &ctx.target.name, ctx.target.protocol.as_str());
+    let state = Arc::new(Mutex::new(State {
+        tracker: Tracker::default(),
+        statements: HashMap::new(),
+        sql_prepared: HashMap::new(),
+        scs,
+    }));
+    let judge = JudgeCtx {
+        policy: shared.policy.clone(),
+        subject,
+        class,
+        target: ctx.target.name.clone(),
+        protocol: ctx.target.protocol.as_str(),
+    };
+    let Reader {
+        r: cs,
+        buf: cbuf,
+        max,
+        ..
+    } = client;
+    let Reader {
+        r: ss, buf: sbuf, ..
+    } = server;
+    let (c_read, c_write) = tokio::io::split(cs);
+    let (s_read, s_write) = tokio::io::split(ss);
+    let c_write = Arc::new(tokio::sync::Mutex::new(c_write));
+    let upward = client_to_server(
+        Reader::new(c_read, cbuf, max, true),
+        s_write,
+        c_write.clone(),
+        state.clone(),
+        &judge,
+        shared,
+        ctx,
+        traffic,
+    );
+    let downward = server_to_client(
+        Reader::new(s_read, sbuf, max, false),
+        c_write,
+        state,
+        traffic,
+    );
+    tokio::pin!(upward, downward);
+    let end = tokio::select! {
+        r = &mut upward => r,
+        r = &mut downward => r,
+        () = shutdown.cancelled() => Ok(End::Shutdown),
+    };
+    end.map(|e| Outcome::new(e, None))
+}
+
+/// Passthrough: the server's authentication requests go to the client and the client's
+/// answers to the server, verbatim, until the server says OK (or refuses).
+async fn relay_auth(
+    client: &mut Reader<Stream>,
+    server: &mut Reader<Stream>,
+) -> Result<(), PgError> {
+    loop {
+        let f = server.frame().await?;
+        match f.tag {
+            be::AUTHENTICATION => {
+                let (code, _) = messages::auth_code(&f.body).map_err(PgError::ServerProtocol)?;
+                let f = if code == auth_codes::SASL {
+                    Frame::new(be::AUTHENTICATION, without_channel_binding(&f.body))
+                } else {
+                    f
+                };
+                send(&mut client.r, &[f], true).await?;
+                match code {
+                    auth_codes::OK => return Ok(()),
+                    auth_codes::SASL_FINAL => {}
+                    auth_codes::CLEARTEXT
+                    | auth_codes::MD5
+                    | auth_codes::SASL
+                    | auth_codes::SASL_CONTINUE => {
+                        let answer = client.frame().await?;
+                        if answer.tag != fe::PASSWORD {
+                            return Err(PgError::ClientProtocol(
+                                super::codec::FrameError::Malformed {
+                                    what: "authentication",
+                                    why: format!(
+                                        "expected a password message, got {:?}",
+                                        answer.tag as char
+                                    ),
+                                },
+                            ));
+                        }
+                        send(&mut server.r, &[answer], false).await?;
+                    }
+                    other => return Err(PgError::Auth(auth::AuthError::Unsupported(other))),
+                }
+            }
+            be::ERROR_RESPONSE => {
+                send(&mut client.r, &[f], true).await?;
+                return Err(PgError::ServerRefused("authentication failed".into()));
+            }
+            be::NEGOTIATE_PROTOCOL | be::NOTICE_RESPONSE => send(&mut client.r, &[f], true).await?,
+            other => {
+                return Err(PgError::ServerProtocol(
+                    super::codec::FrameError::Malformed {
+                        what: "authentication",
+                        why: format!("unexpected message {:?}", other as char),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// Inject: Portcullis answers the server's requests with the credentials it holds. The
+/// client is not asked for a password; whatever it sends later is never forwarded.
+pub(crate) async fn inject_auth<R: AsyncRead + AsyncWrite + Unpin>(
+    server: &mut Reader<R>,
+    creds: &crate::config::Credentials,
+) -> Result<(), PgError> {
+    let password = auth::password(creds)?;
+    let mut scram: Option<auth::Scram> = None;
+    loop {
+        let f = server.frame().await?;
+        match f.tag {
+            be::AUTHENTICATION => {
+                let (code, data) = messages::auth_code(&f.body).map_err(PgError::ServerProtocol)?;
+                let reply = match code {
+                    auth_codes::OK => return Ok(()),
+                    auth_codes::CLEARTEXT => Some(auth::password_message(&password)),
+                    auth_codes::MD5 => {
+                        let salt = data.get(..4).ok_or_else(|| {
+                            PgError::ServerProtocol(super::codec::FrameError::Malformed {
+                                what: "AuthenticationMD5Password",
+                                why: "no salt".into(),
+                            })
+                        })?;
+                        Some(auth::password_message(&auth::md5_response(
+                            &creds.user,
+                            &password,
+                            salt,
+                        )))
+                    }
+                    auth_codes::SASL => {
+                        let offered = data
+                            .split(|&b| b == 0)
+                            .any(|m| m == auth::Scram::MECHANISM.as_bytes());
+                        if !offered {
+                            return Err(PgError::Auth(auth::AuthError::Scram(
+                                "SCRAM-SHA-256 not offered".into(),
+                            )));
+                        }
+                        let s = auth::Scram::new(&password);
+                        let first = s.initial();
+                        scram = Some(s);
+                        Some(first)
+                    }
+                    auth_codes::SASL_CONTINUE => {
+                        let s = scram.as_mut().ok_or_else(|| {
+                            PgError::Auth(auth::AuthError::Scram("SASLContinue before SASL".into()))
+                        })?;
+                        Some(s.respond(data)?)
+                    }
+                    auth_codes::SASL_FINAL => {
+                        scram
+                            .as_ref()
+                            .ok_or_else(|| {
+                                PgError::Auth(auth::AuthError::Scram(
+                                    "SASLFinal before SASL".into(),
+                                ))
+                            })?
+                            .verify(data)?;
+                        None
+                    }
+                    other => return Err(PgError::Auth(auth::AuthError::Unsupported(other))),
+                };
+                if let Some(r) = reply {
+                    send(&mut server.r, &[r], false).await?;
+                }
+            }
+            be::ERROR_RESPONSE => {
+                let msg = messages::error_fields(&f.body)
+                    .ok()
+                    .and_then(|fs| fs.into_iter().find(|(c, _)| *c == b'M').map(|(_, m)| m))
+                    .unwrap_or_default();
+                return Err(PgError::ServerRefused(msg));
+            }
+            be::NEGOTIATE_PROTOCOL | be::NOTICE_RESPONSE => {}
+            other => {
+                return Err(PgError::ServerProtocol(
+                    super::codec::FrameError::Malformed {
+                        what: "authentication",
+                        why: format!("unexpected message {:?}", other as char),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// What the session remembers across messages.
+struct State {
+    tracker: Tracker,
+    /// Extended-protocol prepared statements, by name.
+    statements: HashMap<String, Arc<Judgement>>,
+    /// SQL-level `PREPARE`d statements, by name.
+    sql_prepared: HashMap<String, Arc<Judgement>>,
+    /// The server's standard_conforming_strings.
+    scs: bool,
+}
+
+struct JudgeCtx {
+    policy: Arc<PolicyStore>,
+    subject: Subject,
+    class: ClassKey,
+    target: String,
+    protocol: &'static str,
+}
+
+impl JudgeCtx {
+    fn judge(&self, sql: &str, scs: bool) -> Arc<Judgement> {
+        self.policy.judge_sql(
+            self.class,
+            &self.subject,
+            &self.target,
+            self.protocol,
+            sql,
+            LexOptions {
+                standard_conforming_strings: scs,
+            },
+        )
+    }
+}
+
+fn denial_of(j: &Judgement) -> Denial {
+    Denial {
+        rule: j.decision.rule.clone(),
+        message: j
+            .decision
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("refused by policy rule {}", j.decision.rule)),
+    }
+}
+
+/// What to do with one client message.
+enum Plan {
+    Forward(Frame, Option<Expect>),
+    /// Hold for approval, then forward or refuse.
+    Hold {
+        frame: Frame,
+        sql: String,
+        judgement: Arc<Judgement>,
+        kind: HeldKind,
+    },
+    Close,
+}
+
+#[derive(Clone)]
+enum HeldKind {
+    Query,
+    Parse(String),
+}
+
+/// Judges one client message (no I/O; the lock is held briefly).
+fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgError> {
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = PgError::ClientProtocol;
+    Ok(match f.tag {
+        fe::QUERY => {
+            let sql = messages::query_text(&f.body).map_err(cp)?.to_owned();
+            let j = judge.judge(&sql, st.scs);
+            match j.decision.verdict {
+                Verdict::Deny => {
+                    let d = denial_of(&j);
+                    log_decision(judge, &sql, &j);
+                    Plan::Forward(
+                        messages::query(DENIED_SQL),
+                        Some(Expect::Query {
+                            denied: Some(d),
+                            ctx: None,
+                        }),
+                    )
+                }
+                Verdict::RequireApproval => Plan::Hold {
+                    frame: f,
+                    sql,
+                    judgement: j,
+                    kind: HeldKind::Query,
+                },
+                Verdict::Allow | Verdict::Mask => {
+                    log_decision(judge, &sql, &j);
+                    remember_sql_prepares(&mut st, &j);
+                    Plan::Forward(
+                        f,
+                        Some(Expect::Query {
+                            denied: None,
+                            ctx: Some(j),
+                        }),
+                    )
+                }
+            }
+        }
+        fe::PARSE => {
+            let p = Parse::decode(&f.body).map_err(cp)?;
+            let j = judge.judge(&p.sql, st.scs);
+            match j.decision.verdict {
+                Verdict::Deny => {
+                    log_decision(judge, &p.sql, &j);
+                    st.statements.remove(&p.name);
+                    let sub = Parse {
+                        name: p.name,
+                        sql: DENIED_SQL.into(),
+                        param_types: Vec::new(),
+                    };
+                    Plan::Forward(
+                        sub.encode(),
+                        Some(Expect::Parse {
+                            denied: Some(denial_of(&j)),
+                        }),
+                    )
+                }
+                Verdict::RequireApproval => Plan::Hold {
+                    frame: f,
+                    sql: p.sql,
+                    judgement: j,
+                    kind: HeldKind::Parse(p.name),
+                },
+                Verdict::Allow | Verdict::Mask => {
+                    log_decision(judge, &p.sql, &j);
+                    st.statements.insert(p.name, j);
+                    Plan::Forward(f, Some(Expect::Parse { denied: None }))
+                }
+            }
+        }
+        fe::BIND => {
+            messages::Bind::decode(&f.body).map_err(cp)?;
+            Plan::Forward(f, Some(Expect::Bind))
+        }
+        fe::DESCRIBE => {
+            let t = messages::Target::decode(&f.body, "Describe").map_err(cp)?;
+            let e = if t.kind == b'S' {
+                Expect::DescribeStatement {
+                    name: t.name,
+                    swallow: false,
+                }
+            } else {
+                Expect::DescribePortal {
+                    name: t.name,
+                    swallow: false,
+                }
+            };
+            Plan::Forward(f, Some(e))
+        }
+        fe::EXECUTE => {
+            let portal = messages::execute_portal(&f.body).map_err(cp)?;
+            Plan::Forward(f, Some(Expect::Execute { portal }))
+        }
+        fe::CLOSE => {
+            let t = messages::Target::decode(&f.body, "Close").map_err(cp)?;
+            if t.kind == b'S' {
+                st.statements.remove(&t.name);
+            }
+            Plan::Forward(f, Some(Expect::Close))
+        }
+        fe::SYNC => Plan::Forward(f, Some(Expect::Sync)),
+        fe::FUNCTION_CALL => {
+            tracing::info!(
+                target: "portcullis::audit",
+                verdict = "deny",
+                rule = FUNCTION_CALL_RULE,
+                agent.name = %judge.subject.agent,
+                target.name = %judge.target,
+                "decision"
+            );
+            Plan::Forward(
+                messages::query(DENIED_SQL),
+                Some(Expect::FunctionCall {
+                    denied: Some(Denial {
+                        rule: FUNCTION_CALL_RULE.into(),
+                        message: "the function-call protocol message is not allowed through \
+                                  Portcullis; call the function from SQL"
+                            .into(),
+                    }),
+                }),
+            )
+        }
+        fe::TERMINATE => Plan::Close,
+        // Flush, COPY data from the client, and anything else: no answer expected.
+        _ => Plan::Forward(f, None),
+    })
+}
+
+/// SQL-level PREPARE: remember what the name was judged, for EXECUTE; forget on DEALLOCATE.
+fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>) {
+    for s in &j.classification.statements {
+        match (s.kind, &s.prepared) {
+            (Kind::Prepare, Some(name)) => {
+                st.sql_prepared.insert(name.clone(), j.clone());
+            }
+            (Kind::Deallocate, _) => {
+                // DEALLOCATE name / ALL: the classifier does not keep the name; forgetting all
+                // only loses masks the server no longer has statements for.
+                st.sql_prepared.clear();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
+    let d = &j.decision;
+    let kinds: Vec<String> = j.classification.kinds().iter().map(|k| k.name()).collect();
+    tracing::info!(
+        target: "portcullis::audit",
+        verdict = d.verdict.as_str(),
+        rule = %d.rule,
+        agent.name = %judge.subject.agent,
+        target.name = %judge.target,
+        kinds = %kinds.join(","),
+        statement = %truncate(sql, 200),
+        "decision"
+    );
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn client_to_server<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut client: Reader<R>,
+    mut server: WriteHalf<W>,
+    client_w: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,
+    state: Arc<Mutex<State>>,
+    judge: &JudgeCtx,
+    shared: &PgShared,
+    ctx: &ConnContext,
+    traffic: &Traffic,
+) -> Result<End, PgError> {
+    loop {
+        let mut out = BytesMut::new();
+        let mut expects = Vec::new();
+        let mut hold = None;
+        let mut close = false;
+        while let Some(f) = client.try_frame()? {
+            match plan(&state, judge, f)? {
+                Plan::Forward(f, e) => {
+                    f.encode(&mut out);
+                    expects.extend(e);
+                }
+                p @ Plan::Hold { .. } => {
+                    hold = Some(p);
+                    break;
+                }
+                Plan::Close => {
+                    Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out);
+                    close = true;
+                    break;
+                }
+            }
+        }
+        flush_up(&mut server, &state, out, expects, traffic).await?;
+        if close {
+            let _ = server.shutdown().await;
+            return Ok(End::Closed);
+        }
+        if let Some(Plan::Hold {
+            frame,
+            sql,
+            judgement,
+            kind,
+        }) = hold
+        {
+            let outcome = shared
+                .approver
+                .request(
+                    ApprovalRequest {
+                        session: ctx.id,
+                        agent: ctx.agent.name.clone(),
+                        target: ctx.target.name.clone(),
+                        uid: ctx.identity.uid,
+                        statement: sql.clone(),
+                        decision: judgement.decision.clone(),
+                    },
+                    notifier(client_w.clone()),
+                )
+                .await;
+            let (frame, expect) = match (&outcome, &kind) {
+                (ApprovalOutcome::Approved, HeldKind::Query) => {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    remember_sql_prepares(&mut st, &judgement);
+                    (
+                        frame,
+                        Expect::Query {
+                            denied: None,
+                            ctx: Some(judgement.clone()),
+                        },
+                    )
+                }
+                (ApprovalOutcome::Approved, HeldKind::Parse(name)) => {
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .statements
+                        .insert(name.clone(), judgement.clone());
+                    (frame, Expect::Parse { denied: None })
+                }
+                (refused, kind) => {
+                    let why = match refused {
+                        ApprovalOutcome::Denied { reason } => {
+                            format!("{} (denied: {reason})", denial_of(&judgement).message)
+                        }
+                        _ => format!("{} (no decision in time)", denial_of(&judgement).message),
+                    };
+                    let d = Denial {
+                        rule: judgement.decision.rule.clone(),
+                        message: why,
+                    };
+                    match kind {
+                        HeldKind::Query => (
+                            messages::query(DENIED_SQL),
+                            Expect::Query {
+                                denied: Some(d),
+                                ctx: None,
+                            },
+                        ),
+                        HeldKind::Parse(name) => (
+                            Parse {
+                                name: name.clone(),
+                                sql: DENIED_SQL.into(),
+                                param_types: Vec::new(),
+                            }
+                            .encode(),
+                            Expect::Parse { denied: Some(d) },
+                        ),
+                    }
+                }
+            };
+            tracing::info!(
+                target: "portcullis::audit",
+                verdict = if outcome == ApprovalOutcome::Approved { "approved" } else { "refused" },
+                rule = %judgement.decision.rule,
+                agent.name = %judge.subject.agent,
+                target.name = %judge.target,
+                statement = %truncate(&sql, 200),
+                "decision"
+            );
+            flush_up(
+                &mut server,
+                &state,
+                frame.to_bytes().into(),
+                vec![expect],
+                traffic,
+            )
+            .await?;
+            continue;
+        }
+        if !client.fill().await? {
+            let _ = server.shutdown().await;
+            return Ok(End::Closed);
+        }
+    }
+}
+
+fn notifier(w: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>) -> super::approval::Notify {
+    Box::new(move |text: String| {
+        tokio::spawn(async move {
+            let n = Notice {
+                severity: "NOTICE",
+                code: "00000",
+                message: text,
+                detail: None,
+                hint: None,
+            }
+            .notice();
+            let mut w = w.lock().await;
+            let _ = w.write_all(&n.to_bytes()).await;
+        });
+    })
+}
+
+/// Registers what the server will answer, then writes. Expectations first: the answers
+/// may arrive before `write_all` returns.
+async fn flush_up<W: AsyncWrite + Unpin>(
+    server: &mut WriteHalf<W>,
+    state: &Mutex<State>,
+    out: BytesMut,
+    expects: Vec<Expect>,
+    traffic: &Traffic,
+) -> Result<(), PgError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        for e in expects {
+            st.tracker.push(e);
+        }
+    }
+    server.write_all(&out).await.map_err(PgError::ServerIo)?;
+    traffic
+        .to_upstream
+        .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+async fn server_to_client<R: AsyncRead + Unpin>(
+    mut server: Reader<ReadHalf<R>>,
+    client: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,
+    state: Arc<Mutex<State>>,
+    traffic: &Traffic,
+) -> Result<End, PgError> {
+    loop {
+        let mut out = BytesMut::new();
+        while let Some(f) = server.try_frame()? {
+            let route = {
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                if f.tag == be::PARAMETER_STATUS
+                    && let Ok((k, v)) = messages::parameter_status(&f.body)
+                    && k == "standard_conforming_strings"
+                {
+                    st.scs = v == "on";
+                }
+                st.tracker.on_server(f.tag)?
+            };
+            match route {
+                Route::Deny(d) => denial_error(&d).encode(&mut out),
+                Route::Swallow(_) => {}
+                Route::Pass | Route::Result(_) | Route::Ready(_) => f.encode(&mut out),
+            }
+            if out.len() >= WRITE_BATCH {
+                write_client(&client, &out, traffic).await?;
+                out.clear();
+            }
+        }
+        write_client(&client, &out, traffic).await?;
+        if !server.fill().await? {
+            return Ok(End::Closed);
+        }
+    }
+}
+
+async fn write_client(
+    client: &tokio::sync::Mutex<WriteHalf<Stream>>,
+    out: &[u8],
+    traffic: &Traffic,
+) -> Result<(), PgError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    client
+        .lock()
+        .await
+        .write_all(out)
+        .await
+        .map_err(PgError::ClientIo)?;
+    traffic
+        .to_client
+        .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! A real PostgreSQL server per test, started from the Debian packages' binaries.
+//!
+//! `initdb` runs once per test run (as the `postgres` user, into a template directory);
+//! each [`Pg`] copies it, writes its own configuration (a free loopback port, TLS with a
+//! generated certificate, SCRAM for TCP, `log_statement = 'all'` to a log file the tests
+//! read) and stops the server in `Drop`.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use crate::{Env, PREFIX};
+
+/// Where the packaged binaries live; override with `PG_BIN`.
+pub fn pg_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PG_BIN") {
+        return p.into();
+    }
+    for v in ["17", "16", "15"] {
+        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"));
+        if p.join("postgres").exists() {
+            return p;
+        }
+    }
+    panic!(
+        "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (install the `postgresql` \
+         package, or set PG_BIN): these tests need a real server and do not skip"
+    );
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let out = Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .expect("id");
+    assert!(
+        out.status.success(),
+        "no `postgres` user: install the postgresql package"
+    );
+    let uid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("uid");
+    let out = Command::new("id")
+        .args(["-g", "postgres"])
+        .output()
+        .expect("id");
+    let gid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("gid");
+    (uid, gid)
+}
+
+fn run_as_postgres(cmd: &mut Command) -> std::process::Output {
+    let (uid, gid) = postgres_ids();
+    cmd.uid(uid).gid(gid);
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn template() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{}-pgtemplate", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("template dir");
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown");
+        run_as_postgres(
+            Command::new(pg_bin().join("initdb"))
+                .arg("-D")
+                .arg(&dir)
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]),
+        );
+        dir
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Pg {
+    pub port: u16,
+    pub data: PathBuf,
+    pub socket_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Password of the `app` role the tests connect as.
+pub const APP_PASSWORD: &str = "app-secret";
+
+impl Pg {
+    pub fn start(env: &Env) -> Self {
+        let data = env.dir.join("pgdata");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template())
+            .arg(&data)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying the template failed");
+        let port = free_port();
+        let socket_dir = data.clone();
+        let log = data.join("server.log");
+        // TLS for the proxy → server leg.
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("cert");
+        fs::write(data.join("server.crt"), cert.cert.pem()).expect("crt");
+        fs::write(data.join("server.key"), cert.signing_key.serialize_pem()).expect("key");
+        let (uid, gid) = postgres_ids();
+        for f in ["server.crt", "server.key"] {
+            std::os::unix::fs::chown(data.join(f), Some(uid), Some(gid)).expect("chown");
+        }
+        fs::set_permissions(data.join("server.key"), fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             log_statement = 'all'\nlogging_collector = off\nlog_min_messages = warning\n\
+             log_line_prefix = '%m [%p] '\npassword_encryption = 'scram-sha-256'\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             max_connections = 200\nshared_buffers = 64MB\n",
+            socket_dir.display()
+        );
+        fs::write(data.join("postgresql.auto.conf"), conf).expect("conf");
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
+        )
+        .expect("hba");
+        for f in ["postgresql.auto.conf", "pg_hba.conf"] {
+            std::os::unix::fs::chown(data.join(f), Some(uid), Some(gid)).expect("chown");
+        }
+        run_as_postgres(
+            Command::new(pg_bin().join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "30", "start"]),
+        );
+        let pg = Self {
+            port,
+            data,
+            socket_dir,
+            log,
+        };
+        pg.sql(
+            "postgres",
+            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"),
+        );
+        pg.sql("postgres", "CREATE DATABASE shop OWNER app");
+        pg
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Runs SQL as the superuser over the Unix socket (never intercepted), returning
+    /// psql's unaligned output.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(pg_bin().join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "superuser SQL failed: {sql}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = self.log();
+            if l.contains(needle) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server log never showed {needle:?}:\n{l}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let (uid, gid) = postgres_ids();
+        let _ = Command::new(pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .uid(uid)
+            .gid(gid)
+            .output();
+    }
+}
