@@ -14,18 +14,28 @@ struct Pgw {
 }
 
 fn world(target_extra: &str) -> Pgw {
+    world_with(target_extra, None)
+}
+
+/// With `policy`, the policies are that one file (an empty string: no rules at all, so
+/// every statement gets the default, allow); otherwise the shipped ones.
+fn world_with(target_extra: &str, policy: Option<&str>) -> Pgw {
     let env = Env::new();
     let agent = env.cgroup("agents/a");
     let direct = env.cgroup("direct");
     let pg = Pg::start(&env);
-    let cfg = env.config(
-        "",
-        &agents_and_pg(
-            &[("a", &format!("cgroup = \"{agent}\""))],
-            &pg.addr().to_string(),
-            target_extra,
-        ),
+    let mut body = agents_and_pg(
+        &[("a", &format!("cgroup = \"{agent}\""))],
+        &pg.addr().to_string(),
+        target_extra,
     );
+    if let Some(text) = policy {
+        let dir = env.dir.join("policies");
+        std::fs::create_dir_all(&dir).expect("policy dir");
+        std::fs::write(dir.join("test.toml"), text).expect("policy");
+        body = format!("[policy]\ndir = \"{}\"\n\n{body}", dir.display());
+    }
+    let cfg = env.config("", &body);
     let daemon = Daemon::start(&cfg);
     Pgw {
         env,
@@ -236,4 +246,254 @@ fn passthrough_scram_over_tls_needs_channel_binding_off() {
     // A plaintext client leg with a TLS server leg works with the default.
     let o = psql(&w, &w.agent, "disable", "SELECT 1");
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Runs `pc-pg` in a cgroup and returns its JSON.
+fn pc_pg(w: &Pgw, cgroup: &str, scenario: &str) -> serde_json::Value {
+    let mut cmd = Command::new(workspace_bin("pc-pg"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", APP_PASSWORD, "shop", scenario]);
+    run_json(&w.env, cgroup, Some(65534), cmd)
+}
+
+/// Runs `pc-pgwire` with a script in a cgroup; returns its output lines as JSON.
+fn wire(w: &Pgw, cgroup: &str, script: &str) -> Vec<serde_json::Value> {
+    use std::io::Write as _;
+    let mut cmd = Command::new(workspace_bin("pc-pgwire"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", APP_PASSWORD, "shop"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), Some(65534));
+    let mut child = cmd.spawn().expect("pc-pgwire");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    let out = child.wait_with_output().expect("pc-pgwire");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| serde_json::json!({"raw": l})))
+        .filter(|v: &serde_json::Value| v["t"] != "S" && v["t"] != "K")
+        .collect()
+}
+
+fn without_launcher(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("launcher_pid");
+    }
+    v
+}
+
+#[test]
+fn extended_protocol_binary_pipelines_copy_notify_identical_through_the_gate() {
+    let w = world_with("", Some(""));
+    let direct = without_launcher(pc_pg(&w, &w.direct, "suite"));
+    w.pg.sql("shop", "DROP TABLE items");
+    let via = without_launcher(pc_pg(&w, &w.agent, "suite"));
+    assert!(direct["result"]["ddl"] == true, "{direct}");
+    assert_eq!(
+        direct["result"]["binary_rows"].as_array().map(Vec::len),
+        Some(20),
+        "{direct}"
+    );
+    assert_eq!(direct["result"]["error"]["code"], "22012");
+    assert!(
+        direct["async"].to_string().contains("hello"),
+        "notifications arrive: {direct}"
+    );
+    assert!(direct["async"].to_string().contains("a notice"), "{direct}");
+    assert_eq!(
+        via, direct,
+        "through the gate the client sees exactly what it sees directly"
+    );
+}
+
+#[test]
+fn a_million_rows_stream_unchanged() {
+    let w = world_with("", Some(""));
+    let direct = without_launcher(pc_pg(&w, &w.direct, "big"));
+    let via = without_launcher(pc_pg(&w, &w.agent, "big"));
+    assert_eq!(direct["result"]["rows"], 1_000_000);
+    assert_eq!(via, direct);
+}
+
+#[test]
+fn a_long_query_is_cancelled_through_the_gate() {
+    let w = world_with("", Some(""));
+    let via = pc_pg(&w, &w.agent, "cancel");
+    assert_eq!(
+        via["result"]["result"]["code"], "57014",
+        "query_canceled: {via}"
+    );
+    assert_eq!(via["result"]["cancel_sent"], true, "{via}");
+    assert_eq!(via["result"]["stopped_within_10s"], true, "{via}");
+    assert!(
+        via["result"]["after"].to_string().contains("alive"),
+        "{via}"
+    );
+    w.daemon.logs.wait_for(
+        "the forwarded cancel",
+        std::time::Duration::from_secs(5),
+        |v| v["message"] == "cancel request forwarded",
+    );
+}
+
+const WIRE_SCRIPT: &str = "\
+Q CREATE TABLE w (id int, v text, b bytea); INSERT INTO w SELECT i, 'v' || i, decode('00ff' || lpad(to_hex(i), 4, '0'), 'hex') FROM generate_series(1, 50) i
+WAIT 1
+Q SELECT * FROM w ORDER BY id; SELECT count(*) FROM w; SELECT 1/0; SELECT 'not reached'
+WAIT 1
+P s1 SELECT id, v, b FROM w WHERE id > 10 ORDER BY id
+B p1 s1 1
+D P p1
+E p1 5
+E p1 0
+S
+WAIT 1
+P - SELECT 'unnamed', now() IS NOT NULL
+B - - 0
+E - 0
+P - SELECT 1/0
+B - -
+E - 0
+P - SELECT 'skipped after the error'
+S
+WAIT 1
+Q BEGIN
+WAIT 1
+Q SELECT 1/0
+WAIT 1
+Q SELECT 'in failed block'
+WAIT 1
+Q ROLLBACK
+WAIT 1
+Q COPY w (id, v) FROM STDIN
+d 1000\tcopied\n
+c
+WAIT 1
+Q COPY (SELECT id, v FROM w WHERE id >= 1000) TO STDOUT
+WAIT 1
+Q
+WAIT 1
+X
+";
+
+#[test]
+fn data_rows_are_byte_identical_through_the_gate() {
+    let w = world_with("", Some(""));
+    let direct = wire(&w, &w.direct, WIRE_SCRIPT);
+    w.pg.sql("shop", "DROP TABLE w");
+    let via = wire(&w, &w.agent, WIRE_SCRIPT);
+    let rows = direct.iter().filter(|v| v["t"] == "D").count();
+    assert!(rows > 60, "{direct:?}");
+    assert!(direct.iter().any(|v| v["code"] == "22012"));
+    assert!(
+        direct.iter().any(|v| v["code"] == "25P02"),
+        "failed block: {direct:?}"
+    );
+    assert_eq!(via, direct);
+}
+
+#[test]
+fn pipelined_denials_keep_the_protocol_in_step() {
+    let w = world("");
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int); INSERT INTO t VALUES (1); ALTER TABLE t OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+P a SELECT id FROM t
+B - a
+E - 0
+P b DROP TABLE t
+B - b
+E - 0
+S
+WAIT 1
+P c SELECT 'still in step'
+B - c
+E - 0
+S
+WAIT 1
+F 1598
+WAIT 1
+Q BEGIN
+WAIT 1
+P - TRUNCATE t
+S
+WAIT 1
+Q SELECT 'aborted?'
+WAIT 1
+Q ROLLBACK
+WAIT 1
+X
+",
+    );
+    let tags: Vec<String> = out
+        .iter()
+        .map(|v| {
+            format!(
+                "{}{}",
+                v["t"].as_str().unwrap_or("?"),
+                v["code"]
+                    .as_str()
+                    .map(|c| format!(":{c}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            // first pipeline: a runs; b is refused at Parse; the rest is skipped to Sync
+            "1", "2", "D", "C", "E:42501", "Z", // the session goes on
+            "1", "2", "D", "C", "Z", // the function-call message is refused
+            "E:42501", "Z",
+            // a refusal inside a block aborts the block, as the server's own error would
+            "C", "Z", "E:42501", "Z", "E:25P02", "Z", "C", "Z",
+        ],
+        "{out:#?}"
+    );
+    assert!(out.iter().any(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("function-call"))
+    }));
+    let statuses: Vec<&str> = out
+        .iter()
+        .filter(|v| v["t"] == "Z")
+        .filter_map(|v| v["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["I", "I", "I", "T", "E", "E", "I"], "{out:#?}");
+    assert_eq!(w.pg.sql("shop", "SELECT count(*) FROM t"), "1");
+    let log = w.pg.log();
+    assert!(
+        !log.contains("DROP TABLE t") && !log.contains("TRUNCATE t"),
+        "{log}"
+    );
+}
+
+#[test]
+fn psycopg3_sees_the_same_results() {
+    let w = world_with("", Some(""));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/psycopg_check.py");
+    let run = |cg: &str| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .arg(w.pg.addr().to_string())
+            .env("PGPASSWORD", APP_PASSWORD)
+            .env("HOME", &w.env.dir);
+        without_launcher(run_json(&w.env, cg, Some(65534), cmd))
+    };
+    let direct = run(&w.direct);
+    assert!(direct["ok"] == true, "{direct}");
+    let via = run(&w.agent);
+    assert_eq!(via, direct);
 }

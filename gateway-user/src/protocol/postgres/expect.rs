@@ -59,6 +59,9 @@ pub enum Expect {
     Close,
     /// `Sync`: ReadyForQuery.
     Sync,
+    /// Marker: the client ended a COPY FROM STDIN (CopyDone or CopyFail). Syncs sent before
+    /// it, while the server was in copy-in mode, are ignored by the server.
+    CopyEnd,
 }
 
 impl std::fmt::Debug for Expect {
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Expect {
             Self::Execute { .. } => "Execute",
             Self::Close => "Close",
             Self::Sync => "Sync",
+            Self::CopyEnd => "CopyEnd",
         };
         f.write_str(n)
     }
@@ -117,11 +121,43 @@ pub struct Tracker {
     queue: VecDeque<Expect>,
     /// A ParameterDescription was seen for the head DescribeStatement.
     described_params: bool,
+    /// The server is in copy-in mode and the client has not ended the copy yet.
+    copy_in: bool,
 }
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
+        if self.copy_in {
+            match e {
+                // Ignored by the server during copy-in: no ReadyForQuery will answer it.
+                Expect::Sync => return,
+                Expect::CopyEnd => {
+                    self.copy_in = false;
+                    return;
+                }
+                _ => {}
+            }
+        }
         self.queue.push_back(e);
+    }
+
+    /// The server entered copy-in mode for the head message: the Syncs the client sent
+    /// since, up to its CopyDone/CopyFail, will get no answer.
+    fn enter_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Expect::Sync => {
+                    self.queue.remove(i);
+                }
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
     }
 
     pub fn is_idle(&self) -> bool {
@@ -170,6 +206,18 @@ impl Tracker {
             be::NOTICE_RESPONSE | be::NOTIFICATION | be::PARAMETER_STATUS
         ) {
             return Ok(Route::Pass);
+        }
+        // A copy end the server has already accounted for answers nothing.
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
+        if tag == be::COPY_IN_RESPONSE
+            && matches!(
+                self.queue.front(),
+                Some(Expect::Execute { .. } | Expect::Query { .. })
+            )
+        {
+            self.enter_copy_in();
         }
         let Some(head) = self.queue.front().cloned() else {
             return Err(self.desync(tag));
@@ -382,6 +430,36 @@ mod tests {
         let r = feed(&mut t, b"1tTZ");
         assert_eq!(r[1], Route::Swallow(Owner::Statement("s".into())));
         assert_eq!(r[2], Route::Swallow(Owner::Statement("s".into())));
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_get_no_answer() {
+        // tokio-postgres: Bind, Execute, Sync, CopyData..., CopyDone, Sync, before the
+        // server's CopyInResponse arrives.
+        let mut t = Tracker::default();
+        for e in [
+            Expect::Bind,
+            Expect::Execute { portal: "".into() },
+            Expect::Sync,
+            Expect::CopyEnd,
+            Expect::Sync,
+        ] {
+            t.push(e);
+        }
+        let r = feed(&mut t, b"2GCZ");
+        assert_eq!(r[3], Route::Ready(0));
+        assert!(t.is_idle());
+        // Or: the CopyInResponse arrives before the client ends the copy.
+        let mut t = Tracker::default();
+        t.push(Expect::Execute { portal: "".into() });
+        t.push(Expect::Sync);
+        feed(&mut t, b"G");
+        t.push(Expect::Sync); // still copying: ignored by the server
+        t.push(Expect::CopyEnd);
+        t.push(Expect::Sync);
+        let r = feed(&mut t, b"CZ");
+        assert_eq!(r[1], Route::Ready(0));
+        assert!(t.is_idle());
     }
 
     #[test]

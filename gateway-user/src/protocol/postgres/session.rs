@@ -818,6 +818,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             )
         }
         fe::TERMINATE => Plan::Close,
+        fe::COPY_DONE | fe::COPY_FAIL => Plan::Forward(f, Some(Expect::CopyEnd)),
         // Flush, COPY data from the client, and anything else: no answer expected.
         _ => Plan::Forward(f, None),
     })

@@ -1,0 +1,328 @@
+//! Test client on tokio-postgres (extended protocol, binary results, pipelining, COPY,
+//! LISTEN/NOTIFY, cancellation). Runs a named scenario against `host:port` and prints one
+//! JSON object of what it saw, so a run through Portcullis can be compared with a direct one.
+//!
+//! ```text
+//! pc-pg HOST:PORT USER PASSWORD DB SCENARIO
+//! ```
+//! Scenarios: `suite`, `big` (1,000,000 rows, digested), `cancel`, `mask`.
+
+use std::time::Duration;
+
+use futures_util::{StreamExt as _, TryStreamExt as _, pin_mut};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage, types::Type};
+
+fn err(e: &tokio_postgres::Error) -> Value {
+    match e.as_db_error() {
+        Some(db) => json!({"code": db.code().code(), "message": db.message()}),
+        None => json!({"error": e.to_string()}),
+    }
+}
+
+/// Rows of a simple query as text.
+async fn simple(c: &Client, sql: &str) -> Value {
+    match c.simple_query(sql).await {
+        Ok(msgs) => Value::Array(
+            msgs.iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => Some(json!(
+                        (0..r.len())
+                            .map(|i| r.get(i).map(str::to_owned))
+                            .collect::<Vec<_>>()
+                    )),
+                    SimpleQueryMessage::CommandComplete(n) => Some(json!({ "complete": n })),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Err(e) => err(&e),
+    }
+}
+
+async fn suite(c: &Client, notes: &mut Vec<Value>) -> Value {
+    let mut out = serde_json::Map::new();
+    let ddl = c
+        .batch_execute(
+            "DROP TABLE IF EXISTS items; CREATE TABLE items (id int PRIMARY KEY, name text, \
+             price numeric(10,2), data jsonb, tags text[], at timestamptz, blob bytea, f float8)",
+        )
+        .await;
+    out.insert("ddl".into(), json!(ddl.is_ok()));
+    // Prepared insert with binary parameters.
+    let ins = c
+        .prepare_typed(
+            "INSERT INTO items VALUES ($1, $2, $3::text::numeric, $4::text::jsonb, $5, $6::text::timestamptz, $7, $8)",
+            &[Type::INT4, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT_ARRAY, Type::TEXT, Type::BYTEA, Type::FLOAT8],
+        )
+        .await
+        .expect("prepare insert");
+    for i in 0..20i32 {
+        let name = format!("item {i} ünïcödé");
+        let price = format!("{}.{:02}", i * 3, i);
+        let data = format!("{{\"n\": {i}, \"odd\": {}}}", i % 2 == 1);
+        let tags = vec![format!("t{i}"), "x".to_owned()];
+        let blob = vec![i as u8, 0, 255, 10];
+        c.execute(
+            &ins,
+            &[
+                &i,
+                &name,
+                &price,
+                &data,
+                &tags,
+                &"2024-02-29 12:34:56+00",
+                &blob,
+                &(f64::from(i) / 3.0),
+            ],
+        )
+        .await
+        .expect("insert");
+    }
+    // Binary results of a prepared select: raw column bytes through Debug of typed values.
+    let rows = c
+        .query(
+            "SELECT id, name, price::text, data, tags, at, blob, f FROM items ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("select");
+    let typed: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, serde_json::Value>(3),
+                r.get::<_, Vec<String>>(4),
+                r.get::<_, std::time::SystemTime>(5),
+                r.get::<_, Vec<u8>>(6),
+            )
+        })
+        .collect();
+    out.insert("binary_rows".into(), json!(typed));
+    // Pipelining: tokio-postgres sends these without waiting for each other.
+    let stmt = c
+        .prepare("SELECT name FROM items WHERE id = $1")
+        .await
+        .expect("prepare");
+    let futs: Vec<_> = (0..10i32)
+        .map(|i| {
+            let stmt = stmt.clone();
+            async move {
+                c.query_one(&stmt, &[&i])
+                    .await
+                    .map(|r| r.get::<_, String>(0))
+            }
+        })
+        .collect();
+    let piped: Vec<Value> = futures_util::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|r| r.map_or_else(|e| err(&e), |s| json!(s)))
+        .collect();
+    out.insert("pipelined".into(), json!(piped));
+    // Transactions and savepoints.
+    out.insert(
+        "tx".into(),
+        simple(
+            c,
+            "BEGIN; UPDATE items SET name = 'changed' WHERE id = 1; SAVEPOINT s; \
+             UPDATE items SET name = 'lost' WHERE id = 2; ROLLBACK TO SAVEPOINT s; \
+             RELEASE SAVEPOINT s; COMMIT; SELECT id, name FROM items WHERE id IN (1, 2) ORDER BY id",
+        )
+        .await,
+    );
+    // Errors keep the session usable.
+    out.insert(
+        "error".into(),
+        match c.query("SELECT 1/0", &[]).await {
+            Ok(_) => json!("no error"),
+            Err(e) => err(&e),
+        },
+    );
+    out.insert("after_error".into(), simple(c, "SELECT 42").await);
+    // COPY both ways.
+    let sink = c
+        .copy_in("COPY items (id, name) FROM STDIN")
+        .await
+        .expect("copy in");
+    pin_mut!(sink);
+    use futures_util::SinkExt as _;
+    for i in 100..110 {
+        sink.send(bytes::Bytes::from(format!("{i}\tcopied {i}\n")))
+            .await
+            .expect("copy data");
+    }
+    let copied = sink.finish().await.expect("copy finish");
+    out.insert("copy_in".into(), json!(copied));
+    let stream = c
+        .copy_out("COPY (SELECT id, name, price, tags FROM items ORDER BY id) TO STDOUT WITH (FORMAT csv)")
+        .await
+        .expect("copy out");
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("copy out data");
+    let all: Vec<u8> = chunks.concat();
+    out.insert("copy_out".into(), json!(String::from_utf8_lossy(&all)));
+    // Prepared statements at SQL level.
+    out.insert(
+        "sql_prepare".into(),
+        simple(
+            c,
+            "PREPARE p(int) AS SELECT name FROM items WHERE id = $1; EXECUTE p(3); DEALLOCATE p",
+        )
+        .await,
+    );
+    // LISTEN / NOTIFY: the notification arrives on the connection (collected by main).
+    let _ = c
+        .batch_execute("LISTEN chan; NOTIFY chan, 'hello'; NOTIFY chan, 'again'")
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    notes.push(json!("listened"));
+    // A notice.
+    let _ = c
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'a notice'; END $$")
+        .await
+        .map_err(|e| notes.push(err(&e)));
+    Value::Object(out)
+}
+
+async fn big(c: &Client) -> Value {
+    let stream = c
+        .query_raw(
+            "SELECT i, md5(i::text), i::float8 / 7 FROM generate_series(1, 1000000) AS s(i)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .expect("query");
+    pin_mut!(stream);
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(row) = stream.next().await {
+        let row = row.expect("row");
+        h.update(row.get::<_, i32>(0).to_be_bytes());
+        h.update(row.get::<_, String>(1).as_bytes());
+        h.update(row.get::<_, f64>(2).to_be_bytes());
+        n += 1;
+    }
+    json!({"rows": n, "sha256": format!("{:x}", h.finalize())})
+}
+
+async fn cancel(c: &Client) -> Value {
+    let token = c.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(NoTls).await.map_err(|e| e.to_string())
+    });
+    let started = std::time::Instant::now();
+    let r = c
+        .query("SELECT count(*) FROM generate_series(1, 2000000000)", &[])
+        .await;
+    let sent = canceller.await.expect("join");
+    json!({
+        "result": r.map_or_else(|e| err(&e), |_| json!("finished")),
+        "cancel_sent": sent.is_ok(),
+        "stopped_within_10s": started.elapsed() < Duration::from_secs(10),
+        "after": simple(c, "SELECT 'alive'").await,
+    })
+}
+
+async fn mask(c: &Client) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, sql) in [
+        (
+            "direct",
+            "SELECT id, email, phone, note FROM people ORDER BY id",
+        ),
+        (
+            "derived",
+            "SELECT id, upper(email), email || '', encode(convert_to(email, 'UTF8'), 'hex') FROM people ORDER BY id",
+        ),
+        ("star", "SELECT * FROM people ORDER BY id"),
+        ("view", "SELECT * FROM people_v ORDER BY id"),
+        ("detectors", "SELECT id, note FROM people ORDER BY id"),
+    ] {
+        let v = match c.query(sql, &[]).await {
+            Ok(rows) => json!(
+                rows.iter()
+                    .map(|r| (0..r.len())
+                        .map(|i| r
+                            .try_get::<_, Option<String>>(i)
+                            .ok()
+                            .flatten()
+                            .or_else(|| r
+                                .try_get::<_, Option<i32>>(i)
+                                .ok()
+                                .flatten()
+                                .map(|x| x.to_string())))
+                        .collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            ),
+            Err(e) => err(&e),
+        };
+        out.insert(name.into(), v);
+    }
+    Value::Object(out)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let (host, port) = a[0].rsplit_once(':').expect("HOST:PORT");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    assert!(
+        host.starts_with("127.") || host == "::1" || host == "localhost",
+        "pc-pg only talks to loopback"
+    );
+    let conninfo = format!(
+        "host={host} port={port} user={} password={} dbname={} connect_timeout=10",
+        a[1], a[2], a[3]
+    );
+    let (client, mut connection) = tokio_postgres::connect(&conninfo, NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            println!("{}", json!({"connect_error": e.to_string()}));
+            std::process::exit(0);
+        });
+    // Drive the connection, collecting asynchronous messages.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let driver = tokio::spawn(async move {
+        pin_mut!(stream);
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(json!({"notify": n.channel(), "payload": n.payload()}));
+                }
+                Ok(AsyncMessage::Notice(n)) => {
+                    let _ = tx.send(json!({"notice": n.message()}));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(json!({"connection_error": e.to_string()}));
+                    break;
+                }
+            }
+        }
+    });
+    let mut notes = Vec::new();
+    let result = match a[4].as_str() {
+        "suite" => suite(&client, &mut notes).await,
+        "big" => big(&client).await,
+        "cancel" => cancel(&client).await,
+        "mask" => mask(&client).await,
+        other => panic!("unknown scenario {other}"),
+    };
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    let mut async_msgs = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        async_msgs.push(m);
+    }
+    println!(
+        "{}",
+        json!({"result": result, "async": async_msgs, "notes": notes})
+    );
+}
