@@ -5,12 +5,14 @@ use std::process::{Command, Output};
 
 use portcullis_tests::{pg::*, *};
 
+/// Fields drop in order: the daemon and the server stop before the environment (and the
+/// server's data directory in it) goes away.
 struct Pgw {
-    env: Env,
+    daemon: Daemon,
+    pg: Pg,
     agent: String,
     direct: String,
-    pg: Pg,
-    daemon: Daemon,
+    env: Env,
 }
 
 fn world(target_extra: &str) -> Pgw {
@@ -38,11 +40,11 @@ fn world_with(target_extra: &str, policy: Option<&str>) -> Pgw {
     let cfg = env.config("", &body);
     let daemon = Daemon::start(&cfg);
     Pgw {
-        env,
+        daemon,
+        pg,
         agent,
         direct,
-        pg,
-        daemon,
+        env,
     }
 }
 
@@ -496,4 +498,92 @@ fn psycopg3_sees_the_same_results() {
     assert!(direct["ok"] == true, "{direct}");
     let via = run(&w.agent);
     assert_eq!(via, direct);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
+    let w = world_with("stall_timeout = \"1s\"", Some(""));
+    let fatal =
+        |out: &[serde_json::Value]| out.iter().any(|v| v["t"] == "E" && v["code"] == "08P01");
+    // A session that must not notice any of this.
+    let mut other = psql_cmd(&w, &w.agent, "disable");
+    other
+        .args(["-c", "SELECT count(*) FROM generate_series(1, 3000000)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let other = other.spawn().expect("psql");
+    let rss_before = rss_kib(w.daemon.child.id());
+
+    // Garbage before the startup packet.
+    let out = wire(
+        &w,
+        &w.agent,
+        "PRESTARTUP 474554202f20485454502f312e310d0a0d0a\n",
+    );
+    let reply = out[0]["prestartup_reply_hex"].as_str().unwrap_or("");
+    assert!(
+        reply.starts_with("45") && reply.contains("3038503031"),
+        "FATAL 08P01 expected: {out:?}"
+    );
+
+    for (what, raw) in [
+        ("a length below the header", "RAW 5100000002"),
+        ("a negative length", "RAW 51ffffffff"),
+        ("a length of 2 GB", "RAW 447fffffff"),
+        (
+            "a length longer than the message, then silence",
+            "RAW 510000001053454c",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = wire(&w, &w.agent, &format!("{raw}\nREAD_TO_END\n"));
+        assert!(fatal(&out), "{what}: {out:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{what}: took too long"
+        );
+    }
+    // An unknown message type reaches the server, which ends the session itself.
+    let out = wire(&w, &w.agent, "RAW 7a00000004\nREAD_TO_END\n");
+    assert!(
+        fatal(&out),
+        "unknown message types are refused, not forwarded: {out:?}"
+    );
+
+    let other = other.wait_with_output().expect("psql");
+    assert!(other.status.success(), "{}", text(&other));
+    assert!(text(&other).contains("3000000"));
+    assert!(
+        w.daemon.status()["proxy"]["active"].as_u64().is_some(),
+        "the daemon still answers"
+    );
+    let grown = rss_kib(w.daemon.child.id()).saturating_sub(rss_before);
+    assert!(
+        grown < 20 * 1024,
+        "a 2 GB announcement must not be allocated: RSS grew {grown} KiB"
+    );
+    let ends: Vec<String> = w
+        .daemon
+        .logs
+        .all()
+        .iter()
+        .filter(|v| is_connection(v))
+        .map(|v| v["end"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        ends.iter()
+            .filter(|e| *e == "protocol_error" || *e == "client_reset")
+            .count()
+            >= 5,
+        "{ends:?}"
+    );
 }

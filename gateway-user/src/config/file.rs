@@ -264,6 +264,9 @@ pub struct TargetEntry {
     pub upstream_server_name: Option<String>,
     /// postgres: largest message accepted in either direction, in bytes.
     pub max_message_size: Option<Spanned<usize>>,
+    /// postgres: how long a client may take to finish connecting (startup, authentication)
+    /// or to finish a message it started sending.
+    pub stall_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]

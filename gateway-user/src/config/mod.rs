@@ -154,6 +154,7 @@ pub struct PgTarget {
     pub upstream_ca: Option<PathBuf>,
     pub upstream_server_name: Option<String>,
     pub max_message_size: usize,
+    pub stall_timeout: Duration,
 }
 
 /// `[daemon]`.
@@ -465,6 +466,7 @@ fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
         upstream_ca: t.upstream_ca.clone(),
         upstream_server_name: t.upstream_server_name.clone(),
         max_message_size,
+        stall_timeout: t.stall_timeout.unwrap_or(Duration::from_secs(30)),
     })
 }
 

@@ -9,7 +9,8 @@
 //! `Q sql` · `P name sql` · `B portal stmt [0|1 result format]` · `D S|P name` ·
 //! `E portal [maxrows]` · `C S|P name` · `S` (Sync) · `H` (Flush) · `F oid` (FunctionCall) ·
 //! `d text` (CopyData) · `c` (CopyDone) · `RAW hex` · `WAIT n` (read until n ReadyForQuery) ·
-//! `DIGEST` (from now on print DataRows as a running digest) · `X` (Terminate).
+//! `DIGEST` (from now on print DataRows as a running digest) · `READ_TO_END` (until the
+//! connection closes, at most 10 s) · `X` (Terminate).
 //! Output: one JSON line per server message, then a summary line.
 
 use std::{
@@ -243,6 +244,15 @@ fn main() {
             "X" => Some(Frame::new(fe::TERMINATE, bytes::Bytes::new())),
             "RAW" => {
                 let _ = c.s.write_all(&unhex(&rest));
+                None
+            }
+            "READ_TO_END" => {
+                // Until the server side closes (at most 10 s).
+                c.s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                while let Some(f) = c.read() {
+                    print(&f, &mut digest);
+                }
                 None
             }
             "DIGEST" => {

@@ -220,6 +220,11 @@ impl Tracker {
             self.enter_copy_in();
         }
         let Some(head) = self.queue.front().cloned() else {
+            // The server may end a session on its own at any time (idle timeout,
+            // pg_terminate_backend): its FATAL error goes to the client.
+            if tag == be::ERROR_RESPONSE {
+                return Ok(Route::Pass);
+            }
             return Err(self.desync(tag));
         };
         use Expect as X;

@@ -44,6 +44,8 @@ pub enum PgError {
     ClientTls(std::io::Error),
     #[error("client protocol violation: {0}")]
     ClientProtocol(FrameError),
+    #[error("the client sent part of a message and then nothing for {0:?}")]
+    ClientStalled(std::time::Duration),
     #[error("refused: {0}")]
     Refused(String),
     #[error(transparent)]

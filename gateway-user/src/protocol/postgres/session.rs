@@ -73,7 +73,9 @@ pub async fn run(shared: Arc<PgShared>, s: Session) -> Outcome {
         Err(e) => {
             let end = match &e {
                 PgError::ClientGone => End::Closed,
-                PgError::ClientIo(_) | PgError::ClientTls(_) => End::ClientReset,
+                PgError::ClientIo(_) | PgError::ClientTls(_) | PgError::ClientStalled(_) => {
+                    End::ClientReset
+                }
                 PgError::Upstream(_) => End::UpstreamUnreachable,
                 PgError::ServerIo(_) => End::UpstreamReset,
                 PgError::Refused(_) | PgError::ServerRefused(_) | PgError::Auth(_) => End::Refused,
@@ -96,6 +98,8 @@ pub(crate) struct Reader<R> {
     buf: BytesMut,
     max: usize,
     client: bool,
+    /// For the client side: how long a started message may take to arrive in full.
+    stall: Option<Duration>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -105,7 +109,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             buf,
             max,
             client,
+            stall: None,
         }
+    }
+
+    fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = Some(stall);
+        self
     }
 
     fn proto_err(&self, e: super::codec::FrameError) -> PgError {
@@ -126,8 +136,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         if self.buf.capacity() - self.buf.len() < 8192 {
             self.buf.reserve(8192);
         }
-        let n = self.r.read_buf(&mut self.buf).await.map_err(|e| {
-            if self.client {
+        let client = self.client;
+        let partial = !self.buf.is_empty();
+        let read = self.r.read_buf(&mut self.buf);
+        let n = match self.stall {
+            // Part of a message is buffered: the rest must come in time.
+            Some(t) if partial => tokio::time::timeout(t, read)
+                .await
+                .map_err(|_| PgError::ClientStalled(t))?,
+            _ => read.await,
+        }
+        .map_err(|e| {
+            if client {
                 PgError::ClientIo(e)
             } else {
                 PgError::ServerIo(e)
@@ -309,19 +329,24 @@ async fn session(
             ctx.target.name
         ))
     })?;
-    let (mut client, version, mut params, leftover) =
-        match startup::accept(client_tcp, shared.client_tls.as_ref()).await? {
-            Accepted::Cancel { pid, key } => {
-                super::cancel::forward(&shared.cancels, upstream, pid, key).await;
-                return Ok(Outcome::new(End::Closed, None));
-            }
-            Accepted::Session {
-                client,
-                version,
-                params,
-                leftover,
-            } => (client, version, params, leftover),
-        };
+    let (mut client, version, mut params, leftover) = match startup::accept(
+        client_tcp,
+        shared.client_tls.as_ref(),
+        pg.stall_timeout.get(),
+    )
+    .await?
+    {
+        Accepted::Cancel { pid, key } => {
+            super::cancel::forward(&shared.cancels, upstream, pid, key).await;
+            return Ok(Outcome::new(End::Closed, None));
+        }
+        Accepted::Session {
+            client,
+            version,
+            params,
+            leftover,
+        } => (client, version, params, leftover),
+    };
     if let Err(why) = check_params(&params) {
         let _ = send(
             &mut client,
@@ -462,7 +487,7 @@ async fn session(
     let (s_read, s_write) = tokio::io::split(ss);
     let c_write = Arc::new(tokio::sync::Mutex::new(c_write));
     let upward = client_to_server(
-        Reader::new(c_read, cbuf, max, true),
+        Reader::new(c_read, cbuf, max, true).with_stall(pg.stall_timeout.get()),
         s_write,
         c_write.clone(),
         state.clone(),
@@ -819,8 +844,17 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         }
         fe::TERMINATE => Plan::Close,
         fe::COPY_DONE | fe::COPY_FAIL => Plan::Forward(f, Some(Expect::CopyEnd)),
-        // Flush, COPY data from the client, and anything else: no answer expected.
-        _ => Plan::Forward(f, None),
+        fe::FLUSH | fe::COPY_DATA => Plan::Forward(f, None),
+        // Anything else is not forwarded unexamined: a password message after
+        // authentication, or a type this engine does not know.
+        other => {
+            return Err(PgError::ClientProtocol(
+                super::codec::FrameError::Malformed {
+                    what: "message",
+                    why: format!("unexpected message type {:?}", other as char),
+                },
+            ));
+        }
     })
 }
 
@@ -869,6 +903,35 @@ fn truncate(s: &str, max: usize) -> String {
 
 #[allow(clippy::too_many_arguments)]
 async fn client_to_server<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client: Reader<R>,
+    server: WriteHalf<W>,
+    client_w: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,
+    state: Arc<Mutex<State>>,
+    judge: &JudgeCtx,
+    shared: &PgShared,
+    ctx: &ConnContext,
+    traffic: &Traffic,
+) -> Result<End, PgError> {
+    let r = client_to_server_inner(
+        client,
+        server,
+        client_w.clone(),
+        state,
+        judge,
+        shared,
+        ctx,
+        traffic,
+    )
+    .await;
+    if let Err(e @ (PgError::ClientProtocol(_) | PgError::ClientStalled(_))) = &r {
+        let mut w = client_w.lock().await;
+        startup::refuse(&mut *w, &e.to_string()).await;
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut client: Reader<R>,
     mut server: WriteHalf<W>,
     client_w: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,

@@ -64,7 +64,33 @@ async fn tls_accept(
     Ok(Stream::FromClient(Box::new(t)))
 }
 
+/// Negotiates with a client; the whole negotiation must finish within `timeout`.
 pub async fn accept(
+    tcp: TcpStream,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    timeout: std::time::Duration,
+) -> Result<Accepted, PgError> {
+    match tokio::time::timeout(timeout, negotiate(tcp, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(PgError::ClientStalled(timeout)),
+    }
+}
+
+/// A FATAL ErrorResponse for a client that broke the protocol, sent on a best-effort basis.
+pub async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, why: &str) {
+    let f = super::messages::Notice {
+        severity: "FATAL",
+        code: "08P01",
+        message: format!("portcullis: {why}"),
+        detail: None,
+        hint: None,
+    }
+    .error();
+    let _ = w.write_all(&f.to_bytes()).await;
+    let _ = w.shutdown().await;
+}
+
+async fn negotiate(
     tcp: TcpStream,
     tls: Option<&Arc<rustls::ServerConfig>>,
 ) -> Result<Accepted, PgError> {
@@ -81,7 +107,15 @@ pub async fn accept(
     };
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        match read_startup(&mut stream, &mut buf).await? {
+        let msg = match read_startup(&mut stream, &mut buf).await {
+            Ok(m) => m,
+            Err(PgError::ClientProtocol(e)) => {
+                refuse(&mut stream, &format!("invalid startup packet: {e}")).await;
+                return Err(PgError::ClientProtocol(e));
+            }
+            Err(e) => return Err(e),
+        };
+        match msg {
             Startup::SslRequest if !stream.is_tls() => {
                 // Bytes after the SSLRequest would be read as if they came over TLS
                 // (CVE-2021-23214): refuse them.
