@@ -41,11 +41,26 @@ enum Task {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run the unit tests and the privileged end-to-end tests (root).
+    /// Run the unit tests, the privileged end-to-end tests (root) and a short fuzz run of
+    /// every fuzz target.
     Test {
+        /// Skip the fuzz run.
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the decoders (cargo-fuzz, libFuzzer).
+    Fuzz {
+        /// Targets (default: all).
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run benchmarks (root); `intercept` is the only suite so far.
     Bench {
@@ -107,6 +122,29 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
+/// Fuzz targets in fuzz/fuzz_targets.
+const FUZZ_TARGETS: [&str; 2] = ["pg_decode", "sql_classify"];
+
+fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
+    let targets: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for t in targets {
+        eprintln!("xtask: fuzzing {t} for {seconds}s");
+        run(Command::new("cargo")
+            .current_dir(workspace_root())
+            .args(["+nightly", "fuzz", "run", t, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=4096"))
+        .with_context(|| {
+            format!("fuzz target {t} failed (a crash input is in fuzz/artifacts/{t}/)")
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
@@ -132,13 +170,27 @@ fn main() -> Result<()> {
             );
             bail!("cannot run {}: {err}", bin.display())
         }
-        Task::Test { args } => {
+        Task::Test {
+            no_fuzz,
+            fuzz_seconds,
+            args,
+        } => {
             require_root("cargo xtask test")?;
             build(false)?;
             let mut c = cargo();
             c.args(["test", "--workspace", "--no-fail-fast"])
                 .args(&args);
-            run(&mut c)
+            let tests = run(&mut c);
+            let fuzzed = if no_fuzz || !args.is_empty() {
+                Ok(())
+            } else {
+                fuzz(&[], fuzz_seconds)
+            };
+            tests.and(fuzzed)
+        }
+        Task::Fuzz { targets, seconds } => {
+            setup::ensure()?;
+            fuzz(&targets, seconds)
         }
         Task::Bench { suites } => {
             require_root("cargo xtask bench")?;

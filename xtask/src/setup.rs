@@ -72,7 +72,22 @@ pub fn ensure() -> Result<()> {
         ]))
         .context("cannot add rust-src to the nightly toolchain (needed for -Z build-std)")?;
     }
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    ensure_cargo_fuzz()
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the short fuzz run of `cargo xtask test`.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz");
+    crate::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("cannot install cargo-fuzz (needs crates.io access)")
 }
 
 fn ensure_bpf_linker() -> Result<()> {
