@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
+pub mod masking;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

@@ -15,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Env, PREFIX};
+use crate::{Daemon, Env, PREFIX, agents_and_pg, in_cgroup, run_json, workspace_bin};
+use std::process::Output;
 
 /// Where the packaged binaries live; override with `PG_BIN`.
 pub fn pg_bin() -> PathBuf {
@@ -243,4 +244,160 @@ impl Drop for Pg {
             .gid(gid)
             .output();
     }
+}
+
+// ---------------------------------------------------------------- a world with a gate
+
+/// Fields drop in order: the daemon and the server stop before the environment (and the
+/// server's data directory in it) goes away.
+pub struct Pgw {
+    pub daemon: Daemon,
+    pub pg: Pg,
+    pub agent: String,
+    pub direct: String,
+    pub env: Env,
+}
+
+pub fn world(target_extra: &str) -> Pgw {
+    world_with(target_extra, None)
+}
+
+/// With `policy`, the policies are that one file (an empty string: no rules at all, so
+/// every statement gets the default, allow); otherwise the shipped ones.
+pub fn world_with(target_extra: &str, policy: Option<&str>) -> Pgw {
+    let env = Env::new();
+    let agent = env.cgroup("agents/a");
+    let direct = env.cgroup("direct");
+    let pg = Pg::start(&env);
+    let mut body = agents_and_pg(
+        &[("a", &format!("cgroup = \"{agent}\""))],
+        &pg.addr().to_string(),
+        target_extra,
+    );
+    if let Some(text) = policy {
+        let dir = env.dir.join("policies");
+        std::fs::create_dir_all(&dir).expect("policy dir");
+        std::fs::write(dir.join("test.toml"), text).expect("policy");
+        body = format!("[policy]\ndir = \"{}\"\n\n{body}", dir.display());
+    }
+    let cfg = env.config("", &body);
+    let daemon = Daemon::start(&cfg);
+    Pgw {
+        daemon,
+        pg,
+        agent,
+        direct,
+        env,
+    }
+}
+
+pub fn psql_cmd(w: &Pgw, cgroup: &str, sslmode: &str) -> Command {
+    let mut cmd = Command::new(pg_bin().join("psql"));
+    cmd.args([
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=0",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "app",
+        "-d",
+        "shop",
+    ])
+    .args(["-p", &w.pg.port.to_string()])
+    .env("PGPASSWORD", APP_PASSWORD)
+    .env("PGSSLMODE", sslmode)
+    .env("PGCONNECT_TIMEOUT", "10")
+    .env("HOME", &w.env.dir);
+    in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), Some(65534));
+    cmd
+}
+
+/// `psql -c SQL` (one Query message) as an unprivileged user in `cgroup`.
+pub fn psql(w: &Pgw, cgroup: &str, sslmode: &str, sql: &str) -> Output {
+    psql_cmd(w, cgroup, sslmode)
+        .args(["-c", sql])
+        .output()
+        .expect("psql")
+}
+
+/// psql reading a script from stdin: one Query message per statement.
+pub fn psql_script(w: &Pgw, cgroup: &str, script: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = psql_cmd(w, cgroup, "disable")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    child.wait_with_output().expect("psql")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn secret_file(env: &Env) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = env.dir.join("pg-secret");
+    std::fs::write(&p, format!("{APP_PASSWORD}\n")).expect("secret");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    p
+}
+
+/// Runs `pc-pg` in a cgroup and returns its JSON.
+pub fn pc_pg(w: &Pgw, cgroup: &str, scenario: &str) -> serde_json::Value {
+    pc_pg_with(w, cgroup, scenario, &[])
+}
+
+/// `pc-pg` with arguments after the scenario.
+pub fn pc_pg_with(w: &Pgw, cgroup: &str, scenario: &str, args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(workspace_bin("pc-pg"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", APP_PASSWORD, "shop", scenario])
+        .args(args);
+    run_json(&w.env, cgroup, Some(65534), cmd)
+}
+
+/// Runs `pc-pgwire` with a script in a cgroup; returns its output lines as JSON.
+pub fn wire(w: &Pgw, cgroup: &str, script: &str) -> Vec<serde_json::Value> {
+    use std::io::Write as _;
+    let mut cmd = Command::new(workspace_bin("pc-pgwire"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", APP_PASSWORD, "shop"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), Some(65534));
+    let mut child = cmd.spawn().expect("pc-pgwire");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    let out = child.wait_with_output().expect("pc-pgwire");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| serde_json::json!({"raw": l})))
+        .filter(|v: &serde_json::Value| v["t"] != "S" && v["t"] != "K")
+        .collect()
+}
+
+pub fn without_launcher(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("launcher_pid");
+    }
+    v
 }

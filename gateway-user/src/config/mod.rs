@@ -443,13 +443,14 @@ fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
             UpstreamTls::Prefer
         }
     };
-    if upstream_tls == UpstreamTls::VerifyFull && t.upstream_ca.is_none() {
-        if let Some(a) = &t.upstream_tls {
-            c.at(
-                a,
-                "`verify-full` needs `upstream_ca` (the CA bundle to verify the server with)",
-            );
-        }
+    if upstream_tls == UpstreamTls::VerifyFull
+        && t.upstream_ca.is_none()
+        && let Some(a) = &t.upstream_tls
+    {
+        c.at(
+            a,
+            "`verify-full` needs `upstream_ca` (the CA bundle to verify the server with)",
+        );
     }
     let max_message_size = match &t.max_message_size {
         Some(m) if *m.get_ref() < 8192 => {

@@ -5,7 +5,9 @@
 //! ```text
 //! pc-pg HOST:PORT USER PASSWORD DB SCENARIO
 //! ```
-//! Scenarios: `suite`, `big` (1,000,000 rows, digested), `cancel`, `mask`.
+//! Scenarios: `suite`, `big` (1,000,000 rows, digested), `cancel`, `rows SQL...` (typed
+//! rows of each statement), `distinct SQL` (streamed; row count and distinct values of
+//! column 1).
 
 use std::time::Duration;
 
@@ -229,42 +231,55 @@ async fn cancel(c: &Client) -> Value {
     })
 }
 
-async fn mask(c: &Client) -> Value {
-    let mut out = serde_json::Map::new();
-    for (name, sql) in [
-        (
-            "direct",
-            "SELECT id, email, phone, note FROM people ORDER BY id",
-        ),
-        (
-            "derived",
-            "SELECT id, upper(email), email || '', encode(convert_to(email, 'UTF8'), 'hex') FROM people ORDER BY id",
-        ),
-        ("star", "SELECT * FROM people ORDER BY id"),
-        ("view", "SELECT * FROM people_v ORDER BY id"),
-        ("detectors", "SELECT id, note FROM people ORDER BY id"),
-    ] {
-        let v = match c.query(sql, &[]).await {
+/// One value as JSON, decoded by its type from the binary format tokio-postgres asks for.
+fn cell(r: &tokio_postgres::Row, i: usize) -> Value {
+    let t = r.columns()[i].type_().clone();
+    let v = match t {
+        Type::INT4 => r.try_get::<_, Option<i32>>(i).map(|v| json!(v)),
+        Type::INT8 => r.try_get::<_, Option<i64>>(i).map(|v| json!(v)),
+        Type::JSON | Type::JSONB => r.try_get::<_, Option<Value>>(i).map(|v| json!(v)),
+        _ => r.try_get::<_, Option<String>>(i).map(|v| json!(v)),
+    };
+    v.unwrap_or_else(|e| json!({"decode_error": e.to_string()}))
+}
+
+/// Each statement through the extended protocol (binary results); rows as typed JSON.
+async fn rows(c: &Client, sqls: &[String]) -> Value {
+    let mut out = Vec::new();
+    for sql in sqls {
+        out.push(match c.query(sql.as_str(), &[]).await {
             Ok(rows) => json!(
                 rows.iter()
-                    .map(|r| (0..r.len())
-                        .map(|i| r
-                            .try_get::<_, Option<String>>(i)
-                            .ok()
-                            .flatten()
-                            .or_else(|| r
-                                .try_get::<_, Option<i32>>(i)
-                                .ok()
-                                .flatten()
-                                .map(|x| x.to_string())))
-                        .collect::<Vec<_>>())
+                    .map(|r| (0..r.len()).map(|i| cell(r, i)).collect::<Vec<_>>())
                     .collect::<Vec<_>>()
             ),
             Err(e) => err(&e),
-        };
-        out.insert(name.into(), v);
+        });
     }
-    Value::Object(out)
+    Value::Array(out)
+}
+
+/// Streams one statement, counting rows and the distinct values of column 1 (at most 16).
+async fn distinct(c: &Client, sql: &str) -> Value {
+    let stream = match c.query_raw(sql, std::iter::empty::<i32>()).await {
+        Ok(s) => s,
+        Err(e) => return err(&e),
+    };
+    pin_mut!(stream);
+    let mut n = 0u64;
+    let mut seen: Vec<Value> = Vec::new();
+    while let Some(row) = stream.next().await {
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => return err(&e),
+        };
+        let v = cell(&row, 1);
+        if seen.len() < 16 && !seen.contains(&v) {
+            seen.push(v);
+        }
+        n += 1;
+    }
+    json!({"rows": n, "distinct": seen})
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -312,7 +327,8 @@ async fn main() {
         "suite" => suite(&client, &mut notes).await,
         "big" => big(&client).await,
         "cancel" => cancel(&client).await,
-        "mask" => mask(&client).await,
+        "rows" => rows(&client, &a[5..]).await,
+        "distinct" => distinct(&client, &a[5]).await,
         other => panic!("unknown scenario {other}"),
     };
     drop(client);

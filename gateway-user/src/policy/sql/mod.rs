@@ -16,6 +16,7 @@
 pub mod functions;
 pub mod kind;
 pub mod lex;
+pub mod lineage;
 pub mod predicate;
 
 use std::{
@@ -121,6 +122,8 @@ pub struct StatementClass {
     pub dynamic_sql: bool,
     /// Name of the prepared statement a PREPARE creates or an EXECUTE runs.
     pub prepared: Option<String>,
+    /// The rows it returns and what their columns are computed from (for masking).
+    pub shape: lineage::Shape,
 }
 
 impl StatementClass {
@@ -135,6 +138,7 @@ impl StatementClass {
             missing_where: false,
             dynamic_sql: false,
             prepared: None,
+            shape: lineage::Shape::None,
         }
     }
 }
@@ -823,6 +827,7 @@ fn classify_statement(s: &Statement) -> StatementClass {
         plan_only: 0,
     };
     let _ = s.visit(&mut v);
+    c.shape = lineage::shape(s);
     c
 }
 

@@ -41,7 +41,11 @@ pub enum Expect {
     Parse {
         denied: Option<Denial>,
     },
-    Bind,
+    /// `Bind`: the portal, and the judgement of the statement bound to it.
+    Bind {
+        portal: String,
+        ctx: Option<Ctx>,
+    },
     /// `Describe` of a statement: ParameterDescription, then RowDescription or NoData.
     DescribeStatement {
         name: String,
@@ -70,7 +74,7 @@ impl std::fmt::Debug for Expect {
             Self::Query { .. } => "Query",
             Self::FunctionCall { .. } => "FunctionCall",
             Self::Parse { .. } => "Parse",
-            Self::Bind => "Bind",
+            Self::Bind { .. } => "Bind",
             Self::DescribeStatement { .. } => "DescribeStatement",
             Self::DescribePortal { .. } => "DescribePortal",
             Self::Execute { .. } => "Execute",
@@ -96,7 +100,29 @@ pub enum Route {
     /// The transaction status of a ReadyForQuery, after which nothing is pending for the
     /// Sync/Query it answered.
     Ready(u8),
+    /// BindComplete: a portal now holds this statement.
+    Bound(Bound),
 }
+
+/// A portal and the judgement of the statement bound to it.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub portal: String,
+    pub ctx: Option<Ctx>,
+}
+
+impl PartialEq for Bound {
+    fn eq(&self, o: &Self) -> bool {
+        self.portal == o.portal
+            && match (&self.ctx, &o.ctx) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Bound {}
 
 /// Whose result a message is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +295,15 @@ impl Tracker {
                 self.queue.pop_front();
                 Route::Pass
             }
-            (X::Bind, be::BIND_COMPLETE) | (X::Close, be::CLOSE_COMPLETE) => {
+            (X::Bind { portal, ctx }, be::BIND_COMPLETE) => {
+                let b = Bound {
+                    portal: portal.clone(),
+                    ctx: ctx.clone(),
+                };
+                self.queue.pop_front();
+                Route::Bound(b)
+            }
+            (X::Close, be::CLOSE_COMPLETE) => {
                 self.queue.pop_front();
                 Route::Pass
             }
@@ -378,11 +412,17 @@ mod tests {
         let mut t = Tracker::default();
         for e in [
             Expect::Parse { denied: None },
-            Expect::Bind,
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+            },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
             Expect::Parse { denied: deny() },
-            Expect::Bind,
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+            },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
         ] {
@@ -405,7 +445,10 @@ mod tests {
         let mut t = Tracker::default();
         for e in [
             Expect::Parse { denied: None },
-            Expect::Bind,
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+            },
             Expect::Execute { portal: "".into() },
             Expect::Parse { denied: deny() },
             Expect::Sync,
@@ -443,7 +486,10 @@ mod tests {
         // server's CopyInResponse arrives.
         let mut t = Tracker::default();
         for e in [
-            Expect::Bind,
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+            },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
             Expect::CopyEnd,
@@ -471,7 +517,10 @@ mod tests {
     fn unexpected_messages_are_a_desync() {
         let mut t = Tracker::default();
         assert!(t.on_server(be::DATA_ROW).is_err(), "rows nobody asked for");
-        t.push(Expect::Bind);
+        t.push(Expect::Bind {
+            portal: String::new(),
+            ctx: None,
+        });
         assert!(t.on_server(be::PARSE_COMPLETE).is_err());
     }
 }

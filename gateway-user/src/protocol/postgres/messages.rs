@@ -174,6 +174,14 @@ impl Target {
     }
 }
 
+/// `Describe` of a statement (`S`) or portal (`P`).
+pub fn describe(kind: u8, name: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + 2);
+    b.put_u8(kind);
+    put_cstr(&mut b, name);
+    Frame::new(fe::DESCRIBE, b.freeze())
+}
+
 /// `Execute`: the portal.
 pub fn execute_portal(body: &[u8]) -> Result<String, FrameError> {
     let mut r = Reader::new(body, "Execute");

@@ -13,9 +13,11 @@
 pub mod approval;
 pub mod auth;
 pub mod cancel;
+pub mod catalog;
 pub mod codec;
 pub mod expect;
 pub mod messages;
+pub mod results;
 pub mod session;
 pub mod startup;
 pub mod stream;
@@ -68,6 +70,9 @@ pub enum PgError {
     Config(String),
 }
 
+/// A target's TLS client settings (`None`: plaintext).
+type ClientTls = Option<Arc<rustls::ClientConfig>>;
+
 /// State shared by every PostgreSQL session of a daemon.
 pub struct PgShared {
     /// TLS for clients (`None` answers `N` to SSLRequest).
@@ -75,7 +80,13 @@ pub struct PgShared {
     pub policy: Arc<PolicyStore>,
     pub cancels: Arc<CancelMap>,
     pub approver: Arc<dyn Approver>,
-    upstream_tls: Mutex<HashMap<String, (PgTarget, Option<Arc<rustls::ClientConfig>>)>>,
+    /// The install's masking key and strategies.
+    pub masker: crate::masking::value::Masker,
+    /// Catalog connections for masking.
+    pub catalogs: catalog::Catalogs,
+    /// Targets already warned about masking without a catalog.
+    warned_no_catalog: Mutex<std::collections::HashSet<String>>,
+    upstream_tls: Mutex<HashMap<String, (PgTarget, ClientTls)>>,
 }
 
 impl PgShared {
@@ -89,8 +100,34 @@ impl PgShared {
             policy,
             cancels: Arc::new(CancelMap::default()),
             approver,
+            masker: crate::masking::value::Masker::load_or_create(&daemon.state_dir).map_err(
+                |e| {
+                    PgError::Config(format!(
+                        "masking key in {}: {e}",
+                        daemon.state_dir.display()
+                    ))
+                },
+            )?,
+            catalogs: catalog::Catalogs::default(),
+            warned_no_catalog: Mutex::new(std::collections::HashSet::new()),
             upstream_tls: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Says once per target that column masks cannot be resolved without a catalog.
+    pub fn warn_no_catalog(&self, target: &str) {
+        let mut w = self
+            .warned_no_catalog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if w.insert(target.to_owned()) {
+            tracing::warn!(
+                target.name = %target,
+                "column mask rules apply to this target but it has no `credentials` for \
+                 catalog lookups: every column read from a table or view is masked (or \
+                 refused) as undecidable; see docs/postgres.md"
+            );
+        }
     }
 
     /// The rustls client configuration of a target, built once per target settings.

@@ -31,9 +31,11 @@ use super::{
     PgError, PgShared,
     approval::{ApprovalOutcome, ApprovalRequest},
     auth,
+    catalog::CatalogKey,
     codec::{Frame, SSL_REQUEST, Startup, decode},
-    expect::{Denial, Expect, Route, Tracker},
+    expect::{Denial, Expect, Owner, Route, Tracker},
     messages::{self, Notice, Parse, auth_codes, be, fe},
+    results::{self, ResultMasking},
     startup::{self, Accepted},
     stream::Stream,
 };
@@ -94,7 +96,7 @@ pub async fn run(shared: Arc<PgShared>, s: Session) -> Outcome {
 
 /// Framed reading from one side.
 pub(crate) struct Reader<R> {
-    r: R,
+    pub(crate) r: R,
     buf: BytesMut,
     max: usize,
     client: bool,
@@ -103,7 +105,7 @@ pub(crate) struct Reader<R> {
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
-    fn new(r: R, buf: BytesMut, max: usize, client: bool) -> Self {
+    pub(crate) fn new(r: R, buf: BytesMut, max: usize, client: bool) -> Self {
         Self {
             r,
             buf,
@@ -156,7 +158,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(n > 0)
     }
 
-    async fn frame(&mut self) -> Result<Frame, PgError> {
+    pub(crate) async fn frame(&mut self) -> Result<Frame, PgError> {
         loop {
             if let Some(f) = self.try_frame()? {
                 return Ok(f);
@@ -260,14 +262,14 @@ fn subject_of(ctx: &ConnContext) -> Subject {
     }
 }
 
-async fn connect_server(
+pub(crate) async fn connect_server(
     shared: &PgShared,
-    ctx: &ConnContext,
+    target: &str,
     pg: &PgTarget,
     upstream: &Upstream,
 ) -> Result<Stream, PgError> {
     let mut tcp = upstream.connect().await?;
-    let Some(tls) = shared.upstream_tls(&ctx.target.name, pg)? else {
+    let Some(tls) = shared.upstream_tls(target, pg)? else {
         return Ok(Stream::Plain(tcp));
     };
     let req = Startup::SslRequest.encode();
@@ -316,7 +318,7 @@ fn without_channel_binding(body: &[u8]) -> Bytes {
 }
 
 async fn session(
-    shared: &PgShared,
+    shared: &Arc<PgShared>,
     client_tcp: tokio::net::TcpStream,
     ctx: &Arc<ConnContext>,
     upstream: &Upstream,
@@ -374,7 +376,7 @@ async fn session(
             params.push(("database".into(), database.clone()));
         }
     }
-    let server = match connect_server(shared, ctx, &pg, upstream).await {
+    let server = match connect_server(shared, &ctx.target.name, &pg, upstream).await {
         Ok(s) => s,
         Err(e) => {
             let _ = send(
@@ -467,12 +469,22 @@ async fn session(
         sql_prepared: HashMap::new(),
         scs,
     }));
+    let catalog = shared.catalogs.get(
+        CatalogKey {
+            addr: upstream.addr,
+            database: database.clone(),
+            target: ctx.target.name.clone(),
+        },
+        &pg,
+        upstream,
+    );
     let judge = JudgeCtx {
         policy: shared.policy.clone(),
         subject,
         class,
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
+        has_catalog: catalog.is_some(),
     };
     let Reader {
         r: cs,
@@ -500,6 +512,7 @@ async fn session(
         Reader::new(s_read, sbuf, max, false),
         c_write,
         state,
+        ResultMasking::new(shared.clone(), ctx.target.name.clone(), catalog),
         traffic,
     );
     tokio::pin!(upward, downward);
@@ -672,6 +685,8 @@ struct JudgeCtx {
     class: ClassKey,
     target: String,
     protocol: &'static str,
+    /// Masking can look names up in the catalog.
+    has_catalog: bool,
 }
 
 impl JudgeCtx {
@@ -700,9 +715,38 @@ fn denial_of(j: &Judgement) -> Denial {
     }
 }
 
+/// Whether a statement's masks cannot be honoured (binary COPY; undecidable columns
+/// under `unresolved = "deny"`): the denial to send instead of running it.
+fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial> {
+    if j.decision.masks.is_empty()
+        && !j
+            .classification
+            .statements
+            .iter()
+            .any(|s| matches!(s.shape, crate::policy::sql::lineage::Shape::Execute(_)))
+    {
+        return None;
+    }
+    let prepared = |n: &str| st.sql_prepared.get(n).cloned();
+    for k in 0..j.classification.statements.len() {
+        let Some(a) = results::applies(j, k, &prepared) else {
+            continue;
+        };
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, &a.shape, judge.has_catalog) {
+            return Some(Denial {
+                rule: r.rule().to_owned(),
+                message: r.to_string(),
+            });
+        }
+    }
+    None
+}
+
 /// What to do with one client message.
 enum Plan {
     Forward(Frame, Option<Expect>),
+    /// Several messages: the client's and ones the engine adds.
+    Inject(Vec<(Frame, Expect)>),
     /// Hold for approval, then forward or refuse.
     Hold {
         frame: Frame,
@@ -727,8 +771,20 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         fe::QUERY => {
             let sql = messages::query_text(&f.body).map_err(cp)?.to_owned();
             let j = judge.judge(&sql, st.scs);
-            match j.decision.verdict {
-                Verdict::Deny => {
+            let unmaskable = unmaskable(&st, judge, &j);
+            match (j.decision.verdict, unmaskable) {
+                (_, Some(d)) => {
+                    log_decision(judge, &sql, &j);
+                    tracing::info!(target: "portcullis::audit", rule = %d.rule, reason = %d.message, "masking cannot be honoured: refused");
+                    Plan::Forward(
+                        messages::query(DENIED_SQL),
+                        Some(Expect::Query {
+                            denied: Some(d),
+                            ctx: None,
+                        }),
+                    )
+                }
+                (Verdict::Deny, None) => {
                     let d = denial_of(&j);
                     log_decision(judge, &sql, &j);
                     Plan::Forward(
@@ -739,13 +795,13 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                         }),
                     )
                 }
-                Verdict::RequireApproval => Plan::Hold {
+                (Verdict::RequireApproval, None) => Plan::Hold {
                     frame: f,
                     sql,
                     judgement: j,
                     kind: HeldKind::Query,
                 },
-                Verdict::Allow | Verdict::Mask => {
+                (Verdict::Allow | Verdict::Mask, None) => {
                     log_decision(judge, &sql, &j);
                     remember_sql_prepares(&mut st, &j);
                     Plan::Forward(
@@ -761,8 +817,12 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         fe::PARSE => {
             let p = Parse::decode(&f.body).map_err(cp)?;
             let j = judge.judge(&p.sql, st.scs);
-            match j.decision.verdict {
-                Verdict::Deny => {
+            let refusal = match j.decision.verdict {
+                Verdict::Deny => Some(denial_of(&j)),
+                _ => unmaskable(&st, judge, &j),
+            };
+            match (j.decision.verdict, refusal) {
+                (_, Some(denial)) => {
                     log_decision(judge, &p.sql, &j);
                     st.statements.remove(&p.name);
                     let sub = Parse {
@@ -773,17 +833,17 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     Plan::Forward(
                         sub.encode(),
                         Some(Expect::Parse {
-                            denied: Some(denial_of(&j)),
+                            denied: Some(denial),
                         }),
                     )
                 }
-                Verdict::RequireApproval => Plan::Hold {
+                (Verdict::RequireApproval, None) => Plan::Hold {
                     frame: f,
                     sql: p.sql,
                     judgement: j,
                     kind: HeldKind::Parse(p.name),
                 },
-                Verdict::Allow | Verdict::Mask => {
+                (_, None) => {
                     log_decision(judge, &p.sql, &j);
                     st.statements.insert(p.name, j);
                     Plan::Forward(f, Some(Expect::Parse { denied: None }))
@@ -791,8 +851,31 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             }
         }
         fe::BIND => {
-            messages::Bind::decode(&f.body).map_err(cp)?;
-            Plan::Forward(f, Some(Expect::Bind))
+            let b = messages::Bind::decode(&f.body).map_err(cp)?;
+            let ctx = st.statements.get(&b.statement).cloned();
+            let masked = ctx.as_ref().is_some_and(|j| {
+                results::applies(j, 0, &|n| st.sql_prepared.get(n).cloned()).is_some()
+            });
+            let bind = Expect::Bind {
+                portal: b.portal.clone(),
+                ctx,
+            };
+            if masked {
+                // The portal's own description, with the result formats Bind chose, is
+                // what masking needs; the client may not ask for it, so the engine does.
+                Plan::Inject(vec![
+                    (f, bind),
+                    (
+                        messages::describe(b'P', &b.portal),
+                        Expect::DescribePortal {
+                            name: b.portal,
+                            swallow: true,
+                        },
+                    ),
+                ])
+            } else {
+                Plan::Forward(f, Some(bind))
+            }
         }
         fe::DESCRIBE => {
             let t = messages::Target::decode(&f.body, "Describe").map_err(cp)?;
@@ -951,6 +1034,12 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 Plan::Forward(f, e) => {
                     f.encode(&mut out);
                     expects.extend(e);
+                }
+                Plan::Inject(v) => {
+                    for (f, e) in v {
+                        f.encode(&mut out);
+                        expects.push(e);
+                    }
                 }
                 p @ Plan::Hold { .. } => {
                     hold = Some(p);
@@ -1112,12 +1201,21 @@ async fn server_to_client<R: AsyncRead + Unpin>(
     mut server: Reader<ReadHalf<R>>,
     client: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,
     state: Arc<Mutex<State>>,
+    mut masking: ResultMasking,
     traffic: &Traffic,
 ) -> Result<End, PgError> {
+    let prepared = |n: &str| {
+        state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sql_prepared
+            .get(n)
+            .cloned()
+    };
     loop {
         let mut out = BytesMut::new();
         while let Some(f) = server.try_frame()? {
-            let route = {
+            let (route, head) = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if f.tag == be::PARAMETER_STATUS
                     && let Ok((k, v)) = messages::parameter_status(&f.body)
@@ -1125,12 +1223,41 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 {
                     st.scs = v == "on";
                 }
-                st.tracker.on_server(f.tag)?
+                let head = st.tracker.head_query_ctx().cloned();
+                (st.tracker.on_server(f.tag)?, head)
             };
-            match route {
-                Route::Deny(d) => denial_error(&d).encode(&mut out),
-                Route::Swallow(_) => {}
-                Route::Pass | Route::Result(_) | Route::Ready(_) => f.encode(&mut out),
+            let handled = match route {
+                Route::Deny(d) => {
+                    denial_error(&d).encode(&mut out);
+                    Ok(())
+                }
+                Route::Swallow(Owner::Portal(p)) => masking.on_described_portal(&f, &p).await,
+                Route::Swallow(_) => Ok(()),
+                Route::Bound(b) => {
+                    masking.on_bound(b, &prepared);
+                    f.encode(&mut out);
+                    Ok(())
+                }
+                Route::Result(owner) => {
+                    masking
+                        .on_result(f, &owner, head.as_ref(), &prepared, &mut out)
+                        .await
+                }
+                Route::Ready(_) => {
+                    masking.on_ready(messages::ready_status(&f.body).unwrap_or(b'I'));
+                    f.encode(&mut out);
+                    Ok(())
+                }
+                Route::Pass => {
+                    f.encode(&mut out);
+                    Ok(())
+                }
+            };
+            if let Err(e) = handled {
+                // Never let a value through that the policy says to mask: end the session.
+                fatal("42501", format!("portcullis: result refused: {e}")).encode(&mut out);
+                write_client(&client, &out, traffic).await?;
+                return Err(PgError::Refused(e.to_string()));
             }
             if out.len() >= WRITE_BATCH {
                 write_client(&client, &out, traffic).await?;

@@ -1,0 +1,802 @@
+//! Which columns of a result to mask, and how: decided once per result set (at its
+//! RowDescription or CopyOutResponse), then applied to every row without further lookups.
+//!
+//! An output column is masked by a column rule when anything it is computed from matches
+//! one of the rule's patterns. What it is computed from comes from two places, and both
+//! count:
+//! - the table OID and attribute number PostgreSQL puts in RowDescription for a plain
+//!   column reference (also through subqueries and `*`), named through the catalog — for a
+//!   view column, the catalog also says what the view computes it from;
+//! - the statement's [lineage](crate::policy::sql::lineage), for computed columns.
+//!
+//! Every table name is checked against the catalog before it is trusted (it may be a view
+//! over the masked table). Whatever cannot be decided — no catalog, a relation the catalog
+//! does not show, a name that could not be resolved, columns that cannot be lined up with
+//! the statement — is handled as the rule's `unresolved` says: masked, or the statement
+//! refused.
+//!
+//! Pure: the catalog is reached through [`Resolve`], filled before planning.
+
+use std::sync::Arc;
+
+use crate::policy::{
+    glob,
+    model::{MaskSpec, Strategy, Unresolved},
+    sql::{
+        TableName,
+        lineage::{ColumnRef, CopyFormat, Deps, Item, Shape, StarSource},
+    },
+};
+
+use super::value::{TypeClass, type_class};
+
+/// A column of a RowDescription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    /// 0 text, 1 binary.
+    pub format: i16,
+}
+
+/// What the catalog knows, looked up ahead of planning.
+pub trait Resolve {
+    /// Everything the column at (table OID, attribute number) is: its own qualified name
+    /// and, for a view's column, what the view computes it from (transitively). `None`:
+    /// not known.
+    fn origin(&self, oid: u32, attnum: i16) -> Option<Vec<ColumnRef>>;
+    /// A column reference as written in SQL, expanded: the qualified relations it may name
+    /// (an unqualified name may be in any schema) and, through views, what it is computed
+    /// from. `None`: cannot be verified.
+    fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>>;
+    /// A relation's columns in order (for `COPY table TO`, whose output has no names).
+    /// `None`: not known, or the name is ambiguous.
+    fn columns(&self, t: &TableName) -> Option<Vec<String>>;
+}
+
+/// No catalog: nothing can be verified.
+pub struct NoCatalog;
+
+impl Resolve for NoCatalog {
+    fn origin(&self, _: u32, _: i16) -> Option<Vec<ColumnRef>> {
+        None
+    }
+    fn expand(&self, _: &ColumnRef) -> Option<Vec<ColumnRef>> {
+        None
+    }
+    fn columns(&self, _: &TableName) -> Option<Vec<String>> {
+        None
+    }
+}
+
+/// Whether a rule's column pattern (`table.column` or `schema.table.column`, globs per
+/// part) matches a column reference. A reference without a schema may be in any schema;
+/// a whole-row reference carries every column.
+pub fn pattern_matches(pattern: &str, r: &ColumnRef) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let (schema, table, column) = match p.as_slice() {
+        [t, c] => (None, *t, *c),
+        [s, t, c] => (Some(*s), *t, *c),
+        _ => return false,
+    };
+    if !glob::matches(table, &r.table.name) {
+        return false;
+    }
+    if let (Some(ps), Some(s)) = (schema, &r.table.schema)
+        && !glob::matches(ps, s)
+    {
+        return false;
+    }
+    match &r.column {
+        None => true,
+        Some(c) => glob::matches(column, c),
+    }
+}
+
+/// A whole-value mask: the strategy, and the label in `[REDACTED:<label>]`.
+pub type Whole = Option<(Strategy, Arc<str>)>;
+
+/// How one output column is treated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnPlan {
+    pub class: TypeClass,
+    pub binary: bool,
+    /// Replace the whole value: the strategy and the label in `[REDACTED:<label>]`.
+    pub whole: Option<(Strategy, Arc<str>)>,
+}
+
+/// Value detectors that apply to every column, and the strategy for each.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Detection {
+    pub detectors: Vec<(String, Strategy)>,
+}
+
+impl Detection {
+    pub fn strategy(&self, detector: &str) -> Option<&Strategy> {
+        self.detectors
+            .iter()
+            .find(|(d, _)| d == detector)
+            .map(|(_, s)| s)
+    }
+}
+
+/// The plan for one result set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultPlan {
+    pub columns: Vec<ColumnPlan>,
+    pub detection: Option<Arc<Detection>>,
+}
+
+impl ResultPlan {
+    /// Whether anything is masked at all (if not, rows pass untouched).
+    pub fn is_active(&self) -> bool {
+        self.detection.is_some() || self.columns.iter().any(|c| c.whole.is_some())
+    }
+}
+
+/// Why a result cannot be let through.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "rule {rule}: cannot tell whether column {column:?} derives from a masked column \
+         ({why}), and the rule says deny"
+    )]
+    Unresolved {
+        rule: String,
+        column: String,
+        why: String,
+    },
+    #[error("rule {rule}: binary COPY of masked data is not supported; use text or CSV format")]
+    BinaryCopy { rule: String },
+}
+
+impl Refusal {
+    /// The rule whose mask could not be honoured.
+    pub fn rule(&self) -> &str {
+        match self {
+            Self::Unresolved { rule, .. } | Self::BinaryCopy { rule } => rule,
+        }
+    }
+}
+
+/// The detection part of a set of masks (shared by every result of the statement).
+pub fn detection(masks: &[Arc<MaskSpec>]) -> Option<Arc<Detection>> {
+    let mut d = Detection::default();
+    for m in masks {
+        for name in &m.detectors {
+            if d.strategy(name).is_none() {
+                d.detectors.push((name.clone(), m.strategy.clone()));
+            }
+        }
+    }
+    (!d.detectors.is_empty()).then(|| Arc::new(d))
+}
+
+/// What each output position is computed from, per the statement's lineage.
+enum Lined {
+    Exact(Deps),
+    /// Could be any of these.
+    Region(Deps),
+    Unknown,
+}
+
+/// Lines the statement's items up with `n` result columns (names as the server gave them).
+fn line_up(items: &[Item], names: &[&str]) -> Vec<Lined> {
+    let n = names.len();
+    let stars: Vec<usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| matches!(i, Item::Star(_)))
+        .map(|(k, _)| k)
+        .collect();
+    let fixed = items.len() - stars.len();
+    let star_deps = |i: &Item, name: &str| -> Deps {
+        match i {
+            Item::Column { deps, .. } | Item::Star(StarSource::Deps(deps)) => deps.clone(),
+            Item::Star(StarSource::Relation(t)) => Deps {
+                columns: [ColumnRef {
+                    table: t.clone(),
+                    column: Some(name.to_owned()),
+                }]
+                .into(),
+                opaque: false,
+            },
+        }
+    };
+    match stars.as_slice() {
+        [] if fixed == n => items
+            .iter()
+            .zip(names)
+            .map(|(i, name)| Lined::Exact(star_deps(i, name)))
+            .collect(),
+        [] => (0..n).map(|_| Lined::Unknown).collect(),
+        [s] if fixed <= n => {
+            let width = n - fixed;
+            let mut out = Vec::with_capacity(n);
+            for (k, name) in names.iter().enumerate() {
+                let item = if k < *s {
+                    &items[k]
+                } else if k < s + width {
+                    &items[*s]
+                } else {
+                    &items[k - width + 1]
+                };
+                out.push(Lined::Exact(star_deps(item, name)));
+            }
+            out
+        }
+        [first, .., last] if fixed <= n => {
+            let suffix = items.len() - 1 - last;
+            let mut out = Vec::with_capacity(n);
+            for (k, name) in names.iter().enumerate() {
+                if k < *first {
+                    out.push(Lined::Exact(star_deps(&items[k], name)));
+                } else if k >= n - suffix {
+                    out.push(Lined::Exact(star_deps(&items[items.len() - (n - k)], name)));
+                } else {
+                    let mut d = Deps::default();
+                    for i in &items[*first..=*last] {
+                        d.extend(&star_deps(i, name));
+                    }
+                    out.push(Lined::Region(d));
+                }
+            }
+            out
+        }
+        _ => (0..n).map(|_| Lined::Unknown).collect(),
+    }
+}
+
+/// Decides, for each column rule, whether an output column is masked; `Err` with the
+/// reason when it cannot be decided.
+fn column_sources(
+    origin: Option<(u32, i16)>,
+    lined: &Lined,
+    resolve: &dyn Resolve,
+) -> Result<Vec<ColumnRef>, String> {
+    let mut out = Vec::new();
+    if let Some((oid, att)) = origin {
+        match resolve.origin(oid, att) {
+            Some(v) => out.extend(v),
+            None => return Err(format!("table OID {oid} is not in the catalog")),
+        }
+    }
+    let deps = match lined {
+        Lined::Exact(d) | Lined::Region(d) => d,
+        // A plain column reference is fully described by its origin.
+        Lined::Unknown if origin.is_some() => return Ok(out),
+        Lined::Unknown => {
+            return Err("its expression could not be lined up with the statement".into());
+        }
+    };
+    if deps.opaque {
+        return Err("it references something that could not be resolved".into());
+    }
+    for r in &deps.columns {
+        match resolve.expand(r) {
+            Some(v) => out.extend(v),
+            None => {
+                return Err(format!(
+                    "{}.{} cannot be verified in the catalog",
+                    r.table,
+                    r.column.as_deref().unwrap_or("*")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Plans a row result: `fields` from RowDescription.
+pub fn plan_rows(
+    masks: &[Arc<MaskSpec>],
+    shape: &Shape,
+    fields: &[Field],
+    resolve: &dyn Resolve,
+) -> Result<ResultPlan, Refusal> {
+    let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    let items = match shape {
+        Shape::Rows(items) | Shape::Copy { items, .. } => Some(items.as_slice()),
+        _ => None,
+    };
+    let wholes = plan_columns(
+        masks,
+        items,
+        &names,
+        |k| {
+            let f = &fields[k];
+            (f.table_oid != 0 && f.attnum > 0).then_some((f.table_oid, f.attnum))
+        },
+        resolve,
+    )?;
+    Ok(ResultPlan {
+        columns: fields
+            .iter()
+            .zip(wholes)
+            .map(|(f, whole)| ColumnPlan {
+                class: type_class(f.type_oid),
+                binary: f.format == 1,
+                whole,
+            })
+            .collect(),
+        detection: detection(masks),
+    })
+}
+
+/// Plans a `COPY ... TO STDOUT` with `n` columns (no types: everything is text).
+pub fn plan_copy(
+    masks: &[Arc<MaskSpec>],
+    shape: &Shape,
+    n: usize,
+    resolve: &dyn Resolve,
+) -> Result<(ResultPlan, Option<CopyFormat>), Refusal> {
+    let (items, format) = match shape {
+        Shape::Copy { items, format } => (Some(items.as_slice()), Some(format.clone())),
+        Shape::CopyBinary => {
+            return Err(Refusal::BinaryCopy {
+                rule: masks.first().map(|m| m.rule.clone()).unwrap_or_default(),
+            });
+        }
+        _ => (None, None),
+    };
+    // COPY output carries no column names: a table's `*` is expanded from the catalog, or
+    // each of its columns depends on the whole row.
+    let items: Option<Vec<Item>> = items.map(|items| {
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            match i {
+                Item::Star(StarSource::Relation(t)) => match resolve.columns(t) {
+                    Some(cols) => out.extend(cols.into_iter().map(|c| {
+                        Item::Column {
+                            name: Some(c.clone()),
+                            deps: Deps {
+                                columns: [ColumnRef {
+                                    table: t.clone(),
+                                    column: Some(c),
+                                }]
+                                .into(),
+                                opaque: false,
+                            },
+                        }
+                    })),
+                    None => out.push(Item::Star(StarSource::Deps(Deps {
+                        columns: [ColumnRef {
+                            table: t.clone(),
+                            column: None,
+                        }]
+                        .into(),
+                        opaque: false,
+                    }))),
+                },
+                other => out.push(other.clone()),
+            }
+        }
+        out
+    });
+    let names: Vec<String> = (1..=n).map(|k| format!("column {k}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let wholes = plan_columns(masks, items.as_deref(), &names, |_| None, resolve)?;
+    Ok((
+        ResultPlan {
+            columns: wholes
+                .into_iter()
+                .map(|whole| ColumnPlan {
+                    class: TypeClass::Text,
+                    binary: false,
+                    whole,
+                })
+                .collect(),
+            detection: detection(masks),
+        },
+        format,
+    ))
+}
+
+fn plan_columns(
+    masks: &[Arc<MaskSpec>],
+    items: Option<&[Item]>,
+    names: &[&str],
+    origin: impl Fn(usize) -> Option<(u32, i16)>,
+    resolve: &dyn Resolve,
+) -> Result<Vec<Whole>, Refusal> {
+    let column_rules: Vec<&Arc<MaskSpec>> =
+        masks.iter().filter(|m| !m.columns.is_empty()).collect();
+    let n = names.len();
+    if column_rules.is_empty() {
+        return Ok(vec![None; n]);
+    }
+    let lined = match items {
+        Some(items) => line_up(items, names),
+        None => (0..n).map(|_| Lined::Unknown).collect(),
+    };
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        match column_sources(origin(k), &lined[k], resolve) {
+            Ok(sources) => {
+                let hit = column_rules.iter().find_map(|m| {
+                    sources.iter().find_map(|s| {
+                        m.columns
+                            .iter()
+                            .any(|p| pattern_matches(p, s))
+                            .then(|| (m, s.column.clone().unwrap_or_else(|| "row".into())))
+                    })
+                });
+                out.push(hit.map(|(m, label)| (m.strategy.clone(), Arc::from(label.as_str()))));
+            }
+            Err(why) => {
+                if let Some(m) = column_rules
+                    .iter()
+                    .find(|m| m.unresolved == Unresolved::Deny)
+                {
+                    return Err(Refusal::Unresolved {
+                        rule: m.rule.clone(),
+                        column: names[k].to_owned(),
+                        why,
+                    });
+                }
+                let m = column_rules[0];
+                out.push(Some((m.strategy.clone(), Arc::from("unresolved"))));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a statement's masks can be honoured at all, known before it runs: binary COPY
+/// cannot be masked, and with `unresolved = "deny"` a statement whose columns cannot be
+/// traced is refused before it reaches the server.
+pub fn precheck(masks: &[Arc<MaskSpec>], shape: &Shape, has_catalog: bool) -> Result<(), Refusal> {
+    let column_rules: Vec<&Arc<MaskSpec>> =
+        masks.iter().filter(|m| !m.columns.is_empty()).collect();
+    if masks.is_empty() {
+        return Ok(());
+    }
+    if matches!(shape, Shape::CopyBinary) {
+        return Err(Refusal::BinaryCopy {
+            rule: masks[0].rule.clone(),
+        });
+    }
+    let Some(deny) = column_rules
+        .iter()
+        .find(|m| m.unresolved == Unresolved::Deny)
+    else {
+        return Ok(());
+    };
+    let items = match shape {
+        Shape::Rows(items) | Shape::Copy { items, .. } => items,
+        Shape::Unknown => {
+            return Err(Refusal::Unresolved {
+                rule: deny.rule.clone(),
+                column: "*".into(),
+                why: "the statement's result columns cannot be traced".into(),
+            });
+        }
+        _ => return Ok(()),
+    };
+    for i in items {
+        let mut d = Deps::default();
+        i.all_deps(&mut d);
+        if d.opaque || (!has_catalog && !d.columns.is_empty()) {
+            let column = match i {
+                Item::Column { name, .. } => name.clone().unwrap_or_else(|| "?column?".into()),
+                Item::Star(_) => "*".into(),
+            };
+            return Err(Refusal::Unresolved {
+                rule: deny.rule.clone(),
+                column,
+                why: if d.opaque {
+                    "it references something that could not be resolved".into()
+                } else {
+                    "no catalog connection is configured for this target".into()
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A qualified table name, for resolvers.
+pub fn qualified(schema: &str, table: &str, column: Option<&str>) -> ColumnRef {
+    ColumnRef {
+        table: TableName {
+            schema: Some(schema.to_owned()),
+            name: table.to_owned(),
+        },
+        column: column.map(str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::policy::sql::{LexOptions, classify};
+
+    /// A catalog: public.users(id, email, name), public.orders(id, uid, total), and
+    /// public.contacts, a view: SELECT name, email AS contact FROM users.
+    struct Cat;
+
+    fn table_cols(t: &str) -> Option<&'static [&'static str]> {
+        match t {
+            "users" => Some(&["id", "email", "name"]),
+            "orders" => Some(&["id", "uid", "total"]),
+            "contacts" => Some(&["name", "contact"]),
+            _ => None,
+        }
+    }
+
+    impl Resolve for Cat {
+        fn origin(&self, oid: u32, attnum: i16) -> Option<Vec<ColumnRef>> {
+            let t = match oid {
+                1 => "users",
+                2 => "orders",
+                3 => "contacts",
+                _ => return None,
+            };
+            let c = table_cols(t)?.get(attnum as usize - 1)?;
+            self.expand(&qualified("public", t, Some(c)))
+        }
+        fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>> {
+            if r.table.schema.as_deref().is_some_and(|s| s != "public") {
+                return None;
+            }
+            table_cols(&r.table.name)?;
+            let me = qualified("public", &r.table.name, r.column.as_deref());
+            let mut out = vec![me];
+            if r.table.name == "contacts" {
+                let view: HashMap<&str, &str> = [("name", "name"), ("contact", "email")].into();
+                match r.column.as_deref() {
+                    Some(c) => out.push(qualified("public", "users", view.get(c).copied())),
+                    None => out.push(qualified("public", "users", None)),
+                }
+            }
+            Some(out)
+        }
+        fn columns(&self, t: &TableName) -> Option<Vec<String>> {
+            Some(
+                table_cols(&t.name)?
+                    .iter()
+                    .map(|c| (*c).to_owned())
+                    .collect(),
+            )
+        }
+    }
+
+    fn mask(columns: &[&str], unresolved: Unresolved) -> Vec<Arc<MaskSpec>> {
+        vec![Arc::new(MaskSpec {
+            rule: "m".into(),
+            columns: columns.iter().map(|s| (*s).to_owned()).collect(),
+            detectors: Vec::new(),
+            strategy: Strategy::Redact { text: None },
+            unresolved,
+        })]
+    }
+
+    fn f(name: &str, oid: u32, att: i16) -> Field {
+        Field {
+            name: name.into(),
+            table_oid: oid,
+            attnum: att,
+            type_oid: 25,
+            format: 0,
+        }
+    }
+
+    fn shape(sql: &str) -> Shape {
+        classify(sql, LexOptions::default()).statements[0]
+            .shape
+            .clone()
+    }
+
+    /// Which columns get masked, as labels (`-` for none).
+    fn masked(sql: &str, fields: &[Field], r: &dyn Resolve) -> Result<Vec<String>, Refusal> {
+        let p = plan_rows(
+            &mask(&["users.email"], Unresolved::MaskAll),
+            &shape(sql),
+            fields,
+            r,
+        )?;
+        Ok(p.columns
+            .iter()
+            .map(|c| c.whole.as_ref().map_or("-".into(), |(_, l)| l.to_string()))
+            .collect())
+    }
+
+    #[test]
+    fn patterns() {
+        let r = qualified("public", "users", Some("email"));
+        assert!(pattern_matches("users.email", &r));
+        assert!(pattern_matches("public.users.email", &r));
+        assert!(pattern_matches("*.email", &r));
+        assert!(pattern_matches("p*.u*.e*", &r));
+        assert!(!pattern_matches("private.users.email", &r));
+        assert!(!pattern_matches("users.name", &r));
+        assert!(
+            pattern_matches("users.name", &qualified("public", "users", None)),
+            "whole row"
+        );
+        let unq = ColumnRef {
+            table: TableName {
+                schema: None,
+                name: "users".into(),
+            },
+            column: Some("email".into()),
+        };
+        assert!(
+            pattern_matches("other.users.email", &unq),
+            "unqualified: any schema"
+        );
+    }
+
+    #[test]
+    fn plain_columns_by_origin() {
+        let fields = [f("id", 1, 1), f("email", 1, 2)];
+        assert_eq!(
+            masked("SELECT id, email FROM users", &fields, &Cat).expect("in test"),
+            ["-", "email"]
+        );
+        // Aliased: the origin still says users.email.
+        let fields = [f("e", 1, 2)];
+        assert_eq!(
+            masked("SELECT email AS e FROM users", &fields, &Cat).expect("in test"),
+            ["email"]
+        );
+    }
+
+    #[test]
+    fn computed_columns_by_lineage() {
+        let fields = [f("upper", 0, 0), f("n", 0, 0)];
+        assert_eq!(
+            masked(
+                "SELECT upper(email), length(name) AS n FROM users",
+                &fields,
+                &Cat
+            )
+            .expect("in test"),
+            ["email", "-"]
+        );
+        let fields = [f("encode", 0, 0)];
+        assert_eq!(
+            masked(
+                "SELECT encode(convert_to(email, 'UTF8'), 'hex') FROM users",
+                &fields,
+                &Cat
+            )
+            .expect("in test"),
+            ["email"]
+        );
+    }
+
+    #[test]
+    fn stars_and_views() {
+        let fields = [
+            f("id", 1, 1),
+            f("email", 1, 2),
+            f("name", 1, 3),
+            f("x", 0, 0),
+        ];
+        assert_eq!(
+            masked("SELECT *, 1 AS x FROM users", &fields, &Cat).expect("in test"),
+            ["-", "email", "-", "-"]
+        );
+        // A view column reports the view; the catalog traces it to users.email.
+        let fields = [f("name", 3, 1), f("contact", 3, 2)];
+        assert_eq!(
+            masked("SELECT * FROM contacts", &fields, &Cat).expect("in test"),
+            ["-", "email"]
+        );
+        let fields = [f("lower", 0, 0)];
+        assert_eq!(
+            masked("SELECT lower(contact) FROM contacts", &fields, &Cat).expect("in test"),
+            ["email"]
+        );
+    }
+
+    #[test]
+    fn undecidable_columns_follow_the_rule() {
+        // Without a catalog nothing that reads a table can be verified (it may be a view).
+        let fields = [f("id", 1, 1), f("one", 0, 0)];
+        assert_eq!(
+            masked("SELECT id, 1 AS one FROM users", &fields, &NoCatalog).expect("in test"),
+            ["unresolved", "-"]
+        );
+        // A relation the catalog does not know.
+        let fields = [f("x", 0, 0)];
+        assert_eq!(
+            masked("SELECT upper(x) AS x FROM elsewhere", &fields, &Cat).expect("in test"),
+            ["unresolved"]
+        );
+        // Deny instead.
+        let p = plan_rows(
+            &mask(&["users.email"], Unresolved::Deny),
+            &shape("SELECT upper(x) AS x FROM elsewhere"),
+            &fields,
+            &Cat,
+        );
+        assert!(matches!(p, Err(Refusal::Unresolved { .. })), "{p:?}");
+        // FETCH: plain columns by origin, computed ones undecidable.
+        let fields = [f("email", 1, 2), f("upper", 0, 0)];
+        assert_eq!(
+            masked("FETCH 1 FROM c", &fields, &Cat).expect("in test"),
+            ["email", "unresolved"]
+        );
+    }
+
+    #[test]
+    fn detectors_only_need_no_catalog() {
+        let masks = vec![Arc::new(MaskSpec {
+            rule: "d".into(),
+            columns: Vec::new(),
+            detectors: vec!["email".into()],
+            strategy: Strategy::Hash,
+            unresolved: Unresolved::Deny,
+        })];
+        let p = plan_rows(
+            &masks,
+            &shape("SELECT * FROM users"),
+            &[f("a", 0, 0)],
+            &NoCatalog,
+        )
+        .expect("in test");
+        assert!(p.is_active());
+        assert_eq!(
+            p.detection.expect("in test").strategy("email"),
+            Some(&Strategy::Hash)
+        );
+    }
+
+    #[test]
+    fn copy_plans() {
+        let masks = mask(&["users.email"], Unresolved::MaskAll);
+        let (p, fmt) = plan_copy(&masks, &shape("COPY users TO STDOUT"), 3, &Cat).expect("in test");
+        let _ = fmt.expect("in test");
+        // A table's star is expanded from the catalog.
+        let w: Vec<bool> = p.columns.iter().map(|c| c.whole.is_some()).collect();
+        assert_eq!(w, [false, true, false]);
+        // Without it, every column of the table counts for each output column.
+        let (p, _) = plan_copy(
+            &masks,
+            &shape("COPY (SELECT * FROM users) TO STDOUT"),
+            3,
+            &NoCatalog,
+        )
+        .expect("in test");
+        assert!(
+            p.columns
+                .iter()
+                .all(|c| c.whole.as_ref().is_some_and(|(_, l)| &**l == "unresolved"))
+        );
+        let (p, _) = plan_copy(
+            &masks,
+            &shape("COPY users (id, email) TO STDOUT (FORMAT csv)"),
+            2,
+            &Cat,
+        )
+        .expect("in test");
+        assert!(p.columns[0].whole.is_none() && p.columns[1].whole.is_some());
+        assert!(matches!(
+            plan_copy(
+                &masks,
+                &shape("COPY users TO STDOUT (FORMAT binary)"),
+                3,
+                &Cat
+            ),
+            Err(Refusal::BinaryCopy { .. })
+        ));
+    }
+
+    #[test]
+    fn prechecks() {
+        let deny = mask(&["users.email"], Unresolved::Deny);
+        assert!(precheck(&deny, &shape("SELECT email FROM users"), true).is_ok());
+        assert!(precheck(&deny, &shape("SELECT email FROM users"), false).is_err());
+        assert!(precheck(&deny, &shape("SELECT nope.x FROM users"), true).is_err());
+        assert!(precheck(&deny, &shape("FETCH 1 FROM c"), true).is_err());
+        let all = mask(&["users.email"], Unresolved::MaskAll);
+        assert!(precheck(&all, &shape("SELECT email FROM users"), false).is_ok());
+        assert!(precheck(&all, &shape("COPY users TO STDOUT (FORMAT binary)"), true).is_err());
+    }
+}

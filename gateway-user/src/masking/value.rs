@@ -1,0 +1,345 @@
+//! What a masked value becomes, by strategy and by PostgreSQL type and format.
+//!
+//! The protocol must stay valid and clients must still be able to decode what they get:
+//! - text-like types (`text`, `varchar`, `char`, `name`, ...) get the replacement text in
+//!   both formats; `json` and `jsonb` get it as a JSON string (`jsonb` binary keeps its
+//!   version byte);
+//! - every other type is masked to SQL NULL, the one value valid for any type (a number
+//!   column cannot carry `[REDACTED]`).
+//!
+//! Detectors look inside text-like values in both formats, and inside any value sent in
+//! text format (arrays, records, `inet`); a binary value of another type cannot be read, so
+//! when detectors apply it is masked to NULL rather than passed unread.
+
+use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use std::sync::LazyLock;
+
+use super::{
+    detect::{Detectors, Found},
+    plan::Detection,
+};
+use crate::policy::model::Strategy;
+
+/// Every detector, compiled once; a result's [`Detection`] picks the ones it wants.
+static ALL: LazyLock<Detectors> = LazyLock::new(Detectors::all);
+
+/// How a column's values can be handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TypeClass {
+    /// UTF-8 text in both formats.
+    Text,
+    /// `json` (text in both formats).
+    Json,
+    /// `jsonb`: binary is a version byte then the JSON text.
+    Jsonb,
+    /// Numbers, dates, booleans, UUIDs: no text inside, nothing to detect.
+    Opaque,
+    /// Anything else (arrays, records, `inet`, extension types): readable in text format.
+    Other,
+}
+
+pub fn type_class(oid: u32) -> TypeClass {
+    match oid {
+        25 | 1043 | 1042 | 19 | 18 | 705 | 142 => TypeClass::Text,
+        114 => TypeClass::Json,
+        3802 => TypeClass::Jsonb,
+        16 | 20 | 21 | 23 | 26 | 28 | 29 | 700 | 701 | 790 | 1700 | 1082 | 1083 | 1266 | 1114
+        | 1184 | 1186 | 2950 | 5038 | 3220 => TypeClass::Opaque,
+        _ => TypeClass::Other,
+    }
+}
+
+/// The install's masking key (HMAC-SHA256 for the `hash` strategy), generated once.
+pub struct Masker {
+    key: [u8; 32],
+}
+
+impl Masker {
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
+    /// Reads `<state_dir>/mask.key`, creating it (0600) on first use. Hashes are stable for
+    /// the life of the install, so joins on hashed values keep working across sessions.
+    pub fn load_or_create(state_dir: &Path) -> std::io::Result<Self> {
+        let path = state_dir.join("mask.key");
+        match fs::read(&path) {
+            Ok(k) if k.len() == 32 => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&k);
+                return Ok(Self { key });
+            }
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a 32-byte key",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::create_dir_all(state_dir)?;
+        let key: [u8; 32] = rand::random();
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut f, &key)?;
+        Ok(Self { key })
+    }
+
+    fn hmac_hex(&self, value: &[u8]) -> String {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        m.update(value);
+        let out = m.finalize().into_bytes();
+        out[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The replacement text for `value` (`None` = SQL NULL).
+    pub fn replace(&self, strategy: &Strategy, label: &str, value: &str) -> Option<String> {
+        match strategy {
+            Strategy::Redact { text: Some(t) } => Some(t.clone()),
+            Strategy::Redact { text: None } => Some(format!("[REDACTED:{label}]")),
+            Strategy::Partial { keep } => {
+                let n = value.chars().count();
+                let keep = (*keep).min(n);
+                Some(
+                    value
+                        .chars()
+                        .enumerate()
+                        .map(|(i, c)| if i + keep >= n { c } else { '*' })
+                        .collect(),
+                )
+            }
+            Strategy::Hash => Some(format!("hmac:{}", self.hmac_hex(value.as_bytes()))),
+            Strategy::Null => None,
+        }
+    }
+
+    /// A whole value masked, encoded for its type and format. `None` = NULL.
+    pub fn whole(
+        &self,
+        strategy: &Strategy,
+        label: &str,
+        class: TypeClass,
+        binary: bool,
+        value: &[u8],
+    ) -> Option<Vec<u8>> {
+        let text = match (class, binary) {
+            (TypeClass::Jsonb, true) => value.get(1..).unwrap_or_default(),
+            _ => value,
+        };
+        let text = String::from_utf8_lossy(text);
+        let r = self.replace(strategy, label, &text)?;
+        match class {
+            TypeClass::Text => Some(r.into_bytes()),
+            TypeClass::Json | TypeClass::Jsonb => {
+                let json = serde_json::to_string(&r).unwrap_or_else(|_| "null".into());
+                let mut out = Vec::with_capacity(json.len() + 1);
+                if class == TypeClass::Jsonb && binary {
+                    out.push(1);
+                }
+                out.extend_from_slice(json.as_bytes());
+                Some(out)
+            }
+            TypeClass::Opaque | TypeClass::Other => None,
+        }
+    }
+
+    /// Applies detectors inside a value. `Ok(None)`: nothing found, keep the value;
+    /// `Ok(Some(None))`: mask to NULL; `Ok(Some(Some(bytes)))`: the new value.
+    pub fn detect(
+        &self,
+        detection: &Detection,
+        class: TypeClass,
+        binary: bool,
+        value: &[u8],
+    ) -> Option<Option<Vec<u8>>> {
+        let (prefix, text): (&[u8], &[u8]) = match (class, binary) {
+            (TypeClass::Opaque, _) => return None,
+            (TypeClass::Jsonb, true) => (
+                value.get(..1).unwrap_or_default(),
+                value.get(1..).unwrap_or_default(),
+            ),
+            (TypeClass::Other, true) => return Some(None),
+            _ => (&[], value),
+        };
+        // Invalid UTF-8 cannot be searched reliably: mask it.
+        let Ok(s) = std::str::from_utf8(text) else {
+            return Some(None);
+        };
+        let mut found = ALL.find(s);
+        found.retain(|f| detection.strategy(f.detector).is_some());
+        if found.is_empty() {
+            return None;
+        }
+        Some(self.splice(detection, s, &found, class).map(|body| {
+            let mut out = Vec::with_capacity(prefix.len() + body.len());
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(body.as_bytes());
+            out
+        }))
+    }
+
+    /// Replaces each finding inside `s`. With `null`, the whole value goes.
+    fn splice(
+        &self,
+        detection: &Detection,
+        s: &str,
+        found: &[Found],
+        class: TypeClass,
+    ) -> Option<String> {
+        let mut out = String::with_capacity(s.len());
+        let mut at = 0;
+        for f in found {
+            out.push_str(&s[at..f.range.start]);
+            let strategy = detection.strategy(f.detector)?;
+            let r = self.replace(strategy, f.detector, &s[f.range.clone()])?;
+            // Inside JSON the replacement must not break the document.
+            if matches!(class, TypeClass::Json | TypeClass::Jsonb) {
+                let quoted = serde_json::to_string(&r).unwrap_or_default();
+                out.push_str(&quoted[1..quoted.len() - 1]);
+            } else {
+                out.push_str(&r);
+            }
+            at = f.range.end;
+        }
+        out.push_str(&s[at..]);
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m() -> Masker {
+        Masker::new([7u8; 32])
+    }
+
+    #[test]
+    fn strategies() {
+        let m = m();
+        assert_eq!(
+            m.replace(&Strategy::Redact { text: None }, "email", "a@b.co")
+                .as_deref(),
+            Some("[REDACTED:email]")
+        );
+        assert_eq!(
+            m.replace(
+                &Strategy::Redact {
+                    text: Some("***".into())
+                },
+                "x",
+                "secret"
+            )
+            .as_deref(),
+            Some("***")
+        );
+        assert_eq!(
+            m.replace(&Strategy::Partial { keep: 4 }, "x", "4111111111111111")
+                .as_deref(),
+            Some("************1111")
+        );
+        assert_eq!(
+            m.replace(&Strategy::Partial { keep: 10 }, "x", "abc")
+                .as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            m.replace(&Strategy::Partial { keep: 2 }, "x", "ünï")
+                .as_deref(),
+            Some("*nï")
+        );
+        let h1 = m.replace(&Strategy::Hash, "x", "alice@example.com");
+        assert_eq!(
+            h1,
+            m.replace(&Strategy::Hash, "y", "alice@example.com"),
+            "stable: joins still work"
+        );
+        assert_ne!(h1, m.replace(&Strategy::Hash, "x", "bob@example.com"));
+        assert_ne!(
+            h1,
+            Masker::new([8u8; 32]).replace(&Strategy::Hash, "x", "alice@example.com"),
+            "keyed"
+        );
+        assert_eq!(m.replace(&Strategy::Null, "x", "v"), None);
+    }
+
+    #[test]
+    fn whole_values_keep_their_type_decodable() {
+        let m = m();
+        let r = Strategy::Redact { text: None };
+        assert_eq!(
+            m.whole(&r, "column", TypeClass::Text, true, b"x")
+                .as_deref(),
+            Some(&b"[REDACTED:column]"[..])
+        );
+        assert_eq!(
+            m.whole(&r, "column", TypeClass::Json, false, b"{}")
+                .as_deref(),
+            Some(&b"\"[REDACTED:column]\""[..])
+        );
+        let jb = m
+            .whole(&r, "column", TypeClass::Jsonb, true, b"\x01{}")
+            .expect("jsonb");
+        assert_eq!(jb[0], 1, "jsonb version byte");
+        assert_eq!(&jb[1..], b"\"[REDACTED:column]\"");
+        assert_eq!(
+            m.whole(&r, "column", TypeClass::Opaque, false, b"42"),
+            None,
+            "numbers become NULL"
+        );
+        assert_eq!(m.whole(&r, "column", TypeClass::Other, false, b"{a}"), None);
+    }
+
+    #[test]
+    fn detection_inside_values() {
+        let m = m();
+        let r = Strategy::Redact { text: None };
+        let d = Detection {
+            detectors: vec![
+                ("email".into(), r.clone()),
+                ("us_ssn".into(), Strategy::Null),
+            ],
+        };
+        assert_eq!(m.detect(&d, TypeClass::Text, false, b"nothing here"), None);
+        let out = m.detect(&d, TypeClass::Text, false, b"mail alice@example.com now");
+        assert_eq!(out, Some(Some(b"mail [REDACTED:email] now".to_vec())));
+        // jsonb binary: version byte kept, document still valid JSON.
+        let out = m.detect(
+            &d,
+            TypeClass::Jsonb,
+            true,
+            b"\x01{\"e\": \"alice@example.com\"}",
+        );
+        let v = out.expect("found").expect("not null");
+        assert_eq!(v[0], 1);
+        let doc: serde_json::Value = serde_json::from_slice(&v[1..]).expect("valid JSON");
+        assert_eq!(doc["e"], "[REDACTED:email]");
+        // Unreadable binary of an unknown type is not passed unread.
+        assert_eq!(
+            m.detect(&d, TypeClass::Other, true, b"\x00\x01"),
+            Some(None)
+        );
+        assert_eq!(m.detect(&d, TypeClass::Opaque, true, b"\x00\x01"), None);
+        // Arrays in text format: the literal stays valid.
+        let out = m.detect(&d, TypeClass::Other, false, b"{alice@example.com,bob}");
+        assert_eq!(out, Some(Some(b"{[REDACTED:email],bob}".to_vec())));
+        // Only the wanted detectors; `null` takes the whole value.
+        assert_eq!(
+            m.detect(&d, TypeClass::Text, false, b"key AKIAIOSFODNN7EXAMPLE"),
+            None
+        );
+        assert_eq!(
+            m.detect(&d, TypeClass::Text, false, b"ssn 536-22-1234"),
+            Some(None)
+        );
+    }
+}

@@ -1,0 +1,550 @@
+//! Catalog lookups for masking, on a connection of Portcullis's own.
+//!
+//! Masking rules name columns (`public.users.email`); results name them by table OID and
+//! attribute number, statements by names that may be views. The catalog connection answers
+//! both: relation names and columns by OID or by name, and what each view column is
+//! computed from (its `pg_get_viewdef`, traced with the same lineage analysis as
+//! statements). It uses the target's `credentials` (the inject credentials, or ones given
+//! for the catalog alone in passthrough mode) and the client's database: OIDs are per
+//! database.
+//!
+//! One connection per (server address, database, target), shared by every session, queries
+//! one at a time. Answers are cached as an immutable snapshot replaced on change; the cache
+//! is emptied after DDL through the gate (at the statement, and again when its transaction
+//! ends) and after [`TTL`] for changes made elsewhere. A relation the catalog does not
+//! show (dropped, or created in a transaction not yet committed) cannot be verified, and
+//! masking treats it as undecidable.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{
+    PgError, PgShared,
+    codec::Startup,
+    messages::{self, be},
+    session::{Reader, connect_server, inject_auth},
+    stream::Stream,
+};
+use crate::{
+    config::{Credentials, PgTarget},
+    masking::plan::{Resolve, qualified},
+    policy::sql::{
+        LexOptions, TableName, classify,
+        lineage::{ColumnRef, Deps, Item, Shape},
+    },
+    proxy::upstream::Upstream,
+};
+
+/// How long an answer is trusted when no DDL was seen through the gate.
+pub const TTL: Duration = Duration::from_secs(30);
+/// Longest a catalog round trip may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Views over views are followed this deep.
+const MAX_ROUNDS: usize = 16;
+/// Largest catalog answer accepted (one message).
+const MAX_MESSAGE: usize = 16 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CatalogKey {
+    pub addr: SocketAddr,
+    pub database: String,
+    pub target: String,
+}
+
+/// Every catalog of a daemon.
+#[derive(Default)]
+pub struct Catalogs {
+    map: Mutex<HashMap<CatalogKey, Arc<Catalog>>>,
+}
+
+impl Catalogs {
+    /// The catalog for a session; `None` when the target holds no credentials.
+    pub fn get(&self, key: CatalogKey, pg: &PgTarget, upstream: &Upstream) -> Option<Arc<Catalog>> {
+        let creds = pg.credentials.clone()?;
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let c = map.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Catalog {
+                key,
+                pg: pg.clone(),
+                creds,
+                upstream: Upstream {
+                    addr: upstream.addr,
+                    mark: upstream.mark,
+                    timeout: upstream.timeout,
+                },
+                conn: tokio::sync::Mutex::new(None),
+                data: Mutex::new(Arc::new(Data::new())),
+            })
+        });
+        Some(c.clone())
+    }
+}
+
+/// A relation as the catalog shows it.
+#[derive(Debug)]
+pub struct Rel {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `pg_class.relkind`.
+    pub kind: u8,
+    /// (attnum, name), in order.
+    pub columns: Vec<(i16, String)>,
+    /// For views: what each column is computed from.
+    pub view: Option<ViewDeps>,
+}
+
+#[derive(Debug)]
+pub enum ViewDeps {
+    /// Per column, in order.
+    Columns(Vec<Deps>),
+    /// Could not be lined up: every column depends on all of it.
+    All(Deps),
+}
+
+/// An immutable snapshot of what is known.
+#[derive(Debug)]
+pub struct Data {
+    at: Instant,
+    rels: HashMap<u32, Arc<Rel>>,
+    names: HashMap<String, Vec<u32>>,
+    missing_oids: HashSet<u32>,
+    missing_names: HashSet<String>,
+}
+
+impl Data {
+    fn new() -> Self {
+        Self {
+            at: Instant::now(),
+            rels: HashMap::new(),
+            names: HashMap::new(),
+            missing_oids: HashSet::new(),
+            missing_names: HashSet::new(),
+        }
+    }
+
+    fn knows_oid(&self, oid: u32) -> bool {
+        self.rels.contains_key(&oid) || self.missing_oids.contains(&oid)
+    }
+
+    fn knows_name(&self, n: &str) -> bool {
+        self.names.contains_key(n) || self.missing_names.contains(n)
+    }
+
+    fn candidates(&self, t: &TableName) -> Vec<&Arc<Rel>> {
+        self.names
+            .get(&t.name)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| self.rels.get(o))
+            .filter(|r| t.schema.as_deref().is_none_or(|s| s == r.schema))
+            .collect()
+    }
+
+    fn expand_rel(&self, rel: &Rel, column: Option<&str>, depth: usize) -> Option<Vec<ColumnRef>> {
+        let mut out = vec![qualified(&rel.schema, &rel.name, column)];
+        let Some(view) = &rel.view else {
+            return Some(out);
+        };
+        if depth > MAX_ROUNDS {
+            return None;
+        }
+        let deps: Vec<&Deps> = match (view, column) {
+            (ViewDeps::All(d), _) => vec![d],
+            (ViewDeps::Columns(cols), Some(c)) => {
+                let pos = rel.columns.iter().position(|(_, n)| n == c)?;
+                vec![cols.get(pos)?]
+            }
+            (ViewDeps::Columns(cols), None) => cols.iter().collect(),
+        };
+        for d in deps {
+            if d.opaque {
+                return None;
+            }
+            for r in &d.columns {
+                out.extend(self.expand_at(r, depth + 1)?);
+            }
+        }
+        Some(out)
+    }
+
+    fn expand_at(&self, r: &ColumnRef, depth: usize) -> Option<Vec<ColumnRef>> {
+        let c = self.candidates(&r.table);
+        if c.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for rel in c {
+            out.extend(self.expand_rel(rel, r.column.as_deref(), depth)?);
+        }
+        Some(out)
+    }
+}
+
+impl Resolve for Data {
+    fn origin(&self, oid: u32, attnum: i16) -> Option<Vec<ColumnRef>> {
+        let rel = self.rels.get(&oid)?;
+        let (_, name) = rel.columns.iter().find(|(a, _)| *a == attnum)?;
+        self.expand_rel(rel, Some(name), 0)
+    }
+
+    fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>> {
+        self.expand_at(r, 0)
+    }
+
+    fn columns(&self, t: &TableName) -> Option<Vec<String>> {
+        match self.candidates(t).as_slice() {
+            [one] => Some(one.columns.iter().map(|(_, n)| n.clone()).collect()),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog connection: {0}")]
+    Pg(#[from] PgError),
+    #[error("catalog query failed: {0}")]
+    Query(String),
+    #[error("catalog lookup timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("views nested deeper than {MAX_ROUNDS} levels")]
+    TooDeep,
+}
+
+pub struct Catalog {
+    key: CatalogKey,
+    pg: PgTarget,
+    creds: Credentials,
+    upstream: Upstream,
+    conn: tokio::sync::Mutex<Option<Reader<Stream>>>,
+    data: Mutex<Arc<Data>>,
+}
+
+impl Catalog {
+    /// Forgets everything (after DDL).
+    pub fn invalidate(&self) {
+        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Data::new());
+    }
+
+    fn snapshot(&self) -> Arc<Data> {
+        let mut d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        if d.at.elapsed() > TTL {
+            *d = Arc::new(Data::new());
+        }
+        d.clone()
+    }
+
+    /// What is known about these OIDs and names (and, through views, what they read),
+    /// looked up where not cached.
+    pub async fn lookup(
+        &self,
+        shared: &PgShared,
+        oids: &[u32],
+        names: &[String],
+    ) -> Result<Arc<Data>, CatalogError> {
+        let mut want_oids: Vec<u32> = oids.to_vec();
+        let mut want_names: Vec<String> = names.to_vec();
+        for _ in 0..MAX_ROUNDS {
+            let data = self.snapshot();
+            want_oids.retain(|o| !data.knows_oid(*o));
+            want_names.retain(|n| !data.knows_name(n));
+            want_oids.sort_unstable();
+            want_oids.dedup();
+            want_names.sort();
+            want_names.dedup();
+            if want_oids.is_empty() && want_names.is_empty() {
+                return Ok(data);
+            }
+            let fetched =
+                tokio::time::timeout(TIMEOUT, self.fetch(shared, &want_oids, &want_names))
+                    .await
+                    .map_err(|_| CatalogError::Timeout(TIMEOUT))
+                    .and_then(|r| r);
+            let (rels, next) = match fetched {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(
+                        catalog.target = %self.key.target,
+                        db = %self.key.database,
+                        error = %e,
+                        "catalog lookup failed"
+                    );
+                    // Whatever state the connection is in, start over next time.
+                    *self.conn.lock().await = None;
+                    return Err(e);
+                }
+            };
+            self.merge(rels, &want_oids, &want_names);
+            want_oids.clear();
+            want_names = next;
+        }
+        Err(CatalogError::TooDeep)
+    }
+
+    fn merge(&self, rels: Vec<Rel>, oids: &[u32], names: &[String]) {
+        let mut guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let old = &**guard;
+        let mut d = Data {
+            at: old.at,
+            rels: old.rels.clone(),
+            names: old.names.clone(),
+            missing_oids: old.missing_oids.clone(),
+            missing_names: old.missing_names.clone(),
+        };
+        for r in rels {
+            let ids = d.names.entry(r.name.clone()).or_default();
+            if !ids.contains(&r.oid) {
+                ids.push(r.oid);
+            }
+            d.rels.insert(r.oid, Arc::new(r));
+        }
+        for o in oids {
+            if !d.rels.contains_key(o) {
+                d.missing_oids.insert(*o);
+            }
+        }
+        for n in names {
+            if !d.names.contains_key(n) {
+                d.missing_names.insert(n.clone());
+            }
+        }
+        *guard = Arc::new(d);
+    }
+
+    /// One round: the relations, and the names their view definitions read.
+    async fn fetch(
+        &self,
+        shared: &PgShared,
+        oids: &[u32],
+        names: &[String],
+    ) -> Result<(Vec<Rel>, Vec<String>), CatalogError> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            *conn = Some(self.connect(shared).await?);
+        }
+        let c = conn.as_mut().unwrap_or_else(|| unreachable!());
+        let mut filter = Vec::new();
+        if !oids.is_empty() {
+            let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+            filter.push(format!(
+                "c.oid = ANY ('{{{}}}'::pg_catalog.oid[])",
+                list.join(",")
+            ));
+        }
+        if !names.is_empty() {
+            filter.push(format!(
+                "c.relname = ANY ({}::pg_catalog.name[])",
+                literal(&array_literal(names))
+            ));
+        }
+        let sql = format!(
+            "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, \
+             CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 \
+                  THEN pg_catalog.pg_get_viewdef(c.oid) END \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
+                  AND NOT a.attisdropped \
+             WHERE {} ORDER BY c.oid, a.attnum",
+            filter.join(" OR ")
+        );
+        let rows = query(c, &sql).await?;
+        let mut rels: Vec<Rel> = Vec::new();
+        let mut defs: HashMap<u32, String> = HashMap::new();
+        for row in rows {
+            let get = |i: usize| row.get(i).cloned().flatten();
+            let Some(oid) = get(0).and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if rels.last().is_none_or(|r| r.oid != oid) {
+                rels.push(Rel {
+                    oid,
+                    schema: get(1).unwrap_or_default(),
+                    name: get(2).unwrap_or_default(),
+                    kind: get(3).and_then(|k| k.bytes().next()).unwrap_or(b'r'),
+                    columns: Vec::new(),
+                    view: None,
+                });
+            }
+            let rel = rels.last_mut().unwrap_or_else(|| unreachable!());
+            if let (Some(att), Some(name)) = (get(4).and_then(|a| a.parse::<i16>().ok()), get(5)) {
+                rel.columns.push((att, name));
+            }
+            if let Some(def) = get(6) {
+                defs.insert(oid, def);
+            }
+        }
+        let mut next = Vec::new();
+        for rel in &mut rels {
+            if !matches!(rel.kind, b'v' | b'm') {
+                continue;
+            }
+            let deps = defs.get(&rel.oid).map(|d| view_deps(d, rel.columns.len()));
+            let deps = deps.unwrap_or_else(|| {
+                ViewDeps::All(Deps {
+                    columns: Default::default(),
+                    opaque: true,
+                })
+            });
+            let all: Vec<&Deps> = match &deps {
+                ViewDeps::All(d) => vec![d],
+                ViewDeps::Columns(c) => c.iter().collect(),
+            };
+            for d in all {
+                next.extend(d.columns.iter().map(|r| r.table.name.clone()));
+            }
+            rel.view = Some(deps);
+        }
+        Ok((rels, next))
+    }
+
+    async fn connect(&self, shared: &PgShared) -> Result<Reader<Stream>, CatalogError> {
+        let s = connect_server(shared, &self.key.target, &self.pg, &self.upstream).await?;
+        let mut r = Reader::new(s, BytesMut::with_capacity(8192), MAX_MESSAGE, false);
+        let startup = Startup::Startup {
+            version: super::codec::PROTOCOL_3_0,
+            params: vec![
+                ("user".into(), self.creds.user.clone()),
+                ("database".into(), self.key.database.clone()),
+                ("application_name".into(), "portcullis-catalog".into()),
+            ],
+        };
+        r.r.write_all(&startup.encode())
+            .await
+            .map_err(PgError::ServerIo)?;
+        inject_auth(&mut r, &self.creds).await?;
+        loop {
+            let f = r.frame().await?;
+            match f.tag {
+                be::READY_FOR_QUERY => break,
+                be::ERROR_RESPONSE => return Err(CatalogError::Query(error_message(&f.body))),
+                _ => {}
+            }
+        }
+        tracing::info!(catalog.target = %self.key.target, db = %self.key.database, "catalog connection ready");
+        Ok(r)
+    }
+}
+
+/// What each column of a view is computed from, from its definition.
+fn view_deps(def: &str, width: usize) -> ViewDeps {
+    let c = classify(def, LexOptions::default());
+    let items = match c.statements.first().map(|s| &s.shape) {
+        Some(Shape::Rows(items)) if c.error.is_none() => items,
+        _ => {
+            return ViewDeps::All(Deps {
+                columns: Default::default(),
+                opaque: true,
+            });
+        }
+    };
+    if items.len() == width && items.iter().all(|i| matches!(i, Item::Column { .. })) {
+        return ViewDeps::Columns(
+            items
+                .iter()
+                .map(|i| match i {
+                    Item::Column { deps, .. } => deps.clone(),
+                    Item::Star(_) => unreachable!("checked"),
+                })
+                .collect(),
+        );
+    }
+    let mut all = Deps::default();
+    for i in items {
+        i.all_deps(&mut all);
+    }
+    ViewDeps::All(all)
+}
+
+/// `{"a","b"}`: a PostgreSQL array literal of names.
+fn array_literal(names: &[String]) -> String {
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+/// An escape-string literal, whatever `standard_conforming_strings` is.
+fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn error_message(body: &[u8]) -> String {
+    messages::error_fields(body)
+        .ok()
+        .and_then(|fs| fs.into_iter().find(|(c, _)| *c == b'M').map(|(_, m)| m))
+        .unwrap_or_else(|| "unknown error".into())
+}
+
+type Row = Vec<Option<String>>;
+
+/// A simple query; its rows as text.
+async fn query(c: &mut Reader<Stream>, sql: &str) -> Result<Vec<Row>, CatalogError> {
+    c.r.write_all(&messages::query(sql).to_bytes())
+        .await
+        .map_err(PgError::ServerIo)?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let f = c.frame().await?;
+        match f.tag {
+            be::DATA_ROW => {
+                let vals = messages::data_row(&f.body).map_err(PgError::ServerProtocol)?;
+                rows.push(
+                    vals.into_iter()
+                        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                );
+            }
+            be::ERROR_RESPONSE => error = Some(error_message(&f.body)),
+            be::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(CatalogError::Query(e)),
+        None => Ok(rows),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_cannot_break_out() {
+        let names = vec!["users".to_owned(), "we\"ird'\\name".to_owned()];
+        let a = array_literal(&names);
+        assert_eq!(a, r#"{"users","we\"ird'\\name"}"#);
+        assert_eq!(literal(&a), r#"E'{"users","we\\"ird\'\\\\name"}'"#);
+    }
+
+    #[test]
+    fn view_definitions_are_traced() {
+        let v = view_deps(
+            " SELECT users.name,\n    users.email AS contact\n   FROM users;",
+            2,
+        );
+        match v {
+            ViewDeps::Columns(c) => {
+                assert_eq!(c.len(), 2);
+                assert!(
+                    c[1].columns
+                        .iter()
+                        .any(|r| r.column.as_deref() == Some("email"))
+                );
+            }
+            ViewDeps::All(_) => panic!("should line up"),
+        }
+        assert!(matches!(view_deps("not sql at all (", 1), ViewDeps::All(d) if d.opaque));
+    }
+}

@@ -1,0 +1,366 @@
+//! Results on their way to the client: masking, row by row.
+//!
+//! The server → client pump hands every message that belongs to a result here, with the
+//! judgement of the statement it answers. A result set of a statement with masks gets a
+//! [`ResultPlan`] when its description arrives (RowDescription — for the extended
+//! protocol, of a Describe the engine injects after Bind — or CopyOutResponse); each
+//! DataRow or CopyData is then rewritten by the plan. Nothing is buffered beyond the
+//! message at hand. A result that cannot be masked as the policy asks ends the session
+//! with a FATAL error rather than let a value through.
+
+use std::{collections::HashMap, sync::Arc};
+
+use bytes::{BufMut as _, BytesMut};
+
+use super::{
+    PgShared,
+    catalog::Catalog,
+    codec::Frame,
+    expect::{Bound, Ctx, Owner},
+    messages::{self, be},
+};
+use crate::{
+    masking::{
+        plan::{self, Field, NoCatalog, Refusal, Resolve, ResultPlan},
+        rows::{CopyMasker, mask_data_row},
+    },
+    policy::{
+        model::MaskSpec,
+        sql::{
+            Kind,
+            lineage::{Item, Shape, StarSource},
+        },
+    },
+};
+
+/// Why a result was not let through.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The masks that apply to a statement's results, and its shape.
+pub struct Applies {
+    pub masks: Vec<Arc<MaskSpec>>,
+    pub shape: Shape,
+}
+
+/// Looks up what a SQL-level prepared statement was judged.
+pub type Prepared<'a> = dyn Fn(&str) -> Option<Ctx> + Sync + 'a;
+
+/// The masks and shape of statement `k` of a judged message; `EXECUTE name` takes the
+/// prepared statement's. `None`: nothing to mask.
+pub fn applies(j: &Ctx, k: usize, prepared: &dyn Fn(&str) -> Option<Ctx>) -> Option<Applies> {
+    let mut masks = j.decision.masks.clone();
+    let mut shape = j
+        .classification
+        .statements
+        .get(k)
+        .map_or(Shape::Unknown, |s| s.shape.clone());
+    if let Shape::Execute(name) = &shape {
+        shape = match prepared(name) {
+            Some(p) => {
+                for m in &p.decision.masks {
+                    if !masks.iter().any(|x| Arc::ptr_eq(x, m)) {
+                        masks.push(m.clone());
+                    }
+                }
+                // The PREPARE may be any statement of the message it came in.
+                p.classification
+                    .statements
+                    .iter()
+                    .find(|s| {
+                        s.prepared.as_deref() == Some(name.as_str()) && s.kind == Kind::Prepare
+                    })
+                    .map_or(Shape::Unknown, |s| s.shape.clone())
+            }
+            None => Shape::Unknown,
+        };
+    }
+    (!masks.is_empty()).then_some(Applies { masks, shape })
+}
+
+/// Tables a plan may need from the catalog: OIDs from the description, names from the
+/// statement.
+fn wanted(shape: &Shape, fields: &[Field]) -> (Vec<u32>, Vec<String>) {
+    let oids = fields
+        .iter()
+        .filter(|f| f.table_oid != 0)
+        .map(|f| f.table_oid)
+        .collect();
+    let mut names = Vec::new();
+    if let Shape::Rows(items) | Shape::Copy { items, .. } = shape {
+        for i in items {
+            match i {
+                Item::Star(StarSource::Relation(t)) => names.push(t.name.clone()),
+                Item::Column { deps, .. } | Item::Star(StarSource::Deps(deps)) => {
+                    names.extend(deps.columns.iter().map(|c| c.table.name.clone()));
+                }
+            }
+        }
+    }
+    (oids, names)
+}
+
+struct PortalMask {
+    applies: Applies,
+    plan: Option<Arc<ResultPlan>>,
+}
+
+pub struct ResultMasking {
+    shared: Arc<PgShared>,
+    target: String,
+    catalog: Option<Arc<Catalog>>,
+    /// Statements of the current simple query that have completed.
+    query_index: usize,
+    query_rows: Option<Arc<ResultPlan>>,
+    copy: Option<CopyMasker>,
+    portals: HashMap<String, PortalMask>,
+    /// DDL ran in a transaction not yet ended: forget the catalog again when it ends.
+    ddl_pending: bool,
+    scratch: Vec<u8>,
+}
+
+impl ResultMasking {
+    pub fn new(shared: Arc<PgShared>, target: String, catalog: Option<Arc<Catalog>>) -> Self {
+        Self {
+            shared,
+            target,
+            catalog,
+            query_index: 0,
+            query_rows: None,
+            copy: None,
+            portals: HashMap::new(),
+            ddl_pending: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// What the catalog knows that this result needs; nothing when no column rule applies
+    /// (detectors need no names) or the catalog cannot be reached (then every table column
+    /// is undecidable).
+    async fn resolver(
+        &self,
+        shape: &Shape,
+        fields: &[Field],
+        masks: &[Arc<MaskSpec>],
+    ) -> Arc<dyn Resolve + Send + Sync> {
+        if masks.iter().all(|m| m.columns.is_empty()) {
+            return Arc::new(NoCatalog);
+        }
+        let Some(cat) = &self.catalog else {
+            self.shared.warn_no_catalog(&self.target);
+            return Arc::new(NoCatalog);
+        };
+        // This session changed definitions in a transaction that has not ended: the
+        // catalog connection still sees the old ones, which must not be trusted.
+        if self.ddl_pending {
+            return Arc::new(NoCatalog);
+        }
+        let (oids, names) = wanted(shape, fields);
+        match cat.lookup(&self.shared, &oids, &names).await {
+            Ok(data) => data,
+            Err(_) => Arc::new(NoCatalog),
+        }
+    }
+
+    async fn plan_rows(&self, a: &Applies, body: &[u8]) -> Result<Arc<ResultPlan>, ResultError> {
+        let fields: Vec<Field> = messages::row_description(body)
+            .map_err(|e| ResultError::Malformed(e.to_string()))?
+            .into_iter()
+            .map(|f| Field {
+                name: f.name,
+                table_oid: f.table_oid,
+                attnum: f.column,
+                type_oid: f.type_oid,
+                format: f.format,
+            })
+            .collect();
+        let r = self.resolver(&a.shape, &fields, &a.masks).await;
+        let p = plan::plan_rows(&a.masks, &a.shape, &fields, &*r)?;
+        tracing::debug!(
+            masked = p.columns.iter().filter(|c| c.whole.is_some()).count(),
+            detectors = p.detection.is_some(),
+            "result masking planned"
+        );
+        Ok(Arc::new(p))
+    }
+
+    async fn plan_copy(&self, a: &Applies, body: &[u8]) -> Result<CopyMasker, ResultError> {
+        let (overall, cols) =
+            messages::copy_response(body).map_err(|e| ResultError::Malformed(e.to_string()))?;
+        if overall != 0 {
+            return Err(Refusal::BinaryCopy {
+                rule: a.masks[0].rule.clone(),
+            }
+            .into());
+        }
+        let r = self.resolver(&a.shape, &[], &a.masks).await;
+        let (p, format) = plan::plan_copy(&a.masks, &a.shape, cols.len(), &*r)?;
+        let format = format.unwrap_or(crate::policy::sql::lineage::CopyFormat {
+            csv: false,
+            delimiter: '\t',
+            null: "\\N".into(),
+            quote: '"',
+            escape: '"',
+            header: false,
+        });
+        CopyMasker::new(p, format).map_err(|e| ResultError::Malformed(e.to_string()))
+    }
+
+    /// BindComplete: which statement the portal now holds.
+    pub fn on_bound(&mut self, b: Bound, prepared: &Prepared<'_>) {
+        match b.ctx.as_ref().and_then(|j| applies(j, 0, prepared)) {
+            Some(applies) => {
+                self.portals.insert(
+                    b.portal,
+                    PortalMask {
+                        applies,
+                        plan: None,
+                    },
+                );
+            }
+            None => {
+                self.portals.remove(&b.portal);
+            }
+        }
+    }
+
+    /// The description of a portal, asked for by the engine after Bind.
+    pub async fn on_described_portal(
+        &mut self,
+        f: &Frame,
+        portal: &str,
+    ) -> Result<(), ResultError> {
+        let Some(pm) = self.portals.get(portal) else {
+            return Ok(());
+        };
+        let plan = if f.tag == be::ROW_DESCRIPTION {
+            Some(self.plan_rows(&pm.applies, &f.body).await?)
+        } else {
+            None
+        };
+        if let Some(pm) = self.portals.get_mut(portal) {
+            pm.plan = plan;
+        }
+        Ok(())
+    }
+
+    pub fn on_ready(&mut self, status: u8) {
+        self.query_index = 0;
+        self.query_rows = None;
+        self.copy = None;
+        if status == b'I' && self.ddl_pending {
+            self.ddl_pending = false;
+            if let Some(c) = &self.catalog {
+                c.invalidate();
+            }
+        }
+    }
+
+    /// DDL changes what names mean: forget the catalog now, distrust it for this session
+    /// until the transaction ends (the catalog connection sees only committed changes),
+    /// and forget it again then. DO blocks and procedures may run DDL too.
+    fn on_complete(&mut self, body: &[u8]) {
+        let tag = messages::command_tag(body).unwrap_or_default();
+        let first = tag.split(' ').next().unwrap_or_default();
+        if matches!(first, "CREATE" | "ALTER" | "DROP" | "DO" | "CALL") {
+            if let Some(c) = &self.catalog {
+                c.invalidate();
+            }
+            self.ddl_pending = true;
+        }
+    }
+
+    /// A message of a result: rewritten into `out` as the plan says.
+    pub async fn on_result(
+        &mut self,
+        f: Frame,
+        owner: &Owner,
+        head: Option<&Ctx>,
+        prepared: &Prepared<'_>,
+        out: &mut BytesMut,
+    ) -> Result<(), ResultError> {
+        match (owner, f.tag) {
+            (Owner::Query, be::ROW_DESCRIPTION) => {
+                self.query_rows = match head.and_then(|j| applies(j, self.query_index, prepared)) {
+                    Some(a) => Some(self.plan_rows(&a, &f.body).await?),
+                    None => None,
+                };
+            }
+            (Owner::Query, be::DATA_ROW) => {
+                if let Some(p) = self.query_rows.clone() {
+                    return self.row(&p, &f, out);
+                }
+            }
+            (Owner::Portal(name), be::DATA_ROW) => {
+                if let Some(pm) = self.portals.get(name) {
+                    let Some(p) = pm.plan.clone() else {
+                        return Err(ResultError::Malformed(format!(
+                            "rows for portal {name:?}, which was described as returning none"
+                        )));
+                    };
+                    return self.row(&p, &f, out);
+                }
+            }
+            (Owner::Query, be::COPY_OUT_RESPONSE) => {
+                if let Some(a) = head.and_then(|j| applies(j, self.query_index, prepared)) {
+                    self.copy = Some(self.plan_copy(&a, &f.body).await?);
+                }
+            }
+            (Owner::Portal(name), be::COPY_OUT_RESPONSE) => {
+                if let Some(pm) = self.portals.get(name) {
+                    self.copy = Some(self.plan_copy(&pm.applies, &f.body).await?);
+                }
+            }
+            (_, be::COPY_DATA) => {
+                if let Some(c) = &mut self.copy {
+                    c.feed(&self.shared.masker, &f.body, &mut self.scratch)
+                        .map_err(|e| ResultError::Malformed(e.to_string()))?;
+                    if !self.scratch.is_empty() {
+                        put_frame(out, be::COPY_DATA, &self.scratch);
+                    }
+                    return Ok(());
+                }
+            }
+            (_, be::COPY_DONE) => {
+                if let Some(c) = self.copy.take() {
+                    c.finish()
+                        .map_err(|e| ResultError::Malformed(e.to_string()))?;
+                }
+            }
+            (Owner::Query, be::COMMAND_COMPLETE | be::EMPTY_QUERY) => {
+                if f.tag == be::COMMAND_COMPLETE {
+                    self.on_complete(&f.body);
+                }
+                self.query_rows = None;
+                self.query_index += 1;
+            }
+            (Owner::Portal(_), be::COMMAND_COMPLETE) => self.on_complete(&f.body),
+            _ => {}
+        }
+        f.encode(out);
+        Ok(())
+    }
+
+    fn row(&mut self, p: &ResultPlan, f: &Frame, out: &mut BytesMut) -> Result<(), ResultError> {
+        if !p.is_active() {
+            f.encode(out);
+            return Ok(());
+        }
+        mask_data_row(p, &self.shared.masker, &f.body, &mut self.scratch)
+            .map_err(|e| ResultError::Malformed(e.to_string()))?;
+        put_frame(out, be::DATA_ROW, &self.scratch);
+        Ok(())
+    }
+}
+
+fn put_frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.reserve(5 + body.len());
+    out.put_u8(tag);
+    out.put_i32((body.len() + 4) as i32);
+    out.extend_from_slice(body);
+}

@@ -1,0 +1,301 @@
+//! Masking end to end: a real PostgreSQL, real clients (psql with the simple protocol and
+//! text results, tokio-postgres with the extended protocol and binary results), the real
+//! daemon with a catalog connection. Masked values never reach the client, by column and
+//! by detector, through expressions, `*`, views, CTEs, prepared statements and COPY.
+
+use portcullis_tests::{pg::*, *};
+use serde_json::json;
+
+const POLICY: &str = r#"
+[[rule]]
+id = "mask-people"
+sql = { kinds = ["select", "copy_to", "fetch", "execute", "insert", "update", "delete"] }
+action = "mask"
+mask = { columns = ["people.email", "public.people.salary", "people.profile"], strategy = "redact" }
+
+[[rule]]
+id = "mask-cards"
+sql = { kinds = ["select", "copy_to"] }
+action = "mask"
+mask = { detectors = ["credit_card"], strategy = "partial", keep = 4 }
+"#;
+
+const SETUP: &str = "
+CREATE TABLE people (id int PRIMARY KEY, name text, email text, salary int, note text, profile jsonb);
+INSERT INTO people VALUES
+  (1, 'Alice', 'alice@example.com', 100000, 'card 4111 1111 1111 1111 on file', '{\"backup\": \"alice.b@example.org\", \"tier\": \"gold\"}'),
+  (2, 'Bob', 'bob@example.com', 90000, 'nothing sensitive', '{\"tier\": \"silver\"}');
+CREATE VIEW people_v AS SELECT id, name, email AS contact FROM people;
+ALTER TABLE people OWNER TO app;
+ALTER VIEW people_v OWNER TO app;
+";
+
+/// A gate whose target holds credentials (for the catalog) and the test policy.
+fn masked_world(extra: &str, policy: &str) -> Pgw {
+    let probe = Env::new();
+    let secret = secret_file(&probe);
+    let w = world_with(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}\n{extra}",
+            secret.display()
+        ),
+        Some(policy),
+    );
+    // The secret lives with the world's environment.
+    std::mem::forget(probe);
+    w.pg.sql("shop", SETUP);
+    w
+}
+
+/// psql's unaligned, tuples-only output of one statement (simple protocol, text).
+fn psql_rows(w: &Pgw, sql: &str) -> String {
+    let mut cmd = psql_cmd(w, &w.agent, "disable");
+    cmd.args(["-A", "-t", "-c", sql]);
+    let o = cmd.output().expect("psql");
+    text(&o).trim().to_owned()
+}
+
+#[test]
+fn columns_are_masked_in_text_results_by_column_by_detector_and_through_expressions() {
+    let w = masked_world("", POLICY);
+    let r = |sql: &str| psql_rows(&w, sql);
+    assert_eq!(
+        r("SELECT id, name, email, salary FROM people ORDER BY id"),
+        "1|Alice|[REDACTED:email]|\n2|Bob|[REDACTED:email]|",
+        "a masked text column is redacted; a masked number becomes NULL"
+    );
+    assert_eq!(
+        r(
+            "SELECT upper(email), email || '', encode(convert_to(email, 'UTF8'), 'hex'), length(name) \
+           FROM people ORDER BY id"
+        ),
+        "[REDACTED:email]|[REDACTED:email]|[REDACTED:email]|5\n\
+         [REDACTED:email]|[REDACTED:email]|[REDACTED:email]|3"
+    );
+    let star = r("SELECT * FROM people WHERE id = 1");
+    assert!(
+        star.starts_with(
+            "1|Alice|[REDACTED:email]||card ***************1111 on file|\"[REDACTED:profile]\""
+        ),
+        "{star}"
+    );
+    assert_eq!(
+        r("SELECT contact FROM people_v ORDER BY id"),
+        "[REDACTED:email]\n[REDACTED:email]"
+    );
+    assert_eq!(
+        r("WITH x AS (SELECT email AS e FROM people) SELECT lower(e) FROM x ORDER BY 1"),
+        "[REDACTED:email]\n[REDACTED:email]"
+    );
+    assert_eq!(
+        r("SELECT profile->>'backup' FROM people WHERE id = 1"),
+        "[REDACTED:profile]",
+        "a value computed from a masked column is masked"
+    );
+    assert_eq!(
+        r("SELECT name FROM people UNION ALL SELECT email FROM people"),
+        ["[REDACTED:email]"; 4].join("\n"),
+        "both branches of a UNION count: the whole output column is masked"
+    );
+    // Unmasked columns and statements are untouched.
+    assert_eq!(
+        r("SELECT id, name FROM people ORDER BY id"),
+        "1|Alice\n2|Bob"
+    );
+    assert_eq!(
+        r("SELECT 'alice@example.com'"),
+        "alice@example.com",
+        "no column rule, no detector hit"
+    );
+    // SQL-level PREPARE / EXECUTE: the prepared statement's masks apply.
+    let o = psql_rows(
+        &w,
+        "PREPARE q AS SELECT email FROM people WHERE id = $1; EXECUTE q(1)",
+    );
+    assert_eq!(o, "PREPARE\n[REDACTED:email]");
+    // The values never crossed to the client: the server sent them, the gate replaced them.
+    assert!(
+        w.pg.log()
+            .contains("SELECT id, name, email, salary FROM people")
+    );
+}
+
+#[test]
+fn binary_results_are_masked_and_stay_decodable() {
+    let w = masked_world("", POLICY);
+    let v = pc_pg_with(
+        &w,
+        &w.agent,
+        "rows",
+        &[
+            "SELECT id, name, email, salary, note, profile FROM people ORDER BY id",
+            "SELECT upper(email) AS u, length(email) AS n FROM people ORDER BY id",
+            "SELECT * FROM people_v ORDER BY id",
+            "SELECT id, note FROM people ORDER BY id",
+        ],
+    );
+    let res = &v["result"];
+    assert_eq!(
+        res[0][0],
+        json!([
+            1,
+            "Alice",
+            "[REDACTED:email]",
+            null,
+            "card ***************1111 on file",
+            "[REDACTED:profile]"
+        ]),
+        "binary text, int4 and jsonb (version byte kept): {v}"
+    );
+    assert_eq!(res[0][1][2], "[REDACTED:email]");
+    // length(email) is an integer computed from a masked column: NULL, never the length.
+    assert_eq!(
+        res[1],
+        json!([["[REDACTED:email]", null], ["[REDACTED:email]", null]])
+    );
+    assert_eq!(
+        res[2],
+        json!([
+            [1, "Alice", "[REDACTED:email]"],
+            [2, "Bob", "[REDACTED:email]"]
+        ])
+    );
+    assert_eq!(res[3][1], json!([2, "nothing sensitive"]));
+    assert!(!v.to_string().contains("alice@example.com"), "{v}");
+    assert!(!v.to_string().contains("4111 1111"), "{v}");
+}
+
+#[test]
+fn copy_to_stdout_is_masked_row_by_row_and_binary_copy_is_refused() {
+    let w = masked_world("", POLICY);
+    assert_eq!(
+        psql_rows(&w, "COPY people (id, email, note) TO STDOUT"),
+        "1\t[REDACTED:email]\tcard ***************1111 on file\n2\t[REDACTED:email]\tnothing sensitive"
+    );
+    assert_eq!(
+        psql_rows(
+            &w,
+            "COPY (SELECT id, upper(email) AS e, name FROM people ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER)"
+        ),
+        "id,e,name\n1,[REDACTED:email],Alice\n2,[REDACTED:email],Bob"
+    );
+    // COPY output is text whatever the column type: a masked number is redacted, not NULL.
+    let all = psql_rows(&w, "COPY people TO STDOUT (FORMAT csv)");
+    assert!(
+        all.starts_with("1,Alice,[REDACTED:email],[REDACTED:salary],card ***************1111 on file,[REDACTED:profile]"),
+        "{all}"
+    );
+    let o = psql_rows(&w, "COPY people TO STDOUT (FORMAT binary)");
+    assert!(
+        o.contains("binary COPY of masked data is not supported"),
+        "{o}"
+    );
+    assert!(o.contains("mask-people"), "names the rule: {o}");
+    assert!(
+        !w.pg.log().contains("FORMAT binary"),
+        "the refused COPY never reached the server"
+    );
+}
+
+#[test]
+fn ddl_through_the_gate_refreshes_what_the_catalog_says() {
+    let w = masked_world("", POLICY);
+    let r = |sql: &str| psql_rows(&w, sql);
+    assert_eq!(
+        r("CREATE VIEW v2 AS SELECT id, name AS x FROM people"),
+        "CREATE VIEW"
+    );
+    assert_eq!(r("SELECT x FROM v2 ORDER BY id"), "Alice\nBob");
+    // Same view and column, now computed from the masked column: the cached answer must
+    // not be used (it would still be fresh for the TTL).
+    assert_eq!(
+        r("CREATE OR REPLACE VIEW v2 AS SELECT id, email AS x FROM people"),
+        "CREATE VIEW"
+    );
+    assert_eq!(
+        r("SELECT x FROM v2 ORDER BY id"),
+        "[REDACTED:email]\n[REDACTED:email]"
+    );
+    // Until the transaction that changed a definition ends, the catalog connection sees
+    // the old one: a column read in it is undecidable, so masked (here the old definition
+    // would have said `name`, and the value is an email).
+    let o = psql_script(
+        &w,
+        &w.agent,
+        "BEGIN;\nCREATE OR REPLACE VIEW v2 AS SELECT id, name AS x FROM people;\n\
+         CREATE OR REPLACE VIEW v2 AS SELECT id, email AS x FROM people;\nSELECT x FROM v2 ORDER BY id;\nCOMMIT;\n",
+    );
+    assert!(text(&o).contains("[REDACTED:unresolved]"), "{}", text(&o));
+    assert!(!text(&o).contains("example.com"), "{}", text(&o));
+    // One message is one transaction too.
+    assert_eq!(
+        r("CREATE VIEW v3 AS SELECT name AS y FROM people; SELECT y FROM v3 ORDER BY 1"),
+        "CREATE VIEW\n[REDACTED:unresolved]\n[REDACTED:unresolved]"
+    );
+    // Committed: now it is known, and nothing in it is masked.
+    assert_eq!(r("SELECT y FROM v3 ORDER BY 1"), "Alice\nBob");
+}
+
+#[test]
+fn undecidable_columns_are_masked_or_refused_as_the_rule_says() {
+    // No credentials: no catalog, so no table name can be trusted (it might be a view).
+    let w = world_with("", Some(POLICY));
+    w.pg.sql("shop", SETUP);
+    let r = |sql: &str| psql_rows(&w, sql);
+    assert_eq!(
+        r("SELECT id, email FROM people WHERE id = 1"),
+        "|[REDACTED:unresolved]",
+        "an integer cannot carry the text: NULL"
+    );
+    assert_eq!(
+        r("SELECT 42 AS answer"),
+        "42",
+        "reads no table: nothing to decide"
+    );
+    drop(w);
+
+    let deny = POLICY.replace(
+        "strategy = \"redact\" }",
+        "strategy = \"redact\", unresolved = \"deny\" }",
+    );
+    let w = world_with("", Some(&deny));
+    w.pg.sql("shop", SETUP);
+    let o = psql_rows(&w, "SELECT name FROM people WHERE id = 2");
+    assert!(o.contains("ERROR:  portcullis:"), "{o}");
+    assert!(o.contains("no catalog connection"), "{o}");
+    assert!(
+        !w.pg.log().contains("WHERE id = 2"),
+        "refused before it reached the server"
+    );
+}
+
+#[test]
+fn a_million_masked_rows_stream_with_bounded_memory() {
+    let w = masked_world(
+        "",
+        &POLICY.replace("\"people.email\"", "\"people.email\", \"big.email\""),
+    );
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE big AS SELECT g AS id, 'user' || g || '@example.com' AS email, md5(g::text) AS name \
+         FROM generate_series(1, 1000000) g; ALTER TABLE big OWNER TO app",
+    );
+    let before = rss_kib(w.daemon.child.id());
+    let v = pc_pg_with(
+        &w,
+        &w.agent,
+        "distinct",
+        &["SELECT id, email, name FROM big"],
+    );
+    let after = rss_kib(w.daemon.child.id());
+    assert_eq!(v["result"]["rows"], 1_000_000, "{v}");
+    assert_eq!(
+        v["result"]["distinct"],
+        json!(["[REDACTED:email]"]),
+        "every row masked: {v}"
+    );
+    assert!(
+        after < before + 20 * 1024,
+        "daemon RSS grew from {before} KiB to {after} KiB while streaming"
+    );
+}
