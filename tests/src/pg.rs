@@ -35,7 +35,7 @@ pub fn pg_bin() -> PathBuf {
     );
 }
 
-fn postgres_ids() -> (u32, u32) {
+pub fn postgres_ids() -> (u32, u32) {
     let out = Command::new("id")
         .args(["-u", "postgres"])
         .output()
@@ -99,7 +99,7 @@ fn template() -> &'static Path {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -119,6 +119,11 @@ pub const APP_PASSWORD: &str = "app-secret";
 
 impl Pg {
     pub fn start(env: &Env) -> Self {
+        Self::start_with(env, "")
+    }
+
+    /// With extra settings appended to the configuration (later lines win).
+    pub fn start_with(env: &Env, extra_conf: &str) -> Self {
         let data = env.dir.join("pgdata");
         let status = Command::new("cp")
             .arg("-a")
@@ -147,7 +152,7 @@ impl Pg {
              log_line_prefix = '%m [%p] '\npassword_encryption = 'scram-sha-256'\n\
              ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             max_connections = 200\nshared_buffers = 64MB\n",
+             max_connections = 200\nshared_buffers = 64MB\n{extra_conf}\n",
             socket_dir.display()
         );
         fs::write(data.join("postgresql.auto.conf"), conf).expect("conf");
@@ -243,6 +248,69 @@ impl Drop for Pg {
             .uid(uid)
             .gid(gid)
             .output();
+    }
+}
+
+/// pgbouncer in session pooling mode in front of a [`Pg`], as the `postgres` user (it
+/// refuses to run as root). Stopped in `Drop`.
+pub struct Bouncer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Bouncer {
+    pub fn start(env: &Env, pg: &Pg) -> Self {
+        let dir = env.dir.join("pgbouncer");
+        fs::create_dir_all(&dir).expect("pgbouncer dir");
+        let port = free_port();
+        fs::write(
+            dir.join("userlist.txt"),
+            format!("\"app\" \"{APP_PASSWORD}\"\n"),
+        )
+        .expect("userlist");
+        fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\nshop = host=127.0.0.1 port={} dbname=shop\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = scram-sha-256\nauth_file = {}\npool_mode = session\n\
+                 max_client_conn = 200\ndefault_pool_size = 50\n\
+                 logfile = {}\npidfile = {}\n",
+                pg.port,
+                dir.join("userlist.txt").display(),
+                dir.join("pgbouncer.log").display(),
+                dir.join("pgbouncer.pid").display()
+            ),
+        )
+        .expect("ini");
+        let (uid, gid) = postgres_ids();
+        for f in ["", "userlist.txt", "pgbouncer.ini"] {
+            std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid)).expect("chown");
+        }
+        let child = Command::new("pgbouncer")
+            .arg(dir.join("pgbouncer.ini"))
+            .uid(uid)
+            .gid(gid)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("pgbouncer (apt install pgbouncer)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { port, child }
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

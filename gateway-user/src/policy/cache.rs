@@ -6,6 +6,8 @@
 //! collision can never return another statement's decision. The whole cache belongs to one
 //! policy generation and is emptied when policies change. Bounded: when full it is cleared
 //! (statements an agent repeats come back at once; a flood of unique ones cannot grow it).
+//! A statement is admitted on its second sight: text with inlined literals is usually seen
+//! once, and caching it would only churn the cache (a set of hashes remembers first sights).
 
 use std::{
     collections::HashMap,
@@ -42,6 +44,8 @@ struct Inner {
     generation: u64,
     entries: usize,
     map: HashMap<u64, Bucket, NoHash>,
+    /// Hashes of statements seen once since the last clear.
+    seen: std::collections::HashSet<u64, NoHash>,
 }
 
 /// Keys are already hashes.
@@ -80,6 +84,7 @@ impl DecisionCache {
                 generation: 0,
                 entries: 0,
                 map: HashMap::with_hasher(NoHash),
+                seen: std::collections::HashSet::with_hasher(NoHash),
             }),
         }
     }
@@ -118,8 +123,15 @@ impl DecisionCache {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.generation != generation || inner.entries >= self.capacity {
             inner.map.clear();
+            inner.seen.clear();
             inner.entries = 0;
             inner.generation = generation;
+        }
+        if inner.seen.insert(h) {
+            if inner.seen.len() > 4 * self.capacity {
+                inner.seen.clear();
+            }
+            return;
         }
         let bucket = inner.map.entry(h).or_default();
         if !bucket.iter().any(|(c, s, _)| *c == class && &**s == sql) {

@@ -4,15 +4,25 @@
 
 /// Whether `text` matches `pattern`.
 pub fn matches(pattern: &str, text: &str) -> bool {
+    // On the hot path (every column of every masked result is checked): no allocation
+    // when both are ASCII, where a byte is a character.
+    if pattern.is_ascii() && text.is_ascii() {
+        return match_units(pattern.as_bytes(), text.as_bytes(), b'*', b'?');
+    }
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
+    match_units(&p, &t, '*', '?')
+}
+
+/// Iterative matching with one backtrack point: linear in practice.
+fn match_units<T: PartialEq + Copy>(p: &[T], t: &[T], any: T, one: T) -> bool {
     let (mut pi, mut ti) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == one || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == any {
             star = Some((pi, ti));
             pi += 1;
         } else if let Some((sp, st)) = star {
@@ -23,7 +33,7 @@ pub fn matches(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == any {
         pi += 1;
     }
     pi == p.len()
@@ -58,5 +68,9 @@ mod tests {
         assert!(covers("drop_*", "drop_table"));
         assert!(!covers("drop_table", "drop_*"));
         assert!(covers("*", "drop_*"));
+        // Non-ASCII: `?` is one character, not one byte.
+        assert!(matches("caf?", "café"));
+        assert!(matches("*é", "thé"));
+        assert!(!matches("caf??", "café"));
     }
 }

@@ -7,10 +7,17 @@
 //! - `intercept`: connection rate (connect, 1-byte echo, close) and 1-byte round-trip
 //!   latency on an open connection, direct vs through the proxy. Rounds alternate between
 //!   the two paths; the median round of each is reported.
+//! - `pg`: `pgbench -S` (simple and prepared protocol, 1 and 8 clients) direct, through
+//!   Portcullis (shipped policies) and through pgbouncer (session pooling), rounds
+//!   alternating; then a 1,000,000-row SELECT with two masked columns against the same
+//!   SELECT unmasked, both through Portcullis, with the daemon's RSS sampled meanwhile.
 
 use std::{net::Ipv4Addr, time::Instant};
 
-use portcullis_tests::{Daemon, Echo, Env, agents_and_target, probe};
+use portcullis_tests::{
+    Daemon, Echo, Env, agents_and_pg, agents_and_target, in_cgroup, pg::*, probe, rss_kib,
+    run_json, workspace_bin,
+};
 use serde_json::Value;
 
 const ROUNDS: usize = 5;
@@ -230,6 +237,247 @@ fn policy() {
     }
 }
 
+/// One pgbench run; returns (tps, mean latency in ms).
+fn pgbench(
+    env: &Env,
+    cgroup: &str,
+    port: u16,
+    mode: &str,
+    clients: usize,
+    secs: u32,
+) -> (f64, f64) {
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.args(["-h", "127.0.0.1", "-U", "app", "-n", "-S", "-M", mode])
+        .args(["-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-j", &clients.to_string()])
+        .args(["-T", &secs.to_string(), "shop"])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGSSLMODE", "disable");
+    in_cgroup(&mut cmd, &env.cg_dir(cgroup), Some(65534));
+    let out = cmd
+        .output()
+        .expect("pgbench (apt install postgresql-contrib)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let num = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    (num("tps = "), num("latency average = "))
+}
+
+const PG_ROUNDS: usize = 3;
+const PG_SECS: u32 = 5;
+
+/// `pg-profile [simple|prepared] [clients] [secs]`: the Portcullis path only, for a
+/// profiler; prints the daemon's pid and waits 3 s before starting.
+fn pg_profile(args: &[String]) {
+    let mode = args.first().map_or("simple", String::as_str);
+    let clients: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let secs: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20);
+    let (env, agent, _direct, pg, body) = pg_setup();
+    // PC_PROFILE_PROTOCOL=tcp compares with the opaque relay.
+    let body = match std::env::var("PC_PROFILE_PROTOCOL") {
+        Ok(p) => body.replace("protocol = \"postgres\"", &format!("protocol = \"{p}\"")),
+        Err(_) => body,
+    };
+    let body = body.replace(
+        "credentials = ",
+        if body.contains("\"tcp\"") {
+            "# credentials = "
+        } else {
+            "credentials = "
+        },
+    );
+    let daemon = Daemon::start(&env.config("", &body));
+    println!("daemon pid {}", daemon.child.id());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (tps, lat) = pgbench(&env, &agent, pg.port, mode, clients, secs);
+    println!("portcullis {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
+}
+
+/// A server with pgbench data (scale 10) and the configuration of a gate in front of it.
+fn pg_setup() -> (Env, String, String, Pg, String) {
+    let env = Env::new();
+    let agent = env.cgroup("agents/bench");
+    let direct = env.cgroup("direct");
+    // Statement logging off: it would dominate the server's time.
+    let pg = Pg::start_with(&env, "log_statement = 'none'");
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "10", "-U", "postgres", "-h"])
+        .arg(&pg.socket_dir)
+        .args(["-p", &pg.port.to_string(), "shop"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    pg.sql("shop", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO app");
+    let secret = secret_file(&env);
+    // The server leg in plaintext, like pgbench's own (PGSSLMODE=disable) and pgbouncer's
+    // default: every path pays the same for transport.
+    let target = format!(
+        "upstream_tls = \"disable\"\ncredentials = {{ user = \"app\", password_file = \"{}\" }}",
+        secret.display()
+    );
+    let body = agents_and_pg(
+        &[("bench", &format!("cgroup = \"{agent}\""))],
+        &pg.addr().to_string(),
+        &target,
+    );
+    (env, agent, direct, pg, body)
+}
+
+fn pg() {
+    let (env, agent, direct, pg, body) = pg_setup();
+    let daemon = Daemon::start(&env.config("", &body));
+    let bouncer = Bouncer::start(&env, &pg);
+    let started = Instant::now();
+    let cases: [(&str, usize); 4] = [
+        ("simple", 1),
+        ("simple", 8),
+        ("prepared", 1),
+        ("prepared", 8),
+    ];
+    let paths: [(&str, &str, u16); 3] = [
+        ("direct", direct.as_str(), pg.port),
+        ("portcullis", agent.as_str(), pg.port),
+        ("pgbouncer", direct.as_str(), bouncer.port),
+    ];
+    // results[case][path] = (tps runs, latency runs)
+    let mut results = vec![vec![(Vec::new(), Vec::new()); 3]; 4];
+    for round in 0..PG_ROUNDS {
+        eprintln!("pg round {}/{PG_ROUNDS}", round + 1);
+        for (ci, (mode, clients)) in cases.iter().enumerate() {
+            for k in 0..3 {
+                // Rotate the order so drift hits every path alike.
+                let pi = (k + round) % 3;
+                let (_, cg, port) = paths[pi];
+                let (tps, lat) = pgbench(&env, cg, port, mode, *clients, PG_SECS);
+                results[ci][pi].0.push(tps);
+                results[ci][pi].1.push(lat);
+            }
+        }
+    }
+    println!();
+    println!(
+        "pg: pgbench -S, scale 10, {PG_ROUNDS} rounds of {PG_SECS}s per case and path, medians; \
+         Portcullis with the shipped policies; {} cores; {:.0}s",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<22} {:>10} {:>11} {:>10} {:>9} {:>10} {:>14}",
+        "case (tps)",
+        "direct",
+        "portcullis",
+        "pgbouncer",
+        "P/direct",
+        "P/bouncer",
+        "added mean lat"
+    );
+    for (ci, (mode, clients)) in cases.iter().enumerate() {
+        let tps: Vec<f64> = (0..3).map(|p| median(results[ci][p].0.clone())).collect();
+        let lat: Vec<f64> = (0..3).map(|p| median(results[ci][p].1.clone())).collect();
+        println!(
+            "{:<22} {:>10.0} {:>11.0} {:>10.0} {:>8.2}x {:>9.2}x {:>+11.1} us",
+            format!("{mode}, {clients} client(s)"),
+            tps[0],
+            tps[1],
+            tps[2],
+            tps[1] / tps[0],
+            tps[1] / tps[2],
+            (lat[1] - lat[0]) * 1000.0
+        );
+    }
+    println!(
+        "targets: P/bouncer >= 1.00x in every case; P/direct >= 0.80x with 8 clients; added \
+         mean latency <= +20 us with 1 client"
+    );
+    drop(bouncer);
+    drop(daemon);
+
+    // ---- masking: a million rows, two masked columns, against the same rows unmasked
+    pg.sql(
+        "shop",
+        "CREATE TABLE big AS SELECT g AS id, 'user' || g || '@example.com' AS email, \
+         '+1 415 555 ' || lpad((g % 10000)::text, 4, '0') AS phone, md5(g::text) AS name \
+         FROM generate_series(1, 1000000) g; \
+         CREATE TABLE big_plain AS TABLE big; \
+         GRANT SELECT ON big, big_plain TO app",
+    );
+    let policies = env.dir.join("bench-policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("mask.toml"),
+        "[[rule]]\nid = \"mask-big\"\nsql = { kinds = [\"select\"] }\naction = \"mask\"\n\
+         mask = { columns = [\"big.email\", \"big.phone\"], strategy = \"redact\" }\n",
+    )
+    .expect("policy");
+    let body = format!("[policy]\ndir = \"{}\"\n\n{body}", policies.display());
+    let daemon = Daemon::start(&env.config("", &body));
+    let run = |table: &str| -> (f64, Value) {
+        let mut cmd = std::process::Command::new(workspace_bin("pc-pg"));
+        cmd.arg(pg.addr().to_string())
+            .args(["app", APP_PASSWORD, "shop", "distinct"])
+            .arg(format!("SELECT id, email, phone, name FROM {table}"));
+        let v = run_json(&env, &agent, Some(65534), cmd);
+        assert_eq!(v["result"]["rows"], 1_000_000, "{v}");
+        (f(&v["result"], "ms"), v["result"]["distinct"].clone())
+    };
+    let pid = daemon.child.id();
+    let (mut masked, mut plain) = (Vec::new(), Vec::new());
+    let mut rss_growth = 0u64;
+    for round in 0..PG_ROUNDS {
+        eprintln!("masking round {}/{PG_ROUNDS}", round + 1);
+        let before = rss_kib(pid);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut max = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    max = max.max(rss_kib(pid));
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                max
+            })
+        };
+        let (ms, distinct) = run("big");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let max = sampler.join().expect("sampler");
+        rss_growth = rss_growth.max(max.saturating_sub(before));
+        assert_eq!(distinct, serde_json::json!(["[REDACTED:email]"]), "masked");
+        masked.push(ms);
+        plain.push(run("big_plain").0);
+    }
+    let (m, p) = (median(masked), median(plain));
+    println!();
+    println!(
+        "masking: SELECT of 1,000,000 rows x 4 columns (binary, tokio-postgres), through Portcullis; medians of {PG_ROUNDS}"
+    );
+    println!("{:<34} {:>10.0} ms", "unmasked", p);
+    println!(
+        "{:<34} {:>10.0} ms   {:.2}x   (target <= 1.30x)",
+        "2 columns masked (redact)",
+        m,
+        m / p
+    );
+    println!(
+        "{:<34} {:>10} KiB        (target < 20480 KiB)",
+        "daemon RSS growth while streaming", rss_growth
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all = args.is_empty();
@@ -243,8 +491,16 @@ fn main() {
         intercept();
         ran = true;
     }
+    if want("pg") {
+        pg();
+        ran = true;
+    }
+    if args.first().is_some_and(|a| a == "pg-profile") {
+        pg_profile(&args[1..]);
+        ran = true;
+    }
     if !ran {
-        eprintln!("unknown suite(s) {args:?}; available: policy, intercept");
+        eprintln!("unknown suite(s) {args:?}; available: policy, intercept, pg");
         std::process::exit(2);
     }
 }

@@ -261,6 +261,7 @@ async fn rows(c: &Client, sqls: &[String]) -> Value {
 
 /// Streams one statement, counting rows and the distinct values of column 1 (at most 16).
 async fn distinct(c: &Client, sql: &str) -> Value {
+    let started = std::time::Instant::now();
     let stream = match c.query_raw(sql, std::iter::empty::<i32>()).await {
         Ok(s) => s,
         Err(e) => return err(&e),
@@ -279,7 +280,7 @@ async fn distinct(c: &Client, sql: &str) -> Value {
         }
         n += 1;
     }
-    json!({"rows": n, "distinct": seen})
+    json!({"rows": n, "distinct": seen, "ms": started.elapsed().as_secs_f64() * 1000.0})
 }
 
 #[tokio::main(flavor = "current_thread")]

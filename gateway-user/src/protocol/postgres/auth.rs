@@ -30,6 +30,12 @@ pub enum AuthError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{} is readable by others or not owned by the daemon's user (mode {mode:o}, uid \
+         {uid}): a password file must be 0600 or stricter and owned by root",
+        path.display()
+    )]
+    SecretExposed { path: PathBuf, mode: u32, uid: u32 },
     #[error("systemd credential `{0}` is not available ($CREDENTIALS_DIRECTORY is not set)")]
     NoCredentialsDirectory(String),
     #[error("the server's SCRAM exchange is invalid: {0}")]
@@ -43,7 +49,21 @@ pub enum AuthError {
 /// Reads the password of a credential.
 pub fn password(c: &Credentials) -> Result<String, AuthError> {
     let path = match &c.password {
-        Secret::File(p) => p.clone(),
+        Secret::File(p) => {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(p).map_err(|source| AuthError::Secret {
+                path: p.clone(),
+                source,
+            })?;
+            if meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(AuthError::SecretExposed {
+                    path: p.clone(),
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                });
+            }
+            p.clone()
+        }
         Secret::Credential(name) => {
             let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
                 .ok_or_else(|| AuthError::NoCredentialsDirectory(name.clone()))?;
@@ -184,6 +204,26 @@ impl Scram {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Credentials, Secret};
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("pc-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("secret");
+        std::fs::write(&f, "pw\n").expect("write");
+        let creds = |p: &std::path::Path| Credentials {
+            user: "u".into(),
+            password: Secret::File(p.to_path_buf()),
+        };
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(password(&creds(&f)).expect("0600 is fine"), "pw");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = password(&creds(&f)).expect_err("0644 is not");
+        assert!(e.to_string().contains("0600 or stricter"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn md5_matches_postgres() {

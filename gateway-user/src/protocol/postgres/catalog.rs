@@ -81,6 +81,7 @@ impl Catalogs {
                 },
                 conn: tokio::sync::Mutex::new(None),
                 data: Mutex::new(Arc::new(Data::new())),
+                generation: std::sync::atomic::AtomicU64::new(1),
             })
         });
         Some(c.clone())
@@ -226,18 +227,38 @@ pub struct Catalog {
     upstream: Upstream,
     conn: tokio::sync::Mutex<Option<Reader<Stream>>>,
     data: Mutex<Arc<Data>>,
+    /// Changes whenever what is known changes (plans made before are stale).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
     /// Forgets everything (after DDL).
     pub fn invalidate(&self) {
         *self.data.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Data::new());
+        self.bump();
+    }
+
+    /// Read before a lookup: a plan made from its answer is valid while this is unchanged.
+    pub fn generation(&self) -> u64 {
+        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        if d.at.elapsed() > TTL {
+            // Expired: whatever was planned from it is stale too.
+            drop(d);
+            self.invalidate();
+        }
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn snapshot(&self) -> Arc<Data> {
         let mut d = self.data.lock().unwrap_or_else(|e| e.into_inner());
         if d.at.elapsed() > TTL {
             *d = Arc::new(Data::new());
+            self.bump();
         }
         d.clone()
     }
@@ -317,6 +338,7 @@ impl Catalog {
             }
         }
         *guard = Arc::new(d);
+        self.bump();
     }
 
     /// One round: the relations, and the names their view definitions read.

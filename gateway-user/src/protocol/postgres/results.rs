@@ -105,6 +105,15 @@ fn wanted(shape: &Shape, fields: &[Field]) -> (Vec<u32>, Vec<String>) {
     (oids, names)
 }
 
+#[derive(PartialEq, Eq)]
+struct PlanKey {
+    row_description: Vec<u8>,
+    masks: Vec<usize>,
+    shape: Shape,
+    catalog_generation: u64,
+    ddl_pending: bool,
+}
+
 struct PortalMask {
     applies: Applies,
     plan: Option<Arc<ResultPlan>>,
@@ -122,6 +131,7 @@ pub struct ResultMasking {
     /// DDL ran in a transaction not yet ended: forget the catalog again when it ends.
     ddl_pending: bool,
     scratch: Vec<u8>,
+    last_plan: Option<(PlanKey, Arc<ResultPlan>)>,
 }
 
 impl ResultMasking {
@@ -136,38 +146,75 @@ impl ResultMasking {
             portals: HashMap::new(),
             ddl_pending: false,
             scratch: Vec::new(),
+            last_plan: None,
         }
     }
 
     /// What the catalog knows that this result needs; nothing when no column rule applies
     /// (detectors need no names) or the catalog cannot be reached (then every table column
     /// is undecidable).
+    /// The resolver, and whether a plan made with it may be reused (not after a failed
+    /// lookup, which may be transient).
     async fn resolver(
         &self,
         shape: &Shape,
         fields: &[Field],
         masks: &[Arc<MaskSpec>],
-    ) -> Arc<dyn Resolve + Send + Sync> {
+    ) -> (Arc<dyn Resolve + Send + Sync>, bool) {
         if masks.iter().all(|m| m.columns.is_empty()) {
-            return Arc::new(NoCatalog);
+            return (Arc::new(NoCatalog), true);
         }
         let Some(cat) = &self.catalog else {
             self.shared.warn_no_catalog(&self.target);
-            return Arc::new(NoCatalog);
+            return (Arc::new(NoCatalog), true);
         };
         // This session changed definitions in a transaction that has not ended: the
         // catalog connection still sees the old ones, which must not be trusted.
         if self.ddl_pending {
-            return Arc::new(NoCatalog);
+            return (Arc::new(NoCatalog), true);
         }
         let (oids, names) = wanted(shape, fields);
         match cat.lookup(&self.shared, &oids, &names).await {
-            Ok(data) => data,
-            Err(_) => Arc::new(NoCatalog),
+            Ok(data) => (data, true),
+            Err(_) => (Arc::new(NoCatalog), false),
         }
     }
 
-    async fn plan_rows(&self, a: &Applies, body: &[u8]) -> Result<Arc<ResultPlan>, ResultError> {
+    /// What a plan depends on: the same description, masks, statement shape and catalog
+    /// state give the same plan. Repeated statements reuse the last one.
+    fn plan_key(&self, a: &Applies, body: &[u8]) -> PlanKey {
+        PlanKey {
+            row_description: body.to_vec(),
+            masks: a.masks.iter().map(|m| Arc::as_ptr(m) as usize).collect(),
+            shape: a.shape.clone(),
+            catalog_generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
+            ddl_pending: self.ddl_pending,
+        }
+    }
+
+    async fn plan_rows(
+        &mut self,
+        a: &Applies,
+        body: &[u8],
+    ) -> Result<Arc<ResultPlan>, ResultError> {
+        let key = self.plan_key(a, body);
+        if let Some((k, p)) = &self.last_plan
+            && *k == key
+        {
+            return Ok(p.clone());
+        }
+        let (p, cacheable) = self.make_plan(a, body).await?;
+        if cacheable {
+            self.last_plan = Some((key, p.clone()));
+        }
+        Ok(p)
+    }
+
+    async fn make_plan(
+        &self,
+        a: &Applies,
+        body: &[u8],
+    ) -> Result<(Arc<ResultPlan>, bool), ResultError> {
         let fields: Vec<Field> = messages::row_description(body)
             .map_err(|e| ResultError::Malformed(e.to_string()))?
             .into_iter()
@@ -179,14 +226,14 @@ impl ResultMasking {
                 format: f.format,
             })
             .collect();
-        let r = self.resolver(&a.shape, &fields, &a.masks).await;
+        let (r, cacheable) = self.resolver(&a.shape, &fields, &a.masks).await;
         let p = plan::plan_rows(&a.masks, &a.shape, &fields, &*r)?;
         tracing::debug!(
             masked = p.columns.iter().filter(|c| c.whole.is_some()).count(),
             detectors = p.detection.is_some(),
             "result masking planned"
         );
-        Ok(Arc::new(p))
+        Ok((Arc::new(p), cacheable))
     }
 
     async fn plan_copy(&self, a: &Applies, body: &[u8]) -> Result<CopyMasker, ResultError> {
@@ -198,7 +245,7 @@ impl ResultMasking {
             }
             .into());
         }
-        let r = self.resolver(&a.shape, &[], &a.masks).await;
+        let (r, _) = self.resolver(&a.shape, &[], &a.masks).await;
         let (p, format) = plan::plan_copy(&a.masks, &a.shape, cols.len(), &*r)?;
         let format = format.unwrap_or(crate::policy::sql::lineage::CopyFormat {
             csv: false,
@@ -235,17 +282,15 @@ impl ResultMasking {
         f: &Frame,
         portal: &str,
     ) -> Result<(), ResultError> {
-        let Some(pm) = self.portals.get(portal) else {
+        let Some(mut pm) = self.portals.remove(portal) else {
             return Ok(());
         };
-        let plan = if f.tag == be::ROW_DESCRIPTION {
+        pm.plan = if f.tag == be::ROW_DESCRIPTION {
             Some(self.plan_rows(&pm.applies, &f.body).await?)
         } else {
             None
         };
-        if let Some(pm) = self.portals.get_mut(portal) {
-            pm.plan = plan;
-        }
+        self.portals.insert(portal.to_owned(), pm);
         Ok(())
     }
 
