@@ -5,6 +5,8 @@
 //! Lines are written by a background thread (tracing-appender): a slow reader of stderr (a
 //! pipe, journald under pressure) delays logs, not connections. The queue is bounded and
 //! lossless: past [`QUEUE_LINES`] pending lines, logging threads wait rather than drop.
+//! The writer buffers what is queued and writes it out whenever the queue is empty, so a
+//! burst of lines costs a few writes, not one each.
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -26,7 +28,7 @@ pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
         .lossy(false)
         .buffered_lines_limit(QUEUE_LINES)
         .thread_name("portcullis-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry

@@ -958,36 +958,23 @@ fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>) {
     }
 }
 
-/// Refusals and holds are logged at `info`; statements let through (allowed or masked) at
-/// `debug`, so the log stays readable and cheap under load (one line per statement cost a
-/// fifth of the daemon's CPU in `cargo xtask bench pg`).
+/// One event per decision (`portcullis::audit`), as operators expect in the journal.
 fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
     let d = &j.decision;
-    let notable = matches!(d.verdict, Verdict::Deny | Verdict::RequireApproval);
-    if !notable && !tracing::enabled!(target: "portcullis::audit", tracing::Level::DEBUG) {
+    if !tracing::enabled!(target: "portcullis::audit", tracing::Level::INFO) {
         return;
     }
     let kinds: Vec<String> = j.classification.kinds().iter().map(|k| k.name()).collect();
-    macro_rules! log {
-        ($level:expr) => {
-            tracing::event!(
-                target: "portcullis::audit",
-                $level,
-                verdict = d.verdict.as_str(),
-                rule = %d.rule,
-                agent.name = %judge.subject.agent,
-                target.name = %judge.target,
-                kinds = %kinds.join(","),
-                statement = %truncate(sql, 200),
-                "decision"
-            )
-        };
-    }
-    if notable {
-        log!(tracing::Level::INFO);
-    } else {
-        log!(tracing::Level::DEBUG);
-    }
+    tracing::info!(
+        target: "portcullis::audit",
+        verdict = d.verdict.as_str(),
+        rule = %d.rule,
+        agent.name = %judge.subject.agent,
+        target.name = %judge.target,
+        kinds = %kinds.join(","),
+        statement = %truncate(sql, 200),
+        "decision"
+    );
 }
 
 fn truncate(s: &str, max: usize) -> String {
