@@ -12,5 +12,6 @@ pub mod masking;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod store;
 pub mod render;
 pub mod telemetry;

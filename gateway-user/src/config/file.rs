@@ -24,6 +24,10 @@ pub struct ConfigFile {
     pub log: LogSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<WebhookEntry>,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
     #[serde(default, rename = "target")]
@@ -127,12 +131,88 @@ fn default_rescan() -> Duration {
 pub struct AdminSection {
     #[serde(default = "default_admin_socket")]
     pub socket: PathBuf,
+    /// Groups whose members may read sessions, replays and the audit log.
+    #[serde(default = "default_auditors")]
+    pub auditors: Vec<String>,
+}
+
+fn default_auditors() -> Vec<String> {
+    vec!["portcullis-auditors".to_owned()]
+}
+
+/// `[store]`: the audit store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// SQLite file; default `<state_dir>/portcullis.db`.
+    pub path: Option<PathBuf>,
+    /// `commit` (default) or `strict`.
+    #[serde(default = "default_durability")]
+    pub durability: Spanned<String>,
+    /// Records that may wait for the writer; past it, statements are refused.
+    #[serde(default = "default_store_queue")]
+    pub queue: Spanned<usize>,
+    /// Bytes of transcript kept per session (what the agent sent and received).
+    #[serde(default = "default_recording_limit")]
+    pub recording_limit: usize,
+    /// Sessions that ended longer ago than this are pruned; absent: kept.
+    pub retention: Option<Duration>,
+    /// Record statements with their literals replaced by `?` (rules can ask for it too).
+    #[serde(default)]
+    pub redact_literals: bool,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            path: None,
+            durability: default_durability(),
+            queue: default_store_queue(),
+            recording_limit: default_recording_limit(),
+            retention: None,
+            redact_literals: false,
+        }
+    }
+}
+
+fn default_durability() -> Spanned<String> {
+    unspanned("commit".to_owned())
+}
+fn default_store_queue() -> Spanned<usize> {
+    unspanned(65_536)
+}
+fn default_recording_limit() -> usize {
+    1 << 20
+}
+
+/// `[[webhook]]`: notifications of approval requests and decisions.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEntry {
+    /// `http://` or `https://` URL the events are POSTed to.
+    pub url: Spanned<String>,
+    /// `json` (default: the event as JSON) or `slack` (`{"text": ...}`).
+    #[serde(default = "default_webhook_format")]
+    pub format: Spanned<String>,
+    /// Events to send; default all: `approval_requested`, `approval_decided`.
+    #[serde(default)]
+    pub events: Vec<Spanned<String>>,
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_webhook_format() -> Spanned<String> {
+    unspanned("json".to_owned())
+}
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             socket: default_admin_socket(),
+            auditors: default_auditors(),
         }
     }
 }

@@ -176,6 +176,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub policy: PolicyConfig,
+    pub store: StoreConfig,
+    pub webhooks: Vec<Webhook>,
     pub agents: Vec<Agent>,
     pub targets: Vec<Target>,
 }
@@ -216,7 +218,50 @@ pub struct EbpfConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub socket: PathBuf,
+    /// Groups whose members may read sessions and the audit log.
+    pub auditors: Vec<String>,
 }
+
+/// When a statement's record must be durable before the statement is forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Committed to the database (survives the daemon crashing; the WAL is synced at least
+    /// every second, which bounds what an OS crash or power loss can take).
+    Commit,
+    /// Committed and fsynced.
+    Strict,
+}
+
+/// `[store]`.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub durability: Durability,
+    pub queue: usize,
+    pub recording_limit: usize,
+    pub retention: Option<Duration>,
+    pub redact_literals: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookFormat {
+    Json,
+    Slack,
+}
+
+/// `[[webhook]]`.
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    pub url: String,
+    pub format: WebhookFormat,
+    /// Empty: every event.
+    pub events: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// Webhook event names.
+pub const WEBHOOK_EVENTS: [&str; 2] = ["approval_requested", "approval_decided"];
 
 #[derive(Clone, Debug)]
 pub struct LogConfig {
@@ -717,6 +762,54 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         });
     }
 
+    let durability = match raw.store.durability.get_ref().as_str() {
+        "commit" => Durability::Commit,
+        "strict" => Durability::Strict,
+        other => {
+            c.at(
+                &raw.store.durability,
+                format!("`durability` is `commit` or `strict`, not `{other}`"),
+            );
+            Durability::Commit
+        }
+    };
+    if *raw.store.queue.get_ref() < 16 {
+        c.at(&raw.store.queue, "`queue` must be at least 16 records");
+    }
+    let mut webhooks = Vec::new();
+    for w in &raw.webhooks {
+        let url = w.url.get_ref();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            c.at(&w.url, format!("`{url}` is not an http:// or https:// URL"));
+        }
+        let format = match w.format.get_ref().as_str() {
+            "json" => WebhookFormat::Json,
+            "slack" => WebhookFormat::Slack,
+            other => {
+                c.at(&w.format, format!("`format` is `json` or `slack`, not `{other}`"));
+                WebhookFormat::Json
+            }
+        };
+        for e in &w.events {
+            if !WEBHOOK_EVENTS.contains(&e.get_ref().as_str()) {
+                c.at(
+                    e,
+                    format!(
+                        "unknown event `{}`; one of {}",
+                        e.get_ref(),
+                        WEBHOOK_EVENTS.join(", ")
+                    ),
+                );
+            }
+        }
+        webhooks.push(Webhook {
+            url: url.clone(),
+            format,
+            events: w.events.iter().map(|e| e.get_ref().clone()).collect(),
+            timeout: w.timeout,
+        });
+    }
+
     if (raw.daemon.tls_cert.is_some()) != (raw.daemon.tls_key.is_some()) {
         c.out.push(Diagnostic {
             location: None,
@@ -728,6 +821,11 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
     if !c.out.is_empty() {
         return Err(ConfigError::Invalid(c.out));
     }
+    let store_path = raw
+        .store
+        .path
+        .clone()
+        .unwrap_or_else(|| raw.daemon.state_dir.join("portcullis.db"));
     Ok(Config {
         path: None,
         daemon: DaemonConfig {
@@ -751,7 +849,17 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         },
         admin: AdminConfig {
             socket: raw.admin.socket,
+            auditors: raw.admin.auditors,
         },
+        store: StoreConfig {
+            path: store_path,
+            durability,
+            queue: *raw.store.queue.get_ref(),
+            recording_limit: raw.store.recording_limit,
+            retention: raw.store.retention,
+            redact_literals: raw.store.redact_literals,
+        },
+        webhooks,
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,

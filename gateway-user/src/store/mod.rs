@@ -1,0 +1,352 @@
+//! The audit store: an embedded SQLite database (WAL) of sessions, statements, decisions,
+//! approvals, grants and session transcripts, as one hash-chained log of records
+//! ([`chain`]) plus tables derived from it for listing.
+//!
+//! One writer thread ([`writer`]) appends records in groups, one transaction per group.
+//! Callers that must not go on before their record is safe (a statement is recorded before
+//! it is forwarded) wait for the group's commit — and, with `durability = "strict"`, its
+//! fsync. A record that cannot be queued or written is an error to the caller, never a
+//! silent loss. Reads ([`query`]) use their own connection.
+//!
+//! See docs/audit.md for the guarantees and their limits.
+
+pub mod chain;
+pub mod query;
+pub mod redact;
+pub mod writer;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{SyncSender, TrySendError},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+
+use crate::config::StoreConfig;
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the audit store's queue is full ({0} records waiting)")]
+    QueueFull(usize),
+    #[error("the audit store's writer has stopped")]
+    Closed,
+    #[error("the audit store cannot write: {0}")]
+    Write(String),
+    #[error("cannot open the audit store {path}: {why}", path = path.display())]
+    Open { path: PathBuf, why: String },
+    #[error("audit store query: {0}")]
+    Query(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Query(e.to_string())
+    }
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub written: AtomicU64,
+    pub groups: AtomicU64,
+    pub failed: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub refused_statements: AtomicU64,
+}
+
+/// The chain head the writer holds: the last committed record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub seq: i64,
+    pub hash: [u8; 32],
+}
+
+/// A record to append.
+pub struct Append {
+    pub session: i64,
+    pub kind: &'static str,
+    pub body: Value,
+    pub at_us: i64,
+}
+
+pub struct Store {
+    cfg: StoreConfig,
+    tx: SyncSender<writer::Op>,
+    reader: Mutex<rusqlite::Connection>,
+    head: Arc<Mutex<Head>>,
+    pub stats: Arc<StoreStats>,
+    next_session: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (creating) the database, checks the chain's head, marks approvals left pending
+    /// by a previous run as expired, and starts the writer.
+    pub fn open(cfg: &StoreConfig) -> Result<Arc<Self>, StoreError> {
+        let err = |why: String| StoreError::Open {
+            path: cfg.path.clone(),
+            why,
+        };
+        if let Some(dir) = cfg.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let conn = writer::open_rw(&cfg.path, cfg.durability).map_err(|e| err(e.to_string()))?;
+        let head = writer::read_head(&conn).map_err(|e| err(e.to_string()))?;
+        let max_session: i64 = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM sessions", [], |r| r.get(0))
+            .map_err(|e| err(e.to_string()))?;
+        restrict_permissions(&cfg.path);
+        let reader = open_ro(&cfg.path).map_err(|e| err(e.to_string()))?;
+        let head = Arc::new(Mutex::new(head));
+        let stats = Arc::new(StoreStats::default());
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
+        let w = writer::Writer::new(conn, rx, head.clone(), stats.clone(), cfg.durability);
+        let handle = std::thread::Builder::new()
+            .name("portcullis-store".into())
+            .spawn(move || w.run())
+            .map_err(|e| err(e.to_string()))?;
+        let store = Arc::new(Self {
+            cfg: cfg.clone(),
+            tx,
+            reader: Mutex::new(reader),
+            head,
+            stats,
+            next_session: AtomicU64::new(max_session.max(0) as u64 + 1),
+            writer: Mutex::new(Some(handle)),
+        });
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    /// A new session id, unique across restarts.
+    pub fn next_session_id(&self) -> i64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed) as i64
+    }
+
+    /// The head the writer committed last.
+    pub fn head(&self) -> Head {
+        *self.head.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, op: writer::Op) -> Result<(), StoreError> {
+        match self.tx.try_send(op) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                Err(StoreError::QueueFull(self.cfg.queue))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Queues a record; does not wait (transcripts, results, session ends).
+    pub fn append(&self, a: Append) -> Result<(), StoreError> {
+        self.send(writer::Op::Append(vec![a], None))
+    }
+
+    /// Queues records and waits until they are durable as `durability` says. Returns the
+    /// sequence number of the last one.
+    pub async fn append_durable(&self, records: Vec<Append>) -> Result<i64, StoreError> {
+        let (ack, wait) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Append(records, Some(ack)))?;
+        wait.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits until everything queued so far is committed (tests, shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.append_durable(Vec::new()).await.map(|_| ())
+    }
+
+    /// Runs a read on the reader connection (blocking: call from `spawn_blocking`).
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let c = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        f(&c)
+    }
+
+    /// Deletes the records of sessions that ended before `before_us` (a prefix of the
+    /// chain), keeping verification possible from the new first record. Returns how many
+    /// records went.
+    pub async fn prune(&self, before_us: i64) -> Result<u64, StoreError> {
+        let (ack, wait) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Prune(before_us, ack))?;
+        wait.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Stops the writer after what is queued, and logs the chain head.
+    pub fn close(&self) {
+        // Blocking: after what is queued (the writer is draining it).
+        let _ = self.tx.send(writer::Op::Stop);
+        if let Some(h) = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+        let head = self.head();
+        tracing::info!(
+            store.head_seq = head.seq,
+            store.head_hash = %chain::hex(&head.hash),
+            "audit store closed"
+        );
+    }
+}
+
+/// The database and its WAL hold statements and results: root's alone.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+pub fn open_ro(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let c = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::Durability;
+
+    fn cfg(dir: &Path, durability: Durability) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("t.db"),
+            durability,
+            queue: 1024,
+            recording_limit: 1 << 20,
+            retention: None,
+            redact_literals: false,
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pc-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
+    fn rec(session: i64, kind: &'static str, body: Value) -> Append {
+        Append {
+            session,
+            kind,
+            body,
+            at_us: now_us(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_chain_list_verify_and_prune() {
+        let dir = tmp("chain");
+        for durability in [Durability::Commit, Durability::Strict] {
+            let _ = std::fs::remove_file(dir.join("t.db"));
+            let s = Store::open(&cfg(&dir, durability)).expect("open");
+            let id = s.next_session_id();
+            s.append_durable(vec![rec(id, "session_start", json!({"agent": "a", "target": "pg", "protocol": "postgres", "uid": 1000}))])
+                .await
+                .expect("start");
+            // Concurrent callers share groups.
+            let mut waits = Vec::new();
+            for n in 0..50 {
+                let s = s.clone();
+                waits.push(tokio::spawn(async move {
+                    s.append_durable(vec![rec(id, "statement", json!({"n": n, "sql": "SELECT 1", "verdict": if n % 10 == 0 { "deny" } else { "allow" }}))])
+                        .await
+                }));
+            }
+            for w in waits {
+                w.await.expect("join").expect("recorded");
+            }
+            s.append(rec(id, "session_end", json!({"end": "closed"}))).expect("end");
+            s.flush().await.expect("flush");
+            assert_eq!(s.head().seq, 52);
+            let listed = s.read(|c| query::sessions(c, &query::SessionFilter::default())).expect("list");
+            assert_eq!(listed.len(), 1);
+            assert_eq!((listed[0].statements, listed[0].denied), (50, 5));
+            let denied = s
+                .read(|c| query::sessions(c, &query::SessionFilter { decision: Some("deny".into()), ..Default::default() }))
+                .expect("filter");
+            assert_eq!(denied.len(), 1);
+            let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+            assert!(v.ok, "{v:?}");
+            assert!(s.stats.groups.load(Ordering::Relaxed) < 52, "records were grouped");
+
+            // A second, later session, then prune the first.
+            let id2 = s.next_session_id();
+            s.append_durable(vec![rec(id2, "session_start", json!({"agent": "a", "target": "pg", "protocol": "postgres"}))])
+                .await
+                .expect("start 2");
+            let pruned = s.prune(now_us()).await.expect("prune");
+            assert_eq!(pruned, 52);
+            let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+            assert!(v.ok, "still verifies after pruning: {v:?}");
+            s.close();
+
+            // Tampering from outside is found, at the right record.
+            let c = rusqlite::Connection::open(dir.join("t.db")).expect("rw");
+            let first: i64 = c.query_row("SELECT min(seq) FROM records", [], |r| r.get(0)).expect("min");
+            c.execute("UPDATE records SET body = '{}' WHERE seq = ?1", [first]).expect("tamper");
+            let v = query::verify(&c, None).expect("verify");
+            assert!(!v.ok);
+            assert_eq!(v.first_bad_seq, Some(first));
+            drop(c);
+
+            // Reopening continues the chain (and the session ids).
+            let s = Store::open(&cfg(&dir, durability)).expect("reopen");
+            assert!(s.next_session_id() > id2);
+            s.close();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_an_error_not_a_wait() {
+        let dir = tmp("queue");
+        let mut c = cfg(&dir, Durability::Commit);
+        c.queue = 16;
+        let s = Store::open(&c).expect("open");
+        let mut full = false;
+        for _ in 0..100_000 {
+            if let Err(StoreError::QueueFull(_)) = s.append(rec(1, "transcript", json!({"x": "y".repeat(100)}))) {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "a flood fills the queue");
+        assert!(s.stats.queue_full.load(Ordering::Relaxed) >= 1);
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
