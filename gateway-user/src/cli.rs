@@ -62,6 +62,89 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// List recorded sessions, newest first.
+    Sessions {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// Sessions active within this long (`30m`, `2h`, `7d`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Sessions with a statement of this decision: allow, mask, deny, require_approval.
+        #[arg(long)]
+        decision: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a recorded session as a transcript.
+    Replay {
+        /// Session id (from `portcullis sessions`).
+        id: i64,
+        /// Keep printing as the session goes on, until it ends.
+        #[arg(long)]
+        follow: bool,
+        /// Replay with the recorded timing, this many times faster (1 = real time).
+        #[arg(long)]
+        speed: Option<f64>,
+        /// The records as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Statements waiting for approval, and grants in force.
+    Approvals {
+        /// Also list past requests and how they ended.
+        #[arg(long)]
+        history: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a held statement.
+    Approve {
+        id: String,
+        /// Also approve the same rule for the same agent and target for this long.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        for_: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny a held statement.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify or export the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of the audit store: names the first record that was changed,
+    /// removed, inserted or reordered. Asks the daemon; with `--store`, reads the file.
+    Verify {
+        /// Read this store file directly (the daemon need not run; root).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print records as JSON lines, for a SIEM.
+    Export {
+        /// Records from within this long (`24h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Output format (only `jsonl`).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,6 +265,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     if let Command::Status { json } = &cli.command {
         return status(cli.config.as_ref(), &admin_socket(&cli)?, *json, &cli);
     }
+    if let Some(code) = crate::commands::run(&cli, &|| admin_socket(&cli))? {
+        return Ok(code);
+    }
     let cfg = load_config(&cli)?;
     match cli.command {
         Command::Run { log_format } => {
@@ -225,7 +311,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Err(e) => Err(error_chain(&e)),
             }
         }
-        Command::Status { .. } => unreachable!("handled above"),
+        Command::Status { .. }
+        | Command::Sessions { .. }
+        | Command::Replay { .. }
+        | Command::Approvals { .. }
+        | Command::Approve { .. }
+        | Command::Deny { .. }
+        | Command::Audit { .. } => unreachable!("handled above"),
         Command::Policy { command } => policy_command(&cfg, command),
         Command::Detach => {
             ebpf::PinLayout::new(&cfg.ebpf.pin_path)

@@ -18,10 +18,15 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::approvals::{Approvals, Service, webhook::Webhooks};
 use crate::{
     admin::{
         self, AdminError,
-        proto::{AgentStatus, PolicyStatus, Request, Response, Status, TargetStatus},
+        authz::{Need, Peer},
+        proto::{
+            AgentStatus, ApprovalsView, Approved, PolicyStatus, Request, Response, SessionView,
+            Status, TargetStatus,
+        },
     },
     cgroup::{CgroupError, Hierarchy},
     config::{Config, ConfigError},
@@ -29,10 +34,11 @@ use crate::{
     policy::PolicyStore,
     protocol::{
         Engines,
-        postgres::{PgShared, PostgresEngine, approval},
+        postgres::{PgShared, PostgresEngine},
         tcp::TcpEngine,
     },
     proxy::{self, Listeners, ProxyError, identity::Resolver},
+    store::Store,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,8 @@ pub enum DaemonError {
     Policy(ConfigError),
     #[error("postgres engine: {0}")]
     Postgres(crate::protocol::postgres::PgError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Everything the admin API and the background tasks need.
@@ -60,15 +68,184 @@ pub struct State {
     pub kernel: Mutex<Kernel>,
     pub hierarchy: Hierarchy,
     pub proxy: Arc<proxy::Shared>,
+    pub store: Arc<Store>,
+    pub approvals: Arc<Approvals>,
     bindings: Mutex<Vec<AgentBinding>>,
     started: Instant,
 }
 
 impl State {
-    pub fn answer(&self, req: Request) -> Response {
+    /// The agent a caller is, by uid or by the cgroup its process runs in.
+    pub fn agent_of(&self, uid: u32, cgroup: Option<&str>) -> Option<String> {
+        let bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+        bindings
+            .iter()
+            .find(|b| {
+                b.uids.contains(&uid)
+                    || cgroup.is_some_and(|cg| {
+                        b.cgroups
+                            .iter()
+                            .any(|(p, _)| crate::cgroup::is_within(cg, p))
+                    })
+            })
+            .map(|b| b.agent.clone())
+    }
+
+    /// Approver groups anywhere in force: the default and every rule's.
+    fn all_approvers(&self) -> Vec<String> {
+        let mut v = self.config.load().policy.approvers.clone();
+        for r in &self.policy.current().rules {
+            if let crate::policy::model::Action::RequireApproval { approvers, .. } = &r.action {
+                for a in approvers {
+                    if !v.contains(a) {
+                        v.push(a.clone());
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    pub async fn answer(&self, req: Request, peer: &Peer) -> Response {
+        let auditors = self.config.load().admin.auditors.clone();
+        let need = match &req {
+            Request::Status => Need::Root,
+            Request::Sessions(_)
+            | Request::Session { .. }
+            | Request::AuditVerify
+            | Request::AuditExport { .. } => Need::Audit,
+            Request::Approvals { .. } => Need::SeeApprovals,
+            Request::Approve { .. } | Request::Deny { .. } => Need::Answer,
+        };
+        // Answers are checked against the request's own approver groups.
+        let approvers = match &req {
+            Request::Approve { id, .. } | Request::Deny { id, .. } => {
+                match self.approvals.get(id) {
+                    Some(p) if !p.approvers.is_empty() => p.approvers,
+                    Some(_) => self.config.load().policy.approvers.clone(),
+                    None => self.all_approvers(),
+                }
+            }
+            _ => self.all_approvers(),
+        };
+        if let Err(e) = peer.may(need, &approvers, &auditors) {
+            tracing::warn!(
+                target: "portcullis::audit",
+                op = req.op(),
+                peer.uid = peer.uid,
+                peer.pid = ?peer.pid,
+                peer.name = %peer.name,
+                "admin request refused"
+            );
+            return Response::err(e);
+        }
+        let answerer = crate::approvals::Answerer {
+            uid: peer.uid,
+            name: peer.name.clone(),
+        };
         match req {
             Request::Status => Response::ok(&self.status()),
+            Request::Approvals { history } => {
+                let hist = if history {
+                    match self.read(|c| crate::store::query::approvals(c, 200)).await {
+                        Ok(h) => h,
+                        Err(e) => return Response::err(e),
+                    }
+                } else {
+                    Vec::new()
+                };
+                Response::ok(&ApprovalsView {
+                    pending: self.approvals.pending(),
+                    grants: self.approvals.grants(),
+                    history: hist,
+                })
+            }
+            Request::Approve { id, grant_for_secs } => {
+                match self
+                    .approvals
+                    .approve(&id, &answerer, grant_for_secs.map(Duration::from_secs))
+                    .await
+                {
+                    Ok(grant) => Response::ok(&Approved { id, grant }),
+                    Err(e) => Response::err(e.to_string()),
+                }
+            }
+            Request::Deny { id, reason } => {
+                let reason = reason.unwrap_or_else(|| "denied".into());
+                match self.approvals.deny(&id, &answerer, reason).await {
+                    Ok(()) => Response::ok(&serde_json::json!({"id": id})),
+                    Err(e) => Response::err(e.to_string()),
+                }
+            }
+            Request::Sessions(f) => {
+                match self
+                    .read(move |c| crate::store::query::sessions(c, &f))
+                    .await
+                {
+                    Ok(v) => Response::ok(&v),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::Session {
+                id,
+                after_seq,
+                limit,
+            } => {
+                let r = self
+                    .read(move |c| {
+                        let s = crate::store::query::session(c, id)?;
+                        let recs = crate::store::query::session_records(c, id, after_seq, limit)?;
+                        Ok((s, recs))
+                    })
+                    .await;
+                match r {
+                    Ok((Some(session), records)) => Response::ok(&SessionView { session, records }),
+                    Ok((None, _)) => Response::err(format!("no session {id} in the store")),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::AuditVerify => {
+                // Everything queued is committed first, so the head compared is the store's.
+                if let Err(e) = self.store.flush().await {
+                    return Response::err(format!("the store cannot be flushed: {e}"));
+                }
+                let head = self.store.head();
+                match self
+                    .read(move |c| crate::store::query::verify(c, Some(head)))
+                    .await
+                {
+                    Ok(v) => Response::ok(&v),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::AuditExport {
+                since_us,
+                after_seq,
+                limit,
+            } => {
+                match self
+                    .read(move |c| {
+                        crate::store::query::export(c, since_us, after_seq, limit.min(10_000))
+                    })
+                    .await
+                {
+                    Ok(v) => Response::ok(&v),
+                    Err(e) => Response::err(e),
+                }
+            }
         }
+    }
+
+    /// A read on the store's reader connection, off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     fn status(&self) -> Status {
@@ -306,8 +483,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let admin_listener = admin::bind(&cfg.admin.socket)?;
     let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
     let shutdown = CancellationToken::new();
-    let pg = PgShared::new(&cfg.daemon, policy.clone(), approval::none())
-        .map_err(DaemonError::Postgres)?;
+    let store = Store::open(&cfg.store)?;
+    let approvals = Approvals::new(
+        store.clone(),
+        Webhooks::start(cfg.webhooks.clone()),
+        cfg.policy.approval_timeout.get(),
+    );
+    let pg = PgShared::new(
+        &cfg.daemon,
+        policy.clone(),
+        Arc::new(Service(approvals.clone())),
+        store.clone(),
+    )
+    .map_err(DaemonError::Postgres)?;
     let engines = Engines {
         tcp: Arc::new(TcpEngine),
         postgres: Arc::new(PostgresEngine {
@@ -320,11 +508,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         Resolver::system(Some(hierarchy.clone())),
         &listeners,
         engines,
+        store.clone(),
         shutdown.child_token(),
     ));
     let state = Arc::new(State {
         config,
         policy,
+        store: store.clone(),
+        approvals,
         kernel: Mutex::new(kernel),
         hierarchy: hierarchy.clone(),
         proxy: shared.clone(),
@@ -367,6 +558,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     drain(&state, &shutdown, cfg.proxy.drain_timeout.get()).await;
     let _ = std::fs::remove_file(&cfg.admin.socket);
+    let s = store.clone();
+    let _ = tokio::task::spawn_blocking(move || s.close()).await;
     tracing::info!(
         fail_mode = ?cfg.ebpf.fail_mode,
         "stopped; pinned programs stay attached (fail-closed) unless fail_mode is open"

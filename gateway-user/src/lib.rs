@@ -2,8 +2,10 @@
 //! infrastructure they reach. See `docs/ARCHITECTURE.md` for the map of this crate.
 
 pub mod admin;
+pub mod approvals;
 pub mod cgroup;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
@@ -12,6 +14,7 @@ pub mod masking;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
-pub mod store;
 pub mod render;
+pub mod replay;
+pub mod store;
 pub mod telemetry;

@@ -67,12 +67,13 @@ pub fn status(s: &Status) -> String {
     let _ = writeln!(o, "\nlisteners  {}", listeners.join("  "));
     let _ = writeln!(
         o,
-        "proxy      accepted {}  active {}  refused: no origin {}, no target {}, no agent {}  upstream failures {}",
+        "proxy      accepted {}  active {}  refused: no origin {}, no target {}, no agent {}, store {}  upstream failures {}",
         p.accepted,
         p.active,
         p.refused_no_origin,
         p.refused_no_target,
         p.refused_no_agent,
+        p.refused_store,
         p.upstream_failures
     );
     let _ = writeln!(o, "\nagents");

@@ -28,7 +28,10 @@ pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
         .lossy(false)
         .buffered_lines_limit(QUEUE_LINES)
         .thread_name("portcullis-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry

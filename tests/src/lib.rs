@@ -677,3 +677,44 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .expect("VmRSS")
 }
+
+/// Who runs a `portcullis` client command.
+#[derive(Clone, Copy, Debug)]
+pub enum As<'a> {
+    Root,
+    /// A uid and primary gid (no supplementary groups).
+    User(u32, u32),
+    /// Root, from inside a cgroup (an agent's, to show agents are refused).
+    RootIn(&'a Path),
+}
+
+/// Runs `portcullis --config CONFIG ARGS` as `who`.
+pub fn portcullis_as(config: &Path, who: As<'_>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(workspace_bin("portcullis"));
+    cmd.arg("--config").arg(config).args(args);
+    match who {
+        As::Root => {}
+        As::User(uid, gid) => {
+            cmd.uid(uid).gid(gid);
+        }
+        As::RootIn(dir) => in_cgroup(&mut cmd, dir, None),
+    }
+    cmd.output().expect("run portcullis")
+}
+
+/// Runs a `portcullis ... --json` client command as root and parses its output, failing
+/// with the command's stderr when it did not succeed.
+pub fn portcullis_json(config: &Path, args: &[&str]) -> Value {
+    let out = portcullis_as(config, As::Root, args);
+    assert!(
+        out.status.success(),
+        "portcullis {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "portcullis {args:?} gave no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

@@ -66,10 +66,32 @@ fn denied_statements_never_reach_the_server_and_the_session_state_is_the_servers
         "{log}"
     );
 
-    // Held statements (no approval service here) are refused with the rule named.
-    let o = psql(&w, &w.agent, "disable", "DELETE FROM t");
-    let out = text(&o);
+    // A held statement that an approver denies is refused with the rule named (the
+    // approval flow itself is tested in approvals.rs).
+    let child = psql_cmd(&w, &w.agent, "disable")
+        .args(["-c", "DELETE FROM t"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let id = loop {
+        let v = portcullis_tests::portcullis_json(&w.daemon.config, &["approvals", "--json"]);
+        if let Some(id) = v["pending"][0]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "never held: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let deny = portcullis_tests::portcullis_as(
+        &w.daemon.config,
+        portcullis_tests::As::Root,
+        &["deny", &id, "--reason", "no"],
+    );
+    assert!(deny.status.success(), "{}", text(&deny));
+    let out = text(&child.wait_with_output().expect("psql"));
     assert!(out.contains("approve-dml-without-where"), "{out}");
+    assert!(out.contains("denied: no"), "{out}");
     assert_eq!(w.pg.sql("shop", "SELECT count(*) FROM t"), "2");
     assert!(!w.pg.log().contains("DELETE FROM t"));
 

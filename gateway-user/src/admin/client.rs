@@ -15,7 +15,7 @@ use super::proto::{Request, Response};
 pub enum ClientError {
     #[error(
         "cannot reach the daemon at {path}: {source}\nhint: is `portcullis run` running with \
-         this configuration? (root is needed to use the socket)",
+         this configuration?",
         path = path.display()
     )]
     Connect {

@@ -14,14 +14,84 @@ pub const MAX_REQUEST: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Sessions in the store, newest first.
+    Sessions(crate::store::query::SessionFilter),
+    /// A session's summary and its records after `after_seq` (at most `limit`).
+    Session {
+        id: i64,
+        #[serde(default)]
+        after_seq: i64,
+        #[serde(default = "default_limit")]
+        limit: u32,
+    },
+    /// Pending approval requests and grants in force; with `history`, past requests too.
+    Approvals {
+        #[serde(default)]
+        history: bool,
+    },
+    Approve {
+        id: String,
+        /// Also approve the same rule for the same agent and target for this long.
+        #[serde(default)]
+        grant_for_secs: Option<u64>,
+    },
+    Deny {
+        id: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    AuditVerify,
+    /// Records written at or after `since_us`, after `after_seq` (paged).
+    AuditExport {
+        #[serde(default)]
+        since_us: i64,
+        #[serde(default)]
+        after_seq: i64,
+        #[serde(default = "default_limit")]
+        limit: u32,
+    },
+}
+
+fn default_limit() -> u32 {
+    1000
 }
 
 impl Request {
     pub fn op(&self) -> &'static str {
         match self {
             Self::Status => "status",
+            Self::Sessions(_) => "sessions",
+            Self::Session { .. } => "session",
+            Self::Approvals { .. } => "approvals",
+            Self::Approve { .. } => "approve",
+            Self::Deny { .. } => "deny",
+            Self::AuditVerify => "audit_verify",
+            Self::AuditExport { .. } => "audit_export",
         }
     }
+}
+
+/// `approvals`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApprovalsView {
+    pub pending: Vec<crate::approvals::PendingView>,
+    pub grants: Vec<crate::approvals::GrantView>,
+    #[serde(default)]
+    pub history: Vec<crate::store::query::ApprovalRow>,
+}
+
+/// `session`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionView {
+    pub session: crate::store::query::SessionSummary,
+    pub records: Vec<crate::store::query::Record>,
+}
+
+/// `approve`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Approved {
+    pub id: String,
+    pub grant: Option<crate::approvals::GrantView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

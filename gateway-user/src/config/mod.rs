@@ -786,7 +786,10 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             "json" => WebhookFormat::Json,
             "slack" => WebhookFormat::Slack,
             other => {
-                c.at(&w.format, format!("`format` is `json` or `slack`, not `{other}`"));
+                c.at(
+                    &w.format,
+                    format!("`format` is `json` or `slack`, not `{other}`"),
+                );
                 WebhookFormat::Json
             }
         };

@@ -171,6 +171,7 @@ pub fn evaluate(set: &PolicySet, req: &Request<'_>) -> Decision {
             masks
         },
         audit,
+        redact_literals: matched.iter().any(|&i| set.rules[i].redact_literals),
         matched: matched_ids,
     };
     let approval = |d: &mut Decision, approvers: &[String], timeout: Duration| {

@@ -41,6 +41,9 @@ pub struct RuleEntry {
     pub timeout: Option<Spanned<Duration>>,
     /// mask: what and how.
     pub mask: Option<Spanned<MaskEntry>>,
+    /// Record matching statements with their literals replaced by `?` (any action).
+    #[serde(default)]
+    pub redact_literals: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

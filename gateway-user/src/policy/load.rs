@@ -258,6 +258,7 @@ fn compile(ctx: &mut Ctx<'_>, e: &RuleEntry, source: crate::config::Location) ->
         protocols: names(&e.protocols),
         sql,
         action: action?,
+        redact_literals: e.redact_literals,
     })
 }
 

@@ -199,6 +199,8 @@ pub struct Rule {
     /// SQL conditions; `None` = any request (every statement, or a non-SQL request).
     pub sql: Option<SqlMatch>,
     pub action: Action,
+    /// Statements it matches are recorded with their literals replaced.
+    pub redact_literals: bool,
 }
 
 fn ser_location<S: serde::Serializer>(l: &Location, s: S) -> Result<S::Ok, S::Error> {
@@ -255,6 +257,8 @@ pub struct Decision {
     pub audit: Vec<String>,
     /// Every rule that matched, in order.
     pub matched: Vec<String>,
+    /// A matching rule asks for the statement to be recorded without its literals.
+    pub redact_literals: bool,
 }
 
 /// Facts of a statement the matchers read; for non-SQL operations this grows variants.

@@ -34,6 +34,8 @@ use crate::{
 pub struct ConnContext {
     /// Unique within this daemon's run; logged with every event of the connection.
     pub id: u64,
+    /// The audit store's session id (unique across runs).
+    pub session: i64,
     pub agent: Agent,
     pub target: Target,
     pub identity: Identity,

@@ -106,6 +106,7 @@ pub struct ProxyStats {
     pub refused_no_origin: AtomicU64,
     pub refused_no_target: AtomicU64,
     pub refused_no_agent: AtomicU64,
+    pub refused_store: AtomicU64,
     pub upstream_failures: AtomicU64,
 }
 
@@ -117,6 +118,8 @@ pub struct ProxyStatus {
     pub refused_no_origin: u64,
     pub refused_no_target: u64,
     pub refused_no_agent: u64,
+    #[serde(default)]
+    pub refused_store: u64,
     pub upstream_failures: u64,
 }
 
@@ -132,6 +135,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub engines: Engines,
+    pub store: Arc<crate::store::Store>,
     limiter: Arc<Semaphore>,
     next_id: AtomicU64,
     listeners: Vec<SocketAddr>,
@@ -144,6 +148,7 @@ impl Shared {
         resolver: Resolver,
         listeners: &Listeners,
         engines: Engines,
+        store: Arc<crate::store::Store>,
         shutdown: CancellationToken,
     ) -> Self {
         let max = config.load().proxy.max_connections;
@@ -162,6 +167,7 @@ impl Shared {
             shutdown,
             tasks: TaskTracker::new(),
             engines,
+            store,
             limiter: Arc::new(Semaphore::new(max)),
             next_id: AtomicU64::new(1),
             listeners,
@@ -178,6 +184,7 @@ impl Shared {
             refused_no_origin: l(&s.refused_no_origin),
             refused_no_target: l(&s.refused_no_target),
             refused_no_agent: l(&s.refused_no_agent),
+            refused_store: l(&s.refused_store),
             upstream_failures: l(&s.upstream_failures),
         }
     }
@@ -296,8 +303,31 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
         return;
     };
     let _ = client.set_nodelay(true);
+    let session = shared.store.next_session_id();
+    if let Err(e) = shared.store.append(session_start(
+        session,
+        &agent.name,
+        &target,
+        &identity,
+        peer,
+        dst,
+    )) {
+        stats.refused_store.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            target: "portcullis::audit",
+            end = "refused",
+            reason = "store",
+            error = %e,
+            agent.name = %agent.name,
+            target.name = %target.name,
+            "connection refused: the audit store cannot record it"
+        );
+        refuse(&client);
+        return;
+    }
     let ctx = Arc::new(ConnContext {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        session,
         agent: agent.clone(),
         target: target.clone(),
         identity,
@@ -324,6 +354,54 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
         stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
     }
     record(&ctx, &traffic, &outcome, started);
+    let (up, down) = traffic.snapshot();
+    if let Err(e) = shared.store.append(crate::store::Append {
+        session: ctx.session,
+        kind: "session_end",
+        body: serde_json::json!({
+            "end": outcome.end.as_str(),
+            "error": outcome.detail,
+            "bytes_up": up,
+            "bytes_down": down,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        }),
+        at_us: crate::store::now_us(),
+    }) {
+        tracing::error!(session = ctx.session, error = %e, "cannot record the end of a session");
+    }
+}
+
+/// The first record of a session: who, from where, to what.
+fn session_start(
+    session: i64,
+    agent: &str,
+    target: &crate::config::Target,
+    who: &identity::Identity,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> crate::store::Append {
+    crate::store::Append {
+        session,
+        kind: "session_start",
+        body: serde_json::json!({
+            "agent": agent,
+            "target": target.name,
+            "protocol": target.protocol.as_str(),
+            "pid": who.pid,
+            "uid": who.uid,
+            "gid": who.gid,
+            "user": who.user,
+            "comm": who.comm,
+            "exe": who.exe.as_ref().map(|p| p.display().to_string()),
+            "cmdline": who.cmdline,
+            "cgroup": who.cgroup,
+            "unit": who.cgroup_info.unit,
+            "container": who.cgroup_info.container_id,
+            "client": peer.to_string(),
+            "dst": dst.to_string(),
+        }),
+        at_us: crate::store::now_us(),
+    }
 }
 
 /// The connection record: one structured event per connection, under the audit target.

@@ -152,7 +152,10 @@ mod tests {
     fn a_clean_chain_verifies() {
         let v = verify(Start::default(), chain(5)).expect("clean");
         assert_eq!((v.records, v.head_seq), (5, Some(5)));
-        assert_eq!(verify(Start::default(), Vec::new()).expect("empty").records, 0);
+        assert_eq!(
+            verify(Start::default(), Vec::new()).expect("empty").records,
+            0
+        );
     }
 
     #[test]
@@ -165,7 +168,10 @@ mod tests {
         c.remove(3);
         assert_eq!(
             verify(Start::default(), c),
-            Err(Break::Sequence { expected: 4, found: 5 })
+            Err(Break::Sequence {
+                expected: 4,
+                found: 5
+            })
         );
 
         // Inserted with the next number and everything after renumbered: the hashes differ.
@@ -200,6 +206,9 @@ mod tests {
         let rest: Vec<Row> = c[3..].to_vec();
         let v = verify(Start { seq: 4, prev }, rest.clone()).expect("from the anchor");
         assert_eq!(v.records, 3);
-        assert!(verify(Start::default(), rest).is_err(), "not from the start");
+        assert!(
+            verify(Start::default(), rest).is_err(),
+            "not from the start"
+        );
     }
 }

@@ -105,14 +105,16 @@ impl Store {
         let conn = writer::open_rw(&cfg.path, cfg.durability).map_err(|e| err(e.to_string()))?;
         let head = writer::read_head(&conn).map_err(|e| err(e.to_string()))?;
         let max_session: i64 = conn
-            .query_row("SELECT coalesce(max(id), 0) FROM sessions", [], |r| r.get(0))
+            .query_row("SELECT coalesce(max(id), 0) FROM sessions", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| err(e.to_string()))?;
         restrict_permissions(&cfg.path);
         let reader = open_ro(&cfg.path).map_err(|e| err(e.to_string()))?;
         let head = Arc::new(Mutex::new(head));
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
-        let w = writer::Writer::new(conn, rx, head.clone(), stats.clone(), cfg.durability);
+        let w = writer::Writer::new(conn, rx, head.clone(), stats.clone());
         let handle = std::thread::Builder::new()
             .name("portcullis-store".into())
             .spawn(move || w.run())
@@ -198,12 +200,7 @@ impl Store {
     pub fn close(&self) {
         // Blocking: after what is queued (the writer is draining it).
         let _ = self.tx.send(writer::Op::Stop);
-        if let Some(h) = self
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
         let head = self.head();
@@ -274,9 +271,13 @@ mod tests {
             let _ = std::fs::remove_file(dir.join("t.db"));
             let s = Store::open(&cfg(&dir, durability)).expect("open");
             let id = s.next_session_id();
-            s.append_durable(vec![rec(id, "session_start", json!({"agent": "a", "target": "pg", "protocol": "postgres", "uid": 1000}))])
-                .await
-                .expect("start");
+            s.append_durable(vec![rec(
+                id,
+                "session_start",
+                json!({"agent": "a", "target": "pg", "protocol": "postgres", "uid": 1000}),
+            )])
+            .await
+            .expect("start");
             // Concurrent callers share groups.
             let mut waits = Vec::new();
             for n in 0..50 {
@@ -289,35 +290,60 @@ mod tests {
             for w in waits {
                 w.await.expect("join").expect("recorded");
             }
-            s.append(rec(id, "session_end", json!({"end": "closed"}))).expect("end");
+            s.append(rec(id, "session_end", json!({"end": "closed"})))
+                .expect("end");
             s.flush().await.expect("flush");
             assert_eq!(s.head().seq, 52);
-            let listed = s.read(|c| query::sessions(c, &query::SessionFilter::default())).expect("list");
+            let listed = s
+                .read(|c| query::sessions(c, &query::SessionFilter::default()))
+                .expect("list");
             assert_eq!(listed.len(), 1);
             assert_eq!((listed[0].statements, listed[0].denied), (50, 5));
             let denied = s
-                .read(|c| query::sessions(c, &query::SessionFilter { decision: Some("deny".into()), ..Default::default() }))
+                .read(|c| {
+                    query::sessions(
+                        c,
+                        &query::SessionFilter {
+                            decision: Some("deny".into()),
+                            ..Default::default()
+                        },
+                    )
+                })
                 .expect("filter");
             assert_eq!(denied.len(), 1);
-            let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+            let v = s
+                .read(|c| query::verify(c, Some(s.head())))
+                .expect("verify");
             assert!(v.ok, "{v:?}");
-            assert!(s.stats.groups.load(Ordering::Relaxed) < 52, "records were grouped");
+            assert!(
+                s.stats.groups.load(Ordering::Relaxed) < 52,
+                "records were grouped"
+            );
 
             // A second, later session, then prune the first.
             let id2 = s.next_session_id();
-            s.append_durable(vec![rec(id2, "session_start", json!({"agent": "a", "target": "pg", "protocol": "postgres"}))])
-                .await
-                .expect("start 2");
+            s.append_durable(vec![rec(
+                id2,
+                "session_start",
+                json!({"agent": "a", "target": "pg", "protocol": "postgres"}),
+            )])
+            .await
+            .expect("start 2");
             let pruned = s.prune(now_us()).await.expect("prune");
             assert_eq!(pruned, 52);
-            let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+            let v = s
+                .read(|c| query::verify(c, Some(s.head())))
+                .expect("verify");
             assert!(v.ok, "still verifies after pruning: {v:?}");
             s.close();
 
             // Tampering from outside is found, at the right record.
             let c = rusqlite::Connection::open(dir.join("t.db")).expect("rw");
-            let first: i64 = c.query_row("SELECT min(seq) FROM records", [], |r| r.get(0)).expect("min");
-            c.execute("UPDATE records SET body = '{}' WHERE seq = ?1", [first]).expect("tamper");
+            let first: i64 = c
+                .query_row("SELECT min(seq) FROM records", [], |r| r.get(0))
+                .expect("min");
+            c.execute("UPDATE records SET body = '{}' WHERE seq = ?1", [first])
+                .expect("tamper");
             let v = query::verify(&c, None).expect("verify");
             assert!(!v.ok);
             assert_eq!(v.first_bad_seq, Some(first));
@@ -339,7 +365,9 @@ mod tests {
         let s = Store::open(&c).expect("open");
         let mut full = false;
         for _ in 0..100_000 {
-            if let Err(StoreError::QueueFull(_)) = s.append(rec(1, "transcript", json!({"x": "y".repeat(100)}))) {
+            if let Err(StoreError::QueueFull(_)) =
+                s.append(rec(1, "transcript", json!({"x": "y".repeat(100)})))
+            {
                 full = true;
                 break;
             }

@@ -58,7 +58,10 @@ pub fn sessions(c: &Connection, f: &SessionFilter) -> Result<Vec<SessionSummary>
     }
     if let Some(s) = f.since_us {
         args.push(s.into());
-        sql.push_str(&format!(" AND coalesce(ended_us, 9223372036854775807) >= ?{}", args.len()));
+        sql.push_str(&format!(
+            " AND coalesce(ended_us, 9223372036854775807) >= ?{}",
+            args.len()
+        ));
     }
     match f.decision.as_deref() {
         None => {}
@@ -228,7 +231,8 @@ pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification,
         },
         None => Start::default(),
     };
-    let mut st = c.prepare("SELECT seq, at_us, session, kind, body, hash FROM records ORDER BY seq")?;
+    let mut st =
+        c.prepare("SELECT seq, at_us, session, kind, body, hash FROM records ORDER BY seq")?;
     let mut last_prune: Option<Value> = None;
     let rows = st.query_map([], row)?.filter_map(|r| {
         let r = r.ok()?;
@@ -273,7 +277,8 @@ pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification,
     if let Some(h) = daemon_head
         && h.seq > 0
     {
-        let head_ok = v.head_seq == Some(h.seq) && v.head_hash.as_deref() == Some(chain::hex(&h.hash).as_str());
+        let head_ok = v.head_seq == Some(h.seq)
+            && v.head_hash.as_deref() == Some(chain::hex(&h.hash).as_str());
         if !head_ok {
             return Ok(bad(
                 format!(

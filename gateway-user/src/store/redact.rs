@@ -13,7 +13,10 @@ use sqlparser::{
 
 pub fn redact_literals(sql: &str) -> String {
     let dialect = PostgreSqlDialect {};
-    let Ok(tokens) = Tokenizer::new(&dialect, sql).with_unescape(false).tokenize() else {
+    let Ok(tokens) = Tokenizer::new(&dialect, sql)
+        .with_unescape(false)
+        .tokenize()
+    else {
         return format!("<{} bytes of SQL that does not tokenize>", sql.len());
     };
     let mut out = String::with_capacity(sql.len());
@@ -45,7 +48,10 @@ mod tests {
             "SELECT * FROM users WHERE email = ? AND id > ?"
         );
         let r = redact_literals("UPDATE \"Users\" SET pw = $$secret$$, n = E'x\\ny' -- note\n");
-        assert!(r.starts_with("UPDATE \"Users\" SET pw = ?, n = ? -- note"), "{r}");
+        assert!(
+            r.starts_with("UPDATE \"Users\" SET pw = ?, n = ? -- note"),
+            "{r}"
+        );
         assert!(!r.contains("secret"));
         assert_eq!(redact_literals("SELECT $1, X'ff'"), "SELECT $1, ?");
         assert!(redact_literals("SELECT 'unterminated").starts_with('<'));

@@ -34,7 +34,10 @@ pub const MAX_GROUP: usize = 1024;
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 pub enum Op {
-    Append(Vec<Append>, Option<oneshot::Sender<Result<i64, StoreError>>>),
+    Append(
+        Vec<Append>,
+        Option<oneshot::Sender<Result<i64, StoreError>>>,
+    ),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
     Stop,
 }
@@ -154,7 +157,6 @@ pub struct Writer {
     rx: Receiver<Op>,
     head: Arc<Mutex<Head>>,
     stats: Arc<StoreStats>,
-    durability: Durability,
     unsynced: bool,
     last_sync: Instant,
 }
@@ -167,14 +169,12 @@ impl Writer {
         rx: Receiver<Op>,
         head: Arc<Mutex<Head>>,
         stats: Arc<StoreStats>,
-        durability: Durability,
     ) -> Self {
         Self {
             conn,
             rx,
             head,
             stats,
-            durability,
             unsynced: false,
             last_sync: Instant::now(),
         }
@@ -297,8 +297,16 @@ impl Writer {
                 for a in recs {
                     let seq = head.seq + 1;
                     let body = a.body.to_string();
-                    let hash = chain::record_hash(&head.hash, seq, a.at_us, a.session, a.kind, &body);
-                    ins.execute(params![seq, a.at_us, a.session, a.kind, body, hash.as_slice()])?;
+                    let hash =
+                        chain::record_hash(&head.hash, seq, a.at_us, a.session, a.kind, &body);
+                    ins.execute(params![
+                        seq,
+                        a.at_us,
+                        a.session,
+                        a.kind,
+                        body,
+                        hash.as_slice()
+                    ])?;
                     self.index(a)?;
                     head = Head { seq, hash };
                 }
@@ -335,7 +343,9 @@ impl Writer {
             }
             "session_end" => {
                 self.conn
-                    .prepare_cached("UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1")?
+                    .prepare_cached(
+                        "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
+                    )?
                     .execute(params![a.session, a.at_us, s("end")])?;
             }
             "statement" => {
@@ -437,7 +447,10 @@ impl Writer {
                 at_us: super::now_us(),
             })
             .collect();
-        tracing::info!(requests = recs.len(), "approvals pending at the last stop recorded as expired");
+        tracing::info!(
+            requests = recs.len(),
+            "approvals pending at the last stop recorded as expired"
+        );
         self.commit_group(vec![(recs, None)]);
     }
 

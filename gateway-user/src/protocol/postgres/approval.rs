@@ -8,7 +8,8 @@ use crate::{policy::Decision, protocol::BoxFuture};
 /// A statement waiting for a person.
 #[derive(Clone, Debug)]
 pub struct ApprovalRequest {
-    pub session: u64,
+    /// The audit store's session id.
+    pub session: i64,
     pub agent: String,
     pub target: String,
     pub uid: u32,

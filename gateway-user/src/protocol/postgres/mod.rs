@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod codec;
 pub mod expect;
 pub mod messages;
+pub mod record;
 pub mod results;
 pub mod session;
 pub mod startup;
@@ -68,6 +69,8 @@ pub enum PgError {
     Tls(#[from] tls::TlsError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A target's TLS client settings (`None`: plaintext).
@@ -80,6 +83,8 @@ pub struct PgShared {
     pub policy: Arc<PolicyStore>,
     pub cancels: Arc<CancelMap>,
     pub approver: Arc<dyn Approver>,
+    /// The audit store: statements are recorded here before they are forwarded.
+    pub store: Arc<crate::store::Store>,
     /// The install's masking key and strategies.
     pub masker: crate::masking::value::Masker,
     /// Catalog connections for masking.
@@ -94,12 +99,14 @@ impl PgShared {
         daemon: &DaemonConfig,
         policy: Arc<PolicyStore>,
         approver: Arc<dyn Approver>,
+        store: Arc<crate::store::Store>,
     ) -> Result<Self, PgError> {
         Ok(Self {
             client_tls: Some(tls::server_config(daemon)?),
             policy,
             cancels: Arc::new(CancelMap::default()),
             approver,
+            store,
             masker: crate::masking::value::Masker::load_or_create(&daemon.state_dir).map_err(
                 |e| {
                     PgError::Config(format!(

@@ -121,6 +121,8 @@ struct PortalMask {
 
 pub struct ResultMasking {
     shared: Arc<PgShared>,
+    /// The transcript of what the client receives.
+    rec: super::record::Recorder,
     target: String,
     catalog: Option<Arc<Catalog>>,
     /// Statements of the current simple query that have completed.
@@ -135,8 +137,14 @@ pub struct ResultMasking {
 }
 
 impl ResultMasking {
-    pub fn new(shared: Arc<PgShared>, target: String, catalog: Option<Arc<Catalog>>) -> Self {
+    pub fn new(
+        shared: Arc<PgShared>,
+        session: i64,
+        target: String,
+        catalog: Option<Arc<Catalog>>,
+    ) -> Self {
         Self {
+            rec: super::record::Recorder::new(shared.store.clone(), session),
             shared,
             target,
             catalog,
@@ -367,6 +375,7 @@ impl ResultMasking {
                         .map_err(|e| ResultError::Malformed(e.to_string()))?;
                     if !self.scratch.is_empty() {
                         put_frame(out, be::COPY_DATA, &self.scratch);
+                        self.rec.observe(be::COPY_DATA, &self.scratch);
                     }
                     return Ok(());
                 }
@@ -387,18 +396,26 @@ impl ResultMasking {
             (Owner::Portal(_), be::COMMAND_COMPLETE) => self.on_complete(&f.body),
             _ => {}
         }
+        self.rec.observe(f.tag, &f.body);
         f.encode(out);
         Ok(())
     }
 
+    /// A message the client receives that is not part of a result (errors, notices).
+    pub fn observe(&mut self, f: &Frame) {
+        self.rec.observe(f.tag, &f.body);
+    }
+
     fn row(&mut self, p: &ResultPlan, f: &Frame, out: &mut BytesMut) -> Result<(), ResultError> {
         if !p.is_active() {
+            self.rec.observe(f.tag, &f.body);
             f.encode(out);
             return Ok(());
         }
         mask_data_row(p, &self.shared.masker, &f.body, &mut self.scratch)
             .map_err(|e| ResultError::Malformed(e.to_string()))?;
         put_frame(out, be::DATA_ROW, &self.scratch);
+        self.rec.observe(be::DATA_ROW, &self.scratch);
         Ok(())
     }
 }

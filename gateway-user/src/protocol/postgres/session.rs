@@ -55,6 +55,9 @@ use crate::{
 /// redirect it; no backslash, so it reads the same whatever standard_conforming_strings is.
 pub const DENIED_SQL: &str = "SELECT 'portcullis: statement refused by policy'::pg_catalog.int4";
 
+/// Rule id reported when the audit store cannot record a statement.
+pub const STORE_RULE: &str = "audit-store";
+
 /// Rule id reported for the function-call sub-protocol, which is always refused.
 pub const FUNCTION_CALL_RULE: &str = "function-call-protocol";
 
@@ -134,6 +137,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     /// Reads more; `false` on a clean EOF.
+    /// Bytes read and not yet framed.
+    fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     async fn fill(&mut self) -> Result<bool, PgError> {
         if self.buf.capacity() - self.buf.len() < 8192 {
             self.buf.reserve(8192);
@@ -466,6 +474,9 @@ async fn session(
     let state = Arc::new(Mutex::new(State {
         tracker: Tracker::default(),
         statements: HashMap::new(),
+        statement_sql: HashMap::new(),
+        portals: HashMap::new(),
+        recorded: 0,
         sql_prepared: HashMap::new(),
         scs,
     }));
@@ -512,7 +523,12 @@ async fn session(
         Reader::new(s_read, sbuf, max, false),
         c_write,
         state,
-        ResultMasking::new(shared.clone(), ctx.target.name.clone(), catalog),
+        ResultMasking::new(
+            shared.clone(),
+            ctx.session,
+            ctx.target.name.clone(),
+            catalog,
+        ),
         traffic,
     );
     tokio::pin!(upward, downward);
@@ -673,6 +689,12 @@ struct State {
     tracker: Tracker,
     /// Extended-protocol prepared statements, by name.
     statements: HashMap<String, Arc<Judgement>>,
+    /// Their text, for the records of their executions.
+    statement_sql: HashMap<String, Arc<str>>,
+    /// Portals: the text of the statement each one holds.
+    portals: HashMap<String, Arc<str>>,
+    /// Statements recorded in this session.
+    recorded: u64,
     /// SQL-level `PREPARE`d statements, by name.
     sql_prepared: HashMap<String, Arc<Judgement>>,
     /// The server's standard_conforming_strings.
@@ -742,15 +764,90 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
     None
 }
 
+/// A statement to record before the message carrying it is forwarded.
+struct Stmt {
+    /// `query`, `parse`, `execute` or `function_call`.
+    via: &'static str,
+    sql: Arc<str>,
+    judgement: Option<Arc<Judgement>>,
+    /// Why it is refused, when it is.
+    refused: Option<Denial>,
+    /// The prepared statement or portal.
+    name: Option<String>,
+}
+
+impl Stmt {
+    fn record(&self, n: u64, session: i64, redact: bool) -> crate::store::Append {
+        let (verdict, rule, kinds, masks) = match &self.judgement {
+            Some(j) => (
+                if self.refused.is_some() {
+                    "deny"
+                } else {
+                    j.decision.verdict.as_str()
+                },
+                self.refused
+                    .as_ref()
+                    .map_or_else(|| j.decision.rule.clone(), |d| d.rule.clone()),
+                j.classification
+                    .kinds()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>(),
+                j.decision
+                    .masks
+                    .iter()
+                    .map(|m| m.rule.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            None => (
+                "deny",
+                self.refused
+                    .as_ref()
+                    .map(|d| d.rule.clone())
+                    .unwrap_or_default(),
+                Vec::new(),
+                Vec::new(),
+            ),
+        };
+        let redact = redact
+            || self
+                .judgement
+                .as_ref()
+                .is_some_and(|j| j.decision.redact_literals);
+        let sql = if redact {
+            crate::store::redact::redact_literals(&self.sql)
+        } else {
+            self.sql.to_string()
+        };
+        crate::store::Append {
+            session,
+            kind: "statement",
+            body: serde_json::json!({
+                "n": n,
+                "via": self.via,
+                "sql": sql,
+                "redacted": redact,
+                "name": self.name,
+                "verdict": verdict,
+                "rule": rule,
+                "kinds": kinds,
+                "masks": masks,
+                "refused": self.refused.as_ref().map(|d| d.message.clone()),
+            }),
+            at_us: crate::store::now_us(),
+        }
+    }
+}
+
 /// What to do with one client message.
 enum Plan {
-    Forward(Frame, Option<Expect>),
+    Forward(Frame, Option<Expect>, Option<Stmt>),
     /// Several messages: the client's and ones the engine adds.
     Inject(Vec<(Frame, Expect)>),
     /// Hold for approval, then forward or refuse.
     Hold {
         frame: Frame,
-        sql: String,
+        stmt: Stmt,
         judgement: Arc<Judgement>,
         kind: HeldKind,
     },
@@ -769,47 +866,44 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
     let cp = PgError::ClientProtocol;
     Ok(match f.tag {
         fe::QUERY => {
-            let sql = messages::query_text(&f.body).map_err(cp)?.to_owned();
+            let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
             let j = judge.judge(&sql, st.scs);
-            let unmaskable = unmaskable(&st, judge, &j);
-            match (j.decision.verdict, unmaskable) {
-                (_, Some(d)) => {
-                    log_decision(judge, &sql, &j);
-                    tracing::info!(target: "portcullis::audit", rule = %d.rule, reason = %d.message, "masking cannot be honoured: refused");
-                    Plan::Forward(
-                        messages::query(DENIED_SQL),
-                        Some(Expect::Query {
-                            denied: Some(d),
-                            ctx: None,
-                        }),
-                    )
-                }
-                (Verdict::Deny, None) => {
-                    let d = denial_of(&j);
-                    log_decision(judge, &sql, &j);
-                    Plan::Forward(
-                        messages::query(DENIED_SQL),
-                        Some(Expect::Query {
-                            denied: Some(d),
-                            ctx: None,
-                        }),
-                    )
-                }
+            let refusal = match j.decision.verdict {
+                Verdict::Deny => Some(denial_of(&j)),
+                _ => unmaskable(&st, judge, &j),
+            };
+            log_decision(judge, &sql, &j);
+            let stmt = |refused: Option<Denial>| Stmt {
+                via: "query",
+                sql: sql.clone(),
+                judgement: Some(j.clone()),
+                refused,
+                name: None,
+            };
+            match (j.decision.verdict, refusal) {
+                (_, Some(d)) => Plan::Forward(
+                    messages::query(DENIED_SQL),
+                    Some(Expect::Query {
+                        denied: Some(d.clone()),
+                        ctx: None,
+                    }),
+                    Some(stmt(Some(d))),
+                ),
                 (Verdict::RequireApproval, None) => Plan::Hold {
                     frame: f,
-                    sql,
-                    judgement: j,
+                    stmt: stmt(None),
+                    judgement: j.clone(),
                     kind: HeldKind::Query,
                 },
-                (Verdict::Allow | Verdict::Mask, None) => {
-                    log_decision(judge, &sql, &j);
+                (_, None) => {
                     remember_sql_prepares(&mut st, &j);
                     Plan::Forward(
                         f,
                         Some(Expect::Query {
                             denied: None,
-                            ctx: Some(j),
+                            ctx: Some(j.clone()),
                         }),
+                        Some(stmt(None)),
                     )
                 }
             }
@@ -821,10 +915,20 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => unmaskable(&st, judge, &j),
             };
+            log_decision(judge, &p.sql, &j);
+            let sql: Arc<str> = p.sql.as_str().into();
+            let stmt = |refused: Option<Denial>| Stmt {
+                via: "parse",
+                sql: sql.clone(),
+                judgement: Some(j.clone()),
+                refused,
+                name: Some(p.name.clone()),
+            };
             match (j.decision.verdict, refusal) {
                 (_, Some(denial)) => {
-                    log_decision(judge, &p.sql, &j);
                     st.statements.remove(&p.name);
+                    st.statement_sql.remove(&p.name);
+                    let stmt = stmt(Some(denial.clone()));
                     let sub = Parse {
                         name: p.name,
                         sql: DENIED_SQL.into(),
@@ -835,24 +939,30 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                         Some(Expect::Parse {
                             denied: Some(denial),
                         }),
+                        Some(stmt),
                     )
                 }
                 (Verdict::RequireApproval, None) => Plan::Hold {
                     frame: f,
-                    sql: p.sql,
-                    judgement: j,
+                    stmt: stmt(None),
+                    judgement: j.clone(),
                     kind: HeldKind::Parse(p.name),
                 },
                 (_, None) => {
-                    log_decision(judge, &p.sql, &j);
-                    st.statements.insert(p.name, j);
-                    Plan::Forward(f, Some(Expect::Parse { denied: None }))
+                    let stmt = stmt(None);
+                    st.statement_sql.insert(p.name.clone(), sql.clone());
+                    st.statements.insert(p.name, j.clone());
+                    Plan::Forward(f, Some(Expect::Parse { denied: None }), Some(stmt))
                 }
             }
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
             let ctx = st.statements.get(&b.statement).cloned();
+            match st.statement_sql.get(&b.statement).cloned() {
+                Some(sql) => st.portals.insert(b.portal.clone(), sql),
+                None => st.portals.remove(&b.portal),
+            };
             let masked = ctx.as_ref().is_some_and(|j| {
                 results::applies(j, 0, &|n| st.sql_prepared.get(n).cloned()).is_some()
             });
@@ -874,7 +984,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     ),
                 ])
             } else {
-                Plan::Forward(f, Some(bind))
+                Plan::Forward(f, Some(bind), None)
             }
         }
         fe::DESCRIBE => {
@@ -890,20 +1000,35 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     swallow: false,
                 }
             };
-            Plan::Forward(f, Some(e))
+            Plan::Forward(f, Some(e), None)
         }
         fe::EXECUTE => {
             let portal = messages::execute_portal(&f.body).map_err(cp)?;
-            Plan::Forward(f, Some(Expect::Execute { portal }))
+            // Each execution runs the statement again: recorded each time.
+            let stmt = Stmt {
+                via: "execute",
+                sql: st
+                    .portals
+                    .get(&portal)
+                    .cloned()
+                    .unwrap_or_else(|| "".into()),
+                judgement: None,
+                refused: None,
+                name: Some(portal.clone()),
+            };
+            Plan::Forward(f, Some(Expect::Execute { portal }), Some(stmt))
         }
         fe::CLOSE => {
             let t = messages::Target::decode(&f.body, "Close").map_err(cp)?;
             if t.kind == b'S' {
                 st.statements.remove(&t.name);
+                st.statement_sql.remove(&t.name);
+            } else {
+                st.portals.remove(&t.name);
             }
-            Plan::Forward(f, Some(Expect::Close))
+            Plan::Forward(f, Some(Expect::Close), None)
         }
-        fe::SYNC => Plan::Forward(f, Some(Expect::Sync)),
+        fe::SYNC => Plan::Forward(f, Some(Expect::Sync), None),
         fe::FUNCTION_CALL => {
             tracing::info!(
                 target: "portcullis::audit",
@@ -913,21 +1038,29 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 target.name = %judge.target,
                 "decision"
             );
+            let d = Denial {
+                rule: FUNCTION_CALL_RULE.into(),
+                message: "the function-call protocol message is not allowed through \
+                          Portcullis; call the function from SQL"
+                    .into(),
+            };
             Plan::Forward(
                 messages::query(DENIED_SQL),
                 Some(Expect::FunctionCall {
-                    denied: Some(Denial {
-                        rule: FUNCTION_CALL_RULE.into(),
-                        message: "the function-call protocol message is not allowed through \
-                                  Portcullis; call the function from SQL"
-                            .into(),
-                    }),
+                    denied: Some(d.clone()),
+                }),
+                Some(Stmt {
+                    via: "function_call",
+                    sql: "".into(),
+                    judgement: None,
+                    refused: Some(d),
+                    name: None,
                 }),
             )
         }
         fe::TERMINATE => Plan::Close,
-        fe::COPY_DONE | fe::COPY_FAIL => Plan::Forward(f, Some(Expect::CopyEnd)),
-        fe::FLUSH | fe::COPY_DATA => Plan::Forward(f, None),
+        fe::COPY_DONE | fe::COPY_FAIL => Plan::Forward(f, Some(Expect::CopyEnd), None),
+        fe::FLUSH | fe::COPY_DATA => Plan::Forward(f, None, None),
         // Anything else is not forwarded unexamined: a password message after
         // authentication, or a type this engine does not know.
         other => {
@@ -1014,6 +1147,15 @@ async fn client_to_server<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let mut w = client_w.lock().await;
         startup::refuse(&mut *w, &e.to_string()).await;
     }
+    if let Err(PgError::Store(why)) = &r {
+        let mut w = client_w.lock().await;
+        let _ = send(
+            &mut *w,
+            &[fatal("58000", format!("portcullis: {why}"))],
+            true,
+        )
+        .await;
+    }
     r
 }
 
@@ -1029,13 +1171,28 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     traffic: &Traffic,
 ) -> Result<End, PgError> {
     loop {
-        let mut out = BytesMut::new();
-        let mut expects = Vec::new();
+        let mut plans = Vec::new();
         let mut hold = None;
         let mut close = false;
         while let Some(f) = client.try_frame()? {
             match plan(&state, judge, f)? {
-                Plan::Forward(f, e) => {
+                p @ Plan::Hold { .. } => {
+                    hold = Some(p);
+                    break;
+                }
+                Plan::Close => {
+                    close = true;
+                    break;
+                }
+                p => plans.push(p),
+            }
+        }
+        record_statements(&mut plans, &state, shared, ctx).await?;
+        let mut out = BytesMut::new();
+        let mut expects = Vec::new();
+        for p in plans {
+            match p {
+                Plan::Forward(f, e, _) => {
                     f.encode(&mut out);
                     expects.extend(e);
                 }
@@ -1045,16 +1202,11 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         expects.push(e);
                     }
                 }
-                p @ Plan::Hold { .. } => {
-                    hold = Some(p);
-                    break;
-                }
-                Plan::Close => {
-                    Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out);
-                    close = true;
-                    break;
-                }
+                Plan::Hold { .. } | Plan::Close => unreachable!("not collected"),
             }
+        }
+        if close {
+            Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out);
         }
         flush_up(&mut server, &state, out, expects, traffic).await?;
         if close {
@@ -1063,25 +1215,57 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         if let Some(Plan::Hold {
             frame,
-            sql,
+            stmt,
             judgement,
             kind,
         }) = hold
         {
-            let outcome = shared
-                .approver
-                .request(
-                    ApprovalRequest {
-                        session: ctx.id,
-                        agent: ctx.agent.name.clone(),
-                        target: ctx.target.name.clone(),
-                        uid: ctx.identity.uid,
-                        statement: sql.clone(),
-                        decision: judgement.decision.clone(),
-                    },
-                    notifier(client_w.clone()),
+            // On record before anyone is asked; refused if it cannot be.
+            let mut held = vec![Plan::Forward(frame, None, Some(stmt))];
+            record_statements(&mut held, &state, shared, ctx).await?;
+            let Some(Plan::Forward(frame, refused, Some(stmt))) = held.pop() else {
+                unreachable!("one plan in, one out");
+            };
+            if let Some(e) = refused {
+                // The store refused: forward the substitute it made.
+                flush_up(
+                    &mut server,
+                    &state,
+                    frame.to_bytes().into(),
+                    vec![e],
+                    traffic,
                 )
-                .await;
+                .await?;
+                continue;
+            }
+            let sql = stmt.sql.clone();
+            let request = shared.approver.request(
+                ApprovalRequest {
+                    session: ctx.session,
+                    agent: ctx.agent.name.clone(),
+                    target: ctx.target.name.clone(),
+                    uid: ctx.identity.uid,
+                    statement: sql.to_string(),
+                    decision: judgement.decision.clone(),
+                },
+                notifier(client_w.clone()),
+            );
+            tokio::pin!(request);
+            // While it waits, a client that goes away withdraws the request (dropping the
+            // future does); what it pipelines meanwhile is kept, up to a bound.
+            let outcome = loop {
+                let room = client.buffered() < HOLD_BUFFER;
+                tokio::select! {
+                    o = &mut request => break o,
+                    more = client.fill(), if room => match more {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => {
+                            let _ = server.shutdown().await;
+                            return Ok(End::Closed);
+                        }
+                    },
+                }
+            };
             let (frame, expect) = match (&outcome, &kind) {
                 (ApprovalOutcome::Approved, HeldKind::Query) => {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1095,11 +1279,9 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     )
                 }
                 (ApprovalOutcome::Approved, HeldKind::Parse(name)) => {
-                    state
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .statements
-                        .insert(name.clone(), judgement.clone());
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.statements.insert(name.clone(), judgement.clone());
+                    st.statement_sql.insert(name.clone(), sql.clone());
                     (frame, Expect::Parse { denied: None })
                 }
                 (refused, kind) => {
@@ -1113,24 +1295,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         rule: judgement.decision.rule.clone(),
                         message: why,
                     };
-                    match kind {
-                        HeldKind::Query => (
-                            messages::query(DENIED_SQL),
-                            Expect::Query {
-                                denied: Some(d),
-                                ctx: None,
-                            },
-                        ),
-                        HeldKind::Parse(name) => (
-                            Parse {
-                                name: name.clone(),
-                                sql: DENIED_SQL.into(),
-                                param_types: Vec::new(),
-                            }
-                            .encode(),
-                            Expect::Parse { denied: Some(d) },
-                        ),
-                    }
+                    substitute(kind, d)
                 }
             };
             tracing::info!(
@@ -1157,6 +1322,96 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             return Ok(End::Closed);
         }
     }
+}
+
+/// Most bytes a client may pipeline while a statement of its waits for approval.
+const HOLD_BUFFER: usize = 1 << 20;
+
+/// The refusal that replaces a held or unrecordable statement.
+fn substitute(kind: &HeldKind, d: Denial) -> (Frame, Expect) {
+    match kind {
+        HeldKind::Query => (
+            messages::query(DENIED_SQL),
+            Expect::Query {
+                denied: Some(d),
+                ctx: None,
+            },
+        ),
+        HeldKind::Parse(name) => (
+            Parse {
+                name: name.clone(),
+                sql: DENIED_SQL.into(),
+                param_types: Vec::new(),
+            }
+            .encode(),
+            Expect::Parse { denied: Some(d) },
+        ),
+    }
+}
+
+/// Records the statements of `plans` before any of them is forwarded (one durable group).
+/// If the store cannot take them, each is replaced by a refusal (an Execute, which cannot
+/// be refused in place, ends the session).
+async fn record_statements(
+    plans: &mut [Plan],
+    state: &Mutex<State>,
+    shared: &PgShared,
+    ctx: &ConnContext,
+) -> Result<(), PgError> {
+    let redact = shared.store.config().redact_literals;
+    let records: Vec<crate::store::Append> = {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Forward(_, _, Some(stmt)) => {
+                    st.recorded += 1;
+                    Some(stmt.record(st.recorded, ctx.session, redact))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    if records.is_empty() {
+        return Ok(());
+    }
+    let Err(e) = shared.store.append_durable(records).await else {
+        return Ok(());
+    };
+    tracing::error!(
+        target: "portcullis::audit",
+        error = %e,
+        session = ctx.session,
+        agent.name = %ctx.agent.name,
+        "statements refused: the audit store cannot record them"
+    );
+    let d = Denial {
+        rule: STORE_RULE.into(),
+        message: format!("the audit store cannot record this statement ({e}); it was not sent"),
+    };
+    for p in plans.iter_mut() {
+        let Plan::Forward(frame, expect, Some(stmt)) = p else {
+            continue;
+        };
+        shared
+            .store
+            .stats
+            .refused_statements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kind = match stmt.via {
+            "query" | "function_call" => HeldKind::Query,
+            "parse" => HeldKind::Parse(stmt.name.clone().unwrap_or_default()),
+            _ => return Err(PgError::Store(d.message)),
+        };
+        let (f, e) = match (stmt.via, expect.take()) {
+            // Already refused: keep its own answer.
+            (_, Some(e @ Expect::FunctionCall { .. })) => (frame.clone(), e),
+            _ => substitute(&kind, d.clone()),
+        };
+        *frame = f;
+        *expect = Some(e);
+    }
+    Ok(())
 }
 
 fn notifier(w: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>) -> super::approval::Notify {

@@ -1,0 +1,360 @@
+//! Webhooks: approval events POSTed as JSON (or as Slack-compatible `{"text": ...}`) to the
+//! configured URLs, with retries and exponential backoff.
+//!
+//! Never on the data path: events go into a bounded queue with `try_send` (a full queue
+//! drops the event with a warning and a counter), and a background task delivers them.
+//! HTTP/1.1 is written by hand (one POST, `Connection: close`); `https` uses rustls with the
+//! system's CA certificates.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+};
+
+use crate::config::{Webhook, WebhookFormat};
+
+/// Events waiting for delivery; more are dropped.
+pub const QUEUE: usize = 1024;
+/// Attempts per event and hook (the first and the retries).
+pub const ATTEMPTS: u32 = 5;
+/// First retry delay; doubled each time.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+#[derive(Clone, Default)]
+pub struct Webhooks {
+    tx: Option<mpsc::Sender<(String, Value)>>,
+    pub stats: Arc<WebhookStats>,
+}
+
+impl Webhooks {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Starts the delivery task (inside a tokio runtime).
+    pub fn start(hooks: Vec<Webhook>) -> Self {
+        if hooks.is_empty() {
+            return Self::none();
+        }
+        let stats = Arc::new(WebhookStats::default());
+        let (tx, mut rx) = mpsc::channel::<(String, Value)>(QUEUE);
+        let tls = Arc::new(tls_config());
+        let hooks = Arc::new(hooks);
+        let st = stats.clone();
+        tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(16));
+            while let Some((event, data)) = rx.recv().await {
+                for hook in hooks.iter() {
+                    if !hook.events.is_empty() && !hook.events.iter().any(|e| *e == event) {
+                        continue;
+                    }
+                    let body = payload(hook.format, &event, &data);
+                    let (hook, tls, st) = (hook.clone(), tls.clone(), st.clone());
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        deliver(&hook, &tls, &body, &st).await;
+                        drop(permit);
+                    });
+                }
+            }
+        });
+        Self {
+            tx: Some(tx),
+            stats,
+        }
+    }
+
+    /// Queues an event; never waits.
+    pub fn send(&self, event: &str, data: Value) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        if tx.try_send((event.to_owned(), data)).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event, "webhook queue full: event dropped");
+        }
+    }
+}
+
+fn tls_config() -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for c in found.certs {
+        let _ = roots.add(c);
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports the default versions"))
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// The body for a hook's format.
+pub fn payload(format: WebhookFormat, event: &str, data: &Value) -> Vec<u8> {
+    let v = match format {
+        WebhookFormat::Json => {
+            let mut v = json!({"event": event, "source": "portcullis"});
+            if let (Some(o), Some(d)) = (v.as_object_mut(), data.as_object()) {
+                for (k, x) in d {
+                    o.insert(k.clone(), x.clone());
+                }
+            }
+            v
+        }
+        WebhookFormat::Slack => json!({"text": slack_text(event, data)}),
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+fn slack_text(event: &str, d: &Value) -> String {
+    let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    match event {
+        "approval_requested" => format!(
+            ":hourglass: Portcullis: agent *{}* wants to run on *{}* (rule `{}`):\n```{}```\nApprove: `portcullis approve {}` · Deny: `portcullis deny {}`",
+            s("agent"),
+            s("target"),
+            s("rule"),
+            s("statement"),
+            s("id"),
+            s("id")
+        ),
+        _ => format!(
+            "Portcullis: request {} {}{}",
+            s("id"),
+            s("outcome"),
+            d.get("by")
+                .and_then(Value::as_str)
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+async fn deliver(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: &[u8], st: &WebhookStats) {
+    let mut delay = BACKOFF;
+    for attempt in 1..=ATTEMPTS {
+        match tokio::time::timeout(hook.timeout.get(), post(&hook.url, tls, body)).await {
+            Ok(Ok(status)) if (200..300).contains(&status) => {
+                st.delivered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(Ok(status)) => {
+                tracing::warn!(url = %hook.url, status, attempt, "webhook answered with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(url = %hook.url, error = %e, attempt, "webhook failed"),
+            Err(_) => tracing::warn!(url = %hook.url, attempt, "webhook timed out"),
+        }
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+    st.failed.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(url = %hook.url, attempts = ATTEMPTS, "webhook event not delivered");
+}
+
+/// `scheme://host[:port][/path]`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+pub fn parse_url(url: &str) -> Result<Url, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{url}: not http:// or https://"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.contains('@') {
+        return Err(format!("{url}: credentials in the URL are not supported"));
+    }
+    let (host, port) = if let Some(h) = authority.strip_prefix('[') {
+        let (h, after) = h
+            .split_once(']')
+            .ok_or_else(|| format!("{url}: bad IPv6 host"))?;
+        let port = after.strip_prefix(':').map(str::parse::<u16>).transpose();
+        (h.to_owned(), port.map_err(|e| format!("{url}: port: {e}"))?)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_owned(),
+                Some(p.parse::<u16>().map_err(|e| format!("{url}: port: {e}"))?),
+            ),
+            None => (authority.to_owned(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok(Url {
+        port: port.unwrap_or(if tls { 443 } else { 80 }),
+        tls,
+        host,
+        path: path.to_owned(),
+    })
+}
+
+/// One POST; returns the status code.
+async fn post(url: &str, tls: &Arc<rustls::ClientConfig>, body: &[u8]) -> Result<u16, String> {
+    let u = parse_url(url)?;
+    let tcp = TcpStream::connect((u.host.as_str(), u.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let host_header = if u.host.contains(':') {
+        format!("[{}]", u.host)
+    } else {
+        u.host.clone()
+    };
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: portcullis/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        u.path,
+        env!("CARGO_PKG_VERSION"),
+        body.len()
+    );
+    let mut msg = head.into_bytes();
+    msg.extend_from_slice(body);
+    let mut answer = Vec::new();
+    if u.tls {
+        let name =
+            rustls::pki_types::ServerName::try_from(u.host.clone()).map_err(|e| e.to_string())?;
+        let mut s = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(&msg).await.map_err(|e| e.to_string())?;
+        read_status(&mut s, &mut answer).await
+    } else {
+        let mut s = tcp;
+        s.write_all(&msg).await.map_err(|e| e.to_string())?;
+        read_status(&mut s, &mut answer).await
+    }
+}
+
+async fn read_status<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<u16, String> {
+    let mut chunk = [0u8; 512];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 || buf.len() > 8192 {
+            return Err("no HTTP status line".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(buf);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line {:?}", line.lines().next().unwrap_or("")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("https://hooks.slack.com/services/T/B/x"),
+            Ok(Url {
+                tls: true,
+                host: "hooks.slack.com".into(),
+                port: 443,
+                path: "/services/T/B/x".into()
+            })
+        );
+        assert_eq!(
+            parse_url("http://127.0.0.1:9000").map(|u| (u.port, u.path)),
+            Ok((9000, "/".into()))
+        );
+        assert_eq!(
+            parse_url("http://[::1]:81/h").map(|u| u.host),
+            Ok("::1".into())
+        );
+        assert!(parse_url("ftp://x").is_err());
+        assert!(parse_url("http://user:pw@x/").is_err());
+    }
+
+    #[test]
+    fn payloads() {
+        let d = json!({"id": "abc", "agent": "a", "target": "pg", "rule": "r", "statement": "DELETE FROM t"});
+        let j: Value =
+            serde_json::from_slice(&payload(WebhookFormat::Json, "approval_requested", &d))
+                .expect("json");
+        assert_eq!(
+            (j["event"].as_str(), j["id"].as_str()),
+            (Some("approval_requested"), Some("abc"))
+        );
+        let s: Value =
+            serde_json::from_slice(&payload(WebhookFormat::Slack, "approval_requested", &d))
+                .expect("json");
+        assert!(
+            s["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("portcullis approve abc"))
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_retries_until_the_hook_answers() {
+        use tokio::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        // First connection: 500; second: 204.
+        let server = tokio::spawn(async move {
+            let mut bodies = Vec::new();
+            for status in ["500 Oops", "204 No Content"] {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.expect("read");
+                bodies.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                s.write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
+                    .await
+                    .expect("write");
+            }
+            bodies
+        });
+        let hook = Webhook {
+            url: format!("http://{addr}/hook"),
+            format: WebhookFormat::Json,
+            events: Vec::new(),
+            timeout: crate::config::Duration::from_secs(5),
+        };
+        let st = WebhookStats::default();
+        let tls = Arc::new(tls_config());
+        deliver(&hook, &tls, b"{\"event\":\"x\"}", &st).await;
+        assert_eq!(st.delivered.load(Ordering::Relaxed), 1);
+        let bodies = server.await.expect("server");
+        assert!(bodies[0].starts_with("POST /hook HTTP/1.1"));
+        assert!(bodies[1].ends_with("{\"event\":\"x\"}"));
+    }
+}

@@ -1,0 +1,416 @@
+//! `portcullis replay`: a recorded session as a readable transcript — who, what the agent
+//! sent and what was decided, what it received (result tables with their first rows,
+//! errors, notices), approvals, and timing.
+//!
+//! Pure: records in, text out. Fed one record at a time so `--follow` can print as records
+//! arrive.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::store::query::Record;
+
+/// Rows shown per result (the rest are counted).
+pub const SHOWN_ROWS: usize = 20;
+/// Widest column shown.
+const WIDTH: usize = 40;
+
+#[derive(Default)]
+pub struct Replay {
+    start_us: Option<i64>,
+    columns: Vec<String>,
+    rows: Vec<Vec<String>>,
+    extra_rows: u64,
+    statements: u64,
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    let t = match v {
+        Value::Null => String::new(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    };
+    let t = t.replace('\n', "\\n");
+    if t.chars().count() > WIDTH {
+        let cut: String = t.chars().take(WIDTH - 1).collect();
+        format!("{cut}…")
+    } else {
+        t
+    }
+}
+
+/// Local-independent UTC time of day from microseconds since the epoch.
+pub fn clock(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = civil(days);
+    let t = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+impl Replay {
+    fn at(&mut self, us: i64) -> String {
+        let start = *self.start_us.get_or_insert(us);
+        format!("[+{:>8.3}s]", (us - start) as f64 / 1e6)
+    }
+
+    fn table(&mut self, out: &mut String, tag: &str, total: u64) {
+        if !self.columns.is_empty() {
+            let mut widths: Vec<usize> = self.columns.iter().map(|c| c.chars().count()).collect();
+            for r in &self.rows {
+                for (i, v) in r.iter().enumerate() {
+                    if let Some(w) = widths.get_mut(i) {
+                        *w = (*w).max(v.chars().count());
+                    }
+                }
+            }
+            let line = |vals: &[String]| -> String {
+                vals.iter()
+                    .zip(&widths)
+                    .map(|(v, w)| format!("{v:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+                    .trim_end()
+                    .to_owned()
+            };
+            let _ = writeln!(out, "              {}", line(&self.columns));
+            let _ = writeln!(
+                out,
+                "              {}",
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("-+-")
+            );
+            for r in &self.rows {
+                let _ = writeln!(out, "              {}", line(r));
+            }
+            if self.extra_rows > 0 {
+                let _ = writeln!(out, "              … {} more row(s)", self.extra_rows);
+            }
+        }
+        let _ = writeln!(out, "              ({total} row(s)) {tag}");
+        self.columns.clear();
+        self.rows.clear();
+        self.extra_rows = 0;
+    }
+
+    /// The text for one record (possibly empty: rows are shown with their result).
+    pub fn feed(&mut self, r: &Record) -> String {
+        let mut out = String::new();
+        let b = &r.body;
+        match r.kind.as_str() {
+            "session_start" => {
+                self.start_us = Some(r.at_us);
+                let _ = writeln!(
+                    out,
+                    "session {} · agent {} · target {} ({}) · started {}",
+                    r.session,
+                    s(b, "agent"),
+                    s(b, "target"),
+                    s(b, "protocol"),
+                    clock(r.at_us)
+                );
+                let _ = writeln!(
+                    out,
+                    "  process {} (pid {}, uid {}{}) {}{}",
+                    s(b, "comm"),
+                    s(b, "pid"),
+                    s(b, "uid"),
+                    b.get("user")
+                        .and_then(Value::as_str)
+                        .map(|u| format!(" {u}"))
+                        .unwrap_or_default(),
+                    s(b, "exe"),
+                    b.get("unit")
+                        .and_then(Value::as_str)
+                        .filter(|u| !u.is_empty())
+                        .map(|u| format!(" · unit {u}"))
+                        .unwrap_or_default()
+                );
+            }
+            "statement" => {
+                self.statements += 1;
+                let at = self.at(r.at_us);
+                let via = s(b, "via");
+                let sql = s(b, "sql");
+                let shown = if via == "execute" && sql.is_empty() {
+                    format!("(execute portal {:?})", s(b, "name"))
+                } else if via == "execute" {
+                    format!("(execute) {sql}")
+                } else if via == "function_call" {
+                    "(function-call message)".into()
+                } else {
+                    sql
+                };
+                let _ = writeln!(out, "{at} > {}", shown.trim());
+                let verdict = s(b, "verdict");
+                if !verdict.is_empty() && via != "execute" {
+                    match b.get("refused").and_then(Value::as_str) {
+                        Some(m) => {
+                            let _ =
+                                writeln!(out, "              DENIED by rule {}: {m}", s(b, "rule"));
+                        }
+                        None => {
+                            let masks = b
+                                .get("masks")
+                                .and_then(Value::as_array)
+                                .filter(|m| !m.is_empty())
+                                .map(|m| {
+                                    format!(
+                                        " · masks {}",
+                                        m.iter().map(|x| cell(x)).collect::<Vec<_>>().join(", ")
+                                    )
+                                })
+                                .unwrap_or_default();
+                            let _ = writeln!(
+                                out,
+                                "              {verdict} (rule {}){masks}",
+                                s(b, "rule")
+                            );
+                        }
+                    }
+                }
+            }
+            "columns" => {
+                self.columns = b
+                    .get("columns")
+                    .and_then(Value::as_array)
+                    .map(|c| c.iter().map(cell).collect())
+                    .unwrap_or_default();
+                self.rows.clear();
+                self.extra_rows = 0;
+            }
+            "rows" => {
+                for row in b
+                    .get("rows")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if self.rows.len() < SHOWN_ROWS {
+                        self.rows.push(
+                            row.as_array()
+                                .map(|v| v.iter().map(cell).collect())
+                                .unwrap_or_default(),
+                        );
+                    } else {
+                        self.extra_rows += 1;
+                    }
+                }
+            }
+            "complete" => {
+                let total = b.get("rows").and_then(Value::as_u64).unwrap_or(0);
+                self.table(&mut out, &s(b, "tag"), total);
+            }
+            "error" | "notice" => {
+                if !self.columns.is_empty() || !self.rows.is_empty() {
+                    self.table(&mut out, "(interrupted)", self.rows.len() as u64);
+                }
+                let _ = writeln!(
+                    out,
+                    "              {} {}: {}",
+                    s(b, "severity"),
+                    s(b, "code"),
+                    s(b, "message")
+                );
+                let d = s(b, "detail");
+                if !d.is_empty() {
+                    let _ = writeln!(out, "              DETAIL: {d}");
+                }
+            }
+            "approval_requested" => {
+                let at = self.at(r.at_us);
+                let _ = writeln!(
+                    out,
+                    "{at}   held for approval: request {} (rule {}), expires {}",
+                    s(b, "id"),
+                    s(b, "rule"),
+                    b.get("expires_us")
+                        .and_then(Value::as_i64)
+                        .map(clock)
+                        .unwrap_or_default()
+                );
+            }
+            "approval_decided" => {
+                let at = self.at(r.at_us);
+                let by = b
+                    .get("by")
+                    .and_then(Value::as_str)
+                    .map(|x| format!(" by {x}"))
+                    .unwrap_or_default();
+                let why = b
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{at}   request {} {}{by}{why}",
+                    s(b, "id"),
+                    s(b, "outcome")
+                );
+            }
+            "grant_created" => {
+                let _ = writeln!(
+                    out,
+                    "              grant {} for rule {} until {}",
+                    s(b, "id"),
+                    s(b, "rule"),
+                    b.get("expires_us")
+                        .and_then(Value::as_i64)
+                        .map(clock)
+                        .unwrap_or_default()
+                );
+            }
+            "grant_used" => {
+                let at = self.at(r.at_us);
+                let _ = writeln!(
+                    out,
+                    "{at}   approved by grant {} (given by {})",
+                    s(b, "grant"),
+                    s(b, "by")
+                );
+            }
+            "cut" => {
+                let _ = writeln!(
+                    out,
+                    "              -- transcript cut here: {} --",
+                    s(b, "reason")
+                );
+            }
+            "session_end" => {
+                let at = self.at(r.at_us);
+                let err = s(b, "error");
+                let _ = writeln!(
+                    out,
+                    "{at} session ended: {}{} · {} statement(s) · {} bytes up, {} down",
+                    s(b, "end"),
+                    if err.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({err})")
+                    },
+                    self.statements,
+                    s(b, "bytes_up"),
+                    s(b, "bytes_down")
+                );
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rec(seq: i64, at: i64, kind: &str, body: Value) -> Record {
+        Record {
+            seq,
+            at_us: at,
+            session: 1,
+            kind: kind.into(),
+            body,
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_session_reads_like_a_terminal() {
+        let recs = [
+            rec(
+                1,
+                0,
+                "session_start",
+                json!({"agent": "bot", "target": "shop", "protocol": "postgres", "pid": 7, "uid": 1001, "comm": "psql", "exe": "/usr/bin/psql"}),
+            ),
+            rec(
+                2,
+                1_000,
+                "statement",
+                json!({"n": 1, "via": "query", "sql": "SELECT id, email FROM users", "verdict": "mask", "rule": "mask-pii", "masks": ["mask-pii"]}),
+            ),
+            rec(3, 2_000, "columns", json!({"columns": ["id", "email"]})),
+            rec(
+                4,
+                2_000,
+                "rows",
+                json!({"rows": [["1", "[REDACTED:email]"], ["2", null]]}),
+            ),
+            rec(5, 3_000, "complete", json!({"tag": "SELECT 2", "rows": 2})),
+            rec(
+                6,
+                4_000,
+                "statement",
+                json!({"n": 2, "via": "query", "sql": "DROP TABLE users", "verdict": "deny", "rule": "no-drop", "refused": "no dropping"}),
+            ),
+            rec(
+                7,
+                5_000,
+                "error",
+                json!({"severity": "ERROR", "code": "42501", "message": "portcullis: no dropping"}),
+            ),
+            rec(
+                8,
+                1_500_000,
+                "session_end",
+                json!({"end": "closed", "bytes_up": 10, "bytes_down": 20}),
+            ),
+        ];
+        let mut r = Replay::default();
+        let text: String = recs.iter().map(|x| r.feed(x)).collect();
+        assert!(
+            text.contains("session 1 · agent bot · target shop (postgres)"),
+            "{text}"
+        );
+        assert!(text.contains("> SELECT id, email FROM users"));
+        assert!(text.contains("mask (rule mask-pii) · masks mask-pii"));
+        assert!(text.contains("1  | [REDACTED:email]"), "{text}");
+        assert!(text.contains("(2 row(s)) SELECT 2"));
+        assert!(text.contains("DENIED by rule no-drop: no dropping"));
+        assert!(text.contains("ERROR 42501: portcullis: no dropping"));
+        assert!(
+            text.contains("[+   1.500s] session ended: closed · 2 statement(s)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn clock_is_utc() {
+        assert_eq!(clock(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(clock(1_764_000_000_000_000), "2025-11-24 16:00:00 UTC");
+    }
+}

@@ -1,0 +1,344 @@
+//! Approvals held on the wire: a real PostgreSQL, real `psql` clients in an agent cgroup,
+//! and the `portcullis approvals / approve / deny` commands run as different users
+//! against the daemon's admin socket.
+
+use std::{
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use portcullis_tests::{
+    As,
+    pg::{Pgw, psql_cmd, text, world_with},
+    portcullis_as, portcullis_json,
+};
+use serde_json::Value;
+
+/// Updates wait for a member of `staff` (gid 50 on Debian) for up to 20 s; deletes wait
+/// 1 s, so the timeout path is quick.
+const POLICY: &str = r#"
+[[rule]]
+id = "hold-updates"
+sql = { kinds = ["update"] }
+action = "require_approval"
+approvers = ["staff"]
+timeout = "20s"
+message = "updates need a look"
+
+[[rule]]
+id = "hold-deletes"
+sql = { kinds = ["delete"] }
+action = "require_approval"
+approvers = ["staff"]
+timeout = "1s"
+"#;
+
+const STAFF: As<'static> = As::User(1500, 50);
+
+fn setup() -> Pgw {
+    let w = world_with("", Some(POLICY));
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 1); \
+         GRANT ALL ON t TO app",
+    );
+    w
+}
+
+/// psql in the agent cgroup, running `sql`, in the background.
+fn spawn_psql(w: &Pgw, sql: &str) -> Child {
+    psql_cmd(w, &w.agent, "disable")
+        .args(["-c", sql])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql")
+}
+
+fn approvals(w: &Pgw, history: bool) -> Value {
+    let mut args = vec!["approvals", "--json"];
+    if history {
+        args.push("--history");
+    }
+    portcullis_json(&w.daemon.config, &args)
+}
+
+/// Waits until a request for `statement` is pending and returns it.
+fn wait_pending(w: &Pgw, statement: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = approvals(w, false);
+        if let Some(p) = v["pending"]
+            .as_array()
+            .expect("pending")
+            .iter()
+            .find(|p| p["statement"] == statement)
+        {
+            return p.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending request for {statement:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the history shows request `id` in `state`.
+fn wait_state(w: &Pgw, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = approvals(w, true);
+        if let Some(r) = v["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .find(|r| r["id"] == id && r["state"] == state)
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} never became {state}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait(child: Child) -> Output {
+    child.wait_with_output().expect("psql")
+}
+
+fn answer(w: &Pgw, who: As<'_>, args: &[&str]) -> Output {
+    portcullis_as(&w.daemon.config, who, args)
+}
+
+fn v_of(w: &Pgw) -> String {
+    w.pg.sql("shop", "SELECT v FROM t WHERE id = 1")
+}
+
+#[test]
+fn a_held_statement_runs_after_approve_and_only_an_approver_may_approve() {
+    let w = setup();
+    let child = spawn_psql(&w, "UPDATE t SET v = 2 WHERE id = 1");
+    let p = wait_pending(&w, "UPDATE t SET v = 2 WHERE id = 1");
+    let id = p["id"].as_str().expect("id").to_owned();
+    assert_eq!(p["agent"], "a");
+    assert_eq!(p["rule"], "hold-updates");
+    assert_eq!(p["uid"], 65534);
+    assert!(p["expires_us"].as_i64() > p["created_us"].as_i64(), "{p}");
+    // Nothing reached the server while it waits.
+    assert_eq!(v_of(&w), "1");
+    assert!(
+        !w.pg.log().contains("UPDATE t SET v = 2"),
+        "a held statement reached the server"
+    );
+
+    // Refused: an unlisted uid, the agent's own uid (even with the approver group: nobody
+    // approves their own request), and root from inside the agent's cgroup.
+    let cg = w.env.cg_dir(&w.agent);
+    for (who, why) in [
+        (As::User(1501, 1501), "is not a member of `staff`"),
+        (As::User(65534, 65534), "is not a member of `staff`"),
+        (As::User(65534, 50), "nobody approves their own request"),
+        (As::RootIn(&cg), "protected agent `a`"),
+    ] {
+        let out = answer(&w, who, &["approve", &id]);
+        assert!(!out.status.success(), "{who:?} could approve");
+        let e = text(&out);
+        assert!(e.contains(why), "{who:?}: {e}");
+        assert!(wait_pending(&w, "UPDATE t SET v = 2 WHERE id = 1")["id"] == id.as_str());
+    }
+    // The unlisted uid cannot even list requests.
+    let out = answer(&w, As::User(1501, 1501), &["approvals"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("permission denied"), "{}", text(&out));
+
+    // A member of the approver group approves; the statement runs.
+    let out = answer(&w, STAFF, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("approved {id}")),
+        "{}",
+        text(&out)
+    );
+    let out = wait(child);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("UPDATE 1"), "{t}");
+    // The client was told the id and how to answer, while it waited.
+    assert!(t.contains(&format!("portcullis approve {id}")), "{t}");
+    assert!(t.contains("updates need a look"), "{t}");
+    assert_eq!(v_of(&w), "2");
+    let r = wait_state(&w, &id, "approved");
+    assert_eq!(r["decided_by"], "1500");
+    assert!(
+        approvals(&w, false)["pending"]
+            .as_array()
+            .expect("p")
+            .is_empty()
+    );
+}
+
+#[test]
+fn deny_and_timeout_fail_the_statement_with_the_reason() {
+    let w = setup();
+    let child = spawn_psql(&w, "UPDATE t SET v = 3 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 3 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let out = answer(&w, As::Root, &["deny", &id, "--reason", "not on a Friday"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = wait(child);
+    let t = text(&out);
+    assert!(!out.status.success(), "a denied statement succeeded: {t}");
+    assert!(t.contains("not on a Friday"), "{t}");
+    assert_eq!(v_of(&w), "1");
+    let r = wait_state(&w, &id, "denied");
+    assert_eq!(r["reason"], "not on a Friday");
+    // A second answer finds nothing to answer.
+    let out = answer(&w, As::Root, &["approve", &id]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no pending request"), "{}", text(&out));
+
+    // Deletes wait one second, then fail.
+    let started = Instant::now();
+    let out = wait(spawn_psql(&w, "DELETE FROM t WHERE id = 1"));
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("no decision in time"), "{t}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(w.pg.sql("shop", "SELECT count(*) FROM t"), "1");
+    let hist = approvals(&w, true);
+    let expired = hist["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .find(|r| r["statement"] == "DELETE FROM t WHERE id = 1")
+        .unwrap_or_else(|| panic!("no record of the delete: {hist}"));
+    assert_eq!(expired["state"], "expired", "{hist}");
+    assert!(!w.pg.log().contains("DELETE FROM t"));
+}
+
+#[test]
+fn a_grant_approves_the_same_rule_until_it_expires() {
+    let w = setup();
+    let child = spawn_psql(&w, "UPDATE t SET v = 4 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 4 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let out = answer(&w, STAFF, &["approve", &id, "--for", "3s", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let granted: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let grant = granted["grant"]["id"]
+        .as_str()
+        .expect("grant id")
+        .to_owned();
+    assert!(wait(child).status.success());
+
+    // Within the grant: runs without waiting for anyone.
+    let out = wait(spawn_psql(&w, "UPDATE t SET v = 5 WHERE id = 1"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(v_of(&w), "5");
+    let v = approvals(&w, false);
+    assert_eq!(v["grants"][0]["id"], grant.as_str(), "{v}");
+    assert_eq!(v["grants"][0]["uses"], 1, "{v}");
+    // The use is on the session's record, with the grant.
+    let export = portcullis_as(&w.daemon.config, As::Root, &["audit", "export"]);
+    let used: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "grant_used")
+        .collect();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(used[0]["body"]["grant"], grant.as_str());
+
+    // A different rule is not covered.
+    let out = wait(spawn_psql(&w, "DELETE FROM t WHERE id = 1"));
+    assert!(!out.status.success(), "the grant covered another rule");
+
+    // After expiry the same rule waits again.
+    std::thread::sleep(Duration::from_millis(3200));
+    let child = spawn_psql(&w, "UPDATE t SET v = 6 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 6 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert!(
+        approvals(&w, false)["grants"]
+            .as_array()
+            .expect("g")
+            .is_empty()
+    );
+    assert!(answer(&w, As::Root, &["deny", &id]).status.success());
+    assert!(!wait(child).status.success());
+    assert_eq!(v_of(&w), "5");
+}
+
+#[test]
+fn a_client_that_disconnects_withdraws_and_a_restart_expires_what_was_pending() {
+    let mut w = setup();
+    let mut child = spawn_psql(&w, "UPDATE t SET v = 7 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 7 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    child.kill().expect("kill psql");
+    let _ = child.wait();
+    wait_state(&w, &id, "withdrawn");
+    assert!(
+        approvals(&w, false)["pending"]
+            .as_array()
+            .expect("p")
+            .is_empty()
+    );
+    let out = answer(&w, As::Root, &["approve", &id]);
+    assert!(!out.status.success(), "a withdrawn request was approved");
+
+    // Pending when the daemon dies: expired after the restart, never approved.
+    let child = spawn_psql(&w, "UPDATE t SET v = 8 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 8 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    w.daemon.kill9();
+    let out = wait(child);
+    assert!(!out.status.success());
+    w.daemon = portcullis_tests::Daemon::start(&w.daemon.config.clone());
+    let r = wait_state(&w, &id, "expired");
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("restart")
+            || r["reason"].as_str().unwrap_or("").contains("stop"),
+        "{r}"
+    );
+    let out = answer(&w, As::Root, &["approve", &id]);
+    assert!(!out.status.success());
+    assert_eq!(v_of(&w), "1");
+    assert!(!w.pg.log().contains("SET v = 8"));
+}
+
+#[test]
+fn approvals_listing_is_readable_and_has_the_commands() {
+    let w = setup();
+    let child = spawn_psql(&w, "UPDATE t SET v = 9 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 9 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let out = answer(&w, STAFF, &["approvals"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for want in [
+        id.as_str(),
+        "agent a (uid 65534)",
+        "rule hold-updates",
+        "UPDATE t SET v = 9 WHERE id = 1",
+        &format!("portcullis approve {id}"),
+    ] {
+        assert!(t.contains(want), "{want:?} missing from:\n{t}");
+    }
+    assert!(answer(&w, STAFF, &["deny", &id]).status.success());
+    drop(wait(child));
+}
