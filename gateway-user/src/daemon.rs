@@ -25,7 +25,7 @@ use crate::{
         authz::{Need, Peer},
         proto::{
             AgentStatus, ApprovalsView, Approved, PolicyStatus, Request, Response, SessionView,
-            Status, TargetStatus,
+            Status, StoreStatus, TargetStatus,
         },
     },
     cgroup::{CgroupError, Hierarchy},
@@ -299,6 +299,12 @@ impl State {
             policy,
             kernel,
             proxy: self.proxy.status(),
+            store: StoreStatus {
+                path: self.store.path().display().to_string(),
+                durability: self.store.config().durability.as_str().to_owned(),
+                head_seq: self.store.head().seq,
+                counters: self.store.stats.snapshot(),
+            },
             agents: cfg
                 .agents
                 .iter()
@@ -537,6 +543,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     ));
     tokio::spawn(rescan(state.clone(), shutdown.clone()));
     tokio::spawn(watch_policies(state.clone(), shutdown.clone()));
+    tokio::spawn(prune_old_sessions(state.clone(), shutdown.clone()));
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -601,6 +608,32 @@ async fn watch_policies(state: Arc<State>, shutdown: CancellationToken) {
             tracing::info!("policy files changed");
             state.reload_policies();
             last = now;
+        }
+    }
+}
+
+/// Removes sessions that ended longer ago than `[store] retention`, every
+/// `prune_interval` (the first time one interval after start).
+async fn prune_old_sessions(state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        let every = state.config.load().store.prune_interval.get();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(keep) = state.config.load().store.retention else {
+            continue;
+        };
+        let before = crate::store::now_us() - keep.get().as_micros() as i64;
+        match state.store.prune(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                target: "portcullis::audit",
+                records = n,
+                retention = %humantime::format_duration(keep.get()),
+                "pruned sessions past retention"
+            ),
+            Err(e) => tracing::error!(error = %e, "pruning old sessions failed"),
         }
     }
 }

@@ -76,6 +76,20 @@ pub fn status(s: &Status) -> String {
         p.refused_store,
         p.upstream_failures
     );
+    let st = &s.store;
+    let _ = writeln!(
+        o,
+        "store      {} ({})  head {}  written {} in {} groups  queued {}  failed {}  queue full {}  statements refused {}",
+        st.path,
+        st.durability,
+        st.head_seq,
+        st.counters.written,
+        st.counters.groups,
+        st.counters.queued,
+        st.counters.failed,
+        st.counters.queue_full,
+        st.counters.refused_statements
+    );
     let _ = writeln!(o, "\nagents");
     for a in &s.agents {
         let mut sel: Vec<String> = a

@@ -333,6 +333,17 @@ pub fn world(target_extra: &str) -> Pgw {
 /// With `policy`, the policies are that one file (an empty string: no rules at all, so
 /// every statement gets the default, allow); otherwise the shipped ones.
 pub fn world_with(target_extra: &str, policy: Option<&str>) -> Pgw {
+    world_full(target_extra, policy, "", "")
+}
+
+/// [`world_with`], plus keys for `[admin]` (`admin_keys`) and whole sections (`[store]`,
+/// ...) added to the configuration.
+pub fn world_full(
+    target_extra: &str,
+    policy: Option<&str>,
+    admin_keys: &str,
+    sections: &str,
+) -> Pgw {
     let env = Env::new();
     let agent = env.cgroup("agents/a");
     let direct = env.cgroup("direct");
@@ -348,7 +359,9 @@ pub fn world_with(target_extra: &str, policy: Option<&str>) -> Pgw {
         std::fs::write(dir.join("test.toml"), text).expect("policy");
         body = format!("[policy]\ndir = \"{}\"\n\n{body}", dir.display());
     }
-    let cfg = env.config("", &body);
+    // Keys before the first table header belong to `[admin]`, the last table of the
+    // harness's part.
+    let cfg = env.config("", &format!("{admin_keys}\n\n{body}\n\n{sections}"));
     let daemon = Daemon::start(&cfg);
     Pgw {
         daemon,

@@ -135,6 +135,17 @@ pub struct Status {
     pub proxy: ProxyStatus,
     pub agents: Vec<AgentStatus>,
     pub targets: Vec<TargetStatus>,
+    pub store: StoreStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub path: String,
+    pub durability: String,
+    /// The last committed record.
+    pub head_seq: i64,
+    #[serde(flatten)]
+    pub counters: crate::store::StoreCounters,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -157,6 +157,9 @@ pub struct StoreSection {
     pub recording_limit: usize,
     /// Sessions that ended longer ago than this are pruned; absent: kept.
     pub retention: Option<Duration>,
+    /// How often sessions past `retention` are pruned.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval: Duration,
     /// Record statements with their literals replaced by `?` (rules can ask for it too).
     #[serde(default)]
     pub redact_literals: bool,
@@ -170,11 +173,15 @@ impl Default for StoreSection {
             queue: default_store_queue(),
             recording_limit: default_recording_limit(),
             retention: None,
+            prune_interval: default_prune_interval(),
             redact_literals: false,
         }
     }
 }
 
+fn default_prune_interval() -> Duration {
+    Duration::from_secs(3600)
+}
 fn default_durability() -> Spanned<String> {
     unspanned("commit".to_owned())
 }

@@ -233,6 +233,15 @@ pub enum Durability {
     Strict,
 }
 
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Commit => "commit",
+            Self::Strict => "strict",
+        }
+    }
+}
+
 /// `[store]`.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -241,6 +250,7 @@ pub struct StoreConfig {
     pub queue: usize,
     pub recording_limit: usize,
     pub retention: Option<Duration>,
+    pub prune_interval: Duration,
     pub redact_literals: bool,
 }
 
@@ -860,6 +870,7 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             queue: *raw.store.queue.get_ref(),
             recording_limit: raw.store.recording_limit,
             retention: raw.store.retention,
+            prune_interval: raw.store.prune_interval,
             redact_literals: raw.store.redact_literals,
         },
         webhooks,

@@ -64,6 +64,39 @@ pub struct StoreStats {
     pub failed: AtomicU64,
     pub queue_full: AtomicU64,
     pub refused_statements: AtomicU64,
+    /// Requests queued for the writer and not yet taken.
+    pub queued: AtomicU64,
+}
+
+impl StoreStats {
+    pub fn snapshot(&self) -> StoreCounters {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreCounters {
+            written: l(&self.written),
+            groups: l(&self.groups),
+            failed: l(&self.failed),
+            queue_full: l(&self.queue_full),
+            refused_statements: l(&self.refused_statements),
+            queued: l(&self.queued),
+        }
+    }
+}
+
+/// The counters at one moment, for `portcullis status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreCounters {
+    /// Records committed.
+    pub written: u64,
+    /// Commit groups (transactions).
+    pub groups: u64,
+    /// Records whose write failed.
+    pub failed: u64,
+    /// Appends refused because the queue was full.
+    pub queue_full: u64,
+    /// Statements refused because they could not be recorded.
+    pub refused_statements: u64,
+    /// Requests waiting for the writer.
+    pub queued: u64,
 }
 
 /// The chain head the writer holds: the last committed record.
@@ -150,13 +183,19 @@ impl Store {
     }
 
     fn send(&self, op: writer::Op) -> Result<(), StoreError> {
+        // Counted before sending: the writer may take it (and count down) at once.
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(op) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                 Err(StoreError::QueueFull(self.cfg.queue))
             }
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(StoreError::Closed)
+            }
         }
     }
 
@@ -199,6 +238,7 @@ impl Store {
     /// Stops the writer after what is queued, and logs the chain head.
     pub fn close(&self) {
         // Blocking: after what is queued (the writer is draining it).
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(writer::Op::Stop);
         if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();

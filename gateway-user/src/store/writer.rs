@@ -197,6 +197,7 @@ impl Writer {
             let mut after: Vec<Op> = Vec::new();
             let mut next = Some(first);
             while let Some(op) = next.take() {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 match op {
                     Op::Append(recs, ack) => {
                         n += recs.len().max(1);

@@ -1,0 +1,634 @@
+//! The audit store end to end: a real PostgreSQL and real clients through the gate, the
+//! store's file tampered with by the `sqlite3` command-line tool, the daemon killed under
+//! load, a store on a full filesystem, and replays compared with what the client saw.
+
+use std::{
+    collections::HashSet,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use portcullis_tests::{
+    As, Daemon,
+    pg::{APP_PASSWORD, Pgw, pg_bin, psql_cmd, psql_script, text, world_full, world_with},
+    portcullis_as, portcullis_json, workspace_bin,
+};
+use serde_json::Value;
+
+fn store_path(w: &Pgw) -> PathBuf {
+    w.env.dir.join("state").join("portcullis.db")
+}
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 (apt install sqlite3)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn verify_file(cfg: &Path, db: &Path) -> (Value, String) {
+    let out = portcullis_as(
+        cfg,
+        As::Root,
+        &[
+            "audit",
+            "verify",
+            "--store",
+            db.to_str().expect("utf-8"),
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify gave no JSON ({e}): {}", text(&out)));
+    assert_eq!(
+        out.status.success(),
+        v["ok"] == true,
+        "exit status follows the verdict"
+    );
+    let human = portcullis_as(
+        cfg,
+        As::Root,
+        &["audit", "verify", "--store", db.to_str().expect("utf-8")],
+    );
+    (v, text(&human))
+}
+
+/// Copies the store (and its WAL, if any) for one tampering.
+fn copy_store(from: &Path, to: &Path) {
+    fs::copy(from, to).expect("copy store");
+    for sfx in ["-wal", "-shm"] {
+        let src = PathBuf::from(format!("{}{sfx}", from.display()));
+        if src.exists() {
+            fs::copy(&src, format!("{}{sfx}", to.display())).expect("copy wal");
+        }
+    }
+}
+
+fn export(w: &Pgw) -> Vec<Value> {
+    let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "export"]);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl"))
+        .collect()
+}
+
+#[test]
+fn verify_passes_on_a_clean_store_and_names_each_kind_of_tampering() {
+    let mut w = world_full("", None, "auditors = [\"adm\"]", "");
+    w.pg.sql("shop", "CREATE TABLE t (id int); GRANT ALL ON t TO app");
+    let out = psql_script(
+        &w,
+        &w.agent,
+        "SELECT 1 AS one;\nINSERT INTO t VALUES (1);\nDROP TABLE t;\nSELECT 'two' AS two;\n",
+    );
+    assert!(text(&out).contains("two"), "{}", text(&out));
+
+    // Through the daemon: intact. An auditor may ask; an unlisted user may not.
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["records"].as_i64() >= Some(6), "{v}");
+    let aud = portcullis_as(&w.daemon.config, As::User(1502, 4), &["audit", "verify"]);
+    assert!(aud.status.success(), "{}", text(&aud));
+    assert!(text(&aud).starts_with("ok:"), "{}", text(&aud));
+    for args in [
+        &["audit", "verify"][..],
+        &["sessions"],
+        &["audit", "export"],
+    ] {
+        let out = portcullis_as(&w.daemon.config, As::User(1501, 1501), args);
+        assert!(!out.status.success(), "{args:?} by an unlisted user");
+        assert!(text(&out).contains("permission denied"), "{}", text(&out));
+    }
+    // The agent's uid is no auditor either.
+    let out = portcullis_as(&w.daemon.config, As::User(65534, 65534), &["sessions"]);
+    assert!(!out.status.success());
+
+    // Stopped cleanly, the file alone verifies.
+    assert!(w.daemon.stop().success());
+    let db = store_path(&w);
+    let (v, human) = verify_file(&w.daemon.config, &db);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(human.starts_with("ok:"), "{human}");
+    let target: i64 = sqlite(&db, "SELECT min(seq) FROM records WHERE kind = 'statement'")
+        .parse()
+        .expect("seq");
+    let last: i64 = sqlite(&db, "SELECT max(seq) FROM records")
+        .parse()
+        .expect("seq");
+    assert!(last > target + 2, "too few records to tamper with");
+
+    let cases: [(&str, String, &str); 5] = [
+        (
+            "change",
+            format!(
+                "UPDATE records SET body = replace(body, 'SELECT 1', 'SELECT 2') WHERE seq = {target}"
+            ),
+            "does not match",
+        ),
+        (
+            "delete",
+            format!("DELETE FROM records WHERE seq = {target}"),
+            "missing",
+        ),
+        (
+            "insert",
+            // Shift the rest up and put a forged copy of the record in its place.
+            format!(
+                "UPDATE records SET seq = -seq WHERE seq >= {target}; \
+                 UPDATE records SET seq = -seq + 1 WHERE seq < 0; \
+                 INSERT INTO records (seq, at_us, session, kind, body, hash) \
+                 SELECT {target}, at_us, session, kind, replace(body, 'SELECT 1', 'SELECT 3'), hash \
+                 FROM records WHERE seq = {target} + 1"
+            ),
+            "does not match",
+        ),
+        (
+            "reorder",
+            format!(
+                "UPDATE records SET seq = -1 WHERE seq = {target}; \
+                 UPDATE records SET seq = {target} WHERE seq = {target} + 1; \
+                 UPDATE records SET seq = {target} + 1 WHERE seq = -1"
+            ),
+            "does not match",
+        ),
+        (
+            "cut the start",
+            format!("DELETE FROM records WHERE seq < {target}"),
+            "",
+        ),
+    ];
+    for (what, sql, why) in &cases {
+        let copy = w
+            .env
+            .dir
+            .join(format!("tampered-{}.db", what.replace(' ', "-")));
+        copy_store(&db, &copy);
+        sqlite(&copy, sql);
+        let (v, human) = verify_file(&w.daemon.config, &copy);
+        assert_eq!(v["ok"], false, "{what} went unnoticed: {v}");
+        let first = if *what == "cut the start" { 1 } else { target };
+        assert_eq!(v["first_bad_seq"], first, "{what}: {v}");
+        assert!(
+            v["problem"].as_str().unwrap_or("").contains(why),
+            "{what}: {v}"
+        );
+        assert!(
+            human.contains("TAMPERED") && human.contains(&format!("#{first}")),
+            "{what}: {human}"
+        );
+    }
+
+    // Records removed from the end fit the chain; the running daemon's head catches it.
+    w.daemon = Daemon::start(&w.daemon.config.clone());
+    assert!(
+        psql_script(&w, &w.agent, "SELECT 5 AS five;\n")
+            .status
+            .success()
+    );
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let head = v["head_seq"].as_i64().expect("head");
+    sqlite(&db, &format!("DELETE FROM records WHERE seq = {head}"));
+    let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "verify", "--json"]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap_or("")
+            .contains("removed from the end"),
+        "{v}"
+    );
+    assert_eq!(v["first_bad_seq"], head, "{v}");
+}
+
+/// Numbers `n` of the statements `SELECT n AS k` in the server's log.
+fn logged_numbers(log: &str) -> HashSet<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("statement: SELECT ")? + "statement: SELECT ".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[digits.len()..]
+                .starts_with(" AS k")
+                .then(|| digits.parse().ok())?
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_under_load_loses_no_statement_the_server_ran() {
+    let mut w = world_with("", None);
+    let script = w.env.dir.join("bench.sql");
+    fs::write(
+        &script,
+        "\\set n random(1, 1000000000000)\nSELECT :n AS k;\n",
+    )
+    .expect("script");
+    let mut cmd = Command::new(pg_bin().join("pgbench"));
+    cmd.args(["-n", "-c", "8", "-j", "2", "-T", "30", "-f"])
+        .arg(&script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "app",
+            "-p",
+            &w.pg.port.to_string(),
+            "shop",
+        ])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    portcullis_tests::in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    let bench = cmd.spawn().expect("pgbench");
+    // Under way, then killed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logged_numbers(&w.pg.log()).len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "pgbench made no progress:\n{}",
+            w.pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.daemon.kill9();
+    let out = bench.wait_with_output().expect("pgbench");
+    assert!(
+        !out.status.success() || text(&out).contains("abort"),
+        "{}",
+        text(&out)
+    );
+    // Let the server log the last statements it received.
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = logged_numbers(&w.pg.log());
+
+    w.daemon = Daemon::start(&w.daemon.config.clone());
+    let recorded: HashSet<u64> = export(&w)
+        .iter()
+        .filter(|r| r["kind"] == "statement")
+        .filter_map(|r| {
+            let sql = r["body"]["sql"].as_str()?;
+            let rest = sql.strip_prefix("SELECT ")?;
+            rest.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    let missing: Vec<&u64> = logged.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} statements the server ran have no record, e.g. {:?}",
+        missing.len(),
+        logged.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(logged.len() >= 2000, "{}", logged.len());
+    // The chain is whole after the kill.
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+/// Line numbers (1-based) of a psql `-f -` run that failed because of the store.
+fn store_refusals(out: &Output) -> Vec<usize> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("audit store cannot record"))
+        .filter_map(|l| {
+            l.strip_prefix("psql:<stdin>:")?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_store_on_a_full_disk_fails_closed_and_recovers() {
+    // The store on a 2 MiB tmpfs.
+    let env_dir = std::env::temp_dir().join(format!("pc-small-{}", std::process::id()));
+    fs::create_dir_all(&env_dir).expect("dir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "pc-small"])
+        .arg(&env_dir)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "cannot mount a tmpfs");
+    let mount = Tmpfs(env_dir.clone());
+    let db = env_dir.join("portcullis.db");
+    let w = world_full(
+        "",
+        None,
+        "",
+        &format!("[store]\npath = \"{}\"\n", db.display()),
+    );
+    assert!(
+        psql_script(&w, &w.agent, "SELECT 1 AS k;\n")
+            .status
+            .success()
+    );
+    // Fill the filesystem.
+    let filler = env_dir.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status();
+    let mut refused = Vec::new();
+    let mut batch = 0;
+    while refused.is_empty() {
+        batch += 1;
+        assert!(batch <= 20, "the store never ran out of space");
+        let script: String = (1..=500)
+            .map(|i| format!("SELECT {} AS k;\n", batch * 1000 + i))
+            .collect();
+        let out = psql_script(&w, &w.agent, &script);
+        refused = store_refusals(&out)
+            .into_iter()
+            .map(|line| batch * 1000 + line)
+            .collect();
+    }
+    // None of the refused statements reached the server.
+    let logged = logged_numbers(&w.pg.log());
+    for n in &refused {
+        assert!(
+            !logged.contains(&(*n as u64)),
+            "statement {n} was refused by the store but ran"
+        );
+    }
+    // A log line and the status say why.
+    let status = w.daemon.status();
+    assert!(
+        status["store"]["refused_statements"].as_u64() >= Some(refused.len() as u64),
+        "{}",
+        status["store"]
+    );
+    assert!(status["store"]["failed"].as_u64() > Some(0));
+    assert!(
+        w.daemon
+            .logs
+            .all()
+            .iter()
+            .any(|v| v["message"] == "statements refused: the audit store cannot record them"),
+        "no log line"
+    );
+    // Space again: statements run and are recorded again.
+    fs::remove_file(&filler).expect("rm filler");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = psql_script(&w, &w.agent, "SELECT 424242 AS k;\n");
+        if out.status.success() && store_refusals(&out).is_empty() && text(&out).contains("424242")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store did not recover: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        export(&w)
+            .iter()
+            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == "SELECT 424242 AS k;"),
+        "the statement after recovery was not recorded"
+    );
+    drop(w);
+    drop(mount);
+}
+
+#[test]
+fn a_store_that_cannot_be_opened_stops_the_daemon_with_the_reason() {
+    let env = portcullis_tests::Env::new();
+    let ro = env.dir.join("ro");
+    fs::create_dir_all(&ro).expect("dir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "pc-ro"])
+        .arg(&ro)
+        .status()
+        .expect("mount");
+    assert!(st.success());
+    let _m = Tmpfs(ro.clone());
+    let cfg = env.config(
+        "",
+        &format!(
+            "\n[store]\npath = \"{}\"\n",
+            ro.join("portcullis.db").display()
+        ),
+    );
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "the daemon ran without a store");
+    let t = text(&out);
+    assert!(t.contains("cannot open the audit store"), "{t}");
+    assert!(t.contains(&ro.display().to_string()), "{t}");
+}
+
+#[test]
+fn replay_shows_what_the_client_saw_and_sessions_filter() {
+    // Credentials for the catalog connection, so masking is by column (dropped last).
+    let keep = portcullis_tests::Env::new();
+    let secret = portcullis_tests::pg::secret_file(&keep);
+    let w = world_with(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
+            secret.display()
+        ),
+        None,
+    );
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE customers (id int, name text, email text); \
+         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.org'); \
+         GRANT SELECT ON customers TO app",
+    );
+    let query = "SELECT id, name, email FROM customers ORDER BY id";
+    let out = psql_cmd(&w, &w.agent, "disable")
+        .args(["-A", "-t", "-F", "|", "-c", query])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out));
+    let client_saw: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(client_saw.len(), 2);
+    assert!(
+        !client_saw[0].contains("ada@example.com"),
+        "not masked: {client_saw:?}"
+    );
+    let denied = psql_cmd(&w, &w.agent, "disable")
+        .args(["-c", "DROP TABLE customers"])
+        .output()
+        .expect("psql");
+    assert!(!denied.status.success());
+
+    let sessions = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+    let list = sessions.as_array().expect("sessions");
+    assert_eq!(list.len(), 2, "{sessions}");
+    // Newest first: the DROP's session, then the query's.
+    let (drop_id, query_id) = (
+        list[0]["id"].as_i64().expect("id"),
+        list[1]["id"].as_i64().expect("id"),
+    );
+    assert_eq!(list[1]["agent"], "a");
+    assert_eq!(list[1]["statements"], 1);
+    assert_eq!(list[0]["denied"], 1, "{sessions}");
+    assert!(list[1]["ended_us"].is_i64(), "{sessions}");
+
+    // The recorded rows are the rows the client received, masked the same way.
+    let recs = String::from_utf8_lossy(
+        &portcullis_as(
+            &w.daemon.config,
+            As::Root,
+            &["replay", &query_id.to_string(), "--json"],
+        )
+        .stdout,
+    )
+    .lines()
+    .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+    .collect::<Vec<_>>();
+    let replayed: Vec<String> = recs
+        .iter()
+        .filter(|r| r["kind"] == "rows")
+        .flat_map(|r| r["body"]["rows"].as_array().cloned().unwrap_or_default())
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_str().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    assert_eq!(replayed, client_saw);
+    assert!(
+        recs.iter()
+            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == query)
+    );
+
+    // The transcript for people.
+    let out = portcullis_as(
+        &w.daemon.config,
+        As::Root,
+        &["replay", &query_id.to_string()],
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for want in [
+        query,
+        "Ada",
+        "Bob",
+        client_saw[0].split('|').nth(2).expect("email"),
+    ] {
+        assert!(t.contains(want), "{want:?} missing from the replay:\n{t}");
+    }
+    assert!(!t.contains("ada@example.com"), "{t}");
+    let out = portcullis_as(
+        &w.daemon.config,
+        As::Root,
+        &["replay", &drop_id.to_string()],
+    );
+    let t = text(&out);
+    assert!(
+        t.contains("DROP TABLE customers") && t.contains("deny-destructive-ddl"),
+        "{t}"
+    );
+
+    // Filters.
+    let ids = |args: &[&str]| -> Vec<i64> {
+        let mut a = vec!["sessions", "--json"];
+        a.extend_from_slice(args);
+        portcullis_json(&w.daemon.config, &a)
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|s| s["id"].as_i64().expect("id"))
+            .collect()
+    };
+    assert_eq!(ids(&["--agent", "a"]).len(), 2);
+    assert!(ids(&["--agent", "nobody-here"]).is_empty());
+    assert_eq!(ids(&["--target", "pg"]).len(), 2);
+    assert_eq!(ids(&["--decision", "deny"]), vec![drop_id]);
+    assert_eq!(ids(&["--decision", "mask"]), vec![query_id]);
+    assert_eq!(ids(&["--since", "1h"]).len(), 2);
+}
+
+#[test]
+fn replay_follow_prints_a_live_session_until_it_ends() {
+    use std::io::Write as _;
+    let w = world_with("", None);
+    let mut psql = psql_cmd(&w, &w.agent, "disable")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let mut stdin = psql.stdin.take().expect("stdin");
+    writeln!(stdin, "SELECT 'first' AS word;").expect("write");
+    stdin.flush().expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let s = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+        if let Some(x) = s
+            .as_array()
+            .and_then(|l| l.first())
+            .filter(|x| x["statements"] == 1)
+        {
+            assert!(x["ended_us"].is_null(), "{x}");
+            break x["id"].as_i64().expect("id");
+        }
+        assert!(Instant::now() < deadline, "no live session: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let follow = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.daemon.config)
+        .args(["replay", &id.to_string(), "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("replay");
+    std::thread::sleep(Duration::from_millis(500));
+    writeln!(stdin, "SELECT 'second' AS word;").expect("write");
+    drop(stdin);
+    assert!(psql.wait_with_output().expect("psql").status.success());
+    // --follow ends by itself when the session does.
+    let started = Instant::now();
+    let out = follow.wait_with_output().expect("replay");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for want in [
+        "SELECT 'first' AS word",
+        "first",
+        "SELECT 'second' AS word",
+        "second",
+    ] {
+        assert!(t.contains(want), "{want:?} missing:\n{t}");
+    }
+}
