@@ -123,6 +123,31 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check this host: kernel, BTF, cgroup v2, bpffs, capabilities, configuration,
+    /// policies, targets, pinned state. Exits non-zero on any problem.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install on this host: binary, systemd unit, configuration, policies, state directory,
+    /// approver and auditor groups; then enable the service. Keeps existing configuration.
+    Install {
+        /// Install below this directory instead (no systemd calls).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Also start the service.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Stop and remove what `install` laid down, and detach the programs. The audit store
+    /// stays unless `--purge`.
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Also remove the state directory (the audit store) and the groups.
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +293,49 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     if let Some(code) = crate::commands::run(&cli, &|| admin_socket(&cli))? {
         return Ok(code);
     }
+    // These do not need a valid configuration (doctor reports on it).
+    match &cli.command {
+        Command::Doctor { json } => {
+            let checks = crate::doctor::run(cli.config.as_deref());
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&checks).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", crate::doctor::render(&checks));
+            }
+            let failed = checks
+                .iter()
+                .any(|c| c.level == crate::doctor::Level::Fail);
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        Command::Install { root, now } => {
+            let log = crate::install::install(&crate::install::InstallOptions {
+                root: root.clone(),
+                now: *now,
+            })?;
+            for l in log {
+                println!("{l}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Uninstall { root, purge } => {
+            let log = crate::install::uninstall(&crate::install::UninstallOptions {
+                root: root.clone(),
+                purge: *purge,
+            })?;
+            for l in log {
+                println!("{l}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let cfg = load_config(&cli)?;
     match cli.command {
         Command::Run { log_format } => {
@@ -317,7 +385,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         | Command::Approvals { .. }
         | Command::Approve { .. }
         | Command::Deny { .. }
-        | Command::Audit { .. } => unreachable!("handled above"),
+        | Command::Audit { .. }
+        | Command::Doctor { .. }
+        | Command::Install { .. }
+        | Command::Uninstall { .. } => unreachable!("handled above"),
         Command::Policy { command } => policy_command(&cfg, command),
         Command::Detach => {
             ebpf::PinLayout::new(&cfg.ebpf.pin_path)

@@ -59,6 +59,8 @@ pub enum DaemonError {
     Postgres(crate::protocol::postgres::PgError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot serve metrics on {0}: {1} (set [metrics] listen, or \"\" to turn it off)")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Everything the admin API and the background tasks need.
@@ -72,6 +74,70 @@ pub struct State {
     pub approvals: Arc<Approvals>,
     bindings: Mutex<Vec<AgentBinding>>,
     started: Instant,
+}
+
+impl crate::metrics::http::Probe for State {
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let p = self.proxy.status();
+        let k = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::Snapshot {
+            refused: vec![
+                ("no_origin", p.refused_no_origin),
+                ("no_target", p.refused_no_target),
+                ("no_agent", p.refused_no_agent),
+                ("store", p.refused_store),
+            ],
+            upstream_failures: p.upstream_failures,
+            ebpf: k.counters,
+            programs_attached: k.programs.len(),
+            in_flight: k.in_flight,
+            store: self.store.stats.snapshot(),
+            reloads_ok: self.policy.stats.ok.load(relaxed),
+            reloads_failed: self.policy.stats.failed.load(relaxed),
+            rules: self.policy.current().rules.len(),
+            cached_decisions: self.policy.cached_decisions(),
+            approvals_pending: self.approvals.pending().len(),
+            grants: self.approvals.grants().len(),
+            webhooks: self.approvals.webhook_counts(),
+            ready: false,
+        }
+    }
+
+    fn readiness(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let k = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status();
+        let programs = if k.programs.is_empty() {
+            Err("no eBPF program is attached".to_owned())
+        } else {
+            Ok(())
+        };
+        let listeners = if self.proxy.accepting.is_cancelled() {
+            Err("the proxy has stopped accepting (shutting down)".to_owned())
+        } else if self.proxy.status().listeners.is_empty() {
+            Err("no proxy listener".to_owned())
+        } else {
+            Ok(())
+        };
+        let policies = if self.policy.generation() > 0 {
+            Ok(())
+        } else {
+            Err("no policy set loaded".to_owned())
+        };
+        vec![
+            ("programs attached", programs),
+            ("listeners up", listeners),
+            ("store writable", self.store.probe_writable()),
+            ("policies loaded", policies),
+        ]
+    }
 }
 
 impl State {
@@ -545,6 +611,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tokio::spawn(watch_policies(state.clone(), shutdown.clone()));
     tokio::spawn(prune_old_sessions(state.clone(), shutdown.clone()));
 
+    let metrics_addr = match cfg.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::http::serve(addr, state.clone())
+                .map_err(|e| DaemonError::Metrics(addr, e))?,
+        ),
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -554,15 +627,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         listen.v4 = %show(v4.map(|a| a.to_string())),
         listen.v6 = %show(v6.map(|a| a.to_string())),
         admin.socket = %cfg.admin.socket.display(),
+        metrics = %show(metrics_addr.map(|a| a.to_string())),
         "ready"
     );
+    crate::sdnotify::ready("protecting");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => state.reload(),
+            _ = hup.recv() => {
+                crate::sdnotify::reloading();
+                state.reload();
+                crate::sdnotify::ready("protecting");
+            }
         }
     }
+    crate::sdnotify::stopping();
     drain(&state, &shutdown, cfg.proxy.drain_timeout.get()).await;
     let _ = std::fs::remove_file(&cfg.admin.socket);
     let s = store.clone();

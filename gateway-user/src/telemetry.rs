@@ -33,9 +33,27 @@ pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
             std::io::stderr(),
         ));
     let registry = tracing_subscriber::registry().with(filter);
+    // Colours only for a terminal; under journald (which sets JOURNAL_STREAM) no timestamp
+    // either: the journal has its own.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let result = match format {
+        LogFormat::Text if journald => registry
+            .with(
+                fmt::layer()
+                    .with_writer(writer)
+                    .with_target(true)
+                    .with_ansi(false)
+                    .without_time(),
+            )
+            .try_init(),
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(writer).with_target(true))
+            .with(
+                fmt::layer()
+                    .with_writer(writer)
+                    .with_target(true)
+                    .with_ansi(ansi),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

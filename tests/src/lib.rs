@@ -219,6 +219,7 @@ impl Env {
             "[daemon]\nstate_dir = \"{}\"\n\n\
              [proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n\n\
              [ebpf]\npin_path = \"{}\"\nattach_cgroup = \"{}\"\nrescan_interval = \"200ms\"\n{ebpf_extra}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
              [admin]\nsocket = \"{}\"\n\n{body}\n",
             self.dir.join("state").display(),
             self.pin_path.display(),
@@ -424,6 +425,8 @@ pub struct Daemon {
     pub logs: Arc<Logs>,
     pub v4: SocketAddr,
     pub v6: Option<SocketAddr>,
+    /// The metrics endpoint.
+    pub metrics: Option<SocketAddr>,
     pub config: PathBuf,
 }
 
@@ -479,6 +482,7 @@ impl Daemon {
             child: child.take(),
             v4: parse_addr(&ready["listen.v4"]).expect("v4 listener"),
             v6: parse_addr(&ready["listen.v6"]),
+            metrics: parse_addr(&ready["metrics"]),
             logs,
             config: config.to_owned(),
         }
@@ -534,6 +538,41 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// `GET path` on the metrics endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let addr = self.metrics.expect("the daemon serves metrics");
+        let mut c = std::net::TcpStream::connect(addr).expect("connect to metrics");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(c, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("request");
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("response");
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not HTTP: {out:?}"));
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (status, body)
+    }
+
+    /// One sample from `/metrics`: the value of the line `name{labels}` (labels as
+    /// exposed, e.g. `{decision="deny"}` matched as a substring), summed over matches.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.split(['{', ' ']).next() == Some(name)
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// SIGTERM and wait.

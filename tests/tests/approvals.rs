@@ -342,3 +342,101 @@ fn approvals_listing_is_readable_and_has_the_commands() {
     assert!(answer(&w, STAFF, &["deny", &id]).status.success());
     drop(wait(child));
 }
+
+/// An HTTP endpoint on loopback that answers 200 and keeps the bodies it was sent.
+fn webhook_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut r = BufReader::new(c.try_clone().expect("clone"));
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_ok()
+                && let Ok(v) = serde_json::from_slice(&body)
+            {
+                sink.lock().expect("sink").push(v);
+            }
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn webhooks_hear_of_requests_and_answers_and_a_dead_one_delays_nothing() {
+    let (port, got) = webhook_sink();
+    // A listener that never accepts: connections hang until the hook's timeout.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    let w = portcullis_tests::pg::world_full(
+        "",
+        Some(POLICY),
+        "",
+        &format!(
+            "[[webhook]]\nurl = \"http://127.0.0.1:{dead_port}/hook\"\ntimeout = \"30s\"\n\n\
+             [[webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\n\n\
+             [[webhook]]\nurl = \"http://127.0.0.1:{port}/slack\"\nformat = \"slack\"\n\
+             events = [\"approval_requested\"]\n"
+        ),
+    );
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 1); \
+         GRANT ALL ON t TO app",
+    );
+    let started = Instant::now();
+    let child = spawn_psql(&w, "UPDATE t SET v = 2 WHERE id = 1");
+    let id = wait_pending(&w, "UPDATE t SET v = 2 WHERE id = 1")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert!(answer(&w, STAFF, &["approve", &id]).status.success());
+    assert!(wait(child).status.success());
+    // The dead hook (30 s timeout) held up neither the request nor the answer.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = got.lock().expect("sink").clone();
+        let json_req = events.iter().any(|e| {
+            e["event"] == "approval_requested"
+                && e["id"] == id.as_str()
+                && e["rule"] == "hold-updates"
+        });
+        let json_dec = events.iter().any(|e| {
+            e["event"] == "approval_decided" && e["id"] == id.as_str() && e["outcome"] == "approved"
+        });
+        let slack = events.iter().any(|e| {
+            e["text"]
+                .as_str()
+                .is_some_and(|t| t.contains(&format!("portcullis approve {id}")))
+        });
+        if json_req && json_dec && slack {
+            // The Slack hook asked for requests only.
+            assert_eq!(events.len(), 3, "{events:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "webhook events missing: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -632,3 +632,23 @@ fn replay_follow_prints_a_live_session_until_it_ends() {
         assert!(t.contains(want), "{want:?} missing:\n{t}");
     }
 }
+
+#[test]
+fn redact_literals_keeps_literals_out_of_records_and_logs() {
+    let w = world_full("", None, "", "[store]\nredact_literals = true\n");
+    let out = psql_cmd(&w, &w.agent, "disable")
+        .args(["-c", "SELECT length('hunter2') AS n WHERE 41 < 42"])
+        .output()
+        .expect("psql");
+    assert!(text(&out).contains('7'), "{}", text(&out));
+    let stmts: Vec<Value> = export(&w)
+        .into_iter()
+        .filter(|r| r["kind"] == "statement")
+        .collect();
+    assert_eq!(stmts.len(), 1, "{stmts:?}");
+    assert_eq!(stmts[0]["body"]["sql"], "SELECT length(?) AS n WHERE ? < ?");
+    assert_eq!(stmts[0]["body"]["redacted"], true);
+    let all = format!("{:?}", w.daemon.logs.all());
+    assert!(all.contains("SELECT length(?)"), "no decision event");
+    assert!(!all.contains("hunter2"), "a literal reached the log");
+}

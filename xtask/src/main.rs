@@ -5,7 +5,7 @@
 //! - `run`: as root: setup if needed, build, run the daemon in the foreground with the
 //!   default configuration (`config/portcullis.toml`, the text embedded in the binary).
 //! - `test`: unit tests and the privileged end-to-end tests.
-//! - `bench [intercept]`: benchmarks, printing ratios measured side by side.
+//! - `bench [policy|intercept|pg|store]`: benchmarks, printing ratios measured side by side.
 
 mod setup;
 
@@ -62,7 +62,7 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Run benchmarks (root); `intercept` is the only suite so far.
+    /// Run benchmarks (root): policy, intercept, pg, store (all when none is named).
     Bench {
         /// Suites to run; all when empty.
         suites: Vec<String>,

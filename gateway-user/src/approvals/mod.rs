@@ -117,6 +117,17 @@ impl Approvals {
         })
     }
 
+    /// Webhook events delivered, failed (after retries) and dropped.
+    pub fn webhook_counts(&self) -> [(&'static str, u64); 3] {
+        let st = &self.webhooks.stats;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        [
+            ("delivered", l(&st.delivered)),
+            ("failed", l(&st.failed)),
+            ("dropped", l(&st.dropped)),
+        ]
+    }
+
     pub fn pending(&self) -> Vec<PendingView> {
         let mut v: Vec<PendingView> = self
             .pending
@@ -270,14 +281,26 @@ impl Approvals {
         Some(hit.view.clone())
     }
 
+    /// The statement as records and webhooks carry it: without literals when the rule or
+    /// `[store] redact_literals` says so. (The approver's own listing shows it whole: they
+    /// cannot judge what they cannot read.)
+    fn shown(&self, req: &ApprovalRequest) -> String {
+        if req.decision.redact_literals || self.store.config().redact_literals {
+            crate::store::redact::redact_literals(&req.statement)
+        } else {
+            req.statement.clone()
+        }
+    }
+
     async fn wait(self: Arc<Self>, req: ApprovalRequest, notify: Notify) -> ApprovalOutcome {
+        let shown = self.shown(&req);
         if let Some(g) = self.granted(&req) {
             let r = self
                 .store
                 .append_durable(vec![Append {
                     session: req.session,
                     kind: "grant_used",
-                    body: json!({"grant": g.id, "rule": g.rule, "statement": req.statement, "by": g.by}),
+                    body: json!({"grant": g.id, "rule": g.rule, "statement": shown, "by": g.by}),
                     at_us: now_us(),
                 }])
                 .await;
@@ -308,12 +331,16 @@ impl Approvals {
             expires_us: now_us() + timeout.as_micros() as i64,
         };
         let (tx, rx) = oneshot::channel();
+        let recorded = PendingView {
+            statement: shown,
+            ..view.clone()
+        };
         let r = self
             .store
             .append_durable(vec![Append {
                 session: req.session,
                 kind: "approval_requested",
-                body: serde_json::to_value(&view).unwrap_or_default(),
+                body: serde_json::to_value(&recorded).unwrap_or_default(),
                 at_us: now_us(),
             }])
             .await;
@@ -337,10 +364,11 @@ impl Approvals {
             approvals: self.clone(),
             id: id.clone(),
             session: req.session,
+            began: Instant::now(),
         };
         self.webhooks.send(
             "approval_requested",
-            serde_json::to_value(&view).unwrap_or_default(),
+            serde_json::to_value(&recorded).unwrap_or_default(),
         );
         tracing::info!(
             target: "portcullis::audit",
@@ -359,6 +387,7 @@ impl Approvals {
                 .unwrap_or_else(|| format!("rule {}", req.decision.rule)),
             humantime::format_duration(timeout)
         ));
+        let began = Instant::now();
         let outcome = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) | Err(_) => {
@@ -383,6 +412,15 @@ impl Approvals {
             }
         };
         std::mem::forget(guard);
+        let label = match &outcome {
+            ApprovalOutcome::Approved => "approved",
+            ApprovalOutcome::Denied { .. } => "denied",
+            ApprovalOutcome::TimedOut => "expired",
+        };
+        crate::metrics::get()
+            .approval_wait_seconds
+            .with_label_values(&[label])
+            .observe(began.elapsed().as_secs_f64());
         outcome
     }
 }
@@ -392,6 +430,7 @@ struct Withdraw {
     approvals: Arc<Approvals>,
     id: String,
     session: i64,
+    began: Instant,
 }
 
 impl Drop for Withdraw {
@@ -404,6 +443,10 @@ impl Drop for Withdraw {
             .remove(&self.id)
             .is_some();
         if removed {
+            crate::metrics::get()
+                .approval_wait_seconds
+                .with_label_values(&["withdrawn"])
+                .observe(self.began.elapsed().as_secs_f64());
             self.approvals.record(
                 self.session,
                 "approval_decided",

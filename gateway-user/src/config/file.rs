@@ -26,6 +26,8 @@ pub struct ConfigFile {
     pub policy: PolicySection,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookEntry>,
     #[serde(default, rename = "agent")]
@@ -138,6 +140,27 @@ pub struct AdminSection {
 
 fn default_auditors() -> Vec<String> {
     vec!["portcullis-auditors".to_owned()]
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `address:port` for `/metrics`, `/healthz`, `/readyz`; `""` turns the endpoint off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Spanned<String>,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> Spanned<String> {
+    unspanned("127.0.0.1:9477".to_owned())
 }
 
 /// `[store]`: the audit store.

@@ -177,6 +177,8 @@ pub struct Config {
     pub log: LogConfig,
     pub policy: PolicyConfig,
     pub store: StoreConfig,
+    /// `[metrics] listen`; `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<Webhook>,
     pub agents: Vec<Agent>,
     pub targets: Vec<Target>,
@@ -783,6 +785,22 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             Durability::Commit
         }
     };
+    let metrics_listen = match raw.metrics.listen.get_ref().as_str() {
+        "" => None,
+        text => match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.at(
+                    &raw.metrics.listen,
+                    format!(
+                        "`{text}` is not an address:port (e.g. `127.0.0.1:9477`; `\"\"` turns \
+                         the endpoint off)"
+                    ),
+                );
+                None
+            }
+        },
+    };
     if *raw.store.queue.get_ref() < 16 {
         c.at(&raw.store.queue, "`queue` must be at least 16 records");
     }
@@ -864,6 +882,7 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             socket: raw.admin.socket,
             auditors: raw.admin.auditors,
         },
+        metrics_listen,
         store: StoreConfig {
             path: store_path,
             durability,

@@ -179,6 +179,10 @@ impl Masker {
         if found.is_empty() {
             return None;
         }
+        let counter = &crate::metrics::get().masked_values;
+        for f in &found {
+            counter.with_label_values(&[f.detector]).inc();
+        }
         Some(self.splice(detection, s, &found, class).map(|body| {
             let mut out = Vec::with_capacity(prefix.len() + body.len());
             out.extend_from_slice(prefix);

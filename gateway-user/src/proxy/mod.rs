@@ -343,12 +343,23 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
             addr: dst,
             mark: cfg.proxy.upstream_mark,
             timeout: cfg.proxy.connect_timeout.get(),
+            target: Some(target.name.clone()),
         },
         traffic: traffic.clone(),
         shutdown: shared.shutdown.clone(),
     };
     stats.active.fetch_add(1, Ordering::Relaxed);
+    let labels = [
+        agent.name.as_str(),
+        target.name.as_str(),
+        target.protocol.as_str(),
+    ];
+    let m = crate::metrics::get();
+    m.connections.with_label_values(&labels).inc();
+    let active = m.connections_active.with_label_values(&labels);
+    active.inc();
     let outcome = shared.engines.get(target.protocol).serve(session).await;
+    active.dec();
     stats.active.fetch_sub(1, Ordering::Relaxed);
     if outcome.end == crate::protocol::End::UpstreamUnreachable {
         stats.upstream_failures.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,9 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub mark: u32,
     pub timeout: Duration,
+    /// Target name for the connect-time metric; `None` for side connections (catalog,
+    /// cancel) that are not a session's own.
+    pub target: Option<String>,
 }
 
 impl Upstream {
@@ -52,8 +55,17 @@ impl Upstream {
             .set_tcp_nodelay(true)
             .map_err(|source| UpstreamError::Socket { addr, source })?;
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        let began = std::time::Instant::now();
         match tokio::time::timeout(self.timeout, socket.connect(addr)).await {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                if let Some(target) = &self.target {
+                    crate::metrics::get()
+                        .upstream_connect_seconds
+                        .with_label_values(&[target.as_str()])
+                        .observe(began.elapsed().as_secs_f64());
+                }
+                Ok(s)
+            }
             Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
             Err(_) => Err(UpstreamError::Timeout {
                 addr,

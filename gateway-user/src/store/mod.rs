@@ -66,6 +66,8 @@ pub struct StoreStats {
     pub refused_statements: AtomicU64,
     /// Requests queued for the writer and not yet taken.
     pub queued: AtomicU64,
+    /// The last commit failed (cleared by the next good one).
+    pub last_failed: std::sync::atomic::AtomicBool,
 }
 
 impl StoreStats {
@@ -235,6 +237,24 @@ impl Store {
         wait.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Whether the store can write now: the last commit succeeded and the store's directory
+    /// takes a small synced file (catches a full or read-only filesystem while idle).
+    pub fn probe_writable(&self) -> Result<(), String> {
+        use std::io::Write as _;
+        if self.stats.last_failed.load(Ordering::Relaxed) {
+            return Err("the last write to the audit store failed".into());
+        }
+        let dir = self.cfg.path.parent().unwrap_or_else(|| Path::new("."));
+        let probe = dir.join(".portcullis-write-probe");
+        let r = (|| {
+            let mut f = std::fs::File::create(&probe)?;
+            f.write_all(&[0u8; 4096])?;
+            f.sync_all()
+        })();
+        let _ = std::fs::remove_file(&probe);
+        r.map_err(|e| format!("cannot write in {}: {e}", dir.display()))
+    }
+
     /// Stops the writer after what is queued, and logs the chain head.
     pub fn close(&self) {
         // Blocking: after what is queued (the writer is draining it).
@@ -284,6 +304,7 @@ mod tests {
             queue: 1024,
             recording_limit: 1 << 20,
             retention: None,
+            prune_interval: crate::config::Duration::from_secs(3600),
             redact_literals: false,
         }
     }

@@ -248,7 +248,15 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<(Vec<Append>, Option<Waiter>)>) {
         let start = *self.head.lock().unwrap_or_else(|e| e.into_inner());
+        let began = Instant::now();
+        // With synchronous = FULL (strict) the commit itself syncs the WAL.
         let result = self.write(&group, start);
+        crate::metrics::get()
+            .audit_commit_seconds
+            .observe(began.elapsed().as_secs_f64());
+        self.stats
+            .last_failed
+            .store(result.is_err(), Ordering::Relaxed);
         match result {
             Ok((head, seqs)) => {
                 *self.head.lock().unwrap_or_else(|e| e.into_inner()) = head;

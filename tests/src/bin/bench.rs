@@ -11,6 +11,11 @@
 //!   Portcullis (shipped policies) and through pgbouncer (session pooling), rounds
 //!   alternating; then a 1,000,000-row SELECT with two masked columns against the same
 //!   SELECT unmasked, both through Portcullis, with the daemon's RSS sampled meanwhile.
+//! - `store`: the audit store's writer — records per second with group commit (64
+//!   concurrent writers waiting for their records, and fire-and-forget appends), and the
+//!   latency one waiting statement record adds, for `durability = "commit"` and
+//!   `"strict"`, on the disk under `target/`; then `pgbench -S` direct and through
+//!   Portcullis with recording in each mode.
 
 use std::{net::Ipv4Addr, time::Instant};
 
@@ -478,6 +483,177 @@ fn pg() {
     );
 }
 
+/// A statement record like the PostgreSQL engine writes.
+fn stmt_record(n: u64) -> portcullis::store::Append {
+    portcullis::store::Append {
+        session: 1 + (n % 8) as i64,
+        kind: "statement",
+        body: serde_json::json!({
+            "n": n, "via": "query", "sql": format!("SELECT abalance FROM pgbench_accounts WHERE aid = {n};"),
+            "redacted": false, "name": null, "verdict": "mask", "rule": "mask-pii-columns",
+            "kinds": ["select"], "masks": ["mask-pii-columns"], "refused": null,
+        }),
+        at_us: portcullis::store::now_us(),
+    }
+}
+
+fn store_config(dir: &std::path::Path, strict: bool) -> portcullis::config::StoreConfig {
+    use portcullis::config::{Durability, StoreConfig};
+    let _ = std::fs::remove_dir_all(dir);
+    StoreConfig {
+        path: dir.join("bench.db"),
+        durability: if strict {
+            Durability::Strict
+        } else {
+            Durability::Commit
+        },
+        queue: 65_536,
+        recording_limit: 1 << 20,
+        retention: None,
+        prune_interval: portcullis::config::Duration::from_secs(3600),
+        redact_literals: false,
+    }
+}
+
+/// (records/s with 64 waiting writers, records/s fire-and-forget, single-writer latency
+/// median and p99 in µs)
+fn store_writer(dir: &std::path::Path, strict: bool) -> (f64, f64, f64, f64) {
+    use portcullis::store::Store;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = Store::open(&store_config(dir, strict)).expect("store");
+        // 64 writers, each waiting for its record before the next, like sessions do.
+        let secs = 3.0;
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..64u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while t.elapsed().as_secs_f64() < secs {
+                    store
+                        .append_durable(vec![stmt_record(w << 32 | n)])
+                        .await
+                        .expect("append");
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("writer");
+        }
+        let waiting = total as f64 / t.elapsed().as_secs_f64();
+        // Fire and forget (transcripts): queue as fast as the queue takes them.
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while t.elapsed().as_secs_f64() < 2.0 {
+            match store.append(stmt_record(sent)) {
+                Ok(()) => sent += 1,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+        // The queue is full now: wait until the writer has drained it.
+        while store.flush().await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let queued = sent as f64 / t.elapsed().as_secs_f64();
+        // One writer alone: what a statement waits for its record.
+        let mut lat = Vec::new();
+        for n in 0..2000u64 {
+            let t = Instant::now();
+            store
+                .append_durable(vec![stmt_record(n)])
+                .await
+                .expect("append");
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        lat.sort_by(f64::total_cmp);
+        let p99 = lat[lat.len() * 99 / 100];
+        let med = median(lat);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .expect("close");
+        (waiting, queued, med, p99)
+    })
+}
+
+fn store_bench() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-store");
+    println!();
+    println!(
+        "store: audit writer on {} ({} cores); medians of {PG_ROUNDS} rounds",
+        dir.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<10} {:>22} {:>22} {:>18} {:>14}",
+        "durability", "records/s (64 waiting)", "records/s (no wait)", "wait median", "wait p99"
+    );
+    for strict in [false, true] {
+        let runs: Vec<_> = (0..PG_ROUNDS).map(|_| store_writer(&dir, strict)).collect();
+        let col = |i: usize| median(runs.iter().map(|r| [r.0, r.1, r.2, r.3][i]).collect());
+        println!(
+            "{:<10} {:>22.0} {:>22.0} {:>15.1} us {:>11.1} us",
+            if strict { "strict" } else { "commit" },
+            col(0),
+            col(1),
+            col(2),
+            col(3)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // pgbench with recording in each mode, against direct, rounds alternating.
+    let (env, agent, direct, pg, body) = pg_setup();
+    let cases: [(&str, usize); 2] = [("simple", 1), ("simple", 8)];
+    // results[case][path]: direct, commit, strict
+    let mut results = vec![vec![Vec::new(); 3]; 2];
+    for round in 0..PG_ROUNDS {
+        eprintln!("store pgbench round {}/{PG_ROUNDS}", round + 1);
+        for (ci, (mode, clients)) in cases.iter().enumerate() {
+            results[ci][0].push(pgbench(&env, &direct, pg.port, mode, *clients, PG_SECS).0);
+        }
+        for (pi, durability) in [(1, "commit"), (2, "strict")] {
+            let cfg = env.config(
+                "",
+                &format!("{body}\n[store]\ndurability = \"{durability}\"\n"),
+            );
+            let daemon = Daemon::start(&cfg);
+            for (ci, (mode, clients)) in cases.iter().enumerate() {
+                results[ci][pi].push(pgbench(&env, &agent, pg.port, mode, *clients, PG_SECS).0);
+            }
+            drop(daemon);
+        }
+    }
+    println!();
+    println!(
+        "store: pgbench -S through Portcullis with every statement recorded before it is \
+         forwarded; {PG_ROUNDS} rounds of {PG_SECS}s, medians"
+    );
+    println!(
+        "{:<22} {:>10} {:>12} {:>12} {:>10} {:>10}",
+        "case (tps)", "direct", "P commit", "P strict", "commit/d", "strict/d"
+    );
+    for (ci, (mode, clients)) in cases.iter().enumerate() {
+        let t: Vec<f64> = (0..3).map(|p| median(results[ci][p].clone())).collect();
+        println!(
+            "{:<22} {:>10.0} {:>12.0} {:>12.0} {:>9.2}x {:>9.2}x",
+            format!("{mode}, {clients} client(s)"),
+            t[0],
+            t[1],
+            t[2],
+            t[1] / t[0],
+            t[2] / t[0]
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all = args.is_empty();
@@ -495,12 +671,16 @@ fn main() {
         pg();
         ran = true;
     }
+    if want("store") {
+        store_bench();
+        ran = true;
+    }
     if args.first().is_some_and(|a| a == "pg-profile") {
         pg_profile(&args[1..]);
         ran = true;
     }
     if !ran {
-        eprintln!("unknown suite(s) {args:?}; available: policy, intercept, pg");
+        eprintln!("unknown suite(s) {args:?}; available: policy, intercept, pg, store");
         std::process::exit(2);
     }
 }

@@ -78,6 +78,7 @@ pub async fn forward(map: &Arc<CancelMap>, up: &Upstream, pid: i32, key: Bytes) 
     };
     let up = Upstream {
         addr: server,
+        target: None,
         ..up.clone()
     };
     match up.connect().await {

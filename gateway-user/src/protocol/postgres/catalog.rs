@@ -78,6 +78,7 @@ impl Catalogs {
                     addr: upstream.addr,
                     mark: upstream.mark,
                     timeout: upstream.timeout,
+                    target: None,
                 },
                 conn: tokio::sync::Mutex::new(None),
                 data: Mutex::new(Arc::new(Data::new())),

@@ -479,6 +479,8 @@ async fn session(
         recorded: 0,
         sql_prepared: HashMap::new(),
         scs,
+        received_at: None,
+        sent_at: None,
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -496,6 +498,7 @@ async fn session(
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
         has_catalog: catalog.is_some(),
+        redact_all: shared.store.config().redact_literals,
     };
     let Reader {
         r: cs,
@@ -530,6 +533,7 @@ async fn session(
             catalog,
         ),
         traffic,
+        &ctx.target.name,
     );
     tokio::pin!(upward, downward);
     let end = tokio::select! {
@@ -699,6 +703,10 @@ struct State {
     sql_prepared: HashMap<String, Arc<Judgement>>,
     /// The server's standard_conforming_strings.
     scs: bool,
+    /// When the oldest request not yet answered by ReadyForQuery arrived from the client,
+    /// and when it was forwarded (latency metrics).
+    received_at: Option<std::time::Instant>,
+    sent_at: Option<std::time::Instant>,
 }
 
 struct JudgeCtx {
@@ -709,11 +717,14 @@ struct JudgeCtx {
     protocol: &'static str,
     /// Masking can look names up in the catalog.
     has_catalog: bool,
+    /// `[store] redact_literals`: statement text is logged and recorded without literals.
+    redact_all: bool,
 }
 
 impl JudgeCtx {
     fn judge(&self, sql: &str, scs: bool) -> Arc<Judgement> {
-        self.policy.judge_sql(
+        let began = std::time::Instant::now();
+        let j = self.policy.judge_sql(
             self.class,
             &self.subject,
             &self.target,
@@ -722,7 +733,11 @@ impl JudgeCtx {
             LexOptions {
                 standard_conforming_strings: scs,
             },
-        )
+        );
+        crate::metrics::get()
+            .decision_seconds
+            .observe(began.elapsed().as_secs_f64());
+        j
     }
 }
 
@@ -1094,10 +1109,23 @@ fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>) {
 /// One event per decision (`portcullis::audit`), as operators expect in the journal.
 fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
     let d = &j.decision;
+    crate::metrics::get()
+        .statements
+        .with_label_values(&[
+            judge.subject.agent.as_str(),
+            judge.target.as_str(),
+            d.verdict.as_str(),
+        ])
+        .inc();
     if !tracing::enabled!(target: "portcullis::audit", tracing::Level::INFO) {
         return;
     }
     let kinds: Vec<String> = j.classification.kinds().iter().map(|k| k.name()).collect();
+    let shown = if judge.redact_all || d.redact_literals {
+        truncate(&crate::store::redact::redact_literals(sql), 200)
+    } else {
+        truncate(sql, 200)
+    };
     tracing::info!(
         target: "portcullis::audit",
         verdict = d.verdict.as_str(),
@@ -1105,7 +1133,7 @@ fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
         agent.name = %judge.subject.agent,
         target.name = %judge.target,
         kinds = %kinds.join(","),
-        statement = %truncate(sql, 200),
+        statement = %shown,
         "decision"
     );
 }
@@ -1174,7 +1202,13 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let mut plans = Vec::new();
         let mut hold = None;
         let mut close = false;
+        let arrived = std::time::Instant::now();
         while let Some(f) = client.try_frame()? {
+            state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .received_at
+                .get_or_insert(arrived);
             match plan(&state, judge, f)? {
                 p @ Plan::Hold { .. } => {
                     hold = Some(p);
@@ -1448,6 +1482,7 @@ async fn flush_up<W: AsyncWrite + Unpin>(
         for e in expects {
             st.tracker.push(e);
         }
+        st.sent_at.get_or_insert_with(std::time::Instant::now);
     }
     server.write_all(&out).await.map_err(PgError::ServerIo)?;
     traffic
@@ -1462,6 +1497,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
     state: Arc<Mutex<State>>,
     mut masking: ResultMasking,
     traffic: &Traffic,
+    target: &str,
 ) -> Result<End, PgError> {
     let prepared = |n: &str| {
         state
@@ -1503,6 +1539,21 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                         .await
                 }
                 Route::Ready(_) => {
+                    let (received, sent) = {
+                        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                        (st.received_at.take(), st.sent_at.take())
+                    };
+                    let m = crate::metrics::get();
+                    if let Some(t) = received {
+                        m.statement_seconds
+                            .with_label_values(&[target])
+                            .observe(t.elapsed().as_secs_f64());
+                    }
+                    if let Some(t) = sent {
+                        m.upstream_seconds
+                            .with_label_values(&[target])
+                            .observe(t.elapsed().as_secs_f64());
+                    }
                     masking.on_ready(messages::ready_status(&f.body).unwrap_or(b'I'));
                     f.encode(&mut out);
                     Ok(())

@@ -1,0 +1,454 @@
+//! `portcullis doctor`: what this host needs for Portcullis, checked one by one, each
+//! problem one line with its fix.
+//!
+//! Checks are plain functions returning [`Check`]s, so the report is the same for people
+//! (`ok` / `WARN` / `FAIL` lines) and programs (`--json`). A failed check makes the command
+//! exit non-zero; a warning does not.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    cgroup,
+    config::{Config, DEFAULT_CONFIG_PATH},
+    ebpf,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub level: Level,
+    pub what: String,
+    /// What to do; empty when fine.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+fn ok(what: impl Into<String>) -> Check {
+    Check {
+        level: Level::Ok,
+        what: what.into(),
+        fix: String::new(),
+    }
+}
+
+fn fail(what: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        level: Level::Fail,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+fn warn(what: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        level: Level::Warn,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Oldest kernel the programs are built for.
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// `6.1.0-28-amd64` → (6, 1).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn uname_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn check_kernel(release: &str) -> Check {
+    match kernel_version(release) {
+        Some(v) if v >= MIN_KERNEL => ok(format!("kernel {release} (5.15 or later)")),
+        Some(_) => fail(
+            format!("kernel {release} is older than 5.15"),
+            "upgrade the kernel (Debian 12: linux-image-amd64 from bookworm-backports or 6.1)",
+        ),
+        None => warn(
+            format!("cannot read the kernel version ({release:?})"),
+            "check /proc/sys/kernel/osrelease",
+        ),
+    }
+}
+
+/// Options the programs need, from the kernel's build configuration text.
+pub const KERNEL_OPTIONS: [&str; 4] = [
+    "CONFIG_BPF_SYSCALL",
+    "CONFIG_CGROUP_BPF",
+    "CONFIG_BPF_JIT",
+    "CONFIG_DEBUG_INFO_BTF",
+];
+
+pub fn check_kernel_config(text: Option<&str>, source: &str) -> Check {
+    let Some(text) = text else {
+        return warn(
+            format!("kernel configuration not found ({source}); options not checked"),
+            "install the kernel's config file (Debian ships /boot/config-$(uname -r))",
+        );
+    };
+    let missing: Vec<&str> = KERNEL_OPTIONS
+        .iter()
+        .copied()
+        .filter(|o| !text.lines().any(|l| l == format!("{o}=y")))
+        .collect();
+    if missing.is_empty() {
+        ok(format!("kernel options {} ({source})", KERNEL_OPTIONS.join(", ")))
+    } else {
+        fail(
+            format!("the kernel lacks {} ({source})", missing.join(", ")),
+            "use a kernel built with them (every Debian 12 and Ubuntu 22.04+ kernel is)",
+        )
+    }
+}
+
+fn check_btf() -> Check {
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        ok("BTF at /sys/kernel/btf/vmlinux")
+    } else {
+        fail(
+            "no BTF (/sys/kernel/btf/vmlinux is missing)",
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
+    }
+}
+
+pub fn check_mounts(mounts: &[cgroup::Mount], pin_path: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    match cgroup::cgroup2_mount_in(mounts) {
+        Some(p) => out.push(ok(format!("cgroup v2 mounted at {}", p.display()))),
+        None => out.push(fail(
+            "no cgroup v2 (cgroup2) mount",
+            "boot with systemd.unified_cgroup_hierarchy=1 (the default since systemd 247)",
+        )),
+    }
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.fstype == "bpf" && pin_path.starts_with(&m.mount_point));
+    match bpffs {
+        Some(m) => out.push(ok(format!(
+            "bpffs mounted at {} (pins under {})",
+            m.mount_point.display(),
+            pin_path.display()
+        ))),
+        None => out.push(fail(
+            format!(
+                "bpffs is not mounted at {}: pinned programs cannot survive a restart",
+                pin_path.parent().unwrap_or(pin_path).display()
+            ),
+            "mount -t bpf bpf /sys/fs/bpf (systemd: systemctl start sys-fs-bpf.mount)",
+        )),
+    }
+    out
+}
+
+/// Effective capabilities from `/proc/self/status`'s `CapEff`.
+pub fn cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+pub const CAPS: [(u32, &str); 5] = [
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
+];
+
+pub fn check_caps(eff: Option<u64>) -> Check {
+    let Some(eff) = eff else {
+        return warn("cannot read capabilities", "check /proc/self/status");
+    };
+    let missing: Vec<&str> = CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if missing.is_empty() {
+        ok("capabilities for the daemon (BPF, PERFMON, NET_ADMIN, SYS_ADMIN, SYS_PTRACE)")
+    } else {
+        fail(
+            format!("missing {}", missing.join(", ")),
+            "run as root (the systemd unit grants exactly these)",
+        )
+    }
+}
+
+/// The configuration and the policies.
+fn check_config(path: &Path, explicit: bool) -> (Vec<Check>, Option<Config>) {
+    let mut out = Vec::new();
+    let cfg = match Config::load_or_default(path, explicit) {
+        Ok(c) => {
+            out.push(ok(format!(
+                "configuration {}",
+                c.path
+                    .as_ref()
+                    .map_or_else(|| "<embedded default>".into(), |p| p.display().to_string())
+            )));
+            c
+        }
+        Err(e) => {
+            for line in e.to_string().lines().filter(|l| !l.trim().is_empty()) {
+                out.push(fail(
+                    format!("configuration: {}", line.trim()),
+                    format!("edit {}", path.display()),
+                ));
+            }
+            return (out, None);
+        }
+    };
+    match crate::policy::PolicyStore::open(&cfg) {
+        Ok(p) => out.push(ok(format!(
+            "policies: {} rule(s) from {}",
+            p.current().rules.len(),
+            cfg.policy
+                .dir
+                .as_ref()
+                .map_or_else(|| "the shipped set".into(), |d| d.display().to_string())
+        ))),
+        Err(e) => {
+            for line in e.to_string().lines().filter(|l| !l.trim().is_empty()) {
+                out.push(fail(
+                    format!("policies: {}", line.trim()),
+                    "fix the file; `portcullis policy check` shows every problem",
+                ));
+            }
+        }
+    }
+    (out, Some(cfg))
+}
+
+/// Targets with concrete addresses: can this host reach them? (Connects with the proxy's
+/// mark, so the check itself is never redirected.)
+fn check_targets(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    for t in &cfg.targets {
+        let concrete: Vec<SocketAddr> = t
+            .addrs
+            .iter()
+            .filter_map(|a| {
+                let net = a.net?;
+                (net.prefix_len() == net.max_prefix_len())
+                    .then(|| SocketAddr::new(net.addr(), a.port))
+            })
+            .collect();
+        if concrete.is_empty() {
+            out.push(ok(format!(
+                "target {}: ranges or any address; reachability not checked",
+                t.name
+            )));
+            continue;
+        }
+        for addr in concrete {
+            match connect_marked(addr, cfg.proxy.upstream_mark) {
+                Ok(()) => out.push(ok(format!("target {} at {addr} is reachable", t.name))),
+                Err(e) => out.push(warn(
+                    format!("target {} at {addr} is not reachable: {e}", t.name),
+                    "start the service or fix the address; agents will fail to connect too",
+                )),
+            }
+        }
+    }
+    out
+}
+
+fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<()> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Without CAP_NET_ADMIN the mark cannot be set; then the connect may be redirected,
+    // which still says whether the gate answers.
+    let _ = s.set_mark(mark);
+    s.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+    drop(TcpStream::from(s));
+    Ok(())
+}
+
+/// Pins against the configuration, and whether a daemon answers.
+fn check_pins(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    let (links, maps) = ebpf::pinned_state(&cfg.ebpf.pin_path);
+    let running = std::os::unix::net::UnixStream::connect(&cfg.admin.socket).is_ok();
+    let closed = cfg.ebpf.fail_mode == crate::config::FailMode::Closed;
+    match (running, links.is_empty(), closed) {
+        (true, false, _) => out.push(ok(format!(
+            "daemon running; {} program link(s) pinned under {}",
+            links.len(),
+            cfg.ebpf.pin_path.display()
+        ))),
+        (true, true, true) => out.push(fail(
+            format!(
+                "daemon running but no links pinned under {}: protection would end with the \
+                 daemon, although fail_mode is closed",
+                cfg.ebpf.pin_path.display()
+            ),
+            "restart the daemon with this configuration (`systemctl restart portcullis`)",
+        )),
+        (true, true, false) => out.push(ok("daemon running (fail_mode open: nothing pinned)")),
+        (false, false, _) => out.push(fail(
+            format!(
+                "programs are pinned under {} but no daemon answers on {}: protected \
+                 connections are refused",
+                cfg.ebpf.pin_path.display(),
+                cfg.admin.socket.display()
+            ),
+            "start it (`systemctl start portcullis`), or remove protection (`portcullis detach`)",
+        )),
+        (false, true, _) => out.push(warn(
+            "no daemon running and nothing pinned: nothing is protected",
+            "start it (`systemctl start portcullis` or `cargo xtask run`)",
+        )),
+    }
+    if !links.is_empty() && !maps {
+        out.push(fail(
+            format!(
+                "links are pinned under {} but not the maps of this version's layout",
+                cfg.ebpf.pin_path.display()
+            ),
+            "restart the daemon: it re-creates the maps (or `portcullis detach` first)",
+        ));
+    }
+    out
+}
+
+fn check_store(cfg: &Config) -> Check {
+    let dir = cfg.store.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let probe = dir.join(".portcullis-doctor-probe");
+    let r = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"probe"));
+    let _ = std::fs::remove_file(&probe);
+    match r {
+        Ok(()) => ok(format!("audit store directory {} is writable", dir.display())),
+        Err(e) => fail(
+            format!("audit store directory {} is not writable: {e}", dir.display()),
+            "fix its permissions or free space, or set [store] path",
+        ),
+    }
+}
+
+/// Every check, in order.
+pub fn run(config: Option<&Path>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let release = uname_release();
+    out.push(check_kernel(&release));
+    let boot = format!("/boot/config-{release}");
+    let text = std::fs::read_to_string(&boot).ok();
+    out.push(check_kernel_config(text.as_deref(), &boot));
+    out.push(check_btf());
+    out.push(check_caps(
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .as_deref()
+            .and_then(cap_eff),
+    ));
+    let (path, explicit) = match config {
+        Some(p) => (p.to_owned(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let (checks, cfg) = check_config(&path, explicit);
+    let pin_path = cfg
+        .as_ref()
+        .map_or_else(|| PathBuf::from("/sys/fs/bpf/portcullis"), |c| c.ebpf.pin_path.clone());
+    match cgroup::read_mountinfo() {
+        Ok(m) => out.extend(check_mounts(&m, &pin_path)),
+        Err(e) => out.push(fail(format!("cannot read mountinfo: {e}"), "check /proc")),
+    }
+    out.extend(checks);
+    if let Some(cfg) = &cfg {
+        out.push(check_store(cfg));
+        out.extend(check_targets(cfg));
+        out.extend(check_pins(cfg));
+    }
+    out
+}
+
+pub fn render(checks: &[Check]) -> String {
+    let mut o = String::new();
+    for c in checks {
+        let tag = match c.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        if c.fix.is_empty() {
+            o.push_str(&format!("{tag}  {}\n", c.what));
+        } else {
+            o.push_str(&format!("{tag}  {} — fix: {}\n", c.what, c.fix));
+        }
+    }
+    let fails = checks.iter().filter(|c| c.level == Level::Fail).count();
+    if fails == 0 {
+        o.push_str("no problems found\n");
+    } else {
+        o.push_str(&format!("{fails} problem(s)\n"));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(check_kernel("5.10.0-9").level, Level::Fail);
+        assert_eq!(check_kernel("6.12.1").level, Level::Ok);
+        assert_eq!(check_kernel("").level, Level::Warn);
+    }
+
+    #[test]
+    fn kernel_config_names_what_is_missing() {
+        let good = KERNEL_OPTIONS.map(|o| format!("{o}=y")).join("\n");
+        assert_eq!(check_kernel_config(Some(&good), "x").level, Level::Ok);
+        let bad = good.replace("CONFIG_CGROUP_BPF=y", "# CONFIG_CGROUP_BPF is not set");
+        let c = check_kernel_config(Some(&bad), "x");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.what.contains("CONFIG_CGROUP_BPF"), "{}", c.what);
+        assert_eq!(check_kernel_config(None, "x").level, Level::Warn);
+    }
+
+    #[test]
+    fn capabilities() {
+        assert_eq!(check_caps(Some(u64::MAX)).level, Level::Ok);
+        let c = check_caps(Some(1 << 12));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.what.contains("CAP_BPF") && !c.what.contains("CAP_NET_ADMIN"));
+        assert_eq!(cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+    }
+
+    #[test]
+    fn a_missing_bpffs_is_one_failure_with_the_fix() {
+        let mounts = cgroup::parse_mountinfo(
+            "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+        );
+        let c = check_mounts(&mounts, Path::new("/sys/fs/bpf/portcullis"));
+        assert_eq!(c[0].level, Level::Ok);
+        assert_eq!(c[1].level, Level::Fail);
+        assert!(c[1].fix.contains("mount -t bpf bpf /sys/fs/bpf"), "{:?}", c[1]);
+        let text = render(&c);
+        assert!(text.contains("FAIL  bpffs is not mounted") && text.ends_with("1 problem(s)\n"));
+    }
+}
