@@ -305,9 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 print!("{}", crate::doctor::render(&checks));
             }
-            let failed = checks
-                .iter()
-                .any(|c| c.level == crate::doctor::Level::Fail);
+            let failed = checks.iter().any(|c| c.level == crate::doctor::Level::Fail);
             return Ok(if failed {
                 ExitCode::FAILURE
             } else {

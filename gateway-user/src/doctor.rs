@@ -110,7 +110,10 @@ pub fn check_kernel_config(text: Option<&str>, source: &str) -> Check {
         .filter(|o| !text.lines().any(|l| l == format!("{o}=y")))
         .collect();
     if missing.is_empty() {
-        ok(format!("kernel options {} ({source})", KERNEL_OPTIONS.join(", ")))
+        ok(format!(
+            "kernel options {} ({source})",
+            KERNEL_OPTIONS.join(", ")
+        ))
     } else {
         fail(
             format!("the kernel lacks {} ({source})", missing.join(", ")),
@@ -334,14 +337,24 @@ fn check_pins(cfg: &Config) -> Vec<Check> {
 }
 
 fn check_store(cfg: &Config) -> Check {
-    let dir = cfg.store.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = cfg
+        .store
+        .path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let probe = dir.join(".portcullis-doctor-probe");
     let r = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"probe"));
     let _ = std::fs::remove_file(&probe);
     match r {
-        Ok(()) => ok(format!("audit store directory {} is writable", dir.display())),
+        Ok(()) => ok(format!(
+            "audit store directory {} is writable",
+            dir.display()
+        )),
         Err(e) => fail(
-            format!("audit store directory {} is not writable: {e}", dir.display()),
+            format!(
+                "audit store directory {} is not writable: {e}",
+                dir.display()
+            ),
             "fix its permissions or free space, or set [store] path",
         ),
     }
@@ -367,9 +380,10 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
     let (checks, cfg) = check_config(&path, explicit);
-    let pin_path = cfg
-        .as_ref()
-        .map_or_else(|| PathBuf::from("/sys/fs/bpf/portcullis"), |c| c.ebpf.pin_path.clone());
+    let pin_path = cfg.as_ref().map_or_else(
+        || PathBuf::from("/sys/fs/bpf/portcullis"),
+        |c| c.ebpf.pin_path.clone(),
+    );
     match cgroup::read_mountinfo() {
         Ok(m) => out.extend(check_mounts(&m, &pin_path)),
         Err(e) => out.push(fail(format!("cannot read mountinfo: {e}"), "check /proc")),
@@ -436,18 +450,24 @@ mod tests {
         let c = check_caps(Some(1 << 12));
         assert_eq!(c.level, Level::Fail);
         assert!(c.what.contains("CAP_BPF") && !c.what.contains("CAP_NET_ADMIN"));
-        assert_eq!(cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+        assert_eq!(
+            cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"),
+            Some(0x1ff_ffff_ffff)
+        );
     }
 
     #[test]
     fn a_missing_bpffs_is_one_failure_with_the_fix() {
-        let mounts = cgroup::parse_mountinfo(
-            "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
-        );
+        let mounts =
+            cgroup::parse_mountinfo("30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n");
         let c = check_mounts(&mounts, Path::new("/sys/fs/bpf/portcullis"));
         assert_eq!(c[0].level, Level::Ok);
         assert_eq!(c[1].level, Level::Fail);
-        assert!(c[1].fix.contains("mount -t bpf bpf /sys/fs/bpf"), "{:?}", c[1]);
+        assert!(
+            c[1].fix.contains("mount -t bpf bpf /sys/fs/bpf"),
+            "{:?}",
+            c[1]
+        );
         let text = render(&c);
         assert!(text.contains("FAIL  bpffs is not mounted") && text.ends_with("1 problem(s)\n"));
     }

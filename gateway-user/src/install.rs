@@ -229,7 +229,10 @@ pub fn uninstall(o: &UninstallOptions) -> Result<Vec<String>, String> {
     if o.purge {
         if l.state().exists() {
             fs::remove_dir_all(l.state()).map_err(|e| io(&l.state(), e))?;
-            log.push(format!("removed  {} (the audit store)", l.state().display()));
+            log.push(format!(
+                "removed  {} (the audit store)",
+                l.state().display()
+            ));
         }
         for g in GROUPS {
             if has_group(&l, g) {
@@ -253,7 +256,10 @@ mod tests {
     #[test]
     fn the_installed_configuration_reads_policies_from_etc_and_validates() {
         let text = installed_config();
-        assert!(text.contains("\ndir = \"/etc/portcullis/policies\""), "{text}");
+        assert!(
+            text.contains("\ndir = \"/etc/portcullis/policies\""),
+            "{text}"
+        );
         let dir = tempfile::tempdir().expect("dir");
         let p = dir.path().join("portcullis.toml");
         fs::write(&p, text.replace("/etc/portcullis/policies", "policies")).expect("write");
@@ -267,7 +273,9 @@ mod tests {
 
     #[test]
     fn the_unit_names_the_installed_paths() {
-        assert!(UNIT.contains("ExecStart=/usr/bin/portcullis --config /etc/portcullis/portcullis.toml run"));
+        assert!(UNIT.contains(
+            "ExecStart=/usr/bin/portcullis --config /etc/portcullis/portcullis.toml run"
+        ));
         assert!(UNIT.contains("Type=notify"));
         assert!(UNIT.contains("Restart=always"));
     }

@@ -29,7 +29,10 @@ fn send(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 
 /// `READY=1` with a status line.
 pub fn ready(status: &str) {
-    notify(&format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id()));
+    notify(&format!(
+        "READY=1\nSTATUS={status}\nMAINPID={}",
+        std::process::id()
+    ));
 }
 
 pub fn stopping() {
@@ -64,8 +67,8 @@ mod tests {
 
         use std::os::linux::net::SocketAddrExt as _;
         let name = format!("portcullis-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .expect("addr");
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
         let rx = UnixDatagram::bind_addr(&addr).expect("bind abstract");
         send(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").expect("send");
         let n = rx.recv(&mut buf).expect("recv");

@@ -444,8 +444,20 @@ impl Daemon {
         Self::spawn(config, Some(cgroup_dir))
     }
 
+    /// With extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Self {
+        Self::spawn_env(config, None, env)
+    }
+
     fn spawn(config: &Path, cgroup_dir: Option<&Path>) -> Self {
+        Self::spawn_env(config, cgroup_dir, &[])
+    }
+
+    fn spawn_env(config: &Path, cgroup_dir: Option<&Path>, env: &[(&str, &Path)]) -> Self {
         let mut cmd = Command::new(workspace_bin("portcullis"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         cmd.arg("--config")
             .arg(config)
             .args(["run", "--log-format", "json"])

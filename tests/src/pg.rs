@@ -482,3 +482,80 @@ pub fn without_launcher(mut v: serde_json::Value) -> serde_json::Value {
     }
     v
 }
+
+/// Numbers `n` of the statements `SELECT n AS k` in a server log (what load tests send).
+pub fn logged_numbers(log: &str) -> std::collections::HashSet<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("statement: SELECT ")? + "statement: SELECT ".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[digits.len()..]
+                .starts_with(" AS k")
+                .then(|| digits.parse().ok())?
+        })
+        .collect()
+}
+
+/// pgbench in the agent cgroup sending `SELECT n AS k` with random `n` (8 clients).
+pub fn pgbench_load(w: &Pgw, secs: u32) -> std::process::Child {
+    let script = w.env.dir.join("load.sql");
+    fs::write(
+        &script,
+        "\\set n random(1, 1000000000000)\nSELECT :n AS k;\n",
+    )
+    .expect("script");
+    let mut cmd = Command::new(pg_bin().join("pgbench"));
+    cmd.args(["-n", "-c", "8", "-j", "2", "-T", &secs.to_string(), "-f"])
+        .arg(&script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "app",
+            "-p",
+            &w.pg.port.to_string(),
+            "shop",
+        ])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    cmd.spawn().expect("pgbench")
+}
+
+/// Waits until the server has logged at least `n` load statements.
+pub fn wait_load(w: &Pgw, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while logged_numbers(&w.pg.log()).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the load made no progress:\n{}",
+            w.pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The load statements the store recorded, from `audit export`.
+pub fn recorded_numbers(w: &Pgw) -> std::collections::HashSet<u64> {
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.daemon.config)
+        .args(["audit", "export"])
+        .output()
+        .expect("export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "statement")
+        .filter_map(|r| {
+            let sql = r["body"]["sql"].as_str()?.to_owned();
+            sql.strip_prefix("SELECT ")?.split(' ').next()?.parse().ok()
+        })
+        .collect()
+}

@@ -3,7 +3,6 @@
 //! load, a store on a full filesystem, and replays compared with what the client saw.
 
 use std::{
-    collections::HashSet,
     fs,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -12,7 +11,10 @@ use std::{
 
 use portcullis_tests::{
     As, Daemon,
-    pg::{APP_PASSWORD, Pgw, pg_bin, psql_cmd, psql_script, text, world_full, world_with},
+    pg::{
+        Pgw, logged_numbers, pgbench_load, psql_cmd, psql_script, recorded_numbers, text,
+        wait_load, world_full, world_with,
+    },
     portcullis_as, portcullis_json, workspace_bin,
 };
 use serde_json::Value;
@@ -212,55 +214,11 @@ fn verify_passes_on_a_clean_store_and_names_each_kind_of_tampering() {
     assert_eq!(v["first_bad_seq"], head, "{v}");
 }
 
-/// Numbers `n` of the statements `SELECT n AS k` in the server's log.
-fn logged_numbers(log: &str) -> HashSet<u64> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("statement: SELECT ")? + "statement: SELECT ".len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            rest[digits.len()..]
-                .starts_with(" AS k")
-                .then(|| digits.parse().ok())?
-        })
-        .collect()
-}
-
 #[test]
 fn sigkill_under_load_loses_no_statement_the_server_ran() {
     let mut w = world_with("", None);
-    let script = w.env.dir.join("bench.sql");
-    fs::write(
-        &script,
-        "\\set n random(1, 1000000000000)\nSELECT :n AS k;\n",
-    )
-    .expect("script");
-    let mut cmd = Command::new(pg_bin().join("pgbench"));
-    cmd.args(["-n", "-c", "8", "-j", "2", "-T", "30", "-f"])
-        .arg(&script)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "app",
-            "-p",
-            &w.pg.port.to_string(),
-            "shop",
-        ])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    portcullis_tests::in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
-    let bench = cmd.spawn().expect("pgbench");
-    // Under way, then killed.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while logged_numbers(&w.pg.log()).len() < 2000 {
-        assert!(
-            Instant::now() < deadline,
-            "pgbench made no progress:\n{}",
-            w.pg.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let bench = pgbench_load(&w, 30);
+    wait_load(&w, 2000);
     w.daemon.kill9();
     let out = bench.wait_with_output().expect("pgbench");
     assert!(
@@ -273,15 +231,7 @@ fn sigkill_under_load_loses_no_statement_the_server_ran() {
     let logged = logged_numbers(&w.pg.log());
 
     w.daemon = Daemon::start(&w.daemon.config.clone());
-    let recorded: HashSet<u64> = export(&w)
-        .iter()
-        .filter(|r| r["kind"] == "statement")
-        .filter_map(|r| {
-            let sql = r["body"]["sql"].as_str()?;
-            let rest = sql.strip_prefix("SELECT ")?;
-            rest.split(' ').next()?.parse().ok()
-        })
-        .collect();
+    let recorded = recorded_numbers(&w);
     let missing: Vec<&u64> = logged.difference(&recorded).collect();
     assert!(
         missing.is_empty(),

@@ -22,13 +22,23 @@ use prometheus::{
 
 /// Latency buckets from 50 µs to 10 s.
 const LATENCY: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 /// Decision time: 1 µs to 10 ms.
 const DECISION: &[f64] = &[
-    0.000_001, 0.000_002_5, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25,
-    0.000_5, 0.001, 0.002_5, 0.01,
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.01,
 ];
 /// Approval waits: a second to a day.
 const WAIT: &[f64] = &[
@@ -270,22 +280,14 @@ impl Metrics {
                 "portcullis_approvals_pending",
                 "Statements waiting for approval now.",
             ),
-            approval_grants: gauge(
-                &r,
-                "portcullis_approval_grants_active",
-                "Grants in force.",
-            ),
+            approval_grants: gauge(&r, "portcullis_approval_grants_active", "Grants in force."),
             webhook_deliveries: counter_vec(
                 &r,
                 "portcullis_webhook_deliveries_total",
                 "Webhook events, by result (delivered, failed after retries, dropped).",
                 &["result"],
             ),
-            ready: gauge(
-                &r,
-                "portcullis_ready",
-                "1 when /readyz would answer ready.",
-            ),
+            ready: gauge(&r, "portcullis_ready", "1 when /readyz would answer ready."),
             build_info: gauge_vec(
                 &r,
                 "portcullis_build_info",
@@ -364,7 +366,10 @@ impl Snapshot {
         set_counter(&m.audit_queue_full, self.store.queue_full);
         m.audit_queue_depth.set(self.store.queued as i64);
         set_counter(&m.audit_statements_refused, self.store.refused_statements);
-        set_counter(&m.policy_reloads.with_label_values(&["ok"]), self.reloads_ok);
+        set_counter(
+            &m.policy_reloads.with_label_values(&["ok"]),
+            self.reloads_ok,
+        );
         set_counter(
             &m.policy_reloads.with_label_values(&["failed"]),
             self.reloads_failed,

@@ -1,0 +1,472 @@
+//! Running it on a host: the metrics endpoint checked by `promtool`, readiness, systemd
+//! notifications, SIGTERM under load, SIGHUP with a broken policy, the unit file, install
+//! and uninstall into a temporary root, and `doctor`.
+
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt as _, net::UnixDatagram},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use portcullis_tests::{
+    Daemon, Env,
+    pg::{
+        logged_numbers, pgbench_load, psql, psql_script, recorded_numbers, text, wait_load,
+        world_full, world_with,
+    },
+    portcullis_json, workspace_bin,
+};
+
+fn promtool_check(exposition: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt install prometheus)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // promtool also reports lint problems (naming, help) on stdout with status 0 in some
+    // versions: there must be none.
+    let lint = String::from_utf8_lossy(&out.stdout);
+    assert!(lint.trim().is_empty(), "promtool: {lint}");
+}
+
+#[test]
+fn metrics_pass_promtool_and_move_as_a_workload_runs() {
+    let w = world_with("", None);
+    let d = &w.daemon;
+    assert_eq!(d.http_get("/healthz").0, 200);
+    let (status, body) = d.http_get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ok    store writable"), "{body}");
+    let before = d.metric("portcullis_statements_total", &[("agent", "a")]);
+
+    w.pg.sql("shop", "CREATE TABLE t (id int); GRANT ALL ON t TO app");
+    let out = psql_script(&w, &w.agent, "SELECT 1;\nSELECT 2;\nDROP TABLE t;\n");
+    assert!(text(&out).contains("deny-destructive-ddl"), "{}", text(&out));
+    assert!(psql(&w, &w.agent, "disable", "SELECT 3").status.success());
+
+    let (status, body) = d.http_get("/metrics");
+    assert_eq!(status, 200);
+    promtool_check(&body);
+    let m = |name: &str, labels: &[(&str, &str)]| d.metric(name, labels);
+    // Three SELECTs (the shipped policies mask them) and the DROP.
+    assert_eq!(m("portcullis_statements_total", &[("agent", "a")]) - before, 4.0);
+    assert_eq!(
+        m(
+            "portcullis_statements_total",
+            &[("agent", "a"), ("target", "pg"), ("decision", "deny")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "portcullis_connections_total",
+            &[("agent", "a"), ("target", "pg"), ("protocol", "postgres")]
+        ),
+        2.0
+    );
+    assert!(m("portcullis_ebpf_events_total", &[("event", "redirected")]) >= 2.0);
+    assert!(m("portcullis_audit_records_total", &[]) >= 8.0);
+    assert!(m("portcullis_audit_commits_total", &[]) >= 1.0);
+    assert!(
+        m(
+            "portcullis_statement_duration_seconds_count",
+            &[("target", "pg")]
+        ) >= 3.0
+    );
+    assert!(
+        m(
+            "portcullis_upstream_duration_seconds_count",
+            &[("target", "pg")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        m(
+            "portcullis_upstream_connect_duration_seconds_count",
+            &[("target", "pg")]
+        ),
+        2.0
+    );
+    assert!(m("portcullis_decision_duration_seconds_count", &[]) >= 4.0);
+    assert!(m("portcullis_audit_commit_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(m("portcullis_ebpf_programs_attached", &[]), 5.0);
+    assert_eq!(m("portcullis_ready", &[]), 1.0);
+    assert_eq!(m("portcullis_connections_active", &[("agent", "a")]), 0.0);
+    assert!(body.contains("portcullis_build_info{version=\""), "{body}");
+    // Label values are names, never statements or pids.
+    assert!(!body.contains("DROP"), "SQL in a label");
+}
+
+#[test]
+fn masked_values_are_counted_by_detector() {
+    let w = world_with(
+        "",
+        Some(
+            "[[rule]]\nid = \"m\"\nsql = { kinds = [\"select\"] }\naction = \"mask\"\n\
+             mask = { detectors = [\"email\"], strategy = \"redact\" }\n",
+        ),
+    );
+    let out = psql(
+        &w,
+        &w.agent,
+        "disable",
+        "SELECT 'a@example.com' AS x UNION ALL SELECT 'b@example.org'",
+    );
+    assert!(text(&out).contains("[REDACTED:email]"), "{}", text(&out));
+    assert_eq!(
+        w.daemon
+            .metric("portcullis_masked_values_total", &[("detector", "email")]),
+        2.0
+    );
+}
+
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn readyz_turns_unready_when_the_store_cannot_write_and_back() {
+    let dir = std::env::temp_dir().join(format!("pc-ready-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("dir");
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "pc-ready"])
+            .arg(&dir)
+            .status()
+            .expect("mount")
+            .success()
+    );
+    let _m = Tmpfs(dir.clone());
+    let w = world_full(
+        "",
+        None,
+        "",
+        &format!("[store]\npath = \"{}\"\n", dir.join("p.db").display()),
+    );
+    assert_eq!(w.daemon.http_get("/readyz").0, 200);
+    let filler = dir.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status();
+    let (status, body) = w.daemon.http_get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("FAIL  store writable"), "{body}");
+    assert_eq!(w.daemon.metric("portcullis_ready", &[]), 0.0);
+    // Still alive: health is not readiness.
+    assert_eq!(w.daemon.http_get("/healthz").0, 200);
+    fs::remove_file(&filler).expect("rm");
+    let (status, body) = w.daemon.http_get("/readyz");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let env = Env::new();
+    let sock = env.dir.join("notify.sock");
+    let rx = UnixDatagram::bind(&sock).expect("bind");
+    rx.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let cfg = env.config("", "");
+    let mut d = Daemon::start_with_env(&cfg, &[("NOTIFY_SOCKET", &sock)]);
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = rx.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", d.child.id())),
+        "{ready}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let r = next();
+    assert!(r.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{r}");
+    assert!(next().starts_with("READY=1"));
+    assert!(d.stop().success());
+    assert!(next().starts_with("STOPPING=1"));
+}
+
+#[test]
+fn sigterm_under_load_drains_and_loses_no_audit_record() {
+    let mut w = world_with("", None);
+    let bench = pgbench_load(&w, 30);
+    wait_load(&w, 1000);
+    let started = Instant::now();
+    let status = w.daemon.stop();
+    assert!(status.success(), "{status:?}");
+    // drain_timeout is 2 s in the tests' configuration.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let logs = w.daemon.logs.all();
+    for msg in ["stopping: draining sessions", "audit store closed"] {
+        assert!(logs.iter().any(|v| v["message"] == msg), "no {msg:?} in the log");
+    }
+    drop(bench.wait_with_output());
+    std::thread::sleep(Duration::from_millis(300));
+    let logged = logged_numbers(&w.pg.log());
+    w.daemon = Daemon::start(&w.daemon.config.clone());
+    let recorded = recorded_numbers(&w);
+    let missing = logged.difference(&recorded).count();
+    assert_eq!(missing, 0, "of {} statements run", logged.len());
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn sighup_with_a_broken_policy_keeps_the_old_one_and_counts_the_failure() {
+    let policy =
+        "[[rule]]\nid = \"no-drops\"\nsql = { kinds = [\"drop_table\"] }\naction = \"deny\"\n";
+    let w = world_with("", Some(policy));
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int); ALTER TABLE t OWNER TO app",
+    );
+    let file = w.env.dir.join("policies").join("test.toml");
+    fs::write(&file, "[[rule]]\nid = \"broken\"\nnot_a_field = 1\n").expect("write");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(w.daemon.child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w
+        .daemon
+        .metric("portcullis_policy_reloads_total", &[("result", "failed")])
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the failed reload was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = psql(&w, &w.agent, "disable", "DROP TABLE t");
+    assert!(text(&out).contains("no-drops"), "{}", text(&out));
+    assert_eq!(
+        w.pg.sql(
+            "shop",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 't'"
+        ),
+        "1"
+    );
+}
+
+fn files_under(root: &Path) -> Vec<String> {
+    let out = Command::new("find")
+        .arg(root)
+        .args(["-mindepth", "1"])
+        .output()
+        .expect("find");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.trim_start_matches(root.to_str().expect("utf-8"))
+                .to_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_unit_verifies_and_install_then_uninstall_leave_the_expected_files() {
+    let env = Env::new();
+    let root = env.dir.join("root");
+    fs::create_dir_all(root.join("etc")).expect("etc");
+    for f in ["group", "gshadow"] {
+        fs::write(root.join("etc").join(f), "").expect("group file");
+    }
+    let bin = workspace_bin("portcullis");
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin).args(args).output().expect("portcullis");
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        text(&out)
+    };
+    let root_s = root.to_str().expect("utf-8");
+    run(&["install", "--root", root_s]);
+    let files = files_under(&root);
+    for want in [
+        "/usr/bin/portcullis",
+        "/etc/systemd/system/portcullis.service",
+        "/etc/portcullis/portcullis.toml",
+        "/etc/portcullis/policies/10-deny-destructive.toml",
+        "/etc/portcullis/policies/20-require-approval.toml",
+        "/etc/portcullis/policies/30-mask-pii.toml",
+        "/var/lib/portcullis",
+    ] {
+        assert!(files.iter().any(|f| f == want), "{want} missing: {files:?}");
+    }
+    let mode = |p: &str| {
+        fs::metadata(root.join(p.trim_start_matches('/')))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("/usr/bin/portcullis"), 0o755);
+    assert_eq!(mode("/var/lib/portcullis"), 0o700);
+    let groups = fs::read_to_string(root.join("etc/group")).expect("group");
+    assert!(groups.contains("portcullis-approvers:") && groups.contains("portcullis-auditors:"));
+    // The installed configuration reads the installed policies.
+    let cfg = fs::read_to_string(root.join("etc/portcullis/portcullis.toml")).expect("cfg");
+    assert!(cfg.contains("\ndir = \"/etc/portcullis/policies\""));
+
+    // The unit passes systemd-analyze verify (pointing at a binary that exists here).
+    let unit = fs::read_to_string(root.join("etc/systemd/system/portcullis.service"))
+        .expect("unit")
+        .replace("/usr/bin/portcullis", bin.to_str().expect("utf-8"));
+    let unit_path = env.dir.join("portcullis.service");
+    fs::write(&unit_path, &unit).expect("unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+        .expect("systemd-analyze");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).trim().is_empty(), "warnings: {}", text(&out));
+    for key in [
+        "Type=notify",
+        "Restart=always",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=CAP_BPF",
+        "ReadWritePaths=",
+        "StateDirectory=portcullis",
+        "LoadCredential=",
+    ] {
+        assert!(unit.contains(key), "{key} missing from the unit");
+    }
+
+    // A second install keeps what the operator edited.
+    fs::write(root.join("etc/portcullis/portcullis.toml"), "# mine\n").expect("edit");
+    let log = run(&["install", "--root", root_s]);
+    assert!(log.contains("kept"), "{log}");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/portcullis/portcullis.toml")).expect("cfg"),
+        "# mine\n"
+    );
+
+    // Uninstall keeps the audit store; --purge removes it and the groups.
+    fs::write(root.join("var/lib/portcullis/portcullis.db"), "x").expect("db");
+    run(&["uninstall", "--root", root_s]);
+    let files = files_under(&root);
+    assert!(
+        !files.iter().any(|f| f.starts_with("/etc/portcullis")),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|f| f == "/usr/bin/portcullis"),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|f| f.ends_with("portcullis.service")),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f == "/var/lib/portcullis/portcullis.db"),
+        "{files:?}"
+    );
+    run(&["uninstall", "--root", root_s, "--purge"]);
+    let files = files_under(&root);
+    assert!(!files.iter().any(|f| f.contains("portcullis")), "{files:?}");
+    let groups = fs::read_to_string(root.join("etc/group")).expect("group");
+    assert!(!groups.contains("portcullis-"), "{groups}");
+}
+
+#[test]
+fn doctor_reports_a_missing_bpffs_and_a_bad_config() {
+    let env = Env::new();
+    let good = env.config("", "");
+    let bin = workspace_bin("portcullis");
+    // A good host and configuration: no failure.
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&good)
+        .arg("doctor")
+        .output()
+        .expect("doctor");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("ok    bpffs mounted at /sys/fs/bpf"), "{t}");
+    assert!(t.ends_with("no problems found\n"), "{t}");
+
+    // Without bpffs (in a private mount namespace, so nothing else notices).
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "umount /sys/fs/bpf && exec {} --config {} doctor",
+            bin.display(),
+            good.display()
+        ))
+        .output()
+        .expect("unshare");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let fails: Vec<&str> = t.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{t}");
+    assert!(
+        fails[0].contains("bpffs is not mounted at /sys/fs/bpf")
+            && fails[0].contains("fix: mount -t bpf bpf /sys/fs/bpf"),
+        "{t}"
+    );
+
+    // A bad configuration: the problem with its position, and non-zero.
+    let bad = env.dir.join("bad.toml");
+    fs::write(
+        &bad,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nlisten_typo = 1\n",
+    )
+    .expect("bad");
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&bad)
+        .args(["doctor", "--json"])
+        .output()
+        .expect("doctor");
+    assert_eq!(out.status.code(), Some(1));
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let fail = checks
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|c| c["level"] == "fail")
+        .unwrap_or_else(|| panic!("no failure: {checks}"));
+    let what = fail["what"].as_str().expect("what");
+    assert!(
+        what.contains("listen_typo") && what.contains(":3:"),
+        "{what}"
+    );
+    assert!(
+        fail["fix"].as_str().expect("fix").contains("bad.toml"),
+        "{fail}"
+    );
+}
