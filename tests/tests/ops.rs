@@ -59,7 +59,11 @@ fn metrics_pass_promtool_and_move_as_a_workload_runs() {
 
     w.pg.sql("shop", "CREATE TABLE t (id int); GRANT ALL ON t TO app");
     let out = psql_script(&w, &w.agent, "SELECT 1;\nSELECT 2;\nDROP TABLE t;\n");
-    assert!(text(&out).contains("deny-destructive-ddl"), "{}", text(&out));
+    assert!(
+        text(&out).contains("deny-destructive-ddl"),
+        "{}",
+        text(&out)
+    );
     assert!(psql(&w, &w.agent, "disable", "SELECT 3").status.success());
 
     let (status, body) = d.http_get("/metrics");
@@ -67,7 +71,10 @@ fn metrics_pass_promtool_and_move_as_a_workload_runs() {
     promtool_check(&body);
     let m = |name: &str, labels: &[(&str, &str)]| d.metric(name, labels);
     // Three SELECTs (the shipped policies mask them) and the DROP.
-    assert_eq!(m("portcullis_statements_total", &[("agent", "a")]) - before, 4.0);
+    assert_eq!(
+        m("portcullis_statements_total", &[("agent", "a")]) - before,
+        4.0
+    );
     assert_eq!(
         m(
             "portcullis_statements_total",
@@ -227,7 +234,10 @@ fn sigterm_under_load_drains_and_loses_no_audit_record() {
     );
     let logs = w.daemon.logs.all();
     for msg in ["stopping: draining sessions", "audit store closed"] {
-        assert!(logs.iter().any(|v| v["message"] == msg), "no {msg:?} in the log");
+        assert!(
+            logs.iter().any(|v| v["message"] == msg),
+            "no {msg:?} in the log"
+        );
     }
     drop(bench.wait_with_output());
     std::thread::sleep(Duration::from_millis(300));
@@ -469,4 +479,99 @@ fn doctor_reports_a_missing_bpffs_and_a_bad_config() {
         fail["fix"].as_str().expect("fix").contains("bad.toml"),
         "{fail}"
     );
+}
+
+#[test]
+fn the_deb_carries_what_install_lays_down() {
+    let deb = std::env::var_os("PORTCULLIS_DEB").unwrap_or_else(|| {
+        panic!(
+            "PORTCULLIS_DEB is not set: `cargo xtask test` builds the package and sets it \
+             (or run `cargo xtask deb --debug` and set it to target/debian/*.deb)"
+        )
+    });
+    let env = Env::new();
+    let list = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb");
+    assert!(list.status.success(), "{}", text(&list));
+    let list = String::from_utf8_lossy(&list.stdout);
+    for want in [
+        "./usr/bin/portcullis",
+        "./lib/systemd/system/portcullis.service",
+        "./etc/portcullis/portcullis.toml",
+        "./etc/portcullis/policies/10-deny-destructive.toml",
+        "./etc/portcullis/policies/20-require-approval.toml",
+        "./etc/portcullis/policies/30-mask-pii.toml",
+        "./usr/share/doc/portcullis/README.md",
+        "./usr/share/doc/portcullis/audit.md",
+    ] {
+        assert!(
+            list.contains(want),
+            "{want} missing from the package:\n{list}"
+        );
+    }
+    // The same bytes as `portcullis install`.
+    let unpacked = env.dir.join("unpacked");
+    let installed = env.dir.join("installed");
+    assert!(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&unpacked)
+            .status()
+            .expect("dpkg-deb -x")
+            .success()
+    );
+    assert!(
+        Command::new(workspace_bin("portcullis"))
+            .args(["install", "--root"])
+            .arg(&installed)
+            .status()
+            .expect("install")
+            .success()
+    );
+    for (in_deb, by_install) in [
+        (
+            "lib/systemd/system/portcullis.service",
+            "etc/systemd/system/portcullis.service",
+        ),
+        (
+            "etc/portcullis/portcullis.toml",
+            "etc/portcullis/portcullis.toml",
+        ),
+        (
+            "etc/portcullis/policies/30-mask-pii.toml",
+            "etc/portcullis/policies/30-mask-pii.toml",
+        ),
+    ] {
+        assert_eq!(
+            fs::read(unpacked.join(in_deb)).expect("in the package"),
+            fs::read(installed.join(by_install)).expect("installed"),
+            "{in_deb} differs from what install writes"
+        );
+    }
+    // Configuration is kept on upgrade; the scripts create the groups and detach on removal.
+    let control = env.dir.join("control");
+    assert!(
+        Command::new("dpkg-deb")
+            .arg("-e")
+            .arg(&deb)
+            .arg(&control)
+            .status()
+            .expect("dpkg-deb -e")
+            .success()
+    );
+    let conffiles = fs::read_to_string(control.join("conffiles")).expect("conffiles");
+    assert!(
+        conffiles.contains("/etc/portcullis/portcullis.toml"),
+        "{conffiles}"
+    );
+    let postinst = fs::read_to_string(control.join("postinst")).expect("postinst");
+    assert!(
+        postinst.contains("groupadd --system \"$g\"") && postinst.contains("portcullis-approvers")
+    );
+    let prerm = fs::read_to_string(control.join("prerm")).expect("prerm");
+    assert!(prerm.contains("detach"), "{prerm}");
 }

@@ -6,6 +6,9 @@
 //!   default configuration (`config/portcullis.toml`, the text embedded in the binary).
 //! - `test`: unit tests and the privileged end-to-end tests.
 //! - `bench [policy|intercept|pg|store]`: benchmarks, printing ratios measured side by side.
+//! - `install [ARGS]`: build (release) and `portcullis install ARGS` on this host.
+//! - `deb [--debug]`: build the `.deb` (target/debian/) from the files `portcullis install`
+//!   lays down.
 
 mod setup;
 
@@ -61,6 +64,17 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// Build (release) and install on this host: `portcullis install ARGS` (root).
+    Install {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the Debian package (target/debian/portcullis_<version>_<arch>.deb).
+    Deb {
+        /// Package the debug build (what `cargo xtask test` checks) instead of release.
+        #[arg(long)]
+        debug: bool,
     },
     /// Run benchmarks (root): policy, intercept, pg, store (all when none is named).
     Bench {
@@ -122,6 +136,39 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
+/// Stages what `portcullis install` lays down into target/deb-root and packages it with
+/// `cargo deb --no-build`. Returns the package's path.
+fn deb(release: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let profile = if release { "release" } else { "debug" };
+    let stage = root.join("target/deb-root");
+    let _ = std::fs::remove_dir_all(&stage);
+    run(
+        Command::new(root.join("target").join(profile).join("portcullis"))
+            .args(["install", "--root"])
+            .arg(&stage),
+    )
+    .context("staging the package's files")?;
+    let out_dir = root.join("target/debian");
+    std::fs::create_dir_all(&out_dir)?;
+    let path = out_dir.join(format!(
+        "portcullis_{}_{profile}.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
+    let mut c = cargo();
+    c.args([
+        "deb",
+        "-p",
+        "gateway-user",
+        "--no-build",
+        "--no-strip",
+        "--output",
+    ])
+    .arg(&path);
+    run(&mut c).context("cargo deb (cargo xtask setup installs it)")?;
+    Ok(path)
+}
+
 /// Fuzz targets in fuzz/fuzz_targets.
 const FUZZ_TARGETS: [&str; 2] = ["pg_decode", "sql_classify"];
 
@@ -177,9 +224,12 @@ fn main() -> Result<()> {
         } => {
             require_root("cargo xtask test")?;
             build(false)?;
+            // The package test inspects a .deb of this build.
+            let deb = deb(false)?;
             let mut c = cargo();
             c.args(["test", "--workspace", "--no-fail-fast"])
-                .args(&args);
+                .args(&args)
+                .env("PORTCULLIS_DEB", &deb);
             let tests = run(&mut c);
             let fuzzed = if no_fuzz || !args.is_empty() {
                 Ok(())
@@ -191,6 +241,23 @@ fn main() -> Result<()> {
         Task::Fuzz { targets, seconds } => {
             setup::ensure()?;
             fuzz(&targets, seconds)
+        }
+        Task::Install { args } => {
+            require_root("cargo xtask install")?;
+            build(true)?;
+            run(
+                Command::new(workspace_root().join("target/release/portcullis"))
+                    .arg("install")
+                    .args(&args),
+            )
+        }
+        Task::Deb { debug } => {
+            if !debug {
+                build(true)?;
+            }
+            let path = deb(!debug)?;
+            eprintln!("xtask: built {}", path.display());
+            Ok(())
         }
         Task::Bench { suites } => {
             require_root("cargo xtask bench")?;

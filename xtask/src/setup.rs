@@ -73,7 +73,22 @@ pub fn ensure() -> Result<()> {
         .context("cannot add rust-src to the nightly toolchain (needed for -Z build-std)")?;
     }
     ensure_bpf_linker()?;
-    ensure_cargo_fuzz()
+    ensure_cargo_fuzz()?;
+    ensure_cargo_deb()
+}
+
+/// cargo-deb, for `cargo xtask deb` (and the package test of `cargo xtask test`).
+fn ensure_cargo_deb() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-deb");
+    crate::run(Command::new("cargo").args(["install", "cargo-deb", "--locked"]))
+        .context("cannot install cargo-deb (needs crates.io access)")
 }
 
 /// cargo-fuzz, for `cargo xtask fuzz` and the short fuzz run of `cargo xtask test`.
