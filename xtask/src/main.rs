@@ -102,6 +102,14 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => workspace_root().join(d),
+        None => workspace_root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -141,15 +149,14 @@ fn build(release: bool) -> Result<()> {
 fn deb(release: bool) -> Result<PathBuf> {
     let root = workspace_root();
     let profile = if release { "release" } else { "debug" };
+    // gateway-user/Cargo.toml's package assets point here, whatever the target directory.
     let stage = root.join("target/deb-root");
     let _ = std::fs::remove_dir_all(&stage);
-    run(
-        Command::new(root.join("target").join(profile).join("portcullis"))
-            .args(["install", "--root"])
-            .arg(&stage),
-    )
+    run(Command::new(target_dir().join(profile).join("portcullis"))
+        .args(["install", "--root"])
+        .arg(&stage))
     .context("staging the package's files")?;
-    let out_dir = root.join("target/debian");
+    let out_dir = target_dir().join("debian");
     std::fs::create_dir_all(&out_dir)?;
     let path = out_dir.join(format!(
         "portcullis_{}_{profile}.deb",
@@ -201,10 +208,7 @@ fn main() -> Result<()> {
             require_root("cargo xtask run")?;
             build(release)?;
             let profile = if release { "release" } else { "debug" };
-            let bin = workspace_root()
-                .join("target")
-                .join(profile)
-                .join("portcullis");
+            let bin = target_dir().join(profile).join("portcullis");
             let config = config.unwrap_or_else(|| workspace_root().join("config/portcullis.toml"));
             eprintln!(
                 "xtask: starting {} with {}\nxtask: in another terminal: sudo {} exec -- psql -h 127.0.0.1 ...",
@@ -245,11 +249,9 @@ fn main() -> Result<()> {
         Task::Install { args } => {
             require_root("cargo xtask install")?;
             build(true)?;
-            run(
-                Command::new(workspace_root().join("target/release/portcullis"))
-                    .arg("install")
-                    .args(&args),
-            )
+            run(Command::new(target_dir().join("release/portcullis"))
+                .arg("install")
+                .args(&args))
         }
         Task::Deb { debug } => {
             if !debug {
@@ -262,7 +264,7 @@ fn main() -> Result<()> {
         Task::Bench { suites } => {
             require_root("cargo xtask bench")?;
             build(true)?;
-            let bin = workspace_root().join("target/release/portcullis-bench");
+            let bin = target_dir().join("release/portcullis-bench");
             let mut c = Command::new(bin);
             c.current_dir(workspace_root()).args(&suites);
             run(&mut c)

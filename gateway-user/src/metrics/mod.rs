@@ -420,6 +420,42 @@ mod tests {
         assert!(text.contains(r#"portcullis_build_info{version=""#));
     }
 
+    /// `portcullis_...` names in a text, histogram series folded into their metric.
+    fn names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (i, _) in text.match_indices("portcullis_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            // The bare prefix, as prose mentions it, is no metric.
+            if base.len() > "portcullis_".len() {
+                out.insert(base.to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_reference_and_the_dashboard_name_exactly_the_metrics_there_are() {
+        let code = names(include_str!("mod.rs"));
+        let doc = names(include_str!("../../../docs/metrics.md"));
+        let dash = names(include_str!("../../../docs/grafana/portcullis.json"));
+        for n in &code {
+            assert!(doc.contains(n), "{n} is not in docs/metrics.md");
+        }
+        for n in doc.iter().chain(&dash) {
+            assert!(
+                code.contains(n),
+                "{n} is documented or charted but does not exist"
+            );
+        }
+    }
+
     #[test]
     fn snapshot_counters_follow_their_source_even_when_it_restarts() {
         let c = IntCounter::new("x_total", "x").expect("counter");
