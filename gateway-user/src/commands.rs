@@ -120,8 +120,8 @@ fn sessions_table(v: &[SessionSummary]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  {}",
-        "id", "started", "agent", "target", "stmts", "allow", "mask", "deny", "held", "end"
+        "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  end",
+        "id", "started", "agent", "target", "stmts", "allow", "mask", "deny", "held"
     );
     for s in v {
         let _ = writeln!(

@@ -188,7 +188,7 @@ impl Replay {
                                 .map(|m| {
                                     format!(
                                         " · masks {}",
-                                        m.iter().map(|x| cell(x)).collect::<Vec<_>>().join(", ")
+                                        m.iter().map(cell).collect::<Vec<_>>().join(", ")
                                     )
                                 })
                                 .unwrap_or_default();

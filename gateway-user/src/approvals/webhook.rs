@@ -62,7 +62,7 @@ impl Webhooks {
             let limit = Arc::new(Semaphore::new(16));
             while let Some((event, data)) = rx.recv().await {
                 for hook in hooks.iter() {
-                    if !hook.events.is_empty() && !hook.events.iter().any(|e| *e == event) {
+                    if !hook.events.is_empty() && !hook.events.contains(&event) {
                         continue;
                     }
                     let body = payload(hook.format, &event, &data);

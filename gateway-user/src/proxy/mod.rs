@@ -307,7 +307,7 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
     if let Err(e) = shared.store.append(session_start(
         session,
         &agent.name,
-        &target,
+        target,
         &identity,
         peer,
         dst,

@@ -98,10 +98,9 @@ pub fn hex(b: &[u8]) -> String {
 /// Checks rows in sequence order.
 pub fn verify(start: Start, rows: impl IntoIterator<Item = Row>) -> Result<Verified, Break> {
     let mut prev = start.prev;
-    let mut expected = start.seq;
     let mut n = 0u64;
     let mut head = None;
-    for r in rows {
+    for (expected, r) in (start.seq..).zip(rows) {
         if r.seq != expected {
             return Err(Break::Sequence {
                 expected,
@@ -113,7 +112,6 @@ pub fn verify(start: Start, rows: impl IntoIterator<Item = Row>) -> Result<Verif
             return Err(Break::Hash { seq: r.seq });
         }
         prev = h;
-        expected += 1;
         n += 1;
         head = Some(r.seq);
     }
