@@ -586,10 +586,12 @@ fn replay_follow_prints_a_live_session_until_it_ends() {
 #[test]
 fn redact_literals_keeps_literals_out_of_records_and_logs() {
     let w = world_full("", None, "", "[store]\nredact_literals = true\n");
-    let out = psql_cmd(&w, &w.agent, "disable")
-        .args(["-c", "SELECT length('hunter2') AS n WHERE 41 < 42"])
-        .output()
-        .expect("psql");
+    // On stdin, not in psql's command line (which is recorded as the process's).
+    let out = psql_script(
+        &w,
+        &w.agent,
+        "SELECT length('hunter2') AS n WHERE 41 < 42\n",
+    );
     assert!(text(&out).contains('7'), "{}", text(&out));
     let stmts: Vec<Value> = export(&w)
         .into_iter()

@@ -42,11 +42,33 @@ pub struct SessionFilter {
     pub limit: Option<u32>,
 }
 
+/// The columns [`summary`] reads, in its order.
+const SUMMARY_COLUMNS: &str = "id, started_us, ended_us, agent, target, protocol, uid, user, \
+    pid, exe, end_reason, statements, allowed, masked, denied, held";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
+    Ok(SessionSummary {
+        id: r.get(0)?,
+        started_us: r.get(1)?,
+        ended_us: r.get(2)?,
+        agent: r.get(3)?,
+        target: r.get(4)?,
+        protocol: r.get(5)?,
+        uid: r.get(6)?,
+        user: r.get(7)?,
+        pid: r.get(8)?,
+        exe: r.get(9)?,
+        end_reason: r.get(10)?,
+        statements: r.get(11)?,
+        allowed: r.get(12)?,
+        masked: r.get(13)?,
+        denied: r.get(14)?,
+        held: r.get(15)?,
+    })
+}
+
 pub fn sessions(c: &Connection, f: &SessionFilter) -> Result<Vec<SessionSummary>, StoreError> {
-    let mut sql = String::from(
-        "SELECT id, started_us, ended_us, agent, target, protocol, uid, user, pid, exe, end_reason, \
-         statements, allowed, masked, denied, held FROM sessions WHERE 1 = 1",
-    );
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM sessions WHERE 1 = 1");
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     if let Some(a) = &f.agent {
         args.push(a.clone().into());
@@ -81,26 +103,7 @@ pub fn sessions(c: &Connection, f: &SessionFilter) -> Result<Vec<SessionSummary>
     ));
     let mut st = c.prepare(&sql)?;
     let rows = st
-        .query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(SessionSummary {
-                id: r.get(0)?,
-                started_us: r.get(1)?,
-                ended_us: r.get(2)?,
-                agent: r.get(3)?,
-                target: r.get(4)?,
-                protocol: r.get(5)?,
-                uid: r.get(6)?,
-                user: r.get(7)?,
-                pid: r.get(8)?,
-                exe: r.get(9)?,
-                end_reason: r.get(10)?,
-                statements: r.get(11)?,
-                allowed: r.get(12)?,
-                masked: r.get(13)?,
-                denied: r.get(14)?,
-                held: r.get(15)?,
-            })
-        })?
+        .query_map(rusqlite::params_from_iter(args), summary)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
@@ -161,30 +164,10 @@ pub fn session(c: &Connection, id: i64) -> Result<Option<SessionSummary>, StoreE
     if let Some(i) = all.iter().position(|s| s.id == id) {
         return Ok(Some(all.swap_remove(i)));
     }
-    let mut st = c.prepare(
-        "SELECT id, started_us, ended_us, agent, target, protocol, uid, user, pid, exe, end_reason, \
-         statements, allowed, masked, denied, held FROM sessions WHERE id = ?1",
-    )?;
-    let mut rows = st.query_map(params![id], |r| {
-        Ok(SessionSummary {
-            id: r.get(0)?,
-            started_us: r.get(1)?,
-            ended_us: r.get(2)?,
-            agent: r.get(3)?,
-            target: r.get(4)?,
-            protocol: r.get(5)?,
-            uid: r.get(6)?,
-            user: r.get(7)?,
-            pid: r.get(8)?,
-            exe: r.get(9)?,
-            end_reason: r.get(10)?,
-            statements: r.get(11)?,
-            allowed: r.get(12)?,
-            masked: r.get(13)?,
-            denied: r.get(14)?,
-            held: r.get(15)?,
-        })
-    })?;
+    let mut st = c.prepare(&format!(
+        "SELECT {SUMMARY_COLUMNS} FROM sessions WHERE id = ?1"
+    ))?;
+    let mut rows = st.query_map(params![id], summary)?;
     Ok(rows.next().transpose()?)
 }
 
