@@ -608,6 +608,9 @@ fn store_bench() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("PC_STORE_WRITER_ONLY").is_some() {
+        return;
+    }
 
     // pgbench with recording in each mode, against direct, rounds alternating.
     let (env, agent, direct, pg, body) = pg_setup();
