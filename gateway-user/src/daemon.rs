@@ -96,7 +96,7 @@ impl crate::metrics::http::Probe for State {
             ebpf: k.counters,
             programs_attached: k.programs.len(),
             in_flight: k.in_flight,
-            store: self.store.stats.snapshot(),
+            store: self.store.counters(),
             reloads_ok: self.policy.stats.ok.load(relaxed),
             reloads_failed: self.policy.stats.failed.load(relaxed),
             rules: self.policy.current().rules.len(),
@@ -369,7 +369,7 @@ impl State {
                 path: self.store.path().display().to_string(),
                 durability: self.store.config().durability.as_str().to_owned(),
                 head_seq: self.store.head().seq,
-                counters: self.store.stats.snapshot(),
+                counters: self.store.counters(),
             },
             agents: cfg
                 .agents

@@ -463,7 +463,7 @@ fn replay_shows_what_the_client_saw_and_sessions_filter() {
     .collect::<Vec<_>>();
     let replayed: Vec<String> = recs
         .iter()
-        .filter(|r| r["kind"] == "rows")
+        .filter(|r| r["kind"] == "rows" || r["kind"] == "result")
         .flat_map(|r| r["body"]["rows"].as_array().cloned().unwrap_or_default())
         .map(|row| {
             row.as_array()

@@ -119,6 +119,8 @@ pub struct Append {
 pub struct Store {
     cfg: StoreConfig,
     tx: SyncSender<writer::Op>,
+    /// Records appended without waiting, for the writer's next commit.
+    lazy: Arc<Mutex<Vec<Append>>>,
     reader: Mutex<rusqlite::Connection>,
     head: Arc<Mutex<Head>>,
     pub stats: Arc<StoreStats>,
@@ -149,7 +151,8 @@ impl Store {
         let head = Arc::new(Mutex::new(head));
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
-        let w = writer::Writer::new(conn, rx, head.clone(), stats.clone());
+        let lazy = Arc::new(Mutex::new(Vec::new()));
+        let w = writer::Writer::new(conn, rx, lazy.clone(), head.clone(), stats.clone());
         let handle = std::thread::Builder::new()
             .name("portcullis-store".into())
             .spawn(move || w.run())
@@ -157,6 +160,7 @@ impl Store {
         let store = Arc::new(Self {
             cfg: cfg.clone(),
             tx,
+            lazy,
             reader: Mutex::new(reader),
             head,
             stats,
@@ -201,9 +205,31 @@ impl Store {
         }
     }
 
-    /// Queues a record; does not wait (transcripts, results, session ends).
+    /// Queues a record; does not wait (transcripts, results, session ends). It is committed
+    /// with the next group, within [`writer::LAZY_EVERY`]; appending does not wake the
+    /// writer until [`writer::LAZY_WAKE`] records wait.
     pub fn append(&self, a: Append) -> Result<(), StoreError> {
-        self.send(writer::Op::Append(vec![a], None))
+        let waiting = {
+            let mut l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
+            if l.len() >= self.cfg.queue {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::QueueFull(self.cfg.queue));
+            }
+            l.push(a);
+            l.len()
+        };
+        if waiting == writer::LAZY_WAKE {
+            // An empty request: the writer takes the waiting records with it.
+            let _ = self.send(writer::Op::Append(Vec::new(), None));
+        }
+        Ok(())
+    }
+
+    /// The counters, with the records waiting to be taken counted as queued.
+    pub fn counters(&self) -> StoreCounters {
+        let mut c = self.stats.snapshot();
+        c.queued += self.lazy.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        c
     }
 
     /// Queues records and waits until they are durable as `durability` says. Returns the

@@ -32,6 +32,12 @@ use crate::config::Durability;
 pub const MAX_GROUP: usize = 1024;
 /// Longest a committed record waits for its fsync in `commit` mode.
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Longest a record appended without waiting (transcripts, session ends) stays in memory
+/// when nothing else is committed: such records ride along with the next commit instead of
+/// costing one of their own, and their appends never wake the writer.
+pub const LAZY_EVERY: Duration = Duration::from_millis(10);
+/// Records appended without waiting that make the writer commit at once.
+pub const LAZY_WAKE: usize = 512;
 
 pub enum Op {
     Append(
@@ -155,6 +161,7 @@ pub fn read_head(c: &Connection) -> rusqlite::Result<Head> {
 pub struct Writer {
     conn: Connection,
     rx: Receiver<Op>,
+    lazy: Arc<Mutex<Vec<Append>>>,
     head: Arc<Mutex<Head>>,
     stats: Arc<StoreStats>,
     unsynced: bool,
@@ -167,12 +174,14 @@ impl Writer {
     pub fn new(
         conn: Connection,
         rx: Receiver<Op>,
+        lazy: Arc<Mutex<Vec<Append>>>,
         head: Arc<Mutex<Head>>,
         stats: Arc<StoreStats>,
     ) -> Self {
         Self {
             conn,
             rx,
+            lazy,
             head,
             stats,
             unsynced: false,
@@ -183,16 +192,28 @@ impl Writer {
     pub fn run(mut self) {
         self.expire_pending_approvals();
         loop {
-            let first = match self.rx.recv_timeout(SYNC_EVERY) {
+            let first = match self.rx.recv_timeout(LAZY_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.sync_if_due(true);
+                    let lazy = self.take_lazy();
+                    if lazy.is_empty() {
+                        self.sync_if_due(self.last_sync.elapsed() >= SYNC_EVERY);
+                    } else {
+                        self.commit_group(vec![(lazy, None)]);
+                        self.sync_if_due(false);
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // Records appended without waiting come first: they were appended before
+            // whatever this op's caller did next.
             let mut group: Vec<(Vec<Append>, Option<Waiter>)> = Vec::new();
-            let mut n = 0;
+            let lazy = self.take_lazy();
+            let mut n = lazy.len();
+            if !lazy.is_empty() {
+                group.push((lazy, None));
+            }
             let mut stop = false;
             let mut after: Vec<Op> = Vec::new();
             let mut next = Some(first);
@@ -225,6 +246,11 @@ impl Writer {
         }
         // Everything committed is synced before the thread ends.
         let _ = self.checkpoint();
+    }
+
+    fn take_lazy(&self) -> Vec<Append> {
+        let mut l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *l)
     }
 
     fn sync_if_due(&mut self, idle: bool) {

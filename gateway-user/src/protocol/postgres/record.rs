@@ -25,7 +25,9 @@ pub struct Recorder {
     limit: usize,
     used: usize,
     cut: bool,
-    columns: Vec<String>,
+    /// Column names of the current result, not recorded yet: a small result becomes one
+    /// `result` record (columns, rows, tag) instead of three.
+    columns: Option<Vec<String>>,
     rows: Vec<Value>,
     total: u64,
 }
@@ -68,7 +70,7 @@ impl Recorder {
             limit,
             used: 0,
             cut: false,
-            columns: Vec::new(),
+            columns: None,
             rows: Vec::new(),
             total: 0,
         }
@@ -105,7 +107,11 @@ impl Recorder {
         });
     }
 
+    /// Records what is buffered: the columns (if not yet), then the rows.
     fn flush_rows(&mut self) {
+        if let Some(columns) = self.columns.take() {
+            self.emit("columns", json!({"columns": columns}));
+        }
         if self.rows.is_empty() {
             return;
         }
@@ -121,11 +127,12 @@ impl Recorder {
         match tag {
             be::ROW_DESCRIPTION => {
                 self.flush_rows();
-                self.columns = messages::row_description(body)
-                    .map(|f| f.into_iter().map(|c| c.name).collect())
-                    .unwrap_or_default();
+                self.columns = Some(
+                    messages::row_description(body)
+                        .map(|f| f.into_iter().map(|c| c.name).collect())
+                        .unwrap_or_default(),
+                );
                 self.total = 0;
-                self.emit("columns", json!({"columns": self.columns}));
             }
             be::DATA_ROW => {
                 if let Ok(vals) = messages::data_row(body) {
@@ -148,12 +155,27 @@ impl Recorder {
                 }
             }
             be::COMMAND_COMPLETE => {
-                self.flush_rows();
                 let tag = messages::command_tag(body).unwrap_or_default().to_owned();
-                self.emit("complete", json!({"tag": tag, "rows": self.total}));
+                match self.columns.take() {
+                    // The whole result is still buffered: one record.
+                    Some(columns) => {
+                        let rows = std::mem::take(&mut self.rows);
+                        self.emit(
+                            "result",
+                            json!({"columns": columns, "rows": rows, "tag": tag, "total": self.total}),
+                        );
+                    }
+                    None => {
+                        self.flush_rows();
+                        self.emit("complete", json!({"tag": tag, "rows": self.total}));
+                    }
+                }
                 self.total = 0;
             }
-            be::EMPTY_QUERY => self.emit("complete", json!({"tag": "", "rows": 0})),
+            be::EMPTY_QUERY => {
+                self.flush_rows();
+                self.emit("complete", json!({"tag": "", "rows": 0}));
+            }
             be::ERROR_RESPONSE | be::NOTICE_RESPONSE => {
                 self.flush_rows();
                 let f = messages::error_fields(body).unwrap_or_default();
