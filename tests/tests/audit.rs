@@ -604,3 +604,50 @@ fn redact_literals_keeps_literals_out_of_records_and_logs() {
     assert!(all.contains("SELECT length(?)"), "no decision event");
     assert!(!all.contains("hunter2"), "a literal reached the log");
 }
+
+#[test]
+fn retention_prunes_ended_sessions_and_the_chain_still_verifies() {
+    let w = world_full(
+        "",
+        None,
+        "",
+        "[store]\nretention = \"1s\"\nprune_interval = \"500ms\"\n",
+    );
+    assert!(
+        psql_script(&w, &w.agent, "SELECT 1 AS k;\n")
+            .status
+            .success()
+    );
+    let first = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+    assert_eq!(first.as_array().map(Vec::len), Some(1), "{first}");
+    // Gone within a few prune intervals after it has been over for a second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+        if s.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never pruned: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let prunes: Vec<Value> = export(&w)
+        .into_iter()
+        .filter(|r| r["kind"] == "prune")
+        .collect();
+    assert!(!prunes.is_empty(), "no prune record");
+    assert!(
+        !export(&w).iter().any(|r| r["kind"] == "statement"),
+        "the pruned session's statements are still there"
+    );
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["first_seq"].as_i64() > Some(1), "{v}");
+    // A newer session is kept.
+    assert!(
+        psql_script(&w, &w.agent, "SELECT 2 AS k;\n")
+            .status
+            .success()
+    );
+    let s = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+    assert_eq!(s.as_array().map(Vec::len), Some(1), "{s}");
+}

@@ -501,8 +501,18 @@ impl Writer {
                 params![before_us],
                 |r| r.get(0),
             )?;
-            let Some(keep_from) = keep_from else {
-                return Ok(None);
+            // Nothing needed any more: everything up to the head goes.
+            let keep_from = match keep_from {
+                Some(k) => k,
+                None => {
+                    let last: Option<i64> =
+                        self.conn
+                            .query_row("SELECT max(seq) FROM records", [], |r| r.get(0))?;
+                    match last {
+                        Some(l) => l + 1,
+                        None => return Ok(None),
+                    }
+                }
             };
             let prev: Option<Vec<u8>> = self
                 .conn
