@@ -51,8 +51,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(l)
 }
 
+/// Admin connections served at once; more wait in the listen backlog. The socket is open to
+/// every local user, so neither idle nor numerous callers may tie the daemon up.
+const MAX_CONNECTIONS: usize = 64;
+/// A request must arrive within this long.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(listener: UnixListener, state: Arc<State>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let conn = tokio::select! {
             c = listener.accept() => c,
             () = shutdown.cancelled() => return,
@@ -64,6 +74,7 @@ pub async fn serve(listener: UnixListener, state: Arc<State>, shutdown: Cancella
                     if let Err(e) = handle(stream, &state).await {
                         tracing::debug!(error = %e, "admin connection failed");
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -79,7 +90,11 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
-    let response = match reader.read_line(&mut line).await {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let Ok(read) = read else {
+        return Ok(());
+    };
+    let response = match read {
         Ok(0) => return Ok(()),
         Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => {
             Response::err("request too large")
