@@ -121,6 +121,11 @@ pub struct Store {
     tx: SyncSender<writer::Op>,
     /// Records appended without waiting, for the writer's next commit.
     lazy: Arc<Mutex<Vec<Append>>>,
+    /// The write connection, shared with the writer thread.
+    core: Arc<Mutex<writer::Core>>,
+    /// Durable appends waiting for whoever commits next (`commit` mode).
+    pending: Arc<writer::Pending>,
+    closed: std::sync::atomic::AtomicBool,
     reader: Mutex<rusqlite::Connection>,
     head: Arc<Mutex<Head>>,
     pub stats: Arc<StoreStats>,
@@ -152,7 +157,14 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
         let lazy = Arc::new(Mutex::new(Vec::new()));
-        let w = writer::Writer::new(conn, rx, lazy.clone(), head.clone(), stats.clone());
+        let core = Arc::new(Mutex::new(writer::Core::new(
+            conn,
+            lazy.clone(),
+            head.clone(),
+            stats.clone(),
+        )));
+        let pending = Arc::new(writer::Pending::default());
+        let w = writer::Writer::new(core.clone(), pending.clone(), rx);
         let handle = std::thread::Builder::new()
             .name("portcullis-store".into())
             .spawn(move || w.run())
@@ -161,6 +173,9 @@ impl Store {
             cfg: cfg.clone(),
             tx,
             lazy,
+            core,
+            pending,
+            closed: std::sync::atomic::AtomicBool::new(false),
             reader: Mutex::new(reader),
             head,
             stats,
@@ -229,14 +244,32 @@ impl Store {
     pub fn counters(&self) -> StoreCounters {
         let mut c = self.stats.snapshot();
         c.queued += self.lazy.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        c.queued += self.pending.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
         c
     }
 
     /// Queues records and waits until they are durable as `durability` says. Returns the
     /// sequence number of the last one.
     pub async fn append_durable(&self, records: Vec<Append>) -> Result<i64, StoreError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
         let (ack, wait) = tokio::sync::oneshot::channel();
-        self.send(writer::Op::Append(records, Some(ack)))?;
+        if self.cfg.durability == crate::config::Durability::Strict {
+            // The fsync is the writer thread's: never on a runtime worker.
+            self.send(writer::Op::Append(records, Some(ack)))?;
+        } else {
+            {
+                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if p.len() >= self.cfg.queue {
+                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(StoreError::QueueFull(self.cfg.queue));
+                }
+                p.push((records, ack));
+            }
+            // Commit here unless someone already is (then they take these records too).
+            writer::lead(&self.core, &self.pending);
+        }
         wait.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -283,6 +316,7 @@ impl Store {
 
     /// Stops the writer after what is queued, and logs the chain head.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
         // Blocking: after what is queued (the writer is draining it).
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(writer::Op::Stop);

@@ -158,9 +158,12 @@ pub fn read_head(c: &Connection) -> rusqlite::Result<Head> {
     })
 }
 
-pub struct Writer {
+/// The write connection and what goes with it. Shared: the writer thread uses it for
+/// transcripts, checkpoints, pruning and `strict` commits; a session waiting for its
+/// statement's record in `commit` mode commits through it itself ([`lead`]), saving two
+/// thread hand-offs per statement.
+pub struct Core {
     conn: Connection,
-    rx: Receiver<Op>,
     lazy: Arc<Mutex<Vec<Append>>>,
     head: Arc<Mutex<Head>>,
     stats: Arc<StoreStats>,
@@ -168,19 +171,26 @@ pub struct Writer {
     last_sync: Instant,
 }
 
-type Waiter = oneshot::Sender<Result<i64, StoreError>>;
+/// Requests waiting for a leader: records and who waits for them.
+pub type Pending = Mutex<Vec<(Vec<Append>, Waiter)>>;
 
-impl Writer {
+pub struct Writer {
+    core: Arc<Mutex<Core>>,
+    pending: Arc<Pending>,
+    rx: Receiver<Op>,
+}
+
+pub type Waiter = oneshot::Sender<Result<i64, StoreError>>;
+
+impl Core {
     pub fn new(
         conn: Connection,
-        rx: Receiver<Op>,
         lazy: Arc<Mutex<Vec<Append>>>,
         head: Arc<Mutex<Head>>,
         stats: Arc<StoreStats>,
     ) -> Self {
         Self {
             conn,
-            rx,
             lazy,
             head,
             stats,
@@ -188,28 +198,80 @@ impl Writer {
             last_sync: Instant::now(),
         }
     }
+}
 
-    pub fn run(mut self) {
-        self.expire_pending_approvals();
+/// Commits every waiting request, as long as nobody else is: whoever holds the core
+/// commits what is pending, in groups, and checks again after letting go, so a request
+/// pushed meanwhile is never left behind. Blocking for the length of a commit (a `write`
+/// into the WAL in `commit` mode; never an fsync, which only the writer thread runs).
+pub fn lead(core: &Mutex<Core>, pending: &Pending) {
+    loop {
+        let mut c = match core.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        loop {
+            let batch: Vec<(Vec<Append>, Waiter)> = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let n = p.len().min(MAX_GROUP);
+                p.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let lazy = c.take_lazy();
+            let mut group: Vec<(Vec<Append>, Option<Waiter>)> = Vec::with_capacity(batch.len() + 1);
+            if !lazy.is_empty() {
+                group.push((lazy, None));
+            }
+            group.extend(batch.into_iter().map(|(r, a)| (r, Some(a))));
+            c.commit_group(group);
+        }
+        drop(c);
+        if pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            return;
+        }
+    }
+}
+
+impl Writer {
+    pub fn new(core: Arc<Mutex<Core>>, pending: Arc<Pending>, rx: Receiver<Op>) -> Self {
+        Self { core, pending, rx }
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn run(self) {
+        self.core().expire_pending_approvals();
         loop {
             let first = match self.rx.recv_timeout(LAZY_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    let lazy = self.take_lazy();
-                    if lazy.is_empty() {
-                        self.sync_if_due(self.last_sync.elapsed() >= SYNC_EVERY);
-                    } else {
-                        self.commit_group(vec![(lazy, None)]);
-                        self.sync_if_due(false);
+                    {
+                        let mut c = self.core();
+                        let lazy = c.take_lazy();
+                        if lazy.is_empty() {
+                            let idle = c.last_sync.elapsed() >= SYNC_EVERY;
+                            c.sync_if_due(idle);
+                        } else {
+                            c.commit_group(vec![(lazy, None)]);
+                            c.sync_if_due(false);
+                        }
                     }
+                    // Whatever arrived while the core was busy here.
+                    lead(&self.core, &self.pending);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            let mut c = self.core();
             // Records appended without waiting come first: they were appended before
             // whatever this op's caller did next.
             let mut group: Vec<(Vec<Append>, Option<Waiter>)> = Vec::new();
-            let lazy = self.take_lazy();
+            let lazy = c.take_lazy();
             let mut n = lazy.len();
             if !lazy.is_empty() {
                 group.push((lazy, None));
@@ -218,7 +280,7 @@ impl Writer {
             let mut after: Vec<Op> = Vec::new();
             let mut next = Some(first);
             while let Some(op) = next.take() {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                c.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 match op {
                     Op::Append(recs, ack) => {
                         n += recs.len().max(1);
@@ -232,22 +294,26 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                self.commit_group(group);
+                c.commit_group(group);
             }
             for op in after {
                 if let Op::Prune(before, ack) = op {
-                    let _ = ack.send(self.prune(before));
+                    let _ = ack.send(c.prune(before));
                 }
             }
-            self.sync_if_due(false);
+            c.sync_if_due(false);
+            drop(c);
+            lead(&self.core, &self.pending);
             if stop {
                 break;
             }
         }
         // Everything committed is synced before the thread ends.
-        let _ = self.checkpoint();
+        let _ = self.core().checkpoint();
     }
+}
 
+impl Core {
     fn take_lazy(&self) -> Vec<Append> {
         let mut l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *l)
