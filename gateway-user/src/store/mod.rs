@@ -2,11 +2,13 @@
 //! approvals, grants and session transcripts, as one hash-chained log of records
 //! ([`chain`]) plus tables derived from it for listing.
 //!
-//! One writer thread ([`writer`]) appends records in groups, one transaction per group.
-//! Callers that must not go on before their record is safe (a statement is recorded before
-//! it is forwarded) wait for the group's commit — and, with `durability = "strict"`, its
-//! fsync. A record that cannot be queued or written is an error to the caller, never a
-//! silent loss. Reads ([`query`]) use their own connection.
+//! Records are appended in groups, one transaction per group ([`writer`]). Callers that must
+//! not go on before their record is safe (a statement is recorded before it is forwarded)
+//! wait for the group's commit — and, with `durability = "strict"`, its fsync. In `commit`
+//! mode a waiting caller commits the group itself when nobody else is committing; the
+//! writer thread handles transcripts, checkpoints, pruning and `strict` commits. A record
+//! that cannot be queued or written is an error to the caller, never a silent loss. Reads
+//! ([`query`]) use their own connection.
 //!
 //! See docs/audit.md for the guarantees and their limits.
 

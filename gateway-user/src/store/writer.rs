@@ -1,7 +1,8 @@
-//! The writer thread: appends queued records in groups, one transaction per group, keeps
-//! the chain head, and maintains the listing tables derived from the records.
+//! Writing: records appended in groups, one transaction per group, the chain head, and the
+//! listing tables derived from the records.
 //!
-//! Group commit: the thread takes every record already waiting (up to [`MAX_GROUP`]) and
+//! Group commit: whoever commits (a waiting session through [`lead`] in `commit` mode, else
+//! the writer thread) takes every request already waiting (up to [`MAX_GROUP`]) and
 //! commits them together, then answers every caller of the group. A failed group (disk
 //! full, read-only file, I/O error) is rolled back as a whole and every caller gets the
 //! error; the head stays at the last committed record, so the chain never has holes.
