@@ -33,6 +33,14 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+/// A time field as a clock reading; empty when absent.
+fn time_at(v: &Value, k: &str) -> String {
+    v.get(k)
+        .and_then(Value::as_i64)
+        .map(clock)
+        .unwrap_or_default()
+}
+
 fn cell(v: &Value) -> String {
     let t = match v {
         Value::Null => String::new(),
@@ -273,10 +281,7 @@ impl Replay {
                     "{at}   held for approval: request {} (rule {}), expires {}",
                     s(b, "id"),
                     s(b, "rule"),
-                    b.get("expires_us")
-                        .and_then(Value::as_i64)
-                        .map(clock)
-                        .unwrap_or_default()
+                    time_at(b, "expires_us")
                 );
             }
             "approval_decided" => {
@@ -304,10 +309,7 @@ impl Replay {
                     "              grant {} for rule {} until {}",
                     s(b, "id"),
                     s(b, "rule"),
-                    b.get("expires_us")
-                        .and_then(Value::as_i64)
-                        .map(clock)
-                        .unwrap_or_default()
+                    time_at(b, "expires_us")
                 );
             }
             "grant_used" => {

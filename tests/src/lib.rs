@@ -769,3 +769,40 @@ pub fn portcullis_json(config: &Path, args: &[&str]) -> Value {
         )
     })
 }
+
+/// A small tmpfs mounted for one test (a disk that fills up); unmounted in `Drop`.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `2m`) at a new directory named after `name`.
+    pub fn mount(name: &str, size: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("tmpfs dir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), name])
+            .arg(&dir)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "cannot mount a tmpfs at {}", dir.display());
+        Self(dir)
+    }
+
+    /// Fills the filesystem with one file (returned, to remove it again).
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use portcullis_tests::{
-    As, Daemon,
+    As, Daemon, Tmpfs,
     pg::{
         Pgw, logged_numbers, pgbench_load, psql_cmd, psql_script, recorded_numbers, text,
         wait_load, world_full, world_with,
@@ -261,27 +261,11 @@ fn store_refusals(out: &Output) -> Vec<usize> {
         .collect()
 }
 
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_store_on_a_full_disk_fails_closed_and_recovers() {
     // The store on a 2 MiB tmpfs.
-    let env_dir = std::env::temp_dir().join(format!("pc-small-{}", std::process::id()));
-    fs::create_dir_all(&env_dir).expect("dir");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "pc-small"])
-        .arg(&env_dir)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "cannot mount a tmpfs");
-    let mount = Tmpfs(env_dir.clone());
-    let db = env_dir.join("portcullis.db");
+    let mount = Tmpfs::mount("pc-small", "2m");
+    let db = mount.0.join("portcullis.db");
     let w = world_full(
         "",
         None,
@@ -293,13 +277,7 @@ fn a_store_on_a_full_disk_fails_closed_and_recovers() {
             .status
             .success()
     );
-    // Fill the filesystem.
-    let filler = env_dir.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=4k"])
-        .arg(format!("of={}", filler.display()))
-        .stderr(Stdio::null())
-        .status();
+    let filler = mount.fill();
     let mut refused = Vec::new();
     let mut batch = 0;
     while refused.is_empty() {
@@ -369,15 +347,8 @@ fn a_store_on_a_full_disk_fails_closed_and_recovers() {
 #[test]
 fn a_store_that_cannot_be_opened_stops_the_daemon_with_the_reason() {
     let env = portcullis_tests::Env::new();
-    let ro = env.dir.join("ro");
-    fs::create_dir_all(&ro).expect("dir");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=1m", "pc-ro"])
-        .arg(&ro)
-        .status()
-        .expect("mount");
-    assert!(st.success());
-    let _m = Tmpfs(ro.clone());
+    let m = Tmpfs::mount("pc-ro", "1m,ro");
+    let ro = m.0.clone();
     let cfg = env.config(
         "",
         &format!(

@@ -11,7 +11,7 @@ use std::{
 };
 
 use portcullis_tests::{
-    Daemon, Env,
+    Daemon, Env, Tmpfs,
     pg::{
         logged_numbers, pgbench_load, psql, psql_script, recorded_numbers, text, wait_load,
         world_full, world_with,
@@ -144,40 +144,17 @@ fn masked_values_are_counted_by_detector() {
     );
 }
 
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn readyz_turns_unready_when_the_store_cannot_write_and_back() {
-    let dir = std::env::temp_dir().join(format!("pc-ready-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("dir");
-    assert!(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "pc-ready"])
-            .arg(&dir)
-            .status()
-            .expect("mount")
-            .success()
-    );
-    let _m = Tmpfs(dir.clone());
+    let disk = Tmpfs::mount("pc-ready", "2m");
     let w = world_full(
         "",
         None,
         "",
-        &format!("[store]\npath = \"{}\"\n", dir.join("p.db").display()),
+        &format!("[store]\npath = \"{}\"\n", disk.0.join("p.db").display()),
     );
     assert_eq!(w.daemon.http_get("/readyz").0, 200);
-    let filler = dir.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=4k"])
-        .arg(format!("of={}", filler.display()))
-        .stderr(Stdio::null())
-        .status();
+    let filler = disk.fill();
     let (status, body) = w.daemon.http_get("/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("FAIL  store writable"), "{body}");
