@@ -336,25 +336,34 @@ fn check_pins(cfg: &Config) -> Vec<Check> {
     out
 }
 
+/// Whether the store's directory (or, before the first start, the nearest existing parent
+/// the daemon would create it in) takes a file. Doctor creates nothing.
 fn check_store(cfg: &Config) -> Check {
     let dir = cfg
         .store
         .path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let probe = dir.join(".portcullis-doctor-probe");
-    let r = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"probe"));
+    let existing = dir
+        .ancestors()
+        .find(|d| d.exists())
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+    let probe = existing.join(".portcullis-doctor-probe");
+    let r = std::fs::write(&probe, b"probe");
     let _ = std::fs::remove_file(&probe);
+    let what = if existing == dir {
+        format!("audit store directory {}", dir.display())
+    } else {
+        format!(
+            "audit store directory {} (not created yet: {} is where it will be)",
+            dir.display(),
+            existing.display()
+        )
+    };
     match r {
-        Ok(()) => ok(format!(
-            "audit store directory {} is writable",
-            dir.display()
-        )),
+        Ok(()) => ok(format!("{what} is writable")),
         Err(e) => fail(
-            format!(
-                "audit store directory {} is not writable: {e}",
-                dir.display()
-            ),
+            format!("{what} is not writable: {e}"),
             "fix its permissions or free space, or set [store] path",
         ),
     }
