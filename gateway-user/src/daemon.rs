@@ -483,7 +483,7 @@ fn log_config_error(path: &std::path::Path, e: &ConfigError) {
     );
 }
 
-fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 5] {
+fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
     [
         (
             "proxy.listen",
@@ -496,6 +496,20 @@ fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 5] {
         ),
         ("ebpf.fail_mode", a.ebpf.fail_mode != b.ebpf.fail_mode),
         ("admin.socket", a.admin.socket != b.admin.socket),
+        ("metrics.listen", a.metrics_listen != b.metrics_listen),
+        (
+            "store (except retention and prune_interval)",
+            a.store.path != b.store.path
+                || a.store.durability != b.store.durability
+                || a.store.queue != b.store.queue
+                || a.store.recording_limit != b.store.recording_limit
+                || a.store.redact_literals != b.store.redact_literals,
+        ),
+        ("webhook", a.webhooks != b.webhooks),
+        (
+            "policy.approval_timeout",
+            a.policy.approval_timeout != b.policy.approval_timeout,
+        ),
     ]
 }
 
@@ -506,6 +520,13 @@ fn keep_restart_only(running: &Config, new: &mut Config) {
     new.ebpf.attach_cgroup = running.ebpf.attach_cgroup.clone();
     new.ebpf.fail_mode = running.ebpf.fail_mode;
     new.admin.socket = running.admin.socket.clone();
+    new.metrics_listen = running.metrics_listen;
+    let (retention, prune_interval) = (new.store.retention, new.store.prune_interval);
+    new.store = running.store.clone();
+    new.store.retention = retention;
+    new.store.prune_interval = prune_interval;
+    new.webhooks = running.webhooks.clone();
+    new.policy.approval_timeout = running.policy.approval_timeout;
 }
 
 /// One line describing an agent's selector.

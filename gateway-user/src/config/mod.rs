@@ -245,7 +245,7 @@ impl Durability {
 }
 
 /// `[store]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StoreConfig {
     pub path: PathBuf,
     pub durability: Durability,
@@ -263,7 +263,7 @@ pub enum WebhookFormat {
 }
 
 /// `[[webhook]]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Webhook {
     pub url: String,
     pub format: WebhookFormat,
