@@ -438,10 +438,15 @@ mod tests {
                 .read(|c| query::verify(c, Some(s.head())))
                 .expect("verify");
             assert!(v.ok, "{v:?}");
-            assert!(
-                s.stats.groups.load(Ordering::Relaxed) < 52,
-                "records were grouped"
-            );
+            // In strict mode the writer thread's fsync makes 50 concurrent callers queue
+            // up behind it: they share groups. (In commit mode a caller that finds nobody
+            // committing commits alone; grouping there depends on timing.)
+            if durability == Durability::Strict {
+                assert!(
+                    s.stats.groups.load(Ordering::Relaxed) < 52,
+                    "records were not grouped"
+                );
+            }
 
             // A second, later session, then prune the first.
             let id2 = s.next_session_id();
