@@ -574,6 +574,40 @@ fn redact_literals_keeps_literals_out_of_records_and_logs() {
     let all = format!("{:?}", w.daemon.logs.all());
     assert!(all.contains("SELECT length(?)"), "no decision event");
     assert!(!all.contains("hunter2"), "a literal reached the log");
+
+    // A held statement: its request record and the event of its outcome, too.
+    let held = std::thread::scope(|scope| {
+        let client = scope.spawn(|| psql_script(&w, &w.agent, "UPDATE t SET v = 'hunter2'\n"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let id = loop {
+            let v = portcullis_json(&w.daemon.config, &["approvals", "--json"]);
+            if let Some(id) = v["pending"][0]["id"].as_str() {
+                break id.to_owned();
+            }
+            assert!(Instant::now() < deadline, "never held: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let deny = portcullis_as(&w.daemon.config, As::Root, &["deny", &id]);
+        assert!(deny.status.success(), "{}", text(&deny));
+        client.join().expect("psql")
+    });
+    assert!(text(&held).contains("denied"), "{}", text(&held));
+    w.daemon
+        .logs
+        .wait_for("the outcome event", Duration::from_secs(5), |v| {
+            v["message"] == "decision" && v["verdict"] == "refused"
+        });
+    let requested: Vec<Value> = export(&w)
+        .into_iter()
+        .filter(|r| r["kind"] == "approval_requested")
+        .collect();
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0]["body"]["statement"], "UPDATE t SET v = ?");
+    let all = format!("{:?}", w.daemon.logs.all());
+    assert!(
+        !all.contains("hunter2"),
+        "a held statement's literal reached the log"
+    );
 }
 
 #[test]

@@ -722,6 +722,16 @@ struct JudgeCtx {
 }
 
 impl JudgeCtx {
+    /// A statement as log events show it: shortened, and without its literals when the
+    /// store or the deciding rule asks for that.
+    fn shown(&self, sql: &str, d: &crate::policy::Decision) -> String {
+        if self.redact_all || d.redact_literals {
+            truncate(&crate::store::redact::redact_literals(sql), 200)
+        } else {
+            truncate(sql, 200)
+        }
+    }
+
     fn judge(&self, sql: &str, scs: bool) -> Arc<Judgement> {
         let began = std::time::Instant::now();
         let j = self.policy.judge_sql(
@@ -1121,11 +1131,6 @@ fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
         return;
     }
     let kinds: Vec<String> = j.classification.kinds().iter().map(|k| k.name()).collect();
-    let shown = if judge.redact_all || d.redact_literals {
-        truncate(&crate::store::redact::redact_literals(sql), 200)
-    } else {
-        truncate(sql, 200)
-    };
     tracing::info!(
         target: "portcullis::audit",
         verdict = d.verdict.as_str(),
@@ -1133,7 +1138,7 @@ fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
         agent.name = %judge.subject.agent,
         target.name = %judge.target,
         kinds = %kinds.join(","),
-        statement = %shown,
+        statement = %judge.shown(sql, d),
         "decision"
     );
 }
@@ -1338,7 +1343,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 rule = %judgement.decision.rule,
                 agent.name = %judge.subject.agent,
                 target.name = %judge.target,
-                statement = %truncate(&sql, 200),
+                statement = %judge.shown(&sql, &judgement.decision),
                 "decision"
             );
             flush_up(
