@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Daemon, Env, PREFIX, agents_and_pg, in_cgroup, run_json, workspace_bin};
+use crate::{
+    Daemon, Env, PREFIX, agents_and_pg, in_cgroup, output_with_input, run_json, workspace_bin,
+};
 use std::process::Output;
 
 /// Where the packaged binaries live; override with `PG_BIN`.
@@ -404,21 +406,10 @@ pub fn psql(w: &Pgw, cgroup: &str, sslmode: &str, sql: &str) -> Output {
 
 /// psql reading a script from stdin: one Query message per statement.
 pub fn psql_script(w: &Pgw, cgroup: &str, script: &str) -> Output {
-    use std::io::Write as _;
-    let mut child = psql_cmd(w, cgroup, "disable")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("psql");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("script");
-    child.wait_with_output().expect("psql")
+    output_with_input(
+        psql_cmd(w, cgroup, "disable").args(["-f", "-"]),
+        script.as_bytes(),
+    )
 }
 
 pub fn text(o: &Output) -> String {
@@ -453,22 +444,11 @@ pub fn pc_pg_with(w: &Pgw, cgroup: &str, scenario: &str, args: &[&str]) -> serde
 
 /// Runs `pc-pgwire` with a script in a cgroup; returns its output lines as JSON.
 pub fn wire(w: &Pgw, cgroup: &str, script: &str) -> Vec<serde_json::Value> {
-    use std::io::Write as _;
     let mut cmd = Command::new(workspace_bin("pc-pgwire"));
     cmd.arg(w.pg.addr().to_string())
-        .args(["app", APP_PASSWORD, "shop"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .args(["app", APP_PASSWORD, "shop"]);
     in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), Some(65534));
-    let mut child = cmd.spawn().expect("pc-pgwire");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("script");
-    let out = child.wait_with_output().expect("pc-pgwire");
+    let out = output_with_input(&mut cmd, script.as_bytes());
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|_| serde_json::json!({"raw": l})))
