@@ -221,11 +221,7 @@ pub fn lead(core: &Mutex<Core>, pending: &Pending) {
             if batch.is_empty() {
                 break;
             }
-            let lazy = c.take_lazy();
-            let mut group: Vec<(Vec<Append>, Option<Waiter>)> = Vec::with_capacity(batch.len() + 1);
-            if !lazy.is_empty() {
-                group.push((lazy, None));
-            }
+            let mut group = c.start_group();
             group.extend(batch.into_iter().map(|(r, a)| (r, Some(a))));
             c.commit_group(group);
         }
@@ -253,12 +249,12 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {
                     {
                         let mut c = self.core();
-                        let lazy = c.take_lazy();
-                        if lazy.is_empty() {
+                        let group = c.start_group();
+                        if group.is_empty() {
                             let idle = c.last_sync.elapsed() >= SYNC_EVERY;
                             c.sync_if_due(idle);
                         } else {
-                            c.commit_group(vec![(lazy, None)]);
+                            c.commit_group(group);
                             c.sync_if_due(false);
                         }
                     }
@@ -269,14 +265,8 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut c = self.core();
-            // Records appended without waiting come first: they were appended before
-            // whatever this op's caller did next.
-            let mut group: Vec<(Vec<Append>, Option<Waiter>)> = Vec::new();
-            let lazy = c.take_lazy();
-            let mut n = lazy.len();
-            if !lazy.is_empty() {
-                group.push((lazy, None));
-            }
+            let mut group = c.start_group();
+            let mut n = group.first().map_or(0, |(r, _)| r.len());
             let mut stop = false;
             let mut after: Vec<Op> = Vec::new();
             let mut next = Some(first);
@@ -315,9 +305,15 @@ impl Writer {
 }
 
 impl Core {
-    fn take_lazy(&self) -> Vec<Append> {
-        let mut l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::take(&mut *l)
+    /// A new group, starting with the records appended without waiting: they come first,
+    /// as they were appended before whatever a waiting caller did next.
+    fn start_group(&self) -> Vec<(Vec<Append>, Option<Waiter>)> {
+        let lazy = std::mem::take(&mut *self.lazy.lock().unwrap_or_else(|e| e.into_inner()));
+        if lazy.is_empty() {
+            Vec::new()
+        } else {
+            vec![(lazy, None)]
+        }
     }
 
     fn sync_if_due(&mut self, idle: bool) {
