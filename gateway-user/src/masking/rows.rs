@@ -23,10 +23,7 @@ fn mask_value(
     value: &[u8],
 ) -> Option<Option<Vec<u8>>> {
     if let Some((strategy, label)) = &col.whole {
-        crate::metrics::get()
-            .masked_values
-            .with_label_values(&["column"])
-            .inc();
+        crate::metrics::get().masked_by_column.inc();
         return Some(masker.whole(strategy, label, col.class, col.binary, value));
     }
     let d = plan.detection.as_ref()?;

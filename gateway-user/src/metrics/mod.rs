@@ -56,6 +56,8 @@ pub struct Metrics {
     pub upstream_seconds: HistogramVec,
     pub upstream_connect_seconds: HistogramVec,
     pub masked_values: IntCounterVec,
+    /// `masked_values{detector="column"}`: counted per value, so looked up once.
+    pub masked_by_column: IntCounter,
     pub approval_wait_seconds: HistogramVec,
     pub audit_commit_seconds: Histogram,
     // ---- snapshot metrics (set at scrape time)
@@ -140,6 +142,12 @@ impl Metrics {
     /// programming error caught by the unit tests, hence the panics.
     fn new() -> Self {
         let r = Registry::new();
+        let masked_values = counter_vec(
+            &r,
+            "portcullis_masked_values_total",
+            "Values masked in results, by what matched (a detector name, or `column`).",
+            &["detector"],
+        );
         let m = Self {
             connections: counter_vec(
                 &r,
@@ -187,12 +195,8 @@ impl Metrics {
                 &["target"],
                 LATENCY,
             ),
-            masked_values: counter_vec(
-                &r,
-                "portcullis_masked_values_total",
-                "Values masked in results, by what matched (a detector name, or `column`).",
-                &["detector"],
-            ),
+            masked_by_column: masked_values.with_label_values(&["column"]),
+            masked_values,
             approval_wait_seconds: histogram_vec(
                 &r,
                 "portcullis_approval_wait_duration_seconds",

@@ -499,6 +499,19 @@ async fn session(
         protocol: ctx.target.protocol.as_str(),
         has_catalog: catalog.is_some(),
         redact_all: shared.store.config().redact_literals,
+        statements: [
+            Verdict::Allow,
+            Verdict::Mask,
+            Verdict::RequireApproval,
+            Verdict::Deny,
+        ]
+        .map(|v| {
+            crate::metrics::get().statements.with_label_values(&[
+                ctx.agent.name.as_str(),
+                ctx.target.name.as_str(),
+                v.as_str(),
+            ])
+        }),
     };
     let Reader {
         r: cs,
@@ -719,6 +732,9 @@ struct JudgeCtx {
     has_catalog: bool,
     /// `[store] redact_literals`: statement text is logged and recorded without literals.
     redact_all: bool,
+    /// `portcullis_statements_total` for this agent and target, one counter per verdict
+    /// (looked up once per session, not per statement).
+    statements: [prometheus::IntCounter; 4],
 }
 
 impl JudgeCtx {
@@ -1119,14 +1135,13 @@ fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>) {
 /// One event per decision (`portcullis::audit`), as operators expect in the journal.
 fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
     let d = &j.decision;
-    crate::metrics::get()
-        .statements
-        .with_label_values(&[
-            judge.subject.agent.as_str(),
-            judge.target.as_str(),
-            d.verdict.as_str(),
-        ])
-        .inc();
+    judge.statements[match d.verdict {
+        Verdict::Allow => 0,
+        Verdict::Mask => 1,
+        Verdict::RequireApproval => 2,
+        Verdict::Deny => 3,
+    }]
+    .inc();
     if !tracing::enabled!(target: "portcullis::audit", tracing::Level::INFO) {
         return;
     }
