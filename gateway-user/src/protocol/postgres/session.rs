@@ -1519,6 +1519,10 @@ async fn server_to_client<R: AsyncRead + Unpin>(
     traffic: &Traffic,
     target: &str,
 ) -> Result<End, PgError> {
+    // This session's latency histograms, looked up once.
+    let m = crate::metrics::get();
+    let statement_seconds = m.statement_seconds.with_label_values(&[target]);
+    let upstream_seconds = m.upstream_seconds.with_label_values(&[target]);
     let prepared = |n: &str| {
         state
             .lock()
@@ -1563,16 +1567,11 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                         (st.received_at.take(), st.sent_at.take())
                     };
-                    let m = crate::metrics::get();
                     if let Some(t) = received {
-                        m.statement_seconds
-                            .with_label_values(&[target])
-                            .observe(t.elapsed().as_secs_f64());
+                        statement_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     if let Some(t) = sent {
-                        m.upstream_seconds
-                            .with_label_values(&[target])
-                            .observe(t.elapsed().as_secs_f64());
+                        upstream_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     masking.on_ready(messages::ready_status(&f.body).unwrap_or(b'I'));
                     f.encode(&mut out);
