@@ -203,9 +203,22 @@ pub enum PolicyCommand {
         /// The caller's executable.
         #[arg(long)]
         exe: Option<String>,
-        /// An OIDC group of the caller (repeatable).
+        /// An OIDC group of the caller's token (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// The `sub` of the caller's token (with --group, --email, --claim: judge as if a
+        /// valid token had been presented).
+        #[arg(long)]
+        sub: Option<String>,
+        /// The `email` of the caller's token.
+        #[arg(long)]
+        email: Option<String>,
+        /// An extra claim of the caller's token, `NAME=VALUE` (repeatable).
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+        /// The token's issuer (default: the first `[[oidc]]` issuer).
+        #[arg(long)]
+        issuer: Option<String>,
         /// Judge as if standard_conforming_strings were off.
         #[arg(long)]
         non_standard_strings: bool,
@@ -221,6 +234,12 @@ pub enum PolicyCommand {
 pub enum LogFormatArg {
     Text,
     Json,
+}
+
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}`: write NAME=VALUE"))
 }
 
 /// An error and its sources, joined: library errors keep the OS error in `source()`.
@@ -491,6 +510,10 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
             unit,
             exe,
             groups,
+            sub,
+            email,
+            claims,
+            issuer,
             non_standard_strings,
             json,
             sql,
@@ -513,7 +536,24 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
                 unit: unit.or_else(|| a.selector.unit.clone()),
                 exe: exe.or_else(|| a.selector.exe.as_ref().map(|p| p.display().to_string())),
                 cgroup: a.selector.cgroup.clone(),
-                groups,
+                oidc: (sub.is_some() || email.is_some() || !groups.is_empty() || !claims.is_empty())
+                    .then(|| {
+                        let mut kept = std::collections::BTreeMap::<String, Vec<String>>::new();
+                        for (k, v) in claims {
+                            kept.entry(k).or_default().push(v);
+                        }
+                        std::sync::Arc::new(crate::oidc::OidcIdentity {
+                            issuer: issuer
+                                .or_else(|| cfg.oidc.first().map(|i| i.issuer.clone()))
+                                .unwrap_or_default(),
+                            sub: sub.unwrap_or_default(),
+                            email,
+                            groups,
+                            claims: kept,
+                            expires_at: 0,
+                            issued_at: 0,
+                        })
+                    }),
             };
             let lex = LexOptions {
                 standard_conforming_strings: !non_standard_strings,

@@ -57,6 +57,8 @@ pub enum DaemonError {
     Policy(ConfigError),
     #[error("postgres engine: {0}")]
     Postgres(crate::protocol::postgres::PgError),
+    #[error("OIDC: {0}")]
+    Oidc(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("cannot serve metrics on {0}: {1} (set [metrics] listen, or \"\" to turn it off)")]
@@ -483,7 +485,7 @@ fn log_config_error(path: &std::path::Path, e: &ConfigError) {
     );
 }
 
-fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
+fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 10] {
     [
         (
             "proxy.listen",
@@ -506,6 +508,7 @@ fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
                 || a.store.redact_literals != b.store.redact_literals,
         ),
         ("webhook", a.webhooks != b.webhooks),
+        ("oidc", a.oidc != b.oidc),
         (
             "policy.approval_timeout",
             a.policy.approval_timeout != b.policy.approval_timeout,
@@ -526,6 +529,7 @@ fn keep_restart_only(running: &Config, new: &mut Config) {
     new.store.retention = retention;
     new.store.prune_interval = prune_interval;
     new.webhooks = running.webhooks.clone();
+    new.oidc = running.oidc.clone();
     new.policy.approval_timeout = running.policy.approval_timeout;
 }
 
@@ -582,11 +586,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         Webhooks::start(cfg.webhooks.clone()),
         cfg.policy.approval_timeout.get(),
     );
+    let tokens = Arc::new(crate::oidc::Validator::new(&cfg.oidc).map_err(DaemonError::Oidc)?);
+    if !tokens.is_empty() {
+        let t = tokens.clone();
+        tokio::spawn(async move { t.prefetch().await });
+    }
     let pg = PgShared::new(
         &cfg.daemon,
         policy.clone(),
         Arc::new(Service(approvals.clone())),
         store.clone(),
+        tokens,
     )
     .map_err(DaemonError::Postgres)?;
     let engines = Engines {

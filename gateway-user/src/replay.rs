@@ -321,6 +321,29 @@ impl Replay {
                     s(b, "by")
                 );
             }
+            "identity" => {
+                let o = b.get("oidc").unwrap_or(&Value::Null);
+                let groups = o
+                    .get("groups")
+                    .and_then(Value::as_array)
+                    .map(|g| {
+                        g.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  token of {} from {}{} · groups [{groups}]",
+                    s(o, "sub"),
+                    s(o, "issuer"),
+                    o.get("email")
+                        .and_then(Value::as_str)
+                        .map(|e| format!(" <{e}>"))
+                        .unwrap_or_default(),
+                );
+            }
             "cut" => {
                 let _ = writeln!(
                     out,

@@ -717,6 +717,7 @@ pub fn agents_and_target(agents: &[(&str, &str)], target_addrs: &[String]) -> St
     s
 }
 
+pub mod oidc;
 pub mod pg;
 
 /// Resident memory of a process, in KiB.

@@ -346,6 +346,18 @@ pub fn world_full(
     admin_keys: &str,
     sections: &str,
 ) -> Pgw {
+    world_policy(target_extra, policy, "", admin_keys, sections)
+}
+
+/// [`world_full`] with more `[policy]` keys (`default = "deny"`, ...) beside the directory
+/// of `policy`.
+pub fn world_policy(
+    target_extra: &str,
+    policy: Option<&str>,
+    policy_keys: &str,
+    admin_keys: &str,
+    sections: &str,
+) -> Pgw {
     let env = Env::new();
     let agent = env.cgroup("agents/a");
     let direct = env.cgroup("direct");
@@ -359,7 +371,10 @@ pub fn world_full(
         let dir = env.dir.join("policies");
         std::fs::create_dir_all(&dir).expect("policy dir");
         std::fs::write(dir.join("test.toml"), text).expect("policy");
-        body = format!("[policy]\ndir = \"{}\"\n\n{body}", dir.display());
+        body = format!(
+            "[policy]\ndir = \"{}\"\n{policy_keys}\n\n{body}",
+            dir.display()
+        );
     }
     // Keys before the first table header belong to `[admin]`, the last table of the
     // harness's part.

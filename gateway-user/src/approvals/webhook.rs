@@ -3,8 +3,7 @@
 //!
 //! Never on the data path: events go into a bounded queue with `try_send` (a full queue
 //! drops the event with a warning and a counter), and a background task delivers them.
-//! HTTP/1.1 is written by hand (one POST, `Connection: close`); `https` uses rustls with the
-//! system's CA certificates.
+//! Delivery uses `crate::http_client` (one POST per attempt, `Connection: close`).
 
 use std::{
     sync::{
@@ -15,13 +14,12 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    sync::{Semaphore, mpsc},
-};
+use tokio::sync::{Semaphore, mpsc};
 
-use crate::config::{Webhook, WebhookFormat};
+use crate::{
+    config::{Webhook, WebhookFormat},
+    http_client::{post_json, tls_config},
+};
 
 /// Events waiting for delivery; more are dropped.
 pub const QUEUE: usize = 1024;
@@ -55,7 +53,7 @@ impl Webhooks {
         }
         let stats = Arc::new(WebhookStats::default());
         let (tx, mut rx) = mpsc::channel::<(String, Value)>(QUEUE);
-        let tls = Arc::new(tls_config());
+        let tls = Arc::new(tls_config(None).unwrap_or_else(|e| unreachable!("no CA file to read: {e}")));
         let hooks = Arc::new(hooks);
         let st = stats.clone();
         tokio::spawn(async move {
@@ -93,19 +91,6 @@ impl Webhooks {
             tracing::warn!(event, "webhook queue full: event dropped");
         }
     }
-}
-
-fn tls_config() -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for c in found.certs {
-        let _ = roots.add(c);
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|_| unreachable!("ring supports the default versions"))
-        .with_root_certificates(roots)
-        .with_no_client_auth()
 }
 
 /// The body for a hook's format.
@@ -152,7 +137,7 @@ fn slack_text(event: &str, d: &Value) -> String {
 async fn deliver(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: &[u8], st: &WebhookStats) {
     let mut delay = BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        match tokio::time::timeout(hook.timeout.get(), post(&hook.url, tls, body)).await {
+        match tokio::time::timeout(hook.timeout.get(), post_json(&hook.url, tls, body)).await {
             Ok(Ok(status)) if (200..300).contains(&status) => {
                 st.delivered.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -172,137 +157,9 @@ async fn deliver(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: &[u8], s
     tracing::error!(url = %hook.url, attempts = ATTEMPTS, "webhook event not delivered");
 }
 
-/// `scheme://host[:port][/path]`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Url {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-pub fn parse_url(url: &str) -> Result<Url, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(format!("{url}: not http:// or https://"));
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.contains('@') {
-        return Err(format!("{url}: credentials in the URL are not supported"));
-    }
-    let (host, port) = if let Some(h) = authority.strip_prefix('[') {
-        let (h, after) = h
-            .split_once(']')
-            .ok_or_else(|| format!("{url}: bad IPv6 host"))?;
-        let port = after.strip_prefix(':').map(str::parse::<u16>).transpose();
-        (h.to_owned(), port.map_err(|e| format!("{url}: port: {e}"))?)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_owned(),
-                Some(p.parse::<u16>().map_err(|e| format!("{url}: port: {e}"))?),
-            ),
-            None => (authority.to_owned(), None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url}: no host"));
-    }
-    Ok(Url {
-        port: port.unwrap_or(if tls { 443 } else { 80 }),
-        tls,
-        host,
-        path: path.to_owned(),
-    })
-}
-
-/// One POST; returns the status code.
-async fn post(url: &str, tls: &Arc<rustls::ClientConfig>, body: &[u8]) -> Result<u16, String> {
-    let u = parse_url(url)?;
-    let tcp = TcpStream::connect((u.host.as_str(), u.port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let host_header = if u.host.contains(':') {
-        format!("[{}]", u.host)
-    } else {
-        u.host.clone()
-    };
-    let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: portcullis/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        u.path,
-        env!("CARGO_PKG_VERSION"),
-        body.len()
-    );
-    let mut msg = head.into_bytes();
-    msg.extend_from_slice(body);
-    let mut answer = Vec::new();
-    if u.tls {
-        let name =
-            rustls::pki_types::ServerName::try_from(u.host.clone()).map_err(|e| e.to_string())?;
-        let mut s = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(&msg).await.map_err(|e| e.to_string())?;
-        read_status(&mut s, &mut answer).await
-    } else {
-        let mut s = tcp;
-        s.write_all(&msg).await.map_err(|e| e.to_string())?;
-        read_status(&mut s, &mut answer).await
-    }
-}
-
-async fn read_status<S: tokio::io::AsyncRead + Unpin>(
-    s: &mut S,
-    buf: &mut Vec<u8>,
-) -> Result<u16, String> {
-    let mut chunk = [0u8; 512];
-    while !buf.windows(2).any(|w| w == b"\r\n") {
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 || buf.len() > 8192 {
-            return Err("no HTTP status line".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = String::from_utf8_lossy(buf);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line {:?}", line.lines().next().unwrap_or("")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        assert_eq!(
-            parse_url("https://hooks.slack.com/services/T/B/x"),
-            Ok(Url {
-                tls: true,
-                host: "hooks.slack.com".into(),
-                port: 443,
-                path: "/services/T/B/x".into()
-            })
-        );
-        assert_eq!(
-            parse_url("http://127.0.0.1:9000").map(|u| (u.port, u.path)),
-            Ok((9000, "/".into()))
-        );
-        assert_eq!(
-            parse_url("http://[::1]:81/h").map(|u| u.host),
-            Ok("::1".into())
-        );
-        assert!(parse_url("ftp://x").is_err());
-        assert!(parse_url("http://user:pw@x/").is_err());
-    }
 
     #[test]
     fn payloads() {
@@ -323,6 +180,8 @@ mod tests {
                 .is_some_and(|t| t.contains("portcullis approve abc"))
         );
     }
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[tokio::test]
     async fn delivery_retries_until_the_hook_answers() {
@@ -350,7 +209,7 @@ mod tests {
             timeout: crate::config::Duration::from_secs(5),
         };
         let st = WebhookStats::default();
-        let tls = Arc::new(tls_config());
+        let tls = Arc::new(tls_config(None).expect("tls"));
         deliver(&hook, &tls, b"{\"event\":\"x\"}", &st).await;
         assert_eq!(st.delivered.load(Ordering::Relaxed), 1);
         let bodies = server.await.expect("server");

@@ -30,6 +30,8 @@ pub struct ConfigFile {
     pub metrics: MetricsSection,
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookEntry>,
+    #[serde(default, rename = "oidc")]
+    pub oidc: Vec<super::oidc::OidcEntry>,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
     #[serde(default, rename = "target")]
@@ -377,6 +379,12 @@ pub struct TargetEntry {
     /// postgres: how long a client may take to finish connecting (startup, authentication)
     /// or to finish a message it started sending.
     pub stall_timeout: Option<Duration>,
+    /// postgres, inject: the agent's password must be a valid OIDC token.
+    pub require_token: Option<Spanned<bool>>,
+    /// postgres, inject: ask for a password; a token is validated, anything else ignored.
+    pub accept_token: Option<Spanned<bool>>,
+    /// postgres: `end_session` (default) or `continue` when the session's token expires.
+    pub token_expiry: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,6 +9,7 @@
 pub mod address;
 pub mod duration;
 pub mod file;
+pub mod oidc;
 pub mod source;
 
 use std::{
@@ -20,6 +21,7 @@ use std::{
 
 pub use address::TargetAddr;
 pub use duration::Duration;
+pub use oidc::{OidcIssuer, ProcessMatch, TokenBinding, TokenExpiry, TokenMode};
 pub use source::{Location, Source};
 use toml::Spanned;
 
@@ -155,6 +157,9 @@ pub struct PgTarget {
     pub upstream_server_name: Option<String>,
     pub max_message_size: usize,
     pub stall_timeout: Duration,
+    /// Whether the agent is asked for an OIDC token as its password (inject mode).
+    pub token: TokenMode,
+    pub token_expiry: TokenExpiry,
 }
 
 /// `[daemon]`.
@@ -180,6 +185,8 @@ pub struct Config {
     /// `[metrics] listen`; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<Webhook>,
+    /// `[[oidc]]`: trusted token issuers.
+    pub oidc: Vec<OidcIssuer>,
     pub agents: Vec<Agent>,
     pub targets: Vec<Target>,
 }
@@ -428,7 +435,7 @@ pub fn normalize_cgroup_path(p: &str) -> Option<String> {
 }
 
 /// PostgreSQL keys of a target: valid only for `protocol = "postgres"`.
-fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
+fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry, issuers: usize) -> Option<PgTarget> {
     let is_pg = *t.protocol.get_ref() == Protocol::Postgres;
     if !is_pg {
         for (key, span) in [
@@ -439,6 +446,9 @@ fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
                 "max_message_size",
                 t.max_message_size.as_ref().map(Spanned::span),
             ),
+            ("require_token", t.require_token.as_ref().map(Spanned::span)),
+            ("accept_token", t.accept_token.as_ref().map(Spanned::span)),
+            ("token_expiry", t.token_expiry.as_ref().map(Spanned::span)),
         ] {
             if let Some(span) = span {
                 c.at_span(span, format!("`{key}` is for postgres targets"));
@@ -517,8 +527,11 @@ fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry) -> Option<PgTarget> {
         Some(m) => *m.get_ref(),
         None => crate::protocol::postgres::codec::DEFAULT_MAX_MESSAGE,
     };
+    let (token, token_expiry) = oidc::token_settings(c, t, auth == PgAuth::Inject, issuers);
     Some(PgTarget {
         auth,
+        token,
+        token_expiry,
         credentials,
         upstream_tls,
         upstream_ca: t.upstream_ca.clone(),
@@ -764,7 +777,7 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
                 Err(e) => c.at_span(span, e.to_string()),
             }
         }
-        let pg = validate_pg(&mut c, t);
+        let pg = validate_pg(&mut c, t, raw.oidc.len());
         targets.push(Target {
             id: i as u32,
             name,
@@ -841,6 +854,8 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         });
     }
 
+    let oidc = oidc::validate(&mut c, &raw.oidc);
+
     if (raw.daemon.tls_cert.is_some()) != (raw.daemon.tls_key.is_some()) {
         c.out.push(Diagnostic {
             location: None,
@@ -893,6 +908,7 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             redact_literals: raw.store.redact_literals,
         },
         webhooks,
+        oidc,
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,

@@ -59,6 +59,8 @@ pub struct Metrics {
     /// `masked_values{detector="column"}`: counted per value, so looked up once.
     pub masked_by_column: IntCounter,
     pub approval_wait_seconds: HistogramVec,
+    /// OIDC tokens presented, by result (`accepted` or why not).
+    pub tokens: IntCounterVec,
     pub audit_commit_seconds: Histogram,
     // ---- snapshot metrics (set at scrape time)
     pub connections_refused: IntCounterVec,
@@ -197,6 +199,12 @@ impl Metrics {
             ),
             masked_by_column: masked_values.with_label_values(&["column"]),
             masked_values,
+            tokens: counter_vec(
+                &r,
+                "portcullis_oidc_tokens_total",
+                "OIDC tokens presented by agents, by result: accepted, or why they were refused.",
+                &["result"],
+            ),
             approval_wait_seconds: histogram_vec(
                 &r,
                 "portcullis_approval_wait_duration_seconds",

@@ -13,7 +13,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use super::{
     glob,
     model::{
-        Action, DEFAULT_RULE, DangerMatch, Decision, IdentityMatch, MaskSpec, Operation,
+        Action, DEFAULT_RULE, DangerMatch, Decision, IdentityMatch, MaskSpec, OidcMatch, Operation,
         PARSE_ERROR_RULE, Request, Rule, SqlMatch, Subject, Verdict, kind_matches,
     },
     sql::StatementClass,
@@ -36,20 +36,41 @@ fn any_glob(patterns: &[String], value: &str) -> bool {
 }
 
 fn identity_matches(m: &IdentityMatch, s: &Subject) -> bool {
-    let opt = |patterns: &[String], v: &Option<String>| {
-        patterns.is_empty()
-            || v.as_deref()
-                .is_some_and(|v| patterns.iter().any(|p| glob::matches(p, v)))
-    };
-    opt(&m.users, &s.user)
+    any_glob_opt(&m.users, s.user.as_deref())
         && (m.uids.is_empty() || m.uids.contains(&s.uid))
-        && opt(&m.units, &s.unit)
-        && opt(&m.exes, &s.exe)
-        && opt(&m.cgroups, &s.cgroup)
-        && (m.groups.is_empty()
-            || m.groups
-                .iter()
-                .any(|g| s.groups.iter().any(|h| glob::matches(g, h))))
+        && any_glob_opt(&m.units, s.unit.as_deref())
+        && any_glob_opt(&m.exes, s.exe.as_deref())
+        && any_glob_opt(&m.cgroups, s.cgroup.as_deref())
+}
+
+/// Any pattern matches any value (an empty pattern list holds).
+fn any_of(patterns: &[String], values: &[String]) -> bool {
+    patterns.is_empty()
+        || patterns
+            .iter()
+            .any(|p| values.iter().any(|v| glob::matches(p, v)))
+}
+
+fn oidc_matches(m: &OidcMatch, s: &Subject) -> bool {
+    if m.is_empty() {
+        return true;
+    }
+    let Some(id) = &s.oidc else {
+        return false;
+    };
+    any_glob_opt(&m.issuers, Some(&id.issuer))
+        && any_glob_opt(&m.subs, Some(&id.sub))
+        && any_glob_opt(&m.emails, id.email.as_deref())
+        && any_of(&m.groups, &id.groups)
+        && m.claims.iter().all(|(name, patterns)| {
+            id.claims
+                .get(name)
+                .is_some_and(|values| any_of(patterns, values))
+        })
+}
+
+fn any_glob_opt(patterns: &[String], value: Option<&str>) -> bool {
+    patterns.is_empty() || value.is_some_and(|v| patterns.iter().any(|p| glob::matches(p, v)))
 }
 
 /// Who and where.
@@ -58,6 +79,7 @@ fn applies(rule: &Rule, req: &Request<'_>) -> bool {
         && any_glob(&rule.targets, req.target)
         && (rule.protocols.is_empty() || rule.protocols.iter().any(|p| p == req.protocol))
         && identity_matches(&rule.identity, req.subject)
+        && oidc_matches(&rule.oidc, req.subject)
 }
 
 /// What, for one SQL statement.

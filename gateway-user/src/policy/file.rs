@@ -24,6 +24,8 @@ pub struct RuleEntry {
     pub agents: Vec<Spanned<String>>,
     /// Who: identity attributes.
     pub identity: Option<IdentityEntry>,
+    /// Who: claims of a verified OIDC token.
+    pub oidc: Option<Spanned<OidcEntry>>,
     /// Where: target name globs.
     #[serde(default)]
     pub targets: Vec<Spanned<String>>,
@@ -59,8 +61,26 @@ pub struct IdentityEntry {
     pub exes: Vec<String>,
     #[serde(default)]
     pub cgroups: Vec<String>,
+    /// Moved to `oidc.groups`; kept to say so.
+    pub groups: Option<Spanned<Vec<String>>>,
+}
+
+/// `oidc = { ... }`: conditions on the caller's verified token (all given must hold; lists
+/// are "any of"; globs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcEntry {
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    #[serde(default)]
+    pub subs: Vec<String>,
+    #[serde(default)]
+    pub emails: Vec<String>,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Extra claims the issuer keeps (`claims` in `[[oidc]]`): name → accepted values.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,7 +15,7 @@ use super::{
     file::{DangerEntry, PolicyFile, RuleEntry},
     glob,
     model::{
-        Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, Rule, SqlMatch, Strategy,
+        Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, OidcMatch, Rule, SqlMatch, Strategy,
         Unresolved, Verdict,
     },
     sql::{Danger, kind},
@@ -191,6 +191,34 @@ fn is_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// `oidc = {...}`: extra claims must be ones an `[[oidc]]` issuer keeps, or the condition
+/// could never hold.
+fn compile_oidc(ctx: &mut Ctx<'_>, o: &Spanned<super::file::OidcEntry>) -> OidcMatch {
+    let e = o.get_ref();
+    if let Some(cfg) = ctx.cfg {
+        for name in e.claims.keys() {
+            if !cfg.oidc.iter().any(|i| i.claims.contains(name)) {
+                ctx.err(
+                    o,
+                    format!(
+                        "claim `{name}` is kept by no [[oidc]] issuer (add it to its `claims`)"
+                    ),
+                );
+            }
+        }
+        if cfg.oidc.is_empty() {
+            ctx.err(o, "an `oidc` condition needs an [[oidc]] issuer in the configuration");
+        }
+    }
+    OidcMatch {
+        issuers: e.issuers.clone(),
+        subs: e.subs.clone(),
+        emails: e.emails.clone(),
+        groups: e.groups.clone(),
+        claims: e.claims.clone(),
+    }
+}
+
 fn names(v: &[Spanned<String>]) -> Vec<String> {
     v.iter().map(|s| s.get_ref().clone()).collect()
 }
@@ -240,8 +268,18 @@ fn compile(ctx: &mut Ctx<'_>, e: &RuleEntry, source: crate::config::Location) ->
             units: i.units.clone(),
             exes: i.exes.clone(),
             cgroups: i.cgroups.clone(),
-            groups: i.groups.clone(),
         })
+        .unwrap_or_default();
+    if let Some(g) = e.identity.as_ref().and_then(|i| i.groups.as_ref()) {
+        ctx.err(
+            g,
+            "OIDC groups are matched with `oidc = { groups = [...] }` (not `identity.groups`)",
+        );
+    }
+    let oidc = e
+        .oidc
+        .as_ref()
+        .map(|o| compile_oidc(ctx, o))
         .unwrap_or_default();
     let sql = e.sql.as_ref().map(|s| compile_sql(ctx, s));
     let action = compile_action(ctx, e, &id);
@@ -254,6 +292,7 @@ fn compile(ctx: &mut Ctx<'_>, e: &RuleEntry, source: crate::config::Location) ->
         source,
         agents: names(&e.agents),
         identity,
+        oidc,
         targets: names(&e.targets),
         protocols: names(&e.protocols),
         sql,

@@ -148,11 +148,26 @@ pub struct IdentityMatch {
     pub units: Vec<String>,
     pub exes: Vec<String>,
     pub cgroups: Vec<String>,
-    /// Groups from a verified OIDC token.
-    pub groups: Vec<String>,
 }
 
 impl IdentityMatch {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Conditions on the caller's verified OIDC token (all given must hold; lists are "any
+/// of"; globs). A rule with any of them never matches a caller without a token.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OidcMatch {
+    pub issuers: Vec<String>,
+    pub subs: Vec<String>,
+    pub emails: Vec<String>,
+    pub groups: Vec<String>,
+    pub claims: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl OidcMatch {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
@@ -192,6 +207,8 @@ pub struct Rule {
     /// Agent name globs; empty = any agent.
     pub agents: Vec<String>,
     pub identity: IdentityMatch,
+    #[serde(skip_serializing_if = "OidcMatch::is_empty")]
+    pub oidc: OidcMatch,
     /// Target name globs; empty = any target.
     pub targets: Vec<String>,
     /// Protocol names; empty = any.
@@ -216,7 +233,8 @@ pub struct Subject {
     pub unit: Option<String>,
     pub exe: Option<String>,
     pub cgroup: Option<String>,
-    pub groups: Vec<String>,
+    /// The identity a verified token proved, if the caller presented one.
+    pub oidc: Option<Arc<crate::oidc::OidcIdentity>>,
 }
 
 /// What is asked.

@@ -80,6 +80,9 @@ pub enum End {
     Refused,
     /// A protocol violation or lost protocol state; the connection was closed.
     ProtocolError,
+    /// The OIDC token the session began with expired; the session was ended at the next
+    /// statement.
+    TokenExpired,
 }
 
 impl End {
@@ -92,6 +95,7 @@ impl End {
             Self::Shutdown => "shutdown",
             Self::Refused => "refused",
             Self::ProtocolError => "protocol_error",
+            Self::TokenExpired => "token_expired",
         }
     }
 }

@@ -66,6 +66,16 @@ pub fn query_text(body: &[u8]) -> Result<&str, FrameError> {
     Ok(s)
 }
 
+/// The text of a PasswordMessage (a password, or a token presented as one).
+pub fn password_text(body: &[u8]) -> Result<&str, FrameError> {
+    let mut r = Reader::new(body, "PasswordMessage");
+    let s = r.cstr()?;
+    if !r.is_empty() {
+        return Err(r.bad("bytes after the password"));
+    }
+    Ok(s)
+}
+
 pub fn query(sql: &str) -> Frame {
     let mut b = BytesMut::with_capacity(sql.len() + 1);
     put_cstr(&mut b, sql);

@@ -89,6 +89,8 @@ pub struct PgShared {
     pub masker: crate::masking::value::Masker,
     /// Catalog connections for masking.
     pub catalogs: catalog::Catalogs,
+    /// Trusted OIDC issuers, for agents that present a token as their password.
+    pub tokens: Arc<crate::oidc::Validator>,
     /// Targets already warned about masking without a catalog.
     warned_no_catalog: Mutex<std::collections::HashSet<String>>,
     upstream_tls: Mutex<HashMap<String, (PgTarget, ClientTls)>>,
@@ -100,6 +102,7 @@ impl PgShared {
         policy: Arc<PolicyStore>,
         approver: Arc<dyn Approver>,
         store: Arc<crate::store::Store>,
+        tokens: Arc<crate::oidc::Validator>,
     ) -> Result<Self, PgError> {
         Ok(Self {
             client_tls: Some(tls::server_config(daemon)?),
@@ -116,6 +119,7 @@ impl PgShared {
                 },
             )?,
             catalogs: catalog::Catalogs::default(),
+            tokens,
             warned_no_catalog: Mutex::new(std::collections::HashSet::new()),
             upstream_tls: Mutex::new(HashMap::new()),
         })

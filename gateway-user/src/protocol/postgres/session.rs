@@ -40,7 +40,8 @@ use super::{
     stream::Stream,
 };
 use crate::{
-    config::{PgAuth, PgTarget, UpstreamTls},
+    config::{PgAuth, PgTarget, TokenExpiry, TokenMode, UpstreamTls},
+    oidc::OidcIdentity,
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
         cache::ClassKey,
@@ -257,7 +258,7 @@ fn check_params(params: &[(String, String)]) -> Result<(), String> {
     Ok(())
 }
 
-fn subject_of(ctx: &ConnContext) -> Subject {
+fn subject_of(ctx: &ConnContext, oidc: Option<Arc<OidcIdentity>>) -> Subject {
     let who = &ctx.identity;
     Subject {
         agent: ctx.agent.name.clone(),
@@ -266,7 +267,7 @@ fn subject_of(ctx: &ConnContext) -> Subject {
         unit: who.cgroup_info.unit.clone(),
         exe: who.exe.as_ref().map(|p| p.display().to_string()),
         cgroup: who.cgroup.clone(),
-        groups: Vec::new(),
+        oidc,
     }
 }
 
@@ -384,11 +385,18 @@ async fn session(
             params.push(("database".into(), database.clone()));
         }
     }
+    let mut client = Reader::new(client, leftover, pg.max_message_size, true);
+    // A token is asked for and checked before any server connection is opened.
+    let token = if pg.auth == PgAuth::Inject && pg.token != TokenMode::Off {
+        client_token(shared, &mut client, ctx, &pg).await?
+    } else {
+        None
+    };
     let server = match connect_server(shared, &ctx.target.name, &pg, upstream).await {
         Ok(s) => s,
         Err(e) => {
             let _ = send(
-                &mut client,
+                &mut client.r,
                 &[fatal(
                     "08006",
                     format!("portcullis: cannot reach the server: {e}"),
@@ -405,7 +413,6 @@ async fn session(
         pg.max_message_size,
         false,
     );
-    let mut client = Reader::new(client, leftover, pg.max_message_size, true);
     server
         .r
         .write_all(&Startup::Startup { version, params }.encode())
@@ -467,7 +474,16 @@ async fn session(
     tracing::debug!(conn.id = ctx.id, db = %database, "postgres session ready");
 
     // ---- relay
-    let subject = subject_of(ctx);
+    let token_deadline = token.as_ref().and_then(|id| {
+        (pg.token_expiry == TokenExpiry::EndSession).then(|| {
+            let leeway = shared
+                .tokens
+                .leeway(&id.issuer)
+                .map_or(0, |l| l.as_secs() as i64);
+            id.expires_at + leeway
+        })
+    });
+    let subject = subject_of(ctx, token);
     let class = shared
         .policy
         .class_of(&subject, &ctx.target.name, ctx.target.protocol.as_str());
@@ -498,6 +514,7 @@ async fn session(
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
         has_catalog: catalog.is_some(),
+        token_deadline,
         redact_all: shared.store.config().redact_literals,
         statements: [
             Verdict::Allow,
@@ -555,6 +572,86 @@ async fn session(
         () = shutdown.cancelled() => Ok(End::Shutdown),
     };
     end.map(|e| Outcome::new(e, None))
+}
+
+/// Inject mode with tokens: asks the client for its password (cleartext: the connection is
+/// on this host, or TLS-wrapped by the client) and validates it as an OIDC token. Returns
+/// the identity it proves; `None` when tokens are optional and the password is not one.
+/// The token itself is never logged, recorded or kept.
+async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
+    shared: &PgShared,
+    client: &mut Reader<R>,
+    ctx: &ConnContext,
+    pg: &PgTarget,
+) -> Result<Option<Arc<OidcIdentity>>, PgError> {
+    send(
+        &mut client.r,
+        &[messages::auth(auth_codes::CLEARTEXT, &[])],
+        true,
+    )
+    .await?;
+    let f = match tokio::time::timeout(pg.stall_timeout.get(), client.frame()).await {
+        Ok(f) => f?,
+        Err(_) => return Err(PgError::ClientStalled(pg.stall_timeout.get())),
+    };
+    if f.tag != fe::PASSWORD {
+        return Err(PgError::Refused(format!(
+            "expected a password message, got {:?}",
+            char::from(f.tag)
+        )));
+    }
+    let password = messages::password_text(&f.body).map_err(PgError::ClientProtocol)?;
+    let refuse = async |client: &mut Reader<R>, why: String| {
+        let _ = send(
+            &mut client.r,
+            &[fatal("28000", format!("portcullis: {why}"))],
+            true,
+        )
+        .await;
+        PgError::Refused(why)
+    };
+    if !crate::oidc::claims::looks_like_jwt(password) {
+        if pg.token == TokenMode::Required {
+            tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, target.name = %ctx.target.name, reason = "no_token", "connection refused: no OIDC token");
+            crate::metrics::get().tokens.with_label_values(&["no_token"]).inc();
+            let why = format!(
+                "target {} requires an OIDC token as the password",
+                ctx.target.name
+            );
+            return Err(refuse(client, why).await);
+        }
+        return Ok(None);
+    }
+    let who = subject_of(ctx, None);
+    match shared.tokens.validate(password, &who, crate::store::now_us() / 1_000_000).await {
+        Ok(id) => {
+            crate::metrics::get().tokens.with_label_values(&["accepted"]).inc();
+            tracing::info!(
+                conn.id = ctx.id,
+                agent.name = %ctx.agent.name,
+                oidc.issuer = %id.issuer,
+                oidc.sub = %id.sub,
+                oidc.groups = ?id.groups,
+                "OIDC token accepted"
+            );
+            let id = Arc::new(id);
+            shared
+                .store
+                .append(crate::store::Append {
+                    session: ctx.session,
+                    kind: "identity",
+                    body: serde_json::json!({ "oidc": &*id }),
+                    at_us: crate::store::now_us(),
+                })
+                .map_err(|e| PgError::Store(format!("cannot record the token's identity: {e}")))?;
+            Ok(Some(id))
+        }
+        Err(e) => {
+            crate::metrics::get().tokens.with_label_values(&[e.kind()]).inc();
+            tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, target.name = %ctx.target.name, reason = e.kind(), error = %e, "connection refused: OIDC token not accepted");
+            Err(refuse(client, format!("OIDC token refused: {e}")).await)
+        }
+    }
 }
 
 /// Passthrough: the server's authentication requests go to the client and the client's
@@ -730,6 +827,9 @@ struct JudgeCtx {
     protocol: &'static str,
     /// Masking can look names up in the catalog.
     has_catalog: bool,
+    /// Unix seconds after which the session's token has expired (with `token_expiry =
+    /// "end_session"`): the next statement ends the session.
+    token_deadline: Option<i64>,
     /// `[store] redact_literals`: statement text is logged and recorded without literals.
     redact_all: bool,
     /// `portcullis_statements_total` for this agent and target, one counter per verdict
@@ -1224,6 +1324,19 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let mut close = false;
         let arrived = std::time::Instant::now();
         while let Some(f) = client.try_frame()? {
+            if let Some(deadline) = judge.token_deadline
+                && matches!(f.tag, fe::QUERY | fe::PARSE | fe::FUNCTION_CALL)
+                && crate::store::now_us() / 1_000_000 >= deadline
+            {
+                let why = format!(
+                    "the session's OIDC token expired at {}; reconnect with a fresh token",
+                    crate::oidc::claims::rfc3339(deadline)
+                );
+                tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, "session ended: its OIDC token expired");
+                let mut w = client_w.lock().await;
+                let _ = send(&mut *w, &[fatal("28000", format!("portcullis: {why}"))], true).await;
+                return Ok(End::TokenExpired);
+            }
             state
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
