@@ -53,7 +53,8 @@ impl Key {
             .output()
             .expect("openssl genpkey (apt install openssl)");
         assert!(out.status.success(), "openssl genpkey failed");
-        let kp = signature::RsaKeyPair::from_pkcs8(&out.stdout).expect("RSA PKCS#8");
+        // `genpkey -outform DER` writes the PKCS#1 RSAPrivateKey structure.
+        let kp = signature::RsaKeyPair::from_der(&out.stdout).expect("RSA private key (PKCS#1 DER)");
         Self::Rsa(kid.into(), kp)
     }
 
@@ -115,7 +116,8 @@ impl Key {
         }
     }
 
-    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+    /// The signature of `msg` with this key's algorithm.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
         let rng = SystemRandom::new();
         match self {
             Self::Rsa(_, kp) => {

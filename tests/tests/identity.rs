@@ -46,13 +46,13 @@ fn with_password(w: &Pgw, password: &str, sql: &str) -> Output {
 }
 
 fn accepted(w: &Pgw, token: &str, what: &str) {
-    let o = with_password(w, token, "SELECT 4200 + 42 AS answer");
+    let o = with_password(w, token, "SELECT 9000 + 131 AS answer");
     let out = text(&o);
-    assert!(o.status.success() && out.contains("4242"), "{what}: {out}");
+    assert!(o.status.success() && out.contains("9131"), "{what}: {out}");
 }
 
 fn refused(w: &Pgw, token: &str, expect: &str, what: &str) {
-    let o = with_password(w, token, "SELECT 4200 + 42 AS answer");
+    let o = with_password(w, token, "SELECT 9000 + 131 AS answer");
     let out = text(&o);
     assert!(!o.status.success(), "{what} was accepted: {out}");
     assert!(
@@ -60,7 +60,8 @@ fn refused(w: &Pgw, token: &str, expect: &str, what: &str) {
         "{what}: {out}"
     );
     assert!(out.contains(expect), "{what}: expected `{expect}` in: {out}");
-    assert!(!out.contains("4242"), "{what}: the statement ran: {out}");
+    eprintln!("{what}: {}", out.trim());
+    assert!(!out.contains("9131"), "{what}: the statement ran: {out}");
 }
 
 fn store_bytes(w: &Pgw) -> Vec<u8> {
@@ -129,6 +130,13 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         |m| hs256(&rsa.public_bytes(), m),
     );
     refused(&w, &confused, "HS256", "HS256 signed with the public key");
+    // An EC signature under the RSA key's id: the key's type does not fit the algorithm.
+    let crossed = raw_token(
+        &json!({"alg": "ES256", "kid": "rsa-1", "typ": "JWT"}),
+        &reader("x"),
+        |m| ec.sign(m),
+    );
+    refused(&w, &crossed, "no key of the issuer fits", "ES256 under an RSA key id");
 
     // An unknown key id: refused; the issuer rotates the key in; accepted. Key-set fetches
     // for unknown ids are rate-limited (refetch_interval = 1s).
@@ -157,13 +165,13 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
 
     // Policy on the group claim: a reader is allowed, a marketer is denied by default.
     let marketer = rsa.mint(&issuer.claims("marketer", AUD, &["marketing"], 300));
-    let o = with_password(&w, &marketer, "SELECT 4200 + 42 AS answer");
+    let o = with_password(&w, &marketer, "SELECT 9000 + 131 AS answer");
     let out = text(&o);
     assert!(
         out.contains("ERROR") && out.contains("portcullis"),
         "the marketer's statement is denied: {out}"
     );
-    assert!(!out.contains("4242"), "{out}");
+    assert!(!out.contains("9131"), "{out}");
 
     // The audit record shows sub and groups; no token appears in the store or the logs.
     let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "export"]);
@@ -248,7 +256,7 @@ fn optional_tokens_admit_plain_passwords_by_process_identity() {
     // decides for a caller without groups, so the probe is a statement the rule allows only
     // with a token.
     let (w, _side) = token_world(&issuer, "accept_token = true", "");
-    let o = with_password(&w, "not-a-token", "SELECT 4200 + 42 AS answer");
+    let o = with_password(&w, "not-a-token", "SELECT 9000 + 131 AS answer");
     let out = text(&o);
     assert!(
         !out.contains("OIDC token refused"),

@@ -155,3 +155,79 @@ fn cgroup_paths_are_normalised() {
     assert_eq!(normalize_cgroup_path("a/b"), None);
     assert_eq!(normalize_cgroup_path("/a/../b"), None);
 }
+
+#[test]
+fn oidc_issuers_and_token_targets() {
+    let ok = parse(
+        r#"
+[[oidc]]
+issuer = "https://login.example.com/tenant"
+audience = "portcullis"
+groups_claim = "realm_access.roles"
+claims = ["tenant"]
+algorithms = ["RS256", "EdDSA"]
+[[oidc.binding]]
+sub = "svc-reporter"
+bind = { unit = "reporter.service", uid = 1001 }
+
+[[target]]
+name = "pg"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+auth = "inject"
+credentials = { user = "app", password_file = "/etc/secret" }
+require_token = true
+token_expiry = "continue"
+"#,
+    )
+    .expect("valid");
+    let i = &ok.oidc[0];
+    assert_eq!(i.algorithms, ["RS256", "EdDSA"]);
+    assert_eq!(i.leeway, std::time::Duration::from_secs(30));
+    assert_eq!(i.bindings[0].process.uid, Some(1001));
+    let pg = ok.targets[0].pg.as_ref().expect("pg");
+    assert_eq!((pg.token, pg.token_expiry), (TokenMode::Required, TokenExpiry::Continue));
+
+    let e = errors(
+        r#"
+[[oidc]]
+issuer = "http://login.example.com"
+audience = "p"
+algorithms = ["HS256"]
+[[oidc.binding]]
+bind = { uid = 1 }
+[[oidc.binding]]
+sub = "x"
+bind = {}
+
+[[target]]
+name = "pg"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+require_token = true
+token_expiry = "never"
+"#,
+    )
+    .join("\n");
+    for want in [
+        "must be https://",
+        "algorithm `HS256` is not accepted",
+        "names the tokens it binds",
+        "names at least one of agent",
+        "only `auth = \"inject\"` reads",
+        "`token_expiry` is `end_session` or `continue`",
+    ] {
+        assert!(e.contains(want), "missing `{want}` in:\n{e}");
+    }
+    // Loopback issuers may use http (tests, a local identity agent); tokens need an issuer.
+    let e = errors(
+        "[[oidc]]\nissuer = \"http://127.0.0.1:9000\"\naudience = \"p\"\n\
+         [[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"\nrequire_token = true\n",
+    );
+    assert!(e.iter().any(|m| m.contains("is for postgres targets")), "{e:?}");
+    let e = errors(
+        "[[target]]\nname = \"pg\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:1\"\nauth = \"inject\"\n\
+         credentials = { user = \"a\", password_file = \"/s\" }\naccept_token = true\n",
+    );
+    assert!(e.iter().any(|m| m.contains("add an [[oidc]] section")), "{e:?}");
+}

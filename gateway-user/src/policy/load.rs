@@ -574,7 +574,8 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
     if !(list_covers(&a.agents, &b.agents)
         && list_covers(&a.targets, &b.targets)
         && list_covers(&a.protocols, &b.protocols)
-        && (a.identity.is_empty() || a.identity == b.identity))
+        && (a.identity.is_empty() || a.identity == b.identity)
+        && (a.oidc.is_empty() || a.oidc == b.oidc))
     {
         return false;
     }
@@ -866,5 +867,98 @@ action = "deny"
             err.to_string().contains("cannot read the policy directory"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn oidc_conditions_match_verified_claims_only() {
+        let cfg = Config::parse(&Source::new(
+            "c.toml",
+            r#"
+[[oidc]]
+issuer = "https://idp.example"
+audience = "portcullis"
+claims = ["tenant"]
+[[agent]]
+name = "claude"
+match = { uid = 1001 }
+[[target]]
+name = "shop"
+protocol = "tcp"
+address = "127.0.0.1:5432"
+"#,
+        ))
+        .expect("config");
+        let (set, r) = load(
+            &[Source::new(
+                "p.toml",
+                r#"
+[[rule]]
+id = "readers"
+oidc = { groups = ["data-*"], claims = { tenant = ["acme"] } }
+action = "deny"
+message = "readers of acme"
+
+[[rule]]
+id = "by-sub"
+oidc = { subs = ["svc-*"], emails = ["*@example.com"] }
+action = "require_approval"
+approvers = ["dba"]
+"#,
+            )],
+            &cfg,
+        );
+        let set = set.unwrap_or_else(|| panic!("{:?}", messages(&r.errors)));
+        let who = |groups: &[&str], tenant: &str, sub: &str| Subject {
+            agent: "claude".into(),
+            uid: 1001,
+            oidc: Some(std::sync::Arc::new(crate::oidc::OidcIdentity {
+                issuer: "https://idp.example".into(),
+                sub: sub.into(),
+                email: Some(format!("{sub}@example.com")),
+                groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                claims: [("tenant".to_owned(), vec![tenant.to_owned()])].into(),
+                expires_at: 0,
+                issued_at: 0,
+            })),
+            ..Subject::default()
+        };
+        let rule = |s: &Subject| {
+            crate::policy::store::judge(&set, s, "shop", "tcp", "SELECT 1", LexOptions::default())
+                .decision
+                .rule
+                .clone()
+        };
+        assert_eq!(rule(&who(&["data-readers"], "acme", "alice")), "readers");
+        assert_eq!(rule(&who(&["data-readers"], "other", "alice")), "default");
+        assert_eq!(rule(&who(&["marketing"], "acme", "alice")), "default");
+        assert_eq!(rule(&who(&[], "x", "svc-report")), "by-sub");
+        // No token: no oidc condition can hold.
+        let anonymous = Subject {
+            agent: "claude".into(),
+            uid: 1001,
+            ..Subject::default()
+        };
+        assert_eq!(rule(&anonymous), "default");
+
+        // Claims no issuer keeps, and the old place of groups, are errors.
+        let (set, r) = load(
+            &[Source::new(
+                "q.toml",
+                "[[rule]]\nid = \"a\"\noidc = { claims = { team = [\"x\"] } }\naction = \"deny\"\n\n\
+                 [[rule]]\nid = \"b\"\nidentity = { groups = [\"x\"] }\naction = \"deny\"\n",
+            )],
+            &cfg,
+        );
+        assert!(set.is_none());
+        let m = messages(&r.errors).join("\n");
+        assert!(m.contains("claim `team` is kept by no [[oidc]] issuer"), "{m}");
+        assert!(m.contains("oidc = { groups"), "{m}");
+        // Without any issuer, an oidc condition could never hold.
+        let (set, r) = check(&[(
+            "r.toml",
+            "[[rule]]\nid = \"a\"\noidc = { groups = [\"x\"] }\naction = \"deny\"\n",
+        )]);
+        assert!(set.is_none());
+        assert!(messages(&r.errors)[0].contains("needs an [[oidc]] issuer"), "{:?}", r.errors);
     }
 }
