@@ -173,18 +173,18 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-/// A claim by dotted path (`realm_access.roles`); a claim whose name has dots is found whole
-/// first.
+/// A claim by dotted path (`realm_access.roles`). Claim names may contain dots themselves
+/// (`kubernetes.io`), so every split is tried, longest name first.
 fn claim<'a>(p: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     if let Some(v) = p.get(path) {
         return Some(v);
     }
-    let mut parts = path.split('.');
-    let mut cur = p.get(parts.next()?)?;
-    for part in parts {
-        cur = cur.as_object()?.get(part)?;
-    }
-    Some(cur)
+    let dots: Vec<usize> = path.match_indices('.').map(|(i, _)| i).collect();
+    dots.iter().rev().find_map(|&i| {
+        p.get(&path[..i])
+            .and_then(Value::as_object)
+            .and_then(|inner| claim(inner, &path[i + 1..]))
+    })
 }
 
 /// A claim's values as strings: a string (space-separated when `split`), a number or bool,
@@ -299,7 +299,11 @@ mod tests {
             issuer: "https://idp.example".into(),
             audience: "portcullis".into(),
             groups_claim: "groups".into(),
-            claims: vec!["tenant".into(), "realm_access.roles".into()],
+            claims: vec![
+                "tenant".into(),
+                "realm_access.roles".into(),
+                "kubernetes.io.namespace".into(),
+            ],
             leeway: Duration::from_secs(30),
             max_age: Duration::from_secs(3600),
             algorithms: vec!["RS256".into(), "ES256".into(), "EdDSA".into()],
@@ -402,6 +406,7 @@ mod tests {
             &payload(json!({
                 "sub": "agent-1", "email": "a@example.com", "groups": ["data-readers", "ops"],
                 "tenant": "acme", "realm_access": {"roles": ["r1", "r2"]}, "exp": 10, "iat": 5,
+                "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "bot"}},
             })),
             &c,
         )
@@ -411,6 +416,7 @@ mod tests {
         assert_eq!(id.groups, ["data-readers", "ops"]);
         assert_eq!(id.claims["tenant"], ["acme"]);
         assert_eq!(id.claims["realm_access.roles"], ["r1", "r2"]);
+        assert_eq!(id.claims["kubernetes.io.namespace"], ["agents"]);
         assert_eq!((id.expires_at, id.issued_at), (10, 5));
         // Space-separated groups (a `scope`-style claim).
         let spaced = identity(
