@@ -172,6 +172,8 @@ pub enum AuditCommand {
     },
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate policy files: unknown fields (file:line:column), unknown agent or target
@@ -536,24 +538,27 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
                 unit: unit.or_else(|| a.selector.unit.clone()),
                 exe: exe.or_else(|| a.selector.exe.as_ref().map(|p| p.display().to_string())),
                 cgroup: a.selector.cgroup.clone(),
-                oidc: (sub.is_some() || email.is_some() || !groups.is_empty() || !claims.is_empty())
-                    .then(|| {
-                        let mut kept = std::collections::BTreeMap::<String, Vec<String>>::new();
-                        for (k, v) in claims {
-                            kept.entry(k).or_default().push(v);
-                        }
-                        std::sync::Arc::new(crate::oidc::OidcIdentity {
-                            issuer: issuer
-                                .or_else(|| cfg.oidc.first().map(|i| i.issuer.clone()))
-                                .unwrap_or_default(),
-                            sub: sub.unwrap_or_default(),
-                            email,
-                            groups,
-                            claims: kept,
-                            expires_at: 0,
-                            issued_at: 0,
-                        })
-                    }),
+                oidc: (sub.is_some()
+                    || email.is_some()
+                    || !groups.is_empty()
+                    || !claims.is_empty())
+                .then(|| {
+                    let mut kept = std::collections::BTreeMap::<String, Vec<String>>::new();
+                    for (k, v) in claims {
+                        kept.entry(k).or_default().push(v);
+                    }
+                    std::sync::Arc::new(crate::oidc::OidcIdentity {
+                        issuer: issuer
+                            .or_else(|| cfg.oidc.first().map(|i| i.issuer.clone()))
+                            .unwrap_or_default(),
+                        sub: sub.unwrap_or_default(),
+                        email,
+                        groups,
+                        claims: kept,
+                        expires_at: 0,
+                        issued_at: 0,
+                    })
+                }),
             };
             let lex = LexOptions {
                 standard_conforming_strings: !non_standard_strings,

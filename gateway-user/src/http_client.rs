@@ -100,8 +100,8 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, Strin
     }
     if let Some(path) = extra_ca {
         use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs =
+            CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut added = 0;
         for c in certs {
             roots
@@ -113,15 +113,13 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, Strin
             return Err(format!("{}: no PEM certificate in it", path.display()));
         }
     }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|_| unreachable!("ring supports the default versions"))
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap_or_else(|_| unreachable!("ring supports the default versions"))
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// A connected stream, plain or TLS.
@@ -249,9 +247,16 @@ mod tests {
             Ok((9000, "/".into()))
         );
         let v6 = parse_url("http://[::1]:81/h").expect("v6");
-        assert_eq!((v6.host.as_str(), v6.host_header()), ("::1", "[::1]:81".into()));
+        assert_eq!(
+            (v6.host.as_str(), v6.host_header()),
+            ("::1", "[::1]:81".into())
+        );
         assert!(v6.is_loopback());
-        assert!(!parse_url("https://login.example.com").expect("u").is_loopback());
+        assert!(
+            !parse_url("https://login.example.com")
+                .expect("u")
+                .is_loopback()
+        );
         assert!(parse_url("ftp://x").is_err());
         assert!(parse_url("http://user:pw@x/").is_err());
         assert!(parse_url("http://x/a b").is_err());
@@ -275,13 +280,15 @@ mod tests {
     #[tokio::test]
     async fn get_reads_the_body_to_the_end_and_caps_it() {
         let tls = Arc::new(tls_config(None).expect("tls"));
-        let (url, server) = serve_once(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":1}").await;
+        let (url, server) =
+            serve_once(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":1}").await;
         let (status, body) = get(&url, &tls, 1024).await.expect("get");
         assert_eq!((status, body.as_slice()), (200, b"{\"a\":1}".as_slice()));
         let req = server.await.expect("server");
         assert!(req.starts_with("GET /doc HTTP/1.0\r\n"), "{req}");
 
-        let (url, _server) = serve_once(b"HTTP/1.0 200 OK\r\n\r\n0123456789012345678901234567890123456789").await;
+        let (url, _server) =
+            serve_once(b"HTTP/1.0 200 OK\r\n\r\n0123456789012345678901234567890123456789").await;
         let e = get(&url, &tls, 32).await.expect_err("over the cap");
         assert!(e.contains("longer than 32"), "{e}");
 

@@ -54,7 +54,8 @@ impl Key {
             .expect("openssl genpkey (apt install openssl)");
         assert!(out.status.success(), "openssl genpkey failed");
         // `genpkey -outform DER` writes the PKCS#1 RSAPrivateKey structure.
-        let kp = signature::RsaKeyPair::from_der(&out.stdout).expect("RSA private key (PKCS#1 DER)");
+        let kp =
+            signature::RsaKeyPair::from_der(&out.stdout).expect("RSA private key (PKCS#1 DER)");
         Self::Rsa(kid.into(), kp)
     }
 
@@ -219,11 +220,7 @@ impl Issuer {
                 );
             }
         });
-        Self {
-            url,
-            jwks,
-            fetches,
-        }
+        Self { url, jwks, fetches }
     }
 
     /// Adds a key to the published set (a rotation).

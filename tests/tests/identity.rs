@@ -4,7 +4,6 @@
 
 use std::{fs, path::Path, process::Output, time::Duration};
 
-
 use portcullis_tests::{
     As, Env,
     oidc::{Issuer, Key, hs256, now, raw_token, tampered},
@@ -26,7 +25,9 @@ fn token_world(issuer: &Issuer, target_extra: &str, oidc_extra: &str) -> (Pgw, E
             "auth = \"inject\"\ncredentials = {{ user = \"app\", password_file = \"{}\" }}\n{target_extra}",
             secret.display()
         ),
-        Some("[[rule]]\nid = \"readers\"\noidc = { groups = [\"data-readers\"] }\naction = \"allow\"\n"),
+        Some(
+            "[[rule]]\nid = \"readers\"\noidc = { groups = [\"data-readers\"] }\naction = \"allow\"\n",
+        ),
         "default = \"deny\"",
         "",
         &format!(
@@ -59,7 +60,10 @@ fn refused(w: &Pgw, token: &str, expect: &str, what: &str) {
         out.contains("OIDC token refused") || out.contains("requires an OIDC token"),
         "{what}: {out}"
     );
-    assert!(out.contains(expect), "{what}: expected `{expect}` in: {out}");
+    assert!(
+        out.contains(expect),
+        "{what}: expected `{expect}` in: {out}"
+    );
     eprintln!("{what}: {}", out.trim());
     assert!(!out.contains("9131"), "{what}: the statement ran: {out}");
 }
@@ -136,7 +140,12 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         &reader("x"),
         |m| ec.sign(m),
     );
-    refused(&w, &crossed, "no key of the issuer fits", "ES256 under an RSA key id");
+    refused(
+        &w,
+        &crossed,
+        "no key of the issuer fits",
+        "ES256 under an RSA key id",
+    );
 
     // An unknown key id: refused; the issuer rotates the key in; accepted. Key-set fetches
     // for unknown ids are rate-limited (refetch_interval = 1s).
@@ -155,7 +164,11 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     accepted(&w, &token, "the rotated-in key");
 
     // Bindings: the same kind of token, from a matching and from another process.
-    accepted(&w, &rsa.mint(&reader("bound-here")), "bound to this process");
+    accepted(
+        &w,
+        &rsa.mint(&reader("bound-here")),
+        "bound to this process",
+    );
     refused(
         &w,
         &rsa.mint(&reader("bound-elsewhere")),

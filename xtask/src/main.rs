@@ -177,7 +177,7 @@ fn deb(release: bool) -> Result<PathBuf> {
 }
 
 /// Fuzz targets in fuzz/fuzz_targets.
-const FUZZ_TARGETS: [&str; 2] = ["pg_decode", "sql_classify"];
+const FUZZ_TARGETS: [&str; 3] = ["pg_decode", "sql_classify", "oidc_token"];
 
 fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
     let targets: Vec<&str> = if targets.is_empty() {

@@ -53,7 +53,8 @@ impl Webhooks {
         }
         let stats = Arc::new(WebhookStats::default());
         let (tx, mut rx) = mpsc::channel::<(String, Value)>(QUEUE);
-        let tls = Arc::new(tls_config(None).unwrap_or_else(|e| unreachable!("no CA file to read: {e}")));
+        let tls =
+            Arc::new(tls_config(None).unwrap_or_else(|e| unreachable!("no CA file to read: {e}")));
         let hooks = Arc::new(hooks);
         let st = stats.clone();
         tokio::spawn(async move {

@@ -298,7 +298,9 @@ pub(super) fn token_settings(
                 "tokens are presented as the password, which only `auth = \"inject\"` reads",
             );
         }
-        if issuers == 0 && let Some(at) = at {
+        if issuers == 0
+            && let Some(at) = at
+        {
             c.at(
                 at,
                 "tokens need at least one trusted issuer: add an [[oidc]] section",

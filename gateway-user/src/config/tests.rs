@@ -186,7 +186,10 @@ token_expiry = "continue"
     assert_eq!(i.leeway, std::time::Duration::from_secs(30));
     assert_eq!(i.bindings[0].process.uid, Some(1001));
     let pg = ok.targets[0].pg.as_ref().expect("pg");
-    assert_eq!((pg.token, pg.token_expiry), (TokenMode::Required, TokenExpiry::Continue));
+    assert_eq!(
+        (pg.token, pg.token_expiry),
+        (TokenMode::Required, TokenExpiry::Continue)
+    );
 
     let e = errors(
         r#"
@@ -224,10 +227,16 @@ token_expiry = "never"
         "[[oidc]]\nissuer = \"http://127.0.0.1:9000\"\naudience = \"p\"\n\
          [[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"\nrequire_token = true\n",
     );
-    assert!(e.iter().any(|m| m.contains("is for postgres targets")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.contains("is for postgres targets")),
+        "{e:?}"
+    );
     let e = errors(
         "[[target]]\nname = \"pg\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:1\"\nauth = \"inject\"\n\
          credentials = { user = \"a\", password_file = \"/s\" }\naccept_token = true\n",
     );
-    assert!(e.iter().any(|m| m.contains("add an [[oidc]] section")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.contains("add an [[oidc]] section")),
+        "{e:?}"
+    );
 }

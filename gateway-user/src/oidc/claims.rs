@@ -35,9 +35,10 @@ pub fn looks_like_jwt(s: &str) -> bool {
     let parts: Vec<&str> = s.split('.').collect();
     parts.len() == 3
         && parts[0].starts_with("eyJ")
-        && parts
-            .iter()
-            .all(|p| p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn b64(part: &str, what: &str) -> Result<Vec<u8>, TokenError> {
@@ -71,7 +72,11 @@ pub fn split(token: &str) -> Result<Unverified, TokenError> {
     let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
     let payload = match serde_json::from_slice(&b64(parts[1], "payload")?) {
         Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(TokenError::Malformed("the payload is not a JSON object".into())),
+        Ok(_) => {
+            return Err(TokenError::Malformed(
+                "the payload is not a JSON object".into(),
+            ));
+        }
         Err(e) => {
             return Err(TokenError::Malformed(format!(
                 "the payload is not JSON: {e}"
@@ -108,7 +113,7 @@ pub fn check_alg(h: &Header, cfg: &OidcIssuer) -> Result<(), TokenError> {
             "the token is unsigned (alg `none`)".into(),
         ));
     }
-    if !cfg.algorithms.iter().any(|a| *a == h.alg) {
+    if !cfg.algorithms.contains(&h.alg) {
         return Err(TokenError::Algorithm(format!(
             "algorithm `{}` is not accepted for {} (accepted: {})",
             h.alg,
@@ -356,7 +361,9 @@ mod tests {
         let huge = format!("eyJ{}", "a".repeat(MAX_TOKEN_LEN));
         assert!(matches!(split(&huge), Err(TokenError::Malformed(m)) if m.contains("more than")));
         let arr = format!("{}.{}.x", enc(&json!({"alg": "RS256"})), enc(&json!([1])));
-        assert!(matches!(split(&arr), Err(TokenError::Malformed(m)) if m.contains("not a JSON object")));
+        assert!(
+            matches!(split(&arr), Err(TokenError::Malformed(m)) if m.contains("not a JSON object"))
+        );
     }
 
     #[test]
@@ -368,9 +375,16 @@ mod tests {
         };
         assert!(check_alg(&h("RS256"), &c).is_ok());
         assert!(check_alg(&h("EdDSA"), &c).is_ok());
-        assert!(matches!(check_alg(&h("none"), &c), Err(TokenError::Algorithm(m)) if m.contains("unsigned")));
-        assert!(matches!(check_alg(&h("NONE"), &c), Err(TokenError::Algorithm(_))));
-        assert!(matches!(check_alg(&h("HS256"), &c), Err(TokenError::Algorithm(m)) if m.contains("HS256")));
+        assert!(
+            matches!(check_alg(&h("none"), &c), Err(TokenError::Algorithm(m)) if m.contains("unsigned"))
+        );
+        assert!(matches!(
+            check_alg(&h("NONE"), &c),
+            Err(TokenError::Algorithm(_))
+        ));
+        assert!(
+            matches!(check_alg(&h("HS256"), &c), Err(TokenError::Algorithm(m)) if m.contains("HS256"))
+        );
         assert!(check_alg(&h("PS256"), &c).is_err());
     }
 
@@ -388,15 +402,30 @@ mod tests {
         assert!(check_times(&p(now + 60, now, None), &c, now).is_ok());
         // Leeway: 20 s past exp is still inside 30 s.
         assert!(check_times(&p(now - 20, now - 600, None), &c, now).is_ok());
-        assert!(matches!(check_times(&p(now - 31, now - 600, None), &c, now), Err(TokenError::Expired(m)) if m.contains("expired at")));
-        assert!(matches!(check_times(&p(now + 600, now, Some(now + 120)), &c, now), Err(TokenError::NotYetValid(_))));
+        assert!(
+            matches!(check_times(&p(now - 31, now - 600, None), &c, now), Err(TokenError::Expired(m)) if m.contains("expired at"))
+        );
+        assert!(matches!(
+            check_times(&p(now + 600, now, Some(now + 120)), &c, now),
+            Err(TokenError::NotYetValid(_))
+        ));
         assert!(check_times(&p(now + 600, now, Some(now + 10)), &c, now).is_ok());
-        assert!(matches!(check_times(&p(now + 600, now + 300, None), &c, now), Err(TokenError::NotYetValid(m)) if m.contains("future")));
-        assert!(matches!(check_times(&p(now + 600, now - 7200, None), &c, now), Err(TokenError::Expired(m)) if m.contains("max_age")));
+        assert!(
+            matches!(check_times(&p(now + 600, now + 300, None), &c, now), Err(TokenError::NotYetValid(m)) if m.contains("future"))
+        );
+        assert!(
+            matches!(check_times(&p(now + 600, now - 7200, None), &c, now), Err(TokenError::Expired(m)) if m.contains("max_age"))
+        );
         let no_exp = payload(json!({"iat": now}));
-        assert!(matches!(check_times(&no_exp, &c, now), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            check_times(&no_exp, &c, now),
+            Err(TokenError::Malformed(_))
+        ));
         let text_exp = payload(json!({"iat": now, "exp": "soon"}));
-        assert!(matches!(check_times(&text_exp, &c, now), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            check_times(&text_exp, &c, now),
+            Err(TokenError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -467,6 +496,9 @@ mod tests {
         // Unbound subjects pass, unless a binding is required.
         assert!(check_binding(&id("alice"), &c, &proc_(0, "x")).is_ok());
         c.require_binding = true;
-        assert!(matches!(check_binding(&id("alice"), &c, &proc_(0, "x")), Err(TokenError::Binding(_))));
+        assert!(matches!(
+            check_binding(&id("alice"), &c, &proc_(0, "x")),
+            Err(TokenError::Binding(_))
+        ));
     }
 }

@@ -86,7 +86,9 @@ impl KeySource {
     /// The keys, fetched when there are none yet or they are older than `jwks_cache`.
     pub async fn current(&self) -> Result<Arc<CoreJsonWebKeySet>, String> {
         let mut st = self.state.lock().await;
-        let fresh = st.fetched.is_some_and(|at| at.elapsed() < self.cfg.jwks_cache)
+        let fresh = st
+            .fetched
+            .is_some_and(|at| at.elapsed() < self.cfg.jwks_cache)
             || st
                 .failed
                 .is_some_and(|at| at.elapsed() < self.cfg.refetch_interval);

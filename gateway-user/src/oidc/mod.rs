@@ -211,8 +211,8 @@ fn verify(
     let issuer = IssuerUrl::new(cfg.issuer.clone())
         .map_err(|e| TokenError::Issuer(format!("{}: {e}", cfg.issuer)))?;
     // Times were checked with the leeway already; the verifier's own exp check gets the same.
-    let at = chrono::DateTime::from_timestamp(now - cfg.leeway.as_secs() as i64, 0)
-        .unwrap_or_default();
+    let at =
+        chrono::DateTime::from_timestamp(now - cfg.leeway.as_secs() as i64, 0).unwrap_or_default();
     let verifier = CoreIdTokenVerifier::new_public_client(
         ClientId::new(cfg.audience.clone()),
         issuer,

@@ -15,8 +15,8 @@ use super::{
     file::{DangerEntry, PolicyFile, RuleEntry},
     glob,
     model::{
-        Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, OidcMatch, Rule, SqlMatch, Strategy,
-        Unresolved, Verdict,
+        Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, OidcMatch, Rule, SqlMatch,
+        Strategy, Unresolved, Verdict,
     },
     sql::{Danger, kind},
 };
@@ -207,7 +207,10 @@ fn compile_oidc(ctx: &mut Ctx<'_>, o: &Spanned<super::file::OidcEntry>) -> OidcM
             }
         }
         if cfg.oidc.is_empty() {
-            ctx.err(o, "an `oidc` condition needs an [[oidc]] issuer in the configuration");
+            ctx.err(
+                o,
+                "an `oidc` condition needs an [[oidc]] issuer in the configuration",
+            );
         }
     }
     OidcMatch {
@@ -951,7 +954,10 @@ approvers = ["dba"]
         );
         assert!(set.is_none());
         let m = messages(&r.errors).join("\n");
-        assert!(m.contains("claim `team` is kept by no [[oidc]] issuer"), "{m}");
+        assert!(
+            m.contains("claim `team` is kept by no [[oidc]] issuer"),
+            "{m}"
+        );
         assert!(m.contains("oidc = { groups"), "{m}");
         // Without any issuer, an oidc condition could never hold.
         let (set, r) = check(&[(
@@ -959,6 +965,10 @@ approvers = ["dba"]
             "[[rule]]\nid = \"a\"\noidc = { groups = [\"x\"] }\naction = \"deny\"\n",
         )]);
         assert!(set.is_none());
-        assert!(messages(&r.errors)[0].contains("needs an [[oidc]] issuer"), "{:?}", r.errors);
+        assert!(
+            messages(&r.errors)[0].contains("needs an [[oidc]] issuer"),
+            "{:?}",
+            r.errors
+        );
     }
 }

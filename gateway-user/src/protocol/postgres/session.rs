@@ -613,7 +613,10 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
     if !crate::oidc::claims::looks_like_jwt(password) {
         if pg.token == TokenMode::Required {
             tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, target.name = %ctx.target.name, reason = "no_token", "connection refused: no OIDC token");
-            crate::metrics::get().tokens.with_label_values(&["no_token"]).inc();
+            crate::metrics::get()
+                .tokens
+                .with_label_values(&["no_token"])
+                .inc();
             let why = format!(
                 "target {} requires an OIDC token as the password",
                 ctx.target.name
@@ -623,9 +626,16 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     }
     let who = subject_of(ctx, None);
-    match shared.tokens.validate(password, &who, crate::store::now_us() / 1_000_000).await {
+    match shared
+        .tokens
+        .validate(password, &who, crate::store::now_us() / 1_000_000)
+        .await
+    {
         Ok(id) => {
-            crate::metrics::get().tokens.with_label_values(&["accepted"]).inc();
+            crate::metrics::get()
+                .tokens
+                .with_label_values(&["accepted"])
+                .inc();
             tracing::info!(
                 conn.id = ctx.id,
                 agent.name = %ctx.agent.name,
@@ -647,7 +657,10 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
             Ok(Some(id))
         }
         Err(e) => {
-            crate::metrics::get().tokens.with_label_values(&[e.kind()]).inc();
+            crate::metrics::get()
+                .tokens
+                .with_label_values(&[e.kind()])
+                .inc();
             tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, target.name = %ctx.target.name, reason = e.kind(), error = %e, "connection refused: OIDC token not accepted");
             Err(refuse(client, format!("OIDC token refused: {e}")).await)
         }
@@ -1334,7 +1347,12 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 );
                 tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, "session ended: its OIDC token expired");
                 let mut w = client_w.lock().await;
-                let _ = send(&mut *w, &[fatal("28000", format!("portcullis: {why}"))], true).await;
+                let _ = send(
+                    &mut *w,
+                    &[fatal("28000", format!("portcullis: {why}"))],
+                    true,
+                )
+                .await;
                 return Ok(End::TokenExpired);
             }
             state
