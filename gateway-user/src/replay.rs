@@ -435,6 +435,16 @@ mod tests {
         ];
         let mut r = Replay::default();
         let text: String = recs.iter().map(|x| r.feed(x)).collect();
+        let id = rec(
+            9,
+            0,
+            "identity",
+            json!({"oidc": {"issuer": "https://idp", "sub": "svc-1", "email": "s@x", "groups": ["a", "b"]}}),
+        );
+        assert_eq!(
+            Replay::default().feed(&id),
+            "  token of svc-1 from https://idp <s@x> · groups [a, b]\n"
+        );
         assert!(
             text.contains("session 1 · agent bot · target shop (postgres)"),
             "{text}"

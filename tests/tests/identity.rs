@@ -18,6 +18,16 @@ const AUD: &str = "portcullis-test";
 /// `data-readers` may do anything. The side environment holds the server password file and
 /// must outlive the world (a tuple drops its first field first).
 fn token_world(issuer: &Issuer, target_extra: &str, oidc_extra: &str) -> (Pgw, Env) {
+    token_world_with(issuer, target_extra, oidc_extra, "")
+}
+
+/// [`token_world`] with more configuration sections (a second `[[oidc]]`, ...).
+fn token_world_with(
+    issuer: &Issuer,
+    target_extra: &str,
+    oidc_extra: &str,
+    more: &str,
+) -> (Pgw, Env) {
     let side = Env::new();
     let secret = secret_file(&side);
     let w = world_policy(
@@ -32,7 +42,7 @@ fn token_world(issuer: &Issuer, target_extra: &str, oidc_extra: &str) -> (Pgw, E
         "",
         &format!(
             "[[oidc]]\nissuer = \"{}\"\naudience = \"{AUD}\"\nleeway = \"1s\"\n\
-             refetch_interval = \"1s\"\nclaims = [\"tenant\"]\n{oidc_extra}\n",
+             refetch_interval = \"1s\"\nmax_age = \"1h\"\nclaims = [\"tenant\"]\n{oidc_extra}\n\n{more}\n",
             issuer.url
         ),
     );
@@ -88,13 +98,24 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     let (rsa, ec, ed) = (Key::rsa("rsa-1"), Key::ec("ec-1"), Key::ed("ed-1"));
     let issuer = Issuer::start(&[&rsa, &ec, &ed]);
-    let (w, _side) = token_world(
+    // A second trusted issuer with its own key: each token goes to the issuer it names.
+    let other_key = Key::ec("other-1");
+    let other = Issuer::start(&[&other_key]);
+    let (w, _side) = token_world_with(
         &issuer,
         "require_token = true",
         "[[oidc.binding]]\nsub = \"bound-here\"\nbind = { uid = 65534, agent = \"a\" }\n\
          [[oidc.binding]]\nsub = \"bound-elsewhere\"\nbind = { uid = 4242 }\n",
+        &format!(
+            "[[oidc]]\nissuer = \"{}\"\naudience = \"{AUD}\"\ngroups_claim = \"roles\"\n",
+            other.url
+        ),
     );
-    let reader = |sub: &str| issuer.claims(sub, AUD, &["data-readers"], 300);
+    let reader = |sub: &str| {
+        let mut c = issuer.claims(sub, AUD, &["data-readers"], 300);
+        c["tenant"] = json!("acme");
+        c
+    };
 
     // Accepted: each signature algorithm.
     let good = rsa.mint(&reader("reader-rsa"));
@@ -105,6 +126,18 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     let mut spaced = reader("reader-spaced");
     spaced["groups"] = json!("ops data-readers");
     accepted(&w, &rsa.mint(&spaced), "space-separated groups");
+
+    let mut c = other.claims("from-other", AUD, &[], 300);
+    c["roles"] = json!(["data-readers"]);
+    accepted(&w, &other_key.mint(&c), "the second issuer, groups from `roles`");
+    // The second issuer's name on a token signed by the first issuer's key.
+    let mut c = reader("x");
+    c["iss"] = json!(other.url);
+    refused(&w, &rsa.mint(&c), "no key `rsa-1`", "a key of another issuer");
+    // Issued 2 h ago, still unexpired: older than max_age (1h).
+    let mut c = reader("x");
+    c["iat"] = json!(now() - 7200);
+    refused(&w, &rsa.mint(&c), "more than max_age", "too old");
 
     // Refused, each with its reason.
     refused(&w, "hunter2", "requires an OIDC token", "a plain password");
@@ -203,6 +236,13 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         .find(|o| o["sub"] == "reader-rsa")
         .unwrap_or_else(|| panic!("no identity record for reader-rsa: {ids:?}"));
     assert_eq!(reader_rec["groups"], json!(["data-readers"]));
+    assert_eq!(reader_rec["claims"]["tenant"], json!(["acme"]));
+    assert_eq!(reader_rec["email"], json!("reader-rsa@example.com"));
+    let other_rec = ids
+        .iter()
+        .find(|o| o["sub"] == "from-other")
+        .unwrap_or_else(|| panic!("no identity record for from-other: {ids:?}"));
+    assert_eq!(other_rec["issuer"], json!(other.url));
     assert_eq!(reader_rec["issuer"], json!(issuer.url));
     assert!(ids.iter().any(|o| o["sub"] == "marketer"));
     assert!(
@@ -224,7 +264,7 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         w.daemon
             .metric("portcullis_oidc_tokens_total", &[("result", r)])
     };
-    assert!(m("accepted") >= 7.0, "accepted: {}", m("accepted"));
+    assert!(m("accepted") >= 8.0, "accepted: {}", m("accepted"));
     for r in [
         "expired",
         "not_yet_valid",
