@@ -74,6 +74,8 @@ pub struct State {
     pub proxy: Arc<proxy::Shared>,
     pub store: Arc<Store>,
     pub approvals: Arc<Approvals>,
+    /// Trusted OIDC issuers (shared with the engines).
+    pub tokens: Arc<crate::oidc::Validator>,
     bindings: Mutex<Vec<AgentBinding>>,
     started: Instant,
 }
@@ -393,8 +395,14 @@ impl State {
                     name: t.name.clone(),
                     protocol: t.protocol.as_str().to_owned(),
                     addresses: t.addrs.iter().map(ToString::to_string).collect(),
+                    token: t.pg.as_ref().and_then(|pg| match pg.token {
+                        crate::config::TokenMode::Off => None,
+                        crate::config::TokenMode::Optional => Some("optional".to_owned()),
+                        crate::config::TokenMode::Required => Some("required".to_owned()),
+                    }),
                 })
                 .collect(),
+            oidc: self.tokens.status(),
         }
     }
 
@@ -596,7 +604,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         policy.clone(),
         Arc::new(Service(approvals.clone())),
         store.clone(),
-        tokens,
+        tokens.clone(),
     )
     .map_err(DaemonError::Postgres)?;
     let engines = Engines {
@@ -619,6 +627,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         policy,
         store: store.clone(),
         approvals,
+        tokens,
         kernel: Mutex::new(kernel),
         hierarchy: hierarchy.clone(),
         proxy: shared.clone(),

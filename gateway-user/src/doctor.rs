@@ -402,8 +402,42 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
         out.push(check_store(cfg));
         out.extend(check_targets(cfg));
         out.extend(check_pins(cfg));
+        out.extend(check_issuers(cfg));
     }
     out
+}
+
+/// Each `[[oidc]]` issuer's discovery document and key set can be fetched.
+fn check_issuers(cfg: &Config) -> Vec<Check> {
+    if cfg.oidc.is_empty() {
+        return Vec::new();
+    }
+    let validator = match crate::oidc::Validator::new(&cfg.oidc) {
+        Ok(v) => v,
+        Err(e) => return vec![fail(e, "fix the [[oidc]] section")],
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![fail(format!("cannot start a runtime: {e}"), "retry")],
+    };
+    rt.block_on(validator.probe())
+        .into_iter()
+        .map(|(issuer, got)| match got {
+            Ok(kids) => ok(format!(
+                "OIDC issuer {issuer}: {} signing key(s) ({})",
+                kids.len(),
+                kids.join(", ")
+            )),
+            Err(e) => fail(
+                format!("OIDC issuer {issuer}: cannot fetch its keys: {e}"),
+                "check the issuer URL, its reachability from this host and `ca_file`; \
+                 tokens are refused until its keys can be fetched",
+            ),
+        })
+        .collect()
 }
 
 pub fn render(checks: &[Check]) -> String {

@@ -113,11 +113,36 @@ pub fn status(s: &Status) -> String {
     for t in &s.targets {
         let _ = writeln!(
             o,
-            "  {:<16} {:<8} {}",
+            "  {:<16} {:<8} {}{}",
             t.name,
             t.protocol,
-            t.addresses.join(", ")
+            t.addresses.join(", "),
+            t.token
+                .as_ref()
+                .map(|m| format!(" · OIDC token {m}"))
+                .unwrap_or_default()
         );
+    }
+    if !s.oidc.is_empty() {
+        let _ = writeln!(o, "\noidc issuers");
+        for i in &s.oidc {
+            let keys = if i.key_ids.is_empty() {
+                "no keys yet".to_owned()
+            } else {
+                format!("keys {}", i.key_ids.join(", "))
+            };
+            let _ = writeln!(
+                o,
+                "  {} (audience {}) · {keys} · {} fetch(es){}",
+                i.issuer,
+                i.audience,
+                i.fetches,
+                i.last_error
+                    .as_ref()
+                    .map(|e| format!(" · last fetch failed: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     o
 }

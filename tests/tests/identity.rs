@@ -8,7 +8,7 @@ use portcullis_tests::{
     As, Env,
     oidc::{Issuer, Key, hs256, now, raw_token, tampered},
     pg::{Pgw, psql_cmd, secret_file, text, world_policy},
-    portcullis_as,
+    portcullis_as, portcullis_json,
 };
 use serde_json::{Value, json};
 
@@ -129,11 +129,20 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
 
     let mut c = other.claims("from-other", AUD, &[], 300);
     c["roles"] = json!(["data-readers"]);
-    accepted(&w, &other_key.mint(&c), "the second issuer, groups from `roles`");
+    accepted(
+        &w,
+        &other_key.mint(&c),
+        "the second issuer, groups from `roles`",
+    );
     // The second issuer's name on a token signed by the first issuer's key.
     let mut c = reader("x");
     c["iss"] = json!(other.url);
-    refused(&w, &rsa.mint(&c), "no key `rsa-1`", "a key of another issuer");
+    refused(
+        &w,
+        &rsa.mint(&c),
+        "no key `rsa-1`",
+        "a key of another issuer",
+    );
     // Issued 2 h ago, still unexpired: older than max_age (1h).
     let mut c = reader("x");
     c["iat"] = json!(now() - 7200);
@@ -195,6 +204,32 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     issuer.publish(&rotated);
     std::thread::sleep(Duration::from_millis(1100));
     accepted(&w, &token, "the rotated-in key");
+    let st = portcullis_json(&w.daemon.config, &["status", "--json"]);
+    assert_eq!(st["targets"][0]["token"], "required", "{st}");
+    // doctor fetches each issuer's keys; an unreachable issuer is a failure with a fix.
+    let out = text(&portcullis_as(&w.daemon.config, As::Root, &["doctor"]));
+    assert!(
+        out.contains(&format!("OIDC issuer {}: 4 signing key(s)", issuer.url)),
+        "{out}"
+    );
+    let dead = w.env.dir.join("dead-issuer.toml");
+    fs::write(
+        &dead,
+        "[[oidc]]\nissuer = \"http://127.0.0.1:1\"\naudience = \"x\"\n",
+    )
+    .expect("config");
+    let out = text(&portcullis_as(&dead, As::Root, &["doctor"]));
+    assert!(
+        out.contains("OIDC issuer http://127.0.0.1:1: cannot fetch its keys"),
+        "{out}"
+    );
+    let held = &st["oidc"][0];
+    assert_eq!(held["issuer"], json!(issuer.url), "{st}");
+    assert_eq!(
+        held["key_ids"],
+        json!(["rsa-1", "ec-1", "ed-1", "rsa-2"]),
+        "status shows the keys held after the rotation: {st}"
+    );
 
     // Bindings: the same kind of token, from a matching and from another process.
     accepted(

@@ -136,6 +136,9 @@ pub struct Status {
     pub agents: Vec<AgentStatus>,
     pub targets: Vec<TargetStatus>,
     pub store: StoreStatus,
+    /// Trusted OIDC issuers and the keys held for each.
+    #[serde(default)]
+    pub oidc: Vec<crate::oidc::keys::KeySummary>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -160,6 +163,9 @@ pub struct TargetStatus {
     pub name: String,
     pub protocol: String,
     pub addresses: Vec<String>,
+    /// PostgreSQL inject targets: `optional` or `required` when agents present tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -34,6 +34,23 @@ pub struct KeySource {
     cfg: OidcIssuer,
     tls: Arc<rustls::ClientConfig>,
     state: tokio::sync::Mutex<State>,
+    /// What `status` shows, readable without waiting for a fetch in progress.
+    summary: std::sync::Mutex<KeySummary>,
+}
+
+/// An issuer's keys as `portcullis status` shows them.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct KeySummary {
+    pub issuer: String,
+    pub audience: String,
+    /// Key ids held (`-` for a key without one).
+    pub key_ids: Vec<String>,
+    /// Key-set fetches made since the daemon started.
+    pub fetches: u64,
+    /// Unix seconds of the last successful fetch.
+    pub fetched_at: Option<u64>,
+    /// The last fetch's error, until a fetch succeeds.
+    pub last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -45,7 +62,7 @@ struct State {
     refetched: Option<Instant>,
     /// Last failed refresh (the keys held are used meanwhile).
     failed: Option<Instant>,
-    /// Fetches made (for status and tests).
+    /// Fetches made.
     fetches: u64,
 }
 
@@ -64,7 +81,13 @@ impl KeySource {
             .as_deref()
             .map(http_client::parse_url)
             .transpose()?;
+        let summary = std::sync::Mutex::new(KeySummary {
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            ..KeySummary::default()
+        });
         Ok(Self {
+            summary,
             cfg,
             tls: Arc::new(tls),
             state: tokio::sync::Mutex::new(State {
@@ -78,9 +101,11 @@ impl KeySource {
         &self.cfg
     }
 
-    /// Key sets fetched so far.
-    pub async fn fetches(&self) -> u64 {
-        self.state.lock().await.fetches
+    pub fn summary(&self) -> KeySummary {
+        self.summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The keys, fetched when there are none yet or they are older than `jwks_cache`.
@@ -123,10 +148,32 @@ impl KeySource {
 
     async fn fetch(&self, st: &mut State) -> Result<Arc<CoreJsonWebKeySet>, String> {
         st.fetches += 1;
-        let keys = tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(st))
+        let got = tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(st))
             .await
-            .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
-        let keys = Arc::new(keys);
+            .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
+        let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        summary.fetches = st.fetches;
+        let keys = match got {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                summary.last_error = Some(e.clone());
+                return Err(e);
+            }
+        };
+        summary.key_ids = keys
+            .keys()
+            .iter()
+            .map(|k| {
+                openidconnect::JsonWebKey::key_id(k)
+                    .map_or_else(|| "-".to_owned(), |id| id.to_string())
+            })
+            .collect();
+        summary.fetched_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        summary.last_error = None;
+        drop(summary);
         tracing::info!(
             oidc.issuer = %self.cfg.issuer,
             keys = keys.keys().len(),

@@ -123,14 +123,19 @@ impl Validator {
         }
     }
 
-    /// Key-set fetches made for an issuer (status, tests).
-    pub async fn fetches(&self, issuer: &str) -> Option<u64> {
+    /// Fetches every issuer's keys now: `(issuer, key ids or the error)`, for `doctor`.
+    pub async fn probe(&self) -> Vec<(String, Result<Vec<String>, String>)> {
+        let mut out = Vec::new();
         for s in &self.sources {
-            if s.issuer().issuer == issuer {
-                return Some(s.fetches().await);
-            }
+            let got = s.current().await.map(|_| s.summary().key_ids);
+            out.push((s.issuer().issuer.clone(), got));
         }
-        None
+        out
+    }
+
+    /// Each issuer's keys, for `portcullis status`.
+    pub fn status(&self) -> Vec<keys::KeySummary> {
+        self.sources.iter().map(KeySource::summary).collect()
     }
 
     /// Validates a token presented by the process `who`: shape, issuer, algorithm, times,
