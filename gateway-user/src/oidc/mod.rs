@@ -26,7 +26,7 @@ use self::keys::{KeySource, Refetch};
 use crate::{config::OidcIssuer, policy::model::Subject};
 
 /// Who a verified token says the caller is.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OidcIdentity {
     pub issuer: String,
     pub sub: String,
@@ -38,6 +38,19 @@ pub struct OidcIdentity {
     pub expires_at: i64,
     /// `iat`, Unix seconds.
     pub issued_at: i64,
+}
+
+/// Hashes what policies can match, not the token's times: the decision cache's caller class
+/// is then shared by every session of the same subject and claims, whatever token it used.
+/// (Equal identities still hash equally, as `Hash` requires.)
+impl std::hash::Hash for OidcIdentity {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.issuer.hash(h);
+        self.sub.hash(h);
+        self.email.hash(h);
+        self.groups.hash(h);
+        self.claims.hash(h);
+    }
 }
 
 /// Why a token was refused. Messages name the check; they never contain the token.

@@ -70,11 +70,11 @@ pub struct IdentityEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcEntry {
-    #[serde(default)]
+    #[serde(default, alias = "issuer")]
     pub issuers: Vec<String>,
-    #[serde(default)]
+    #[serde(default, alias = "sub")]
     pub subs: Vec<String>,
-    #[serde(default)]
+    #[serde(default, alias = "email")]
     pub emails: Vec<String>,
     #[serde(default)]
     pub groups: Vec<String>,

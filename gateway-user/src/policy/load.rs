@@ -903,7 +903,7 @@ message = "readers of acme"
 
 [[rule]]
 id = "by-sub"
-oidc = { subs = ["svc-*"], emails = ["*@example.com"] }
+oidc = { sub = ["svc-*"], emails = ["*@example.com"] }
 action = "require_approval"
 approvers = ["dba"]
 "#,
