@@ -74,6 +74,9 @@ pub enum Command {
         /// Sessions with a statement of this decision: allow, mask, deny, require_approval.
         #[arg(long)]
         decision: Option<String>,
+        /// Sessions whose OIDC token had this subject (`sub`).
+        #[arg(long)]
+        sub: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]

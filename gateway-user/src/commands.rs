@@ -42,6 +42,7 @@ pub fn run(
             target,
             since,
             decision,
+            sub,
             limit,
             json,
         } => {
@@ -50,6 +51,7 @@ pub fn run(
                 target: target.clone(),
                 since_us: since_us(*since),
                 decision: decision.clone(),
+                sub: sub.clone(),
                 limit: Some(*limit),
             };
             let v: Vec<SessionSummary> =
@@ -120,13 +122,13 @@ fn sessions_table(v: &[SessionSummary]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  end",
-        "id", "started", "agent", "target", "stmts", "allow", "mask", "deny", "held"
+        "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  {:<12}  token sub",
+        "id", "started", "agent", "target", "stmts", "allow", "mask", "deny", "held", "end"
     );
     for s in v {
         let _ = writeln!(
             o,
-            "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  {}",
+            "{:>6}  {:<23}  {:<14}  {:<14}  {:>6} {:>6} {:>5} {:>6} {:>5}  {:<12}  {}",
             s.id,
             clock(s.started_us),
             s.agent,
@@ -138,7 +140,8 @@ fn sessions_table(v: &[SessionSummary]) -> String {
             s.held,
             s.end_reason
                 .as_deref()
-                .unwrap_or(if s.ended_us.is_none() { "open" } else { "" })
+                .unwrap_or(if s.ended_us.is_none() { "open" } else { "" }),
+            s.oidc_sub.as_deref().unwrap_or("-")
         );
     }
     if v.is_empty() {

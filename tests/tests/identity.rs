@@ -42,7 +42,7 @@ fn token_world_with(
         "",
         &format!(
             "[[oidc]]\nissuer = \"{}\"\naudience = \"{AUD}\"\nleeway = \"1s\"\n\
-             refetch_interval = \"1s\"\nmax_age = \"1h\"\nclaims = [\"tenant\"]\n{oidc_extra}\n\n{more}\n",
+             refetch_interval = \"2s\"\nmax_age = \"1h\"\nclaims = [\"tenant\"]\n{oidc_extra}\n\n{more}\n",
             issuer.url
         ),
     );
@@ -190,7 +190,7 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     );
 
     // An unknown key id: refused; the issuer rotates the key in; accepted. Key-set fetches
-    // for unknown ids are rate-limited (refetch_interval = 1s).
+    // for unknown ids are rate-limited (refetch_interval = 2s).
     let rotated = Key::rsa("rsa-2");
     let token = rotated.mint(&reader("reader-rotated"));
     let before = issuer.jwks_fetches();
@@ -202,7 +202,7 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         "two tokens with an unknown kid within the refetch interval cause one fetch"
     );
     issuer.publish(&rotated);
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(2100));
     accepted(&w, &token, "the rotated-in key");
     let st = portcullis_json(&w.daemon.config, &["status", "--json"]);
     assert_eq!(st["targets"][0]["token"], "required", "{st}");
@@ -284,6 +284,17 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         !ids.iter().any(|o| o["sub"] == "x"),
         "refused tokens give no identity"
     );
+    let mine = portcullis_json(
+        &w.daemon.config,
+        &["sessions", "--sub", "marketer", "--json"],
+    );
+    let mine = mine.as_array().expect("sessions");
+    assert_eq!(
+        mine.len(),
+        1,
+        "sessions --sub finds the marketer's one session: {mine:?}"
+    );
+    assert_eq!(mine[0]["oidc_sub"], "marketer");
     let export = String::from_utf8_lossy(&out.stdout);
     let logs = w.daemon.logs.tail();
     let store = store_bytes(&w);

@@ -387,6 +387,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_older_store_gains_the_token_subject_column() {
+        let dir = tmp("migrate");
+        {
+            // The sessions table as stores created before OIDC identities have it.
+            let c = rusqlite::Connection::open(dir.join("t.db")).expect("db");
+            c.execute_batch(
+                "CREATE TABLE sessions (id INTEGER PRIMARY KEY, started_us INTEGER NOT NULL, \
+                 ended_us INTEGER, agent TEXT NOT NULL, target TEXT NOT NULL, protocol TEXT NOT NULL, \
+                 uid INTEGER, user TEXT, pid INTEGER, exe TEXT, unit TEXT, end_reason TEXT, \
+                 statements INTEGER NOT NULL DEFAULT 0, allowed INTEGER NOT NULL DEFAULT 0, \
+                 masked INTEGER NOT NULL DEFAULT 0, denied INTEGER NOT NULL DEFAULT 0, \
+                 held INTEGER NOT NULL DEFAULT 0)",
+            )
+            .expect("old schema");
+        }
+        let s = Store::open(&cfg(&dir, Durability::Commit)).expect("open an older store");
+        let id = s.next_session_id();
+        s.append_durable(vec![
+            rec(
+                id,
+                "session_start",
+                json!({"agent": "a", "target": "pg", "protocol": "postgres"}),
+            ),
+            rec(
+                id,
+                "identity",
+                json!({"oidc": {"sub": "svc-1", "groups": ["g"]}}),
+            ),
+        ])
+        .await
+        .expect("recorded");
+        let by_sub = |sub: &str| {
+            s.read(|c| {
+                query::sessions(
+                    c,
+                    &query::SessionFilter {
+                        sub: Some(sub.into()),
+                        ..Default::default()
+                    },
+                )
+            })
+            .expect("list")
+        };
+        let found = by_sub("svc-1");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].oidc_sub.as_deref(), Some("svc-1"));
+        assert!(by_sub("someone-else").is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_chain_list_verify_and_prune() {
         let dir = tmp("chain");

@@ -29,6 +29,9 @@ pub struct SessionSummary {
     pub masked: i64,
     pub denied: i64,
     pub held: i64,
+    /// The `sub` of the OIDC token the session presented.
+    #[serde(default)]
+    pub oidc_sub: Option<String>,
 }
 
 /// Filters of `portcullis sessions`.
@@ -39,12 +42,15 @@ pub struct SessionFilter {
     pub since_us: Option<i64>,
     /// Sessions with at least one statement of this verdict.
     pub decision: Option<String>,
+    /// Sessions whose OIDC token had this subject.
+    #[serde(default)]
+    pub sub: Option<String>,
     pub limit: Option<u32>,
 }
 
 /// The columns [`summary`] reads, in its order.
 const SUMMARY_COLUMNS: &str = "id, started_us, ended_us, agent, target, protocol, uid, user, \
-    pid, exe, end_reason, statements, allowed, masked, denied, held";
+    pid, exe, end_reason, statements, allowed, masked, denied, held, oidc_sub";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
     Ok(SessionSummary {
@@ -64,6 +70,7 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
         masked: r.get(13)?,
         denied: r.get(14)?,
         held: r.get(15)?,
+        oidc_sub: r.get(16)?,
     })
 }
 
@@ -77,6 +84,10 @@ pub fn sessions(c: &Connection, f: &SessionFilter) -> Result<Vec<SessionSummary>
     if let Some(t) = &f.target {
         args.push(t.clone().into());
         sql.push_str(&format!(" AND target = ?{}", args.len()));
+    }
+    if let Some(s) = &f.sub {
+        args.push(s.clone().into());
+        sql.push_str(&format!(" AND oidc_sub = ?{}", args.len()));
     }
     if let Some(s) = f.since_us {
         args.push(s.into());

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     allowed INTEGER NOT NULL DEFAULT 0,
     masked INTEGER NOT NULL DEFAULT 0,
     denied INTEGER NOT NULL DEFAULT 0,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    oidc_sub TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_start ON sessions(started_us);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -112,6 +113,18 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 ";
 
+/// Columns added after a store may have been created: added when missing. The listing
+/// tables are derived from the records; the chain never depends on them.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    let has_sub: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'oidc_sub'")?
+        .exists([])?;
+    if !has_sub {
+        c.execute_batch("ALTER TABLE sessions ADD COLUMN oidc_sub TEXT")?;
+    }
+    Ok(())
+}
+
 pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(5))?;
@@ -127,6 +140,7 @@ pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connecti
     // Checkpoints are the writer's to run (see SYNC_EVERY).
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
     c.execute_batch(SCHEMA)?;
+    migrate(&c)?;
     Ok(c)
 }
 
@@ -438,6 +452,12 @@ impl Core {
                     s("exe"),
                     s("unit"),
                 ])?;
+            }
+            "identity" => {
+                let sub = b.pointer("/oidc/sub").and_then(Value::as_str);
+                self.conn
+                    .prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
+                    .execute(params![a.session, sub])?;
             }
             "session_end" => {
                 self.conn
