@@ -189,6 +189,25 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
         "ES256 under an RSA key id",
     );
 
+    // Oversized: a token-shaped 20 KiB password is refused by size; a 70 KB password
+    // message is refused before it is buffered, and the gate carries on.
+    let big = format!("eyJ{}.e30.x", "A".repeat(20 * 1024));
+    refused(
+        &w,
+        &big,
+        "more than the 16384 accepted",
+        "an oversized token",
+    );
+    let o = with_password(
+        &w,
+        &format!("{}.a.b", "A".repeat(70_000)),
+        "SELECT 9000 + 131",
+    );
+    let out = text(&o);
+    assert!(!o.status.success() && !out.contains("9131"), "{out}");
+    assert!(out.contains("password message"), "{out}");
+    accepted(&w, &good, "a token after an oversized password message");
+
     // An unknown key id: refused; the issuer rotates the key in; accepted. Key-set fetches
     // for unknown ids are rate-limited (refetch_interval = 2s).
     let rotated = Key::rsa("rsa-2");

@@ -574,6 +574,10 @@ async fn session(
     end.map(|e| Outcome::new(e, None))
 }
 
+/// Largest PasswordMessage read when a token is asked for (the server's own limit for
+/// authentication messages is 65535 bytes too).
+const MAX_PASSWORD_MESSAGE: usize = 65_535;
+
 /// Inject mode with tokens: asks the client for its password (cleartext: the connection is
 /// on this host, or TLS-wrapped by the client) and validates it as an OIDC token. Returns
 /// the identity it proves; `None` when tokens are optional and the password is not one.
@@ -590,9 +594,22 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
         true,
     )
     .await?;
-    let f = match tokio::time::timeout(pg.stall_timeout.get(), client.frame()).await {
-        Ok(f) => f?,
-        Err(_) => return Err(PgError::ClientStalled(pg.stall_timeout.get())),
+    // A password message is small: a longer one is refused before it is buffered.
+    let max = std::mem::replace(&mut client.max, MAX_PASSWORD_MESSAGE);
+    let f = tokio::time::timeout(pg.stall_timeout.get(), client.frame()).await;
+    client.max = max;
+    let f = match f.map_err(|_| PgError::ClientStalled(pg.stall_timeout.get()))? {
+        Ok(f) => f,
+        Err(PgError::ClientProtocol(e)) => {
+            let _ = send(
+                &mut client.r,
+                &[fatal("08P01", format!("portcullis: password message: {e}"))],
+                true,
+            )
+            .await;
+            return Err(PgError::ClientProtocol(e));
+        }
+        Err(e) => return Err(e),
     };
     if f.tag != fe::PASSWORD {
         return Err(PgError::Refused(format!(
@@ -610,7 +627,12 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
         .await;
         PgError::Refused(why)
     };
-    if !crate::oidc::claims::looks_like_jwt(password) {
+    // Required: anything with a dot is checked as a token, for a precise error.
+    let token_shaped = match pg.token {
+        TokenMode::Required => password.contains('.'),
+        _ => crate::oidc::claims::looks_like_jwt(password),
+    };
+    if !token_shaped {
         if pg.token == TokenMode::Required {
             tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, target.name = %ctx.target.name, reason = "no_token", "connection refused: no OIDC token");
             crate::metrics::get()
