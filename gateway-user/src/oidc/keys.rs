@@ -5,6 +5,11 @@
 //!
 //! One fetch at a time per issuer (the state's mutex is held across it); every fetch is
 //! bounded in time and size. A failed refresh keeps the keys already held.
+//!
+//! Discovery reads only `issuer` and `jwks_uri`: `openidconnect`'s provider-metadata type
+//! requires the fields of a login provider (`authorization_endpoint`, ...), which workload
+//! issuers such as a Kubernetes API server do not publish. The key set itself is parsed into
+//! `openidconnect`'s JWKS type, which the verifier uses.
 
 use std::{
     sync::Arc,
