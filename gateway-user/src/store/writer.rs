@@ -398,7 +398,7 @@ impl Core {
         group: &[(Vec<Append>, Option<Waiter>)],
         start: Head,
     ) -> rusqlite::Result<(Head, Vec<i64>)> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let mut head = start;
         let mut seqs = Vec::with_capacity(group.len());
         {
@@ -425,7 +425,7 @@ impl Core {
                 seqs.push(head.seq);
             }
         }
-        self.conn.execute_batch("COMMIT")?;
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
         Ok((head, seqs))
     }
 
