@@ -344,11 +344,11 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     }
 }
 
-#[test]
-fn an_expiring_token_ends_the_session_at_the_next_statement() {
+/// Runs `SELECT 'first'`, sleeps past the token's expiry, then `SELECT 'second'`.
+fn across_expiry(target_extra: &str) -> String {
     let rsa = Key::rsa("rsa-1");
     let issuer = Issuer::start(&[&rsa]);
-    let (w, _side) = token_world(&issuer, "require_token = true", "");
+    let (w, _side) = token_world(&issuer, target_extra, "");
     // Valid for 3 s (and 1 s of leeway); the second statement comes after that.
     let token = rsa.mint(&issuer.claims("short-lived", AUD, &["data-readers"], 3));
     let mut cmd = psql_cmd(&w, &w.agent, "disable");
@@ -357,13 +357,25 @@ fn an_expiring_token_ends_the_session_at_the_next_statement() {
         cmd.args(["-f", "-"]),
         b"SELECT 'first' AS a;\nSELECT pg_sleep(5);\nSELECT 'second' AS b;\n",
     );
-    let out = text(&out);
+    text(&out)
+}
+
+#[test]
+fn an_expiring_token_ends_the_session_at_the_next_statement() {
+    let out = across_expiry("require_token = true");
     assert!(out.contains("first"), "{out}");
     assert!(
         out.contains("OIDC token expired at"),
         "the session is ended with a clear error: {out}"
     );
     assert!(!out.contains("second"), "{out}");
+}
+
+#[test]
+fn with_token_expiry_continue_the_session_outlives_its_token() {
+    let out = across_expiry("require_token = true\ntoken_expiry = \"continue\"");
+    assert!(out.contains("first") && out.contains("second"), "{out}");
+    assert!(!out.contains("expired"), "{out}");
 }
 
 #[test]

@@ -181,10 +181,7 @@ mod tests {
         // Within a couple of intervals everything is out, in far fewer writes than lines.
         std::thread::sleep(FLUSH_EVERY * 5);
         let writes = sink.0.lock().expect("sink").len();
-        assert!(
-            (1..100).contains(&writes),
-            "{writes} writes for 1000 lines"
-        );
+        assert!((1..100).contains(&writes), "{writes} writes for 1000 lines");
         (&w).write_all(b"last\n").expect("write");
         drop(guard);
         let all: Vec<u8> = sink.0.lock().expect("sink").concat();
