@@ -74,8 +74,8 @@ pub struct State {
     pub proxy: Arc<proxy::Shared>,
     pub store: Arc<Store>,
     pub approvals: Arc<Approvals>,
-    /// Trusted OIDC issuers (shared with the engines).
-    pub tokens: Arc<crate::oidc::Validator>,
+    /// Trusted OIDC issuers (shared with the engines; replaced when a reload changes them).
+    pub tokens: Arc<ArcSwap<crate::oidc::Validator>>,
     bindings: Mutex<Vec<AgentBinding>>,
     started: Instant,
 }
@@ -402,7 +402,7 @@ impl State {
                     }),
                 })
                 .collect(),
-            oidc: self.tokens.status(),
+            oidc: self.tokens.load().status(),
         }
     }
 
@@ -464,9 +464,34 @@ impl State {
             }
         }
         keep_restart_only(&current, &mut new);
+        // New issuers are built first (a CA file that cannot be read fails the reload) and
+        // take over only with the configuration and policies that go with them.
+        let validator = if current.oidc == new.oidc {
+            None
+        } else {
+            match crate::oidc::Validator::new(&new.oidc) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    self.policy
+                        .stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(error = %e, result = "error", "reload failed: the new [[oidc]] settings cannot be used; the running configuration stays");
+                    return;
+                }
+            }
+        };
         if self.policy.reload(&new).is_err() {
             // Logged and counted by the store; the configuration stays with its policies.
             return;
+        }
+        if let Some(v) = validator {
+            prefetch_keys(&v);
+            self.tokens.store(v);
+            tracing::info!(
+                issuers = new.oidc.len(),
+                "reload: OIDC issuers replaced (their keys are fetched again)"
+            );
         }
         self.config.store(Arc::new(new));
         match self.resync(true) {
@@ -493,7 +518,7 @@ fn log_config_error(path: &std::path::Path, e: &ConfigError) {
     );
 }
 
-fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 10] {
+fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
     [
         (
             "proxy.listen",
@@ -516,7 +541,6 @@ fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 10] {
                 || a.store.redact_literals != b.store.redact_literals,
         ),
         ("webhook", a.webhooks != b.webhooks),
-        ("oidc", a.oidc != b.oidc),
         (
             "policy.approval_timeout",
             a.policy.approval_timeout != b.policy.approval_timeout,
@@ -537,8 +561,15 @@ fn keep_restart_only(running: &Config, new: &mut Config) {
     new.store.retention = retention;
     new.store.prune_interval = prune_interval;
     new.webhooks = running.webhooks.clone();
-    new.oidc = running.oidc.clone();
     new.policy.approval_timeout = running.policy.approval_timeout;
+}
+
+/// Fetches the issuers' keys in the background, so the first token does not wait for them.
+fn prefetch_keys(v: &Arc<crate::oidc::Validator>) {
+    if !v.is_empty() {
+        let v = v.clone();
+        tokio::spawn(async move { v.prefetch().await });
+    }
 }
 
 /// One line describing an agent's selector.
@@ -594,11 +625,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         Webhooks::start(cfg.webhooks.clone()),
         cfg.policy.approval_timeout.get(),
     );
-    let tokens = Arc::new(crate::oidc::Validator::new(&cfg.oidc).map_err(DaemonError::Oidc)?);
-    if !tokens.is_empty() {
-        let t = tokens.clone();
-        tokio::spawn(async move { t.prefetch().await });
-    }
+    let validator = Arc::new(crate::oidc::Validator::new(&cfg.oidc).map_err(DaemonError::Oidc)?);
+    prefetch_keys(&validator);
+    let tokens = Arc::new(ArcSwap::new(validator));
     let pg = PgShared::new(
         &cfg.daemon,
         policy.clone(),

@@ -315,7 +315,7 @@ fn tokens_are_validated_refused_with_clear_errors_and_used_in_policy() {
     );
     assert_eq!(mine[0]["oidc_sub"], "marketer");
     let export = String::from_utf8_lossy(&out.stdout);
-    let logs = w.daemon.logs.tail();
+    let logs = serde_json::to_string(&w.daemon.logs.all()).expect("logs");
     let store = store_bytes(&w);
     for t in [&good, &marketer, &token, &confused] {
         let sig = t.rsplit('.').next().expect("signature");
@@ -405,4 +405,40 @@ fn optional_tokens_admit_plain_passwords_by_process_identity() {
     let mut c = issuer.claims("opt", AUD, &["data-readers"], 60);
     c["aud"] = json!("other");
     refused(&w, &rsa.mint(&c), "wrong audience", "a bad optional token");
+}
+
+#[test]
+fn a_reload_adds_an_issuer_without_a_restart() {
+    let rsa = Key::rsa("rsa-1");
+    let issuer = Issuer::start(&[&rsa]);
+    let (w, _side) = token_world(&issuer, "require_token = true", "");
+    let late_key = Key::ed("late-1");
+    let late = Issuer::start(&[&late_key]);
+    let token = late_key.mint(&late.claims("late-agent", AUD, &["data-readers"], 300));
+    refused(&w, &token, "is not trusted", "an issuer not configured yet");
+
+    let cfg = fs::read_to_string(&w.daemon.config).expect("config");
+    fs::write(
+        &w.daemon.config,
+        format!(
+            "{cfg}\n[[oidc]]\nissuer = \"{}\"\naudience = \"{AUD}\"\n",
+            late.url
+        ),
+    )
+    .expect("rewrite the config");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(w.daemon.child.id() as i32, libc::SIGHUP) };
+    w.daemon
+        .logs
+        .wait_for("the issuers replaced", Duration::from_secs(10), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("reload: OIDC issuers replaced"))
+        });
+    accepted(&w, &token, "the issuer added by the reload");
+    accepted(
+        &w,
+        &rsa.mint(&issuer.claims("first", AUD, &["data-readers"], 300)),
+        "the first issuer still",
+    );
 }

@@ -89,8 +89,9 @@ pub struct PgShared {
     pub masker: crate::masking::value::Masker,
     /// Catalog connections for masking.
     pub catalogs: catalog::Catalogs,
-    /// Trusted OIDC issuers, for agents that present a token as their password.
-    pub tokens: Arc<crate::oidc::Validator>,
+    /// Trusted OIDC issuers, for agents that present a token as their password (replaced
+    /// whole when a reload changes `[[oidc]]`).
+    pub tokens: Arc<arc_swap::ArcSwap<crate::oidc::Validator>>,
     /// Targets already warned about masking without a catalog.
     warned_no_catalog: Mutex<std::collections::HashSet<String>>,
     upstream_tls: Mutex<HashMap<String, (PgTarget, ClientTls)>>,
@@ -102,7 +103,7 @@ impl PgShared {
         policy: Arc<PolicyStore>,
         approver: Arc<dyn Approver>,
         store: Arc<crate::store::Store>,
-        tokens: Arc<crate::oidc::Validator>,
+        tokens: Arc<arc_swap::ArcSwap<crate::oidc::Validator>>,
     ) -> Result<Self, PgError> {
         Ok(Self {
             client_tls: Some(tls::server_config(daemon)?),

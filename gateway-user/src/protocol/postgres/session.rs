@@ -478,6 +478,7 @@ async fn session(
         (pg.token_expiry == TokenExpiry::EndSession).then(|| {
             let leeway = shared
                 .tokens
+                .load()
                 .leeway(&id.issuer)
                 .map_or(0, |l| l.as_secs() as i64);
             id.expires_at + leeway
@@ -648,8 +649,8 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     }
     let who = subject_of(ctx, None);
-    match shared
-        .tokens
+    let tokens = shared.tokens.load_full();
+    match tokens
         .validate(password, &who, crate::store::now_us() / 1_000_000)
         .await
     {
