@@ -33,6 +33,12 @@ impl Url {
                 .is_ok_and(|ip| ip.is_loopback())
     }
 
+    /// `https`, or `http` to a loopback address: where keys and documents may come from
+    /// without being replaceable on the way.
+    pub fn tls_or_loopback(&self) -> bool {
+        self.tls || self.is_loopback()
+    }
+
     fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)

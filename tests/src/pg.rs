@@ -328,6 +328,13 @@ pub struct Pgw {
     pub env: Env,
 }
 
+impl Pgw {
+    /// The daemon's audit store (the harness's `[store]` default under the state directory).
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self.env.dir.join("state").join("portcullis.db")
+    }
+}
+
 pub fn world(target_extra: &str) -> Pgw {
     world_with(target_extra, None)
 }

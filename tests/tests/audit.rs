@@ -19,10 +19,6 @@ use portcullis_tests::{
 };
 use serde_json::Value;
 
-fn store_path(w: &Pgw) -> PathBuf {
-    w.env.dir.join("state").join("portcullis.db")
-}
-
 fn sqlite(db: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
         .arg(db)
@@ -117,7 +113,7 @@ fn verify_passes_on_a_clean_store_and_names_each_kind_of_tampering() {
 
     // Stopped cleanly, the file alone verifies.
     assert!(w.daemon.stop().success());
-    let db = store_path(&w);
+    let db = w.store_path();
     let (v, human) = verify_file(&w.daemon.config, &db);
     assert_eq!(v["ok"], true, "{v}");
     assert!(human.starts_with("ok:"), "{human}");

@@ -79,7 +79,7 @@ fn refused(w: &Pgw, token: &str, expect: &str, what: &str) {
 }
 
 fn store_bytes(w: &Pgw) -> Vec<u8> {
-    let db = w.env.dir.join("state").join("portcullis.db");
+    let db = w.store_path();
     let mut all = Vec::new();
     for sfx in ["", "-wal"] {
         let p = format!("{}{sfx}", db.display());

@@ -66,18 +66,7 @@ pub struct BindingEntry {
     /// Token email (glob).
     pub email: Option<String>,
     /// What the presenting process must be (all given must hold).
-    pub bind: Spanned<ProcessEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessEntry {
-    pub agent: Option<String>,
-    pub unit: Option<String>,
-    pub uid: Option<u32>,
-    pub user: Option<String>,
-    pub exe: Option<String>,
-    pub cgroup: Option<String>,
+    pub bind: Spanned<ProcessMatch>,
 }
 
 fn default_groups_claim() -> String {
@@ -114,6 +103,28 @@ pub struct OidcIssuer {
     pub bindings: Vec<TokenBinding>,
 }
 
+impl OidcIssuer {
+    /// An issuer with every optional setting at its default (as a `[[oidc]]` section that
+    /// gives only `issuer` and `audience`).
+    pub fn new(issuer: &str, audience: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            groups_claim: default_groups_claim(),
+            claims: Vec::new(),
+            leeway: default_leeway().get(),
+            max_age: default_max_age().get(),
+            algorithms: DEFAULT_ALGORITHMS.map(str::to_owned).to_vec(),
+            jwks_uri: None,
+            jwks_cache: default_jwks_cache().get(),
+            refetch_interval: default_refetch_interval().get(),
+            ca_file: None,
+            require_binding: false,
+            bindings: Vec::new(),
+        }
+    }
+}
+
 /// Tokens whose subject/email match may only come from a process matching `process`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenBinding {
@@ -122,8 +133,10 @@ pub struct TokenBinding {
     pub process: ProcessMatch,
 }
 
-/// Process attributes (all given must hold; strings are globs).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Process attributes (all given must hold; strings are globs): `bind = { ... }` as written
+/// is already the validated form.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProcessMatch {
     pub agent: Option<String>,
     pub unit: Option<String>,
@@ -181,7 +194,7 @@ pub enum TokenExpiry {
 fn check_url(c: &mut Checker<'_>, at: &Spanned<String>, what: &str) {
     match crate::http_client::parse_url(at.get_ref()) {
         Err(e) => c.at(at, format!("`{what}`: {e}")),
-        Ok(u) if !u.tls && !u.is_loopback() => c.at(
+        Ok(u) if !u.tls_or_loopback() => c.at(
             at,
             format!("`{what}` must be https:// (http:// only for a loopback address)"),
         ),
@@ -237,15 +250,7 @@ pub(super) fn validate(c: &mut Checker<'_>, raw: &[OidcEntry]) -> Vec<OidcIssuer
                 if r.sub.is_none() && r.email.is_none() {
                     c.at(b, "a binding names the tokens it binds: `sub` or `email`");
                 }
-                let p = r.bind.get_ref();
-                let process = ProcessMatch {
-                    agent: p.agent.clone(),
-                    unit: p.unit.clone(),
-                    uid: p.uid,
-                    user: p.user.clone(),
-                    exe: p.exe.clone(),
-                    cgroup: p.cgroup.clone(),
-                };
+                let process = r.bind.get_ref().clone();
                 if process == ProcessMatch::default() {
                     c.at(
                         &r.bind,

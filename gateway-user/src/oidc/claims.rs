@@ -89,10 +89,10 @@ pub fn split(token: &str) -> Result<Unverified, TokenError> {
     })
 }
 
-/// The issuer a token names, among the trusted ones.
+/// The issuer a token names, among the trusted ones (and its place among them).
 pub fn issuer_of<'a>(
     t: &Unverified,
-    issuers: &'a [OidcIssuer],
+    issuers: impl IntoIterator<Item = &'a OidcIssuer>,
 ) -> Result<(usize, &'a OidcIssuer), TokenError> {
     let iss = t
         .payload
@@ -100,7 +100,7 @@ pub fn issuer_of<'a>(
         .and_then(Value::as_str)
         .ok_or_else(|| TokenError::Malformed("no `iss` claim".into()))?;
     issuers
-        .iter()
+        .into_iter()
         .enumerate()
         .find(|(_, i)| i.issuer == iss)
         .ok_or_else(|| TokenError::UntrustedIssuer(iss.to_owned()))
@@ -301,23 +301,13 @@ mod tests {
 
     fn cfg() -> OidcIssuer {
         OidcIssuer {
-            issuer: "https://idp.example".into(),
-            audience: "portcullis".into(),
-            groups_claim: "groups".into(),
             claims: vec![
                 "tenant".into(),
                 "realm_access.roles".into(),
                 "kubernetes.io.namespace".into(),
             ],
-            leeway: Duration::from_secs(30),
             max_age: Duration::from_secs(3600),
-            algorithms: vec!["RS256".into(), "ES256".into(), "EdDSA".into()],
-            jwks_uri: None,
-            jwks_cache: Duration::from_secs(3600),
-            refetch_interval: Duration::from_secs(60),
-            ca_file: None,
-            require_binding: false,
-            bindings: vec![],
+            ..OidcIssuer::new("https://idp.example", "portcullis")
         }
     }
 

@@ -67,8 +67,6 @@ struct State {
     refetched: Option<Instant>,
     /// Last failed refresh (the keys held are used meanwhile).
     failed: Option<Instant>,
-    /// Fetches made.
-    fetches: u64,
 }
 
 /// What an early fetch for an unknown key id did.
@@ -152,12 +150,11 @@ impl KeySource {
     }
 
     async fn fetch(&self, st: &mut State) -> Result<Arc<CoreJsonWebKeySet>, String> {
-        st.fetches += 1;
         let got = tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner(st))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
         let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
-        summary.fetches = st.fetches;
+        summary.fetches += 1;
         let keys = match got {
             Ok(k) => Arc::new(k),
             Err(e) => {
@@ -219,7 +216,7 @@ impl KeySource {
             ));
         }
         let jwks = http_client::parse_url(&d.jwks_uri)?;
-        if !jwks.tls && !jwks.is_loopback() {
+        if !jwks.tls_or_loopback() {
             return Err(format!(
                 "jwks_uri {} is not https:// (http:// only on loopback)",
                 d.jwks_uri

@@ -96,9 +96,8 @@ impl TokenError {
     }
 }
 
-/// The trusted issuers of a daemon.
+/// The trusted issuers of a daemon: one key source each, holding the issuer's settings.
 pub struct Validator {
-    issuers: Vec<OidcIssuer>,
     sources: Vec<KeySource>,
 }
 
@@ -108,20 +107,20 @@ impl Validator {
             .iter()
             .map(|i| KeySource::new(i.clone()).map_err(|e| format!("[[oidc]] {}: {e}", i.issuer)))
             .collect::<Result<_, _>>()?;
-        Ok(Self {
-            issuers: issuers.to_vec(),
-            sources,
-        })
+        Ok(Self { sources })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
+        self.sources.is_empty()
+    }
+
+    fn issuers(&self) -> impl Iterator<Item = &OidcIssuer> {
+        self.sources.iter().map(KeySource::issuer)
     }
 
     /// The clock skew tolerated for an issuer's tokens.
     pub fn leeway(&self, issuer: &str) -> Option<std::time::Duration> {
-        self.issuers
-            .iter()
+        self.issuers()
             .find(|i| i.issuer == issuer)
             .map(|i| i.leeway)
     }
@@ -160,7 +159,7 @@ impl Validator {
         now: i64,
     ) -> Result<OidcIdentity, TokenError> {
         let t = claims::split(token)?;
-        let (i, cfg) = claims::issuer_of(&t, &self.issuers)?;
+        let (i, cfg) = claims::issuer_of(&t, self.issuers())?;
         claims::check_alg(&t.header, cfg)?;
         claims::check_times(&t.payload, cfg, now)?;
         let source = &self.sources[i];

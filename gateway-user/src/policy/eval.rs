@@ -32,7 +32,7 @@ pub struct PolicySet {
 }
 
 fn any_glob(patterns: &[String], value: &str) -> bool {
-    patterns.is_empty() || patterns.iter().any(|p| glob::matches(p, value))
+    any_glob_opt(patterns, Some(value))
 }
 
 fn identity_matches(m: &IdentityMatch, s: &Subject) -> bool {
@@ -69,6 +69,7 @@ fn oidc_matches(m: &OidcMatch, s: &Subject) -> bool {
         })
 }
 
+/// Any pattern matches the value; no patterns always holds, no value never does.
 fn any_glob_opt(patterns: &[String], value: Option<&str>) -> bool {
     patterns.is_empty() || value.is_some_and(|v| patterns.iter().any(|p| glob::matches(p, v)))
 }

@@ -637,20 +637,27 @@ mod tests {
         policy::{PolicyStore, model::Subject, sql::LexOptions},
     };
 
-    fn cfg() -> Config {
+    /// One agent (`claude`) and one target (`shop`), after `before` (more sections).
+    fn cfg_with(before: &str) -> Config {
         Config::parse(&Source::new(
             "c.toml",
-            r#"
+            format!(
+                r#"{before}
 [[agent]]
 name = "claude"
-match = { uid = 1001 }
+match = {{ uid = 1001 }}
 [[target]]
 name = "shop"
 protocol = "tcp"
 address = "127.0.0.1:5432"
-"#,
+"#
+            ),
         ))
         .expect("config")
+    }
+
+    fn cfg() -> Config {
+        cfg_with("")
     }
 
     fn check(files: &[(&str, &str)]) -> (Option<PolicySet>, Report) {
@@ -874,23 +881,9 @@ action = "deny"
 
     #[test]
     fn oidc_conditions_match_verified_claims_only() {
-        let cfg = Config::parse(&Source::new(
-            "c.toml",
-            r#"
-[[oidc]]
-issuer = "https://idp.example"
-audience = "portcullis"
-claims = ["tenant"]
-[[agent]]
-name = "claude"
-match = { uid = 1001 }
-[[target]]
-name = "shop"
-protocol = "tcp"
-address = "127.0.0.1:5432"
-"#,
-        ))
-        .expect("config");
+        let cfg = cfg_with(
+            "[[oidc]]\nissuer = \"https://idp.example\"\naudience = \"portcullis\"\nclaims = [\"tenant\"]",
+        );
         let (set, r) = load(
             &[Source::new(
                 "p.toml",

@@ -56,24 +56,28 @@ pub mod be {
     pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
 }
 
-/// `Query`: the SQL text.
-pub fn query_text(body: &[u8]) -> Result<&str, FrameError> {
-    let mut r = Reader::new(body, "Query");
+/// A body that is one NUL-terminated string and nothing after it.
+fn sole_cstr<'a>(
+    body: &'a [u8],
+    message: &'static str,
+    trailing: &'static str,
+) -> Result<&'a str, FrameError> {
+    let mut r = Reader::new(body, message);
     let s = r.cstr()?;
     if !r.is_empty() {
-        return Err(r.bad("bytes after the query string"));
+        return Err(r.bad(trailing));
     }
     Ok(s)
 }
 
+/// `Query`: the SQL text.
+pub fn query_text(body: &[u8]) -> Result<&str, FrameError> {
+    sole_cstr(body, "Query", "bytes after the query string")
+}
+
 /// The text of a PasswordMessage (a password, or a token presented as one).
 pub fn password_text(body: &[u8]) -> Result<&str, FrameError> {
-    let mut r = Reader::new(body, "PasswordMessage");
-    let s = r.cstr()?;
-    if !r.is_empty() {
-        return Err(r.bad("bytes after the password"));
-    }
-    Ok(s)
+    sole_cstr(body, "PasswordMessage", "bytes after the password")
 }
 
 pub fn query(sql: &str) -> Frame {

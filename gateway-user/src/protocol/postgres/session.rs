@@ -212,6 +212,12 @@ fn fatal(code: &'static str, message: String) -> Frame {
     .error()
 }
 
+/// Tells the client why its session ends (FATAL `code`, `portcullis: why`). The session is
+/// over either way, so a failed write does not matter.
+async fn tell_fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &'static str, why: &str) {
+    let _ = send(w, &[fatal(code, format!("portcullis: {why}"))], true).await;
+}
+
 fn denial_error(d: &Denial) -> Frame {
     Notice {
         severity: "ERROR",
@@ -258,7 +264,9 @@ fn check_params(params: &[(String, String)]) -> Result<(), String> {
     Ok(())
 }
 
-fn subject_of(ctx: &ConnContext, oidc: Option<Arc<OidcIdentity>>) -> Subject {
+/// The process behind the connection as the rules see it; a token's identity is added
+/// once one is accepted.
+fn subject_of(ctx: &ConnContext) -> Subject {
     let who = &ctx.identity;
     Subject {
         agent: ctx.agent.name.clone(),
@@ -267,7 +275,7 @@ fn subject_of(ctx: &ConnContext, oidc: Option<Arc<OidcIdentity>>) -> Subject {
         unit: who.cgroup_info.unit.clone(),
         exe: who.exe.as_ref().map(|p| p.display().to_string()),
         cgroup: who.cgroup.clone(),
-        oidc,
+        oidc: None,
     }
 }
 
@@ -359,12 +367,7 @@ async fn session(
         } => (client, version, params, leftover),
     };
     if let Err(why) = check_params(&params) {
-        let _ = send(
-            &mut client,
-            &[fatal("42501", format!("portcullis: {why}"))],
-            true,
-        )
-        .await;
+        tell_fatal(&mut client, "42501", &why).await;
         return Err(PgError::Refused(why));
     }
     let client_user = params
@@ -386,22 +389,20 @@ async fn session(
         }
     }
     let mut client = Reader::new(client, leftover, pg.max_message_size, true);
+    let mut subject = subject_of(ctx);
     // A token is asked for and checked before any server connection is opened.
     let token = if pg.auth == PgAuth::Inject && pg.token != TokenMode::Off {
-        client_token(shared, &mut client, ctx, &pg).await?
+        client_token(shared, &mut client, ctx, &subject, &pg).await?
     } else {
         None
     };
     let server = match connect_server(shared, &ctx.target.name, &pg, upstream).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = send(
+            tell_fatal(
                 &mut client.r,
-                &[fatal(
-                    "08006",
-                    format!("portcullis: cannot reach the server: {e}"),
-                )],
-                true,
+                "08006",
+                &format!("cannot reach the server: {e}"),
             )
             .await;
             return Err(e);
@@ -426,13 +427,10 @@ async fn session(
             let creds =
                 creds.ok_or_else(|| PgError::Config("inject without credentials".into()))?;
             if let Err(e) = inject_auth(&mut server, &creds).await {
-                let _ = send(
+                tell_fatal(
                     &mut client.r,
-                    &[fatal(
-                        "28000",
-                        format!("portcullis: could not authenticate to the server: {e}"),
-                    )],
-                    true,
+                    "28000",
+                    &format!("could not authenticate to the server: {e}"),
                 )
                 .await;
                 return Err(e);
@@ -484,7 +482,7 @@ async fn session(
             id.expires_at + leeway
         })
     });
-    let subject = subject_of(ctx, token);
+    subject.oidc = token;
     let class = shared
         .policy
         .class_of(&subject, &ctx.target.name, ctx.target.protocol.as_str());
@@ -587,6 +585,7 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
     shared: &PgShared,
     client: &mut Reader<R>,
     ctx: &ConnContext,
+    who: &Subject,
     pg: &PgTarget,
 ) -> Result<Option<Arc<OidcIdentity>>, PgError> {
     send(
@@ -602,12 +601,7 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
     let f = match f.map_err(|_| PgError::ClientStalled(pg.stall_timeout.get()))? {
         Ok(f) => f,
         Err(PgError::ClientProtocol(e)) => {
-            let _ = send(
-                &mut client.r,
-                &[fatal("08P01", format!("portcullis: password message: {e}"))],
-                true,
-            )
-            .await;
+            startup::refuse(&mut client.r, &format!("password message: {e}")).await;
             return Err(PgError::ClientProtocol(e));
         }
         Err(e) => return Err(e),
@@ -620,12 +614,7 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
     }
     let password = messages::password_text(&f.body).map_err(PgError::ClientProtocol)?;
     let refuse = async |client: &mut Reader<R>, why: String| {
-        let _ = send(
-            &mut client.r,
-            &[fatal("28000", format!("portcullis: {why}"))],
-            true,
-        )
-        .await;
+        tell_fatal(&mut client.r, "28000", &why).await;
         PgError::Refused(why)
     };
     // Required: anything with a dot is checked as a token, for a precise error.
@@ -648,10 +637,9 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
         }
         return Ok(None);
     }
-    let who = subject_of(ctx, None);
     let tokens = shared.tokens.load_full();
     match tokens
-        .validate(password, &who, crate::store::now_us() / 1_000_000)
+        .validate(password, who, crate::store::now_us() / 1_000_000)
         .await
     {
         Ok(id) => {
@@ -1332,13 +1320,7 @@ async fn client_to_server<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         startup::refuse(&mut *w, &e.to_string()).await;
     }
     if let Err(PgError::Store(why)) = &r {
-        let mut w = client_w.lock().await;
-        let _ = send(
-            &mut *w,
-            &[fatal("58000", format!("portcullis: {why}"))],
-            true,
-        )
-        .await;
+        tell_fatal(&mut *client_w.lock().await, "58000", why).await;
     }
     r
 }
@@ -1369,13 +1351,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     crate::oidc::claims::rfc3339(deadline)
                 );
                 tracing::warn!(conn.id = ctx.id, agent.name = %ctx.agent.name, "session ended: its OIDC token expired");
-                let mut w = client_w.lock().await;
-                let _ = send(
-                    &mut *w,
-                    &[fatal("28000", format!("portcullis: {why}"))],
-                    true,
-                )
-                .await;
+                tell_fatal(&mut *client_w.lock().await, "28000", &why).await;
                 return Ok(End::TokenExpired);
             }
             state
