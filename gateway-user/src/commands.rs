@@ -298,11 +298,20 @@ fn audit(
                     c.head_seq.map_or("-".into(), |s| s.to_string()),
                     c.head_hash.unwrap_or_default()
                 );
-                if store.is_some() {
+                if let Some(path) = store {
                     println!(
                         "note: read from the file: records removed from the end are caught only \
                          by comparing with the daemon's head (run without --store)"
                     );
+                    let spool = store::spool::path_for(path);
+                    let waiting = store::spool::Spool::read(&spool).map_or(0, |d| d.rows.len());
+                    if waiting > 0 {
+                        println!(
+                            "note: {waiting} record(s) in {} are not in the database yet; the \
+                             daemon imports them when it starts",
+                            spool.display()
+                        );
+                    }
                 }
             } else {
                 println!(

@@ -306,11 +306,13 @@ impl State {
         }
     }
 
-    /// A read on the store's reader connection, off the async threads.
+    /// A read on the store's reader connection, off the async threads, of everything
+    /// recorded before it (a store that cannot write shows what it holds).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&rusqlite::Connection) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, String> {
+        let _ = self.store.flush().await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.read(f))
             .await

@@ -2,19 +2,22 @@
 //! approvals, grants and session transcripts, as one hash-chained log of records
 //! ([`chain`]) plus tables derived from it for listing.
 //!
-//! Records are appended in groups, one transaction per group ([`writer`]). Callers that must
-//! not go on before their record is safe (a statement is recorded before it is forwarded)
-//! wait for the group's commit — and, with `durability = "strict"`, its fsync. In `commit`
-//! mode a waiting caller commits the group itself when nobody else is committing; the
-//! writer thread handles transcripts, checkpoints, pruning and `strict` commits. A record
-//! that cannot be queued or written is an error to the caller, never a silent loss. Reads
-//! ([`query`]) use their own connection.
+//! A record is appended by sealing it into the chain and writing it to the [`spool`], an
+//! append-only file beside the database; the [`writer`] thread moves spooled records into
+//! SQLite in large transactions. Callers that must not go on before their record is safe (a
+//! statement is recorded before it is forwarded) wait for the spool write — in `commit`
+//! mode they write it themselves, in `strict` mode the writer thread writes and fsyncs it
+//! for them, in groups. Transcripts are queued and spooled by the writer without anyone
+//! waiting. A record that cannot be queued or written is an error to the caller, never a
+//! silent loss. Reads ([`query`]) use their own connection and see what the writer has
+//! saved; [`Store::flush`] waits for everything spooled before it.
 //!
 //! See docs/audit.md for the guarantees and their limits.
 
 pub mod chain;
 pub mod query;
 pub mod redact;
+pub mod spool;
 pub mod writer;
 
 use std::{
@@ -61,7 +64,10 @@ impl From<rusqlite::Error> for StoreError {
 /// Counters for status and metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
+    /// Records spooled.
     pub written: AtomicU64,
+    /// Records the database took.
+    pub saved: AtomicU64,
     pub groups: AtomicU64,
     pub failed: AtomicU64,
     pub queue_full: AtomicU64,
@@ -73,10 +79,26 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
+    /// Counts one spool write of `n` records.
+    pub fn count<T>(&self, n: usize, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) => {
+                self.written.fetch_add(n as u64, Ordering::Relaxed);
+                self.groups.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.failed.fetch_add(n as u64, Ordering::Relaxed);
+                self.last_failed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> StoreCounters {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StoreCounters {
             written: l(&self.written),
+            saved: l(&self.saved),
+            unsaved: 0,
             groups: l(&self.groups),
             failed: l(&self.failed),
             queue_full: l(&self.queue_full),
@@ -89,9 +111,15 @@ impl StoreStats {
 /// The counters at one moment, for `portcullis status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreCounters {
-    /// Records committed.
+    /// Records written (spooled: durable as `durability` says).
     pub written: u64,
-    /// Commit groups (transactions).
+    /// Records the database took from the spool.
+    #[serde(default)]
+    pub saved: u64,
+    /// Records spooled and not yet in the database.
+    #[serde(default)]
+    pub unsaved: u64,
+    /// Spool writes.
     pub groups: u64,
     /// Records whose write failed.
     pub failed: u64,
@@ -103,7 +131,7 @@ pub struct StoreCounters {
     pub queued: u64,
 }
 
-/// The chain head the writer holds: the last committed record.
+/// The chain's head: the last record spooled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Head {
     pub seq: i64,
@@ -121,23 +149,20 @@ pub struct Append {
 pub struct Store {
     cfg: StoreConfig,
     tx: SyncSender<writer::Op>,
-    /// Records appended without waiting, for the writer's next commit.
+    /// Records appended without waiting, for the writer's next turn.
     lazy: Arc<Mutex<Vec<Append>>>,
-    /// The write connection, shared with the writer thread.
-    core: Arc<Mutex<writer::Core>>,
-    /// Durable appends waiting for whoever commits next (`commit` mode).
-    pending: Arc<writer::Pending>,
+    /// The chain's head, the spool file and the records on their way to the database.
+    spool: Arc<Mutex<spool::Spool>>,
     closed: std::sync::atomic::AtomicBool,
     reader: Mutex<rusqlite::Connection>,
-    head: Arc<Mutex<Head>>,
     pub stats: Arc<StoreStats>,
     next_session: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Store {
-    /// Opens (creating) the database, checks the chain's head, marks approvals left pending
-    /// by a previous run as expired, and starts the writer.
+    /// Opens (creating) the database, imports what a previous run left in the spool, and
+    /// starts the writer (which first marks approvals left pending as expired).
     pub fn open(cfg: &StoreConfig) -> Result<Arc<Self>, StoreError> {
         let err = |why: String| StoreError::Open {
             path: cfg.path.clone(),
@@ -146,27 +171,30 @@ impl Store {
         if let Some(dir) = cfg.path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
-        let conn = writer::open_rw(&cfg.path, cfg.durability).map_err(|e| err(e.to_string()))?;
-        let head = writer::read_head(&conn).map_err(|e| err(e.to_string()))?;
+        let conn = writer::open_rw(&cfg.path).map_err(|e| err(e.to_string()))?;
+        let spool_path = spool::path_for(&cfg.path);
+        let head = recover(&conn, &spool_path).map_err(err)?;
         let max_session: i64 = conn
             .query_row("SELECT coalesce(max(id), 0) FROM sessions", [], |r| {
                 r.get(0)
             })
             .map_err(|e| err(e.to_string()))?;
+        let spool = spool::Spool::open(&spool_path, head)
+            .map_err(|e| err(format!("cannot open {}: {e}", spool_path.display())))?;
         restrict_permissions(&cfg.path);
         let reader = open_ro(&cfg.path).map_err(|e| err(e.to_string()))?;
-        let head = Arc::new(Mutex::new(head));
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
         let lazy = Arc::new(Mutex::new(Vec::new()));
-        let core = Arc::new(Mutex::new(writer::Core::new(
+        let spool = Arc::new(Mutex::new(spool));
+        let w = writer::Writer::new(
             conn,
+            spool.clone(),
             lazy.clone(),
-            head.clone(),
             stats.clone(),
-        )));
-        let pending = Arc::new(writer::Pending::default());
-        let w = writer::Writer::new(core.clone(), pending.clone(), rx);
+            rx,
+            cfg.durability,
+        );
         let handle = std::thread::Builder::new()
             .name("portcullis-store".into())
             .spawn(move || w.run())
@@ -175,11 +203,9 @@ impl Store {
             cfg: cfg.clone(),
             tx,
             lazy,
-            core,
-            pending,
+            spool,
             closed: std::sync::atomic::AtomicBool::new(false),
             reader: Mutex::new(reader),
-            head,
             stats,
             next_session: AtomicU64::new(max_session.max(0) as u64 + 1),
             writer: Mutex::new(Some(handle)),
@@ -200,9 +226,13 @@ impl Store {
         self.next_session.fetch_add(1, Ordering::Relaxed) as i64
     }
 
-    /// The head the writer committed last.
+    fn spool(&self) -> std::sync::MutexGuard<'_, spool::Spool> {
+        self.spool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The chain's head: the last record spooled.
     pub fn head(&self) -> Head {
-        *self.head.lock().unwrap_or_else(|e| e.into_inner())
+        self.spool().head
     }
 
     fn send(&self, op: writer::Op) -> Result<(), StoreError> {
@@ -222,9 +252,9 @@ impl Store {
         }
     }
 
-    /// Queues a record; does not wait (transcripts, results, session ends). It is committed
-    /// with the next group, within [`writer::LAZY_EVERY`]; appending does not wake the
-    /// writer until [`writer::LAZY_WAKE`] records wait.
+    /// Queues a record; does not wait (transcripts, results, session ends). It is spooled
+    /// with the next durable append or by the writer within [`writer::LAZY_EVERY`];
+    /// appending does not wake the writer until [`writer::LAZY_WAKE`] records wait.
     pub fn append(&self, a: Append) -> Result<(), StoreError> {
         let waiting = {
             let mut l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
@@ -246,38 +276,51 @@ impl Store {
     pub fn counters(&self) -> StoreCounters {
         let mut c = self.stats.snapshot();
         c.queued += self.lazy.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
-        c.queued += self.pending.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        c.unsaved = self.spool().unsaved.len() as u64;
         c
     }
 
-    /// Queues records and waits until they are durable as `durability` says. Returns the
-    /// sequence number of the last one.
+    /// Records `records` (after whatever was appended without waiting) and returns once
+    /// they are durable as `durability` says, with the sequence number of the last one.
+    /// In `commit` mode that is this call's own spool write; in `strict` mode the writer
+    /// thread's, with its fsync.
     pub async fn append_durable(&self, records: Vec<Append>) -> Result<i64, StoreError> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
         }
-        let (ack, wait) = tokio::sync::oneshot::channel();
         if self.cfg.durability == crate::config::Durability::Strict {
             // The fsync is the writer thread's: never on a runtime worker.
+            let (ack, wait) = tokio::sync::oneshot::channel();
             self.send(writer::Op::Append(records, Some(ack)))?;
-        } else {
-            {
-                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                if p.len() >= self.cfg.queue {
-                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-                    return Err(StoreError::QueueFull(self.cfg.queue));
-                }
-                p.push((records, ack));
-            }
-            // Commit here unless someone already is (then they take these records too).
-            writer::lead(&self.core, &self.pending);
+            return wait.await.unwrap_or(Err(StoreError::Closed));
         }
-        wait.await.unwrap_or(Err(StoreError::Closed))
+        let n = records.len();
+        let mut sp = self.spool();
+        if sp.unsaved.len() >= self.cfg.queue {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::QueueFull(self.cfg.queue));
+        }
+        // Transcripts appended before come first: they happened first.
+        let lazy = std::mem::take(&mut *self.lazy.lock().unwrap_or_else(|e| e.into_inner()));
+        let n = n + lazy.len();
+        let began = std::time::Instant::now();
+        let r = sp.append(vec![lazy, records]).map(|l| l[1]);
+        drop(sp);
+        self.stats.count(n, &r);
+        crate::metrics::get()
+            .audit_commit_seconds
+            .observe(began.elapsed().as_secs_f64());
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "audit store write failed");
+        }
+        r
     }
 
-    /// Waits until everything queued so far is committed (tests, shutdown).
+    /// Waits until the database holds everything recorded so far (reads, tests, shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.append_durable(Vec::new()).await.map(|_| ())
+        let (ack, wait) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Flush(ack))?;
+        wait.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Runs a read on the reader connection (blocking: call from `spawn_blocking`).
@@ -334,10 +377,50 @@ impl Store {
     }
 }
 
+/// Imports the records a previous run spooled and the database lacks (after the daemon was
+/// killed, or the database could not take them), then empties the spool; returns the
+/// chain's head. A spool whose records do not continue the chain is not imported: it is
+/// kept aside as `<spool>.rejected-<time>` for inspection and the problem logged.
+fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
+    let mut head = writer::read_head(conn).map_err(|e| e.to_string())?;
+    let d = spool::Spool::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if d.rows.is_empty() && d.torn == 0 && d.bad.is_none() {
+        return Ok(head);
+    }
+    let (rows, problem) = spool::continuing(&mut head, d.rows);
+    let n = rows.len();
+    let batch: Vec<spool::Sealed> = rows
+        .into_iter()
+        .map(|row| spool::Sealed {
+            body: serde_json::from_str(&row.body).unwrap_or(Value::Null),
+            row,
+        })
+        .collect();
+    writer::insert(conn, &batch)
+        .and_then(|()| writer::checkpoint(conn))
+        .map_err(|e| format!("cannot import {n} spooled record(s) from {}: {e}", path.display()))?;
+    if d.torn > 0 {
+        tracing::warn!(spool = %path.display(), bytes = d.torn, "an unfinished write at the end of the audit spool was dropped (its records were never acknowledged)");
+    }
+    if let Some(why) = problem.or(d.bad.map(|(at, why)| format!("line at byte {at}: {why}"))) {
+        let aside = PathBuf::from(format!("{}.rejected-{}", path.display(), now_us()));
+        let _ = std::fs::copy(path, &aside);
+        tracing::error!(spool = %path.display(), kept = %aside.display(), problem = %why, imported = n, "the audit spool does not continue the chain; the rest was not imported");
+    } else if n > 0 {
+        tracing::info!(records = n, head_seq = head.seq, "imported records from the audit spool");
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .map_err(|e| format!("cannot empty {}: {e}", path.display()))?;
+    Ok(head)
+}
+
 /// The database and its WAL hold statements and results: root's alone.
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", ".spool"] {
         let p = PathBuf::from(format!("{}{suffix}", path.display()));
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
     }
@@ -419,6 +502,7 @@ mod tests {
         ])
         .await
         .expect("recorded");
+        s.flush().await.expect("saved");
         let by_sub = |sub: &str| {
             s.read(|c| {
                 query::sessions(
@@ -509,6 +593,7 @@ mod tests {
             .expect("start 2");
             let pruned = s.prune(now_us()).await.expect("prune");
             assert_eq!(pruned, 52);
+            s.flush().await.expect("the prune's record saved");
             let v = s
                 .read(|c| query::verify(c, Some(s.head())))
                 .expect("verify");
@@ -532,6 +617,73 @@ mod tests {
             assert!(s.next_session_id() > id2);
             s.close();
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Writes `n` records sealed onto `head` into the spool, as a killed daemon leaves it.
+    fn spooled(path: &Path, head: Head, n: i64, session: i64) -> (Head, Vec<u8>) {
+        let mut h = head;
+        let mut out = Vec::new();
+        spool::seal(
+            &mut h,
+            (0..n)
+                .map(|i| rec(session, "statement", json!({"sql": format!("SELECT {i}"), "verdict": "allow"})))
+                .collect(),
+            &mut out,
+        );
+        std::fs::write(path, &out).expect("spool");
+        (h, out)
+    }
+
+    #[tokio::test]
+    async fn records_left_in_the_spool_are_imported_at_the_next_start() {
+        let dir = tmp("recover");
+        let c = cfg(&dir, Durability::Commit);
+        let spool_path = spool::path_for(&c.path);
+        let s = Store::open(&c).expect("open");
+        let id = s.next_session_id();
+        s.append_durable(vec![rec(
+            id,
+            "session_start",
+            json!({"agent": "a", "target": "pg", "protocol": "postgres"}),
+        )])
+        .await
+        .expect("start");
+        s.close();
+        let head = s.head();
+        drop(s);
+        assert_eq!(std::fs::metadata(&spool_path).expect("spool").len(), 0, "emptied at close");
+
+        // Killed with two records spooled and a third half written.
+        let (after, mut bytes) = spooled(&spool_path, head, 3, id);
+        bytes.truncate(bytes.len() - 10);
+        std::fs::write(&spool_path, &bytes).expect("torn");
+        let s = Store::open(&c).expect("reopen");
+        assert_eq!(s.head().seq, after.seq - 1, "two whole records imported");
+        let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+        assert!(v.ok, "{v:?}");
+        let listed = s
+            .read(|c| query::sessions(c, &query::SessionFilter::default()))
+            .expect("list");
+        assert_eq!(listed[0].statements, 2, "listing tables follow the import");
+        assert_eq!(std::fs::metadata(&spool_path).expect("spool").len(), 0);
+        s.close();
+        let head = s.head();
+        drop(s);
+
+        // A spool changed by hand is not imported; it is kept aside.
+        let (_, mut bytes) = spooled(&spool_path, head, 2, id);
+        let at = bytes.windows(8).position(|w| w == b"SELECT 1").expect("second");
+        bytes[at + 7] = b'9';
+        std::fs::write(&spool_path, &bytes).expect("tampered");
+        let s = Store::open(&c).expect("reopen");
+        assert_eq!(s.head().seq, head.seq + 1, "the record before the change only");
+        let kept = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().contains(".spool.rejected-"));
+        assert!(kept, "the rejected spool is kept for inspection");
+        s.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

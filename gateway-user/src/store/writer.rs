@@ -1,16 +1,19 @@
-//! Writing: records appended in groups, one transaction per group, the chain head, and the
-//! listing tables derived from the records.
+//! Writing: the database side of appending. Records reach the [`spool`] first (sealed
+//! into the chain and written there, which is what makes them durable); this thread moves
+//! them into SQLite in large transactions, keeps the listing tables in step, syncs, prunes,
+//! and empties the spool once the database holds everything in it.
 //!
-//! Group commit: whoever commits (a waiting session through [`lead`] in `commit` mode, else
-//! the writer thread) takes every request already waiting (up to [`MAX_GROUP`]) and
-//! commits them together, then answers every caller of the group. A failed group (disk
-//! full, read-only file, I/O error) is rolled back as a whole and every caller gets the
-//! error; the head stays at the last committed record, so the chain never has holes.
+//! Durability: in `commit` mode a session writes its statement's record into the spool
+//! itself (one `write(2)`) and goes on; in `strict` mode the records come here and are
+//! fsynced in the spool, in groups, before their callers are answered. SQLite runs with
+//! `synchronous = NORMAL`; the WAL (and then the database) is synced at checkpoints, at
+//! least every [`SYNC_EVERY`] while there are new records, and only after a checkpoint is
+//! the spool emptied, so an OS crash loses at most that much in either mode but `strict`.
 //!
-//! Durability: `commit` runs SQLite with `synchronous = NORMAL` (a commit is in the WAL and
-//! survives the daemon dying; the WAL is fsynced at checkpoints, which the thread forces at
-//! least every [`SYNC_EVERY`] while there are new records); `strict` with
-//! `synchronous = FULL` (every commit is fsynced before its callers are answered).
+//! A transaction that fails (disk full, read-only file, I/O error) is rolled back and its
+//! records stay spooled, to be taken again at the next turn; until one succeeds the spool
+//! refuses new records, so statements are refused rather than forwarded while the store
+//! cannot write.
 
 use std::{
     path::Path,
@@ -26,25 +29,29 @@ use rusqlite::{Connection, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{Append, Head, StoreError, StoreStats, chain};
+use super::{
+    Append, Head, StoreError, StoreStats, chain,
+    spool::{Sealed, Spool},
+};
 use crate::config::Durability;
 
-/// Most records committed in one transaction.
+/// Most records taken from the queue for one spool write (`strict`).
 pub const MAX_GROUP: usize = 1024;
-/// Longest a committed record waits for its fsync in `commit` mode.
+/// Longest a record waits for its fsync in `commit` mode.
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
-/// Longest a record appended without waiting (transcripts, session ends) stays in memory
-/// when nothing else is committed: such records ride along with the next commit instead of
-/// costing one of their own, and their appends never wake the writer.
+/// Longest a record waits in the spool before the database takes it, and a record appended
+/// without waiting (transcripts, session ends) in memory before it is spooled.
 pub const LAZY_EVERY: Duration = Duration::from_millis(10);
-/// Records appended without waiting that make the writer commit at once.
+/// Records appended without waiting that make the writer turn at once.
 pub const LAZY_WAKE: usize = 512;
 
+pub type Waiter = oneshot::Sender<Result<i64, StoreError>>;
+
 pub enum Op {
-    Append(
-        Vec<Append>,
-        Option<oneshot::Sender<Result<i64, StoreError>>>,
-    ),
+    /// Records to spool and fsync before answering (`strict`); an empty request just wakes.
+    Append(Vec<Append>, Option<Waiter>),
+    /// Answered once the database holds everything spooled before it.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
     Stop,
 }
@@ -125,18 +132,12 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+pub fn open_rw(path: &Path) -> rusqlite::Result<Connection> {
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(5))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
-    c.pragma_update(
-        None,
-        "synchronous",
-        match durability {
-            Durability::Commit => "NORMAL",
-            Durability::Strict => "FULL",
-        },
-    )?;
+    // Durability is the spool's; the database is synced at checkpoints.
+    c.pragma_update(None, "synchronous", "NORMAL")?;
     // Checkpoints are the writer's to run (see SYNC_EVERY).
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
     c.execute_batch(SCHEMA)?;
@@ -173,365 +174,334 @@ pub fn read_head(c: &Connection) -> rusqlite::Result<Head> {
     })
 }
 
-/// The write connection and what goes with it. Shared: the writer thread uses it for
-/// transcripts, checkpoints, pruning and `strict` commits; a session waiting for its
-/// statement's record in `commit` mode commits through it itself ([`lead`]), saving two
-/// thread hand-offs per statement.
-pub struct Core {
+/// Inserts spooled records into the database in one transaction, with the listing tables.
+pub fn insert(conn: &Connection, batch: &[Sealed]) -> rusqlite::Result<()> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let r = (|| {
+        let mut ins = conn.prepare_cached(
+            "INSERT INTO records (seq, at_us, session, kind, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for s in batch {
+            let r = &s.row;
+            ins.execute(params![r.seq, r.at_us, r.session, r.kind, r.body, r.hash])?;
+            index(conn, r.session, r.at_us, &r.kind, &s.body)?;
+        }
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    r
+}
+
+/// Copies the WAL into the database; with synchronous = NORMAL this fsyncs the WAL first,
+/// which is what makes the records in it durable.
+pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+/// Keeps the listing tables in step with the records.
+fn index(conn: &Connection, session: i64, at_us: i64, kind: &str, b: &Value) -> rusqlite::Result<()> {
+    let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
+    let i = |k: &str| b.get(k).and_then(Value::as_i64);
+    match kind {
+        "session_start" => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO sessions (id, started_us, agent, target, protocol, uid, user, pid, exe, unit) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                session,
+                at_us,
+                s("agent").unwrap_or_default(),
+                s("target").unwrap_or_default(),
+                s("protocol").unwrap_or_default(),
+                i("uid"),
+                s("user"),
+                i("pid"),
+                s("exe"),
+                s("unit"),
+            ])?;
+        }
+        "identity" => {
+            let sub = b.pointer("/oidc/sub").and_then(Value::as_str);
+            conn
+                .prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
+                .execute(params![session, sub])?;
+        }
+        "session_end" => {
+            conn
+                .prepare_cached(
+                    "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
+                )?
+                .execute(params![session, at_us, s("end")])?;
+        }
+        "statement" => {
+            let column = match s("verdict").as_deref() {
+                Some("deny") => "denied",
+                Some("mask") => "masked",
+                Some("require_approval") => "held",
+                _ => "allowed",
+            };
+            conn
+                .prepare_cached(&format!(
+                    "UPDATE sessions SET statements = statements + 1, {column} = {column} + 1 WHERE id = ?1"
+                ))?
+                .execute(params![session])?;
+        }
+        "approval_requested" => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO approvals (id, session, created_us, expires_us, agent, target, uid, rule, statement, state) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
+            )?
+            .execute(params![
+                s("id").unwrap_or_default(),
+                session,
+                at_us,
+                i("expires_us").unwrap_or_default(),
+                s("agent").unwrap_or_default(),
+                s("target").unwrap_or_default(),
+                i("uid").unwrap_or_default(),
+                s("rule").unwrap_or_default(),
+                s("statement").unwrap_or_default(),
+            ])?;
+        }
+        "approval_decided" => {
+            conn.prepare_cached(
+                "UPDATE approvals SET state = ?2, decided_us = ?3, decided_by = ?4, reason = ?5, grant_id = ?6 WHERE id = ?1",
+            )?
+            .execute(params![
+                s("id").unwrap_or_default(),
+                s("outcome").unwrap_or_default(),
+                at_us,
+                s("by"),
+                s("reason"),
+                s("grant"),
+            ])?;
+        }
+        "grant_created" => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO grants (id, rule, agent, target, created_us, expires_us, created_by) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                s("id").unwrap_or_default(),
+                s("rule").unwrap_or_default(),
+                s("agent").unwrap_or_default(),
+                s("target").unwrap_or_default(),
+                at_us,
+                i("expires_us").unwrap_or_default(),
+                s("by").unwrap_or_default(),
+            ])?;
+        }
+        "grant_used" => {
+            conn
+                .prepare_cached("UPDATE grants SET uses = uses + 1 WHERE id = ?1")?
+                .execute(params![s("grant").unwrap_or_default()])?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+
+/// The writer thread.
+pub struct Writer {
     conn: Connection,
+    spool: Arc<Mutex<Spool>>,
     lazy: Arc<Mutex<Vec<Append>>>,
-    head: Arc<Mutex<Head>>,
     stats: Arc<StoreStats>,
+    rx: Receiver<Op>,
+    durability: Durability,
     unsynced: bool,
     last_sync: Instant,
 }
 
-/// Requests waiting for a leader: records and who waits for them.
-pub type Pending = Mutex<Vec<(Vec<Append>, Waiter)>>;
-
-pub struct Writer {
-    core: Arc<Mutex<Core>>,
-    pending: Arc<Pending>,
-    rx: Receiver<Op>,
-}
-
-pub type Waiter = oneshot::Sender<Result<i64, StoreError>>;
-
-impl Core {
+impl Writer {
     pub fn new(
         conn: Connection,
+        spool: Arc<Mutex<Spool>>,
         lazy: Arc<Mutex<Vec<Append>>>,
-        head: Arc<Mutex<Head>>,
         stats: Arc<StoreStats>,
+        rx: Receiver<Op>,
+        durability: Durability,
     ) -> Self {
         Self {
             conn,
+            spool,
             lazy,
-            head,
             stats,
+            rx,
+            durability,
             unsynced: false,
             last_sync: Instant::now(),
         }
     }
-}
 
-/// Commits every waiting request, as long as nobody else is: whoever holds the core
-/// commits what is pending, in groups, and checks again after letting go, so a request
-/// pushed meanwhile is never left behind. Blocking for the length of a commit (a `write`
-/// into the WAL in `commit` mode; never an fsync, which only the writer thread runs).
-pub fn lead(core: &Mutex<Core>, pending: &Pending) {
-    loop {
-        let mut c = match core.try_lock() {
-            Ok(c) => c,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
-        };
+    fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn run(mut self) {
+        self.expire_pending_approvals();
         loop {
-            let batch: Vec<(Vec<Append>, Waiter)> = {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                let n = p.len().min(MAX_GROUP);
-                p.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let mut group = c.start_group();
-            group.extend(batch.into_iter().map(|(r, a)| (r, Some(a))));
-            c.commit_group(group);
-        }
-        drop(c);
-        if pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-            return;
-        }
-    }
-}
-
-impl Writer {
-    pub fn new(core: Arc<Mutex<Core>>, pending: Arc<Pending>, rx: Receiver<Op>) -> Self {
-        Self { core, pending, rx }
-    }
-
-    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn run(self) {
-        self.core().expire_pending_approvals();
-        loop {
-            let first = match self.rx.recv_timeout(LAZY_EVERY) {
-                Ok(op) => op,
-                Err(RecvTimeoutError::Timeout) => {
-                    {
-                        let mut c = self.core();
-                        let group = c.start_group();
-                        if group.is_empty() {
-                            let idle = c.last_sync.elapsed() >= SYNC_EVERY;
-                            c.sync_if_due(idle);
-                        } else {
-                            c.commit_group(group);
-                            c.sync_if_due(false);
-                        }
-                    }
-                    // Whatever arrived while the core was busy here.
-                    lead(&self.core, &self.pending);
-                    continue;
-                }
+            let mut ops = Vec::new();
+            match self.rx.recv_timeout(LAZY_EVERY) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut c = self.core();
-            let mut group = c.start_group();
-            let mut n = group.first().map_or(0, |(r, _)| r.len());
+            }
+            let mut records = 0;
+            while records < MAX_GROUP
+                && let Ok(op) = self.rx.try_recv()
+            {
+                if let Op::Append(r, _) = &op {
+                    records += r.len().max(1);
+                }
+                ops.push(op);
+            }
+            self.stats
+                .queued
+                .fetch_sub(ops.len() as u64, Ordering::Relaxed);
+            let mut waiters = Vec::new();
+            let mut groups = Vec::new();
+            let mut flushes = Vec::new();
+            let mut prunes = Vec::new();
             let mut stop = false;
-            let mut after: Vec<Op> = Vec::new();
-            let mut next = Some(first);
-            while let Some(op) = next.take() {
-                c.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            for op in ops {
                 match op {
-                    Op::Append(recs, ack) => {
-                        n += recs.len().max(1);
-                        group.push((recs, ack));
+                    Op::Append(recs, Some(w)) => {
+                        groups.push(recs);
+                        waiters.push(w);
                     }
+                    Op::Append(recs, None) => groups.push(recs),
+                    Op::Flush(ack) => flushes.push(ack),
+                    Op::Prune(before, ack) => prunes.push((before, ack)),
                     Op::Stop => stop = true,
-                    other @ Op::Prune(..) => after.push(other),
-                }
-                if n < MAX_GROUP && !stop && after.is_empty() {
-                    next = self.rx.try_recv().ok();
                 }
             }
-            if !group.is_empty() {
-                c.commit_group(group);
+            self.spool_group(groups, waiters);
+            let saved = self.save();
+            for ack in flushes {
+                let _ = ack.send(saved.clone());
             }
-            for op in after {
-                if let Op::Prune(before, ack) = op {
-                    let _ = ack.send(c.prune(before));
-                }
+            for (before, ack) in prunes {
+                let _ = ack.send(self.prune(before));
             }
-            c.sync_if_due(false);
-            drop(c);
-            lead(&self.core, &self.pending);
+            let idle = self.last_sync.elapsed() >= SYNC_EVERY;
+            self.sync_if_due(idle || stop);
             if stop {
                 break;
             }
         }
-        // Everything committed is synced before the thread ends.
-        let _ = self.core().checkpoint();
     }
-}
 
-impl Core {
-    /// A new group, starting with the records appended without waiting: they come first,
-    /// as they were appended before whatever a waiting caller did next.
-    fn start_group(&self) -> Vec<(Vec<Append>, Option<Waiter>)> {
+    /// Spools the records appended without waiting, then `groups` (fsynced in `strict`),
+    /// and answers each waiter with its group's last sequence number.
+    fn spool_group(&mut self, mut groups: Vec<Vec<Append>>, waiters: Vec<Waiter>) {
         let lazy = std::mem::take(&mut *self.lazy.lock().unwrap_or_else(|e| e.into_inner()));
-        if lazy.is_empty() {
-            Vec::new()
-        } else {
-            vec![(lazy, None)]
+        let first = usize::from(!lazy.is_empty());
+        if !lazy.is_empty() {
+            groups.insert(0, lazy);
         }
-    }
-
-    fn sync_if_due(&mut self, idle: bool) {
-        if self.unsynced && (idle || self.last_sync.elapsed() >= SYNC_EVERY) {
-            match self.checkpoint() {
-                Ok(()) => {
-                    self.unsynced = false;
-                    self.last_sync = Instant::now();
-                }
-                Err(e) => tracing::warn!(error = %e, "audit store checkpoint failed"),
+        if groups.iter().all(Vec::is_empty) {
+            let head = self.spool().head.seq;
+            for w in waiters {
+                let _ = w.send(Ok(head));
             }
+            return;
         }
-    }
-
-    /// Copies the WAL into the database; with synchronous = NORMAL this fsyncs the WAL
-    /// first, which is what makes the commits durable.
-    fn checkpoint(&self) -> rusqlite::Result<()> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-    }
-
-    fn commit_group(&mut self, group: Vec<(Vec<Append>, Option<Waiter>)>) {
-        let start = *self.head.lock().unwrap_or_else(|e| e.into_inner());
         let began = Instant::now();
-        // With synchronous = FULL (strict) the commit itself syncs the WAL.
-        let result = self.write(&group, start);
+        let r = {
+            let mut sp = self.spool();
+            let n: usize = groups.iter().map(Vec::len).sum();
+            let r = sp.append(groups).and_then(|lasts| {
+                if self.durability == Durability::Strict {
+                    sp.sync()
+                        .map_err(|e| StoreError::Write(format!("cannot sync the spool: {e}")))?;
+                }
+                Ok(lasts)
+            });
+            self.stats.count(n, &r);
+            r
+        };
         crate::metrics::get()
             .audit_commit_seconds
             .observe(began.elapsed().as_secs_f64());
-        self.stats
-            .last_failed
-            .store(result.is_err(), Ordering::Relaxed);
-        match result {
-            Ok((head, seqs)) => {
-                *self.head.lock().unwrap_or_else(|e| e.into_inner()) = head;
-                let written: usize = group.iter().map(|(r, _)| r.len()).sum();
-                self.stats
-                    .written
-                    .fetch_add(written as u64, Ordering::Relaxed);
-                self.stats.groups.fetch_add(1, Ordering::Relaxed);
-                self.unsynced = true;
-                for ((_, ack), seq) in group.into_iter().zip(seqs) {
-                    if let Some(ack) = ack {
-                        let _ = ack.send(Ok(seq));
-                    }
+        match r {
+            Ok(lasts) => {
+                for (w, last) in waiters.into_iter().zip(&lasts[first..]) {
+                    let _ = w.send(Ok(*last));
                 }
             }
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                let written: usize = group.iter().map(|(r, _)| r.len()).sum();
+                tracing::error!(error = %e, "audit store write failed");
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Moves what the spool holds into the database. A failed transaction leaves the records
+    /// spooled and blocks new ones until a later turn succeeds.
+    fn save(&mut self) -> Result<(), StoreError> {
+        let batch = std::mem::take(&mut self.spool().unsaved);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match insert(&self.conn, &batch) {
+            Ok(()) => {
                 self.stats
-                    .failed
-                    .fetch_add(written as u64, Ordering::Relaxed);
-                tracing::error!(error = %e, records = written, "audit store write failed");
-                let e = StoreError::Write(e.to_string());
-                for (_, ack) in group {
-                    if let Some(ack) = ack {
-                        let _ = ack.send(Err(e.clone()));
-                    }
+                    .saved
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.unsynced = true;
+                self.stats.last_failed.store(false, Ordering::Relaxed);
+                if self.spool().blocked.take().is_some() {
+                    tracing::info!("the audit store writes again");
                 }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("the database cannot take records: {e}");
+                let mut sp = self.spool();
+                if sp.blocked.is_none() {
+                    tracing::error!(error = %e, records = batch.len(), "audit store write failed; records stay in the spool");
+                }
+                let later = std::mem::replace(&mut sp.unsaved, batch);
+                sp.unsaved.extend(later);
+                sp.blocked = Some(why.clone());
+                self.stats.last_failed.store(true, Ordering::Relaxed);
+                Err(StoreError::Write(why))
             }
         }
     }
 
-    /// One transaction for the group; returns the new head and each caller's last seq.
-    fn write(
-        &self,
-        group: &[(Vec<Append>, Option<Waiter>)],
-        start: Head,
-    ) -> rusqlite::Result<(Head, Vec<i64>)> {
-        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let mut head = start;
-        let mut seqs = Vec::with_capacity(group.len());
-        {
-            let mut ins = self.conn.prepare_cached(
-                "INSERT INTO records (seq, at_us, session, kind, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for (recs, _) in group {
-                for a in recs {
-                    let seq = head.seq + 1;
-                    let body = a.body.to_string();
-                    let hash =
-                        chain::record_hash(&head.hash, seq, a.at_us, a.session, a.kind, &body);
-                    ins.execute(params![
-                        seq,
-                        a.at_us,
-                        a.session,
-                        a.kind,
-                        body,
-                        hash.as_slice()
-                    ])?;
-                    self.index(a)?;
-                    head = Head { seq, hash };
-                }
-                seqs.push(head.seq);
-            }
+    /// Syncs the database when due, then empties the spool if the database holds it all.
+    fn sync_if_due(&mut self, now: bool) {
+        if !self.unsynced || !(now || self.last_sync.elapsed() >= SYNC_EVERY) {
+            return;
         }
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        Ok((head, seqs))
+        match checkpoint(&self.conn) {
+            Ok(()) => {
+                self.unsynced = false;
+                self.last_sync = Instant::now();
+                if let Err(e) = self.spool().truncate_if_saved() {
+                    tracing::warn!(error = %e, "cannot empty the audit spool");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "audit store checkpoint failed"),
+        }
     }
 
-    /// Keeps the listing tables in step with the records.
-    fn index(&self, a: &Append) -> rusqlite::Result<()> {
-        let b = &a.body;
-        let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
-        let i = |k: &str| b.get(k).and_then(Value::as_i64);
-        match a.kind {
-            "session_start" => {
-                self.conn.prepare_cached(
-                    "INSERT OR REPLACE INTO sessions (id, started_us, agent, target, protocol, uid, user, pid, exe, unit) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )?
-                .execute(params![
-                    a.session,
-                    a.at_us,
-                    s("agent").unwrap_or_default(),
-                    s("target").unwrap_or_default(),
-                    s("protocol").unwrap_or_default(),
-                    i("uid"),
-                    s("user"),
-                    i("pid"),
-                    s("exe"),
-                    s("unit"),
-                ])?;
-            }
-            "identity" => {
-                let sub = b.pointer("/oidc/sub").and_then(Value::as_str);
-                self.conn
-                    .prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
-                    .execute(params![a.session, sub])?;
-            }
-            "session_end" => {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
-                    )?
-                    .execute(params![a.session, a.at_us, s("end")])?;
-            }
-            "statement" => {
-                let column = match s("verdict").as_deref() {
-                    Some("deny") => "denied",
-                    Some("mask") => "masked",
-                    Some("require_approval") => "held",
-                    _ => "allowed",
-                };
-                self.conn
-                    .prepare_cached(&format!(
-                        "UPDATE sessions SET statements = statements + 1, {column} = {column} + 1 WHERE id = ?1"
-                    ))?
-                    .execute(params![a.session])?;
-            }
-            "approval_requested" => {
-                self.conn.prepare_cached(
-                    "INSERT OR REPLACE INTO approvals (id, session, created_us, expires_us, agent, target, uid, rule, statement, state) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
-                )?
-                .execute(params![
-                    s("id").unwrap_or_default(),
-                    a.session,
-                    a.at_us,
-                    i("expires_us").unwrap_or_default(),
-                    s("agent").unwrap_or_default(),
-                    s("target").unwrap_or_default(),
-                    i("uid").unwrap_or_default(),
-                    s("rule").unwrap_or_default(),
-                    s("statement").unwrap_or_default(),
-                ])?;
-            }
-            "approval_decided" => {
-                self.conn.prepare_cached(
-                    "UPDATE approvals SET state = ?2, decided_us = ?3, decided_by = ?4, reason = ?5, grant_id = ?6 WHERE id = ?1",
-                )?
-                .execute(params![
-                    s("id").unwrap_or_default(),
-                    s("outcome").unwrap_or_default(),
-                    a.at_us,
-                    s("by"),
-                    s("reason"),
-                    s("grant"),
-                ])?;
-            }
-            "grant_created" => {
-                self.conn.prepare_cached(
-                    "INSERT OR REPLACE INTO grants (id, rule, agent, target, created_us, expires_us, created_by) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    s("id").unwrap_or_default(),
-                    s("rule").unwrap_or_default(),
-                    s("agent").unwrap_or_default(),
-                    s("target").unwrap_or_default(),
-                    a.at_us,
-                    i("expires_us").unwrap_or_default(),
-                    s("by").unwrap_or_default(),
-                ])?;
-            }
-            "grant_used" => {
-                self.conn
-                    .prepare_cached("UPDATE grants SET uses = uses + 1 WHERE id = ?1")?
-                    .execute(params![s("grant").unwrap_or_default()])?;
-            }
-            _ => {}
-        }
-        Ok(())
+    /// Records through the spool from this thread, without waiting for the database.
+    fn append_here(&self, recs: Vec<Append>) -> Result<i64, StoreError> {
+        let n = recs.len();
+        let mut sp = self.spool();
+        let r = sp.append(vec![recs]).map(|l| l[0]);
+        self.stats.count(n, &r);
+        r
     }
 
     /// Requests a previous run left pending can no longer be answered: recorded as expired.
@@ -569,7 +539,9 @@ impl Core {
             requests = recs.len(),
             "approvals pending at the last stop recorded as expired"
         );
-        self.commit_group(vec![(recs, None)]);
+        if let Err(e) = self.append_here(recs) {
+            tracing::warn!(error = %e, "cannot record the expired approvals");
+        }
     }
 
     /// Deletes the records before the first one of any session that was still open at
@@ -627,8 +599,7 @@ impl Core {
         match r {
             Ok(Some((from, prev, n))) => {
                 // The prune itself is a record: verify checks the anchor against it.
-                self.commit_group(vec![(
-                    vec![Append {
+                let r = self.append_here(vec![Append {
                         session: 0,
                         kind: "prune",
                         body: serde_json::json!({
@@ -638,9 +609,10 @@ impl Core {
                             "before_us": before_us,
                         }),
                         at_us: super::now_us(),
-                    }],
-                    None,
-                )]);
+                    }]);
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot record the prune");
+                }
                 let _ = self.conn.execute_batch("VACUUM");
                 Ok(n)
             }

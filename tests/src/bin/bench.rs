@@ -293,14 +293,13 @@ fn pg_profile(args: &[String]) {
         Ok(p) => body.replace("protocol = \"postgres\"", &format!("protocol = \"{p}\"")),
         Err(_) => body,
     };
-    let body = body.replace(
-        "credentials = ",
-        if body.contains("\"tcp\"") {
-            "# credentials = "
-        } else {
-            "credentials = "
-        },
-    );
+    // The opaque relay takes no PostgreSQL keys.
+    let body = if body.contains("\"tcp\"") {
+        body.replace("credentials = ", "# credentials = ")
+            .replace("upstream_tls = ", "# upstream_tls = ")
+    } else {
+        body
+    };
     let daemon = Daemon::start(&env.config("", &body));
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));
