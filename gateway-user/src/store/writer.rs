@@ -181,11 +181,31 @@ pub fn insert(conn: &Connection, batch: &[Sealed]) -> rusqlite::Result<()> {
         let mut ins = conn.prepare_cached(
             "INSERT INTO records (seq, at_us, session, kind, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        // Statements per session and verdict, one update per session and batch.
+        let mut tally: std::collections::HashMap<i64, [i64; 4]> = Default::default();
         for s in batch {
             let r = &s.row;
             ins.execute(params![r.seq, r.at_us, r.session, r.kind, r.body, r.hash])?;
-            index(conn, r.session, r.at_us, &r.kind, &s.body)?;
+            if r.kind == "statement" {
+                let column = match s.body.get("verdict").and_then(Value::as_str) {
+                    Some("deny") => 2,
+                    Some("mask") => 1,
+                    Some("require_approval") => 3,
+                    _ => 0,
+                };
+                tally.entry(r.session).or_default()[column] += 1;
+            } else {
+                index(conn, r.session, r.at_us, &r.kind, &s.body)?;
+            }
         }
+        let mut upd = conn.prepare_cached(
+            "UPDATE sessions SET statements = statements + ?2 + ?3 + ?4 + ?5, allowed = allowed + ?2, \
+             masked = masked + ?3, denied = denied + ?4, held = held + ?5 WHERE id = ?1",
+        )?;
+        for (session, [allowed, masked, denied, held]) in tally {
+            upd.execute(params![session, allowed, masked, denied, held])?;
+        }
+        drop((ins, upd));
         conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(())
     })();
@@ -237,19 +257,8 @@ fn index(conn: &Connection, session: i64, at_us: i64, kind: &str, b: &Value) -> 
                 )?
                 .execute(params![session, at_us, s("end")])?;
         }
-        "statement" => {
-            let column = match s("verdict").as_deref() {
-                Some("deny") => "denied",
-                Some("mask") => "masked",
-                Some("require_approval") => "held",
-                _ => "allowed",
-            };
-            conn
-                .prepare_cached(&format!(
-                    "UPDATE sessions SET statements = statements + 1, {column} = {column} + 1 WHERE id = ?1"
-                ))?
-                .execute(params![session])?;
-        }
+        // Counted per batch: see `insert`.
+        "statement" => {}
         "approval_requested" => {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO approvals (id, session, created_us, expires_us, agent, target, uid, rule, statement, state) \
