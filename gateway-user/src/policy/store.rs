@@ -18,7 +18,7 @@ use super::{
     eval::{PolicySet, evaluate},
     load::{self, Report},
     model::{Operation, Request, Subject},
-    sql::{LexOptions, classify},
+    sql::{Classification, LexOptions, classify, classify_with},
 };
 use crate::config::{Config, ConfigError, Diagnostic};
 
@@ -34,6 +34,8 @@ pub struct PolicyStore {
     generation: AtomicU64,
     pub stats: ReloadStats,
     cache: DecisionCache,
+    /// Classifications shared by statements that differ only in literals.
+    shapes: super::sql::ShapeCache,
 }
 
 /// Loads the policies a configuration names; errors are every diagnostic.
@@ -53,6 +55,7 @@ impl PolicyStore {
             generation: AtomicU64::new(1),
             stats: ReloadStats::default(),
             cache: DecisionCache::new(cache_entries),
+            shapes: Default::default(),
         }
     }
 
@@ -130,7 +133,8 @@ impl PolicyStore {
             return j;
         }
         let set = self.current();
-        let j = Arc::new(judge(&set, subject, target, protocol, sql, lex));
+        let classification = classify_with(sql, lex, Some(&self.shapes));
+        let j = Arc::new(decide(&set, subject, target, protocol, classification));
         self.cache.put(generation, class, sql, j.clone());
         j
     }
@@ -149,7 +153,17 @@ pub fn judge(
     sql: &str,
     lex: LexOptions,
 ) -> Judgement {
-    let classification = classify(sql, lex);
+    decide(set, subject, target, protocol, classify(sql, lex))
+}
+
+/// Decides on a classified message (pure).
+fn decide(
+    set: &PolicySet,
+    subject: &Subject,
+    target: &str,
+    protocol: &str,
+    classification: Classification,
+) -> Judgement {
     let decision = evaluate(
         set,
         &Request {

@@ -222,3 +222,79 @@ fn sql_cases_classify_and_decide_as_written() {
         failures.join("\n")
     );
 }
+
+/// The case texts with every literal replaced (numbers by `num`, strings by `text`),
+/// re-rendered from their tokens.
+fn with_literals(sql: &str, num: &str, text: &str) -> Option<String> {
+    use sqlparser::tokenizer::Token;
+    let statements = super::sql::lex::split(sql, LexOptions::default()).ok()?;
+    let rendered: Vec<String> = statements
+        .iter()
+        .map(|tokens| {
+            tokens
+                .iter()
+                .map(|t| match &t.token {
+                    Token::Number(_, _) => num.to_owned(),
+                    Token::SingleQuotedString(_) => format!("'{text}'"),
+                    Token::EscapedStringLiteral(_) => format!("E'{text}'"),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    Some(rendered.join(";"))
+}
+
+#[test]
+fn a_shared_shape_classifies_exactly_as_a_fresh_classification_would() {
+    use super::sql::{ShapeCache, classify, classify_with};
+    let cases = parse_cases(include_str!("sql_cases.txt"));
+    let lex = LexOptions::default();
+    let mut shared = 0;
+    // Values a classifier could read: option words, booleans, numbers that compare.
+    for (num, text) in [("1", "off"), ("0", "false"), ("42", "users"), ("1", "on")] {
+        for c in &cases {
+            let Some(other) = with_literals(&c.sql, num, text) else {
+                continue;
+            };
+            let cache = ShapeCache::default();
+            let first = classify_with(&c.sql, lex, Some(&cache));
+            assert_eq!(first, classify(&c.sql, lex), "line {}: the first sight", c.line);
+            let reused = classify_with(&other, lex, Some(&cache));
+            assert_eq!(
+                reused,
+                classify(&other, lex),
+                "sql_cases.txt:{}: {:?} after {:?}",
+                c.line,
+                other,
+                c.sql
+            );
+            shared += usize::from(!cache.is_empty());
+        }
+    }
+    assert!(shared > 100, "only {shared} shapes were shared");
+}
+
+#[test]
+fn only_reads_share_a_shape() {
+    use super::sql::{ShapeCache, classify_with};
+    let lex = LexOptions::default();
+    let cache = ShapeCache::default();
+    classify_with("SELECT abalance FROM pgbench_accounts WHERE aid = 17", lex, Some(&cache));
+    assert_eq!(cache.len(), 1, "a plain read is shared");
+    classify_with("SELECT abalance FROM pgbench_accounts WHERE aid = 9921", lex, Some(&cache));
+    assert_eq!(cache.len(), 1, "the same shape");
+    for sql in [
+        "UPDATE t SET a = 1 WHERE 1 = 1",
+        "DELETE FROM t WHERE id = 3",
+        "SELECT set_config('role', 'admin', false)",
+        "EXPLAIN (ANALYZE 'off') SELECT 1",
+        "SELECT pg_read_file('/etc/passwd')",
+        "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+        "SELECT 1; SELECT 2",
+        "SELECT * FROM t",
+    ] {
+        classify_with(sql, lex, Some(&cache));
+        assert_eq!(cache.len(), 1, "{sql} was shared");
+    }
+}

@@ -18,6 +18,7 @@ pub mod kind;
 pub mod lex;
 pub mod lineage;
 pub mod predicate;
+pub mod shapes;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -40,6 +41,7 @@ pub use self::{
     functions::Danger,
     kind::{Kind, Object},
     lex::LexOptions,
+    shapes::ShapeCache,
 };
 
 /// Deepest nesting sqlparser may recurse into (parenthesised expressions, subqueries).
@@ -162,6 +164,12 @@ impl Classification {
 
 /// Classifies a message (one or more statements).
 pub fn classify(sql: &str, opts: LexOptions) -> Classification {
+    classify_with(sql, opts, None)
+}
+
+/// Classifies a message, reusing the classification of a single statement of the same
+/// shape when `shapes` holds one and that is safe (see [`shapes`]).
+pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -> Classification {
     let statements = match lex::split(sql, opts) {
         Ok(s) => s,
         Err(e) => {
@@ -171,6 +179,11 @@ pub fn classify(sql: &str, opts: LexOptions) -> Classification {
             };
         }
     };
+    if let (Some(cache), [tokens]) = (shapes, statements.as_slice())
+        && let Some(key) = shapes::key(tokens, opts.standard_conforming_strings)
+    {
+        return classify_shape(cache, key, statements);
+    }
     let mut out = Vec::with_capacity(statements.len());
     for tokens in statements {
         match classify_tokens(tokens) {
@@ -187,6 +200,41 @@ pub fn classify(sql: &str, opts: LexOptions) -> Classification {
         statements: out,
         error: None,
     }
+}
+
+/// One statement with literals, through the shape cache.
+fn classify_shape(
+    cache: &ShapeCache,
+    key: String,
+    statements: Vec<lex::StatementTokens>,
+) -> Classification {
+    let one = |r: Result<StatementClass, ClassifyError>| match r {
+        Ok(c) => Classification {
+            statements: vec![c],
+            error: None,
+        },
+        Err(e) => Classification {
+            statements: Vec::new(),
+            error: Some(e),
+        },
+    };
+    if let Some(c) = cache.get(&key) {
+        return one(Ok((*c).clone()));
+    }
+    let Some(tokens) = statements.into_iter().next() else {
+        return one(Err(ClassifyError::Syntax("no statement".into())));
+    };
+    let same = tokens.clone();
+    let c = classify_tokens(tokens);
+    if let Ok(c) = &c
+        && shapes::reusable(c)
+        && [false, true]
+            .into_iter()
+            .all(|v| matches!(classify_tokens(shapes::substitute(&same, v)), Ok(o) if o == *c))
+    {
+        cache.put(key, c.clone());
+    }
+    one(c)
 }
 
 fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, ClassifyError> {
