@@ -259,7 +259,12 @@ fn a_shared_shape_classifies_exactly_as_a_fresh_classification_would() {
             };
             let cache = ShapeCache::default();
             let first = classify_with(&c.sql, lex, Some(&cache));
-            assert_eq!(first, classify(&c.sql, lex), "line {}: the first sight", c.line);
+            assert_eq!(
+                first,
+                classify(&c.sql, lex),
+                "line {}: the first sight",
+                c.line
+            );
             let reused = classify_with(&other, lex, Some(&cache));
             assert_eq!(
                 reused,
@@ -280,9 +285,17 @@ fn only_reads_share_a_shape() {
     use super::sql::{ShapeCache, classify_with};
     let lex = LexOptions::default();
     let cache = ShapeCache::default();
-    classify_with("SELECT abalance FROM pgbench_accounts WHERE aid = 17", lex, Some(&cache));
+    classify_with(
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 17",
+        lex,
+        Some(&cache),
+    );
     assert_eq!(cache.len(), 1, "a plain read is shared");
-    classify_with("SELECT abalance FROM pgbench_accounts WHERE aid = 9921", lex, Some(&cache));
+    classify_with(
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 9921",
+        lex,
+        Some(&cache),
+    );
     assert_eq!(cache.len(), 1, "the same shape");
     for sql in [
         "UPDATE t SET a = 1 WHERE 1 = 1",

@@ -398,7 +398,12 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
         .collect();
     writer::insert(conn, &batch)
         .and_then(|()| writer::checkpoint(conn))
-        .map_err(|e| format!("cannot import {n} spooled record(s) from {}: {e}", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot import {n} spooled record(s) from {}: {e}",
+                path.display()
+            )
+        })?;
     if d.torn > 0 {
         tracing::warn!(spool = %path.display(), bytes = d.torn, "an unfinished write at the end of the audit spool was dropped (its records were never acknowledged)");
     }
@@ -407,7 +412,11 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
         let _ = std::fs::copy(path, &aside);
         tracing::error!(spool = %path.display(), kept = %aside.display(), problem = %why, imported = n, "the audit spool does not continue the chain; the rest was not imported");
     } else if n > 0 {
-        tracing::info!(records = n, head_seq = head.seq, "imported records from the audit spool");
+        tracing::info!(
+            records = n,
+            head_seq = head.seq,
+            "imported records from the audit spool"
+        );
     }
     std::fs::OpenOptions::new()
         .write(true)
@@ -627,7 +636,13 @@ mod tests {
         spool::seal(
             &mut h,
             (0..n)
-                .map(|i| rec(session, "statement", json!({"sql": format!("SELECT {i}"), "verdict": "allow"})))
+                .map(|i| {
+                    rec(
+                        session,
+                        "statement",
+                        json!({"sql": format!("SELECT {i}"), "verdict": "allow"}),
+                    )
+                })
                 .collect(),
             &mut out,
         );
@@ -652,7 +667,11 @@ mod tests {
         s.close();
         let head = s.head();
         drop(s);
-        assert_eq!(std::fs::metadata(&spool_path).expect("spool").len(), 0, "emptied at close");
+        assert_eq!(
+            std::fs::metadata(&spool_path).expect("spool").len(),
+            0,
+            "emptied at close"
+        );
 
         // Killed with two records spooled and a third half written.
         let (after, mut bytes) = spooled(&spool_path, head, 3, id);
@@ -660,7 +679,9 @@ mod tests {
         std::fs::write(&spool_path, &bytes).expect("torn");
         let s = Store::open(&c).expect("reopen");
         assert_eq!(s.head().seq, after.seq - 1, "two whole records imported");
-        let v = s.read(|c| query::verify(c, Some(s.head()))).expect("verify");
+        let v = s
+            .read(|c| query::verify(c, Some(s.head())))
+            .expect("verify");
         assert!(v.ok, "{v:?}");
         let listed = s
             .read(|c| query::sessions(c, &query::SessionFilter::default()))
@@ -673,11 +694,18 @@ mod tests {
 
         // A spool changed by hand is not imported; it is kept aside.
         let (_, mut bytes) = spooled(&spool_path, head, 2, id);
-        let at = bytes.windows(8).position(|w| w == b"SELECT 1").expect("second");
+        let at = bytes
+            .windows(8)
+            .position(|w| w == b"SELECT 1")
+            .expect("second");
         bytes[at + 7] = b'9';
         std::fs::write(&spool_path, &bytes).expect("tampered");
         let s = Store::open(&c).expect("reopen");
-        assert_eq!(s.head().seq, head.seq + 1, "the record before the change only");
+        assert_eq!(
+            s.head().seq,
+            head.seq + 1,
+            "the record before the change only"
+        );
         let kept = std::fs::read_dir(&dir)
             .expect("dir")
             .filter_map(Result::ok)

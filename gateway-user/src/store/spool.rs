@@ -161,9 +161,15 @@ pub fn continuing(head: &mut Head, rows: Vec<Row>) -> (Vec<Row>, Option<String>)
         }
         let h = chain::record_hash(&head.hash, r.seq, r.at_us, r.session, &r.kind, &r.body);
         if r.hash.as_slice() != h {
-            return (out, Some(format!("record {} does not match its hash", r.seq)));
+            return (
+                out,
+                Some(format!("record {} does not match its hash", r.seq)),
+            );
         }
-        *head = Head { seq: r.seq, hash: h };
+        *head = Head {
+            seq: r.seq,
+            hash: h,
+        };
         out.push(r);
     }
     (out, None)

@@ -222,7 +222,13 @@ pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Keeps the listing tables in step with the records.
-fn index(conn: &Connection, session: i64, at_us: i64, kind: &str, b: &Value) -> rusqlite::Result<()> {
+fn index(
+    conn: &Connection,
+    session: i64,
+    at_us: i64,
+    kind: &str,
+    b: &Value,
+) -> rusqlite::Result<()> {
     let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
     let i = |k: &str| b.get(k).and_then(Value::as_i64);
     match kind {
@@ -246,16 +252,14 @@ fn index(conn: &Connection, session: i64, at_us: i64, kind: &str, b: &Value) -> 
         }
         "identity" => {
             let sub = b.pointer("/oidc/sub").and_then(Value::as_str);
-            conn
-                .prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
+            conn.prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
                 .execute(params![session, sub])?;
         }
         "session_end" => {
-            conn
-                .prepare_cached(
-                    "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
-                )?
-                .execute(params![session, at_us, s("end")])?;
+            conn.prepare_cached(
+                "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
+            )?
+            .execute(params![session, at_us, s("end")])?;
         }
         // Counted per batch: see `insert`.
         "statement" => {}
@@ -305,15 +309,13 @@ fn index(conn: &Connection, session: i64, at_us: i64, kind: &str, b: &Value) -> 
             ])?;
         }
         "grant_used" => {
-            conn
-                .prepare_cached("UPDATE grants SET uses = uses + 1 WHERE id = ?1")?
+            conn.prepare_cached("UPDATE grants SET uses = uses + 1 WHERE id = ?1")?
                 .execute(params![s("grant").unwrap_or_default()])?;
         }
         _ => {}
     }
     Ok(())
 }
-
 
 /// The writer thread.
 pub struct Writer {
@@ -609,16 +611,16 @@ impl Writer {
             Ok(Some((from, prev, n))) => {
                 // The prune itself is a record: verify checks the anchor against it.
                 let r = self.append_here(vec![Append {
-                        session: 0,
-                        kind: "prune",
-                        body: serde_json::json!({
-                            "first_seq": from,
-                            "anchor_hash": chain::hex(&prev),
-                            "records": n,
-                            "before_us": before_us,
-                        }),
-                        at_us: super::now_us(),
-                    }]);
+                    session: 0,
+                    kind: "prune",
+                    body: serde_json::json!({
+                        "first_seq": from,
+                        "anchor_hash": chain::hex(&prev),
+                        "records": n,
+                        "before_us": before_us,
+                    }),
+                    at_us: super::now_us(),
+                }]);
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot record the prune");
                 }

@@ -246,9 +246,9 @@ fn policy() {
         || {
             n += 1;
             let text = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {n}");
-            std::hint::black_box(store.judge_sql(
-                class, &subject, "postgres", "postgres", &text, lex,
-            ));
+            std::hint::black_box(
+                store.judge_sql(class, &subject, "postgres", "postgres", &text, lex),
+            );
         },
         2_000,
         20,

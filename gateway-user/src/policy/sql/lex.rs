@@ -109,12 +109,10 @@ fn check_depth(tokens: &[TokenWithSpan]) -> Result<(), ClassifyError> {
             | Token::Placeholder(_)
             | Token::EOF => {}
             Token::Word(w) => {
-                let up = w.value.to_ascii_uppercase();
                 if w.quote_style.is_none()
-                    && matches!(
-                        up.as_str(),
-                        "AND" | "OR" | "NOT" | "IS" | "LIKE" | "ILIKE" | "IN"
-                    )
+                    && ["AND", "OR", "NOT", "IS", "LIKE", "ILIKE", "IN"]
+                        .iter()
+                        .any(|k| w.value.eq_ignore_ascii_case(k))
                     && let Some(n) = stack.last_mut()
                 {
                     *n += 1;
