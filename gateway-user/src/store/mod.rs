@@ -138,6 +138,10 @@ pub struct Head {
     pub hash: [u8; 32],
 }
 
+/// Longest a statement waits for room when `queue` records are spooled and not yet in the
+/// database, before it is refused.
+pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A record to append.
 pub struct Append {
     pub session: i64,
@@ -154,6 +158,8 @@ pub struct Store {
     /// The chain's head, the spool file and the records on their way to the database.
     spool: Arc<Mutex<spool::Spool>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Woken after each turn of the writer (room in the spool).
+    turned: Arc<tokio::sync::Notify>,
     reader: Mutex<rusqlite::Connection>,
     pub stats: Arc<StoreStats>,
     next_session: AtomicU64,
@@ -187,6 +193,7 @@ impl Store {
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
         let lazy = Arc::new(Mutex::new(Vec::new()));
         let spool = Arc::new(Mutex::new(spool));
+        let turned = Arc::new(tokio::sync::Notify::new());
         let w = writer::Writer::new(
             conn,
             spool.clone(),
@@ -194,6 +201,7 @@ impl Store {
             stats.clone(),
             rx,
             cfg.durability,
+            turned.clone(),
         );
         let handle = std::thread::Builder::new()
             .name("portcullis-store".into())
@@ -205,6 +213,7 @@ impl Store {
             lazy,
             spool,
             closed: std::sync::atomic::AtomicBool::new(false),
+            turned,
             reader: Mutex::new(reader),
             stats,
             next_session: AtomicU64::new(max_session.max(0) as u64 + 1),
@@ -294,15 +303,35 @@ impl Store {
             self.send(writer::Op::Append(records, Some(ack)))?;
             return wait.await.unwrap_or(Err(StoreError::Closed));
         }
-        let n = records.len();
+        // A full spool (the database behind) holds the caller back, up to QUEUE_WAIT.
+        let waited = std::time::Instant::now();
+        let mut records = records;
+        loop {
+            let turned = self.turned.notified();
+            tokio::pin!(turned);
+            turned.as_mut().enable();
+            match self.try_append(records) {
+                Ok(r) => return r,
+                Err(back) => records = back,
+            }
+            let left = QUEUE_WAIT.saturating_sub(waited.elapsed());
+            if left.is_zero() || tokio::time::timeout(left, turned).await.is_err() {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::QueueFull(self.cfg.queue));
+            }
+        }
+    }
+
+    /// Spools `records` (after the transcripts waiting) unless `queue` records already wait
+    /// for the database: then they come back.
+    fn try_append(&self, records: Vec<Append>) -> Result<Result<i64, StoreError>, Vec<Append>> {
         let mut sp = self.spool();
-        if sp.unsaved.len() >= self.cfg.queue {
-            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreError::QueueFull(self.cfg.queue));
+        if sp.unsaved.len() >= self.cfg.queue && sp.blocked.is_none() {
+            return Err(records);
         }
         // Transcripts appended before come first: they happened first.
         let lazy = std::mem::take(&mut *self.lazy.lock().unwrap_or_else(|e| e.into_inner()));
-        let n = n + lazy.len();
+        let n = records.len() + lazy.len();
         let began = std::time::Instant::now();
         let r = sp.append(vec![lazy, records]).map(|l| l[1]);
         drop(sp);
@@ -313,7 +342,7 @@ impl Store {
         if let Err(e) = &r {
             tracing::error!(error = %e, "audit store write failed");
         }
-        r
+        Ok(r)
     }
 
     /// Waits until the database holds everything recorded so far (reads, tests, shutdown).
@@ -711,6 +740,37 @@ mod tests {
             .filter_map(Result::ok)
             .any(|e| e.file_name().to_string_lossy().contains(".spool.rejected-"));
         assert!(kept, "the rejected spool is kept for inspection");
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statements_wait_for_room_in_a_full_spool_instead_of_being_refused() {
+        let dir = tmp("backpressure");
+        let mut c = cfg(&dir, Durability::Commit);
+        c.queue = 16;
+        let s = Store::open(&c).expect("open");
+        let mut tasks = Vec::new();
+        for t in 0..64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..10 {
+                    s.append_durable(vec![rec(1, "statement", json!({"t": t, "n": n}))])
+                        .await?;
+                }
+                Ok::<_, StoreError>(())
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("recorded, not refused");
+        }
+        assert_eq!(s.stats.queue_full.load(Ordering::Relaxed), 0);
+        s.flush().await.expect("flush");
+        assert_eq!(s.head().seq, 640);
+        let v = s
+            .read(|c| query::verify(c, Some(s.head())))
+            .expect("verify");
+        assert!(v.ok, "{v:?}");
         s.close();
         let _ = std::fs::remove_dir_all(&dir);
     }

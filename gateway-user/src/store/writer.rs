@@ -325,6 +325,8 @@ pub struct Writer {
     stats: Arc<StoreStats>,
     rx: Receiver<Op>,
     durability: Durability,
+    /// Woken after every turn, for appends waiting for room in the spool.
+    turned: Arc<tokio::sync::Notify>,
     unsynced: bool,
     last_sync: Instant,
 }
@@ -337,8 +339,10 @@ impl Writer {
         stats: Arc<StoreStats>,
         rx: Receiver<Op>,
         durability: Durability,
+        turned: Arc<tokio::sync::Notify>,
     ) -> Self {
         Self {
+            turned,
             conn,
             spool,
             lazy,
@@ -394,6 +398,7 @@ impl Writer {
             }
             self.spool_group(groups, waiters);
             let saved = self.save();
+            self.turned.notify_waiters();
             for ack in flushes {
                 let _ = ack.send(saved.clone());
             }
