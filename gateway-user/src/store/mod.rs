@@ -177,7 +177,7 @@ impl Store {
         if let Some(dir) = cfg.path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
-        let conn = writer::open_rw(&cfg.path).map_err(|e| err(e.to_string()))?;
+        let conn = writer::open_rw(&cfg.path, cfg.durability).map_err(|e| err(e.to_string()))?;
         let spool_path = spool::path_for(&cfg.path);
         let head = recover(&conn, &spool_path).map_err(err)?;
         let max_session: i64 = conn
@@ -582,9 +582,15 @@ mod tests {
                         .await
                 }));
             }
+            let mut seqs = std::collections::BTreeSet::new();
             for w in waits {
-                w.await.expect("join").expect("recorded");
+                seqs.insert(w.await.expect("join").expect("recorded"));
             }
+            assert_eq!(
+                seqs.into_iter().collect::<Vec<_>>(),
+                (2..=51).collect::<Vec<_>>(),
+                "each caller gets its own record's number"
+            );
             s.append(rec(id, "session_end", json!({"end": "closed"})))
                 .expect("end");
             s.flush().await.expect("flush");

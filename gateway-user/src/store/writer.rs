@@ -6,9 +6,10 @@
 //! Durability: in `commit` mode a session writes its statement's record into the spool
 //! itself (one `write(2)`) and goes on; in `strict` mode the records come here and are
 //! fsynced in the spool, in groups, before their callers are answered. SQLite runs with
-//! `synchronous = NORMAL`; the WAL (and then the database) is synced at checkpoints, at
-//! least every [`SYNC_EVERY`] while there are new records, and only after a checkpoint is
-//! the spool emptied, so an OS crash loses at most that much in either mode but `strict`.
+//! `synchronous = NORMAL` in `commit` mode (the WAL, then the database, is synced at
+//! checkpoints, at least every [`SYNC_EVERY`] while there are new records, so an OS crash
+//! loses at most that much) and `FULL` in `strict` mode (every batch synced, on this
+//! thread); the spool is emptied only after a checkpoint.
 //!
 //! A transaction that fails (disk full, read-only file, I/O error) is rolled back and its
 //! records stay spooled, to be taken again at the next turn; until one succeeds the spool
@@ -132,12 +133,21 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub fn open_rw(path: &Path) -> rusqlite::Result<Connection> {
+pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(5))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
-    // Durability is the spool's; the database is synced at checkpoints.
-    c.pragma_update(None, "synchronous", "NORMAL")?;
+    // Durability is the spool's, and the spool is emptied only after a checkpoint. In
+    // `strict` mode every batch is synced as well, so emptying the spool never depends on
+    // a checkpoint that readers kept from syncing the WAL.
+    c.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Commit => "NORMAL",
+            Durability::Strict => "FULL",
+        },
+    )?;
     // Checkpoints are the writer's to run (see SYNC_EVERY).
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
     c.execute_batch(SCHEMA)?;
@@ -379,24 +389,19 @@ impl Writer {
             self.stats
                 .queued
                 .fetch_sub(ops.len() as u64, Ordering::Relaxed);
-            let mut waiters = Vec::new();
             let mut groups = Vec::new();
             let mut flushes = Vec::new();
             let mut prunes = Vec::new();
             let mut stop = false;
             for op in ops {
                 match op {
-                    Op::Append(recs, Some(w)) => {
-                        groups.push(recs);
-                        waiters.push(w);
-                    }
-                    Op::Append(recs, None) => groups.push(recs),
+                    Op::Append(recs, waiter) => groups.push((recs, waiter)),
                     Op::Flush(ack) => flushes.push(ack),
                     Op::Prune(before, ack) => prunes.push((before, ack)),
                     Op::Stop => stop = true,
                 }
             }
-            self.spool_group(groups, waiters);
+            self.spool_group(groups);
             let saved = self.save();
             self.turned.notify_waiters();
             for ack in flushes {
@@ -414,48 +419,41 @@ impl Writer {
     }
 
     /// Spools the records appended without waiting, then `groups` (fsynced in `strict`),
-    /// and answers each waiter with its group's last sequence number.
-    fn spool_group(&mut self, mut groups: Vec<Vec<Append>>, waiters: Vec<Waiter>) {
+    /// and answers each group's waiter with the group's last sequence number.
+    fn spool_group(&mut self, groups: Vec<(Vec<Append>, Option<Waiter>)>) {
         let lazy = std::mem::take(&mut *self.lazy.lock().unwrap_or_else(|e| e.into_inner()));
-        let first = usize::from(!lazy.is_empty());
-        if !lazy.is_empty() {
-            groups.insert(0, lazy);
-        }
-        if groups.iter().all(Vec::is_empty) {
-            let head = self.spool().head.seq;
-            for w in waiters {
-                let _ = w.send(Ok(head));
-            }
-            return;
-        }
+        let (records, waiters): (Vec<_>, Vec<_>) =
+            std::iter::once((lazy, None)).chain(groups).unzip();
+        let n: usize = records.iter().map(Vec::len).sum();
         let began = Instant::now();
         let r = {
             let mut sp = self.spool();
-            let n: usize = groups.iter().map(Vec::len).sum();
-            let r = sp.append(groups).and_then(|lasts| {
-                if self.durability == Durability::Strict {
-                    sp.sync()
-                        .map_err(|e| StoreError::Write(format!("cannot sync the spool: {e}")))?;
-                }
-                Ok(lasts)
-            });
-            self.stats.count(n, &r);
-            r
-        };
-        crate::metrics::get()
-            .audit_commit_seconds
-            .observe(began.elapsed().as_secs_f64());
-        match r {
-            Ok(lasts) => {
-                for (w, last) in waiters.into_iter().zip(&lasts[first..]) {
-                    let _ = w.send(Ok(*last));
-                }
+            if n == 0 {
+                Ok(vec![sp.head.seq; records.len()])
+            } else {
+                let r = sp.append(records).and_then(|lasts| {
+                    if self.durability == Durability::Strict {
+                        sp.sync().map_err(|e| {
+                            StoreError::Write(format!("cannot sync the spool: {e}"))
+                        })?;
+                    }
+                    Ok(lasts)
+                });
+                self.stats.count(n, &r);
+                r
             }
-            Err(e) => {
-                tracing::error!(error = %e, "audit store write failed");
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
+        };
+        if n > 0 {
+            crate::metrics::get()
+                .audit_commit_seconds
+                .observe(began.elapsed().as_secs_f64());
+        }
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "audit store write failed");
+        }
+        for (i, w) in waiters.into_iter().enumerate() {
+            if let Some(w) = w {
+                let _ = w.send(r.as_ref().map(|lasts| lasts[i]).map_err(Clone::clone));
             }
         }
     }
