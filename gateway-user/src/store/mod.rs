@@ -79,16 +79,21 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
-    /// Counts one spool write of `n` records.
-    pub fn count<T>(&self, n: usize, r: &Result<T, StoreError>) {
+    /// Accounts for one spool write of `n` records begun at `began`: counters, the commit
+    /// latency metric, and a log line when it failed.
+    pub fn count<T>(&self, n: usize, began: std::time::Instant, r: &Result<T, StoreError>) {
+        crate::metrics::get()
+            .audit_commit_seconds
+            .observe(began.elapsed().as_secs_f64());
         match r {
             Ok(_) => {
                 self.written.fetch_add(n as u64, Ordering::Relaxed);
                 self.groups.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(e) => {
                 self.failed.fetch_add(n as u64, Ordering::Relaxed);
                 self.last_failed.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, records = n, "audit store write failed");
             }
         }
     }
@@ -335,13 +340,7 @@ impl Store {
         let began = std::time::Instant::now();
         let r = sp.append(vec![lazy, records]).map(|l| l[1]);
         drop(sp);
-        self.stats.count(n, &r);
-        crate::metrics::get()
-            .audit_commit_seconds
-            .observe(began.elapsed().as_secs_f64());
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "audit store write failed");
-        }
+        self.stats.count(n, began, &r);
         Ok(r)
     }
 

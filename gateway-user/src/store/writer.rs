@@ -410,8 +410,7 @@ impl Writer {
             for (before, ack) in prunes {
                 let _ = ack.send(self.prune(before));
             }
-            let idle = self.last_sync.elapsed() >= SYNC_EVERY;
-            self.sync_if_due(idle || stop);
+            self.sync_if_due(stop);
             if stop {
                 break;
             }
@@ -439,18 +438,10 @@ impl Writer {
                     }
                     Ok(lasts)
                 });
-                self.stats.count(n, &r);
+                self.stats.count(n, began, &r);
                 r
             }
         };
-        if n > 0 {
-            crate::metrics::get()
-                .audit_commit_seconds
-                .observe(began.elapsed().as_secs_f64());
-        }
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "audit store write failed");
-        }
         for (i, w) in waiters.into_iter().enumerate() {
             if let Some(w) = w {
                 let _ = w.send(r.as_ref().map(|lasts| lasts[i]).map_err(Clone::clone));
@@ -511,10 +502,9 @@ impl Writer {
 
     /// Records through the spool from this thread, without waiting for the database.
     fn append_here(&self, recs: Vec<Append>) -> Result<i64, StoreError> {
-        let n = recs.len();
-        let mut sp = self.spool();
-        let r = sp.append(vec![recs]).map(|l| l[0]);
-        self.stats.count(n, &r);
+        let (n, began) = (recs.len(), Instant::now());
+        let r = self.spool().append(vec![recs]).map(|l| l[0]);
+        self.stats.count(n, began, &r);
         r
     }
 
