@@ -261,6 +261,10 @@ pub struct Bouncer {
 }
 
 impl Bouncer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(env: &Env, pg: &Pg) -> Self {
         let dir = env.dir.join("pgbouncer");
         fs::create_dir_all(&dir).expect("pgbouncer dir");

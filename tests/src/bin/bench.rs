@@ -306,7 +306,7 @@ fn pg_profile(args: &[String]) {
     let mode = args.first().map_or("simple", String::as_str);
     let clients: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
     let secs: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20);
-    let (env, agent, _direct, pg, body) = pg_setup();
+    let (env, agent, direct, pg, body) = pg_setup();
     // PC_PROFILE_PROTOCOL=tcp compares with the opaque relay.
     let body = match std::env::var("PC_PROFILE_PROTOCOL") {
         Ok(p) => body.replace("protocol = \"postgres\"", &format!("protocol = \"{p}\"")),
@@ -319,6 +319,15 @@ fn pg_profile(args: &[String]) {
     } else {
         body
     };
+    // PC_PROFILE_PATH=pgbouncer profiles the reference path instead (same pid line).
+    if std::env::var("PC_PROFILE_PATH").is_ok_and(|p| p == "pgbouncer") {
+        let bouncer = Bouncer::start(&env, &pg);
+        println!("daemon pid {}", bouncer.pid());
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let (tps, lat) = pgbench(&env, &direct, bouncer.port, mode, clients, secs);
+        println!("pgbouncer {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
+        return;
+    }
     let daemon = Daemon::start(&env.config("", &body));
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));

@@ -18,6 +18,7 @@ pub mod kind;
 pub mod lex;
 pub mod lineage;
 pub mod predicate;
+pub mod quick;
 pub mod shapes;
 
 use std::{
@@ -170,6 +171,19 @@ pub fn classify(sql: &str, opts: LexOptions) -> Classification {
 /// Classifies a message, reusing the classification of a single statement of the same
 /// shape when `shapes` holds one and that is safe (see [`shapes`]).
 pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -> Classification {
+    // A known shape needs no full tokenization when the quick lexer reads the text.
+    let quick = shapes.and_then(|_| quick::scan(sql));
+    let quick_key = quick
+        .as_deref()
+        .and_then(|p| quick::key(p, opts.standard_conforming_strings));
+    if let (Some(cache), Some(k)) = (shapes, &quick_key)
+        && let Some(c) = cache.get(k)
+    {
+        return Classification {
+            statements: vec![(*c).clone()],
+            error: None,
+        };
+    }
     let statements = match lex::split(sql, opts) {
         Ok(s) => s,
         Err(e) => {
@@ -182,7 +196,10 @@ pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -
     if let (Some(cache), [tokens]) = (shapes, statements.as_slice())
         && let Some(key) = shapes::key(tokens, opts.standard_conforming_strings)
     {
-        return classify_shape(cache, key, statements);
+        // The quick key is stored too only where both lexers read the same pieces.
+        let quick_key =
+            quick_key.filter(|_| quick.as_deref().is_some_and(|p| quick::agrees(p, tokens)));
+        return classify_shape(cache, key, quick_key, statements);
     }
     let mut out = Vec::with_capacity(statements.len());
     for tokens in statements {
@@ -206,6 +223,7 @@ pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -
 fn classify_shape(
     cache: &ShapeCache,
     key: String,
+    quick_key: Option<String>,
     statements: Vec<lex::StatementTokens>,
 ) -> Classification {
     let one = |r: Result<StatementClass, ClassifyError>| match r {
@@ -219,6 +237,9 @@ fn classify_shape(
         },
     };
     if let Some(c) = cache.get(&key) {
+        if let Some(q) = quick_key {
+            cache.put_shared(q, c.clone());
+        }
         return one(Ok((*c).clone()));
     }
     let Some(tokens) = statements.into_iter().next() else {
@@ -232,7 +253,10 @@ fn classify_shape(
             .into_iter()
             .all(|v| matches!(classify_tokens(shapes::substitute(&same, v)), Ok(o) if o == *c))
     {
-        cache.put(key, c.clone());
+        let shared = cache.put(key, c.clone());
+        if let Some(q) = quick_key {
+            cache.put_shared(q, shared);
+        }
     }
     one(c)
 }

@@ -18,6 +18,10 @@
 //! are evaluated for every statement. The key keeps every other token exactly (identifiers
 //! with their quoting, operators, keywords) and each literal's kind; the lexical options are
 //! part of it. Bounded: cleared when full.
+//!
+//! A shape known here is also stored under the key of the quick lexer ([`super::quick`])
+//! when that lexer reads the statement exactly as the full tokenizer did, so the next
+//! statement of that shape is classified without being tokenized at all.
 
 use std::{
     collections::HashMap,
@@ -49,12 +53,20 @@ impl ShapeCache {
         self.lock().get(key).cloned()
     }
 
-    pub fn put(&self, key: String, c: StatementClass) {
+    /// Remembers a shape's classification; returns it shared, for [`Self::put_shared`].
+    pub fn put(&self, key: String, c: StatementClass) -> Arc<StatementClass> {
+        let c = Arc::new(c);
+        self.put_shared(key, c.clone());
+        c
+    }
+
+    /// Remembers a classification under a second key (the quick lexer's).
+    pub fn put_shared(&self, key: String, c: Arc<StatementClass>) {
         let mut m = self.lock();
         if m.len() >= CAPACITY {
             m.clear();
         }
-        m.insert(key, Arc::new(c));
+        m.insert(key, c);
     }
 
     pub fn len(&self) -> usize {
@@ -71,7 +83,7 @@ impl ShapeCache {
 }
 
 /// A literal's kind in a key, or `None` for a token kept as it is.
-fn literal(t: &Token) -> Option<&'static str> {
+pub fn literal(t: &Token) -> Option<&'static str> {
     match t {
         Token::Number(_, false) => Some("n"),
         Token::Number(_, true) => Some("nL"),
