@@ -79,12 +79,14 @@ pub fn status(s: &Status) -> String {
     let st = &s.store;
     let _ = writeln!(
         o,
-        "store      {} ({})  head {}  written {} in {} groups  queued {}  failed {}  queue full {}  statements refused {}",
+        "store      {} ({})  head {}  written {} in {} groups  saved {}  in spool {}  queued {}  failed {}  queue full {}  statements refused {}",
         st.path,
         st.durability,
         st.head_seq,
         st.counters.written,
         st.counters.groups,
+        st.counters.saved,
+        st.counters.unsaved,
         st.counters.queued,
         st.counters.failed,
         st.counters.queue_full,
