@@ -89,8 +89,9 @@ pub enum Command {
         /// Keep printing as the session goes on, until it ends.
         #[arg(long)]
         follow: bool,
-        /// Replay with the recorded timing, this many times faster (1 = real time).
-        #[arg(long)]
+        /// Replay with the recorded timing, this many times faster (1 = real time); a
+        /// pause is at most 5 s.
+        #[arg(long, value_parser = crate::replay::parse_speed)]
         speed: Option<f64>,
         /// The records as JSON lines.
         #[arg(long)]

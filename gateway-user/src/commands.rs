@@ -223,9 +223,8 @@ fn replay(
         .map_err(|e| e.to_string())?;
         let mut ended = v.session.ended_us.is_some();
         for rec in &v.records {
-            if let (Some(speed), Some(prev)) = (speed.filter(|s| *s > 0.0), last_at) {
-                let gap = (rec.at_us - prev).max(0) as f64 / 1e6 / speed;
-                std::thread::sleep(Duration::from_secs_f64(gap.min(5.0)));
+            if let (Some(speed), Some(prev)) = (speed, last_at) {
+                std::thread::sleep(crate::replay::pause(prev, rec.at_us, speed));
             }
             last_at = Some(rec.at_us);
             emit(&mut r, rec, json)?;

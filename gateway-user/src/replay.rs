@@ -56,6 +56,31 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// Longest pause between two records in a timed replay (`--speed`): an agent idle for an
+/// hour replays as a few seconds, not an hour.
+pub const MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a replay at `speed` (1 = real time) waits between records recorded at
+/// `prev_us` and `at_us`, capped at [`MAX_PAUSE`].
+pub fn pause(prev_us: i64, at_us: i64, speed: f64) -> std::time::Duration {
+    let gap = at_us.saturating_sub(prev_us).max(0) as f64 / 1e6 / speed;
+    if gap > 0.0 {
+        std::time::Duration::from_secs_f64(gap.min(MAX_PAUSE.as_secs_f64()))
+    } else {
+        std::time::Duration::ZERO
+    }
+}
+
+/// `--speed`: a positive, finite factor.
+pub fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a speed: give a positive number (1 = real time, 10 = ten times faster)"
+        )),
+    }
+}
+
 /// Local-independent UTC time of day from microseconds since the epoch.
 pub fn clock(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
@@ -379,6 +404,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn timed_replay_pauses_scale_and_are_capped() {
+        use std::time::Duration;
+        assert_eq!(pause(0, 2_000_000, 1.0), Duration::from_secs(2));
+        assert_eq!(pause(0, 2_000_000, 4.0), Duration::from_millis(500));
+        assert_eq!(pause(0, 3_600_000_000, 1.0), MAX_PAUSE);
+        assert_eq!(
+            pause(5_000_000, 1_000_000, 1.0),
+            Duration::ZERO,
+            "clock went back"
+        );
+        assert_eq!(pause(i64::MIN, i64::MAX, 1e-300), MAX_PAUSE);
+        assert_eq!(parse_speed("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "NaN", "inf", "fast", ""] {
+            assert!(parse_speed(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     fn rec(seq: i64, at: i64, kind: &str, body: Value) -> Record {
         Record {

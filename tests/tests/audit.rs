@@ -551,6 +551,49 @@ fn replay_follow_prints_a_live_session_until_it_ends() {
 }
 
 #[test]
+fn replay_speed_keeps_the_recorded_pauses_scaled() {
+    let w = world_with("", None);
+    // A client that thinks for a second between two statements.
+    let out = psql_script(
+        &w,
+        &w.agent,
+        "SELECT 'before' AS word;\n\\! sleep 1.2\nSELECT 'after' AS word;\n",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sessions = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+    let id = sessions[0]["id"].as_i64().expect("a session").to_string();
+    let timed = |speed: &str| {
+        let started = Instant::now();
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(&w.daemon.config)
+            .args(["replay", &id, "--speed", speed])
+            .output()
+            .expect("replay");
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        assert!(t.contains("before") && t.contains("after"), "{t}");
+        started.elapsed()
+    };
+    let real_time = timed("1");
+    let fast = timed("100");
+    // Both pay the same start-up; only the pause differs (1.2 s vs 12 ms).
+    assert!(real_time >= Duration::from_millis(1100), "{real_time:?}");
+    assert!(
+        real_time.saturating_sub(fast) >= Duration::from_millis(1000),
+        "real time {real_time:?}, 100x {fast:?}"
+    );
+    let bad = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.daemon.config)
+        .args(["replay", &id, "--speed", "0"])
+        .output()
+        .expect("replay");
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("not a speed"), "{}", text(&bad));
+}
+
+#[test]
 fn redact_literals_keeps_literals_out_of_records_and_logs() {
     let w = world_full("", None, "", "[store]\nredact_literals = true\n");
     // On stdin, not in psql's command line (which is recorded as the process's).

@@ -326,7 +326,10 @@ fn a_quick_key_never_stands_for_text_the_server_reads_differently() {
         ("SELECT a FROM t WHERE x = E'\\\\'; DROP TABLE t; --'", true),
         ("SELECT a FROM t WHERE x = 'v'; DROP TABLE t", true),
         ("SELECT a FROM t WHERE x = 'v' -- '\n; DROP TABLE t", true),
-        ("SELECT a FROM t WHERE x = 'v' /* '; DROP TABLE t; */", false),
+        (
+            "SELECT a FROM t WHERE x = 'v' /* '; DROP TABLE t; */",
+            false,
+        ),
         ("SELECT a FROM t WHERE x = $$v$$; DROP TABLE t", true),
         ("SELECT a FROM t WHERE x = 1e5; DROP TABLE t", true),
         ("SELECT a FROM t WHERE x = U&'v'; DROP TABLE t", true),
