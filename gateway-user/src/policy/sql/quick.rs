@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn reads_the_plain_forms() {
         assert_eq!(
-            pieces("SELECT abalance FROM pgbench_accounts WHERE aid = 42;").unwrap(),
+            pieces("SELECT abalance FROM pgbench_accounts WHERE aid = 42;").expect("scans"),
             [
                 "SELECT",
                 "abalance",
@@ -233,17 +233,20 @@ mod tests {
             pieces(
                 "select \"u\".\"id\" from \"u\" where \"u\".\"n\" >= 'it''s'::text and x in (1.5,2)"
             )
-            .unwrap(),
+            .expect("scans"),
             [
                 "select", "\"u\"", ".", "\"id\"", "from", "\"u\"", "where", "\"u\"", ".", "\"n\"",
                 ">=", "?s", "::", "text", "and", "x", "in", "(", "?n", ",", "?n", ")"
             ]
         );
         // Whitespace is not a piece, but it separates them.
-        assert_eq!(pieces("a<=1").unwrap(), ["a", "<=", "?n"]);
-        assert_eq!(pieces("a < = 1").unwrap(), ["a", "<", "=", "?n"]);
-        assert_eq!(pieces("select 'a;b'").unwrap(), ["select", "?s"]);
-        assert_eq!(pieces("select 'multi\nline é'").unwrap(), ["select", "?s"]);
+        assert_eq!(pieces("a<=1").expect("scans"), ["a", "<=", "?n"]);
+        assert_eq!(pieces("a < = 1").expect("scans"), ["a", "<", "=", "?n"]);
+        assert_eq!(pieces("select 'a;b'").expect("scans"), ["select", "?s"]);
+        assert_eq!(
+            pieces("select 'multi\nline é'").expect("scans"),
+            ["select", "?s"]
+        );
     }
 
     #[test]
@@ -287,7 +290,7 @@ mod tests {
 
     #[test]
     fn keys_keep_code_and_forget_literal_values() {
-        let k = |s: &str| key(&scan(s).unwrap(), true);
+        let k = |s: &str| key(&scan(s).expect("scans"), true);
         assert_eq!(
             k("select * from t where a = 1"),
             k("select * from t where a = 99.5")
@@ -310,8 +313,8 @@ mod tests {
         );
         assert_eq!(k("select * from t"), None, "no literal");
         assert_ne!(
-            key(&scan("select 1").unwrap(), true),
-            key(&scan("select 1").unwrap(), false)
+            key(&scan("select 1").expect("scans"), true),
+            key(&scan("select 1").expect("scans"), false)
         );
     }
 
