@@ -650,6 +650,40 @@ fn redact_literals_keeps_literals_out_of_records_and_logs() {
 }
 
 #[test]
+fn credentials_on_an_agents_command_line_are_blanked_in_records_and_logs() {
+    let w = world_with("", None);
+    let out = psql_cmd(&w, &w.agent, "disable")
+        .args(["-v", "api_token=hunter2tok"])
+        .args(["-v", "dsn=postgres://app:hunter2url@db/shop"])
+        .args(["-c", "SELECT 1"])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out));
+    let records = export(&w);
+    let start = records
+        .iter()
+        .find(|r| r["kind"] == "session_start")
+        .expect("a session_start record");
+    let cmdline: Vec<&str> = start["body"]["cmdline"]
+        .as_array()
+        .expect("cmdline")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(cmdline.contains(&"api_token=***"), "{cmdline:?}");
+    assert!(
+        cmdline.contains(&"dsn=postgres://app:***@db/shop"),
+        "{cmdline:?}"
+    );
+    assert!(
+        cmdline.contains(&"SELECT 1"),
+        "the rest is kept: {cmdline:?}"
+    );
+    let all = format!("{records:?} {:?}", w.daemon.logs.all());
+    assert!(!all.contains("hunter2"), "a credential was recorded");
+}
+
+#[test]
 fn retention_prunes_ended_sessions_and_the_chain_still_verifies() {
     let w = world_full(
         "",

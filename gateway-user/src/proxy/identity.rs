@@ -120,7 +120,8 @@ impl Resolver {
         let mut cgroup = self.cached_cgroup(origin.cgroup_id);
         if let (ProcessState::Verified, Some(dir)) = (state, &dir) {
             exe = dir.exe();
-            cmdline = dir.cmdline();
+            // Credentials on the command line are blanked before anyone records it.
+            cmdline = super::cmdline::redact(dir.cmdline());
             if cgroup.is_none() {
                 cgroup = self.lookup_cgroup(origin.cgroup_id, dir.cgroup().as_deref());
             }

@@ -6,6 +6,7 @@
 //! that matches no agent or target, is refused: closed with a reset, and logged.
 
 pub mod agent;
+pub mod cmdline;
 pub mod identity;
 pub mod relay;
 pub mod upstream;
