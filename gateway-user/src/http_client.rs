@@ -152,17 +152,22 @@ async fn connect(u: &Url, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn Io>
 pub async fn post_json(
     url: &str,
     tls: &Arc<rustls::ClientConfig>,
+    headers: &[(&str, String)],
     body: &[u8],
 ) -> Result<u16, String> {
     let u = parse_url(url)?;
     let mut s = connect(&u, tls).await?;
-    let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
         u.path,
         u.host_header(),
         env!("CARGO_PKG_VERSION"),
         body.len()
     );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
     let mut msg = head.into_bytes();
     msg.extend_from_slice(body);
     s.write_all(&msg).await.map_err(|e| e.to_string())?;

@@ -22,5 +22,6 @@ pub mod proxy;
 pub mod render;
 pub mod replay;
 pub mod sdnotify;
+pub mod secret;
 pub mod store;
 pub mod telemetry;

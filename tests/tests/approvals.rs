@@ -3,6 +3,7 @@
 //! against the daemon's admin socket.
 
 use std::{
+    os::unix::fs::PermissionsExt as _,
     process::{Child, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -355,10 +356,19 @@ fn webhook_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
             let Ok(mut c) = conn else { continue };
             let mut r = BufReader::new(c.try_clone().expect("clone"));
             let mut len = 0usize;
+            let mut path = String::new();
+            let mut headers = serde_json::Map::new();
             loop {
                 let mut line = String::new();
                 if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                     break;
+                }
+                if path.is_empty() {
+                    path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                    continue;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().into());
                 }
                 if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
@@ -366,8 +376,14 @@ fn webhook_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
             }
             let mut body = vec![0; len];
             if r.read_exact(&mut body).is_ok()
-                && let Ok(v) = serde_json::from_slice(&body)
+                && let Ok(mut v) = serde_json::from_slice::<Value>(&body)
             {
+                // How it came, beside what it said (for signature checks).
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("_path".into(), path.into());
+                    o.insert("_headers".into(), headers.into());
+                    o.insert("_raw".into(), String::from_utf8_lossy(&body).into());
+                }
                 sink.lock().expect("sink").push(v);
             }
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
@@ -376,21 +392,66 @@ fn webhook_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
     (port, got)
 }
 
+/// A signed event's signature, checked with Python's `hmac` (another implementation than
+/// the daemon's); an unsigned hook's events carry none.
+fn check_signature(e: &Value, key: &str) {
+    let h = &e["_headers"];
+    if e["_path"] == "/slack" {
+        assert!(h.get("x-portcullis-signature").is_none(), "{e}");
+        return;
+    }
+    let ts = h["x-portcullis-timestamp"].as_str().expect("timestamp");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let age = now.abs_diff(ts.parse::<u64>().expect("a number"));
+    assert!(age < 120, "timestamp {ts} is {age} s from now");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hmac, hashlib, sys; \
+             print('sha256=' + hmac.new(sys.argv[1].encode(), \
+             (sys.argv[2] + '.' + sys.argv[3]).encode(), hashlib.sha256).hexdigest())",
+            key,
+            ts,
+            e["_raw"].as_str().expect("raw body"),
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        h["x-portcullis-signature"].as_str(),
+        Some(String::from_utf8_lossy(&out.stdout).trim()),
+        "{e}"
+    );
+}
+
 #[test]
 fn webhooks_hear_of_requests_and_answers_and_a_dead_one_delays_nothing() {
     let (port, got) = webhook_sink();
     // A listener that never accepts: connections hang until the hook's timeout.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_port = dead.local_addr().expect("addr").port();
+    // The JSON hook signs its events; the Slack one does not.
+    let keys = portcullis_tests::Env::new();
+    let key_file = keys.dir.join("webhook.key");
+    std::fs::write(&key_file, "s3cret-signing-key\n").expect("key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let w = portcullis_tests::pg::world_full(
         "",
         Some(POLICY),
         "",
         &format!(
             "[[webhook]]\nurl = \"http://127.0.0.1:{dead_port}/hook\"\ntimeout = \"30s\"\n\n\
-             [[webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\n\n\
+             [[webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"{}\"\n\n\
              [[webhook]]\nurl = \"http://127.0.0.1:{port}/slack\"\nformat = \"slack\"\n\
-             events = [\"approval_requested\"]\n"
+             events = [\"approval_requested\"]\n",
+            key_file.display()
         ),
     );
     w.pg.sql(
@@ -431,6 +492,9 @@ fn webhooks_hear_of_requests_and_answers_and_a_dead_one_delays_nothing() {
         if json_req && json_dec && slack {
             // The Slack hook asked for requests only.
             assert_eq!(events.len(), 3, "{events:?}");
+            for e in &events {
+                check_signature(e, "s3cret-signing-key");
+            }
             break;
         }
         assert!(

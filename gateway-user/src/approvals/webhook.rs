@@ -3,7 +3,10 @@
 //!
 //! Never on the data path: events go into a bounded queue with `try_send` (a full queue
 //! drops the event with a warning and a counter), and a background task delivers them.
-//! Delivery uses `crate::http_client` (one POST per attempt, `Connection: close`).
+//! Delivery uses `crate::http_client` (one POST per attempt, `Connection: close`). A hook
+//! with a secret gets `X-Portcullis-Timestamp` and `X-Portcullis-Signature` (HMAC-SHA256 of
+//! `"{timestamp}." + body`) on every attempt, so its receiver can tell our events from
+//! forged ones and refuse old ones replayed.
 
 use std::{
     sync::{
@@ -50,6 +53,15 @@ impl Webhooks {
     pub fn start(hooks: Vec<Webhook>) -> Self {
         if hooks.is_empty() {
             return Self::none();
+        }
+        for h in &hooks {
+            if let Some(secret) = &h.secret
+                && let Err(e) = crate::secret::read(secret)
+            {
+                // Not fatal (the key may be put in place later), but every event to this
+                // hook fails until it is.
+                tracing::warn!(url = %h.url, error = %e, "webhook signing key cannot be read");
+            }
         }
         let stats = Arc::new(WebhookStats::default());
         let (tx, mut rx) = mpsc::channel::<(String, Value)>(QUEUE);
@@ -135,10 +147,54 @@ fn slack_text(event: &str, d: &Value) -> String {
     }
 }
 
+/// The signature header's value for a body sent at `timestamp` (seconds since the epoch):
+/// `sha256=` and the hex HMAC-SHA256, under the hook's secret, of `"{timestamp}." + body`.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    // HMAC accepts keys of any length: new_from_slice cannot fail.
+    let mut m = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!());
+    m.update(timestamp.to_string().as_bytes());
+    m.update(b".");
+    m.update(body);
+    let mac = m.finalize().into_bytes();
+    format!("sha256={}", crate::store::chain::hex(&mac))
+}
+
+/// The headers of one attempt: none without a secret, else the attempt's time and the
+/// signature over it and the body. A secret that cannot be read fails the attempt: an
+/// unsigned POST to a receiver that checks signatures would only be refused.
+fn signed_headers(hook: &Webhook, body: &[u8]) -> Result<Vec<(&'static str, String)>, String> {
+    let Some(secret) = &hook.secret else {
+        return Ok(Vec::new());
+    };
+    let key = crate::secret::read(secret).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(vec![
+        ("X-Portcullis-Timestamp", now.to_string()),
+        (
+            "X-Portcullis-Signature",
+            signature(key.as_bytes(), now, body),
+        ),
+    ])
+}
+
 async fn deliver(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: &[u8], st: &WebhookStats) {
     let mut delay = BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        match tokio::time::timeout(hook.timeout.get(), post_json(&hook.url, tls, body)).await {
+        let sent = match signed_headers(hook, body) {
+            Ok(headers) => {
+                tokio::time::timeout(
+                    hook.timeout.get(),
+                    post_json(&hook.url, tls, &headers, body),
+                )
+                .await
+            }
+            Err(e) => Ok(Err(format!("cannot sign: {e}"))),
+        };
+        match sent {
             Ok(Ok(status)) if (200..300).contains(&status) => {
                 st.delivered.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -182,6 +238,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // Computed independently:
+        //   printf '1700000000.what do ya want for nothing?' | openssl dgst -sha256 -hmac Jefe
+        let sig = signature(b"Jefe", 1_700_000_000, b"what do ya want for nothing?");
+        assert_eq!(
+            sig,
+            "sha256=1cdd0650c8be1cb0974b1788d458b1e781206cfef59b85faafc582d2e182c57e"
+        );
+        assert_ne!(
+            signature(b"Jefe", 1_700_000_001, b"what do ya want for nothing?"),
+            sig,
+            "the timestamp is signed"
+        );
+    }
+
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[tokio::test]
@@ -208,6 +280,7 @@ mod tests {
             format: WebhookFormat::Json,
             events: Vec::new(),
             timeout: crate::config::Duration::from_secs(5),
+            secret: None,
         };
         let st = WebhookStats::default();
         let tls = Arc::new(tls_config(None).expect("tls"));

@@ -231,6 +231,10 @@ pub struct WebhookEntry {
     pub events: Vec<Spanned<String>>,
     #[serde(default = "default_webhook_timeout")]
     pub timeout: Duration,
+    /// Signing key: a root-only file, or a systemd credential's name. With one, every POST
+    /// carries an HMAC-SHA256 signature of its timestamp and body.
+    pub secret_file: Option<Spanned<PathBuf>>,
+    pub secret_credential: Option<Spanned<String>>,
 }
 
 fn default_webhook_format() -> Spanned<String> {

@@ -277,6 +277,8 @@ pub struct Webhook {
     /// Empty: every event.
     pub events: Vec<String>,
     pub timeout: Duration,
+    /// Signs each POST (`X-Portcullis-Signature`) when set.
+    pub secret: Option<Secret>,
 }
 
 /// Webhook event names.
@@ -846,11 +848,24 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
                 );
             }
         }
+        let secret = match (&w.secret_file, &w.secret_credential) {
+            (None, None) => None,
+            (Some(f), None) => Some(Secret::File(f.get_ref().clone())),
+            (None, Some(n)) => Some(Secret::Credential(n.get_ref().clone())),
+            (Some(f), Some(_)) => {
+                c.at(
+                    f,
+                    "a webhook takes one of `secret_file` or `secret_credential`, not both",
+                );
+                None
+            }
+        };
         webhooks.push(Webhook {
             url: url.clone(),
             format,
             events: w.events.iter().map(|e| e.get_ref().clone()).collect(),
             timeout: w.timeout,
+            secret,
         });
     }
 

@@ -240,3 +240,20 @@ token_expiry = "never"
         "{e:?}"
     );
 }
+
+#[test]
+fn a_webhook_takes_one_signing_key() {
+    let c = parse(
+        "[[webhook]]\nurl = \"https://hooks.example/x\"\nsecret_file = \"/etc/portcullis/hook.key\"\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.webhooks[0].secret,
+        Some(Secret::File("/etc/portcullis/hook.key".into()))
+    );
+    let e = errors(
+        "[[webhook]]\nurl = \"https://hooks.example/x\"\nsecret_file = \"/k\"\nsecret_credential = \"k\"\n",
+    );
+    assert!(e[0].starts_with("test.toml:3:15"), "{e:?}");
+    assert!(e[0].contains("not both"), "{e:?}");
+}

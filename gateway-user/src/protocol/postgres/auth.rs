@@ -1,11 +1,8 @@
 //! Authenticating to a server with credentials Portcullis holds (inject mode and the
 //! catalog connection): SCRAM-SHA-256 (RFC 5802, 7677), MD5 and cleartext.
 //!
-//! The password is read when needed from a root-only file or a systemd credential
-//! (`LoadCredential=`, found in `$CREDENTIALS_DIRECTORY`), so rotation needs no restart. It
-//! is never logged.
-
-use std::path::PathBuf;
+//! The password is read when needed (`crate::secret`), so rotation needs no restart. It is
+//! never logged.
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use bytes::{BufMut, BytesMut};
@@ -16,7 +13,7 @@ use super::{
     codec::{Frame, put_cstr},
     messages::fe,
 };
-use crate::config::{Credentials, Secret};
+use crate::config::Credentials;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -25,19 +22,8 @@ const MAX_ITERATIONS: u32 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read the password from {}: {source}", path.display())]
-    Secret {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{} is readable by others or not owned by the daemon's user (mode {mode:o}, uid \
-         {uid}): a password file must be 0600 or stricter and owned by root",
-        path.display()
-    )]
-    SecretExposed { path: PathBuf, mode: u32, uid: u32 },
-    #[error("systemd credential `{0}` is not available ($CREDENTIALS_DIRECTORY is not set)")]
-    NoCredentialsDirectory(String),
+    #[error("cannot read the password: {0}")]
+    Secret(#[from] crate::secret::SecretError),
     #[error("the server's SCRAM exchange is invalid: {0}")]
     Scram(String),
     #[error("the server asked for an authentication method Portcullis does not support (code {0})")]
@@ -48,31 +34,7 @@ pub enum AuthError {
 
 /// Reads the password of a credential.
 pub fn password(c: &Credentials) -> Result<String, AuthError> {
-    let path = match &c.password {
-        Secret::File(p) => {
-            use std::os::unix::fs::MetadataExt as _;
-            let meta = std::fs::metadata(p).map_err(|source| AuthError::Secret {
-                path: p.clone(),
-                source,
-            })?;
-            if meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
-                return Err(AuthError::SecretExposed {
-                    path: p.clone(),
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                });
-            }
-            p.clone()
-        }
-        Secret::Credential(name) => {
-            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-                .ok_or_else(|| AuthError::NoCredentialsDirectory(name.clone()))?;
-            PathBuf::from(dir).join(name)
-        }
-    };
-    let text =
-        std::fs::read_to_string(&path).map_err(|source| AuthError::Secret { path, source })?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+    Ok(crate::secret::read(&c.password)?)
 }
 
 pub fn password_message(password: &str) -> Frame {
@@ -204,26 +166,6 @@ impl Scram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Credentials, Secret};
-
-    #[test]
-    fn a_password_file_others_can_read_is_refused() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("pc-auth-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let f = dir.join("secret");
-        std::fs::write(&f, "pw\n").expect("write");
-        let creds = |p: &std::path::Path| Credentials {
-            user: "u".into(),
-            password: Secret::File(p.to_path_buf()),
-        };
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert_eq!(password(&creds(&f)).expect("0600 is fine"), "pw");
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = password(&creds(&f)).expect_err("0644 is not");
-        assert!(e.to_string().contains("0600 or stricter"), "{e}");
-        std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
 
     #[test]
     fn md5_matches_postgres() {

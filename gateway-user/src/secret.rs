@@ -1,0 +1,76 @@
+//! Secrets the daemon holds (target passwords, webhook signing keys): read when needed from
+//! a root-only file or a systemd credential (`LoadCredential=`, found in
+//! `$CREDENTIALS_DIRECTORY`), so rotating one needs no restart. Never logged.
+
+use std::path::PathBuf;
+
+use crate::config::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read the secret from {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is readable by others or not owned by the daemon's user (mode {mode:o}, uid \
+         {uid}): a secret file must be 0600 or stricter and owned by root",
+        path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32, uid: u32 },
+    #[error("systemd credential `{0}` is not available ($CREDENTIALS_DIRECTORY is not set)")]
+    NoCredentialsDirectory(String),
+}
+
+/// The secret's text, without a trailing newline.
+pub fn read(secret: &Secret) -> Result<String, SecretError> {
+    let path = match secret {
+        Secret::File(p) => {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(p).map_err(|source| SecretError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            if meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(SecretError::Exposed {
+                    path: p.clone(),
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                });
+            }
+            p.clone()
+        }
+        Secret::Credential(name) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
+            PathBuf::from(dir).join(name)
+        }
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| SecretError::Read { path, source })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_file_must_be_private() {
+        let dir = std::env::temp_dir().join(format!("pc-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("s");
+        std::fs::write(&p, "hunter2\n").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(read(&Secret::File(p.clone())).expect("reads"), "hunter2");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = read(&Secret::File(p.clone())).expect_err("exposed");
+        assert!(matches!(e, SecretError::Exposed { mode: 0o644, .. }), "{e}");
+        let e = read(&Secret::File(dir.join("absent"))).expect_err("absent");
+        assert!(e.to_string().contains("absent"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
