@@ -38,6 +38,26 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
+/// One past the closing quote of the `q`-quoted run (a string or a quoted identifier) that
+/// opens at `open`, with a doubled quote standing for itself. `None` when a prefix is glued
+/// to it (`E'..'`, `U&'..'`, `U&".."` are other kinds), at a backslash or `$` inside, or
+/// without a closing quote.
+fn quoted(b: &[u8], open: usize, q: u8) -> Option<usize> {
+    if open > 0 && (is_word(b[open - 1]) || b[open - 1] == b'&') {
+        return None;
+    }
+    let mut i = open + 1;
+    loop {
+        match *b.get(i)? {
+            c if c == q && b.get(i + 1) == Some(&q) => i += 2,
+            c if c == q => return Some(i + 1),
+            b'\\' => return None,
+            b'$' if q == b'"' => return None,
+            _ => i += 1,
+        }
+    }
+}
+
 /// The pieces of `sql`, or `None` when it leaves the subset this scanner reads.
 pub fn scan(sql: &str) -> Option<Vec<Piece<'_>>> {
     let b = sql.as_bytes();
@@ -58,42 +78,17 @@ pub fn scan(sql: &str) -> Option<Vec<Piece<'_>>> {
                 }
                 break;
             }
-            b'\'' => {
-                // A prefix glued to the quote makes another kind of string (E'', U&'', ...).
-                if i > 0 && (is_word(b[i - 1]) || b[i - 1] == b'&') {
-                    return None;
+            q @ (b'\'' | b'"') => {
+                i = quoted(b, i, q)?;
+                if q == b'"' {
+                    out.push(Piece::Code(&sql[start..i]));
+                    continue;
                 }
-                i += 1;
-                loop {
-                    match b.get(i)? {
-                        b'\\' => return None,
-                        b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
-                        b'\'' => break,
-                        _ => i += 1,
-                    }
-                }
-                i += 1;
-                if b.get(i).is_some_and(|&n| is_word(n) || n == b'\'') {
+                if b.get(i).is_some_and(|&n| is_word(n)) {
                     return None;
                 }
                 out.push(Piece::Literal("s"));
                 continue;
-            }
-            b'"' => {
-                // `U&"..."` spells an identifier with escapes.
-                if i > 0 && (is_word(b[i - 1]) || b[i - 1] == b'&') {
-                    return None;
-                }
-                i += 1;
-                loop {
-                    match b.get(i)? {
-                        b'"' if b.get(i + 1) == Some(&b'"') => i += 2,
-                        b'"' => break,
-                        b'\\' | b'$' => return None,
-                        _ => i += 1,
-                    }
-                }
-                i += 1;
             }
             b'0'..=b'9' => {
                 while i < b.len() && b[i].is_ascii_digit() {
