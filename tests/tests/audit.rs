@@ -564,12 +564,11 @@ fn replay_speed_keeps_the_recorded_pauses_scaled() {
     let id = sessions[0]["id"].as_i64().expect("a session").to_string();
     let timed = |speed: &str| {
         let started = Instant::now();
-        let out = Command::new(workspace_bin("portcullis"))
-            .arg("--config")
-            .arg(&w.daemon.config)
-            .args(["replay", &id, "--speed", speed])
-            .output()
-            .expect("replay");
+        let out = portcullis_as(
+            &w.daemon.config,
+            As::Root,
+            &["replay", &id, "--speed", speed],
+        );
         let t = text(&out);
         assert!(out.status.success(), "{t}");
         assert!(t.contains("before") && t.contains("after"), "{t}");
@@ -583,12 +582,7 @@ fn replay_speed_keeps_the_recorded_pauses_scaled() {
         real_time.saturating_sub(fast) >= Duration::from_millis(1000),
         "real time {real_time:?}, 100x {fast:?}"
     );
-    let bad = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&w.daemon.config)
-        .args(["replay", &id, "--speed", "0"])
-        .output()
-        .expect("replay");
+    let bad = portcullis_as(&w.daemon.config, As::Root, &["replay", &id, "--speed", "0"]);
     assert!(!bad.status.success());
     assert!(text(&bad).contains("not a speed"), "{}", text(&bad));
 }
