@@ -369,6 +369,36 @@ fn check_store(cfg: &Config) -> Check {
     }
 }
 
+/// Every secret the configuration names (target passwords, webhook signing keys) can be
+/// read and is private. Only where it is: credentials in `$CREDENTIALS_DIRECTORY` exist
+/// in the service's environment, not in a shell's, so those are named, not failed.
+fn check_secrets(cfg: &Config) -> Vec<Check> {
+    let targets = cfg.targets.iter().filter_map(|t| {
+        let c = t.pg.as_ref()?.credentials.as_ref()?;
+        Some((format!("password of target `{}`", t.name), &c.password))
+    });
+    let hooks = cfg.webhooks.iter().filter_map(|w| {
+        Some((
+            format!("signing key of webhook {}", w.url),
+            w.secret.as_ref()?,
+        ))
+    });
+    targets
+        .chain(hooks)
+        .map(|(what, secret)| match crate::secret::read(secret) {
+            Ok(_) => ok(format!("{what} is readable and private")),
+            Err(crate::secret::SecretError::NoCredentialsDirectory(name)) => warn(
+                format!("{what} is systemd credential `{name}`, not visible outside the service"),
+                "check `LoadCredential=` in the unit",
+            ),
+            Err(e) => fail(
+                format!("{what}: {e}"),
+                "create it owned by root with mode 0600",
+            ),
+        })
+        .collect()
+}
+
 /// Every check, in order.
 pub fn run(config: Option<&Path>) -> Vec<Check> {
     let mut out = Vec::new();
@@ -400,6 +430,7 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
     out.extend(checks);
     if let Some(cfg) = &cfg {
         out.push(check_store(cfg));
+        out.extend(check_secrets(cfg));
         out.extend(check_targets(cfg));
         out.extend(check_pins(cfg));
         out.extend(check_issuers(cfg));
@@ -466,6 +497,29 @@ pub fn render(checks: &[Check]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_must_be_readable_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("pc-doctor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = dir.join("hook.key");
+        std::fs::write(&key, "k\n").expect("write");
+        let text = format!(
+            "[[webhook]]\nurl = \"https://hooks.example/x\"\nsecret_file = \"{}\"\n",
+            key.display()
+        );
+        let cfg = Config::parse(&crate::config::Source::new("t.toml", &text)).expect("config");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let c = check_secrets(&cfg);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].level, Level::Ok, "{:?}", c[0].what);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let c = check_secrets(&cfg);
+        assert_eq!(c[0].level, Level::Fail, "{:?}", c[0].what);
+        assert!(c[0].what.contains("hook.key"), "{:?}", c[0].what);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn kernel_versions() {
