@@ -61,6 +61,25 @@ fn text(v: &[u8]) -> Value {
     }
 }
 
+/// The length of a value's JSON text, without building the text (the store serializes it
+/// again when it seals the record).
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing to a counter cannot fail, and a Value always serializes.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
 impl Recorder {
     pub fn new(store: Arc<Store>, session: i64) -> Self {
         let limit = store.config().recording_limit;
@@ -80,7 +99,7 @@ impl Recorder {
         if self.cut {
             return;
         }
-        let size = body.to_string().len();
+        let size = json_len(&body);
         if self.used + size > self.limit {
             self.cut(format!("recording limit of {} bytes reached", self.limit));
             return;
@@ -202,6 +221,12 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_is_the_length_of_the_text() {
+        let v = json!({"rows": [["a\"b", null, "é"]], "tag": "SELECT 1", "total": 1});
+        assert_eq!(json_len(&v), v.to_string().len());
+    }
 
     #[test]
     fn values_are_readable() {
