@@ -942,6 +942,14 @@ struct Stmt {
 }
 
 impl Stmt {
+    /// The decision event of a statement judged from its text (a Query or a Parse; an
+    /// Execute runs what its Parse decided and was logged then).
+    fn log(&self, judge: &JudgeCtx) {
+        if let ("query" | "parse", Some(j)) = (self.via, &self.judgement) {
+            log_decision(judge, &self.sql, j);
+        }
+    }
+
     fn record(&self, n: u64, session: i64, redact: bool) -> crate::store::Append {
         let (verdict, rule, kinds, masks) = match &self.judgement {
             Some(j) => (
@@ -1037,7 +1045,6 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => unmaskable(&st, judge, &j),
             };
-            log_decision(judge, &sql, &j);
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "query",
                 sql: sql.clone(),
@@ -1080,7 +1087,6 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => unmaskable(&st, judge, &j),
             };
-            log_decision(judge, &p.sql, &j);
             let sql: Arc<str> = p.sql.as_str().into();
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "parse",
@@ -1374,11 +1380,13 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         record_statements(&mut plans, &state, shared, ctx).await?;
         let mut out = BytesMut::new();
         let mut expects = Vec::new();
+        let mut judged = Vec::new();
         for p in plans {
             match p {
-                Plan::Forward(f, e, _) => {
+                Plan::Forward(f, e, stmt) => {
                     f.encode(&mut out);
                     expects.extend(e);
+                    judged.extend(stmt);
                 }
                 Plan::Inject(v) => {
                     for (f, e) in v {
@@ -1392,7 +1400,12 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if close {
             Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out);
         }
-        flush_up(&mut server, &state, out, expects, traffic).await?;
+        let sent = flush_up(&mut server, &state, out, expects, traffic).await;
+        // Decision events after the statements left: logging is off their latency.
+        for s in &judged {
+            s.log(judge);
+        }
+        sent?;
         if close {
             let _ = server.shutdown().await;
             return Ok(End::Closed);
@@ -1404,6 +1417,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             kind,
         }) = hold
         {
+            stmt.log(judge);
             // On record before anyone is asked; refused if it cannot be.
             let mut held = vec![Plan::Forward(frame, None, Some(stmt))];
             record_statements(&mut held, &state, shared, ctx).await?;
