@@ -805,6 +805,65 @@ action = "deny"
     }
 
     #[test]
+    fn a_shape_decision_follows_reloads_and_callers() {
+        use crate::policy::Verdict::{Allow, Deny};
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.toml");
+        let rule = |table: &str| {
+            format!(
+                "[[rule]]\nid = \"d\"\nagents = [\"claude\"]\n\
+                 sql = {{ kinds = [\"select\"], tables = [\"{table}\"] }}\naction = \"deny\"\n"
+            )
+        };
+        std::fs::write(&file, rule("secrets")).expect("write");
+        let mut c = cfg();
+        c.policy.dir = Some(dir.path().to_owned());
+        let store = PolicyStore::open(&c).expect("loads");
+        let who = |agent: &str| Subject {
+            agent: agent.into(),
+            ..Default::default()
+        };
+        let (claude, other) = (who("claude"), who("other"));
+        let verdict = |s: &Subject, id: u32| {
+            let sql = format!("SELECT v FROM accounts WHERE id = {id}");
+            let j = store.judge_sql(
+                store.class_of(s, "shop", "postgres"),
+                s,
+                "shop",
+                "postgres",
+                &sql,
+                LexOptions::default(),
+            );
+            let fresh = crate::policy::store::judge(
+                &store.current(),
+                s,
+                "shop",
+                "postgres",
+                &sql,
+                LexOptions::default(),
+            );
+            assert_eq!(j.classification, fresh.classification, "{sql}");
+            assert_eq!(j.decision, fresh.decision, "{sql} for {}", s.agent);
+            j.decision.verdict
+        };
+        for id in 1..6 {
+            assert_eq!(verdict(&claude, id), Allow);
+        }
+        assert_eq!(
+            store.cached_shape_decisions(),
+            1,
+            "one shape, one caller: one decision kept by shape"
+        );
+        std::fs::write(&file, rule("accounts")).expect("write");
+        store.reload(&c).expect("reloads");
+        // The same shape: decided again under the new policies, per caller.
+        for id in 6..12 {
+            assert_eq!(verdict(&claude, id), Deny);
+            assert_eq!(verdict(&other, id), Allow);
+        }
+    }
+
+    #[test]
     fn a_broken_reload_keeps_the_previous_policies() {
         let dir = tempfile::tempdir().expect("tmp");
         let file = dir.path().join("p.toml");

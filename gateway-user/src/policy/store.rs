@@ -36,6 +36,10 @@ pub struct PolicyStore {
     cache: DecisionCache,
     /// Classifications shared by statements that differ only in literals.
     shapes: super::sql::ShapeCache,
+    /// Judgements of known shapes by quick key: rules see a statement only through its
+    /// classification, so one shape, one caller class and one policy generation make one
+    /// decision.
+    shape_decisions: DecisionCache,
 }
 
 /// Loads the policies a configuration names; errors are every diagnostic.
@@ -56,6 +60,7 @@ impl PolicyStore {
             stats: ReloadStats::default(),
             cache: DecisionCache::new(cache_entries),
             shapes: Default::default(),
+            shape_decisions: DecisionCache::new(cache_entries),
         }
     }
 
@@ -132,15 +137,36 @@ impl PolicyStore {
         if let Some(j) = self.cache.get(generation, class, sql) {
             return j;
         }
+        let shape = super::sql::quick_key(sql, lex);
+        if let Some(k) = &shape
+            && let Some(j) = self.shape_decisions.get(generation, class, k)
+        {
+            return j;
+        }
         let set = self.current();
         let classification = classify_with(sql, lex, Some(&self.shapes));
         let j = Arc::new(decide(&set, subject, target, protocol, classification));
+        // A known shape, and this is the classification stored for it.
+        if let Some(k) = shape
+            && self.shapes.get(&k).is_some_and(
+                |c| matches!(j.classification.statements.as_slice(), [one] if *one == *c),
+            )
+        {
+            self.shape_decisions.put(generation, class, &k, j.clone());
+        }
+        // By text too: an exact repeat then costs no scan (a long statement's quick key is
+        // not free).
         self.cache.put(generation, class, sql, j.clone());
         j
     }
 
     pub fn cached_decisions(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Decisions kept by shape (see `shape_decisions`).
+    pub fn cached_shape_decisions(&self) -> usize {
+        self.shape_decisions.len()
     }
 }
 

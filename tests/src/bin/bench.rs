@@ -254,7 +254,7 @@ fn policy() {
         20,
     );
     println!(
-        "{:<34} {:>9.2} us {:>12}   (a new literal each call: the shape's classification is shared)",
+        "{:<34} {:>9.2} us {:>12}   (a new literal each call: the shape's classification and decision are shared)",
         "pgbench select, inlined values",
         inlined / 1000.0,
         "-"

@@ -168,6 +168,11 @@ pub fn classify(sql: &str, opts: LexOptions) -> Classification {
     classify_with(sql, opts, None)
 }
 
+/// The quick lexer's shape key of a message (see [`quick`]), `None` when it has none.
+pub fn quick_key(sql: &str, opts: LexOptions) -> Option<String> {
+    quick::key(&quick::scan(sql)?, opts.standard_conforming_strings)
+}
+
 /// Classifies a message, reusing the classification of a single statement of the same
 /// shape when `shapes` holds one and that is safe (see [`shapes`]).
 pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -> Classification {

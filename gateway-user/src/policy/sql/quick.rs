@@ -40,8 +40,8 @@ fn is_word(b: u8) -> bool {
 
 /// One past the closing quote of the `q`-quoted run (a string or a quoted identifier) that
 /// opens at `open`, with a doubled quote standing for itself. `None` when a prefix is glued
-/// to it (`E'..'`, `U&'..'`, `U&".."` are other kinds), at a backslash or `$` inside, or
-/// without a closing quote.
+/// to it (`E'..'`, `U&'..'`, `U&".."` are other kinds), at a backslash, NUL or `$` inside,
+/// or without a closing quote.
 fn quoted(b: &[u8], open: usize, q: u8) -> Option<usize> {
     if open > 0 && (is_word(b[open - 1]) || b[open - 1] == b'&') {
         return None;
@@ -51,7 +51,7 @@ fn quoted(b: &[u8], open: usize, q: u8) -> Option<usize> {
         match *b.get(i)? {
             c if c == q && b.get(i + 1) == Some(&q) => i += 2,
             c if c == q => return Some(i + 1),
-            b'\\' => return None,
+            b'\\' | 0 => return None,
             b'$' if q == b'"' => return None,
             _ => i += 1,
         }
@@ -150,28 +150,29 @@ pub fn key(pieces: &[Piece<'_>], scs: bool) -> Option<String> {
     if !pieces.iter().any(|p| matches!(p, Piece::Literal(_))) {
         return None;
     }
-    let mut k = String::with_capacity(2 + pieces.iter().map(|p| 4 + piece_len(p)).sum::<usize>());
+    let len: usize = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Code(t) => t.len() + 1,
+            Piece::Literal(k) => k.len() + 2,
+        })
+        .sum();
+    let mut k = String::with_capacity(2 + len);
     k.push('q');
     k.push(if scs { '1' } else { '0' });
+    // Each piece ends with NUL, which no piece holds (`scan` refuses it); a literal starts
+    // with \u{1}, which no code piece starts with. So no two piece sequences share a key.
     for p in pieces {
-        push_piece(&mut k, p);
+        match p {
+            Piece::Code(t) => k.push_str(t),
+            Piece::Literal(kind) => {
+                k.push('\u{1}');
+                k.push_str(kind);
+            }
+        }
+        k.push('\0');
     }
     Some(k)
-}
-
-fn piece_len(p: &Piece<'_>) -> usize {
-    match p {
-        Piece::Code(t) => t.len(),
-        Piece::Literal(k) => k.len(),
-    }
-}
-
-fn push_piece(k: &mut String, p: &Piece<'_>) {
-    use std::fmt::Write as _;
-    let _ = match p {
-        Piece::Code(t) => write!(k, "|{}:{t}", t.len()),
-        Piece::Literal(kind) => write!(k, "|?{kind}"),
-    };
 }
 
 /// Whether the full tokenizer read the statement into exactly these pieces.
@@ -277,6 +278,8 @@ mod tests {
             "select 1; drop table t",
             "select café",
             "select {1}",
+            "select 'a\0b'",
+            "select \"a\0b\" from t where x = 1",
             "select 1 \\g",
         ] {
             assert_eq!(scan(sql), None, "{sql:?} was scanned");
