@@ -500,25 +500,19 @@ mod tests {
 
     #[test]
     fn secrets_must_be_readable_and_private() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("pc-doctor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let key = dir.join("hook.key");
-        std::fs::write(&key, "k\n").expect("write");
+        let (_dir, key) = crate::secret::test_file("hook.key", "k\n", 0o600);
         let text = format!(
             "[[webhook]]\nurl = \"https://hooks.example/x\"\nsecret_file = \"{}\"\n",
             key.display()
         );
         let cfg = Config::parse(&crate::config::Source::new("t.toml", &text)).expect("config");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let c = check_secrets(&cfg);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].level, Level::Ok, "{:?}", c[0].what);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        crate::secret::set_mode(&key, 0o640);
         let c = check_secrets(&cfg);
         assert_eq!(c[0].level, Level::Fail, "{:?}", c[0].what);
         assert!(c[0].what.contains("hook.key"), "{:?}", c[0].what);
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -52,25 +52,34 @@ pub fn read(secret: &Secret) -> Result<String, SecretError> {
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
+/// A secret file with `mode` in a fresh temporary directory (which goes when dropped).
+#[cfg(test)]
+pub fn test_file(name: &str, text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).expect("write");
+    set_mode(&p, mode);
+    (dir, p)
+}
+
+#[cfg(test)]
+pub fn set_mode(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
-
     use super::*;
 
     #[test]
     fn a_file_must_be_private() {
-        let dir = std::env::temp_dir().join(format!("pc-secret-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let p = dir.join("s");
-        std::fs::write(&p, "hunter2\n").expect("write");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let (dir, p) = test_file("s", "hunter2\n", 0o600);
         assert_eq!(read(&Secret::File(p.clone())).expect("reads"), "hunter2");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        set_mode(&p, 0o644);
         let e = read(&Secret::File(p.clone())).expect_err("exposed");
         assert!(matches!(e, SecretError::Exposed { mode: 0o644, .. }), "{e}");
-        let e = read(&Secret::File(dir.join("absent"))).expect_err("absent");
+        let e = read(&Secret::File(dir.path().join("absent"))).expect_err("absent");
         assert!(e.to_string().contains("absent"), "{e}");
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
