@@ -105,6 +105,7 @@ impl crate::metrics::http::Probe for State {
             reloads_failed: self.policy.stats.failed.load(relaxed),
             rules: self.policy.current().rules.len(),
             cached_decisions: self.policy.cached_decisions(),
+            cached_shape_decisions: self.policy.cached_shape_decisions(),
             approvals_pending: self.approvals.pending().len(),
             grants: self.approvals.grants().len(),
             webhooks: self.approvals.webhook_counts(),
@@ -347,6 +348,7 @@ impl State {
                 .failed
                 .load(std::sync::atomic::Ordering::Relaxed),
             cached_decisions: self.policy.cached_decisions(),
+            cached_shape_decisions: self.policy.cached_shape_decisions(),
             default: set.default.as_str().to_owned(),
             on_parse_error: set.on_parse_error.as_str().to_owned(),
         };

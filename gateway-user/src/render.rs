@@ -51,7 +51,7 @@ pub fn status(s: &Status) -> String {
     let pol = &s.policy;
     let _ = writeln!(
         o,
-        "\npolicies   {} rules from {} ({} files), generation {}, reloads ok {} failed {}, default {}, on parse error {}, {} cached decisions",
+        "\npolicies   {} rules from {} ({} files), generation {}, reloads ok {} failed {}, default {}, on parse error {}, {} cached decisions, {} by shape",
         pol.rules,
         pol.source,
         pol.files.len(),
@@ -60,7 +60,8 @@ pub fn status(s: &Status) -> String {
         pol.reloads_failed,
         pol.default,
         pol.on_parse_error,
-        pol.cached_decisions
+        pol.cached_decisions,
+        pol.cached_shape_decisions
     );
     let p = &s.proxy;
     let listeners: Vec<String> = p.listeners.iter().map(ToString::to_string).collect();

@@ -179,6 +179,9 @@ pub struct PolicyStatus {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub cached_decisions: usize,
+    /// Decisions kept by statement shape (statements differing only in literals).
+    #[serde(default)]
+    pub cached_shape_decisions: usize,
     pub default: String,
     pub on_parse_error: String,
 }

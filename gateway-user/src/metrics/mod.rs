@@ -77,6 +77,7 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub policy_rules: IntGauge,
     pub policy_cached_decisions: IntGauge,
+    pub policy_cached_shape_decisions: IntGauge,
     pub approvals_pending: IntGauge,
     pub approval_grants: IntGauge,
     pub webhook_deliveries: IntCounterVec,
@@ -287,6 +288,11 @@ impl Metrics {
                 "portcullis_policy_cached_decisions",
                 "Decisions in the decision cache.",
             ),
+            policy_cached_shape_decisions: gauge(
+                &r,
+                "portcullis_policy_cached_shape_decisions",
+                "Decisions kept by statement shape.",
+            ),
             approvals_pending: gauge(
                 &r,
                 "portcullis_approvals_pending",
@@ -355,6 +361,7 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub rules: usize,
     pub cached_decisions: usize,
+    pub cached_shape_decisions: usize,
     pub approvals_pending: usize,
     pub grants: usize,
     pub webhooks: [(&'static str, u64); 3],
@@ -388,6 +395,8 @@ impl Snapshot {
         );
         m.policy_rules.set(self.rules as i64);
         m.policy_cached_decisions.set(self.cached_decisions as i64);
+        m.policy_cached_shape_decisions
+            .set(self.cached_shape_decisions as i64);
         m.approvals_pending.set(self.approvals_pending as i64);
         m.approval_grants.set(self.grants as i64);
         for (result, n) in &self.webhooks {
