@@ -18,7 +18,7 @@ use super::{
     eval::{PolicySet, evaluate},
     load::{self, Report},
     model::{Operation, Request, Subject},
-    sql::{Classification, LexOptions, classify, classify_with},
+    sql::{Classification, LexOptions, classify, classify_read},
 };
 use crate::config::{Config, ConfigError, Diagnostic};
 
@@ -137,22 +137,24 @@ impl PolicyStore {
         if let Some(j) = self.cache.get(generation, class, sql) {
             return j;
         }
-        let shape = super::sql::quick_key(sql, lex);
-        if let Some(k) = &shape
-            && let Some(j) = self.shape_decisions.get(generation, class, k)
+        // Read once with the quick lexer, for both the decision and the classification.
+        let quick = super::sql::quick::read(sql, lex.standard_conforming_strings);
+        if let Some(q) = &quick
+            && let Some(j) = self.shape_decisions.get(generation, class, &q.key)
         {
             return j;
         }
         let set = self.current();
-        let classification = classify_with(sql, lex, Some(&self.shapes));
+        let classification = classify_read(sql, lex, Some(&self.shapes), quick.as_ref());
         let j = Arc::new(decide(&set, subject, target, protocol, classification));
         // A known shape, and this is the classification stored for it.
-        if let Some(k) = shape
-            && self.shapes.get(&k).is_some_and(
+        if let Some(q) = &quick
+            && self.shapes.get(&q.key).is_some_and(
                 |c| matches!(j.classification.statements.as_slice(), [one] if *one == *c),
             )
         {
-            self.shape_decisions.put(generation, class, &k, j.clone());
+            self.shape_decisions
+                .put(generation, class, &q.key, j.clone());
         }
         // By text too: an exact repeat then costs no scan (a long statement's quick key is
         // not free).

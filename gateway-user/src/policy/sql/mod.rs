@@ -168,21 +168,23 @@ pub fn classify(sql: &str, opts: LexOptions) -> Classification {
     classify_with(sql, opts, None)
 }
 
-/// The quick lexer's shape key of a message (see [`quick`]), `None` when it has none.
-pub fn quick_key(sql: &str, opts: LexOptions) -> Option<String> {
-    quick::key(&quick::scan(sql)?, opts.standard_conforming_strings)
-}
-
 /// Classifies a message, reusing the classification of a single statement of the same
 /// shape when `shapes` holds one and that is safe (see [`shapes`]).
 pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -> Classification {
+    let quick = shapes.and_then(|_| quick::read(sql, opts.standard_conforming_strings));
+    classify_read(sql, opts, shapes, quick.as_ref())
+}
+
+/// [`classify_with`] for a caller that has already read `sql` with the quick lexer.
+pub fn classify_read(
+    sql: &str,
+    opts: LexOptions,
+    shapes: Option<&ShapeCache>,
+    quick: Option<&quick::Quick<'_>>,
+) -> Classification {
     // A known shape needs no full tokenization when the quick lexer reads the text.
-    let quick = shapes.and_then(|_| quick::scan(sql));
-    let quick_key = quick
-        .as_deref()
-        .and_then(|p| quick::key(p, opts.standard_conforming_strings));
-    if let (Some(cache), Some(k)) = (shapes, &quick_key)
-        && let Some(c) = cache.get(k)
+    if let (Some(cache), Some(q)) = (shapes, quick)
+        && let Some(c) = cache.get(&q.key)
     {
         return Classification {
             statements: vec![(*c).clone()],
@@ -202,8 +204,9 @@ pub fn classify_with(sql: &str, opts: LexOptions, shapes: Option<&ShapeCache>) -
         && let Some(key) = shapes::key(tokens, opts.standard_conforming_strings)
     {
         // The quick key is stored too only where both lexers read the same pieces.
-        let quick_key =
-            quick_key.filter(|_| quick.as_deref().is_some_and(|p| quick::agrees(p, tokens)));
+        let quick_key = quick
+            .filter(|q| quick::agrees(&q.pieces, tokens))
+            .map(|q| q.key.clone());
         return classify_shape(cache, key, quick_key, statements);
     }
     let mut out = Vec::with_capacity(statements.len());

@@ -30,6 +30,11 @@ fn is_operator(b: u8) -> bool {
     b"+-*/<>=~!@#%^&|`?".contains(&b)
 }
 
+/// The whitespace this scanner reads (others, like form feed, take the full path).
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 fn is_word_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_'
 }
@@ -67,13 +72,13 @@ pub fn scan(sql: &str) -> Option<Vec<Piece<'_>>> {
         let c = b[i];
         let start = i;
         match c {
-            b' ' | b'\t' | b'\n' | b'\r' => {
+            c if is_space(c) => {
                 i += 1;
                 continue;
             }
             b';' => {
                 // Only as the last thing in the text: several statements take the full path.
-                if !b[i + 1..].iter().all(|c| c.is_ascii_whitespace()) {
+                if !b[i + 1..].iter().all(|&c| is_space(c)) {
                     return None;
                 }
                 break;
@@ -142,6 +147,20 @@ pub fn scan(sql: &str) -> Option<Vec<Piece<'_>>> {
         out.push(Piece::Code(&sql[start..i]));
     }
     Some(out)
+}
+
+/// A statement as the quick lexer read it: its pieces and its shape key.
+pub struct Quick<'a> {
+    pub pieces: Vec<Piece<'a>>,
+    pub key: String,
+}
+
+/// Reads `sql` once for both uses of a quick key (the decision and the classification
+/// caches); `None` outside the subset or without a literal.
+pub fn read(sql: &str, scs: bool) -> Option<Quick<'_>> {
+    let pieces = scan(sql)?;
+    let key = key(&pieces, scs)?;
+    Some(Quick { pieces, key })
 }
 
 /// The shape key of the pieces (`None` without a literal: the exact-text cache serves
@@ -275,6 +294,8 @@ mod tests {
             "select 'unterminated",
             "select \"unterminated",
             "select 1; select 2",
+            "select 1;\x0c",
+            "select\x0c1",
             "select 1; drop table t",
             "select café",
             "select {1}",
