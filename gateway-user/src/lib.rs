@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod digest;
 pub mod doctor;
 pub mod ebpf;
 pub mod exec;

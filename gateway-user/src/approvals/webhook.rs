@@ -150,15 +150,9 @@ fn slack_text(event: &str, d: &Value) -> String {
 /// The signature header's value for a body sent at `timestamp` (seconds since the epoch):
 /// `sha256=` and the hex HMAC-SHA256, under the hook's secret, of `"{timestamp}." + body`.
 pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    use hmac::Mac as _;
-    // HMAC accepts keys of any length: new_from_slice cannot fail.
-    let mut m = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!());
-    m.update(timestamp.to_string().as_bytes());
-    m.update(b".");
-    m.update(body);
-    let mac = m.finalize().into_bytes();
-    format!("sha256={}", crate::store::chain::hex(&mac))
+    let ts = timestamp.to_string();
+    let mac = crate::digest::hmac_sha256(secret, &[ts.as_bytes(), b".", body]);
+    format!("sha256={}", crate::digest::hex(&mac))
 }
 
 /// The headers of one attempt: none without a secret, else the attempt's time and the

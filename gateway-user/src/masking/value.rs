@@ -13,9 +13,6 @@
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use std::sync::LazyLock;
 
 use super::{
@@ -94,11 +91,7 @@ impl Masker {
     }
 
     fn hmac_hex(&self, value: &[u8]) -> String {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        m.update(value);
-        let out = m.finalize().into_bytes();
-        out[..16].iter().map(|b| format!("{b:02x}")).collect()
+        crate::digest::hex(&crate::digest::hmac_sha256(&self.key, &[value])[..16])
     }
 
     /// The replacement text for `value` (`None` = SQL NULL).

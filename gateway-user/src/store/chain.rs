@@ -91,15 +91,7 @@ pub enum Break {
     Hash { seq: i64 },
 }
 
-pub fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(char::from(DIGITS[usize::from(x >> 4)]));
-        s.push(char::from(DIGITS[usize::from(x & 15)]));
-    }
-    s
-}
+pub use crate::digest::hex;
 
 /// Checks rows in sequence order.
 pub fn verify(start: Start, rows: impl IntoIterator<Item = Row>) -> Result<Verified, Break> {
@@ -150,11 +142,6 @@ mod tests {
                 }
             })
             .collect()
-    }
-
-    #[test]
-    fn hex_is_lower_case_two_digits_a_byte() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
     }
 
     #[test]

@@ -6,14 +6,14 @@
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use bytes::{BufMut, BytesMut};
-use hmac::{Hmac, Mac};
+use hmac::Hmac;
 use sha2::{Digest, Sha256};
 
 use super::{
     codec::{Frame, put_cstr},
     messages::fe,
 };
-use crate::config::Credentials;
+use crate::{config::Credentials, digest::hex};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -43,10 +43,6 @@ pub fn password_message(password: &str) -> Frame {
     Frame::new(fe::PASSWORD, b.freeze())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// `md5` + md5(md5(password + user) + salt), in hex.
 pub fn md5_response(user: &str, password: &str, salt: &[u8]) -> String {
     let inner = hex(&md5::Md5::digest(
@@ -57,10 +53,7 @@ pub fn md5_response(user: &str, password: &str, salt: &[u8]) -> String {
 }
 
 fn hmac(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    // HMAC accepts keys of any length: new_from_slice cannot fail.
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    m.update(msg);
-    m.finalize().into_bytes().to_vec()
+    crate::digest::hmac_sha256(key, &[msg]).to_vec()
 }
 
 /// A SCRAM-SHA-256 exchange without channel binding.
