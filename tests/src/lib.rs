@@ -808,6 +808,18 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Runs `cmd` and returns its stdout, trimmed; the test fails, naming `what` and showing
+/// stderr, when it cannot start or does not succeed.
+pub fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Runs `cmd` with `input` on its stdin; returns what it printed and how it ended.
 pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
     use std::io::Write as _;

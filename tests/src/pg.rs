@@ -195,27 +195,20 @@ impl Pg {
     /// Runs SQL as the superuser over the Unix socket (never intercepted), returning
     /// psql's unaligned output.
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(pg_bin().join("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-h",
-            ])
-            .arg(&self.socket_dir)
-            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "superuser SQL failed: {sql}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        let mut cmd = Command::new(pg_bin().join("psql"));
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-h",
+        ])
+        .arg(&self.socket_dir)
+        .args(["-p", &self.port.to_string(), "-d", db, "-c", sql]);
+        crate::stdout_of(&mut cmd, &format!("superuser SQL {sql}"))
     }
 
     /// The server's log so far.

@@ -407,8 +407,8 @@ fn check_signature(e: &Value, key: &str) {
         .as_secs();
     let age = now.abs_diff(ts.parse::<u64>().expect("a number"));
     assert!(age < 120, "timestamp {ts} is {age} s from now");
-    let out = std::process::Command::new("python3")
-        .args([
+    let want = portcullis_tests::stdout_of(
+        std::process::Command::new("python3").args([
             "-c",
             "import hmac, hashlib, sys; \
              print('sha256=' + hmac.new(sys.argv[1].encode(), \
@@ -416,17 +416,12 @@ fn check_signature(e: &Value, key: &str) {
             key,
             ts,
             e["_raw"].as_str().expect("raw body"),
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "python3 hmac",
     );
     assert_eq!(
         h["x-portcullis-signature"].as_str(),
-        Some(String::from_utf8_lossy(&out.stdout).trim()),
+        Some(want.as_str()),
         "{e}"
     );
 }

@@ -15,22 +15,15 @@ use portcullis_tests::{
         Pgw, logged_numbers, pgbench_load, psql_cmd, psql_script, recorded_numbers, text,
         wait_load, world_full, world_with,
     },
-    portcullis_as, portcullis_json, workspace_bin,
+    portcullis_as, portcullis_json, stdout_of, workspace_bin,
 };
 use serde_json::Value;
 
 fn sqlite(db: &Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("sqlite3 (apt install sqlite3)");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    stdout_of(
+        Command::new("sqlite3").arg(db).arg(sql),
+        &format!("sqlite3 {sql} (apt install sqlite3)"),
+    )
 }
 
 fn verify_file(cfg: &Path, db: &Path) -> (Value, String) {
