@@ -97,6 +97,16 @@ fn template() -> &'static Path {
                     "--locale=C",
                 ]),
         );
+        // The test harness leaves through exit(), which runs this; a killed run's
+        // template is swept by the next one.
+        extern "C" fn remove_template() {
+            if let Some(dir) = T.get() {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+        // SAFETY: atexit only stores the pointer of a function that takes and returns
+        // nothing.
+        unsafe { libc::atexit(remove_template) };
         dir
     })
 }
