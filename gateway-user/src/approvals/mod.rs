@@ -31,7 +31,7 @@ use crate::{
         BoxFuture,
         postgres::approval::{ApprovalOutcome, ApprovalRequest, Approver, Notify},
     },
-    store::{Append, Store, now_us},
+    store::{Append, Json, Store, now_us},
 };
 
 /// A request as listed by `portcullis approvals`.
@@ -154,7 +154,7 @@ impl Approvals {
         g.iter().map(|x| x.view.clone()).collect()
     }
 
-    fn record(&self, session: i64, kind: &'static str, body: serde_json::Value) {
+    fn record(&self, session: i64, kind: &'static str, body: Json) {
         if let Err(e) = self.store.append(Append {
             session,
             kind,
@@ -188,14 +188,14 @@ impl Approvals {
             recs.push(Append {
                 session: view.session,
                 kind: "grant_created",
-                body: serde_json::to_value(g).unwrap_or_default(),
+                body: Json::of(g),
                 at_us: now_us(),
             });
         }
         recs.push(Append {
             session: view.session,
             kind: "approval_decided",
-            body: json!({"id": id, "outcome": "approved", "by": by.name, "uid": by.uid, "grant": grant.as_ref().map(|g| g.id.clone())}),
+            body: json!({"id": id, "outcome": "approved", "by": by.name, "uid": by.uid, "grant": grant.as_ref().map(|g| g.id.clone())}).into(),
             at_us: now_us(),
         });
         // The answer is on record before the statement can run.
@@ -227,7 +227,7 @@ impl Approvals {
             .append_durable(vec![Append {
                 session: view.session,
                 kind: "approval_decided",
-                body: json!({"id": id, "outcome": "denied", "by": by.name, "uid": by.uid, "reason": reason}),
+                body: json!({"id": id, "outcome": "denied", "by": by.name, "uid": by.uid, "reason": reason}).into(),
                 at_us: now_us(),
             }])
             .await
@@ -300,7 +300,8 @@ impl Approvals {
                 .append_durable(vec![Append {
                     session: req.session,
                     kind: "grant_used",
-                    body: json!({"grant": g.id, "rule": g.rule, "statement": shown, "by": g.by}),
+                    body: json!({"grant": g.id, "rule": g.rule, "statement": shown, "by": g.by})
+                        .into(),
                     at_us: now_us(),
                 }])
                 .await;
@@ -340,7 +341,7 @@ impl Approvals {
             .append_durable(vec![Append {
                 session: req.session,
                 kind: "approval_requested",
-                body: serde_json::to_value(&recorded).unwrap_or_default(),
+                body: Json::of(&recorded),
                 at_us: now_us(),
             }])
             .await;
@@ -401,7 +402,7 @@ impl Approvals {
                     self.record(
                         req.session,
                         "approval_decided",
-                        json!({"id": id, "outcome": "expired", "reason": format!("no decision within {}", humantime::format_duration(timeout))}),
+                        json!({"id": id, "outcome": "expired", "reason": format!("no decision within {}", humantime::format_duration(timeout))}).into(),
                     );
                     self.webhooks.send(
                         "approval_decided",
@@ -450,7 +451,8 @@ impl Drop for Withdraw {
             self.approvals.record(
                 self.session,
                 "approval_decided",
-                json!({"id": self.id, "outcome": "withdrawn", "reason": "the client disconnected"}),
+                json!({"id": self.id, "outcome": "withdrawn", "reason": "the client disconnected"})
+                    .into(),
             );
             self.approvals.webhooks.send(
                 "approval_decided",

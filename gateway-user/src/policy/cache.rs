@@ -25,6 +25,9 @@ pub const MAX_CACHED_LEN: usize = 8 * 1024;
 pub struct Judgement {
     pub classification: Classification,
     pub decision: Decision,
+    /// The names of the statement kinds, in order: what records and decision events
+    /// show, worked out once per judgement (cached judgements share it).
+    pub kind_names: Vec<String>,
 }
 
 /// The caller's class, computed once per session.

@@ -202,6 +202,7 @@ fn decide(
         },
     );
     Judgement {
+        kind_names: classification.kinds().iter().map(|k| k.name()).collect(),
         classification,
         decision,
     }

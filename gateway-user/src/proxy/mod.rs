@@ -376,7 +376,8 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
             "bytes_up": up,
             "bytes_down": down,
             "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        }),
+        })
+        .into(),
         at_us: crate::store::now_us(),
     }) {
         tracing::error!(session = ctx.session, error = %e, "cannot record the end of a session");
@@ -411,7 +412,8 @@ fn session_start(
             "container": who.cgroup_info.container_id,
             "client": peer.to_string(),
             "dst": dst.to_string(),
-        }),
+        })
+        .into(),
         at_us: crate::store::now_us(),
     }
 }

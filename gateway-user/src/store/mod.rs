@@ -151,8 +151,59 @@ pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Append {
     pub session: i64,
     pub kind: &'static str,
-    pub body: Value,
+    pub body: Json,
     pub at_us: i64,
+}
+
+/// A record's body as the compact JSON text that is stored, hashed into the chain and
+/// spooled. Records on the statement path are serialized straight from borrowed fields
+/// ([`Json::of`]); building a [`Value`] first and serializing it costs an allocation per
+/// field and a second pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Json(String);
+
+impl Json {
+    pub fn of<T: serde::Serialize + ?Sized>(v: &T) -> Self {
+        // Serializing to a string fails only for maps with non-string keys, which no
+        // record has.
+        Self(serde_json::to_string(v).unwrap_or_else(|_| "null".into()))
+    }
+
+    /// Text put together by the caller from pieces serde_json wrote: it must be one JSON
+    /// value (a record's body is checked by nothing else before it is hashed and stored).
+    pub fn assembled(text: Vec<u8>) -> Self {
+        debug_assert!(
+            serde_json::from_slice::<serde::de::IgnoredAny>(&text).is_ok(),
+            "not JSON: {}",
+            String::from_utf8_lossy(&text)
+        );
+        Self(
+            String::from_utf8(text)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl From<Value> for Json {
+    fn from(v: Value) -> Self {
+        Self(v.to_string())
+    }
 }
 
 pub struct Store {
@@ -417,14 +468,7 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
     }
     let (rows, problem) = spool::continuing(&mut head, d.rows);
     let n = rows.len();
-    let batch: Vec<spool::Sealed> = rows
-        .into_iter()
-        .map(|row| spool::Sealed {
-            body: serde_json::from_str(&row.body).unwrap_or(Value::Null),
-            row,
-        })
-        .collect();
-    writer::insert(conn, &batch)
+    writer::insert(conn, &rows)
         .and_then(|()| writer::checkpoint(conn))
         .map_err(|e| {
             format!(
@@ -502,7 +546,7 @@ mod tests {
         Append {
             session,
             kind,
-            body,
+            body: body.into(),
             at_us: now_us(),
         }
     }

@@ -20,8 +20,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde_json::Value;
-
 use super::{
     Append, Head, StoreError,
     chain::{self, Row},
@@ -32,20 +30,14 @@ pub fn path_for(db: &Path) -> PathBuf {
     PathBuf::from(format!("{}.spool", db.display()))
 }
 
-/// A record with its place in the chain, and its body as a value for the listing tables.
-pub struct Sealed {
-    pub row: Row,
-    pub body: Value,
-}
-
 /// Gives `records` their sequence numbers and hashes after `head` (which moves on), and
 /// appends their lines to `out`.
-pub fn seal(head: &mut Head, records: Vec<Append>, out: &mut Vec<u8>) -> Vec<Sealed> {
+pub fn seal(head: &mut Head, records: Vec<Append>, out: &mut Vec<u8>) -> Vec<Row> {
     records
         .into_iter()
         .map(|a| {
             let seq = head.seq + 1;
-            let text = a.body.to_string();
+            let text = a.body.into_string();
             let hash = chain::record_hash(&head.hash, seq, a.at_us, a.session, a.kind, &text);
             *head = Head { seq, hash };
             let row = Row {
@@ -57,7 +49,7 @@ pub fn seal(head: &mut Head, records: Vec<Append>, out: &mut Vec<u8>) -> Vec<Sea
                 hash: hash.to_vec(),
             };
             encode(&row, out);
-            Sealed { row, body: a.body }
+            row
         })
         .collect()
 }
@@ -186,7 +178,7 @@ pub struct Spool {
     /// The last record sealed and spooled.
     pub head: Head,
     /// Spooled and not yet in the database, in sequence order.
-    pub unsaved: Vec<Sealed>,
+    pub unsaved: Vec<Row>,
     /// Why the database cannot take records now; new records are refused while it lasts.
     pub blocked: Option<String>,
 }
@@ -294,7 +286,8 @@ mod tests {
             .map(|i| Append {
                 session: 7,
                 kind: "statement",
-                body: json!({"sql": format!("SELECT {i}\twith a tab\nand a line feed"), "n": i}),
+                body: json!({"sql": format!("SELECT {i}\twith a tab\nand a line feed"), "n": i})
+                    .into(),
                 at_us: 1_000 + i,
             })
             .collect()
@@ -304,12 +297,11 @@ mod tests {
     fn sealed_lines_decode_to_the_same_chain() {
         let mut head = Head::default();
         let mut out = Vec::new();
-        let sealed = seal(&mut head, appends(3), &mut out);
+        let rows = seal(&mut head, appends(3), &mut out);
         assert_eq!(head.seq, 3);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 3);
         let d = decode(&out);
         assert_eq!((d.torn, d.bad.is_none()), (0, true));
-        let rows: Vec<Row> = sealed.into_iter().map(|s| s.row).collect();
         assert_eq!(d.rows, rows);
         let v = chain::verify(chain::Start::default(), d.rows).expect("a chain");
         assert_eq!(v.head_seq, Some(3));
@@ -342,10 +334,7 @@ mod tests {
     fn continuing_skips_what_the_database_has_and_stops_at_a_change() {
         let mut head = Head::default();
         let mut out = Vec::new();
-        let rows: Vec<Row> = seal(&mut head, appends(4), &mut out)
-            .into_iter()
-            .map(|s| s.row)
-            .collect();
+        let rows = seal(&mut head, appends(4), &mut out);
         let at2 = Head {
             seq: 2,
             hash: rows[1].hash.clone().try_into().expect("32"),

@@ -30,10 +30,7 @@ use rusqlite::{Connection, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{
-    Append, Head, StoreError, StoreStats, chain,
-    spool::{Sealed, Spool},
-};
+use super::{Append, Head, StoreError, StoreStats, chain, chain::Row, spool::Spool};
 use crate::config::Durability;
 
 /// Most records taken from the queue for one spool write (`strict`).
@@ -185,7 +182,7 @@ pub fn read_head(c: &Connection) -> rusqlite::Result<Head> {
 }
 
 /// Inserts spooled records into the database in one transaction, with the listing tables.
-pub fn insert(conn: &Connection, batch: &[Sealed]) -> rusqlite::Result<()> {
+pub fn insert(conn: &Connection, batch: &[Row]) -> rusqlite::Result<()> {
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     let r = (|| {
         let mut ins = conn.prepare_cached(
@@ -193,19 +190,19 @@ pub fn insert(conn: &Connection, batch: &[Sealed]) -> rusqlite::Result<()> {
         )?;
         // Statements per session and verdict, one update per session and batch.
         let mut tally: std::collections::HashMap<i64, [i64; 4]> = Default::default();
-        for s in batch {
-            let r = &s.row;
+        for r in batch {
             ins.execute(params![r.seq, r.at_us, r.session, r.kind, r.body, r.hash])?;
             if r.kind == "statement" {
-                let column = match s.body.get("verdict").and_then(Value::as_str) {
+                let column = match verdict_of(&r.body).as_deref() {
                     Some("deny") => 2,
                     Some("mask") => 1,
                     Some("require_approval") => 3,
                     _ => 0,
                 };
                 tally.entry(r.session).or_default()[column] += 1;
-            } else {
-                index(conn, r.session, r.at_us, &r.kind, &s.body)?;
+            } else if INDEXED.contains(&r.kind.as_str()) {
+                let body = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+                index(conn, r.session, r.at_us, &r.kind, &body)?;
             }
         }
         let mut upd = conn.prepare_cached(
@@ -230,6 +227,27 @@ pub fn insert(conn: &Connection, batch: &[Sealed]) -> rusqlite::Result<()> {
 pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
+
+/// The verdict of a statement record, read without building the whole body.
+fn verdict_of(body: &str) -> Option<std::borrow::Cow<'_, str>> {
+    #[derive(serde::Deserialize)]
+    struct Verdict<'a> {
+        #[serde(borrow)]
+        verdict: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Verdict>(body).ok()?.verdict
+}
+
+/// Kinds of record that [`index`] copies into the listing tables.
+const INDEXED: [&str; 7] = [
+    "session_start",
+    "identity",
+    "session_end",
+    "approval_requested",
+    "approval_decided",
+    "grant_created",
+    "grant_used",
+];
 
 /// Keeps the listing tables in step with the records.
 fn index(
@@ -271,8 +289,6 @@ fn index(
             )?
             .execute(params![session, at_us, s("end")])?;
         }
-        // Counted per batch: see `insert`.
-        "statement" => {}
         "approval_requested" => {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO approvals (id, session, created_us, expires_us, agent, target, uid, rule, statement, state) \
@@ -535,7 +551,8 @@ impl Writer {
                     "id": id,
                     "outcome": "expired",
                     "reason": "the daemon restarted while the request was pending",
-                }),
+                })
+                .into(),
                 at_us: super::now_us(),
             })
             .collect();
@@ -611,7 +628,8 @@ impl Writer {
                         "anchor_hash": chain::hex(&prev),
                         "records": n,
                         "before_us": before_us,
-                    }),
+                    })
+                    .into(),
                     at_us: super::now_us(),
                 }]);
                 if let Err(e) = r {
@@ -626,5 +644,28 @@ impl Writer {
                 Err(StoreError::Write(e.to_string()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_is_read_from_the_record_not_from_its_statement() {
+        let body = serde_json::json!({
+            "sql": "SELECT '\"verdict\":\"deny\"', $${\"verdict\": \"mask\"}$$",
+            "verdict": "allow",
+            "kinds": ["select"],
+        })
+        .to_string();
+        assert_eq!(verdict_of(&body).as_deref(), Some("allow"));
+        assert_eq!(verdict_of(r#"{"n":1}"#), None);
+        assert_eq!(verdict_of("not json"), None);
+        // Escapes in the verdict itself are undone.
+        assert_eq!(
+            verdict_of(r#"{"verdict":"requ\u0069re_approval"}"#).as_deref(),
+            Some("require_approval")
+        );
     }
 }

@@ -519,7 +519,8 @@ fn stmt_record(n: u64) -> portcullis::store::Append {
             "n": n, "via": "query", "sql": format!("SELECT abalance FROM pgbench_accounts WHERE aid = {n};"),
             "redacted": false, "name": null, "verdict": "mask", "rule": "mask-pii-columns",
             "kinds": ["select"], "masks": ["mask-pii-columns"], "refused": null,
-        }),
+        })
+        .into(),
         at_us: portcullis::store::now_us(),
     }
 }

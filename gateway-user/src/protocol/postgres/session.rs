@@ -661,7 +661,7 @@ async fn client_token<R: AsyncRead + AsyncWrite + Unpin>(
                 .append(crate::store::Append {
                     session: ctx.session,
                     kind: "identity",
-                    body: serde_json::json!({ "oidc": &*id }),
+                    body: serde_json::json!({ "oidc": &*id }).into(),
                     at_us: crate::store::now_us(),
                 })
                 .map_err(|e| PgError::Store(format!("cannot record the token's identity: {e}")))?;
@@ -951,61 +951,56 @@ impl Stmt {
     }
 
     fn record(&self, n: u64, session: i64, redact: bool) -> crate::store::Append {
-        let (verdict, rule, kinds, masks) = match &self.judgement {
-            Some(j) => (
-                if self.refused.is_some() {
-                    "deny"
-                } else {
-                    j.decision.verdict.as_str()
-                },
-                self.refused
-                    .as_ref()
-                    .map_or_else(|| j.decision.rule.clone(), |d| d.rule.clone()),
-                j.classification
-                    .kinds()
-                    .iter()
-                    .map(|k| k.name())
-                    .collect::<Vec<_>>(),
-                j.decision
-                    .masks
-                    .iter()
-                    .map(|m| m.rule.clone())
-                    .collect::<Vec<_>>(),
-            ),
-            None => (
-                "deny",
-                self.refused
-                    .as_ref()
-                    .map(|d| d.rule.clone())
-                    .unwrap_or_default(),
-                Vec::new(),
-                Vec::new(),
-            ),
+        // Serialized straight from borrowed fields, keys in alphabetical order (the order
+        // the records always had).
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            kinds: &'a [String],
+            masks: Vec<&'a str>,
+            n: u64,
+            name: Option<&'a str>,
+            redacted: bool,
+            refused: Option<&'a str>,
+            rule: &'a str,
+            sql: &'a str,
+            verdict: &'a str,
+            via: &'a str,
+        }
+        let refused = self.refused.as_ref();
+        let j = self.judgement.as_deref();
+        let verdict = match j {
+            Some(j) if refused.is_none() => j.decision.verdict.as_str(),
+            _ => "deny",
         };
-        let redact = redact
-            || self
-                .judgement
-                .as_ref()
-                .is_some_and(|j| j.decision.redact_literals);
+        let rule = match (refused, j) {
+            (Some(d), _) => d.rule.as_str(),
+            (None, Some(j)) => j.decision.rule.as_str(),
+            (None, None) => "",
+        };
+        let redact = redact || j.is_some_and(|j| j.decision.redact_literals);
+        let redacted_sql;
         let sql = if redact {
-            crate::store::redact::redact_literals(&self.sql)
+            redacted_sql = crate::store::redact::redact_literals(&self.sql);
+            redacted_sql.as_str()
         } else {
-            self.sql.to_string()
+            &self.sql
         };
         crate::store::Append {
             session,
             kind: "statement",
-            body: serde_json::json!({
-                "n": n,
-                "via": self.via,
-                "sql": sql,
-                "redacted": redact,
-                "name": self.name,
-                "verdict": verdict,
-                "rule": rule,
-                "kinds": kinds,
-                "masks": masks,
-                "refused": self.refused.as_ref().map(|d| d.message.clone()),
+            body: crate::store::Json::of(&Body {
+                kinds: j.map_or(&[], |j| j.kind_names.as_slice()),
+                masks: j.map_or_else(Vec::new, |j| {
+                    j.decision.masks.iter().map(|m| m.rule.as_str()).collect()
+                }),
+                n,
+                name: self.name.as_deref(),
+                redacted: redact,
+                refused: refused.map(|d| d.message.as_str()),
+                rule,
+                sql,
+                verdict,
+                via: self.via,
             }),
             at_us: crate::store::now_us(),
         }
@@ -1275,14 +1270,13 @@ fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
     if !tracing::enabled!(target: "portcullis::audit", tracing::Level::INFO) {
         return;
     }
-    let kinds: Vec<String> = j.classification.kinds().iter().map(|k| k.name()).collect();
     tracing::info!(
         target: "portcullis::audit",
         verdict = d.verdict.as_str(),
         rule = %d.rule,
         agent.name = %judge.subject.agent,
         target.name = %judge.target,
-        kinds = %kinds.join(","),
+        kinds = %j.kind_names.join(","),
         statement = %judge.shown(sql, d),
         "decision"
     );
