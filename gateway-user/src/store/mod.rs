@@ -359,9 +359,14 @@ impl Store {
             self.send(writer::Op::Append(records, Some(ack)))?;
             return wait.await.unwrap_or(Err(StoreError::Closed));
         }
+        // The usual case: there is room, and no waiter is registered for it.
+        let mut records = match self.try_append(records) {
+            Ok(r) => return r,
+            Err(back) => back,
+        };
         // A full spool (the database behind) holds the caller back, up to QUEUE_WAIT.
+        // Registered before each try, so a turn between the try and the wait is not missed.
         let waited = std::time::Instant::now();
-        let mut records = records;
         loop {
             let turned = self.turned.notified();
             tokio::pin!(turned);
