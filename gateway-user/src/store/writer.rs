@@ -200,9 +200,8 @@ pub fn insert(conn: &Connection, batch: &[Row]) -> rusqlite::Result<()> {
                     _ => 0,
                 };
                 tally.entry(r.session).or_default()[column] += 1;
-            } else if INDEXED.contains(&r.kind.as_str()) {
-                let body = serde_json::from_str(&r.body).unwrap_or(Value::Null);
-                index(conn, r.session, r.at_us, &r.kind, &body)?;
+            } else {
+                index(conn, r)?;
             }
         }
         let mut upd = conn.prepare_cached(
@@ -238,28 +237,17 @@ fn verdict_of(body: &str) -> Option<std::borrow::Cow<'_, str>> {
     serde_json::from_str::<Verdict>(body).ok()?.verdict
 }
 
-/// Kinds of record that [`index`] copies into the listing tables.
-const INDEXED: [&str; 7] = [
-    "session_start",
-    "identity",
-    "session_end",
-    "approval_requested",
-    "approval_decided",
-    "grant_created",
-    "grant_used",
-];
-
-/// Keeps the listing tables in step with the records.
-fn index(
-    conn: &Connection,
-    session: i64,
-    at_us: i64,
-    kind: &str,
-    b: &Value,
-) -> rusqlite::Result<()> {
-    let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
-    let i = |k: &str| b.get(k).and_then(Value::as_i64);
-    match kind {
+/// Keeps the listing tables in step with the records. The body is parsed only for the
+/// kinds that are copied.
+fn index(conn: &Connection, r: &Row) -> rusqlite::Result<()> {
+    let (session, at_us) = (r.session, r.at_us);
+    let parsed = std::cell::OnceCell::new();
+    let b = || -> &Value {
+        parsed.get_or_init(|| serde_json::from_str(&r.body).unwrap_or(Value::Null))
+    };
+    let s = |k: &str| b().get(k).and_then(Value::as_str).map(str::to_owned);
+    let i = |k: &str| b().get(k).and_then(Value::as_i64);
+    match r.kind.as_str() {
         "session_start" => {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO sessions (id, started_us, agent, target, protocol, uid, user, pid, exe, unit) \
@@ -279,7 +267,7 @@ fn index(
             ])?;
         }
         "identity" => {
-            let sub = b.pointer("/oidc/sub").and_then(Value::as_str);
+            let sub = b().pointer("/oidc/sub").and_then(Value::as_str);
             conn.prepare_cached("UPDATE sessions SET oidc_sub = ?2 WHERE id = ?1")?
                 .execute(params![session, sub])?;
         }

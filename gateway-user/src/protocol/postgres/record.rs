@@ -62,11 +62,7 @@ fn text(v: &[u8]) -> Cow<'_, str> {
             }
         }
         _ => {
-            let shown: String = v
-                .iter()
-                .take(MAX_VALUE / 2)
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let shown = crate::digest::hex(&v[..v.len().min(MAX_VALUE / 2)]);
             Cow::Owned(if v.len() > MAX_VALUE / 2 {
                 format!("\\x{shown}… ({} bytes)", v.len())
             } else {
@@ -298,17 +294,9 @@ mod tests {
     }
 
     fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut b = (values.len() as i16).to_be_bytes().to_vec();
-        for v in values {
-            match v {
-                Some(v) => {
-                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    b.extend_from_slice(v);
-                }
-                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
-        b
+        messages::encode_data_row(values.iter().copied())
+            .body
+            .to_vec()
     }
 
     fn complete_body(tag: &str) -> Vec<u8> {
