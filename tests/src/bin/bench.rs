@@ -301,7 +301,8 @@ const PG_ROUNDS: usize = 3;
 const PG_SECS: u32 = 5;
 
 /// `pg-profile [simple|prepared] [clients] [secs]`: the Portcullis path only, for a
-/// profiler; prints the daemon's pid and waits 3 s before starting.
+/// profiler; prints the daemon's pid and waits 3 s before starting. `PC_PROFILE_METRICS=1`
+/// prints the mean time a statement spent in the gate and at the server.
 fn pg_profile(args: &[String]) {
     let mode = args.first().map_or("simple", String::as_str);
     let clients: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
@@ -332,7 +333,100 @@ fn pg_profile(args: &[String]) {
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (tps, lat) = pgbench(&env, &agent, pg.port, mode, clients, secs);
+    if std::env::var("PC_PROFILE_METRICS").is_ok() {
+        let t = StatementTimes::read(&daemon);
+        println!(
+            "mean us per statement: in the daemon {:.1}, at the server {:.1}, gate {:.1}",
+            t.statement_us(),
+            t.upstream_us(),
+            t.gate_us()
+        );
+    }
     println!("portcullis {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
+}
+
+/// `intercept-profile [rate|latency|connect] [clients|bytes] [secs]`: the intercepted path
+/// only, for a profiler; prints the daemon's pid and waits 3 s before starting.
+/// `PC_PROFILE_LOG=1` prints the daemon's log at the end.
+fn intercept_profile(args: &[String]) {
+    let what = args.first().map_or("rate", String::as_str);
+    let clients = args.get(1).map_or("1", String::as_str);
+    let secs = args.get(2).map_or("10", String::as_str);
+    let env = Env::new();
+    let agent = env.cgroup("agents/bench");
+    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
+    let cfg = env.config(
+        "",
+        &agents_and_target(
+            &[("bench", &format!("cgroup = \"{agent}\""))],
+            &[format!("127.0.0.2:{}", echo.port)],
+        ),
+    );
+    let daemon = Daemon::start(&cfg);
+    println!("daemon pid {}", daemon.child.id());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let target = echo.addr4().to_string();
+    let r = if what == "connect" {
+        probe(&env, &agent, None, &["connect", &target, clients])
+    } else if what == "latency" {
+        let n = (secs.parse::<u64>().unwrap_or(10) * 10_000).to_string();
+        probe(&env, &agent, None, &["latency", &target, &n])
+    } else {
+        probe(&env, &agent, None, &["rate", &target, secs, clients])
+    };
+    if std::env::var("PC_PROFILE_LOG").is_ok() {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        eprintln!("{}", daemon.logs.tail());
+    }
+    println!("{r}");
+}
+
+/// Sums and counts of the daemon's statement histograms: from a request arriving to its
+/// ReadyForQuery passing back, and from forwarding it to that ReadyForQuery arriving. Their
+/// difference is what the gate itself adds to a statement (decode, judge, record, forward,
+/// relay the answer), apart from the extra socket hops.
+#[derive(Clone, Copy, Default)]
+struct StatementTimes {
+    statement_s: f64,
+    upstream_s: f64,
+    count: f64,
+}
+
+impl StatementTimes {
+    fn read(daemon: &Daemon) -> Self {
+        let (_, body) = daemon.http_get("/metrics");
+        let total = |name: &str| -> f64 {
+            body.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        Self {
+            statement_s: total("portcullis_statement_duration_seconds_sum"),
+            upstream_s: total("portcullis_upstream_duration_seconds_sum"),
+            count: total("portcullis_statement_duration_seconds_count"),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            statement_s: self.statement_s - before.statement_s,
+            upstream_s: self.upstream_s - before.upstream_s,
+            count: self.count - before.count,
+        }
+    }
+
+    fn statement_us(self) -> f64 {
+        self.statement_s / self.count * 1e6
+    }
+
+    fn upstream_us(self) -> f64 {
+        self.upstream_s / self.count * 1e6
+    }
+
+    fn gate_us(self) -> f64 {
+        self.statement_us() - self.upstream_us()
+    }
 }
 
 /// A server with pgbench data (scale 10) and the configuration of a gate in front of it.
@@ -387,14 +481,24 @@ fn pg() {
     ];
     // results[case][path] = (tps runs, latency runs)
     let mut results = vec![vec![(Vec::new(), Vec::new()); 3]; 4];
+    // gate[case] = the daemon's statement times over that case's Portcullis runs
+    let mut gate = [StatementTimes::default(); 4];
     for round in 0..PG_ROUNDS {
         eprintln!("pg round {}/{PG_ROUNDS}", round + 1);
         for (ci, (mode, clients)) in cases.iter().enumerate() {
             for k in 0..3 {
                 // Rotate the order so drift hits every path alike.
                 let pi = (k + round) % 3;
-                let (_, cg, port) = paths[pi];
+                let (name, cg, port) = paths[pi];
+                let before = (name == "portcullis").then(|| StatementTimes::read(&daemon));
                 let (tps, lat) = pgbench(&env, cg, port, mode, *clients, PG_SECS);
+                if let Some(before) = before {
+                    let d = StatementTimes::read(&daemon).since(before);
+                    let g = &mut gate[ci];
+                    g.statement_s += d.statement_s;
+                    g.upstream_s += d.upstream_s;
+                    g.count += d.count;
+                }
                 results[ci][pi].0.push(tps);
                 results[ci][pi].1.push(lat);
             }
@@ -408,32 +512,39 @@ fn pg() {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "{:<22} {:>10} {:>11} {:>10} {:>9} {:>10} {:>14}",
+        "{:<22} {:>10} {:>11} {:>10} {:>9} {:>10} {:>14} {:>9}",
         "case (tps)",
         "direct",
         "portcullis",
         "pgbouncer",
         "P/direct",
         "P/bouncer",
-        "added mean lat"
+        "added mean lat",
+        "gate"
     );
     for (ci, (mode, clients)) in cases.iter().enumerate() {
         let tps: Vec<f64> = (0..3).map(|p| median(results[ci][p].0.clone())).collect();
         let lat: Vec<f64> = (0..3).map(|p| median(results[ci][p].1.clone())).collect();
         println!(
-            "{:<22} {:>10.0} {:>11.0} {:>10.0} {:>8.2}x {:>9.2}x {:>+11.1} us",
+            "{:<22} {:>10.0} {:>11.0} {:>10.0} {:>8.2}x {:>9.2}x {:>+11.1} us {:>6.1} us",
             format!("{mode}, {clients} client(s)"),
             tps[0],
             tps[1],
             tps[2],
             tps[1] / tps[0],
             tps[1] / tps[2],
-            (lat[1] - lat[0]) * 1000.0
+            (lat[1] - lat[0]) * 1000.0,
+            gate[ci].gate_us()
         );
     }
     println!(
         "targets: P/bouncer >= 1.00x in every case; P/direct >= 0.80x with 8 clients; added \
          mean latency <= +20 us with 1 client"
+    );
+    println!(
+        "gate: the daemon's mean time per statement minus the server's (request in to \
+         ReadyForQuery out, less forward to ReadyForQuery in): its own work, apart from the \
+         two extra socket hops"
     );
     drop(bouncer);
     drop(daemon);
@@ -708,6 +819,10 @@ fn main() {
     }
     if args.first().is_some_and(|a| a == "pg-profile") {
         pg_profile(&args[1..]);
+        ran = true;
+    }
+    if args.first().is_some_and(|a| a == "intercept-profile") {
+        intercept_profile(&args[1..]);
         ran = true;
     }
     if !ran {
