@@ -29,6 +29,9 @@ pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 struct Pending {
     buf: Vec<u8>,
     stop: bool,
+    /// Logging threads waiting on `drained` (the buffer was full): only then is it
+    /// signalled, each signal being a system call.
+    blocked: usize,
 }
 
 struct Shared {
@@ -90,7 +93,9 @@ fn writer<W: Write>(s: &Shared, mut out: W) {
                     .map_or_else(|e| e.into_inner().0, |(g, _)| g);
             }
             std::mem::swap(&mut p.buf, &mut taken);
-            s.drained.notify_all();
+            if p.blocked > 0 {
+                s.drained.notify_all();
+            }
             p.stop
         };
         if !taken.is_empty() {
@@ -115,12 +120,17 @@ impl Write for &BatchWriter {
         }
         while p.buf.len() >= MAX_PENDING && !p.stop {
             s.wake.notify_one();
+            p.blocked += 1;
             p = s.drained.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.blocked -= 1;
         }
         let first = p.buf.is_empty();
         p.buf.extend_from_slice(line);
         // The writer sleeps until a first line comes, then gathers for an interval.
-        if first || p.buf.len() >= WAKE_AT {
+        let wake = first || p.buf.len() >= WAKE_AT;
+        drop(p);
+        // Signalled after unlocking, so that it does not wake only to wait for our lock.
+        if wake {
             s.wake.notify_one();
         }
         Ok(line.len())
