@@ -40,10 +40,11 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
-fn intercept() {
+/// An echo server at 127.0.0.2 as the only target, and a daemon protecting the agent
+/// cgroup `agents/bench`.
+fn intercept_setup() -> (Env, String, Echo, Daemon) {
     let env = Env::new();
     let agent = env.cgroup("agents/bench");
-    let direct = env.cgroup("direct");
     let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
     let cfg = env.config(
         "",
@@ -53,6 +54,12 @@ fn intercept() {
         ),
     );
     let daemon = Daemon::start(&cfg);
+    (env, agent, echo, daemon)
+}
+
+fn intercept() {
+    let (env, agent, echo, daemon) = intercept_setup();
+    let direct = env.cgroup("direct");
     let target = echo.addr4().to_string();
     let started = Instant::now();
     let (mut rate_d, mut rate_i) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
@@ -352,17 +359,7 @@ fn intercept_profile(args: &[String]) {
     let what = args.first().map_or("rate", String::as_str);
     let clients = args.get(1).map_or("1", String::as_str);
     let secs = args.get(2).map_or("10", String::as_str);
-    let env = Env::new();
-    let agent = env.cgroup("agents/bench");
-    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
-    let cfg = env.config(
-        "",
-        &agents_and_target(
-            &[("bench", &format!("cgroup = \"{agent}\""))],
-            &[format!("127.0.0.2:{}", echo.port)],
-        ),
-    );
-    let daemon = Daemon::start(&cfg);
+    let (env, agent, echo, daemon) = intercept_setup();
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));
     let target = echo.addr4().to_string();
