@@ -225,7 +225,9 @@ impl Transcript {
                         self.take_rows(&mut b);
                         b.extend_from_slice(b",\"tag\":");
                         put(&mut b, tag);
-                        b.extend_from_slice(format!(",\"total\":{}}}", self.total).as_bytes());
+                        b.extend_from_slice(b",\"total\":");
+                        put(&mut b, &self.total);
+                        b.push(b'}');
                         out.push(("result", Json::assembled(b)));
                     }
                     None => {
