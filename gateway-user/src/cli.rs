@@ -373,9 +373,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 config = %cfg.path.as_ref().map_or_else(|| "<embedded default>".into(), |p| p.display().to_string()),
                 "starting"
             );
+            // The control plane (admin API, approvals, webhooks, reloads); connections are
+            // served by the proxy's own workers (`[proxy] workers`).
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
-                .thread_name("portcullis")
+                .thread_name("portcullis-ctl")
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
             rt.block_on(daemon::run(cfg)).map_err(|e| {

@@ -53,6 +53,8 @@ pub enum DaemonError {
     Admin(#[from] AdminError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the connection workers: {0}")]
+    Workers(std::io::Error),
     #[error("policies: {0}")]
     Policy(ConfigError),
     #[error("postgres engine: {0}")]
@@ -522,12 +524,17 @@ fn log_config_error(path: &std::path::Path, e: &ConfigError) {
     );
 }
 
-fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
+fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 11] {
     [
         (
             "proxy.listen",
             a.proxy.listen_v4 != b.proxy.listen_v4 || a.proxy.listen_v6 != b.proxy.listen_v6,
         ),
+        (
+            "proxy.max_connections",
+            a.proxy.max_connections != b.proxy.max_connections,
+        ),
+        ("proxy.workers", a.proxy.workers != b.proxy.workers),
         ("ebpf.pin_path", a.ebpf.pin_path != b.ebpf.pin_path),
         (
             "ebpf.attach_cgroup",
@@ -555,6 +562,8 @@ fn restart_only_changes(a: &Config, b: &Config) -> [(&'static str, bool); 9] {
 fn keep_restart_only(running: &Config, new: &mut Config) {
     new.proxy.listen_v4 = running.proxy.listen_v4;
     new.proxy.listen_v6 = running.proxy.listen_v6;
+    new.proxy.max_connections = running.proxy.max_connections;
+    new.proxy.workers = running.proxy.workers;
     new.ebpf.pin_path = running.ebpf.pin_path.clone();
     new.ebpf.attach_cgroup = running.ebpf.attach_cgroup.clone();
     new.ebpf.fail_mode = running.ebpf.fail_mode;
@@ -674,7 +683,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .unwrap_or_else(|e| e.into_inner())
         .attach(&hierarchy, &cfg.ebpf.attach_cgroup)?;
 
-    proxy::spawn(listeners, shared.clone());
+    proxy::spawn(listeners, shared.clone(), cfg.proxy.workers).map_err(DaemonError::Workers)?;
     tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),

@@ -474,3 +474,54 @@ fn entries_of_connections_never_accepted_are_removed_on_close() {
             v["reason"] == "no_origin"
         });
 }
+
+#[test]
+fn workers_share_the_listeners_and_excess_connections_wait_in_the_backlog() {
+    let w = world("", &[]);
+    let text = std::fs::read_to_string(&w.config).expect("config");
+    let text = text.replacen(
+        "drain_timeout = \"2s\"\n",
+        "drain_timeout = \"2s\"\nmax_connections = 1\nworkers = 3\n",
+        1,
+    );
+    assert!(
+        text.contains("workers = 3"),
+        "the harness's [proxy] section changed"
+    );
+    std::fs::write(&w.config, text).expect("write config");
+    let d = Daemon::start(&w.config);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.child.id())).expect("tasks");
+    let workers = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("portcullis-conn"))
+        .count();
+    assert_eq!(workers, 3, "one thread per configured worker");
+    // One session over IPv4 holds the only slot; an IPv6 connection (another listener)
+    // waits until it ends, and is then served.
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &[
+            "queue",
+            &w.echo.addr4().to_string(),
+            &w.echo.addr6().to_string(),
+            "1000",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["first_echoed"], true, "{r}");
+    assert_eq!(
+        r["second_before_close"], false,
+        "served beyond max_connections: {r}"
+    );
+    assert_eq!(
+        r["second_after_close"], true,
+        "the waiting connection was not served when the slot freed: {r}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.logs.all().into_iter().filter(is_connection).count() < 2 {
+        assert!(Instant::now() < deadline, "both connections are recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

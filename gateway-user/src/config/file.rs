@@ -51,6 +51,9 @@ pub struct ProxySection {
     pub connect_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: Spanned<usize>,
+    /// Connection worker threads; absent: one per CPU the daemon may run on.
+    #[serde(default)]
+    pub workers: Option<Spanned<usize>>,
     /// On SIGTERM, how long open sessions may take to finish before they are closed.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Duration,
@@ -63,6 +66,7 @@ impl Default for ProxySection {
             upstream_mark: default_mark(),
             connect_timeout: default_connect_timeout(),
             max_connections: default_max_connections(),
+            workers: None,
             drain_timeout: default_drain_timeout(),
         }
     }

@@ -204,6 +204,15 @@ pub struct PolicyConfig {
     pub cache_entries: usize,
 }
 
+/// More connection workers than this is a typo, not a tuning choice.
+pub const MAX_WORKERS: usize = 1024;
+
+/// One connection worker per CPU the daemon may run on (its affinity mask and cgroup CPU
+/// quota, as the standard library reads them).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+}
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// Loopback listener per family; port 0 lets the kernel choose (tests use this).
@@ -212,6 +221,8 @@ pub struct ProxyConfig {
     pub upstream_mark: u32,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// Connection worker threads (at least 1).
+    pub workers: usize,
     pub drain_timeout: Duration,
 }
 
@@ -594,6 +605,14 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             "`max_connections` must be at least 1",
         );
     }
+    let workers = match &raw.proxy.workers {
+        Some(w) if !(1..=MAX_WORKERS).contains(w.get_ref()) => {
+            c.at(w, format!("`workers` must be between 1 and {MAX_WORKERS}"));
+            1
+        }
+        Some(w) => *w.get_ref(),
+        None => default_workers(),
+    };
 
     // [ebpf]
     let attach_cgroup = match normalize_cgroup_path(raw.ebpf.attach_cgroup.get_ref()) {
@@ -900,6 +919,7 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             upstream_mark: raw.proxy.upstream_mark.into_inner(),
             connect_timeout: raw.proxy.connect_timeout,
             max_connections: raw.proxy.max_connections.into_inner(),
+            workers,
             drain_timeout: raw.proxy.drain_timeout,
         },
         ebpf: EbpfConfig {

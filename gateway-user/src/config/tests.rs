@@ -257,3 +257,20 @@ fn a_webhook_takes_one_signing_key() {
     assert!(e[0].starts_with("test.toml:3:15"), "{e:?}");
     assert!(e[0].contains("not both"), "{e:?}");
 }
+
+#[test]
+fn workers_default_to_the_cpus_and_are_bounded() {
+    let c = parse("").expect("empty is valid");
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert_eq!(c.proxy.workers, cpus.min(MAX_WORKERS));
+    let c = parse("[proxy]\nworkers = 3\n").expect("valid");
+    assert_eq!(c.proxy.workers, 3);
+    assert_eq!(
+        errors("[proxy]\nworkers = 0\n"),
+        ["test.toml:2:11: `workers` must be between 1 and 1024"]
+    );
+    assert_eq!(
+        errors("[proxy]\nworkers = 5000\n"),
+        ["test.toml:2:11: `workers` must be between 1 and 1024"]
+    );
+}

@@ -191,42 +191,88 @@ impl Shared {
     }
 }
 
-/// Starts accepting on every listener.
-pub fn spawn(listeners: Listeners, shared: Arc<Shared>) {
-    for l in [listeners.v4, listeners.v6].into_iter().flatten() {
+/// Starts `workers` connection workers.
+///
+/// Each worker is a thread with a single-threaded runtime. It accepts on every listener
+/// through a descriptor of its own (the kernel wakes every worker waiting on the socket; the
+/// first to call `accept` gets the connection, so an idle worker takes it before a busy
+/// one), and serves what it accepted to the end on that thread: a statement's request,
+/// decision, record and answer never cross threads, and no worker wakes another. The
+/// control plane (admin API, approvals, webhooks, reloads) stays on the main runtime.
+pub fn spawn(listeners: Listeners, shared: Arc<Shared>, workers: usize) -> std::io::Result<()> {
+    let socks = [listeners.v4, listeners.v6]
+        .into_iter()
+        .flatten()
+        .map(TcpListener::into_std)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for i in 0..workers.max(1) {
+        let mine = socks
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let shared = shared.clone();
-        tokio::spawn(accept_loop(l, shared));
+        std::thread::Builder::new()
+            .name(format!("portcullis-conn{i}"))
+            .spawn(move || rt.block_on(worker(mine, shared)))?;
     }
+    Ok(())
+}
+
+/// One connection worker: accept until told to stop, then wait for every session (its own
+/// and the other workers') to end, so the runtime its sessions run on outlives them.
+async fn worker(listeners: Vec<std::net::TcpListener>, shared: Arc<Shared>) {
+    for l in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                tokio::spawn(accept_loop(l, shared.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "connection worker: cannot register a listener"),
+        }
+    }
+    shared.accepting.cancelled().await;
+    shared.tasks.wait().await;
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        // Wait for capacity before accepting: excess connections wait in the backlog.
-        let permit = tokio::select! {
-            p = shared.limiter.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = shared.accepting.cancelled() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shared.accepting.cancelled() => return,
         };
-        match accepted {
-            Ok((client, peer)) => {
-                let shared2 = shared.clone();
-                shared.tasks.spawn(async move {
-                    handle(&shared2, client, peer).await;
-                    drop(permit);
-                });
-            }
+        let (client, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
             }
-        }
+        };
+        // At `max_connections` this loop holds the one connection it accepted until a
+        // session ends, and accepts no more: the rest wait in the listen backlog. (Waiting
+        // for capacity before accepting would let a loop hold the last permit while its own
+        // listener stays idle and the other's backlog fills.)
+        let permit = match shared.limiter.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = shared.limiter.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = shared.accepting.cancelled() => {
+                    refuse(&client);
+                    return;
+                }
+            },
+        };
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            handle(&shared2, client, peer).await;
+            drop(permit);
+        });
     }
 }
 

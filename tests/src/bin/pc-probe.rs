@@ -10,6 +10,9 @@
 //! pc-probe many ADDR CONNS BYTES         CONNS concurrent connections echo BYTES each
 //! pc-probe rate ADDR SECS CONC           connect, 1-byte echo, close, in CONC loops for SECS
 //! pc-probe latency ADDR COUNT            COUNT 1-byte round trips on one connection
+//! pc-probe queue ADDR1 ADDR2 WAIT_MS     a connection to ADDR1 echoes and stays open; one to
+//!                                        ADDR2 is echoed within WAIT_MS or not; the first
+//!                                        closes; is the second echoed then
 //! ```
 //! Only loopback addresses are accepted (the tests' network rule).
 
@@ -65,6 +68,46 @@ fn connect(addr: &str, bytes: usize) -> Value {
         Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
                          "error": e.to_string(), "kind": format!("{:?}", e.kind())}),
     }
+}
+
+/// One byte out and, within `wait`, back: `Ok(true)` echoed, `Ok(false)` not in time.
+fn echoed_within(s: &mut TcpStream, wait: Duration) -> std::io::Result<bool> {
+    s.set_read_timeout(Some(wait))?;
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) if b[0] == b'q' => Ok(true),
+        Ok(_) => Err(std::io::Error::other("closed or wrong byte")),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn queue(first: &str, second: &str, wait_ms: u64) -> Value {
+    let (a, b) = (loopback(first), loopback(second));
+    let wait = Duration::from_millis(wait_ms);
+    let result = (|| -> std::io::Result<Value> {
+        let mut one = TcpStream::connect_timeout(&a, Duration::from_secs(5))?;
+        one.write_all(b"q")?;
+        let first_echoed = echoed_within(&mut one, Duration::from_secs(5))?;
+        // The handshake completes in the kernel whether or not the proxy takes it.
+        let mut two = TcpStream::connect_timeout(&b, Duration::from_secs(5))?;
+        two.write_all(b"q")?;
+        let second_before_close = echoed_within(&mut two, wait)?;
+        drop(one);
+        let second_after_close =
+            second_before_close || echoed_within(&mut two, Duration::from_secs(5))?;
+        Ok(json!({"ok": true, "first_echoed": first_echoed,
+                  "second_before_close": second_before_close,
+                  "second_after_close": second_after_close}))
+    })();
+    result.unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
 }
 
 fn reset(addr: &str) -> Value {
@@ -233,6 +276,7 @@ fn run(args: &[String]) -> Value {
             args[3].parse().expect("CONC"),
         ),
         Some("latency") => latency(&args[1], args[2].parse().expect("COUNT")),
+        Some("queue") => queue(&args[1], &args[2], args[3].parse().expect("WAIT_MS")),
         Some("many") => many(
             &args[1],
             args[2].parse().expect("CONNS"),
