@@ -327,6 +327,12 @@ fn pg_profile(args: &[String]) {
     } else {
         body
     };
+    // PC_PROFILE_CONFIG is appended to the configuration (tables the harness does not
+    // write, e.g. "[store]\nrecording_limit = 0").
+    let body = match std::env::var("PC_PROFILE_CONFIG") {
+        Ok(extra) => format!("{body}\n{}\n", extra.replace("\\n", "\n")),
+        Err(_) => body,
+    };
     // PC_PROFILE_PATH=pgbouncer profiles the reference path instead (same pid line).
     if std::env::var("PC_PROFILE_PATH").is_ok_and(|p| p == "pgbouncer") {
         let bouncer = Bouncer::start(&env, &pg);
@@ -336,7 +342,14 @@ fn pg_profile(args: &[String]) {
         println!("pgbouncer {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
         return;
     }
-    let daemon = Daemon::start(&env.config("", &body));
+    let config = env.config("", &body);
+    // PC_PROFILE_WORKERS sets `[proxy] workers` (default: one per CPU).
+    if let Ok(n) = std::env::var("PC_PROFILE_WORKERS") {
+        let text = std::fs::read_to_string(&config).expect("config");
+        let text = text.replacen("[proxy]\n", &format!("[proxy]\nworkers = {n}\n"), 1);
+        std::fs::write(&config, text).expect("config");
+    }
+    let daemon = Daemon::start(&config);
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (tps, lat) = pgbench(&env, &agent, pg.port, mode, clients, secs);
