@@ -65,7 +65,12 @@ pub fn status(s: &Status) -> String {
     );
     let p = &s.proxy;
     let listeners: Vec<String> = p.listeners.iter().map(ToString::to_string).collect();
-    let _ = writeln!(o, "\nlisteners  {}", listeners.join("  "));
+    let _ = writeln!(
+        o,
+        "\nlisteners  {}  ({} connection workers)",
+        listeners.join("  "),
+        p.workers
+    );
     let _ = writeln!(
         o,
         "proxy      accepted {}  active {}  refused: no origin {}, no target {}, no agent {}, store {}  upstream failures {}",

@@ -496,6 +496,7 @@ fn workers_share_the_listeners_and_excess_connections_wait_in_the_backlog() {
         .filter(|comm| comm.starts_with("portcullis-conn"))
         .count();
     assert_eq!(workers, 3, "one thread per configured worker");
+    assert_eq!(d.status()["proxy"]["workers"], 3);
     // One session over IPv4 holds the only slot; an IPv6 connection (another listener)
     // waits until it ends, and is then served.
     let r = probe(

@@ -122,6 +122,9 @@ pub struct ProxyStatus {
     #[serde(default)]
     pub refused_store: u64,
     pub upstream_failures: u64,
+    /// Connection worker threads.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// State shared by every connection task.
@@ -187,6 +190,7 @@ impl Shared {
             refused_no_agent: l(&s.refused_no_agent),
             refused_store: l(&s.refused_store),
             upstream_failures: l(&s.upstream_failures),
+            workers: self.config.load().proxy.workers,
         }
     }
 }
