@@ -2,6 +2,7 @@
 //! told to stop, reloads on SIGHUP.
 //!
 //! Start-up order:
+//! 0. lock the state directory (one daemon per state directory: see `instance`);
 //! 1. load the eBPF object, adopting pinned maps (a previous daemon's programs, if pinned,
 //!    keep refusing protected connections meanwhile);
 //! 2. bind the listeners (so the kernel has somewhere to send connections);
@@ -51,6 +52,8 @@ pub enum DaemonError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot start the connection workers: {0}")]
@@ -621,6 +624,7 @@ fn raise_nofile() {
 }
 
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let _instance = crate::instance::lock(&cfg.daemon.state_dir)?;
     raise_nofile();
     let hierarchy = Hierarchy::discover()?;
     let mut kernel = Kernel::load(&cfg)?;

@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod exec;
 pub mod http_client;
 pub mod install;
+pub mod instance;
 pub mod masking;
 pub mod metrics;
 pub mod oidc;

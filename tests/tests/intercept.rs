@@ -476,7 +476,7 @@ fn entries_of_connections_never_accepted_are_removed_on_close() {
 }
 
 #[test]
-fn workers_share_the_listeners_and_excess_connections_wait_in_the_backlog() {
+fn workers_serve_every_listener_and_excess_connections_wait_in_the_backlog() {
     let w = world("", &[]);
     let text = std::fs::read_to_string(&w.config).expect("config");
     let text = text.replacen(
@@ -496,7 +496,21 @@ fn workers_share_the_listeners_and_excess_connections_wait_in_the_backlog() {
         .filter(|comm| comm.starts_with("portcullis-conn"))
         .count();
     assert_eq!(workers, 3, "one thread per configured worker");
-    assert_eq!(d.status()["proxy"]["workers"], 3);
+    let st = d.status();
+    assert_eq!(st["proxy"]["workers"], 3);
+    // A listening socket per worker and family, sharing the address (SO_REUSEPORT).
+    for l in st["proxy"]["listeners"].as_array().expect("listeners") {
+        let addr: std::net::SocketAddr = s(l).parse().expect("listener address");
+        let ss = Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{}", addr.port())])
+            .output()
+            .expect("ss (iproute2)");
+        let sockets = String::from_utf8_lossy(&ss.stdout)
+            .lines()
+            .filter(|line| line.contains(&addr.to_string()))
+            .count();
+        assert_eq!(sockets, 3, "listening sockets on {addr}");
+    }
     // One session over IPv4 holds the only slot; an IPv6 connection (another listener)
     // waits until it ends, and is then served.
     let r = probe(
@@ -525,4 +539,55 @@ fn workers_share_the_listeners_and_excess_connections_wait_in_the_backlog() {
         assert!(Instant::now() < deadline, "both connections are recorded");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_stops_before_touching_anything() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    // The listeners use SO_REUSEPORT, so binding would not stop a second daemon: the
+    // state directory's lock must.
+    let mut second = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.config)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("second daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = second.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second daemon on the same state directory kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = second.wait_with_output().expect("output");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("another portcullis daemon")
+            && said.contains(&format!("pid {}", d.child.id())),
+        "the refusal names the running daemon: {said}"
+    );
+    // The first one is untouched: its admin socket answers and it still intercepts.
+    assert_eq!(
+        d.status()["proxy"]["workers"].as_u64().map(|n| n > 0),
+        Some(true)
+    );
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &["connect", &w.echo.addr4().to_string(), "10"],
+    );
+    assert_intercepted(&w, &d, &r, 10);
 }

@@ -50,6 +50,11 @@ pub struct Listeners {
 }
 
 fn listen(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    listen_socket(addr)
+        .and_then(|s| TcpListener::from_std(s).map_err(|source| ProxyError::Bind { addr, source }))
+}
+
+fn listen_socket(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind { addr, source };
     let s = Socket::new(
         Domain::for_address(addr),
@@ -58,12 +63,13 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     )
     .map_err(err)?;
     s.set_reuse_address(true).map_err(err)?;
+    s.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
         s.set_only_v6(true).map_err(err)?;
     }
     s.bind(&addr.into()).map_err(err)?;
     s.listen(4096).map_err(err)?;
-    TcpListener::from_std(s.into()).map_err(err)
+    Ok(s.into())
 }
 
 impl Listeners {
@@ -197,12 +203,13 @@ impl Shared {
 
 /// Starts `workers` connection workers.
 ///
-/// Each worker is a thread with a single-threaded runtime. It accepts on every listener
-/// through a descriptor of its own (the kernel wakes every worker waiting on the socket; the
-/// first to call `accept` gets the connection, so an idle worker takes it before a busy
-/// one), and serves what it accepted to the end on that thread: a statement's request,
-/// decision, record and answer never cross threads, and no worker wakes another. The
-/// control plane (admin API, approvals, webhooks, reloads) stays on the main runtime.
+/// Each worker is a thread with a single-threaded runtime and a listening socket of its own
+/// per family, all bound to the same address with `SO_REUSEPORT`: the kernel hands each
+/// new connection to one worker (by a hash of its addresses), so none is woken for a
+/// connection another takes, however many there are. A worker serves what it accepted on
+/// its own thread to the end: a statement's request, decision, record and answer never
+/// cross threads, and no worker wakes another. The control plane (admin API, approvals,
+/// webhooks, reloads) stays on the main runtime.
 pub fn spawn(listeners: Listeners, shared: Arc<Shared>, workers: usize) -> std::io::Result<()> {
     let socks = [listeners.v4, listeners.v6]
         .into_iter()
@@ -212,7 +219,14 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, workers: usize) -> std::
     for i in 0..workers.max(1) {
         let mine = socks
             .iter()
-            .map(std::net::TcpListener::try_clone)
+            .map(|l| {
+                if i == 0 {
+                    l.try_clone()
+                } else {
+                    // The bound address, with the port the kernel chose for port 0.
+                    listen_socket(l.local_addr()?).map_err(std::io::Error::other)
+                }
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
