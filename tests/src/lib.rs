@@ -228,9 +228,14 @@ impl Env {
     /// listener ports, plus `body` (agents, targets, overrides of `[ebpf]` keys go in
     /// `ebpf_extra`).
     pub fn config(&self, ebpf_extra: &str, body: &str) -> PathBuf {
+        self.config_with("", ebpf_extra, body)
+    }
+
+    /// [`Env::config`] with more `[proxy]` keys.
+    pub fn config_with(&self, proxy_extra: &str, ebpf_extra: &str, body: &str) -> PathBuf {
         let text = format!(
             "[daemon]\nstate_dir = \"{}\"\n\n\
-             [proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n\n\
+             [proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\ndrain_timeout = \"2s\"\n{proxy_extra}\n\n\
              [ebpf]\npin_path = \"{}\"\nattach_cgroup = \"{}\"\nrescan_interval = \"200ms\"\n{ebpf_extra}\n\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
              [admin]\nsocket = \"{}\"\n\n{body}\n",
@@ -588,16 +593,7 @@ impl Daemon {
     /// exposed, e.g. `{decision="deny"}` matched as a substring), summed over matches.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let (_, body) = self.http_get("/metrics");
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| {
-                l.split(['{', ' ']).next() == Some(name)
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_in(&body, name, labels)
     }
 
     /// SIGTERM and wait.
@@ -849,4 +845,19 @@ pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Outpu
         .write_all(input)
         .expect("write stdin");
     child.wait_with_output().expect("wait")
+}
+
+/// [`Daemon::metric`] over a `/metrics` text already fetched (several values from one
+/// scrape).
+pub fn metric_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -22,13 +22,19 @@ struct World {
 }
 
 fn world(ebpf_extra: &str, extra_agents: &[(&str, &str)]) -> World {
+    world_with("", ebpf_extra, extra_agents)
+}
+
+/// [`world`] with more `[proxy]` keys.
+fn world_with(proxy_extra: &str, ebpf_extra: &str, extra_agents: &[(&str, &str)]) -> World {
     let env = Env::new();
     let agent = env.cgroup("agents/a");
     let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
     let sel = format!("cgroup = \"{agent}\"");
     let mut agents = vec![("a", sel.as_str())];
     agents.extend_from_slice(extra_agents);
-    let config = env.config(
+    let config = env.config_with(
+        proxy_extra,
         ebpf_extra,
         &agents_and_target(
             &agents,
@@ -477,18 +483,7 @@ fn entries_of_connections_never_accepted_are_removed_on_close() {
 
 #[test]
 fn workers_serve_every_listener_and_excess_connections_wait_in_the_backlog() {
-    let w = world("", &[]);
-    let text = std::fs::read_to_string(&w.config).expect("config");
-    let text = text.replacen(
-        "drain_timeout = \"2s\"\n",
-        "drain_timeout = \"2s\"\nmax_connections = 1\nworkers = 3\n",
-        1,
-    );
-    assert!(
-        text.contains("workers = 3"),
-        "the harness's [proxy] section changed"
-    );
-    std::fs::write(&w.config, text).expect("write config");
+    let w = world_with("max_connections = 1\nworkers = 3", "", &[]);
     let d = Daemon::start(&w.config);
     let tasks = std::fs::read_dir(format!("/proc/{}/task", d.child.id())).expect("tasks");
     let workers = tasks

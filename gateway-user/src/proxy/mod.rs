@@ -43,18 +43,15 @@ pub enum ProxyError {
     },
 }
 
-/// The proxy's listening sockets, one per family.
+/// The proxy's listening sockets, one per family: the first connection worker's. They are
+/// registered with a runtime only by that worker.
 pub struct Listeners {
-    pub v4: Option<TcpListener>,
-    pub v6: Option<TcpListener>,
+    pub v4: Option<std::net::TcpListener>,
+    pub v6: Option<std::net::TcpListener>,
 }
 
-fn listen(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    listen_socket(addr)
-        .and_then(|s| TcpListener::from_std(s).map_err(|source| ProxyError::Bind { addr, source }))
-}
-
-fn listen_socket(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
+/// A non-blocking listening socket on `addr`, in the address's `SO_REUSEPORT` group.
+fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind { addr, source };
     let s = Socket::new(
         Domain::for_address(addr),
@@ -211,23 +208,21 @@ impl Shared {
 /// cross threads, and no worker wakes another. The control plane (admin API, approvals,
 /// webhooks, reloads) stays on the main runtime.
 pub fn spawn(listeners: Listeners, shared: Arc<Shared>, workers: usize) -> std::io::Result<()> {
-    let socks = [listeners.v4, listeners.v6]
-        .into_iter()
-        .flatten()
-        .map(TcpListener::into_std)
+    let first: Vec<_> = [listeners.v4, listeners.v6].into_iter().flatten().collect();
+    // The bound addresses, with the ports the kernel chose for port 0.
+    let addrs = first
+        .iter()
+        .map(std::net::TcpListener::local_addr)
         .collect::<std::io::Result<Vec<_>>>()?;
+    let mut first = Some(first);
     for i in 0..workers.max(1) {
-        let mine = socks
-            .iter()
-            .map(|l| {
-                if i == 0 {
-                    l.try_clone()
-                } else {
-                    // The bound address, with the port the kernel chose for port 0.
-                    listen_socket(l.local_addr()?).map_err(std::io::Error::other)
-                }
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let mine = match first.take() {
+            Some(socks) => socks,
+            None => addrs
+                .iter()
+                .map(|a| listen(*a).map_err(std::io::Error::other))
+                .collect::<std::io::Result<Vec<_>>>()?,
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -273,18 +268,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         // session ends, and accepts no more: the rest wait in the listen backlog. (Waiting
         // for capacity before accepting would let a loop hold the last permit while its own
         // listener stays idle and the other's backlog fills.)
-        let permit = match shared.limiter.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => tokio::select! {
-                p = shared.limiter.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                () = shared.accepting.cancelled() => {
-                    refuse(&client);
-                    return;
-                }
+        let permit = tokio::select! {
+            // A free slot is taken even if a stop has just begun (the session then drains).
+            biased;
+            p = shared.limiter.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
             },
+            () = shared.accepting.cancelled() => {
+                refuse(&client);
+                return;
+            }
         };
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {

@@ -20,8 +20,8 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use portcullis_tests::{
-    Daemon, Echo, Env, agents_and_pg, agents_and_target, in_cgroup, pg::*, probe, rss_kib,
-    run_json, workspace_bin,
+    Daemon, Echo, Env, agents_and_pg, agents_and_target, in_cgroup, metric_in, pg::*, probe,
+    rss_kib, run_json, workspace_bin,
 };
 use serde_json::Value;
 
@@ -342,14 +342,10 @@ fn pg_profile(args: &[String]) {
         println!("pgbouncer {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
         return;
     }
-    let config = env.config("", &body);
     // PC_PROFILE_WORKERS sets `[proxy] workers` (default: one per CPU).
-    if let Ok(n) = std::env::var("PC_PROFILE_WORKERS") {
-        let text = std::fs::read_to_string(&config).expect("config");
-        let text = text.replacen("[proxy]\n", &format!("[proxy]\nworkers = {n}\n"), 1);
-        std::fs::write(&config, text).expect("config");
-    }
-    let daemon = Daemon::start(&config);
+    let workers =
+        std::env::var("PC_PROFILE_WORKERS").map_or(String::new(), |n| format!("workers = {n}"));
+    let daemon = Daemon::start(&env.config_with(&workers, "", &body));
     println!("daemon pid {}", daemon.child.id());
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (tps, lat) = pgbench(&env, &agent, pg.port, mode, clients, secs);
@@ -405,12 +401,7 @@ struct StatementTimes {
 impl StatementTimes {
     fn read(daemon: &Daemon) -> Self {
         let (_, body) = daemon.http_get("/metrics");
-        let total = |name: &str| -> f64 {
-            body.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let total = |name: &str| metric_in(&body, name, &[]);
         Self {
             statement_s: total("portcullis_statement_duration_seconds_sum"),
             upstream_s: total("portcullis_upstream_duration_seconds_sum"),
@@ -424,6 +415,12 @@ impl StatementTimes {
             upstream_s: self.upstream_s - before.upstream_s,
             count: self.count - before.count,
         }
+    }
+
+    fn add(&mut self, d: Self) {
+        self.statement_s += d.statement_s;
+        self.upstream_s += d.upstream_s;
+        self.count += d.count;
     }
 
     fn statement_us(self) -> f64 {
@@ -503,11 +500,7 @@ fn pg() {
                 let before = (name == "portcullis").then(|| StatementTimes::read(&daemon));
                 let (tps, lat) = pgbench(&env, cg, port, mode, *clients, PG_SECS);
                 if let Some(before) = before {
-                    let d = StatementTimes::read(&daemon).since(before);
-                    let g = &mut gate[ci];
-                    g.statement_s += d.statement_s;
-                    g.upstream_s += d.upstream_s;
-                    g.count += d.count;
+                    gate[ci].add(StatementTimes::read(&daemon).since(before));
                 }
                 results[ci][pi].0.push(tps);
                 results[ci][pi].1.push(lat);
