@@ -451,28 +451,56 @@ fn session_start(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> crate::store::Append {
+    /// The record's body, serialized straight from borrowed fields; keys in sorted order
+    /// (the text records written through `serde_json::Value` had).
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        agent: &'a str,
+        cgroup: &'a Option<String>,
+        client: Shown<SocketAddr>,
+        cmdline: &'a [String],
+        comm: &'a str,
+        container: &'a Option<String>,
+        dst: Shown<SocketAddr>,
+        exe: Option<Shown<std::path::Display<'a>>>,
+        gid: u32,
+        pid: u32,
+        protocol: &'a str,
+        target: &'a str,
+        uid: u32,
+        unit: &'a Option<String>,
+        user: &'a Option<String>,
+    }
     crate::store::Append {
         session,
         kind: "session_start",
-        body: serde_json::json!({
-            "agent": agent,
-            "target": target.name,
-            "protocol": target.protocol.as_str(),
-            "pid": who.pid,
-            "uid": who.uid,
-            "gid": who.gid,
-            "user": who.user,
-            "comm": who.comm,
-            "exe": who.exe.as_ref().map(|p| p.display().to_string()),
-            "cmdline": who.cmdline,
-            "cgroup": who.cgroup,
-            "unit": who.cgroup_info.unit,
-            "container": who.cgroup_info.container_id,
-            "client": peer.to_string(),
-            "dst": dst.to_string(),
-        })
-        .into(),
+        body: crate::store::Json::of(&Body {
+            agent,
+            cgroup: &who.cgroup,
+            client: Shown(peer),
+            cmdline: &who.cmdline,
+            comm: &who.comm,
+            container: &who.cgroup_info.container_id,
+            dst: Shown(dst),
+            exe: who.exe.as_ref().map(|p| Shown(p.display())),
+            gid: who.gid,
+            pid: who.pid,
+            protocol: target.protocol.as_str(),
+            target: &target.name,
+            uid: who.uid,
+            unit: &who.cgroup_info.unit,
+            user: &who.user,
+        }),
         at_us: crate::store::now_us(),
+    }
+}
+
+/// A field serialized as the string its `Display` writes, without an intermediate `String`.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> serde::Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
     }
 }
 
@@ -509,4 +537,65 @@ fn record(ctx: &ConnContext, traffic: &Traffic, outcome: &Outcome, started: Inst
         error = outcome.detail.as_deref().unwrap_or(""),
         "connection"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::CgroupInfo;
+    use identity::{Identity, ProcessState};
+
+    /// The session record's text is hashed into the audit chain and parsed by the writer and
+    /// `replay`: serializing it from borrowed fields must give exactly the text the
+    /// `serde_json::Value` form gave (same keys, sorted, same values).
+    #[test]
+    fn session_start_body_is_the_sorted_json_object() {
+        let who = Identity {
+            pid: 4242,
+            tid: 4243,
+            uid: 1000,
+            gid: 100,
+            user: Some("alice".into()),
+            comm: "psql".into(),
+            exe: Some("/usr/bin/psql \"x\"".into()),
+            cmdline: vec!["psql".into(), "-c".into(), "select 'é'".into()],
+            cgroup_id: 7,
+            cgroup: Some("/system.slice/agent.service".into()),
+            cgroup_info: CgroupInfo {
+                unit: Some("agent.service".into()),
+                ..CgroupInfo::default()
+            },
+            netns_cookie: 1,
+            process: ProcessState::Verified,
+        };
+        let target = crate::config::Target {
+            id: 0,
+            name: "db".into(),
+            protocol: crate::config::Protocol::Postgres,
+            addrs: vec![],
+            pg: None,
+        };
+        let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let dst: SocketAddr = "[::1]:5432".parse().unwrap();
+        let body = session_start(9, "bot", &target, &who, peer, dst).body;
+        let expected = serde_json::json!({
+            "agent": "bot",
+            "target": "db",
+            "protocol": "postgres",
+            "pid": 4242,
+            "uid": 1000,
+            "gid": 100,
+            "user": "alice",
+            "comm": "psql",
+            "exe": "/usr/bin/psql \"x\"",
+            "cmdline": ["psql", "-c", "select 'é'"],
+            "cgroup": "/system.slice/agent.service",
+            "unit": "agent.service",
+            "container": null,
+            "client": "127.0.0.1:50000",
+            "dst": "[::1]:5432",
+        })
+        .to_string();
+        assert_eq!(body.as_str(), expected);
+    }
 }

@@ -5,11 +5,12 @@
 //! - `policy`: classification + decision time for an OLTP statement and a 2 KB analytic
 //!   query, uncached and through the decision cache.
 //! - `intercept`: connection rate (connect, 1-byte echo, close) and 1-byte round-trip
-//!   latency on an open connection, direct vs through the proxy. Rounds alternate between
-//!   the two paths; the median round of each is reported.
+//!   latency on an open connection, direct vs through a plain user-space relay (`pc-probe
+//!   relay`, the floor any proxy on this machine starts from) vs through the proxy. Rounds
+//!   rotate between the paths; the median round of each is reported.
 //! - `pg`: `pgbench -S` (simple and prepared protocol, 1 and 8 clients) direct, through
-//!   Portcullis (shipped policies) and through pgbouncer (session pooling), rounds
-//!   alternating; then a 1,000,000-row SELECT with two masked columns against the same
+//!   Portcullis (shipped policies), through pgbouncer (session pooling) and through the
+//!   plain relay, rounds rotating; then a 1,000,000-row SELECT with two masked columns against the same
 //!   SELECT unmasked, both through Portcullis, with the daemon's RSS sampled meanwhile.
 //! - `store`: the audit store's writer — records per second with group commit (64
 //!   concurrent writers waiting for their records, and fire-and-forget appends), and the
@@ -57,82 +58,152 @@ fn intercept_setup() -> (Env, String, Echo, Daemon) {
     (env, agent, echo, daemon)
 }
 
+/// The reference relay (`pc-probe relay`) in its own process, killed on drop.
+struct Relay {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Relay {
+    /// Listens at a free port of `listen_ip` and relays to `upstream`, with as many
+    /// workers as the daemon's default.
+    fn start(listen_ip: &str, upstream: &str) -> Self {
+        use std::io::BufRead as _;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut child = std::process::Command::new(workspace_bin("pc-probe"))
+            .args([
+                "relay",
+                &format!("{listen_ip}:0"),
+                upstream,
+                &workers.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the reference relay");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("relay stdout"))
+            .read_line(&mut line)
+            .expect("read the relay's address");
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the reference relay said {line:?}: {e}"));
+        let addr = v["listening"].as_str().expect("listening").to_string();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One way to reach the echo server, and what was measured on it.
+struct Path<'a> {
+    name: &'static str,
+    cgroup: &'a str,
+    addr: String,
+    rates: Vec<Vec<f64>>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
 fn intercept() {
     let (env, agent, echo, daemon) = intercept_setup();
     let direct = env.cgroup("direct");
     let target = echo.addr4().to_string();
+    let relay = Relay::start("127.0.0.3", &target);
+    let path = |name, cgroup, addr: &str| Path {
+        name,
+        cgroup,
+        addr: addr.to_string(),
+        rates: vec![Vec::new(); RATE_CONC.len()],
+        p50: Vec::new(),
+        p99: Vec::new(),
+    };
+    // Direct to the echo server; through the reference relay (a plain user-space relay,
+    // the floor for any proxy on this machine); intercepted by Portcullis.
+    let mut paths = [
+        path("direct", &direct, &target),
+        path("plain relay", &direct, &relay.addr),
+        path("portcullis", &agent, &target),
+    ];
     let started = Instant::now();
-    let (mut rate_d, mut rate_i) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
-    let (mut p50_d, mut p50_i, mut p99_d, mut p99_i) = (vec![], vec![], vec![], vec![]);
     let mut failed = 0.0;
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
-        // Alternate which path goes first, so drift hits both alike.
-        let order: [(&str, bool); 2] = if round % 2 == 0 {
-            [(&direct, false), (&agent, true)]
-        } else {
-            [(&agent, true), (&direct, false)]
-        };
-        for (cg, intercepted) in order {
+        // Rotate which path goes first, so drift hits all alike.
+        for k in 0..paths.len() {
+            let p = &mut paths[(round + k) % 3];
             for (i, conc) in RATE_CONC.iter().enumerate() {
-                let r = probe(&env, cg, None, &["rate", &target, RATE_SECS, conc]);
+                let r = probe(&env, p.cgroup, None, &["rate", &p.addr, RATE_SECS, conc]);
                 failed += f(&r, "failed");
-                let rates = if intercepted {
-                    &mut rate_i
-                } else {
-                    &mut rate_d
-                };
-                rates[i].push(f(&r, "per_sec"));
+                p.rates[i].push(f(&r, "per_sec"));
             }
-            let l = probe(&env, cg, None, &["latency", &target, RTT_COUNT]);
-            if intercepted {
-                p50_i.push(f(&l, "p50_us"));
-                p99_i.push(f(&l, "p99_us"));
-            } else {
-                p50_d.push(f(&l, "p50_us"));
-                p99_d.push(f(&l, "p99_us"));
-            }
+            let l = probe(&env, p.cgroup, None, &["latency", &p.addr, RTT_COUNT]);
+            p.p50.push(f(&l, "p50_us"));
+            p.p99.push(f(&l, "p99_us"));
         }
     }
     let redirected = daemon.counter("redirected");
-    let (ld, li) = (median(p50_d), median(p50_i));
-    let (qd, qi) = (median(p99_d), median(p99_i));
     println!();
     println!(
-        "intercept: {ROUNDS} alternating rounds, {RATE_SECS}s per rate run, {RTT_COUNT} round \
-         trips for latency; medians of rounds; {} cores; {:.0}s",
+        "intercept: {ROUNDS} rounds rotating direct, a plain user-space relay (pc-probe relay) \
+         and Portcullis; {RATE_SECS}s per rate run, {RTT_COUNT} round trips for latency; \
+         medians of rounds; {} cores; {:.0}s",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         started.elapsed().as_secs_f64()
     );
     println!(
-        "{:<34} {:>12} {:>12} {:>12}",
-        "", "direct", "intercepted", "ratio/delta"
+        "{:<32} {:>9} {:>12} {:>11} {:>13} {:>12}",
+        "", "direct", "plain relay", "portcullis", "relay/direct", "portc/direct"
     );
+    let [d, r, p] = &paths;
     for (i, conc) in RATE_CONC.iter().enumerate() {
-        let (rd, ri) = (median(rate_d[i].clone()), median(rate_i[i].clone()));
+        let (rd, rr, rp) = (
+            median(d.rates[i].clone()),
+            median(r.rates[i].clone()),
+            median(p.rates[i].clone()),
+        );
         println!(
-            "{:<34} {:>12.0} {:>12.0} {:>11.2}x   (target >= 0.50x)",
+            "{:<32} {:>9.0} {:>12.0} {:>11.0} {:>12.2}x {:>11.2}x   (target >= 0.50x)",
             format!("connections/s, {conc} client(s)"),
             rd,
-            ri,
-            ri / rd
+            rr,
+            rp,
+            rr / rd,
+            rp / rd
+        );
+    }
+    for (label, pick) in [
+        (
+            "1-byte round trip p50 (us)",
+            (|p: &Path| median(p.p50.clone())) as fn(&Path) -> f64,
+        ),
+        ("1-byte round trip p99 (us)", |p: &Path| {
+            median(p.p99.clone())
+        }),
+    ] {
+        let (ld, lr, lp) = (pick(d), pick(r), pick(p));
+        let target = if label.contains("p50") {
+            "   (target <= +15us)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<32} {:>9.1} {:>12.1} {:>11.1} {:>+11.1}us {:>+10.1}us{target}",
+            label,
+            ld,
+            lr,
+            lp,
+            lr - ld,
+            lp - ld
         );
     }
     println!(
-        "{:<34} {:>12.1} {:>12.1} {:>+10.1}us   (target <= +15us)",
-        "1-byte round trip p50 (us)",
-        ld,
-        li,
-        li - ld
+        "kernel redirected {redirected} connections; {failed} client errors; paths: {}",
+        paths.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
     );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>+10.1}us",
-        "1-byte round trip p99 (us)",
-        qd,
-        qi,
-        qi - qd
-    );
-    println!("kernel redirected {redirected} connections; {failed} client errors");
     assert_eq!(failed, 0.0, "clients saw errors");
 }
 
@@ -363,15 +434,29 @@ fn pg_profile(args: &[String]) {
 
 /// `intercept-profile [rate|latency|connect] [clients|bytes] [secs]`: the intercepted path
 /// only, for a profiler; prints the daemon's pid and waits 3 s before starting.
+/// `relay-rate` and `relay-latency` put the same load through the plain relay instead.
 /// `PC_PROFILE_LOG=1` prints the daemon's log at the end.
 fn intercept_profile(args: &[String]) {
     let what = args.first().map_or("rate", String::as_str);
     let clients = args.get(1).map_or("1", String::as_str);
     let secs = args.get(2).map_or("10", String::as_str);
     let (env, agent, echo, daemon) = intercept_setup();
-    println!("daemon pid {}", daemon.child.id());
+    let mut target = echo.addr4().to_string();
+    // `relay-rate`, `relay-latency`: the same load through the reference relay instead,
+    // from an unprotected cgroup; its pid is printed in the daemon's place.
+    let (what, agent, _relay) = match what.strip_prefix("relay-") {
+        Some(what) => {
+            let relay = Relay::start("127.0.0.3", &target);
+            target = relay.addr.clone();
+            println!("daemon pid {} (the reference relay)", relay.child.id());
+            (what, env.cgroup("direct"), Some(relay))
+        }
+        None => {
+            println!("daemon pid {}", daemon.child.id());
+            (what, agent, None)
+        }
+    };
     std::thread::sleep(std::time::Duration::from_secs(3));
-    let target = echo.addr4().to_string();
     let r = if what == "connect" {
         probe(&env, &agent, None, &["connect", &target, clients])
     } else if what == "latency" {
@@ -474,6 +559,13 @@ fn pg() {
     let (env, agent, direct, pg, body) = pg_setup();
     let daemon = Daemon::start(&env.config("", &body));
     let bouncer = Bouncer::start(&env, &pg);
+    let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
+    let relay_port: u16 = relay
+        .addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("relay port");
     let started = Instant::now();
     let cases: [(&str, usize); 4] = [
         ("simple", 1),
@@ -481,21 +573,25 @@ fn pg() {
         ("prepared", 1),
         ("prepared", 8),
     ];
-    let paths: [(&str, &str, u16); 3] = [
+    // The plain relay (`pc-probe relay`, no parsing) is the floor: what relaying through
+    // any user-space process costs on this machine.
+    let paths: [(&str, &str, u16); 4] = [
         ("direct", direct.as_str(), pg.port),
         ("portcullis", agent.as_str(), pg.port),
         ("pgbouncer", direct.as_str(), bouncer.port),
+        ("plain relay", direct.as_str(), relay_port),
     ];
+    let np = paths.len();
     // results[case][path] = (tps runs, latency runs)
-    let mut results = vec![vec![(Vec::new(), Vec::new()); 3]; 4];
+    let mut results = vec![vec![(Vec::new(), Vec::new()); np]; 4];
     // gate[case] = the daemon's statement times over that case's Portcullis runs
     let mut gate = [StatementTimes::default(); 4];
     for round in 0..PG_ROUNDS {
         eprintln!("pg round {}/{PG_ROUNDS}", round + 1);
         for (ci, (mode, clients)) in cases.iter().enumerate() {
-            for k in 0..3 {
+            for k in 0..np {
                 // Rotate the order so drift hits every path alike.
-                let pi = (k + round) % 3;
+                let pi = (k + round) % np;
                 let (name, cg, port) = paths[pi];
                 let before = (name == "portcullis").then(|| StatementTimes::read(&daemon));
                 let (tps, lat) = pgbench(&env, cg, port, mode, *clients, PG_SECS);
@@ -526,8 +622,8 @@ fn pg() {
         "gate"
     );
     for (ci, (mode, clients)) in cases.iter().enumerate() {
-        let tps: Vec<f64> = (0..3).map(|p| median(results[ci][p].0.clone())).collect();
-        let lat: Vec<f64> = (0..3).map(|p| median(results[ci][p].1.clone())).collect();
+        let tps: Vec<f64> = (0..np).map(|p| median(results[ci][p].0.clone())).collect();
+        let lat: Vec<f64> = (0..np).map(|p| median(results[ci][p].1.clone())).collect();
         println!(
             "{:<22} {:>10.0} {:>11.0} {:>10.0} {:>8.2}x {:>9.2}x {:>+11.1} us {:>6.1} us",
             format!("{mode}, {clients} client(s)"),
@@ -549,6 +645,36 @@ fn pg() {
          ReadyForQuery out, less forward to ReadyForQuery in): its own work, apart from the \
          two extra socket hops"
     );
+    println!();
+    println!(
+        "{:<22} {:>10} {:>12} {:>9} {:>12} {:>10} {:>12}",
+        "the floor (tps)",
+        "direct",
+        "plain relay",
+        "R/direct",
+        "bouncer/dir",
+        "R added",
+        "bouncer added"
+    );
+    for (ci, (mode, clients)) in cases.iter().enumerate() {
+        let tps: Vec<f64> = (0..np).map(|p| median(results[ci][p].0.clone())).collect();
+        let lat: Vec<f64> = (0..np).map(|p| median(results[ci][p].1.clone())).collect();
+        println!(
+            "{:<22} {:>10.0} {:>12.0} {:>8.2}x {:>11.2}x {:>+7.1} us {:>+9.1} us",
+            format!("{mode}, {clients} client(s)"),
+            tps[0],
+            tps[3],
+            tps[3] / tps[0],
+            tps[2] / tps[0],
+            (lat[3] - lat[0]) * 1000.0,
+            (lat[2] - lat[0]) * 1000.0
+        );
+    }
+    println!(
+        "plain relay: accept, connect, copy both ways on the daemon's thread layout, no \
+         parsing, identity or records"
+    );
+    drop(relay);
     drop(bouncer);
     drop(daemon);
 

@@ -13,6 +13,8 @@
 //! pc-probe queue ADDR1 ADDR2 WAIT_MS     a connection to ADDR1 echoes and stays open; one to
 //!                                        ADDR2 is echoed within WAIT_MS or not; the first
 //!                                        closes; is the second echoed then
+//! pc-probe relay LISTEN UPSTREAM WORKERS  a plain TCP relay (the benchmarks' reference):
+//!                                        prints {"listening": ADDR}, relays until killed
 //! ```
 //! Only loopback addresses are accepted (the tests' network rule).
 
@@ -263,6 +265,64 @@ fn latency(addr: &str, count: usize) -> Value {
     json!({"p50_us": q(0.50), "p99_us": q(0.99), "mean_us": samples.iter().sum::<f64>() / samples.len() as f64})
 }
 
+/// The simplest good relay a Rust engineer would write, as the floor the benchmarks
+/// compare the proxy against: WORKERS threads, each a single-threaded tokio runtime with
+/// its own `SO_REUSEPORT` listener (the proxy's own layout), accepting, connecting
+/// upstream and copying both ways with half-close. No origin lookup, identity, policy or
+/// records: what is left is the cost of relaying through a user-space process at all.
+fn relay(listen: &str, upstream: &str, workers: usize) -> Value {
+    let mut at = loopback(listen);
+    let upstream = loopback(upstream);
+    let mut threads = Vec::new();
+    for _ in 0..workers.max(1) {
+        let socket = match at {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .expect("socket");
+        socket.set_reuseport(true).expect("SO_REUSEPORT");
+        socket.bind(at).expect("bind relay");
+        at = socket.local_addr().expect("relay addr");
+        let std_socket = {
+            use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+            let fd = socket.into_raw_fd();
+            // SAFETY: `fd` is the socket just created and bound, now owned here alone.
+            let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            // SAFETY: listen(2) on our own bound socket.
+            assert_eq!(unsafe { libc::listen(fd, 1024) }, 0, "listen");
+            l
+        };
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                std_socket.set_nonblocking(true).expect("nonblocking");
+                let l = tokio::net::TcpListener::from_std(std_socket).expect("listener");
+                loop {
+                    let Ok((mut client, _)) = l.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                }
+            });
+        }));
+    }
+    println!("{}", json!({"listening": at.to_string()}));
+    for t in threads {
+        let _ = t.join();
+    }
+    json!({"stopped": true})
+}
+
 fn run(args: &[String]) -> Value {
     match args.first().map(String::as_str) {
         Some("connect") => {
@@ -326,6 +386,7 @@ fn run(args: &[String]) -> Value {
             }
             json!({"daemonized": true})
         }
+        Some("relay") => relay(&args[1], &args[2], args[3].parse().expect("WORKERS")),
         other => panic!("unknown mode {other:?}; see the source for usage"),
     }
 }
