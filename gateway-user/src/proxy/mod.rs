@@ -575,8 +575,8 @@ mod tests {
             addrs: vec![],
             pg: None,
         };
-        let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-        let dst: SocketAddr = "[::1]:5432".parse().unwrap();
+        let peer: SocketAddr = "127.0.0.1:50000".parse().expect("addr");
+        let dst: SocketAddr = "[::1]:5432".parse().expect("addr");
         let body = session_start(9, "bot", &target, &who, peer, dst).body;
         let expected = serde_json::json!({
             "agent": "bot",
