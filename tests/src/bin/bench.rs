@@ -91,6 +91,16 @@ impl Relay {
     }
 }
 
+impl Relay {
+    fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("relay port")
+    }
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -413,6 +423,16 @@ fn pg_profile(args: &[String]) {
         println!("pgbouncer {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
         return;
     }
+    // PC_PROFILE_PATH=relay: the plain relay (no parsing, identity or records).
+    if std::env::var("PC_PROFILE_PATH").is_ok_and(|p| p == "relay") {
+        let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
+        let port = relay.port();
+        println!("daemon pid {}", relay.child.id());
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let (tps, lat) = pgbench(&env, &direct, port, mode, clients, secs);
+        println!("relay {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
+        return;
+    }
     // PC_PROFILE_WORKERS sets `[proxy] workers` (default: one per CPU).
     let workers =
         std::env::var("PC_PROFILE_WORKERS").map_or(String::new(), |n| format!("workers = {n}"));
@@ -560,12 +580,7 @@ fn pg() {
     let daemon = Daemon::start(&env.config("", &body));
     let bouncer = Bouncer::start(&env, &pg);
     let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
-    let relay_port: u16 = relay
-        .addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("relay port");
+    let relay_port = relay.port();
     let started = Instant::now();
     let cases: [(&str, usize); 4] = [
         ("simple", 1),
