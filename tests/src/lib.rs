@@ -695,6 +695,54 @@ fn serve_echo(l: StdListener, peers: Arc<Mutex<Vec<SocketAddr>>>, accepted: Arc<
     });
 }
 
+/// The benchmarks' reference: a plain user-space TCP relay (`pc-probe relay`) in its own
+/// process, killed on drop.
+pub struct Relay {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Relay {
+    /// Listens at a free port of `listen_ip` and relays to `upstream`, with as many
+    /// workers as the daemon's default.
+    pub fn start(listen_ip: &str, upstream: &str) -> Self {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut child = Command::new(workspace_bin("pc-probe"))
+            .args([
+                "relay",
+                &format!("{listen_ip}:0"),
+                upstream,
+                &workers.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the reference relay");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("relay stdout"))
+            .read_line(&mut line)
+            .expect("read the relay's address");
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the reference relay said {line:?}: {e}"));
+        let addr = v["listening"].as_str().expect("listening").to_string();
+        Self { child, addr }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("relay port")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A configuration body with one agent per cgroup and one PostgreSQL target (`extra` is
 /// added to the target table: `auth = "inject"`, credentials, TLS settings).
 pub fn agents_and_pg(agents: &[(&str, &str)], addr: &str, extra: &str) -> String {

@@ -586,3 +586,30 @@ fn a_second_daemon_on_the_same_state_directory_stops_before_touching_anything() 
     );
     assert_intercepted(&w, &d, &r, 10);
 }
+
+/// The benchmarks compare the proxy with a plain relay (`pc-probe relay`) as the floor any
+/// proxy starts from; the comparison means something only if that relay is correct: every
+/// byte both ways, half-close propagated, many connections at once.
+#[test]
+fn the_benchmarks_plain_relay_carries_every_byte_and_the_half_close() {
+    let env = Env::new();
+    let plain = env.cgroup("plain");
+    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 5));
+    let relay = Relay::start("127.0.0.6", &echo.addr4().to_string());
+    // `connect` writes, shuts down its write side and reads to the end: the echo server
+    // only ends (and the client only sees EOF) if the relay passed the half-close on.
+    let r = probe(&env, &plain, None, &["connect", &relay.addr, "65536"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["echoed"], 65536, "{r}");
+    assert!(
+        !echo.saw_peer(s(&r["local"])),
+        "the echo server must see the relay, not the client: {r}"
+    );
+    let r = probe(&env, &plain, None, &["many", &relay.addr, "200", "65536"]);
+    assert_eq!(r["ok"], 200, "{r}");
+    assert_eq!(r["bytes"].as_u64(), Some(200 * 65536), "{r}");
+    assert_eq!(
+        echo.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        201
+    );
+}

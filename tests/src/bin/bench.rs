@@ -21,7 +21,7 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use portcullis_tests::{
-    Daemon, Echo, Env, agents_and_pg, agents_and_target, in_cgroup, metric_in, pg::*, probe,
+    Daemon, Echo, Env, Relay, agents_and_pg, agents_and_target, in_cgroup, metric_in, pg::*, probe,
     rss_kib, run_json, workspace_bin,
 };
 use serde_json::Value;
@@ -58,54 +58,15 @@ fn intercept_setup() -> (Env, String, Echo, Daemon) {
     (env, agent, echo, daemon)
 }
 
-/// The reference relay (`pc-probe relay`) in its own process, killed on drop.
-struct Relay {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Relay {
-    /// Listens at a free port of `listen_ip` and relays to `upstream`, with as many
-    /// workers as the daemon's default.
-    fn start(listen_ip: &str, upstream: &str) -> Self {
-        use std::io::BufRead as _;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut child = std::process::Command::new(workspace_bin("pc-probe"))
-            .args([
-                "relay",
-                &format!("{listen_ip}:0"),
-                upstream,
-                &workers.to_string(),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn the reference relay");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("relay stdout"))
-            .read_line(&mut line)
-            .expect("read the relay's address");
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the reference relay said {line:?}: {e}"));
-        let addr = v["listening"].as_str().expect("listening").to_string();
-        Self { child, addr }
-    }
-}
-
-impl Relay {
-    fn port(&self) -> u16 {
-        self.addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("relay port")
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// One line per target: whether Portcullis meets it and, when it does not, whether the
+/// plain relay does — that is, whether any user-space proxy could on this host.
+fn verdict(target: &str, portcullis: bool, relay: bool) {
+    let v = match (portcullis, relay) {
+        (true, _) => "met",
+        (false, true) => "NOT MET; the plain relay meets it: the gap is Portcullis's own work",
+        (false, false) => "NOT MET; the plain relay does not meet it either on this host",
+    };
+    println!("  {target:<46} {v}");
 }
 
 /// One way to reach the echo server, and what was measured on it.
@@ -210,6 +171,21 @@ fn intercept() {
             lp - ld
         );
     }
+    println!("targets:");
+    for (i, conc) in RATE_CONC.iter().enumerate() {
+        let rd = median(d.rates[i].clone());
+        verdict(
+            &format!("connections/s >= 0.50x direct, {conc} client(s)"),
+            median(p.rates[i].clone()) >= 0.5 * rd,
+            median(r.rates[i].clone()) >= 0.5 * rd,
+        );
+    }
+    let p50 = |x: &Path| median(x.p50.clone());
+    verdict(
+        "round trip p50 <= +15 us",
+        p50(p) - p50(d) <= 15.0,
+        p50(r) - p50(d) <= 15.0,
+    );
     println!(
         "kernel redirected {redirected} connections; {failed} client errors; paths: {}",
         paths.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
@@ -618,6 +594,16 @@ fn pg() {
             }
         }
     }
+    // medians[case] = (tps per path, mean latency per path)
+    let medians: Vec<(Vec<f64>, Vec<f64>)> = results
+        .iter()
+        .map(|case| {
+            (
+                case.iter().map(|(t, _)| median(t.clone())).collect(),
+                case.iter().map(|(_, l)| median(l.clone())).collect(),
+            )
+        })
+        .collect();
     println!();
     println!(
         "pg: pgbench -S, scale 10, {PG_ROUNDS} rounds of {PG_SECS}s per case and path, medians; \
@@ -637,8 +623,7 @@ fn pg() {
         "gate"
     );
     for (ci, (mode, clients)) in cases.iter().enumerate() {
-        let tps: Vec<f64> = (0..np).map(|p| median(results[ci][p].0.clone())).collect();
-        let lat: Vec<f64> = (0..np).map(|p| median(results[ci][p].1.clone())).collect();
+        let (tps, lat) = &medians[ci];
         println!(
             "{:<22} {:>10.0} {:>11.0} {:>10.0} {:>8.2}x {:>9.2}x {:>+11.1} us {:>6.1} us",
             format!("{mode}, {clients} client(s)"),
@@ -672,8 +657,7 @@ fn pg() {
         "bouncer added"
     );
     for (ci, (mode, clients)) in cases.iter().enumerate() {
-        let tps: Vec<f64> = (0..np).map(|p| median(results[ci][p].0.clone())).collect();
-        let lat: Vec<f64> = (0..np).map(|p| median(results[ci][p].1.clone())).collect();
+        let (tps, lat) = &medians[ci];
         println!(
             "{:<22} {:>10.0} {:>12.0} {:>8.2}x {:>11.2}x {:>+7.1} us {:>+9.1} us",
             format!("{mode}, {clients} client(s)"),
@@ -689,6 +673,29 @@ fn pg() {
         "plain relay: accept, connect, copy both ways on the daemon's thread layout, no \
          parsing, identity or records"
     );
+    println!("targets:");
+    for (ci, (mode, clients)) in cases.iter().enumerate() {
+        let (tps, lat) = &medians[ci];
+        let case = format!("{mode}, {clients} client(s)");
+        verdict(
+            &format!(">= pgbouncer, {case}"),
+            tps[1] >= tps[2],
+            tps[3] >= tps[2],
+        );
+        if *clients == 8 {
+            verdict(
+                &format!(">= 0.80x direct, {case}"),
+                tps[1] >= 0.8 * tps[0],
+                tps[3] >= 0.8 * tps[0],
+            );
+        } else {
+            verdict(
+                &format!("<= +20 us added mean latency, {case}"),
+                (lat[1] - lat[0]) * 1000.0 <= 20.0,
+                (lat[3] - lat[0]) * 1000.0 <= 20.0,
+            );
+        }
+    }
     drop(relay);
     drop(bouncer);
     drop(daemon);
