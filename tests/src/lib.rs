@@ -699,7 +699,7 @@ fn serve_echo(l: StdListener, peers: Arc<Mutex<Vec<SocketAddr>>>, accepted: Arc<
 /// process, killed on drop.
 pub struct Relay {
     pub child: Child,
-    pub addr: String,
+    pub addr: SocketAddr,
 }
 
 impl Relay {
@@ -723,16 +723,11 @@ impl Relay {
             .expect("read the relay's address");
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("the reference relay said {line:?}: {e}"));
-        let addr = v["listening"].as_str().expect("listening").to_string();
+        let addr = v["listening"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("the reference relay said {line:?}: no address"));
         Self { child, addr }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("relay port")
     }
 }
 

@@ -598,14 +598,15 @@ fn the_benchmarks_plain_relay_carries_every_byte_and_the_half_close() {
     let relay = Relay::start("127.0.0.6", &echo.addr4().to_string());
     // `connect` writes, shuts down its write side and reads to the end: the echo server
     // only ends (and the client only sees EOF) if the relay passed the half-close on.
-    let r = probe(&env, &plain, None, &["connect", &relay.addr, "65536"]);
+    let via = relay.addr.to_string();
+    let r = probe(&env, &plain, None, &["connect", &via, "65536"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["echoed"], 65536, "{r}");
     assert!(
         !echo.saw_peer(s(&r["local"])),
         "the echo server must see the relay, not the client: {r}"
     );
-    let r = probe(&env, &plain, None, &["many", &relay.addr, "200", "65536"]);
+    let r = probe(&env, &plain, None, &["many", &via, "200", "65536"]);
     assert_eq!(r["ok"], 200, "{r}");
     assert_eq!(r["bytes"].as_u64(), Some(200 * 65536), "{r}");
     assert_eq!(

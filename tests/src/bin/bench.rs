@@ -69,9 +69,8 @@ fn verdict(target: &str, portcullis: bool, relay: bool) {
     println!("  {target:<46} {v}");
 }
 
-/// One way to reach the echo server, and what was measured on it.
+/// One way to reach the echo server, and what was measured on it, round by round.
 struct Path<'a> {
-    name: &'static str,
     cgroup: &'a str,
     addr: String,
     rates: Vec<Vec<f64>>,
@@ -79,25 +78,41 @@ struct Path<'a> {
     p99: Vec<f64>,
 }
 
+/// A path's medians over the rounds.
+struct Medians {
+    rates: Vec<f64>,
+    p50: f64,
+    p99: f64,
+}
+
+impl Path<'_> {
+    fn medians(&self) -> Medians {
+        Medians {
+            rates: self.rates.iter().map(|r| median(r.clone())).collect(),
+            p50: median(self.p50.clone()),
+            p99: median(self.p99.clone()),
+        }
+    }
+}
+
 fn intercept() {
     let (env, agent, echo, daemon) = intercept_setup();
     let direct = env.cgroup("direct");
     let target = echo.addr4().to_string();
     let relay = Relay::start("127.0.0.3", &target);
-    let path = |name, cgroup, addr: &str| Path {
-        name,
+    let path = |cgroup, addr: String| Path {
         cgroup,
-        addr: addr.to_string(),
+        addr,
         rates: vec![Vec::new(); RATE_CONC.len()],
         p50: Vec::new(),
         p99: Vec::new(),
     };
-    // Direct to the echo server; through the reference relay (a plain user-space relay,
-    // the floor for any proxy on this machine); intercepted by Portcullis.
+    // Direct to the echo server; through the plain relay (the floor for any proxy on this
+    // machine); intercepted by Portcullis.
     let mut paths = [
-        path("direct", &direct, &target),
-        path("plain relay", &direct, &relay.addr),
-        path("portcullis", &agent, &target),
+        path(&direct, target.clone()),
+        path(&direct, relay.addr.to_string()),
+        path(&agent, target.clone()),
     ];
     let started = Instant::now();
     let mut failed = 0.0;
@@ -105,7 +120,8 @@ fn intercept() {
         eprintln!("round {}/{ROUNDS}", round + 1);
         // Rotate which path goes first, so drift hits all alike.
         for k in 0..paths.len() {
-            let p = &mut paths[(round + k) % 3];
+            let n = paths.len();
+            let p = &mut paths[(round + k) % n];
             for (i, conc) in RATE_CONC.iter().enumerate() {
                 let r = probe(&env, p.cgroup, None, &["rate", &p.addr, RATE_SECS, conc]);
                 failed += f(&r, "failed");
@@ -117,6 +133,7 @@ fn intercept() {
         }
     }
     let redirected = daemon.counter("redirected");
+    let [d, r, p] = paths.each_ref().map(Path::medians);
     println!();
     println!(
         "intercept: {ROUNDS} rounds rotating direct, a plain user-space relay (pc-probe relay) \
@@ -129,38 +146,25 @@ fn intercept() {
         "{:<32} {:>9} {:>12} {:>11} {:>13} {:>12}",
         "", "direct", "plain relay", "portcullis", "relay/direct", "portc/direct"
     );
-    let [d, r, p] = &paths;
     for (i, conc) in RATE_CONC.iter().enumerate() {
-        let (rd, rr, rp) = (
-            median(d.rates[i].clone()),
-            median(r.rates[i].clone()),
-            median(p.rates[i].clone()),
-        );
         println!(
             "{:<32} {:>9.0} {:>12.0} {:>11.0} {:>12.2}x {:>11.2}x   (target >= 0.50x)",
             format!("connections/s, {conc} client(s)"),
-            rd,
-            rr,
-            rp,
-            rr / rd,
-            rp / rd
+            d.rates[i],
+            r.rates[i],
+            p.rates[i],
+            r.rates[i] / d.rates[i],
+            p.rates[i] / d.rates[i]
         );
     }
-    for (label, pick) in [
+    for (label, [ld, lr, lp], target) in [
         (
             "1-byte round trip p50 (us)",
-            (|p: &Path| median(p.p50.clone())) as fn(&Path) -> f64,
+            [d.p50, r.p50, p.p50],
+            "   (target <= +15us)",
         ),
-        ("1-byte round trip p99 (us)", |p: &Path| {
-            median(p.p99.clone())
-        }),
+        ("1-byte round trip p99 (us)", [d.p99, r.p99, p.p99], ""),
     ] {
-        let (ld, lr, lp) = (pick(d), pick(r), pick(p));
-        let target = if label.contains("p50") {
-            "   (target <= +15us)"
-        } else {
-            ""
-        };
         println!(
             "{:<32} {:>9.1} {:>12.1} {:>11.1} {:>+11.1}us {:>+10.1}us{target}",
             label,
@@ -173,23 +177,18 @@ fn intercept() {
     }
     println!("targets:");
     for (i, conc) in RATE_CONC.iter().enumerate() {
-        let rd = median(d.rates[i].clone());
         verdict(
             &format!("connections/s >= 0.50x direct, {conc} client(s)"),
-            median(p.rates[i].clone()) >= 0.5 * rd,
-            median(r.rates[i].clone()) >= 0.5 * rd,
+            p.rates[i] >= 0.5 * d.rates[i],
+            r.rates[i] >= 0.5 * d.rates[i],
         );
     }
-    let p50 = |x: &Path| median(x.p50.clone());
     verdict(
         "round trip p50 <= +15 us",
-        p50(p) - p50(d) <= 15.0,
-        p50(r) - p50(d) <= 15.0,
+        p.p50 - d.p50 <= 15.0,
+        r.p50 - d.p50 <= 15.0,
     );
-    println!(
-        "kernel redirected {redirected} connections; {failed} client errors; paths: {}",
-        paths.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
-    );
+    println!("kernel redirected {redirected} connections; {failed} client errors");
     assert_eq!(failed, 0.0, "clients saw errors");
 }
 
@@ -402,7 +401,7 @@ fn pg_profile(args: &[String]) {
     // PC_PROFILE_PATH=relay: the plain relay (no parsing, identity or records).
     if std::env::var("PC_PROFILE_PATH").is_ok_and(|p| p == "relay") {
         let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
-        let port = relay.port();
+        let port = relay.addr.port();
         println!("daemon pid {}", relay.child.id());
         std::thread::sleep(std::time::Duration::from_secs(3));
         let (tps, lat) = pgbench(&env, &direct, port, mode, clients, secs);
@@ -443,7 +442,7 @@ fn intercept_profile(args: &[String]) {
     let (what, agent, _relay) = match what.strip_prefix("relay-") {
         Some(what) => {
             let relay = Relay::start("127.0.0.3", &target);
-            target = relay.addr.clone();
+            target = relay.addr.to_string();
             println!("daemon pid {} (the reference relay)", relay.child.id());
             (what, env.cgroup("direct"), Some(relay))
         }
@@ -556,7 +555,7 @@ fn pg() {
     let daemon = Daemon::start(&env.config("", &body));
     let bouncer = Bouncer::start(&env, &pg);
     let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
-    let relay_port = relay.port();
+    let relay_port = relay.addr.port();
     let started = Instant::now();
     let cases: [(&str, usize); 4] = [
         ("simple", 1),

@@ -283,23 +283,18 @@ fn relay(listen: &str, upstream: &str, workers: usize) -> Value {
         socket.set_reuseport(true).expect("SO_REUSEPORT");
         socket.bind(at).expect("bind relay");
         at = socket.local_addr().expect("relay addr");
-        let std_socket = {
-            use std::os::fd::{FromRawFd as _, IntoRawFd as _};
-            let fd = socket.into_raw_fd();
-            // SAFETY: `fd` is the socket just created and bound, now owned here alone.
-            let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-            // SAFETY: listen(2) on our own bound socket.
-            assert_eq!(unsafe { libc::listen(fd, 1024) }, 0, "listen");
-            l
+        // The runtime is built here so the socket starts listening (registered with it)
+        // before the address is printed; its thread then drives it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let l = {
+            let _entered = rt.enter();
+            socket.listen(1024).expect("listen")
         };
         threads.push(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
             rt.block_on(async move {
-                std_socket.set_nonblocking(true).expect("nonblocking");
-                let l = tokio::net::TcpListener::from_std(std_socket).expect("listener");
                 loop {
                     let Ok((mut client, _)) = l.accept().await else {
                         continue;
