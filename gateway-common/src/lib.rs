@@ -14,7 +14,7 @@
 
 /// Version of the map layout. Pinned maps live under `<pin_path>/maps/v<ABI_VERSION>`, so a
 /// daemon with a different layout never adopts maps it cannot read.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps, as declared in `gateway-ebpf` and pinned by the daemon.
 pub mod map_names {
@@ -33,6 +33,9 @@ pub mod map_names {
     pub const CONNS: &str = "PC_CONNS";
     /// Per-CPU array of `u64` counters indexed by [`crate::counter`].
     pub const COUNTERS: &str = "PC_COUNTERS";
+    /// Hash: tgid (`u32`) → generation (`u64`) of the process image that made a redirected
+    /// connection; see [`crate::Origin::process_gen`].
+    pub const PROCESSES: &str = "PC_PROCESSES";
 }
 
 /// Names of the programs in the eBPF object.
@@ -42,12 +45,25 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "pc_sock_ops";
     pub const GETPEERNAME4: &str = "pc_getpeername4";
     pub const GETPEERNAME6: &str = "pc_getpeername6";
+    /// Raw tracepoint `sched_process_exec`: the process image changed.
+    pub const PROCESS_EXEC: &str = "pc_process_exec";
+    /// Raw tracepoint `sched_process_exit`: a task ended.
+    pub const PROCESS_EXIT: &str = "pc_process_exit";
+    /// The raw tracepoint each of the two programs above attaches to.
+    pub const TRACEPOINTS: [(&str, &str); 2] = [
+        (PROCESS_EXEC, "sched_process_exec"),
+        (PROCESS_EXIT, "sched_process_exit"),
+    ];
 }
 
 /// Capacity of [`map_names::CONNS`]. An entry lives from the TCP handshake until the proxy
 /// accepts the connection (microseconds), so this bounds connections *in flight*, not open
 /// ones. When it is full the program counts an error and the proxy refuses the connection.
 pub const CONNS_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::PROCESSES`]: live processes that have made a redirected
+/// connection. When it is full, new processes get generation 0 (their identity is read from
+/// `/proc` on every connection instead of once per process image).
+pub const PROCESSES_CAPACITY: u32 = 65_536;
 /// Capacity of the target trie.
 pub const TARGETS_CAPACITY: u32 = 4_096;
 /// Capacity of each agent selector map.
@@ -189,6 +205,12 @@ pub struct Origin {
     pub cgroup_id: u64,
     /// `CLOCK_BOOTTIME` of the connect, nanoseconds.
     pub boot_ns: u64,
+    /// Generation of the connecting process image: set (to the `CLOCK_BOOTTIME` of its
+    /// first redirected connect) once per process and tgid, and forgotten by the kernel when
+    /// the process execs or one of its tasks exits. Equal `(tgid, process_gen)` pairs
+    /// therefore name the same process running the same executable, which is what lets the
+    /// proxy read `/proc` once per process image. 0: unknown (never reused).
+    pub process_gen: u64,
     /// Thread group id (the "pid" users see).
     pub tgid: u32,
     /// Thread id of the connecting thread.
@@ -209,7 +231,7 @@ pub struct Origin {
     /// `comm` of the connecting task, NUL-padded.
     pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<Origin>() == 96);
+const _: () = assert!(core::mem::size_of::<Origin>() == 104);
 
 /// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.
 #[inline(always)]

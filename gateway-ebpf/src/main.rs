@@ -18,6 +18,11 @@
 //!    the kernel with the socket. No entry depends on LRU eviction.
 //! 4. `pc_getpeername4` / `pc_getpeername6`: the client asking whom it is connected to
 //!    hears the original destination, not the proxy.
+//!
+//! Beside the flow, [`PC_PROCESSES`] gives each process image that connects a generation
+//! (its first redirected connect stores one; `pc_process_exec` and `pc_process_exit`, raw
+//! tracepoints, forget it), so the proxy can trust what it read from `/proc` for one
+//! connection for the next ones of the same image.
 // On the BPF target this is a no_std, no_main object. A host build of the workspace
 // (`cargo build --workspace`, clippy) compiles the same code against std with an empty
 // `main`, which is never run: only gateway-user/build.rs builds the real object.
@@ -26,7 +31,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_ANY, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
     },
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, lpm_trie::Key},
@@ -37,13 +42,13 @@ use aya_ebpf::{
             bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_storage_get,
         },
     },
-    macros::{btf_map, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{btf_map, cgroup_sock_addr, raw_tracepoint, sock_ops},
+    programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
 };
 use gateway_common::{
     AF_INET, AF_INET6, AGENTS_CAPACITY, AgentRef, CONFIG_ENABLED, CONNS_CAPACITY, ConnKey,
-    GlobalConfig, MAX_CGROUP_DEPTH, Origin, TARGETS_CAPACITY, TargetKey, TargetValue, counter,
-    ipv4_mapped, ipv4_unmapped,
+    GlobalConfig, MAX_CGROUP_DEPTH, Origin, PROCESSES_CAPACITY, TARGETS_CAPACITY, TargetKey,
+    TargetValue, counter, ipv4_mapped, ipv4_unmapped,
 };
 
 /// Reads a `bpf_sock_ops` field straight off the context pointer. The verifier only allows
@@ -80,6 +85,9 @@ static PC_ORIGINS: SkStorage<Origin> = SkStorage::new();
 
 #[btf_map]
 static PC_CONNS: HashMap<ConnKey, Origin, { CONNS_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+static PC_PROCESSES: HashMap<u32, u64, { PROCESSES_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
 static PC_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
@@ -366,15 +374,18 @@ fn decide(ctx: &SockAddrContext, cfg: &GlobalConfig, dst: &Destination, family: 
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: helper without preconditions.
+    let boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    let tgid = (pid_tgid >> 32) as u32;
     let origin = Origin {
         // SAFETY: helper valid for sock_addr programs.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
         netns_cookie,
         // SAFETY: helper valid for cgroup programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        // SAFETY: helper without preconditions.
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        tgid: (pid_tgid >> 32) as u32,
+        boot_ns,
+        process_gen: process_generation(tgid, boot_ns),
+        tgid,
         pid: pid_tgid as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
@@ -407,6 +418,47 @@ fn decide(ctx: &SockAddrContext, cfg: &GlobalConfig, dst: &Destination, family: 
     unsafe { *stored = origin };
     count(counter::REDIRECTED);
     Verdict::Redirect
+}
+
+/// The generation of the calling process image, stored now if it has none. 0 when the map is
+/// full: the proxy then reads `/proc` for every connection of the process.
+#[inline(always)]
+fn process_generation(tgid: u32, now: u64) -> u64 {
+    // SAFETY: the pointer into the map stays valid during the program.
+    if let Some(generation) = unsafe { PC_PROCESSES.get(tgid) } {
+        return *generation;
+    }
+    if PC_PROCESSES.insert(tgid, now, BPF_NOEXIST.into()).is_ok() {
+        return now;
+    }
+    // Another thread of the process stored one first, or the map is full.
+    // SAFETY: as above.
+    unsafe { PC_PROCESSES.get(tgid) }.copied().unwrap_or(0)
+}
+
+/// The process image of the current task is replaced: its generation is forgotten, so its
+/// next connection gets a new one and the proxy reads `/proc` again.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn pc_process_exec(_ctx: RawTracePointContext) -> i32 {
+    forget_current_process();
+    0
+}
+
+/// A task ends. Any task of a process forgets the process's generation (the last one must,
+/// and which one is last is not known here): a later connection of a surviving thread just
+/// gets a new one. This keeps the map to live processes and a reused pid from inheriting a
+/// dead process's generation.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn pc_process_exit(_ctx: RawTracePointContext) -> i32 {
+    forget_current_process();
+    0
+}
+
+#[inline(always)]
+fn forget_current_process() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // Absent for every process that never connected to a target: nothing to do then.
+    let _ = PC_PROCESSES.remove(tgid);
 }
 
 #[inline(always)]

@@ -39,12 +39,13 @@ pub fn status(s: &Status) -> String {
     }
     let _ = writeln!(
         o,
-        "maps       {} pinned; {} target prefixes, {} agent cgroups, {} agent uids, {} connections in flight",
+        "maps       {} pinned; {} target prefixes, {} agent cgroups, {} agent uids, {} connections in flight, {} processes known",
         k.pinned_maps.len(),
         k.target_prefixes,
         k.cgroup_selectors,
         k.uid_selectors,
-        k.in_flight
+        k.in_flight,
+        k.processes
     );
     let counters: Vec<String> = k.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
     let _ = writeln!(o, "kernel     {}", counters.join("  "));

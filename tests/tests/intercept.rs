@@ -145,12 +145,14 @@ fn ipv4_ipv6_and_mapped_destinations_are_redirected_with_identity() {
             "pc_connect6",
             "pc_sock_ops",
             "pc_getpeername4",
-            "pc_getpeername6"
+            "pc_getpeername6",
+            "pc_process_exec",
+            "pc_process_exit"
         ]
     );
     assert_eq!(
         st["kernel"]["pinned_links"].as_array().map(Vec::len),
-        Some(5)
+        Some(programs.len())
     );
     assert_eq!(d.counter("redirected"), 4);
     assert_eq!(d.counter("tracked"), 4);
@@ -276,16 +278,71 @@ fn forks_daemons_renames_and_execs_stay_intercepted() {
         "but the executable is known: {rec}"
     );
 
-    // A shell that execs another binary: same pid, new executable.
-    let mut sh = Command::new("/bin/sh");
+    // A shell that connects, then execs another binary that connects: same pid, new
+    // executable. The proxy reads /proc once per process image; the exec must make it read
+    // again, or the second connection would be described as the shell's.
+    let bash = std::fs::canonicalize("/bin/bash").expect("bash");
+    let mut sh = Command::new(&bash);
     sh.arg("-c").arg(format!(
-        "exec '{}' connect {target} 64",
+        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
+         exec 3>&- && exec '{}' connect {target} 64",
+        w.echo.addr4().ip(),
+        w.echo.port,
         workspace_bin("pc-probe").display()
     ));
     let r = run_json(&w.env, &w.agent, Some(NOBODY), sh);
     let rec = assert_intercepted(&w, &d, &r, 64);
     assert_eq!(rec["src.pid"], r["launcher_pid"], "exec keeps the pid");
-    assert_eq!(rec["src.exe"], probe_exe().as_str());
+    assert_eq!(rec["src.exe"], probe_exe().as_str(), "{rec}");
+    let shell = d
+        .logs
+        .wait_for("the shell's connection", Duration::from_secs(10), |v| {
+            is_connection(v) && v["src.pid"] == r["launcher_pid"] && v["bytes.up"] == 4
+        });
+    assert_eq!(
+        shell["src.exe"],
+        bash.display().to_string().as_str(),
+        "{shell}"
+    );
+    // Every process that connected has exited: the kernel forgot them all.
+    assert_eq!(d.status()["kernel"]["processes"], 0);
+}
+
+#[test]
+fn the_kernel_knows_a_connected_process_until_it_exits() {
+    use std::io::{BufRead as _, BufReader};
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    assert_eq!(d.status()["kernel"]["processes"], 0);
+    // A shell that connects, echoes, and then waits on its stdin.
+    let mut sh = Command::new("/bin/bash");
+    sh.arg("-c").arg(format!(
+        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
+         echo \"$reply\" && read -r line; exit 0",
+        w.echo.addr4().ip(),
+        w.echo.port,
+    ));
+    in_cgroup(&mut sh, &w.env.cg_dir(&w.agent), Some(NOBODY));
+    sh.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = sh.spawn().expect("spawn bash");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "ping", "the shell's echo went through");
+    assert_eq!(
+        d.status()["kernel"]["processes"],
+        1,
+        "the connected process has a generation while it lives"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(
+        d.status()["kernel"]["processes"],
+        0,
+        "and none once it has exited"
+    );
 }
 
 #[test]
@@ -356,12 +413,21 @@ fn sigkill_fails_closed_and_a_restart_adopts_the_pins() {
         });
     let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
     assert_intercepted(&w, &d2, &r, 10);
+    let st = d2.status();
+    let programs: Vec<&str> = st["kernel"]["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect();
+    assert!(
+        programs.contains(&"pc_process_exec") && programs.contains(&"pc_process_exit"),
+        "{programs:?}"
+    );
     assert_eq!(
-        d2.status()["kernel"]["pinned_links"]
-            .as_array()
-            .map(Vec::len),
-        Some(5),
-        "the old links were replaced, not added to"
+        st["kernel"]["pinned_links"].as_array().map(Vec::len),
+        Some(programs.len()),
+        "the old links were replaced, not added to: {st}"
     );
     // Counters live in pinned maps: they survived the restart.
     assert_eq!(d2.counter("redirected"), 4);
@@ -420,6 +486,10 @@ fn a_thousand_concurrent_connections_each_echo_64k() {
     assert_eq!(
         st["kernel"]["in_flight"], 0,
         "no connection entry may remain: {st}"
+    );
+    assert_eq!(
+        st["kernel"]["processes"], 0,
+        "the process that connected has exited: {st}"
     );
     assert_eq!(d.counter("tracked"), 1000);
     assert_eq!(d.counter("redirected"), 1000);

@@ -115,7 +115,8 @@ fn metrics_pass_promtool_and_move_as_a_workload_runs() {
     assert!(m("portcullis_audit_commit_duration_seconds_count", &[]) >= 1.0);
     // SELECT 1, 2 and 3 are one shape: its decision is kept once it was seen twice.
     assert_eq!(m("portcullis_policy_cached_shape_decisions", &[]), 1.0);
-    assert_eq!(m("portcullis_ebpf_programs_attached", &[]), 5.0);
+    // Five cgroup programs and the two process hooks.
+    assert_eq!(m("portcullis_ebpf_programs_attached", &[]), 7.0);
     assert_eq!(m("portcullis_ready", &[]), 1.0);
     assert_eq!(m("portcullis_connections_active", &[("agent", "a")]), 0.0);
     assert!(body.contains("portcullis_build_info{version=\""), "{body}");

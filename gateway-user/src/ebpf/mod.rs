@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -187,6 +187,8 @@ pub struct KernelStatus {
     pub counters: Vec<(String, u64)>,
     /// Established connections the proxy has not taken yet.
     pub in_flight: usize,
+    /// Live processes with a generation (they made a redirected connection).
+    pub processes: usize,
     pub cgroup_selectors: usize,
     pub uid_selectors: usize,
     pub target_prefixes: usize,
@@ -363,10 +365,7 @@ impl Kernel {
             program_names::GETPEERNAME6,
         ] {
             let perr = |source| EbpfError::Program { name, source };
-            let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?;
+            let program = self.program(name)?;
             let (link, id): (FdLink, u32) = if name == program_names::SOCK_OPS {
                 let p: &mut SockOps = program.try_into().map_err(perr)?;
                 p.load().map_err(perr)?;
@@ -388,36 +387,67 @@ impl Kernel {
                     id,
                 )
             };
-            let link_pin = match self.fail_mode {
-                FailMode::Closed => {
-                    let path = self.layout.links().join(format!("{name}@{stamp}"));
-                    // The pin keeps the link (and so the attachment) after our fd closes.
-                    let _pinned = link.pin(&path).map_err(|source| EbpfError::Pin {
-                        name,
-                        path: path.clone(),
-                        source,
-                    })?;
-                    Some(path)
-                }
-                FailMode::Open => {
-                    self.held_links.push(link);
-                    None
-                }
-            };
-            tracing::info!(
-                program = name,
-                id,
-                cgroup = attach_cgroup,
-                pinned = link_pin.is_some(),
-                "program attached"
-            );
-            programs.push(ProgramStatus {
-                name: name.to_owned(),
-                id,
-                link_pin,
-            });
+            programs.push(self.keep(name, link, id, attach_cgroup, stamp)?);
+        }
+        // The process hooks are global. Pinned like the others, so that while no daemon runs
+        // the kernel still forgets processes that exec or exit, and no generation can
+        // outlive its process into a reused pid.
+        for (name, tracepoint) in program_names::TRACEPOINTS {
+            let perr = |source| EbpfError::Program { name, source };
+            let p: &mut RawTracePoint = self.program(name)?.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+            let id = p.info().map_err(perr)?.id();
+            let link_id = p.attach(tracepoint).map_err(perr)?;
+            let link: FdLink = p.take_link(link_id).map_err(perr)?.into();
+            programs.push(self.keep(name, link, id, tracepoint, stamp)?);
         }
         Ok(())
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut aya::programs::Program, EbpfError> {
+        self.ebpf.program_mut(name).ok_or(EbpfError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })
+    }
+
+    /// Pins an attached program's link (fail-closed) or holds it (fail-open).
+    fn keep(
+        &mut self,
+        name: &'static str,
+        link: FdLink,
+        id: u32,
+        attached_to: &str,
+        stamp: u128,
+    ) -> Result<ProgramStatus, EbpfError> {
+        let link_pin = match self.fail_mode {
+            FailMode::Closed => {
+                let path = self.layout.links().join(format!("{name}@{stamp}"));
+                // The pin keeps the link (and so the attachment) after our fd closes.
+                let _pinned = link.pin(&path).map_err(|source| EbpfError::Pin {
+                    name,
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(path)
+            }
+            FailMode::Open => {
+                self.held_links.push(link);
+                None
+            }
+        };
+        tracing::info!(
+            program = name,
+            id,
+            attached_to,
+            pinned = link_pin.is_some(),
+            "program attached"
+        );
+        Ok(ProgramStatus {
+            name: name.to_owned(),
+            id,
+            link_pin,
+        })
     }
 
     /// Sums the per-CPU counters.
@@ -453,6 +483,9 @@ impl Kernel {
             map_names::AGENT_UIDS => BpfHashMap::<&MapData, u32, AgentRef>::try_from(map)
                 .map(|m| m.keys().count())
                 .unwrap_or(0),
+            map_names::PROCESSES => BpfHashMap::<&MapData, u32, u64>::try_from(map)
+                .map(|m| m.keys().count())
+                .unwrap_or(0),
             map_names::CONNS => {
                 BpfHashMap::<&MapData, gateway_common::ConnKey, gateway_common::Origin>::try_from(
                     map,
@@ -483,6 +516,7 @@ impl Kernel {
             pinned_maps,
             counters: self.counters(),
             in_flight: self.count_keys(map_names::CONNS),
+            processes: self.count_keys(map_names::PROCESSES),
             cgroup_selectors: self.count_keys(map_names::AGENT_CGROUPS),
             uid_selectors: self.count_keys(map_names::AGENT_UIDS),
             target_prefixes: self.count_keys(map_names::TARGETS),

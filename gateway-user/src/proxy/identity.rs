@@ -6,6 +6,13 @@
 //! may have exited or, in theory, its pid been reused: the process start time is compared
 //! with the connect time, before and after the reads, and the result says how much of the
 //! identity is trustworthy ([`ProcessState`]).
+//!
+//! The `/proc` fields (executable, command line) are read once per process image: the
+//! kernel tags each connection with the generation of the process that made it, which
+//! changes when the process execs and is never handed to a later process with the same pid
+//! (`Origin::process_gen`). Later connections of the same image reuse what was read. So a
+//! process that rewrites its own command line after its first connection keeps the first
+//! reading; the executable cannot change without an exec.
 
 use std::{
     collections::HashMap,
@@ -13,7 +20,7 @@ use std::{
     io::Read as _,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use nix::{fcntl::OFlag, sys::stat::Mode};
@@ -32,7 +39,8 @@ const CACHE_MAX: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProcessState {
-    /// The process that connected was still there, unchanged, while we read it.
+    /// The process that connected was still there, unchanged, while we read it (for this
+    /// connection or an earlier one of the same process image).
     Verified,
     /// It had exited: only the kernel fields are known.
     Exited,
@@ -60,7 +68,8 @@ pub struct Identity {
 }
 
 /// Resolves identities; caches the lookups that are stable (cgroup ids are never reused,
-/// user names rarely change).
+/// user names rarely change, a process image keeps its executable), so a process that
+/// connects again costs no `/proc` reads.
 pub struct Resolver {
     proc_root: PathBuf,
     hierarchy: Option<Hierarchy>,
@@ -68,6 +77,14 @@ pub struct Resolver {
     user_lookup: fn(u32) -> Option<String>,
     users: Mutex<HashMap<u32, Option<String>>>,
     cgroups: Mutex<HashMap<u64, String>>,
+    /// Process images by pid and kernel generation.
+    images: Mutex<HashMap<(u32, u64), Arc<Image>>>,
+}
+
+/// What `/proc` showed of one process image (one pid between two execs).
+struct Image {
+    exe: Option<PathBuf>,
+    cmdline: Vec<String>,
 }
 
 fn system_user(uid: u32) -> Option<String> {
@@ -99,36 +116,26 @@ impl Resolver {
             user_lookup,
             users: Mutex::new(HashMap::new()),
             cgroups: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn resolve(&self, origin: &Origin) -> Identity {
         let pid = origin.tgid;
-        // Every read goes through one directory fd: it stays bound to the process instance
-        // it was opened for, so if that process exits and its pid is reused, later reads
-        // fail instead of describing a stranger. One start-time check then covers all reads.
-        let dir = ProcDir::open(&self.proc_root, pid);
-        let start = dir.as_ref().and_then(ProcDir::start_ticks);
-        let state = match start {
-            None => ProcessState::Exited,
-            Some(t) if t.saturating_mul(self.ns_per_tick) > origin.boot_ns => {
-                ProcessState::PidReused
-            }
-            Some(_) => ProcessState::Verified,
-        };
-        let (mut exe, mut cmdline) = (None, Vec::new());
         let mut cgroup = self.cached_cgroup(origin.cgroup_id);
-        if let (ProcessState::Verified, Some(dir)) = (state, &dir) {
-            exe = dir.exe();
-            // Credentials on the command line are blanked before anyone records it.
-            cmdline = super::cmdline::redact(dir.cmdline());
-            if cgroup.is_none() {
-                cgroup = self.lookup_cgroup(origin.cgroup_id, dir.cgroup().as_deref());
-            }
-        } else if cgroup.is_none() {
-            cgroup = self.lookup_cgroup(origin.cgroup_id, None);
+        // The kernel gives each process image a generation and forgets it when the process
+        // execs or exits (gateway-common's `Origin::process_gen`): an image read for an
+        // earlier connection with the same pid and generation is this one.
+        let (state, image, from_proc) = match self.cached_image(pid, origin.process_gen) {
+            Some(image) => (ProcessState::Verified, Some(image), None),
+            None => self.read_proc(origin, cgroup.is_none()),
+        };
+        if cgroup.is_none() {
+            cgroup = self.lookup_cgroup(origin.cgroup_id, from_proc.as_deref());
         }
         let cgroup_info = cgroup.as_deref().map(cgroup::describe).unwrap_or_default();
+        let (exe, cmdline) =
+            image.map_or((None, Vec::new()), |i| (i.exe.clone(), i.cmdline.clone()));
         Identity {
             pid,
             tid: origin.pid,
@@ -144,6 +151,56 @@ impl Resolver {
             netns_cookie: origin.netns_cookie,
             process: state,
         }
+    }
+
+    /// Reads the process from `/proc`: how far it can be trusted, its image (when it can),
+    /// and its cgroup path as `/proc` gives it (when `want_cgroup`). A verified image with a
+    /// generation is kept for the process's next connections.
+    fn read_proc(
+        &self,
+        origin: &Origin,
+        want_cgroup: bool,
+    ) -> (ProcessState, Option<Arc<Image>>, Option<String>) {
+        // Every read goes through one directory fd: it stays bound to the process instance
+        // it was opened for, so if that process exits and its pid is reused, later reads
+        // fail instead of describing a stranger. One start-time check then covers all reads.
+        let dir = ProcDir::open(&self.proc_root, origin.tgid);
+        let start = dir.as_ref().and_then(ProcDir::start_ticks);
+        let state = match start {
+            None => ProcessState::Exited,
+            Some(t) if t.saturating_mul(self.ns_per_tick) > origin.boot_ns => {
+                ProcessState::PidReused
+            }
+            Some(_) => ProcessState::Verified,
+        };
+        let (ProcessState::Verified, Some(dir)) = (state, dir) else {
+            return (state, None, None);
+        };
+        let image = Arc::new(Image {
+            exe: dir.exe(),
+            // Credentials on the command line are blanked before anyone records it.
+            cmdline: super::cmdline::redact(dir.cmdline()),
+        });
+        if origin.process_gen != 0 {
+            let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert((origin.tgid, origin.process_gen), image.clone());
+        }
+        let from_proc = if want_cgroup { dir.cgroup() } else { None };
+        (state, Some(image), from_proc)
+    }
+
+    fn cached_image(&self, pid: u32, generation: u64) -> Option<Arc<Image>> {
+        if generation == 0 {
+            return None;
+        }
+        self.images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(pid, generation))
+            .cloned()
     }
 
     fn user(&self, uid: u32) -> Option<String> {
@@ -210,8 +267,22 @@ impl ProcDir {
         )
         .ok()?;
         let mut f = fs::File::from(fd);
-        let mut buf = Vec::with_capacity(512);
-        (&mut f).take(max as u64).read_to_end(&mut buf).ok()?;
+        let mut buf = vec![0u8; max.min(4096)];
+        let mut len = 0;
+        loop {
+            match f.read(&mut buf[len..]) {
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+            // `/proc` hands over what a file holds in one read when the buffer is large
+            // enough, so a read that leaves room is the end: no second read to see EOF.
+            if len < buf.len() || len == max {
+                break;
+            }
+            buf.resize((2 * len).min(max), 0);
+        }
+        buf.truncate(len);
         Some(buf)
     }
 
@@ -375,6 +446,96 @@ mod tests {
             who.cgroup, None,
             "process moved since connect: path not trusted"
         );
+    }
+
+    fn exe_now(f: &FakeProc, pid: u32, exe: &str) {
+        let link = f.dir.path().join(pid.to_string()).join("exe");
+        fs::remove_file(&link).expect("rm exe");
+        symlink(exe, link).expect("exe");
+    }
+
+    #[test]
+    fn a_process_image_is_read_once_per_generation() {
+        let f = FakeProc::new();
+        let id = f.process(42, "python3", 500, "/usr/bin/python3.11", "/a");
+        let r = f.resolver();
+        let first = Origin {
+            process_gen: 5_500_000_000,
+            ..origin(42, 6_000_000_000, id)
+        };
+        assert_eq!(
+            r.resolve(&first).exe.as_deref(),
+            Some(Path::new("/usr/bin/python3.11"))
+        );
+        // What /proc says now no longer matters for this image...
+        exe_now(&f, 42, "/usr/bin/other");
+        fs::remove_file(f.dir.path().join("42/cmdline")).expect("rm cmdline");
+        let again = r.resolve(&Origin {
+            boot_ns: 7_000_000_000,
+            ..first
+        });
+        assert_eq!(again.process, ProcessState::Verified);
+        assert_eq!(again.exe.as_deref(), Some(Path::new("/usr/bin/python3.11")));
+        assert_eq!(again.cmdline, ["python3", "agent.py", "--fast"]);
+        // ...but after an exec the kernel hands out a new generation, and /proc is read.
+        let execed = r.resolve(&Origin {
+            process_gen: 7_500_000_000,
+            boot_ns: 8_000_000_000,
+            ..first
+        });
+        assert_eq!(execed.exe.as_deref(), Some(Path::new("/usr/bin/other")));
+        assert!(execed.cmdline.is_empty());
+    }
+
+    #[test]
+    fn without_a_generation_every_connection_reads_proc() {
+        let f = FakeProc::new();
+        let id = f.process(42, "python3", 500, "/usr/bin/python3.11", "/a");
+        let r = f.resolver();
+        let o = origin(42, 6_000_000_000, id);
+        assert_eq!(o.process_gen, 0);
+        assert_eq!(
+            r.resolve(&o).exe.as_deref(),
+            Some(Path::new("/usr/bin/python3.11"))
+        );
+        exe_now(&f, 42, "/usr/bin/other");
+        assert_eq!(
+            r.resolve(&o).exe.as_deref(),
+            Some(Path::new("/usr/bin/other"))
+        );
+    }
+
+    #[test]
+    fn an_unverified_reading_is_not_kept() {
+        let f = FakeProc::new();
+        let r = f.resolver();
+        let o = Origin {
+            process_gen: 5_500_000_000,
+            ..origin(42, 6_000_000_000, 1)
+        };
+        // Not there yet (as if exited): nothing read, nothing kept.
+        assert_eq!(r.resolve(&o).process, ProcessState::Exited);
+        // A process started after the connect holds the pid: not believed, not kept.
+        let _ = f.process(42, "evil", 900, "/tmp/evil", "/x");
+        assert_eq!(r.resolve(&o).process, ProcessState::PidReused);
+        fs::remove_dir_all(f.dir.path().join("42")).expect("rm");
+        let id = f.process(42, "python3", 500, "/usr/bin/python3.11", "/a");
+        let who = r.resolve(&Origin { cgroup_id: id, ..o });
+        assert_eq!(who.process, ProcessState::Verified);
+        assert_eq!(who.exe.as_deref(), Some(Path::new("/usr/bin/python3.11")));
+    }
+
+    #[test]
+    fn proc_files_are_read_whole() {
+        let f = FakeProc::new();
+        let _ = f.process(42, "python3", 500, "/usr/bin/python3.11", "/a");
+        let long: Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        fs::write(f.dir.path().join("42/cgroup"), &long).expect("write");
+        let dir = ProcDir::open(f.dir.path(), 42).expect("open");
+        assert_eq!(dir.read("cgroup", 64 * 1024).as_deref(), Some(&long[..]));
+        assert_eq!(dir.read("cgroup", 5000).as_deref(), Some(&long[..5000]));
+        assert_eq!(dir.read("cgroup", 4096).as_deref(), Some(&long[..4096]));
+        assert_eq!(dir.read("missing", 4096), None);
     }
 
     #[test]
