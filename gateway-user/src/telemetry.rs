@@ -8,6 +8,7 @@
 //! line. Bounded and lossless: past 8 MiB pending, logging threads wait rather than drop.
 
 pub mod batch;
+pub mod json;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -48,9 +49,7 @@ pub fn init(level: &str, format: LogFormat) -> batch::Guard {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
+                    .event_format(json::JsonLine)
                     .with_writer(writer),
             )
             .try_init(),

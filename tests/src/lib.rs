@@ -352,63 +352,96 @@ pub fn canonical(addr: &str) -> String {
     }
 }
 
-/// Log events of a running daemon (its JSON log lines).
+/// Log events of a running daemon (its JSON log lines). Lines are kept as read and parsed
+/// when someone looks: the reader thread stays cheap, so a benchmark does not pay for
+/// parsing every line the daemon writes (a production daemon's journal does not parse
+/// them either).
 #[derive(Default)]
 pub struct Logs {
-    events: Mutex<Vec<Value>>,
-    raw: Mutex<VecDeque<String>>,
+    lines: Mutex<Lines>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct Lines {
+    /// Read and not parsed yet.
+    pending: Vec<String>,
+    /// Every line that is a JSON object, in order.
+    events: Vec<Value>,
+    /// The last lines, for failure messages.
+    recent: VecDeque<String>,
+}
+
+impl Lines {
+    fn parse_pending(&mut self) {
+        for line in std::mem::take(&mut self.pending) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                self.events.push(v);
+            }
+            self.recent.push_back(line);
+            if self.recent.len() > 400 {
+                self.recent.pop_front();
+            }
+        }
+    }
 }
 
 impl Logs {
     fn push(&self, line: String) {
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            self.events.lock().expect("logs").push(v);
-        }
-        let mut raw = self.raw.lock().expect("logs");
-        raw.push_back(line);
-        if raw.len() > 400 {
-            raw.pop_front();
-        }
+        self.lines.lock().expect("logs").pending.push(line);
         self.changed.notify_all();
+    }
+
+    fn parsed(&self) -> std::sync::MutexGuard<'_, Lines> {
+        let mut lines = self.lines.lock().expect("logs");
+        lines.parse_pending();
+        lines
     }
 
     /// The last lines, for failure messages.
     pub fn tail(&self) -> String {
-        let raw = self.raw.lock().expect("logs");
-        raw.iter()
-            .rev()
-            .take(40)
-            .rev()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail_of(&self.parsed())
     }
 
     pub fn all(&self) -> Vec<Value> {
-        self.events.lock().expect("logs").clone()
+        self.parsed().events.clone()
     }
 
     /// Waits for an event matching `pred`.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
-        let mut events = self.events.lock().expect("logs");
+        let mut lines = self.parsed();
+        let mut searched = 0;
         loop {
-            if let Some(v) = events.iter().find(|v| pred(v)) {
+            if let Some(v) = lines.events[searched..].iter().find(|v| pred(v)) {
                 return v.clone();
             }
+            searched = lines.events.len();
             let now = Instant::now();
             if now >= deadline {
-                drop(events);
-                panic!("timed out waiting for {what}; daemon log:\n{}", self.tail());
+                let tail = tail_of(&lines);
+                drop(lines);
+                panic!("timed out waiting for {what}; daemon log:\n{tail}");
             }
-            events = self
+            lines = self
                 .changed
-                .wait_timeout(events, deadline - now)
+                .wait_timeout(lines, deadline - now)
                 .expect("logs")
                 .0;
+            lines.parse_pending();
         }
     }
+}
+
+fn tail_of(lines: &Lines) -> String {
+    let n = lines.recent.len();
+    lines
+        .recent
+        .iter()
+        .skip(n.saturating_sub(40))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Connection records (`portcullis::audit`, message `connection`).
