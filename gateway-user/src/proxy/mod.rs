@@ -17,7 +17,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -425,21 +425,36 @@ async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr
     }
     record(&ctx, &traffic, &outcome, started);
     let (up, down) = traffic.snapshot();
+    let body = session_end(&outcome, up, down, started.elapsed());
     if let Err(e) = shared.store.append(crate::store::Append {
         session: ctx.session,
         kind: "session_end",
-        body: serde_json::json!({
-            "end": outcome.end.as_str(),
-            "error": outcome.detail,
-            "bytes_up": up,
-            "bytes_down": down,
-            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        })
-        .into(),
+        body,
         at_us: crate::store::now_us(),
     }) {
         tracing::error!(session = ctx.session, error = %e, "cannot record the end of a session");
     }
+}
+
+/// The last record of a session: how it ended, bytes each way, how long it lasted.
+fn session_end(outcome: &Outcome, up: u64, down: u64, took: Duration) -> crate::store::Json {
+    // Serialized straight from borrowed fields, keys in alphabetical order (the order the
+    // records always had).
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        bytes_down: u64,
+        bytes_up: u64,
+        duration_ms: f64,
+        end: &'a str,
+        error: Option<&'a str>,
+    }
+    crate::store::Json::of(&Body {
+        bytes_down: down,
+        bytes_up: up,
+        duration_ms: took.as_secs_f64() * 1000.0,
+        end: outcome.end.as_str(),
+        error: outcome.detail.as_deref(),
+    })
 }
 
 /// The first record of a session: who, from where, to what.
@@ -597,5 +612,27 @@ mod tests {
         })
         .to_string();
         assert_eq!(body.as_str(), expected);
+    }
+
+    /// As for the session record: the same text the `serde_json::Value` form gave.
+    #[test]
+    fn session_end_body_is_the_sorted_json_object() {
+        for detail in [None, Some("upstream said \"no\"\n".to_owned())] {
+            let outcome = Outcome {
+                end: crate::protocol::End::Closed,
+                detail: detail.clone(),
+            };
+            let took = Duration::from_micros(1_234_567);
+            let body = session_end(&outcome, 10, 20, took);
+            let expected = serde_json::json!({
+                "end": "closed",
+                "error": detail,
+                "bytes_up": 10,
+                "bytes_down": 20,
+                "duration_ms": took.as_secs_f64() * 1000.0,
+            })
+            .to_string();
+            assert_eq!(body.as_str(), expected);
+        }
     }
 }

@@ -617,7 +617,9 @@ mod tests {
             s.append_durable(vec![rec(
                 id,
                 "session_start",
-                json!({"agent": "a", "target": "pg", "protocol": "postgres", "uid": 1000}),
+                json!({"agent": "a", "target": "pg", "protocol": "postgres", "uid": 1000,
+                       "user": "al\"ice", "pid": 42, "exe": "/opt/x\ty", "unit": null,
+                       "cmdline": ["x", "-v"], "client": "127.0.0.1:5"}),
             )])
             .await
             .expect("start");
@@ -648,6 +650,12 @@ mod tests {
                 .expect("list");
             assert_eq!(listed.len(), 1);
             assert_eq!((listed[0].statements, listed[0].denied), (50, 5));
+            let l = &listed[0];
+            assert_eq!((l.agent.as_str(), l.target.as_str()), ("a", "pg"));
+            assert_eq!((l.uid, l.pid), (Some(1000), Some(42)));
+            assert_eq!(l.user.as_deref(), Some("al\"ice"));
+            assert_eq!(l.exe.as_deref(), Some("/opt/x\ty"));
+            assert_eq!(l.end_reason.as_deref(), Some("closed"));
             let denied = s
                 .read(|c| {
                     query::sessions(

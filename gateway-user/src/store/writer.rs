@@ -17,6 +17,7 @@
 //! cannot write.
 
 use std::{
+    borrow::Cow,
     path::Path,
     sync::{
         Arc, Mutex,
@@ -249,21 +250,33 @@ fn index(conn: &Connection, r: &Row) -> rusqlite::Result<()> {
     let i = |k: &str| b().get(k).and_then(Value::as_i64);
     match r.kind.as_str() {
         "session_start" => {
+            // One per connection: read into the few fields the listing needs, not a tree.
+            #[derive(serde::Deserialize, Default)]
+            #[serde(default)]
+            struct Start<'a> {
+                #[serde(borrow)]
+                agent: Cow<'a, str>,
+                #[serde(borrow)]
+                target: Cow<'a, str>,
+                #[serde(borrow)]
+                protocol: Cow<'a, str>,
+                uid: Option<i64>,
+                #[serde(borrow)]
+                user: Option<Cow<'a, str>>,
+                pid: Option<i64>,
+                #[serde(borrow)]
+                exe: Option<Cow<'a, str>>,
+                #[serde(borrow)]
+                unit: Option<Cow<'a, str>>,
+            }
+            let st: Start<'_> = serde_json::from_str(&r.body).unwrap_or_default();
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO sessions (id, started_us, agent, target, protocol, uid, user, pid, exe, unit) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
-                session,
-                at_us,
-                s("agent").unwrap_or_default(),
-                s("target").unwrap_or_default(),
-                s("protocol").unwrap_or_default(),
-                i("uid"),
-                s("user"),
-                i("pid"),
-                s("exe"),
-                s("unit"),
+                session, at_us, st.agent, st.target, st.protocol, st.uid, st.user, st.pid,
+                st.exe, st.unit,
             ])?;
         }
         "identity" => {
