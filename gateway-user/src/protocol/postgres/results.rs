@@ -45,7 +45,19 @@ pub enum ResultError {
 /// The masks that apply to a statement's results, and its shape.
 pub struct Applies {
     pub masks: Vec<Arc<MaskSpec>>,
-    pub shape: Shape,
+    /// The judged message whose statement gives the result its shape, and that statement;
+    /// `None`: the shape is unknown. Held rather than copied: shapes are trees.
+    source: Option<(Ctx, usize)>,
+}
+
+impl Applies {
+    pub fn shape(&self) -> &Shape {
+        static UNKNOWN: Shape = Shape::Unknown;
+        self.source
+            .as_ref()
+            .and_then(|(j, k)| j.classification.statements.get(*k))
+            .map_or(&UNKNOWN, |s| &s.shape)
+    }
 }
 
 /// Looks up what a SQL-level prepared statement was judged.
@@ -55,32 +67,22 @@ pub type Prepared<'a> = dyn Fn(&str) -> Option<Ctx> + Sync + 'a;
 /// prepared statement's. `None`: nothing to mask.
 pub fn applies(j: &Ctx, k: usize, prepared: &dyn Fn(&str) -> Option<Ctx>) -> Option<Applies> {
     let mut masks = j.decision.masks.clone();
-    let mut shape = j
-        .classification
-        .statements
-        .get(k)
-        .map_or(Shape::Unknown, |s| s.shape.clone());
-    if let Shape::Execute(name) = &shape {
-        shape = match prepared(name) {
-            Some(p) => {
-                for m in &p.decision.masks {
-                    if !masks.iter().any(|x| Arc::ptr_eq(x, m)) {
-                        masks.push(m.clone());
-                    }
+    let mut source = j.classification.statements.get(k).map(|_| (j.clone(), k));
+    if let Some(Shape::Execute(name)) = j.classification.statements.get(k).map(|s| &s.shape) {
+        source = prepared(name).and_then(|p| {
+            for m in &p.decision.masks {
+                if !masks.iter().any(|x| Arc::ptr_eq(x, m)) {
+                    masks.push(m.clone());
                 }
-                // The PREPARE may be any statement of the message it came in.
-                p.classification
-                    .statements
-                    .iter()
-                    .find(|s| {
-                        s.prepared.as_deref() == Some(name.as_str()) && s.kind == Kind::Prepare
-                    })
-                    .map_or(Shape::Unknown, |s| s.shape.clone())
             }
-            None => Shape::Unknown,
-        };
+            // The PREPARE may be any statement of the message it came in.
+            let at = p.classification.statements.iter().position(|s| {
+                s.prepared.as_deref() == Some(name.as_str()) && s.kind == Kind::Prepare
+            })?;
+            Some((p, at))
+        });
     }
-    (!masks.is_empty()).then_some(Applies { masks, shape })
+    (!masks.is_empty()).then_some(Applies { masks, source })
 }
 
 /// Tables a plan may need from the catalog: OIDs from the description, names from the
@@ -194,10 +196,22 @@ impl ResultMasking {
         PlanKey {
             row_description: body.to_vec(),
             masks: a.masks.iter().map(|m| Arc::as_ptr(m) as usize).collect(),
-            shape: a.shape.clone(),
+            shape: a.shape().clone(),
             catalog_generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
             ddl_pending: self.ddl_pending,
         }
+    }
+
+    /// Whether `k` is the key [`Self::plan_key`] would give, without building one.
+    fn plan_key_is(&self, k: &PlanKey, a: &Applies, body: &[u8]) -> bool {
+        k.row_description == body
+            && k.masks
+                .iter()
+                .copied()
+                .eq(a.masks.iter().map(|m| Arc::as_ptr(m) as usize))
+            && k.catalog_generation == self.catalog.as_ref().map_or(0, |c| c.generation())
+            && k.ddl_pending == self.ddl_pending
+            && k.shape == *a.shape()
     }
 
     async fn plan_rows(
@@ -205,15 +219,14 @@ impl ResultMasking {
         a: &Applies,
         body: &[u8],
     ) -> Result<Arc<ResultPlan>, ResultError> {
-        let key = self.plan_key(a, body);
         if let Some((k, p)) = &self.last_plan
-            && *k == key
+            && self.plan_key_is(k, a, body)
         {
             return Ok(p.clone());
         }
         let (p, cacheable) = self.make_plan(a, body).await?;
         if cacheable {
-            self.last_plan = Some((key, p.clone()));
+            self.last_plan = Some((self.plan_key(a, body), p.clone()));
         }
         Ok(p)
     }
@@ -234,8 +247,8 @@ impl ResultMasking {
                 format: f.format,
             })
             .collect();
-        let (r, cacheable) = self.resolver(&a.shape, &fields, &a.masks).await;
-        let p = plan::plan_rows(&a.masks, &a.shape, &fields, &*r)?;
+        let (r, cacheable) = self.resolver(a.shape(), &fields, &a.masks).await;
+        let p = plan::plan_rows(&a.masks, a.shape(), &fields, &*r)?;
         tracing::debug!(
             masked = p.columns.iter().filter(|c| c.whole.is_some()).count(),
             detectors = p.detection.is_some(),
@@ -253,8 +266,8 @@ impl ResultMasking {
             }
             .into());
         }
-        let (r, _) = self.resolver(&a.shape, &[], &a.masks).await;
-        let (p, format) = plan::plan_copy(&a.masks, &a.shape, cols.len(), &*r)?;
+        let (r, _) = self.resolver(a.shape(), &[], &a.masks).await;
+        let (p, format) = plan::plan_copy(&a.masks, a.shape(), cols.len(), &*r)?;
         let format = format.unwrap_or(crate::policy::sql::lineage::CopyFormat {
             csv: false,
             delimiter: '\t',

@@ -919,7 +919,7 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        if let Err(r) = crate::masking::plan::precheck(&a.masks, &a.shape, judge.has_catalog) {
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), judge.has_catalog) {
             return Some(Denial {
                 rule: r.rule().to_owned(),
                 message: r.to_string(),
