@@ -66,6 +66,16 @@ fn probe_exe() -> String {
 
 /// Asserts the probe's answer is a successful echo through the proxy, and returns the
 /// daemon's record of it.
+/// The names of the attached programs, from `status`.
+fn program_names(status: &Value) -> Vec<&str> {
+    status["kernel"]["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect()
+}
+
 fn assert_intercepted(w: &World, d: &Daemon, r: &Value, bytes: u64) -> Value {
     assert_eq!(r["ok"], true, "probe failed: {r}");
     assert_eq!(r["echoed"].as_u64(), Some(bytes), "{r}");
@@ -132,12 +142,7 @@ fn ipv4_ipv6_and_mapped_destinations_are_redirected_with_identity() {
         assert_eq!(rec["src.process"], "Verified", "{rec}");
     }
     let st = d.status();
-    let programs: Vec<&str> = st["kernel"]["programs"]
-        .as_array()
-        .expect("programs")
-        .iter()
-        .map(|p| s(&p["name"]))
-        .collect();
+    let programs = program_names(&st);
     assert_eq!(
         programs,
         [
@@ -414,12 +419,7 @@ fn sigkill_fails_closed_and_a_restart_adopts_the_pins() {
     let r = probe(&w.env, &w.agent, Some(NOBODY), &["connect", &target, "10"]);
     assert_intercepted(&w, &d2, &r, 10);
     let st = d2.status();
-    let programs: Vec<&str> = st["kernel"]["programs"]
-        .as_array()
-        .expect("programs")
-        .iter()
-        .map(|p| s(&p["name"]))
-        .collect();
+    let programs = program_names(&st);
     assert!(
         programs.contains(&"pc_process_exec") && programs.contains(&"pc_process_exit"),
         "{programs:?}"
