@@ -313,36 +313,51 @@ fn forks_daemons_renames_and_execs_stay_intercepted() {
     assert_eq!(d.status()["kernel"]["processes"], 0);
 }
 
+/// A shell in the agent's cgroup that has connected to the echo server, echoed, and now
+/// waits on its stdin.
+struct Held(std::process::Child);
+
+impl Held {
+    fn start(w: &World) -> Self {
+        use std::io::{BufRead as _, BufReader};
+        let mut sh = Command::new("/bin/bash");
+        sh.arg("-c").arg(format!(
+            "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
+             echo \"$reply\" && read -r line; exit 0",
+            w.echo.addr4().ip(),
+            w.echo.port,
+        ));
+        in_cgroup(&mut sh, &w.env.cg_dir(&w.agent), Some(NOBODY));
+        sh.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = sh.spawn().expect("spawn bash");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "ping", "the shell's echo went through");
+        Self(child)
+    }
+
+    /// Lets the shell exit, and waits for it.
+    fn end(mut self) {
+        drop(self.0.stdin.take());
+        assert!(self.0.wait().expect("wait").success());
+    }
+}
+
 #[test]
 fn the_kernel_knows_a_connected_process_until_it_exits() {
-    use std::io::{BufRead as _, BufReader};
     let w = world("", &[]);
     let d = Daemon::start(&w.config);
     assert_eq!(d.status()["kernel"]["processes"], 0);
-    // A shell that connects, echoes, and then waits on its stdin.
-    let mut sh = Command::new("/bin/bash");
-    sh.arg("-c").arg(format!(
-        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
-         echo \"$reply\" && read -r line; exit 0",
-        w.echo.addr4().ip(),
-        w.echo.port,
-    ));
-    in_cgroup(&mut sh, &w.env.cg_dir(&w.agent), Some(NOBODY));
-    sh.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = sh.spawn().expect("spawn bash");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    assert_eq!(line.trim(), "ping", "the shell's echo went through");
+    let held = Held::start(&w);
     assert_eq!(
         d.status()["kernel"]["processes"],
         1,
         "the connected process has a generation while it lives"
     );
-    drop(child.stdin.take());
-    assert!(child.wait().expect("wait").success());
+    held.end();
     assert_eq!(
         d.status()["kernel"]["processes"],
         0,
@@ -453,6 +468,21 @@ fn fail_open_is_explicit_and_bypasses_when_down() {
         "fail-open: direct while the daemon is down: {r}"
     );
     assert!(w.echo.saw_peer(s(&r["local"])));
+
+    // While it is down the process hooks are gone too: a process that connected before and
+    // exits then is never forgotten in that daemon's map of generations. The next daemon
+    // must start without it (a reused pid would inherit it): each daemon has its own map.
+    let d = Daemon::start(&w.config);
+    let held = Held::start(&w);
+    assert_eq!(d.status()["kernel"]["processes"], 1);
+    drop(d);
+    held.end();
+    let d = Daemon::start(&w.config);
+    assert_eq!(
+        d.status()["kernel"]["processes"],
+        0,
+        "generations from the unwatched time are forgotten"
+    );
 }
 
 #[test]

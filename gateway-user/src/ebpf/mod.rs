@@ -2,9 +2,11 @@
 //! maps in step with the configuration.
 //!
 //! Pin layout under `[ebpf].pin_path` (default `/sys/fs/bpf/portcullis`):
-//! - `maps/v<ABI>/<MAP>`: every map. A restarted daemon opens these instead of creating new
+//! - `maps/v<ABI>/<MAP>`: every map but `PC_PROCESSES` (each daemon's programs have their
+//!   own; see docs/ARCHITECTURE.md). A restarted daemon opens these instead of creating new
 //!   ones, so in-flight connections and counters survive it.
-//! - `links/<program>@<stamp>`: the cgroup links (fail-closed mode only). They keep the
+//! - `links/<program>@<stamp>`: the cgroup links and the process hooks (fail-closed mode
+//!   only). They keep the
 //!   programs attached while no daemon runs, so protected connections are refused rather
 //!   than let through. A new daemon attaches and pins its links first and only then removes
 //!   the old pins: there is no moment without a program attached.
@@ -339,7 +341,17 @@ impl Kernel {
             self.held_links.clear();
             return Err(e);
         }
-        // The new programs run; now let the previous daemon's go.
+        // The new programs run; now let the previous daemon's go, its process hooks last:
+        // while its connect programs may still hand out generations from its own
+        // `PC_PROCESSES` (that map is not pinned: each daemon's programs have their own,
+        // and a new daemon's image cache starts empty), its hooks keep them true.
+        let mut old = old;
+        old.sort_by_key(|p| {
+            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+            program_names::TRACEPOINTS
+                .iter()
+                .any(|(name, _)| file.starts_with(&format!("{name}@")))
+        });
         for path in old {
             fs::remove_file(&path).map_err(io(format!("unpin {}", path.display())))?;
             tracing::info!(link = %path.display(), "previous link removed");
