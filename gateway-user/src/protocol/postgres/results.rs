@@ -107,13 +107,47 @@ fn wanted(shape: &Shape, fields: &[Field]) -> (Vec<u32>, Vec<String>) {
     (oids, names)
 }
 
-#[derive(PartialEq, Eq)]
+/// The inputs of the last plan made, kept to recognise the next statement that has them.
 struct PlanKey {
     row_description: Vec<u8>,
     masks: Vec<usize>,
     shape: Shape,
     catalog_generation: u64,
     ddl_pending: bool,
+}
+
+/// A plan's inputs as borrowed from the statement: compared with the last plan's key in
+/// place, copied into one only when a new plan is kept.
+struct PlanInputs<'a> {
+    row_description: &'a [u8],
+    masks: &'a [Arc<MaskSpec>],
+    shape: &'a Shape,
+    catalog_generation: u64,
+    ddl_pending: bool,
+}
+
+impl PlanInputs<'_> {
+    fn mask_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.masks.iter().map(|m| Arc::as_ptr(m) as usize)
+    }
+
+    fn are(&self, k: &PlanKey) -> bool {
+        k.row_description == self.row_description
+            && k.masks.iter().copied().eq(self.mask_ids())
+            && k.catalog_generation == self.catalog_generation
+            && k.ddl_pending == self.ddl_pending
+            && k.shape == *self.shape
+    }
+
+    fn key(&self) -> PlanKey {
+        PlanKey {
+            row_description: self.row_description.to_vec(),
+            masks: self.mask_ids().collect(),
+            shape: self.shape.clone(),
+            catalog_generation: self.catalog_generation,
+            ddl_pending: self.ddl_pending,
+        }
+    }
 }
 
 struct PortalMask {
@@ -191,42 +225,33 @@ impl ResultMasking {
     }
 
     /// What a plan depends on: the same description, masks, statement shape and catalog
-    /// state give the same plan. Repeated statements reuse the last one.
-    fn plan_key(&self, a: &Applies, body: &[u8]) -> PlanKey {
-        PlanKey {
-            row_description: body.to_vec(),
-            masks: a.masks.iter().map(|m| Arc::as_ptr(m) as usize).collect(),
-            shape: a.shape().clone(),
+    /// state give the same plan. Taken before the plan is made (a catalog that changes
+    /// meanwhile makes the kept plan's key stale, never a stale plan's key current).
+    fn plan_inputs<'a>(&self, a: &'a Applies, body: &'a [u8]) -> PlanInputs<'a> {
+        PlanInputs {
+            row_description: body,
+            masks: &a.masks,
+            shape: a.shape(),
             catalog_generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
             ddl_pending: self.ddl_pending,
         }
     }
 
-    /// Whether `k` is the key [`Self::plan_key`] would give, without building one.
-    fn plan_key_is(&self, k: &PlanKey, a: &Applies, body: &[u8]) -> bool {
-        k.row_description == body
-            && k.masks
-                .iter()
-                .copied()
-                .eq(a.masks.iter().map(|m| Arc::as_ptr(m) as usize))
-            && k.catalog_generation == self.catalog.as_ref().map_or(0, |c| c.generation())
-            && k.ddl_pending == self.ddl_pending
-            && k.shape == *a.shape()
-    }
-
+    /// Repeated statements reuse the last plan.
     async fn plan_rows(
         &mut self,
         a: &Applies,
         body: &[u8],
     ) -> Result<Arc<ResultPlan>, ResultError> {
+        let inputs = self.plan_inputs(a, body);
         if let Some((k, p)) = &self.last_plan
-            && self.plan_key_is(k, a, body)
+            && inputs.are(k)
         {
             return Ok(p.clone());
         }
         let (p, cacheable) = self.make_plan(a, body).await?;
         if cacheable {
-            self.last_plan = Some((self.plan_key(a, body), p.clone()));
+            self.last_plan = Some((inputs.key(), p.clone()));
         }
         Ok(p)
     }
