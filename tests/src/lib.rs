@@ -453,6 +453,9 @@ pub fn is_connection(v: &Value) -> bool {
 struct KillOnDrop(Option<Child>);
 
 impl KillOnDrop {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("child").id()
+    }
     fn get(&mut self) -> &mut Child {
         self.0.as_mut().expect("child")
     }
@@ -731,7 +734,7 @@ fn serve_echo(l: StdListener, peers: Arc<Mutex<Vec<SocketAddr>>>, accepted: Arc<
 /// The benchmarks' reference: a plain user-space TCP relay (`pc-probe relay`) in its own
 /// process, killed on drop.
 pub struct Relay {
-    pub child: Child,
+    child: KillOnDrop,
     pub addr: SocketAddr,
 }
 
@@ -740,18 +743,20 @@ impl Relay {
     /// workers as the daemon's default.
     pub fn start(listen_ip: &str, upstream: &str) -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut child = Command::new(workspace_bin("pc-probe"))
-            .args([
-                "relay",
-                &format!("{listen_ip}:0"),
-                upstream,
-                &workers.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the reference relay");
+        let mut child = KillOnDrop(Some(
+            Command::new(workspace_bin("pc-probe"))
+                .args([
+                    "relay",
+                    &format!("{listen_ip}:0"),
+                    upstream,
+                    &workers.to_string(),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn the reference relay"),
+        ));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("relay stdout"))
+        BufReader::new(child.get().stdout.take().expect("relay stdout"))
             .read_line(&mut line)
             .expect("read the relay's address");
         let v: Value = serde_json::from_str(&line)
@@ -764,10 +769,9 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Relay {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -6,9 +6,8 @@
 //!   own; see docs/ARCHITECTURE.md). A restarted daemon opens these instead of creating new
 //!   ones, so in-flight connections and counters survive it.
 //! - `links/<program>@<stamp>`: the cgroup links and the process hooks (fail-closed mode
-//!   only). They keep the
-//!   programs attached while no daemon runs, so protected connections are refused rather
-//!   than let through. A new daemon attaches and pins its links first and only then removes
+//!   only). They keep the programs attached while no daemon runs, so protected connections
+//!   are refused rather than let through. A new daemon attaches and pins its links first and only then removes
 //!   the old pins: there is no moment without a program attached.
 
 pub mod conns;

@@ -402,7 +402,7 @@ fn pg_profile(args: &[String]) {
     if std::env::var("PC_PROFILE_PATH").is_ok_and(|p| p == "relay") {
         let relay = Relay::start("127.0.0.1", &pg.addr().to_string());
         let port = relay.addr.port();
-        println!("daemon pid {}", relay.child.id());
+        println!("daemon pid {}", relay.pid());
         std::thread::sleep(std::time::Duration::from_secs(3));
         let (tps, lat) = pgbench(&env, &direct, port, mode, clients, secs);
         println!("relay {mode} {clients} client(s): {tps:.0} tps, {lat:.3} ms mean latency");
@@ -443,7 +443,7 @@ fn intercept_profile(args: &[String]) {
         Some(what) => {
             let relay = Relay::start("127.0.0.3", &target);
             target = relay.addr.to_string();
-            println!("daemon pid {} (the reference relay)", relay.child.id());
+            println!("daemon pid {} (the reference relay)", relay.pid());
             (what, env.cgroup("direct"), Some(relay))
         }
         None => {
