@@ -289,10 +289,8 @@ fn forks_daemons_renames_and_execs_stay_intercepted() {
     let bash = std::fs::canonicalize("/bin/bash").expect("bash");
     let mut sh = Command::new(&bash);
     sh.arg("-c").arg(format!(
-        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
-         exec 3>&- && exec '{}' connect {target} 64",
-        w.echo.addr4().ip(),
-        w.echo.port,
+        "{} && exec 3>&- && exec '{}' connect {target} 64",
+        shell_ping(&w),
         workspace_bin("pc-probe").display()
     ));
     let r = run_json(&w.env, &w.agent, Some(NOBODY), sh);
@@ -313,6 +311,16 @@ fn forks_daemons_renames_and_execs_stay_intercepted() {
     assert_eq!(d.status()["kernel"]["processes"], 0);
 }
 
+/// Bash that connects to the echo server on fd 3, sends `ping` and reads the echo into
+/// `$reply`.
+fn shell_ping(w: &World) -> String {
+    format!(
+        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3",
+        w.echo.addr4().ip(),
+        w.echo.port
+    )
+}
+
 /// A shell in the agent's cgroup that has connected to the echo server, echoed, and now
 /// waits on its stdin.
 struct Held(std::process::Child);
@@ -322,10 +330,8 @@ impl Held {
         use std::io::{BufRead as _, BufReader};
         let mut sh = Command::new("/bin/bash");
         sh.arg("-c").arg(format!(
-            "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && read -r -N 4 reply <&3 && \
-             echo \"$reply\" && read -r line; exit 0",
-            w.echo.addr4().ip(),
-            w.echo.port,
+            "{} && echo \"$reply\" && read -r line; exit 0",
+            shell_ping(w)
         ));
         in_cgroup(&mut sh, &w.env.cg_dir(&w.agent), Some(NOBODY));
         sh.stdin(std::process::Stdio::piped())
