@@ -682,6 +682,35 @@ mod tests {
                 );
             }
 
+            // A start whose fields are not all of the expected types lists the rest.
+            let odd = s.next_session_id();
+            s.append_durable(vec![rec(
+                odd,
+                "session_start",
+                json!({"agent": "b", "target": "pg", "protocol": "postgres", "uid": "1000",
+                       "user": 7, "pid": 43, "exe": "/bin/b"}),
+            )])
+            .await
+            .expect("odd start");
+            s.flush().await.expect("flush");
+            let listed = s
+                .read(|c| {
+                    query::sessions(
+                        c,
+                        &query::SessionFilter {
+                            agent: Some("b".into()),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .expect("list");
+            let l = &listed[0];
+            assert_eq!((l.target.as_str(), l.pid, l.uid), ("pg", Some(43), None));
+            assert_eq!(
+                (l.user.as_deref(), l.exe.as_deref()),
+                (None, Some("/bin/b"))
+            );
+
             // A second, later session, then prune the first.
             let id2 = s.next_session_id();
             s.append_durable(vec![rec(

@@ -269,7 +269,21 @@ fn index(conn: &Connection, r: &Row) -> rusqlite::Result<()> {
                 #[serde(borrow)]
                 unit: Option<Cow<'a, str>>,
             }
-            let st: Start<'_> = serde_json::from_str(&r.body).unwrap_or_default();
+            // A body whose fields are not of these types (none this daemon writes) still
+            // lists what it can: each field on its own, from the tree.
+            let st: Start<'_> = serde_json::from_str(&r.body).unwrap_or_else(|_| {
+                let text = |k: &str| s(k).map(Cow::Owned);
+                Start {
+                    agent: text("agent").unwrap_or_default(),
+                    target: text("target").unwrap_or_default(),
+                    protocol: text("protocol").unwrap_or_default(),
+                    uid: i("uid"),
+                    user: text("user"),
+                    pid: i("pid"),
+                    exe: text("exe"),
+                    unit: text("unit"),
+                }
+            });
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO sessions (id, started_us, agent, target, protocol, uid, user, pid, exe, unit) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
