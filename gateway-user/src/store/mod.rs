@@ -645,9 +645,8 @@ mod tests {
                 .expect("end");
             s.flush().await.expect("flush");
             assert_eq!(s.head().seq, 52);
-            let listed = s
-                .read(|c| query::sessions(c, &query::SessionFilter::default()))
-                .expect("list");
+            let list = |f: query::SessionFilter| s.read(|c| query::sessions(c, &f)).expect("list");
+            let listed = list(query::SessionFilter::default());
             assert_eq!(listed.len(), 1);
             assert_eq!((listed[0].statements, listed[0].denied), (50, 5));
             let l = &listed[0];
@@ -656,17 +655,10 @@ mod tests {
             assert_eq!(l.user.as_deref(), Some("al\"ice"));
             assert_eq!(l.exe.as_deref(), Some("/opt/x\ty"));
             assert_eq!(l.end_reason.as_deref(), Some("closed"));
-            let denied = s
-                .read(|c| {
-                    query::sessions(
-                        c,
-                        &query::SessionFilter {
-                            decision: Some("deny".into()),
-                            ..Default::default()
-                        },
-                    )
-                })
-                .expect("filter");
+            let denied = list(query::SessionFilter {
+                decision: Some("deny".into()),
+                ..Default::default()
+            });
             assert_eq!(denied.len(), 1);
             let v = s
                 .read(|c| query::verify(c, Some(s.head())))
@@ -693,17 +685,10 @@ mod tests {
             .await
             .expect("odd start");
             s.flush().await.expect("flush");
-            let listed = s
-                .read(|c| {
-                    query::sessions(
-                        c,
-                        &query::SessionFilter {
-                            agent: Some("b".into()),
-                            ..Default::default()
-                        },
-                    )
-                })
-                .expect("list");
+            let listed = list(query::SessionFilter {
+                agent: Some("b".into()),
+                ..Default::default()
+            });
             let l = &listed[0];
             assert_eq!((l.target.as_str(), l.pid, l.uid), ("pg", Some(43), None));
             assert_eq!(
