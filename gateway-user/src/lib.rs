@@ -27,3 +27,4 @@ pub mod sdnotify;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod utc;

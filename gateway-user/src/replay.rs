@@ -85,7 +85,7 @@ pub fn parse_speed(s: &str) -> Result<f64, String> {
 pub fn clock(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
-    let (y, m, d) = civil(days);
+    let (y, m, d) = crate::utc::civil_from_days(days);
     let t = secs.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
@@ -93,20 +93,6 @@ pub fn clock(us: i64) -> String {
         t / 60 % 60,
         t % 60
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 impl Replay {

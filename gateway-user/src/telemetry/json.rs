@@ -157,7 +157,7 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 fn rfc3339_micros(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Result {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let (year, month, day) = crate::utc::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     write!(
         w,
@@ -167,21 +167,6 @@ fn rfc3339_micros(w: &mut impl fmt::Write, t: std::time::SystemTime) -> fmt::Res
         rem % 60,
         since.subsec_micros()
     )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (the days-to-civil
-/// algorithm from Howard Hinnant's public date algorithms).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
