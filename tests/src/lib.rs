@@ -767,9 +767,7 @@ impl Relay {
             .unwrap_or_else(|| panic!("the reference relay said {line:?}: no address"));
         Self { child, addr }
     }
-}
 
-impl Relay {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

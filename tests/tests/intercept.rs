@@ -64,8 +64,6 @@ fn probe_exe() -> String {
         .to_string()
 }
 
-/// Asserts the probe's answer is a successful echo through the proxy, and returns the
-/// daemon's record of it.
 /// The names of the attached programs, from `status`.
 fn program_names(status: &Value) -> Vec<&str> {
     status["kernel"]["programs"]
@@ -76,6 +74,8 @@ fn program_names(status: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// Asserts the probe's answer is a successful echo through the proxy, and returns the
+/// daemon's record of it.
 fn assert_intercepted(w: &World, d: &Daemon, r: &Value, bytes: u64) -> Value {
     assert_eq!(r["ok"], true, "probe failed: {r}");
     assert_eq!(r["echoed"].as_u64(), Some(bytes), "{r}");
