@@ -346,10 +346,15 @@ impl Kernel {
         // and a new daemon's image cache starts empty), its hooks keep them true.
         let mut old = old;
         old.sort_by_key(|p| {
-            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+            // `<program>@<stamp>`
+            let program = p
+                .file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.split_once('@'))
+                .map(|(program, _)| program);
             program_names::TRACEPOINTS
                 .iter()
-                .any(|(name, _)| file.starts_with(&format!("{name}@")))
+                .any(|(name, _)| program == Some(*name))
         });
         for path in old {
             fs::remove_file(&path).map_err(io(format!("unpin {}", path.display())))?;

@@ -67,8 +67,9 @@ pub type Prepared<'a> = dyn Fn(&str) -> Option<Ctx> + Sync + 'a;
 /// prepared statement's. `None`: nothing to mask.
 pub fn applies(j: &Ctx, k: usize, prepared: &dyn Fn(&str) -> Option<Ctx>) -> Option<Applies> {
     let mut masks = j.decision.masks.clone();
-    let mut source = j.classification.statements.get(k).map(|_| (j.clone(), k));
-    if let Some(Shape::Execute(name)) = j.classification.statements.get(k).map(|s| &s.shape) {
+    let statement = j.classification.statements.get(k);
+    let mut source = statement.map(|_| (j.clone(), k));
+    if let Some(Shape::Execute(name)) = statement.map(|s| &s.shape) {
         source = prepared(name).and_then(|p| {
             for m in &p.decision.masks {
                 if !masks.iter().any(|x| Arc::ptr_eq(x, m)) {
