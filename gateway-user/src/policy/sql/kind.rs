@@ -2,126 +2,148 @@
 
 use std::fmt;
 
-/// Object types of CREATE / ALTER / DROP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Object {
-    Database,
-    Schema,
-    Table,
-    View,
-    MaterializedView,
-    Index,
-    Sequence,
-    Function,
-    Procedure,
-    Trigger,
-    Role,
-    Extension,
-    Type,
-    Domain,
-    Policy,
-    Rule,
-    Server,
-    ForeignTable,
-    ForeignDataWrapper,
-    UserMapping,
-    Collation,
-    Operator,
-    Aggregate,
-    TextSearch,
-    Other,
+/// Declares a fieldless enum whose variants each have a fixed name, listed once: the enum,
+/// `as_str` and `ALL` (every variant, in declaration order) all come from the one list.
+macro_rules! named {
+    ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$m])*
+        $vis enum $name {
+            $($(#[$vm])* $variant,)*
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)*
+                }
+            }
+        }
+    };
 }
 
-impl Object {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Database => "database",
-            Self::Schema => "schema",
-            Self::Table => "table",
-            Self::View => "view",
-            Self::MaterializedView => "materialized_view",
-            Self::Index => "index",
-            Self::Sequence => "sequence",
-            Self::Function => "function",
-            Self::Procedure => "procedure",
-            Self::Trigger => "trigger",
-            Self::Role => "role",
-            Self::Extension => "extension",
-            Self::Type => "type",
-            Self::Domain => "domain",
-            Self::Policy => "policy",
-            Self::Rule => "rule",
-            Self::Server => "server",
-            Self::ForeignTable => "foreign_table",
-            Self::ForeignDataWrapper => "foreign_data_wrapper",
-            Self::UserMapping => "user_mapping",
-            Self::Collation => "collation",
-            Self::Operator => "operator",
-            Self::Aggregate => "aggregate",
-            Self::TextSearch => "text_search",
-            Self::Other => "object",
-        }
+named! {
+    /// Object types of CREATE / ALTER / DROP.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Object {
+        Database = "database",
+        Schema = "schema",
+        Table = "table",
+        View = "view",
+        MaterializedView = "materialized_view",
+        Index = "index",
+        Sequence = "sequence",
+        Function = "function",
+        Procedure = "procedure",
+        Trigger = "trigger",
+        Role = "role",
+        Extension = "extension",
+        Type = "type",
+        Domain = "domain",
+        Policy = "policy",
+        Rule = "rule",
+        Server = "server",
+        ForeignTable = "foreign_table",
+        ForeignDataWrapper = "foreign_data_wrapper",
+        UserMapping = "user_mapping",
+        Collation = "collation",
+        Operator = "operator",
+        Aggregate = "aggregate",
+        TextSearch = "text_search",
+        Other = "object",
     }
 }
 
-/// What a statement does. The string forms (`drop_table`, `copy_program`) are what policy
-/// files match, with globs (`drop_*`) and groups (`@ddl`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Select,
-    Insert,
-    Update,
-    Delete,
-    Merge,
-    Truncate,
+/// Declares `Kind`: the variants that stand alone, each with the name policies use, around
+/// the three that carry an [`Object`]. The list is the only place a kind is spelled out; the
+/// enum, `simple_name` and `all_kinds` come from it, and the order is the enum's (`Ord`).
+macro_rules! kinds {
+    (
+        $($(#[$bm:meta])* $before:ident = $btext:literal,)*
+        ; Create, Alter, Drop ;
+        $($(#[$am:meta])* $after:ident = $atext:literal,)*
+    ) => {
+        /// What a statement does. The string forms (`drop_table`, `copy_program`) are what
+        /// policy files match, with globs (`drop_*`) and groups (`@ddl`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Kind {
+            $($(#[$bm])* $before,)*
+            Create(Object),
+            Alter(Object),
+            Drop(Object),
+            $($(#[$am])* $after,)*
+        }
+
+        impl Kind {
+            /// The kinds that carry no object, in declaration order.
+            const STANDALONE: &'static [Kind] = &[$(Kind::$before,)* $(Kind::$after,)*];
+
+            fn simple_name(self) -> &'static str {
+                match self {
+                    $(Self::$before => $btext,)*
+                    $(Self::$after => $atext,)*
+                    Self::Create(_) | Self::Alter(_) | Self::Drop(_) => "ddl",
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    Select = "select",
+    Insert = "insert",
+    Update = "update",
+    Delete = "delete",
+    Merge = "merge",
+    Truncate = "truncate",
     /// `COPY ... TO STDOUT` (or to a client).
-    CopyTo,
+    CopyTo = "copy_to",
     /// `COPY ... FROM STDIN`.
-    CopyFrom,
+    CopyFrom = "copy_from",
     /// `COPY ... TO/FROM PROGRAM`: runs a shell command on the server.
-    CopyProgram,
+    CopyProgram = "copy_program",
     /// `COPY ... TO/FROM 'file'`: server file system access.
-    CopyFile,
-    Create(Object),
-    Alter(Object),
-    Drop(Object),
-    AlterSystem,
-    Comment,
-    Grant,
-    Revoke,
-    Set,
-    SetRole,
-    SetSessionAuthorization,
-    Reset,
-    Show,
-    Discard,
-    Begin,
-    Commit,
-    Rollback,
-    Savepoint,
-    Release,
-    RollbackToSavepoint,
-    Prepare,
-    Execute,
-    Deallocate,
-    Do,
-    Call,
-    Vacuum,
-    Analyze,
-    Lock,
-    Listen,
-    Notify,
-    Unlisten,
-    Explain,
-    Refresh,
-    Checkpoint,
-    Reindex,
-    Cluster,
-    SecurityLabel,
-    Declare,
-    Fetch,
-    Close,
-    Other,
+    CopyFile = "copy_file",
+    ; Create, Alter, Drop ;
+    AlterSystem = "alter_system",
+    Comment = "comment",
+    Grant = "grant",
+    Revoke = "revoke",
+    Set = "set",
+    SetRole = "set_role",
+    SetSessionAuthorization = "set_session_authorization",
+    Reset = "reset",
+    Show = "show",
+    Discard = "discard",
+    Begin = "begin",
+    Commit = "commit",
+    Rollback = "rollback",
+    Savepoint = "savepoint",
+    Release = "release",
+    RollbackToSavepoint = "rollback_to_savepoint",
+    Prepare = "prepare",
+    Execute = "execute",
+    Deallocate = "deallocate",
+    Do = "do",
+    Call = "call",
+    Vacuum = "vacuum",
+    Analyze = "analyze",
+    Lock = "lock",
+    Listen = "listen",
+    Notify = "notify",
+    Unlisten = "unlisten",
+    Explain = "explain",
+    Refresh = "refresh",
+    Checkpoint = "checkpoint",
+    Reindex = "reindex",
+    Cluster = "cluster",
+    SecurityLabel = "security_label",
+    Declare = "declare",
+    Fetch = "fetch",
+    Close = "close",
+    Other = "other",
 }
 
 impl Kind {
@@ -132,59 +154,6 @@ impl Kind {
             Self::Alter(o) => format!("alter_{}", o.as_str()),
             Self::Drop(o) => format!("drop_{}", o.as_str()),
             other => other.simple_name().to_owned(),
-        }
-    }
-
-    fn simple_name(self) -> &'static str {
-        match self {
-            Self::Select => "select",
-            Self::Insert => "insert",
-            Self::Update => "update",
-            Self::Delete => "delete",
-            Self::Merge => "merge",
-            Self::Truncate => "truncate",
-            Self::CopyTo => "copy_to",
-            Self::CopyFrom => "copy_from",
-            Self::CopyProgram => "copy_program",
-            Self::CopyFile => "copy_file",
-            Self::AlterSystem => "alter_system",
-            Self::Comment => "comment",
-            Self::Grant => "grant",
-            Self::Revoke => "revoke",
-            Self::Set => "set",
-            Self::SetRole => "set_role",
-            Self::SetSessionAuthorization => "set_session_authorization",
-            Self::Reset => "reset",
-            Self::Show => "show",
-            Self::Discard => "discard",
-            Self::Begin => "begin",
-            Self::Commit => "commit",
-            Self::Rollback => "rollback",
-            Self::Savepoint => "savepoint",
-            Self::Release => "release",
-            Self::RollbackToSavepoint => "rollback_to_savepoint",
-            Self::Prepare => "prepare",
-            Self::Execute => "execute",
-            Self::Deallocate => "deallocate",
-            Self::Do => "do",
-            Self::Call => "call",
-            Self::Vacuum => "vacuum",
-            Self::Analyze => "analyze",
-            Self::Lock => "lock",
-            Self::Listen => "listen",
-            Self::Notify => "notify",
-            Self::Unlisten => "unlisten",
-            Self::Explain => "explain",
-            Self::Refresh => "refresh",
-            Self::Checkpoint => "checkpoint",
-            Self::Reindex => "reindex",
-            Self::Cluster => "cluster",
-            Self::SecurityLabel => "security_label",
-            Self::Declare => "declare",
-            Self::Fetch => "fetch",
-            Self::Close => "close",
-            Self::Other => "other",
-            Self::Create(_) | Self::Alter(_) | Self::Drop(_) => "ddl",
         }
     }
 
@@ -274,85 +243,9 @@ impl serde::Serialize for Kind {
 
 /// Every kind, for validating policy files and comparing patterns.
 pub fn all_kinds() -> Vec<Kind> {
-    use Kind::*;
-    let objects = [
-        Object::Database,
-        Object::Schema,
-        Object::Table,
-        Object::View,
-        Object::MaterializedView,
-        Object::Index,
-        Object::Sequence,
-        Object::Function,
-        Object::Procedure,
-        Object::Trigger,
-        Object::Role,
-        Object::Extension,
-        Object::Type,
-        Object::Domain,
-        Object::Policy,
-        Object::Rule,
-        Object::Server,
-        Object::ForeignTable,
-        Object::ForeignDataWrapper,
-        Object::UserMapping,
-        Object::Collation,
-        Object::Operator,
-        Object::Aggregate,
-        Object::TextSearch,
-        Object::Other,
-    ];
-    let mut out = vec![
-        Select,
-        Insert,
-        Update,
-        Delete,
-        Merge,
-        Truncate,
-        CopyTo,
-        CopyFrom,
-        CopyProgram,
-        CopyFile,
-        AlterSystem,
-        Comment,
-        Grant,
-        Revoke,
-        Set,
-        SetRole,
-        SetSessionAuthorization,
-        Reset,
-        Show,
-        Discard,
-        Begin,
-        Commit,
-        Rollback,
-        Savepoint,
-        Release,
-        RollbackToSavepoint,
-        Prepare,
-        Execute,
-        Deallocate,
-        Do,
-        Call,
-        Vacuum,
-        Analyze,
-        Lock,
-        Listen,
-        Notify,
-        Unlisten,
-        Explain,
-        Refresh,
-        Checkpoint,
-        Reindex,
-        Cluster,
-        SecurityLabel,
-        Declare,
-        Fetch,
-        Close,
-        Other,
-    ];
-    for o in objects {
-        out.extend([Create(o), Alter(o), Drop(o)]);
+    let mut out = Kind::STANDALONE.to_vec();
+    for &o in Object::ALL {
+        out.extend([Kind::Create(o), Kind::Alter(o), Kind::Drop(o)]);
     }
     out
 }
