@@ -140,8 +140,9 @@ impl PinLayout {
         if !self.root.exists() {
             return Ok(());
         }
-        // Links first, so the programs go before the maps they use.
-        for l in self.pinned_links() {
+        // Links first, so the programs go before the maps they use; the process hooks
+        // last, as when a daemon replaces another's links.
+        for l in unpin_order(self.pinned_links()) {
             fs::remove_file(&l).map_err(|source| EbpfError::Io {
                 what: format!("unpin {}", l.display()),
                 source,
@@ -152,6 +153,23 @@ impl PinLayout {
             source,
         })
     }
+}
+
+/// Pinned links (`<program>@<stamp>`) in the order to remove them: the process hooks after
+/// every other program, so no connect program is left handing out generations that no hook
+/// forgets any more. Otherwise the order is kept.
+fn unpin_order(mut links: Vec<PathBuf>) -> Vec<PathBuf> {
+    links.sort_by_key(|p| {
+        let program = p
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.split_once('@'))
+            .map(|(program, _)| program);
+        program_names::TRACEPOINTS
+            .iter()
+            .any(|(name, _)| program == Some(*name))
+    });
+    links
 }
 
 /// Loaded programs and their maps.
@@ -344,19 +362,7 @@ impl Kernel {
         // while its connect programs may still hand out generations from its own
         // `PC_PROCESSES` (that map is not pinned: each daemon's programs have their own,
         // and a new daemon's image cache starts empty), its hooks keep them true.
-        let mut old = old;
-        old.sort_by_key(|p| {
-            // `<program>@<stamp>`
-            let program = p
-                .file_name()
-                .and_then(|f| f.to_str())
-                .and_then(|f| f.split_once('@'))
-                .map(|(program, _)| program);
-            program_names::TRACEPOINTS
-                .iter()
-                .any(|(name, _)| program == Some(*name))
-        });
-        for path in old {
+        for path in unpin_order(old) {
             fs::remove_file(&path).map_err(io(format!("unpin {}", path.display())))?;
             tracing::info!(link = %path.display(), "previous link removed");
         }
@@ -628,4 +634,32 @@ pub fn pinned_state(pin_path: &Path) -> (Vec<PathBuf>, bool) {
         layout.pinned_links(),
         layout.map(map_names::CONFIG).exists(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_hooks_are_unpinned_last_and_the_rest_keep_their_order() {
+        let link =
+            |program: &str, stamp: u32| PathBuf::from(format!("/pins/links/{program}@{stamp}"));
+        let links = vec![
+            link(program_names::CONNECT4, 1),
+            link(program_names::PROCESS_EXEC, 1),
+            link(program_names::PROCESS_EXIT, 1),
+            link(program_names::SOCK_OPS, 1),
+            link(program_names::CONNECT4, 2),
+        ];
+        assert_eq!(
+            unpin_order(links),
+            vec![
+                link(program_names::CONNECT4, 1),
+                link(program_names::SOCK_OPS, 1),
+                link(program_names::CONNECT4, 2),
+                link(program_names::PROCESS_EXEC, 1),
+                link(program_names::PROCESS_EXIT, 1),
+            ]
+        );
+    }
 }
