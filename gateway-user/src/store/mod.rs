@@ -474,6 +474,7 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
     let (rows, problem) = spool::continuing(&mut head, d.rows);
     let n = rows.len();
     writer::insert(conn, &rows)
+        .map_err(|e| e.to_string())
         .and_then(|()| writer::checkpoint(conn))
         .map_err(|e| {
             format!(

@@ -8,8 +8,9 @@
 //! fsynced in the spool, in groups, before their callers are answered. SQLite runs with
 //! `synchronous = NORMAL` in `commit` mode (the WAL, then the database, is synced at
 //! checkpoints, at least every [`SYNC_EVERY`] while there are new records, so an OS crash
-//! loses at most that much) and `FULL` in `strict` mode (every batch synced, on this
-//! thread); the spool is emptied only after a checkpoint.
+//! loses at most that much; see [`checkpoint`] for a reader holding frames back) and
+//! `FULL` in `strict` mode (every batch synced, on this thread); the spool is emptied only
+//! after a checkpoint.
 //!
 //! A transaction that fails (disk full, read-only file, I/O error) is rolled back and its
 //! records stay spooled, to be taken again at the next turn; until one succeeds the spool
@@ -222,10 +223,46 @@ pub fn insert(conn: &Connection, batch: &[Row]) -> rusqlite::Result<()> {
     r
 }
 
-/// Copies the WAL into the database; with synchronous = NORMAL this fsyncs the WAL first,
-/// which is what makes the records in it durable.
-pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+/// What a checkpoint did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// Frames in the WAL.
+    pub frames: i64,
+    /// Frames copied into the database, by this checkpoint or an earlier one.
+    pub copied: i64,
+    /// Whether the WAL had to be synced here (a reader kept frames from being copied).
+    pub synced_wal: bool,
+}
+
+/// Makes everything committed durable. A passive checkpoint copies the WAL into the
+/// database, syncing the WAL before and the database after (synchronous = NORMAL). But a
+/// reader's snapshot keeps the frames committed after it from being copied, and a passive
+/// checkpoint that can copy nothing new syncs nothing: while an `audit export` or a
+/// `verify` reads, the newest records would sit unsynced in the WAL and the spool, emptied
+/// on the strength of this call, would no longer hold them. So when frames remain uncopied,
+/// the WAL is fsynced here.
+pub fn checkpoint(conn: &Connection) -> Result<Checkpointed, String> {
+    let (frames, copied): (i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .map_err(|e| format!("checkpoint: {e}"))?;
+    let synced_wal = copied < frames;
+    if synced_wal {
+        let db = conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .ok_or("checkpoint: the database has no file, so no WAL to sync")?;
+        let wal = format!("{db}-wal");
+        std::fs::File::open(&wal)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| format!("cannot sync {wal}: {e}"))?;
+    }
+    Ok(Checkpointed {
+        frames,
+        copied,
+        synced_wal,
+    })
 }
 
 /// The verdict of a statement record, read without building the whole body.
@@ -520,7 +557,7 @@ impl Writer {
             return;
         }
         match checkpoint(&self.conn) {
-            Ok(()) => {
+            Ok(_) => {
                 self.unsynced = false;
                 self.last_sync = Instant::now();
                 if let Err(e) = self.spool().truncate_if_saved() {
@@ -665,6 +702,44 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_a_reader_holds_back_syncs_the_wal_itself() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("audit.db");
+        let w = open_rw(&path, Durability::Commit).expect("open the store");
+        let add = |seq: i64| {
+            w.execute(
+                "INSERT INTO records (seq, at_us, session, kind, body, hash) \
+                 VALUES (?1, 0, 1, 'statement', '{}', x'00')",
+                [seq],
+            )
+            .expect("insert a record")
+        };
+        add(1);
+        let c = checkpoint(&w).expect("checkpoint");
+        assert!(
+            c.frames > 0 && c.copied == c.frames && !c.synced_wal,
+            "{c:?}"
+        );
+
+        // A reader's snapshot (an export, a verify) keeps the next frames in the WAL.
+        let reader = Connection::open(&path).expect("open a reader");
+        reader.execute_batch("BEGIN").expect("begin a read");
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .expect("read");
+        assert_eq!(n, 1);
+        add(2);
+        let c = checkpoint(&w).expect("checkpoint");
+        assert!(c.copied < c.frames && c.synced_wal, "{c:?}");
+
+        // Once it is gone, the checkpoint copies everything and syncs on its own.
+        reader.execute_batch("COMMIT").expect("end the read");
+        add(3);
+        let c = checkpoint(&w).expect("checkpoint");
+        assert!(c.copied == c.frames && !c.synced_wal, "{c:?}");
+    }
 
     #[test]
     fn the_verdict_is_read_from_the_record_not_from_its_statement() {
