@@ -713,6 +713,30 @@ mod tests {
                 .read(|c| query::verify(c, Some(s.head())))
                 .expect("verify");
             assert!(v.ok, "still verifies after pruning: {v:?}");
+            // In chunks (16 records in tests), each with its own prune record.
+            let chunks: Vec<i64> = s
+                .read(|c| {
+                    c.prepare("SELECT json_extract(body, '$.records') FROM records WHERE kind = 'prune' ORDER BY seq")?
+                        .query_map([], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()
+                        .map_err(StoreError::from)
+                })
+                .expect("prune records");
+            assert_eq!(chunks, [16, 16, 16, 4]);
+            // The freed pages went back to the file system, without a VACUUM.
+            let (auto_vacuum, free): (i64, i64) = s
+                .read(|c| {
+                    Ok((
+                        c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?,
+                        c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?,
+                    ))
+                })
+                .expect("pragmas");
+            assert_eq!(
+                (auto_vacuum, free),
+                (2, 0),
+                "incremental, and nothing left free"
+            );
             s.close();
 
             // Tampering from outside is found, at the right record.

@@ -44,6 +44,12 @@ pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 pub const LAZY_EVERY: Duration = Duration::from_millis(10);
 /// Records appended without waiting that make the writer turn at once.
 pub const LAZY_WAKE: usize = 512;
+/// Most records one turn of a prune deletes (one transaction): a prune of any size holds the
+/// writer, and so the records waiting for the database, for one chunk at a time (~10–70 ms
+/// on the development VM), never for the whole deletion.
+const PRUNE_CHUNK: i64 = if cfg!(test) { 16 } else { 10_000 };
+/// Free pages handed back to the file system per turn after a prune (4 KiB pages: 1 MiB).
+const RELEASE_PAGES: u32 = 256;
 
 pub type Waiter = oneshot::Sender<Result<i64, StoreError>>;
 
@@ -135,6 +141,11 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
 pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(5))?;
+    // Pages that pruning frees are handed back to the file system a few at a time
+    // (`incremental_vacuum`), never by a whole-file VACUUM that would hold the writer for
+    // as long as it takes to copy the database. Takes effect only in a database without
+    // tables: a store created before keeps `NONE`, and its free pages are reused.
+    c.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     c.pragma_update(None, "journal_mode", "WAL")?;
     // Durability is the spool's, and the spool is emptied only after a checkpoint. In
     // `strict` mode every batch is synced as well, so emptying the spool never depends on
@@ -263,6 +274,22 @@ pub fn checkpoint(conn: &Connection) -> Result<Checkpointed, String> {
         copied,
         synced_wal,
     })
+}
+
+/// Hands up to `pages` free pages back to the file system (stores created with incremental
+/// auto-vacuum; in others free pages are reused and this does nothing). Returns whether
+/// free pages remain.
+pub fn release_free_pages(conn: &Connection, pages: u32) -> rusqlite::Result<bool> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode != 2 {
+        return Ok(false);
+    }
+    // Each step of the statement frees a page: run it to the end.
+    let mut st = conn.prepare_cached(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok(free > 0)
 }
 
 /// The verdict of a statement record, read without building the whole body.
@@ -407,6 +434,31 @@ pub struct Writer {
     turned: Arc<tokio::sync::Notify>,
     unsynced: bool,
     last_sync: Instant,
+    /// A prune in progress, a chunk per turn.
+    pruning: Option<Pruning>,
+    /// Free pages remain to hand back to the file system (incremental auto-vacuum stores).
+    releasing: bool,
+}
+
+/// A prune in progress: the chain's prefix up to the first record still needed is deleted
+/// [`PRUNE_CHUNK`] records per turn, each chunk a transaction that moves the anchor and is
+/// followed by its own `prune` record, so the chain verifies between any two chunks.
+struct Pruning {
+    /// Sessions that ended before this go.
+    before_us: i64,
+    /// The first record that stays, found at the first chunk. What could go then can go
+    /// later too (sessions only end and records only get older), so it stays valid.
+    keep_from: Option<i64>,
+    deleted: u64,
+    acks: Vec<oneshot::Sender<Result<u64, StoreError>>>,
+}
+
+/// What one turn of a prune did.
+enum Chunk {
+    /// Deleted this many records; more may follow.
+    Deleted(u64),
+    /// Nothing left to delete: the prune is complete.
+    Done,
 }
 
 impl Writer {
@@ -429,6 +481,8 @@ impl Writer {
             durability,
             unsynced: false,
             last_sync: Instant::now(),
+            pruning: None,
+            releasing: false,
         }
     }
 
@@ -476,7 +530,11 @@ impl Writer {
                 let _ = ack.send(saved.clone());
             }
             for (before, ack) in prunes {
-                let _ = ack.send(self.prune(before));
+                self.start_prune(before, ack);
+            }
+            if !stop {
+                self.prune_turn();
+                self.release_turn();
             }
             self.sync_if_due(stop);
             if stop {
@@ -617,85 +675,150 @@ impl Writer {
         }
     }
 
-    /// Deletes the records before the first one of any session that was still open at
-    /// `before_us` (a prefix), sets the anchor, and records the prune in the chain.
-    fn prune(&mut self, before_us: i64) -> Result<u64, StoreError> {
-        let r = (|| -> rusqlite::Result<Option<(i64, Vec<u8>, u64)>> {
-            // The first record that must stay: of a session not ended by `before_us`, or
-            // written at or after it.
-            let keep_from: Option<i64> = self.conn.query_row(
-                "SELECT min(seq) FROM records WHERE at_us >= ?1 OR session IN \
-                 (SELECT id FROM sessions WHERE ended_us IS NULL OR ended_us >= ?1)",
-                params![before_us],
-                |r| r.get(0),
-            )?;
-            // Nothing needed any more: everything up to the head goes.
-            let keep_from = match keep_from {
-                Some(k) => k,
-                None => {
-                    let last: Option<i64> =
-                        self.conn
-                            .query_row("SELECT max(seq) FROM records", [], |r| r.get(0))?;
-                    match last {
-                        Some(l) => l + 1,
-                        None => return Ok(None),
-                    }
+    /// Takes a prune request: starts a prune, or joins the one in progress (raising its
+    /// cut-off when the request's is later, so no request is answered with less than it
+    /// asked for).
+    fn start_prune(&mut self, before_us: i64, ack: oneshot::Sender<Result<u64, StoreError>>) {
+        match &mut self.pruning {
+            Some(p) => {
+                if before_us > p.before_us {
+                    p.before_us = before_us;
+                    p.keep_from = None;
                 }
-            };
-            let prev: Option<Vec<u8>> = self
-                .conn
-                .query_row(
-                    "SELECT hash FROM records WHERE seq = ?1",
-                    params![keep_from - 1],
-                    |r| r.get(0),
-                )
-                .ok();
-            let Some(prev) = prev else {
-                return Ok(None);
-            };
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            let n = self
-                .conn
-                .execute("DELETE FROM records WHERE seq < ?1", params![keep_from])?;
-            self.conn.execute(
-                "INSERT OR REPLACE INTO anchor (id, seq, prev_hash) VALUES (1, ?1, ?2)",
-                params![keep_from, prev],
-            )?;
-            self.conn.execute(
-                "DELETE FROM sessions WHERE ended_us IS NOT NULL AND ended_us < ?1 \
-                 AND id NOT IN (SELECT DISTINCT session FROM records)",
-                params![before_us],
-            )?;
-            self.conn.execute_batch("COMMIT")?;
-            Ok(Some((keep_from, prev, n as u64)))
-        })();
-        match r {
-            Ok(Some((from, prev, n))) => {
-                // The prune itself is a record: verify checks the anchor against it.
-                let r = self.append_here(vec![Append {
-                    session: 0,
-                    kind: "prune",
-                    body: serde_json::json!({
-                        "first_seq": from,
-                        "anchor_hash": chain::hex(&prev),
-                        "records": n,
-                        "before_us": before_us,
-                    })
-                    .into(),
-                    at_us: super::now_us(),
-                }]);
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "cannot record the prune");
-                }
-                let _ = self.conn.execute_batch("VACUUM");
-                Ok(n)
+                p.acks.push(ack);
             }
-            Ok(None) => Ok(0),
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(StoreError::Write(e.to_string()))
+            None => {
+                self.pruning = Some(Pruning {
+                    before_us,
+                    keep_from: None,
+                    deleted: 0,
+                    acks: vec![ack],
+                })
             }
         }
+    }
+
+    /// One chunk of the prune in progress; answers its requests when it is complete or
+    /// fails (a failed chunk is rolled back; what earlier chunks deleted stays deleted,
+    /// with their `prune` records).
+    fn prune_turn(&mut self) {
+        let Some(mut p) = self.pruning.take() else {
+            return;
+        };
+        let outcome = match self.prune_chunk(&mut p) {
+            Ok(Chunk::Deleted(n)) => {
+                p.deleted += n;
+                self.pruning = Some(p);
+                return;
+            }
+            Ok(Chunk::Done) => {
+                self.releasing = true;
+                Ok(p.deleted)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(StoreError::Write(format!("pruning: {e}")))
+            }
+        };
+        for ack in p.acks {
+            let _ = ack.send(outcome.clone());
+        }
+    }
+
+    fn prune_chunk(&mut self, p: &mut Pruning) -> rusqlite::Result<Chunk> {
+        let keep_from = match p.keep_from {
+            Some(k) => k,
+            None => {
+                // The first record that must stay: of a session not ended by `before_us`,
+                // or written at or after it; with none, everything up to the head goes.
+                let k = self.conn.query_row(
+                    "SELECT coalesce(\
+                       (SELECT min(seq) FROM records WHERE at_us >= ?1 OR session IN \
+                         (SELECT id FROM sessions WHERE ended_us IS NULL OR ended_us >= ?1)), \
+                       (SELECT max(seq) + 1 FROM records))",
+                    params![p.before_us],
+                    |r| r.get::<_, Option<i64>>(0),
+                )?;
+                let Some(k) = k else {
+                    return Ok(Chunk::Done);
+                };
+                *p.keep_from.insert(k)
+            }
+        };
+        let first: Option<i64> = self
+            .conn
+            .query_row("SELECT min(seq) FROM records", [], |r| r.get(0))?;
+        let upto = match first {
+            Some(first) if first < keep_from => keep_from.min(first + PRUNE_CHUNK),
+            _ => {
+                // The records are gone: now the sessions they belonged to.
+                self.conn.execute(
+                    "DELETE FROM sessions WHERE ended_us IS NOT NULL AND ended_us < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM records WHERE records.session = sessions.id)",
+                    params![p.before_us],
+                )?;
+                return Ok(Chunk::Done);
+            }
+        };
+        let prev: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT hash FROM records WHERE seq = ?1",
+                params![upto - 1],
+                |r| r.get(0),
+            )
+            .ok();
+        let Some(prev) = prev else {
+            // A gap in the chain (never written by this daemon): leave it to `verify`.
+            return Ok(Chunk::Done);
+        };
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let n = self
+            .conn
+            .execute("DELETE FROM records WHERE seq < ?1", params![upto])?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO anchor (id, seq, prev_hash) VALUES (1, ?1, ?2)",
+            params![upto, prev],
+        )?;
+        self.conn.execute_batch("COMMIT")?;
+        // The prune itself is a record: verify checks the anchor against it. Saved at once,
+        // so a reader of the file sees the anchor without its record only for that long.
+        let r = self.append_here(vec![Append {
+            session: 0,
+            kind: "prune",
+            body: serde_json::json!({
+                "first_seq": upto,
+                "anchor_hash": chain::hex(&prev),
+                "records": n,
+                "before_us": p.before_us,
+            })
+            .into(),
+            at_us: super::now_us(),
+        }]);
+        match r {
+            Ok(_) => {
+                let _ = self.save();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record the prune"),
+        }
+        Ok(Chunk::Deleted(n as u64))
+    }
+
+    /// Hands a few free pages back to the file system, after a prune, until none are left.
+    fn release_turn(&mut self) {
+        if !self.releasing || self.pruning.is_some() {
+            return;
+        }
+        self.releasing = match release_free_pages(&self.conn, RELEASE_PAGES) {
+            Ok(more) => {
+                self.unsynced = true;
+                more
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand free audit store pages back");
+                false
+            }
+        };
     }
 }
 
@@ -739,6 +862,39 @@ mod tests {
         add(3);
         let c = checkpoint(&w).expect("checkpoint");
         assert!(c.copied == c.frames && !c.synced_wal, "{c:?}");
+    }
+
+    #[test]
+    fn free_pages_go_back_a_few_at_a_time() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("audit.db");
+        let c = open_rw(&path, Durability::Commit).expect("open the store");
+        let free = || -> i64 {
+            c.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .expect("freelist")
+        };
+        let pages = || -> i64 {
+            c.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .expect("page count")
+        };
+        c.execute(
+            "INSERT INTO records (seq, at_us, session, kind, body, hash) \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400) \
+             SELECT i, 0, 1, 'statement', printf('%.2000c', 'x'), x'00' FROM n",
+            [],
+        )
+        .expect("fill");
+        let full = pages();
+        c.execute("DELETE FROM records WHERE seq <= 300", [])
+            .expect("delete");
+        let freed = free();
+        assert!(freed > 100, "a delete frees pages: {freed} of {full}");
+
+        assert!(release_free_pages(&c, 32).expect("release"), "more to go");
+        assert_eq!(free(), freed - 32);
+        while release_free_pages(&c, 32).expect("release") {}
+        assert_eq!(free(), 0);
+        assert_eq!(pages(), full - freed, "the file shrank by what was free");
     }
 
     #[test]
