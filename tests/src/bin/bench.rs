@@ -138,8 +138,8 @@ fn intercept() {
     println!(
         "intercept: {ROUNDS} rounds rotating direct, a plain user-space relay (pc-probe relay) \
          and Portcullis; {RATE_SECS}s per rate run, {RTT_COUNT} round trips for latency; \
-         medians of rounds; {} cores; {:.0}s",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+         medians of rounds; {}; {:.0}s",
+        host(),
         started.elapsed().as_secs_f64()
     );
     println!(
@@ -606,8 +606,8 @@ fn pg() {
     println!();
     println!(
         "pg: pgbench -S, scale 10, {PG_ROUNDS} rounds of {PG_SECS}s per case and path, medians; \
-         Portcullis with the shipped policies; {} cores; {:.0}s",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+         Portcullis with the shipped policies; {}; {:.0}s",
+        host(),
         started.elapsed().as_secs_f64()
     );
     println!(
@@ -872,13 +872,31 @@ fn store_writer(dir: &std::path::Path, strict: bool) -> (f64, f64, f64, f64) {
     })
 }
 
+/// The host facts that decide what a hop costs: cores, and on a virtual machine whose idle
+/// CPUs halt through `haltpoll`, whether they poll before halting. With polling off, each
+/// wake-up of an idle virtual CPU is an exit to the hypervisor (tens of microseconds), so
+/// every path is bound by its wake-ups and one with extra hops pays for each.
+fn host() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let poll = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match poll {
+        Some(0) => {
+            format!("{cores} cores; guest halt polling off: wake-ups exit to the hypervisor")
+        }
+        Some(ns) => format!("{cores} cores; guest halt polling up to {} us", ns / 1000),
+        None => format!("{cores} cores"),
+    }
+}
+
 fn store_bench() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-store");
     println!();
     println!(
-        "store: audit writer on {} ({} cores); medians of {PG_ROUNDS} rounds",
+        "store: audit writer on {} ({}); medians of {PG_ROUNDS} rounds",
         dir.display(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        host()
     );
     println!(
         "{:<10} {:>22} {:>22} {:>18} {:>14}",
