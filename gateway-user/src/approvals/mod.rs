@@ -65,6 +65,9 @@ pub struct GrantView {
 struct Pending {
     view: PendingView,
     answer: oneshot::Sender<ApprovalOutcome>,
+    /// An answer is being recorded: it, and nothing else (no timeout, no second answer, no
+    /// withdrawal), ends the request.
+    claimed: bool,
 }
 
 struct Grant {
@@ -83,6 +86,8 @@ pub struct Answerer {
 pub enum AnswerError {
     #[error("no pending request {0} (it was answered, expired or withdrawn)")]
     Unknown(String),
+    #[error("request {0} is being answered by someone else")]
+    Answering(String),
     #[error("request {0} was caused by uid {1}: nobody approves their own request")]
     OwnRequest(String, u32),
     #[error("the audit store cannot record the answer: {0}")]
@@ -173,7 +178,7 @@ impl Approvals {
         by: &Answerer,
         grant_for: Option<Duration>,
     ) -> Result<Option<GrantView>, AnswerError> {
-        let view = self.check(id, by)?;
+        let view = self.claim(id, by)?;
         let grant = grant_for.map(|d| GrantView {
             id: new_id(),
             rule: view.rule.clone(),
@@ -199,10 +204,7 @@ impl Approvals {
             at_us: now_us(),
         });
         // The answer is on record before the statement can run.
-        self.store
-            .append_durable(recs)
-            .await
-            .map_err(|e| AnswerError::Store(e.to_string()))?;
+        self.record_answer(id, recs).await?;
         if let (Some(g), Some(d)) = (&grant, grant_for) {
             self.grants
                 .lock()
@@ -222,16 +224,17 @@ impl Approvals {
     }
 
     pub async fn deny(&self, id: &str, by: &Answerer, reason: String) -> Result<(), AnswerError> {
-        let view = self.check(id, by)?;
-        self.store
-            .append_durable(vec![Append {
+        let view = self.claim(id, by)?;
+        self.record_answer(
+            id,
+            vec![Append {
                 session: view.session,
                 kind: "approval_decided",
                 body: json!({"id": id, "outcome": "denied", "by": by.name, "uid": by.uid, "reason": reason}).into(),
                 at_us: now_us(),
-            }])
-            .await
-            .map_err(|e| AnswerError::Store(e.to_string()))?;
+            }],
+        )
+        .await?;
         self.finish(
             id,
             ApprovalOutcome::Denied {
@@ -246,14 +249,38 @@ impl Approvals {
         Ok(())
     }
 
-    fn check(&self, id: &str, by: &Answerer) -> Result<PendingView, AnswerError> {
-        let view = self
-            .get(id)
+    /// Takes a pending request for `by` to answer. From here only [`Self::finish`] ends it:
+    /// two approvers answering at once, or an answer racing the timeout, cannot both be
+    /// recorded (a request ends exactly once).
+    fn claim(&self, id: &str, by: &Answerer) -> Result<PendingView, AnswerError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let p = pending
+            .get_mut(id)
             .ok_or_else(|| AnswerError::Unknown(id.to_owned()))?;
-        if view.uid == by.uid {
+        if p.view.uid == by.uid {
             return Err(AnswerError::OwnRequest(id.to_owned(), by.uid));
         }
-        Ok(view)
+        if p.claimed {
+            return Err(AnswerError::Answering(id.to_owned()));
+        }
+        p.claimed = true;
+        Ok(p.view.clone())
+    }
+
+    /// Records a claimed request's answer durably. If the store cannot take it the request
+    /// ends denied (the statement must not run on an answer that is not on record).
+    async fn record_answer(&self, id: &str, recs: Vec<Append>) -> Result<(), AnswerError> {
+        if let Err(e) = self.store.append_durable(recs).await {
+            let e = AnswerError::Store(e.to_string());
+            self.finish(
+                id,
+                ApprovalOutcome::Denied {
+                    reason: e.to_string(),
+                },
+            );
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn finish(&self, id: &str, outcome: ApprovalOutcome) {
@@ -358,6 +385,7 @@ impl Approvals {
                 Pending {
                     view: view.clone(),
                     answer: tx,
+                    claimed: false,
                 },
             );
         // Withdrawn if this future is dropped (the client went away) before an answer.
@@ -389,16 +417,21 @@ impl Approvals {
             humantime::format_duration(timeout)
         ));
         let began = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, rx).await {
+        let mut rx = rx;
+        let outcome = match tokio::time::timeout(timeout, &mut rx).await {
             Ok(Ok(o)) => o,
-            Ok(Err(_)) | Err(_) => {
-                let was_pending = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
-                    .is_some();
-                if was_pending {
+            // Ended without an answer (never happens: whatever ends a request answers it).
+            Ok(Err(_)) => ApprovalOutcome::TimedOut,
+            Err(_) => {
+                // Expired, unless an answer is being recorded: then that answer ends it.
+                let expired = {
+                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    match pending.get(&id) {
+                        Some(p) if !p.claimed => pending.remove(&id).is_some(),
+                        _ => false,
+                    }
+                };
+                if expired {
                     self.record(
                         req.session,
                         "approval_decided",
@@ -408,8 +441,12 @@ impl Approvals {
                         "approval_decided",
                         json!({"id": id, "outcome": "expired", "agent": req.agent, "target": req.target, "rule": req.decision.rule}),
                     );
+                    ApprovalOutcome::TimedOut
+                } else {
+                    // Claimed: its answer comes once it is on record (or the request ends
+                    // denied if it cannot be recorded).
+                    (&mut rx).await.unwrap_or(ApprovalOutcome::TimedOut)
                 }
-                ApprovalOutcome::TimedOut
             }
         };
         std::mem::forget(guard);
@@ -436,13 +473,19 @@ struct Withdraw {
 
 impl Drop for Withdraw {
     fn drop(&mut self) {
-        let removed = self
-            .approvals
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id)
-            .is_some();
+        // A request being answered is left to its answer, which ends it (on record) and
+        // finds nobody to tell.
+        let removed = {
+            let mut pending = self
+                .approvals
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match pending.get(&self.id) {
+                Some(p) if !p.claimed => pending.remove(&self.id).is_some(),
+                _ => false,
+            }
+        };
         if removed {
             crate::metrics::get()
                 .approval_wait_seconds
@@ -469,5 +512,159 @@ pub struct Service(pub Arc<Approvals>);
 impl Approver for Service {
     fn request(&self, req: ApprovalRequest, notify: Notify) -> BoxFuture<ApprovalOutcome> {
         Box::pin(self.0.clone().wait(req, notify))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{Durability, StoreConfig},
+        policy::model::{Decision, Verdict},
+    };
+
+    fn approvals(dir: &std::path::Path, timeout: Duration) -> Arc<Approvals> {
+        let store = Store::open(&StoreConfig {
+            path: dir.join("audit.db"),
+            durability: Durability::Commit,
+            queue: 1024,
+            recording_limit: 1 << 20,
+            retention: None,
+            prune_interval: crate::config::Duration::from_secs(3600),
+            redact_literals: false,
+        })
+        .expect("open the store");
+        Approvals::new(store, webhook::Webhooks::none(), timeout)
+    }
+
+    /// Holds a statement of uid 1001 and returns the waiting task and the request's id.
+    async fn held(a: &Arc<Approvals>) -> (tokio::task::JoinHandle<ApprovalOutcome>, String) {
+        let req = ApprovalRequest {
+            session: 7,
+            agent: "agent".into(),
+            target: "db".into(),
+            uid: 1001,
+            statement: "DELETE FROM t".into(),
+            decision: Decision {
+                verdict: Verdict::RequireApproval,
+                rule: "where-less".into(),
+                message: None,
+                approvers: Vec::new(),
+                approval_timeout_secs: None,
+                masks: Vec::new(),
+                audit: Vec::new(),
+                matched: Vec::new(),
+                redact_literals: false,
+            },
+        };
+        let waiting = tokio::spawn(a.clone().wait(req, Box::new(|_| {})));
+        for _ in 0..500 {
+            if let Some(p) = a.pending().pop() {
+                return (waiting, p.id);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the request never became pending");
+    }
+
+    /// The outcomes the store holds for the request, in order.
+    async fn decided(a: &Approvals) -> Vec<String> {
+        a.store.flush().await.expect("flush");
+        a.store
+            .read(|c| {
+                c.prepare(
+                    "SELECT json_extract(body, '$.outcome') FROM records \
+                     WHERE kind = 'approval_decided' ORDER BY seq",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(Into::into)
+            })
+            .expect("read the decisions")
+    }
+
+    fn approver(uid: u32) -> Answerer {
+        Answerer {
+            uid,
+            name: format!("uid{uid}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_being_recorded_at_the_timeout_ends_the_request() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let a = approvals(dir.path(), Duration::from_millis(50));
+        let (waiting, id) = held(&a).await;
+        // An approver has taken the request; its record is not written yet.
+        a.claim(&id, &approver(0)).expect("claim");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the timeout did not end a claimed request"
+        );
+        a.record_answer(&id, Vec::new()).await.expect("record");
+        a.finish(&id, ApprovalOutcome::Approved);
+        assert_eq!(waiting.await.expect("join"), ApprovalOutcome::Approved);
+        assert!(a.pending().is_empty());
+        assert!(decided(&a).await.is_empty(), "no expiry recorded");
+    }
+
+    #[tokio::test]
+    async fn a_request_is_answered_once() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let a = approvals(dir.path(), Duration::from_secs(60));
+        let (waiting, id) = held(&a).await;
+        assert_eq!(
+            a.approve(&id, &approver(1001), None).await,
+            Err(AnswerError::OwnRequest(id.clone(), 1001))
+        );
+        let (root, other) = (approver(0), approver(1002));
+        let (approved, denied) = tokio::join!(
+            a.approve(&id, &root, None),
+            a.deny(&id, &other, "no".into())
+        );
+        assert_eq!(approved, Ok(None));
+        // Refused whether the approval is still being recorded or already done.
+        assert!(
+            matches!(&denied, Err(AnswerError::Answering(x) | AnswerError::Unknown(x)) if *x == id),
+            "{denied:?}"
+        );
+        assert_eq!(waiting.await.expect("join"), ApprovalOutcome::Approved);
+        assert_eq!(
+            a.deny(&id, &approver(1002), "late".into()).await,
+            Err(AnswerError::Unknown(id.clone()))
+        );
+        assert_eq!(decided(&a).await, ["approved"]);
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_during_an_answer_is_not_a_second_end() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let a = approvals(dir.path(), Duration::from_secs(60));
+        let (waiting, id) = held(&a).await;
+        a.claim(&id, &approver(0)).expect("claim");
+        assert_eq!(
+            a.deny(&id, &approver(1002), "no".into()).await,
+            Err(AnswerError::Answering(id.clone())),
+            "a second answer while the first is being recorded"
+        );
+        waiting.abort();
+        assert!(waiting.await.expect_err("aborted").is_cancelled());
+        assert_eq!(a.pending().len(), 1, "left to the answer");
+        a.finish(
+            &id,
+            ApprovalOutcome::Denied {
+                reason: "no".into(),
+            },
+        );
+        assert!(a.pending().is_empty());
+        assert!(decided(&a).await.is_empty(), "no withdrawal recorded");
+
+        // Without an answer in progress, leaving withdraws.
+        let (waiting, _) = held(&a).await;
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(a.pending().is_empty());
+        assert_eq!(decided(&a).await, ["withdrawn"]);
     }
 }
