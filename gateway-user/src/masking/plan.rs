@@ -105,6 +105,23 @@ pub struct ColumnPlan {
     pub binary: bool,
     /// Replace the whole value: the strategy and the label in `[REDACTED:<label>]`.
     pub whole: Option<(Strategy, Arc<str>)>,
+    /// Every value's replacement, encoded, when `whole`'s strategy does not look at the
+    /// value (`Some(None)`: NULL); made once here instead of once per row.
+    pub fixed: Option<Option<Vec<u8>>>,
+}
+
+impl ColumnPlan {
+    pub fn new(class: TypeClass, binary: bool, whole: Option<(Strategy, Arc<str>)>) -> Self {
+        let fixed = whole
+            .as_ref()
+            .and_then(|(s, label)| super::value::fixed_whole(s, label, class, binary));
+        Self {
+            class,
+            binary,
+            whole,
+            fixed,
+        }
+    }
 }
 
 /// Value detectors that apply to every column, and the strategy for each.
@@ -315,11 +332,7 @@ pub fn plan_rows(
         columns: fields
             .iter()
             .zip(wholes)
-            .map(|(f, whole)| ColumnPlan {
-                class: type_class(f.type_oid),
-                binary: f.format == 1,
-                whole,
-            })
+            .map(|(f, whole)| ColumnPlan::new(type_class(f.type_oid), f.format == 1, whole))
             .collect(),
         detection: detection(masks),
     })
@@ -382,11 +395,7 @@ pub fn plan_copy(
         ResultPlan {
             columns: wholes
                 .into_iter()
-                .map(|whole| ColumnPlan {
-                    class: TypeClass::Text,
-                    binary: false,
-                    whole,
-                })
+                .map(|whole| ColumnPlan::new(TypeClass::Text, false, whole))
                 .collect(),
             detection: detection(masks),
         },

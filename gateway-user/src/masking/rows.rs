@@ -57,28 +57,38 @@ pub fn mask_data_row(
             .ok_or_else(|| RowError("truncated value length".into()))?;
         at += 4;
         if len < 0 {
-            out.extend_from_slice(&(-1i32).to_be_bytes());
+            put_value(out, None)?;
             continue;
         }
         let value = body
             .get(at..at + len as usize)
             .ok_or_else(|| RowError("truncated value".into()))?;
         at += len as usize;
+        if let Some(fixed) = &col.fixed {
+            crate::metrics::get().masked_by_column.inc();
+            put_value(out, fixed.as_deref())?;
+            continue;
+        }
         match mask_value(plan, col, masker, value) {
-            None => {
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(value);
-            }
-            Some(None) => out.extend_from_slice(&(-1i32).to_be_bytes()),
-            Some(Some(v)) => {
-                let l = i32::try_from(v.len()).map_err(|_| RowError("value too long".into()))?;
-                out.extend_from_slice(&l.to_be_bytes());
-                out.extend_from_slice(&v);
-            }
+            None => put_value(out, Some(value))?,
+            Some(v) => put_value(out, v.as_deref())?,
         }
     }
     if at != body.len() {
         return Err(RowError("bytes after the last column".into()));
+    }
+    Ok(())
+}
+
+/// A value with its length prefix; `None` is SQL NULL (length -1).
+fn put_value(out: &mut Vec<u8>, v: Option<&[u8]>) -> Result<(), RowError> {
+    match v {
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        Some(v) => {
+            let l = i32::try_from(v.len()).map_err(|_| RowError("value too long".into()))?;
+            out.extend_from_slice(&l.to_be_bytes());
+            out.extend_from_slice(v);
+        }
     }
     Ok(())
 }
@@ -398,11 +408,7 @@ mod tests {
     }
 
     fn col(class: TypeClass, binary: bool, whole: Option<Strategy>) -> ColumnPlan {
-        ColumnPlan {
-            class,
-            binary,
-            whole: whole.map(|s| (s, Arc::from("email"))),
-        }
+        ColumnPlan::new(class, binary, whole.map(|s| (s, Arc::from("email"))))
     }
 
     fn row(values: &[Option<&[u8]>]) -> Vec<u8> {

@@ -50,6 +50,42 @@ pub fn type_class(oid: u32) -> TypeClass {
     }
 }
 
+/// The replacement text of a whole value, encoded for its type and format. `None` = NULL
+/// (a type that cannot carry text).
+fn encode_whole(r: String, class: TypeClass, binary: bool) -> Option<Vec<u8>> {
+    match class {
+        TypeClass::Text => Some(r.into_bytes()),
+        TypeClass::Json | TypeClass::Jsonb => {
+            let json = serde_json::to_string(&r).unwrap_or_else(|_| "null".into());
+            let mut out = Vec::with_capacity(json.len() + 1);
+            if class == TypeClass::Jsonb && binary {
+                out.push(1);
+            }
+            out.extend_from_slice(json.as_bytes());
+            Some(out)
+        }
+        TypeClass::Opaque | TypeClass::Other => None,
+    }
+}
+
+/// What [`Masker::whole`] gives every value of a column when the strategy does not look at
+/// the value (redaction, NULL), so a result's plan computes it once instead of once per
+/// row. `None`: the replacement depends on the value (partial, keyed hash).
+pub fn fixed_whole(
+    strategy: &Strategy,
+    label: &str,
+    class: TypeClass,
+    binary: bool,
+) -> Option<Option<Vec<u8>>> {
+    let text = match strategy {
+        Strategy::Redact { text: Some(t) } => t.clone(),
+        Strategy::Redact { text: None } => format!("[REDACTED:{label}]"),
+        Strategy::Null => return Some(None),
+        Strategy::Partial { .. } | Strategy::Hash => return None,
+    };
+    Some(encode_whole(text, class, binary))
+}
+
 /// The install's masking key (HMAC-SHA256 for the `hash` strategy), generated once.
 pub struct Masker {
     key: [u8; 32],
@@ -129,20 +165,7 @@ impl Masker {
             _ => value,
         };
         let text = String::from_utf8_lossy(text);
-        let r = self.replace(strategy, label, &text)?;
-        match class {
-            TypeClass::Text => Some(r.into_bytes()),
-            TypeClass::Json | TypeClass::Jsonb => {
-                let json = serde_json::to_string(&r).unwrap_or_else(|_| "null".into());
-                let mut out = Vec::with_capacity(json.len() + 1);
-                if class == TypeClass::Jsonb && binary {
-                    out.push(1);
-                }
-                out.extend_from_slice(json.as_bytes());
-                Some(out)
-            }
-            TypeClass::Opaque | TypeClass::Other => None,
-        }
+        encode_whole(self.replace(strategy, label, &text)?, class, binary)
     }
 
     /// Applies detectors inside a value. `Ok(None)`: nothing found, keep the value;
@@ -218,6 +241,49 @@ mod tests {
 
     fn m() -> Masker {
         Masker::new([7u8; 32])
+    }
+
+    #[test]
+    fn a_fixed_replacement_is_what_every_value_would_get() {
+        let m = m();
+        let strategies = [
+            Strategy::Redact { text: None },
+            Strategy::Redact {
+                text: Some("gone \"quoted\"".into()),
+            },
+            Strategy::Null,
+            Strategy::Partial { keep: 2 },
+            Strategy::Hash,
+        ];
+        let classes = [
+            TypeClass::Text,
+            TypeClass::Json,
+            TypeClass::Jsonb,
+            TypeClass::Opaque,
+            TypeClass::Other,
+        ];
+        let values: [&[u8]; 3] = [b"alice@example.com", b"\x01\"x\"", b"\xff\xfe not utf-8"];
+        for s in &strategies {
+            for class in classes {
+                for binary in [false, true] {
+                    match fixed_whole(s, "email", class, binary) {
+                        Some(fixed) => {
+                            for v in values {
+                                assert_eq!(
+                                    fixed,
+                                    m.whole(s, "email", class, binary, v),
+                                    "{s:?} {class:?} binary={binary} {v:?}"
+                                );
+                            }
+                        }
+                        None => assert!(
+                            matches!(s, Strategy::Partial { .. } | Strategy::Hash),
+                            "{s:?} looks at the value"
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     #[test]
