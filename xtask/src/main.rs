@@ -5,7 +5,7 @@
 //! - `run`: as root: setup if needed, build, run the daemon in the foreground with the
 //!   default configuration (`config/portcullis.toml`, the text embedded in the binary).
 //! - `test`: unit tests and the privileged end-to-end tests.
-//! - `bench [policy|intercept|pg|store]`: benchmarks, printing ratios measured side by side.
+//! - `bench [policy|intercept|pg|masking|store]`: benchmarks, printing ratios measured side by side.
 //! - `install [ARGS]`: build (release) and `portcullis install ARGS` on this host.
 //! - `deb [--debug]`: build the `.deb` (target/debian/) from the files `portcullis install`
 //!   lays down.
@@ -76,7 +76,7 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
-    /// Run benchmarks (root): policy, intercept, pg, store (all when none is named).
+    /// Run benchmarks (root): policy, intercept, pg (with masking), masking, store (all when none is named).
     Bench {
         /// Suites to run; all when empty.
         suites: Vec<String>,
