@@ -523,9 +523,11 @@ mod tests {
         policy::model::{Decision, Verdict},
     };
 
-    fn approvals(dir: &std::path::Path, timeout: Duration) -> Arc<Approvals> {
+    /// Approvals over a store in a temporary directory (kept while the test runs).
+    fn approvals(timeout: Duration) -> (tempfile::TempDir, Arc<Approvals>) {
+        let dir = tempfile::tempdir().expect("temporary directory");
         let store = Store::open(&StoreConfig {
-            path: dir.join("audit.db"),
+            path: dir.path().join("audit.db"),
             durability: Durability::Commit,
             queue: 1024,
             recording_limit: 1 << 20,
@@ -534,7 +536,10 @@ mod tests {
             redact_literals: false,
         })
         .expect("open the store");
-        Approvals::new(store, webhook::Webhooks::none(), timeout)
+        (
+            dir,
+            Approvals::new(store, webhook::Webhooks::none(), timeout),
+        )
     }
 
     /// Holds a statement of uid 1001 and returns the waiting task and the request's id.
@@ -592,8 +597,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_being_recorded_at_the_timeout_ends_the_request() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let a = approvals(dir.path(), Duration::from_millis(50));
+        let (_dir, a) = approvals(Duration::from_millis(50));
         let (waiting, id) = held(&a).await;
         // An approver has taken the request; its record is not written yet.
         a.claim(&id, &approver(0)).expect("claim");
@@ -611,8 +615,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_answered_once() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let a = approvals(dir.path(), Duration::from_secs(60));
+        let (_dir, a) = approvals(Duration::from_secs(60));
         let (waiting, id) = held(&a).await;
         assert_eq!(
             a.approve(&id, &approver(1001), None).await,
@@ -639,8 +642,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_leaving_during_an_answer_is_not_a_second_end() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let a = approvals(dir.path(), Duration::from_secs(60));
+        let (_dir, a) = approvals(Duration::from_secs(60));
         let (waiting, id) = held(&a).await;
         a.claim(&id, &approver(0)).expect("claim");
         assert_eq!(
