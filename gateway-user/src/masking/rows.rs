@@ -4,6 +4,8 @@
 //!
 //! Pure: bytes in, bytes out.
 
+use std::borrow::Cow;
+
 use super::{
     plan::{ColumnPlan, ResultPlan},
     value::Masker,
@@ -15,19 +17,27 @@ use crate::policy::sql::lineage::CopyFormat;
 #[error("result row does not match its description: {0}")]
 pub struct RowError(pub String);
 
-/// What one value becomes: `None` = unchanged, `Some(None)` = NULL, `Some(Some(v))`.
-fn mask_value(
+/// What one value becomes: `None` = unchanged, `Some(None)` = NULL, `Some(Some(v))`. A
+/// column whose replacement does not depend on the value lends its precomputed one.
+fn mask_value<'p>(
     plan: &ResultPlan,
-    col: &ColumnPlan,
+    col: &'p ColumnPlan,
     masker: &Masker,
     value: &[u8],
-) -> Option<Option<Vec<u8>>> {
+) -> Option<Option<Cow<'p, [u8]>>> {
     if let Some((strategy, label)) = &col.whole {
         crate::metrics::get().masked_by_column.inc();
-        return Some(masker.whole(strategy, label, col.class, col.binary, value));
+        return Some(match &col.fixed {
+            Some(fixed) => fixed.as_deref().map(Cow::Borrowed),
+            None => masker
+                .whole(strategy, label, col.class, col.binary, value)
+                .map(Cow::Owned),
+        });
     }
     let d = plan.detection.as_ref()?;
-    masker.detect(d, col.class, col.binary, value)
+    masker
+        .detect(d, col.class, col.binary, value)
+        .map(|v| v.map(Cow::Owned))
 }
 
 /// Rewrites a DataRow body (column count, then length-prefixed values) into `out`.
@@ -64,11 +74,6 @@ pub fn mask_data_row(
             .get(at..at + len as usize)
             .ok_or_else(|| RowError("truncated value".into()))?;
         at += len as usize;
-        if let Some(fixed) = &col.fixed {
-            crate::metrics::get().masked_by_column.inc();
-            put_value(out, fixed.as_deref())?;
-            continue;
-        }
         match mask_value(plan, col, masker, value) {
             None => put_value(out, Some(value))?,
             Some(v) => put_value(out, v.as_deref())?,
