@@ -283,6 +283,16 @@ impl Approvals {
         Ok(())
     }
 
+    /// Removes a pending request nobody is answering (for the timeout or a withdrawal to
+    /// end it); `false` if it is gone or claimed by an answer.
+    fn take_unclaimed(&self, id: &str) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.get(id) {
+            Some(p) if !p.claimed => pending.remove(id).is_some(),
+            _ => false,
+        }
+    }
+
     fn finish(&self, id: &str, outcome: ApprovalOutcome) {
         if let Some(p) = self
             .pending
@@ -424,14 +434,7 @@ impl Approvals {
             Ok(Err(_)) => ApprovalOutcome::TimedOut,
             Err(_) => {
                 // Expired, unless an answer is being recorded: then that answer ends it.
-                let expired = {
-                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    match pending.get(&id) {
-                        Some(p) if !p.claimed => pending.remove(&id).is_some(),
-                        _ => false,
-                    }
-                };
-                if expired {
+                if self.take_unclaimed(&id) {
                     self.record(
                         req.session,
                         "approval_decided",
@@ -475,18 +478,7 @@ impl Drop for Withdraw {
     fn drop(&mut self) {
         // A request being answered is left to its answer, which ends it (on record) and
         // finds nobody to tell.
-        let removed = {
-            let mut pending = self
-                .approvals
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match pending.get(&self.id) {
-                Some(p) if !p.claimed => pending.remove(&self.id).is_some(),
-                _ => false,
-            }
-        };
-        if removed {
+        if self.approvals.take_unclaimed(&self.id) {
             crate::metrics::get()
                 .approval_wait_seconds
                 .with_label_values(&["withdrawn"])
