@@ -47,13 +47,24 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "pc_getpeername6";
     /// Raw tracepoint `sched_process_exec`: the process image changed.
     pub const PROCESS_EXEC: &str = "pc_process_exec";
-    /// Raw tracepoint `sched_process_exit`: a task ended.
+    /// Raw tracepoint `sched_process_exit`: the last task of a process ended (the
+    /// tracepoint's `group_dead` argument, which not every kernel passes).
     pub const PROCESS_EXIT: &str = "pc_process_exit";
-    /// The raw tracepoint each of the two programs above attaches to.
-    pub const TRACEPOINTS: [(&str, &str); 2] = [
-        (PROCESS_EXEC, "sched_process_exec"),
-        (PROCESS_EXIT, "sched_process_exit"),
+    /// Raw tracepoint `sched_process_exit` on kernels without `group_dead`: any task ended.
+    pub const TASK_EXIT: &str = "pc_task_exit";
+    /// The raw tracepoints and the programs that can serve each, best first. All are
+    /// loaded; the first the kernel attaches is used (one reading an argument this kernel's
+    /// tracepoint lacks is refused at attach time).
+    pub const TRACEPOINTS: [(&str, &[&str]); 2] = [
+        ("sched_process_exec", &[PROCESS_EXEC]),
+        ("sched_process_exit", &[PROCESS_EXIT, TASK_EXIT]),
     ];
+    /// Whether `name` is one of the process hooks above.
+    pub fn is_process_hook(name: &str) -> bool {
+        TRACEPOINTS
+            .iter()
+            .any(|(_, programs)| programs.contains(&name))
+    }
 }
 
 /// Capacity of [`map_names::CONNS`]. An entry lives from the TCP handshake until the proxy

@@ -21,8 +21,8 @@
 //!
 //! Beside the flow, [`PC_PROCESSES`] gives each process image that connects a generation
 //! (its first redirected connect stores one; `pc_process_exec` and `pc_process_exit`, raw
-//! tracepoints, forget it), so the proxy can trust what it read from `/proc` for one
-//! connection for the next ones of the same image.
+//! tracepoints, forget it when the process execs or its last task exits), so the proxy can
+//! trust what it read from `/proc` for one connection for the next ones of the same image.
 // On the BPF target this is a no_std, no_main object. A host build of the workspace
 // (`cargo build --workspace`, clippy) compiles the same code against std with an empty
 // `main`, which is never run: only gateway-user/build.rs builds the real object.
@@ -444,12 +444,29 @@ pub fn pc_process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// A task ends. Any task of a process forgets the process's generation (the last one must,
-/// and which one is last is not known here): a later connection of a surviving thread just
-/// gets a new one. This keeps the map to live processes and a reused pid from inheriting a
-/// dead process's generation.
+/// A task ends; when it is the last of its process (`group_dead`, the tracepoint's second
+/// argument), the process's generation is forgotten. A thread that ends leaves it alone, so
+/// a process whose threads come and go keeps one generation and the proxy reads `/proc`
+/// once. This keeps the map to live processes and a reused pid (possible only once every
+/// task of the old process has exited) from inheriting a dead process's generation.
+///
+/// A kernel whose tracepoint has no `group_dead` refuses to attach this program (it reads
+/// past the tracepoint's arguments); the daemon then attaches [`pc_task_exit`].
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn pc_process_exit(_ctx: RawTracePointContext) -> i32 {
+pub fn pc_process_exit(ctx: RawTracePointContext) -> i32 {
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead != 0 {
+        forget_current_process();
+    }
+    0
+}
+
+/// `sched_process_exit` where the kernel does not say whether the process is done: any
+/// task's end forgets the process's generation (the last one must, and which one is last
+/// is not known here). A later connection of a surviving thread just gets a new one, and
+/// the proxy reads `/proc` again.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn pc_task_exit(_ctx: RawTracePointContext) -> i32 {
     forget_current_process();
     0
 }

@@ -372,6 +372,45 @@ fn the_kernel_knows_a_connected_process_until_it_exits() {
 }
 
 #[test]
+fn a_thread_that_exits_leaves_its_process_known() {
+    use std::io::{BufRead as _, BufReader};
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    let mut cmd = Command::new(workspace_bin("pc-probe"));
+    cmd.args(["thread", &w.echo.addr4().to_string()]);
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(NOBODY));
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn pc-probe");
+    // Kept open until the probe has exited: it prints once more on its way out.
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the probe's answer");
+    let r: Value = serde_json::from_str(&line).expect("JSON from the probe");
+    for who in ["main", "thread"] {
+        let rec = assert_intercepted(&w, &d, &r[who], 5);
+        assert_eq!(rec["src.tid"], r[who]["tid"], "{who}: {rec}");
+    }
+    assert_ne!(r["main"]["tid"], r["thread"]["tid"], "{r}");
+    // The thread has exited (joined). Had its exit forgotten the process, the count would
+    // be 0 by now: the hook runs in the exiting task, before the join returns or right after.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        d.status()["kernel"]["processes"],
+        1,
+        "a thread's exit keeps its process's generation"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().expect("wait pc-probe").success());
+    drop(out);
+    assert_eq!(
+        d.status()["kernel"]["processes"],
+        0,
+        "the process's last task has exited"
+    );
+}
+
+#[test]
 fn the_proxy_inside_a_protected_cgroup_does_not_loop() {
     let w = world("", &[]);
     let d = Daemon::start_in(&w.config, &w.env.cg_dir(&w.agent));

@@ -165,9 +165,7 @@ fn unpin_order(mut links: Vec<PathBuf>) -> Vec<PathBuf> {
             .and_then(|f| f.to_str())
             .and_then(|f| f.split_once('@'))
             .map(|(program, _)| program);
-        program_names::TRACEPOINTS
-            .iter()
-            .any(|(name, _)| program == Some(*name))
+        program.is_some_and(program_names::is_process_hook)
     });
     links
 }
@@ -414,16 +412,53 @@ impl Kernel {
         // The process hooks are global. Pinned like the others, so that while no daemon runs
         // the kernel still forgets processes that exec or exit, and no generation can
         // outlive its process into a reused pid.
-        for (name, tracepoint) in program_names::TRACEPOINTS {
-            let perr = |source| EbpfError::Program { name, source };
-            let p: &mut RawTracePoint = self.program(name)?.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
-            let id = p.info().map_err(perr)?.id();
-            let link_id = p.attach(tracepoint).map_err(perr)?;
-            let link: FdLink = p.take_link(link_id).map_err(perr)?.into();
+        for (tracepoint, candidates) in program_names::TRACEPOINTS {
+            // Every candidate is loaded, so the verifier checks each on every kernel we run
+            // on, also the ones this kernel does not need.
+            for &name in candidates {
+                let perr = |source| EbpfError::Program { name, source };
+                let p: &mut RawTracePoint = self.program(name)?.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+            let (name, link, id) = self.attach_first(tracepoint, candidates)?;
             programs.push(self.keep(name, link, id, tracepoint, stamp)?);
         }
         Ok(())
+    }
+
+    /// Attaches the first of `candidates` (loaded raw tracepoint programs, best first) that
+    /// the kernel accepts on `tracepoint`. A program reading an argument this kernel's
+    /// tracepoint does not pass is refused here, and the next one is tried.
+    fn attach_first(
+        &mut self,
+        tracepoint: &'static str,
+        candidates: &[&'static str],
+    ) -> Result<(&'static str, FdLink, u32), EbpfError> {
+        let mut refused = None;
+        for &name in candidates {
+            let perr = |source| EbpfError::Program { name, source };
+            let p: &mut RawTracePoint = self.program(name)?.try_into().map_err(perr)?;
+            let link_id = match p.attach(tracepoint) {
+                Ok(link_id) => link_id,
+                Err(source) => {
+                    tracing::info!(
+                        program = name,
+                        tracepoint,
+                        error = %source,
+                        "the kernel refused this variant of a process hook; trying the next"
+                    );
+                    refused = Some(perr(source));
+                    continue;
+                }
+            };
+            let id = p.info().map_err(perr)?.id();
+            let link: FdLink = p.take_link(link_id).map_err(perr)?.into();
+            return Ok((name, link, id));
+        }
+        Err(refused.unwrap_or(EbpfError::Program {
+            name: tracepoint,
+            source: ProgramError::NotLoaded,
+        }))
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut aya::programs::Program, EbpfError> {
@@ -649,6 +684,7 @@ mod tests {
             link(program_names::PROCESS_EXEC, 1),
             link(program_names::PROCESS_EXIT, 1),
             link(program_names::SOCK_OPS, 1),
+            link(program_names::TASK_EXIT, 2),
             link(program_names::CONNECT4, 2),
         ];
         assert_eq!(
@@ -659,6 +695,7 @@ mod tests {
                 link(program_names::CONNECT4, 2),
                 link(program_names::PROCESS_EXEC, 1),
                 link(program_names::PROCESS_EXIT, 1),
+                link(program_names::TASK_EXIT, 2),
             ]
         );
     }

@@ -7,6 +7,9 @@
 //! pc-probe daemonize OUTFILE ...         a double-forked, setsid'd grandchild does the rest,
 //!                                        writing its JSON to OUTFILE
 //! pc-probe rename NAME ...               prctl(PR_SET_NAME) then the rest
+//! pc-probe thread ADDR                   connect (as `connect ADDR`), then a thread connects
+//!                                        and exits; prints {"main", "thread"} and waits for
+//!                                        its stdin to close
 //! pc-probe many ADDR CONNS BYTES         CONNS concurrent connections echo BYTES each
 //! pc-probe rate ADDR SECS CONC           connect, 1-byte echo, close, in CONC loops for SECS
 //! pc-probe latency ADDR COUNT            COUNT 1-byte round trips on one connection
@@ -70,6 +73,20 @@ fn connect(addr: &str, bytes: usize) -> Value {
         Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
                          "error": e.to_string(), "kind": format!("{:?}", e.kind())}),
     }
+}
+
+/// A connection from the main thread, then one from a thread that exits; the answer is
+/// printed at once, then the process lives until its stdin closes.
+fn thread_then_wait(addr: &str) -> Value {
+    let main = connect(addr, 5);
+    let addr = addr.to_owned();
+    let thread = std::thread::spawn(move || connect(&addr, 5))
+        .join()
+        .expect("the connecting thread");
+    println!("{}", json!({"main": main, "thread": thread}));
+    std::io::stdout().flush().expect("flush stdout");
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    json!({"ended": true})
 }
 
 /// One byte out and, within `wait`, back: `Ok(true)` echoed, `Ok(false)` not in time.
@@ -325,6 +342,7 @@ fn run(args: &[String]) -> Value {
             connect(&args[1], bytes)
         }
         Some("reset") => reset(&args[1]),
+        Some("thread") => thread_then_wait(&args[1]),
         Some("rate") => rate(
             &args[1],
             args[2].parse().expect("SECS"),
