@@ -177,7 +177,7 @@ fn deb(release: bool) -> Result<PathBuf> {
 }
 
 /// Fuzz targets in fuzz/fuzz_targets.
-const FUZZ_TARGETS: [&str; 3] = ["pg_decode", "sql_classify", "oidc_token"];
+const FUZZ_TARGETS: [&str; 4] = ["pg_decode", "sql_classify", "oidc_token", "masking"];
 
 fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
     let targets: Vec<&str> = if targets.is_empty() {
