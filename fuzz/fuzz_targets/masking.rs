@@ -97,10 +97,7 @@ fuzz_target!(|data: &[u8]| {
                 .collect(),
         })
     });
-    let plan = ResultPlan {
-        columns,
-        detection,
-    };
+    let plan = ResultPlan { columns, detection };
     let masker = Masker::new([7u8; 32]);
 
     let mut out = Vec::new();
@@ -118,7 +115,11 @@ fuzz_target!(|data: &[u8]| {
     let format = CopyFormat {
         csv,
         delimiter,
-        null: if c & 16 == 0 { "\\N".into() } else { String::new() },
+        null: if c & 16 == 0 {
+            "\\N".into()
+        } else {
+            String::new()
+        },
         quote,
         escape: if c & 32 == 0 { quote } else { '\\' },
         header: c & 64 != 0,

@@ -22,8 +22,16 @@ fuzz_target!(|data: &[u8]| {
     ] {
         let fresh = classify(s, opts);
         let cache = ShapeCache::default();
-        assert_eq!(classify_with(s, opts, Some(&cache)), fresh, "first sight of {s:?}");
-        assert_eq!(classify_with(s, opts, Some(&cache)), fresh, "second sight of {s:?}");
+        assert_eq!(
+            classify_with(s, opts, Some(&cache)),
+            fresh,
+            "first sight of {s:?}"
+        );
+        assert_eq!(
+            classify_with(s, opts, Some(&cache)),
+            fresh,
+            "second sight of {s:?}"
+        );
         let Some(pieces) = quick::scan(s) else {
             continue;
         };
