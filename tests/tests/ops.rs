@@ -349,6 +349,7 @@ fn the_unit_verifies_and_install_then_uninstall_leave_the_expected_files() {
         "ReadWritePaths=",
         "StateDirectory=portcullis",
         "LoadCredential=",
+        "LogRateLimitIntervalSec=0",
     ] {
         assert!(unit.contains(key), "{key} missing from the unit");
     }
