@@ -619,11 +619,13 @@ fn entries_of_connections_never_accepted_are_removed_on_close() {
         "the kernel removed the orphan entry"
     );
     assert_eq!(d.status()["kernel"]["in_flight"], 0);
-    // The proxy then accepts the dead connection, finds no origin and drops it.
+    // The proxy then accepts the dead connection, finds no origin and drops it, without
+    // taking it for a connection that bypassed the redirect.
     d.logs
-        .wait_for("a no_origin refusal", Duration::from_secs(5), |v| {
-            v["reason"] == "no_origin"
+        .wait_for("the dropped connection", Duration::from_secs(5), |v| {
+            v["end"] == "client_gone"
         });
+    assert_eq!(d.status()["proxy"]["refused_no_origin"], 0);
 }
 
 #[test]
@@ -679,6 +681,35 @@ fn workers_serve_every_listener_and_excess_connections_wait_in_the_backlog() {
         assert!(Instant::now() < deadline, "both connections are recorded");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_connection_that_gives_up_waiting_for_a_slot_is_recorded_as_its_agents() {
+    let w = world_with("max_connections = 1\nworkers = 3", "", &[]);
+    let d = Daemon::start(&w.config);
+    // The IPv6 connection is accepted by another worker's loop, which holds it until the
+    // IPv4 session ends; its client resets meanwhile, which removes a kernel entry the
+    // proxy has not taken yet.
+    let r = probe(
+        &w.env,
+        &w.agent,
+        Some(NOBODY),
+        &[
+            "queue",
+            &w.echo.addr4().to_string(),
+            &w.echo.addr6().to_string(),
+            "500",
+            "give-up",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["first_echoed"], true, "{r}");
+    assert_eq!(r["second_before_close"], false, "{r}");
+    let rec = d.record_for(s(&r["second_local"]));
+    assert_eq!(rec["agent.name"], "a", "{rec}");
+    assert_eq!(rec["src.pid"], r["launcher_pid"], "{rec}");
+    assert_eq!(rec["end"], "client_reset", "{rec}");
+    assert_eq!(d.status()["proxy"]["refused_no_origin"], 0);
 }
 
 #[test]

@@ -264,6 +264,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Taken now, before any wait for a slot: a client that gives up while its
+        // connection waits closes its socket, and the kernel would remove the entry with it,
+        // so the connection would then look like one made to the proxy directly.
+        let origin = shared.conns.take(peer);
         // At `max_connections` this loop holds the one connection it accepted until a
         // session ends, and accepts no more: the rest wait in the listen backlog. (Waiting
         // for capacity before accepting would let a loop hold the last permit while its own
@@ -282,7 +286,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
-            handle(&shared2, client, peer).await;
+            handle(&shared2, client, peer, origin).await;
             drop(permit);
         });
     }
@@ -300,11 +304,28 @@ fn refuse(client: &tokio::net::TcpStream) {
     relay::reset(client);
 }
 
-async fn handle(shared: &Shared, client: tokio::net::TcpStream, peer: SocketAddr) {
+async fn handle(
+    shared: &Shared,
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    origin: std::io::Result<Option<Origin>>,
+) {
     let stats = &shared.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let origin = match shared.conns.take(peer) {
+    let origin = match origin {
         Ok(Some(o)) => o,
+        // A client that reset its connection while it waited in the listen backlog: the
+        // kernel removed the entry with the socket. Not a connection that bypassed the
+        // redirect, so not counted or reported as one.
+        Ok(None) if matches!(client.take_error(), Ok(Some(_))) => {
+            tracing::info!(
+                target: "portcullis::audit",
+                end = "client_gone",
+                client.addr = %peer,
+                "connection dropped: the client reset it before the proxy took it"
+            );
+            return;
+        }
         Ok(None) => {
             stats.refused_no_origin.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

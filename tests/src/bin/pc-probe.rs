@@ -15,7 +15,9 @@
 //! pc-probe latency ADDR COUNT            COUNT 1-byte round trips on one connection
 //! pc-probe queue ADDR1 ADDR2 WAIT_MS     a connection to ADDR1 echoes and stays open; one to
 //!                                        ADDR2 is echoed within WAIT_MS or not; the first
-//!                                        closes; is the second echoed then
+//!                                        closes; is the second echoed then. With a 4th
+//!                                        argument `give-up`, the second resets instead
+//!                                        while it waits, then the first closes
 //! pc-probe relay LISTEN UPSTREAM WORKERS  a plain TCP relay (the benchmarks' reference):
 //!                                        prints {"listening": ADDR}, relays until killed
 //! ```
@@ -108,7 +110,7 @@ fn echoed_within(s: &mut TcpStream, wait: Duration) -> std::io::Result<bool> {
     }
 }
 
-fn queue(first: &str, second: &str, wait_ms: u64) -> Value {
+fn queue(first: &str, second: &str, wait_ms: u64, give_up: bool) -> Value {
     let (a, b) = (loopback(first), loopback(second));
     let wait = Duration::from_millis(wait_ms);
     let result = (|| -> std::io::Result<Value> {
@@ -119,6 +121,17 @@ fn queue(first: &str, second: &str, wait_ms: u64) -> Value {
         let mut two = TcpStream::connect_timeout(&b, Duration::from_secs(5))?;
         two.write_all(b"q")?;
         let second_before_close = echoed_within(&mut two, wait)?;
+        if give_up {
+            // The second resets while it waits; the first closes a little later.
+            let second_local = two.local_addr()?.to_string();
+            let reset = socket_linger_zero(&two);
+            drop(two);
+            std::thread::sleep(Duration::from_millis(200));
+            drop(one);
+            return Ok(json!({"ok": reset, "first_echoed": first_echoed,
+                             "second_before_close": second_before_close,
+                             "second_local": second_local}));
+        }
         drop(one);
         let second_after_close =
             second_before_close || echoed_within(&mut two, Duration::from_secs(5))?;
@@ -349,7 +362,12 @@ fn run(args: &[String]) -> Value {
             args[3].parse().expect("CONC"),
         ),
         Some("latency") => latency(&args[1], args[2].parse().expect("COUNT")),
-        Some("queue") => queue(&args[1], &args[2], args[3].parse().expect("WAIT_MS")),
+        Some("queue") => queue(
+            &args[1],
+            &args[2],
+            args[3].parse().expect("WAIT_MS"),
+            args.get(4).is_some_and(|a| a == "give-up"),
+        ),
         Some("many") => many(
             &args[1],
             args[2].parse().expect("CONNS"),
