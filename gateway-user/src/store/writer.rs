@@ -50,6 +50,11 @@ pub const LAZY_WAKE: usize = 512;
 const PRUNE_CHUNK: i64 = if cfg!(test) { 16 } else { 10_000 };
 /// Free pages handed back to the file system per turn after a prune (4 KiB pages: 1 MiB).
 const RELEASE_PAGES: u32 = 256;
+/// Size the WAL file is cut back to when it starts over after a checkpoint. It holds about
+/// a second of records (checkpoints run every [`SYNC_EVERY`]) but grows while a reader's
+/// snapshot (a long `verify` or `export` on a busy store) keeps it from being reused, and
+/// SQLite would otherwise keep it at that size for good.
+const WAL_SIZE_LIMIT: i64 = if cfg!(test) { 64 << 10 } else { 64 << 20 };
 
 pub type Waiter = oneshot::Sender<Result<i64, StoreError>>;
 
@@ -160,6 +165,7 @@ pub fn open_rw(path: &Path, durability: Durability) -> rusqlite::Result<Connecti
     )?;
     // Checkpoints are the writer's to run (see SYNC_EVERY).
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    c.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     c.execute_batch(SCHEMA)?;
     migrate(&c)?;
     Ok(c)
@@ -862,6 +868,49 @@ mod tests {
         add(3);
         let c = checkpoint(&w).expect("checkpoint");
         assert!(c.copied == c.frames && !c.synced_wal, "{c:?}");
+    }
+
+    #[test]
+    fn a_wal_grown_behind_a_reader_is_cut_back_once_it_starts_over() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("audit.db");
+        let wal = dir.path().join("audit.db-wal");
+        let w = open_rw(&path, Durability::Commit).expect("open the store");
+        let mut seq = 0;
+        let mut add = |rows: i64| {
+            w.execute(
+                "INSERT INTO records (seq, at_us, session, kind, body, hash) \
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
+                 SELECT ?1 + i, 0, 1, 'statement', printf('%.2000c', 'x'), x'00' FROM n",
+                params![seq, rows],
+            )
+            .expect("insert records");
+            seq += rows;
+        };
+        let wal_size = || std::fs::metadata(&wal).expect("the WAL").len() as i64;
+        add(1);
+        let reader = Connection::open(&path).expect("open a reader");
+        reader.execute_batch("BEGIN").expect("begin a read");
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .expect("read");
+        // While the snapshot is held, no checkpoint lets the WAL start over: it grows.
+        for _ in 0..4 {
+            add(100);
+            checkpoint(&w).expect("checkpoint");
+        }
+        let grown = wal_size();
+        assert!(grown > 4 * WAL_SIZE_LIMIT, "{grown} bytes");
+        reader.execute_batch("COMMIT").expect("end the read");
+        let c = checkpoint(&w).expect("checkpoint");
+        assert_eq!(c.copied, c.frames, "{c:?}");
+        // The next write starts the WAL over and cuts the file back.
+        add(1);
+        let cut = wal_size();
+        assert!(
+            cut <= WAL_SIZE_LIMIT,
+            "{cut} bytes after the restart, {grown} before"
+        );
     }
 
     #[test]
