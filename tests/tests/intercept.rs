@@ -628,6 +628,15 @@ fn entries_of_connections_never_accepted_are_removed_on_close() {
     assert_eq!(d.status()["proxy"]["refused_no_origin"], 0);
 }
 
+/// `pc-probe queue` from the agent: a connection over IPv4, then one over IPv6 while the
+/// first holds the only slot.
+fn queue(w: &World, rest: &[&str]) -> Value {
+    let (v4, v6) = (w.echo.addr4().to_string(), w.echo.addr6().to_string());
+    let mut args = vec!["queue", v4.as_str(), v6.as_str()];
+    args.extend_from_slice(rest);
+    probe(&w.env, &w.agent, Some(NOBODY), &args)
+}
+
 #[test]
 fn workers_serve_every_listener_and_excess_connections_wait_in_the_backlog() {
     let w = world_with("max_connections = 1\nworkers = 3", "", &[]);
@@ -655,17 +664,7 @@ fn workers_serve_every_listener_and_excess_connections_wait_in_the_backlog() {
     }
     // One session over IPv4 holds the only slot; an IPv6 connection (another listener)
     // waits until it ends, and is then served.
-    let r = probe(
-        &w.env,
-        &w.agent,
-        Some(NOBODY),
-        &[
-            "queue",
-            &w.echo.addr4().to_string(),
-            &w.echo.addr6().to_string(),
-            "1000",
-        ],
-    );
+    let r = queue(&w, &["1000"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["first_echoed"], true, "{r}");
     assert_eq!(
@@ -690,18 +689,7 @@ fn a_connection_that_gives_up_waiting_for_a_slot_is_recorded_as_its_agents() {
     // The IPv6 connection is accepted by another worker's loop, which holds it until the
     // IPv4 session ends; its client resets meanwhile, which removes a kernel entry the
     // proxy has not taken yet.
-    let r = probe(
-        &w.env,
-        &w.agent,
-        Some(NOBODY),
-        &[
-            "queue",
-            &w.echo.addr4().to_string(),
-            &w.echo.addr6().to_string(),
-            "500",
-            "give-up",
-        ],
-    );
+    let r = queue(&w, &["500", "give-up"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["first_echoed"], true, "{r}");
     assert_eq!(r["second_before_close"], false, "{r}");
