@@ -77,13 +77,18 @@ pub fn fixed_whole(
     class: TypeClass,
     binary: bool,
 ) -> Option<Option<Vec<u8>>> {
-    let text = match strategy {
-        Strategy::Redact { text: Some(t) } => t.clone(),
-        Strategy::Redact { text: None } => format!("[REDACTED:{label}]"),
-        Strategy::Null => return Some(None),
-        Strategy::Partial { .. } | Strategy::Hash => return None,
-    };
-    Some(encode_whole(text, class, binary))
+    Some(fixed_text(strategy, label)?.and_then(|t| encode_whole(t, class, binary)))
+}
+
+/// The replacement text when the strategy does not look at the value (`Some(None)`: SQL
+/// NULL); `None` for the strategies that do.
+fn fixed_text(strategy: &Strategy, label: &str) -> Option<Option<String>> {
+    match strategy {
+        Strategy::Redact { text: Some(t) } => Some(Some(t.clone())),
+        Strategy::Redact { text: None } => Some(Some(format!("[REDACTED:{label}]"))),
+        Strategy::Null => Some(None),
+        Strategy::Partial { .. } | Strategy::Hash => None,
+    }
 }
 
 /// The install's masking key (HMAC-SHA256 for the `hash` strategy), generated once.
@@ -133,8 +138,7 @@ impl Masker {
     /// The replacement text for `value` (`None` = SQL NULL).
     pub fn replace(&self, strategy: &Strategy, label: &str, value: &str) -> Option<String> {
         match strategy {
-            Strategy::Redact { text: Some(t) } => Some(t.clone()),
-            Strategy::Redact { text: None } => Some(format!("[REDACTED:{label}]")),
+            Strategy::Redact { .. } | Strategy::Null => fixed_text(strategy, label).flatten(),
             Strategy::Partial { keep } => {
                 let n = value.chars().count();
                 let keep = (*keep).min(n);
@@ -147,7 +151,6 @@ impl Masker {
                 )
             }
             Strategy::Hash => Some(format!("hmac:{}", self.hmac_hex(value.as_bytes()))),
-            Strategy::Null => None,
         }
     }
 
