@@ -321,34 +321,44 @@ fn shell_ping(w: &World) -> String {
     )
 }
 
-/// A shell in the agent's cgroup that has connected to the echo server, echoed, and now
-/// waits on its stdin.
-struct Held(std::process::Child);
+/// A process in the agent's cgroup that has connected, said so on its stdout, and now waits
+/// for its stdin to close. Its stdout stays open until it has exited (it may print again).
+struct Held {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
 
 impl Held {
+    /// A shell that has connected to the echo server and echoed.
     fn start(w: &World) -> Self {
-        use std::io::{BufRead as _, BufReader};
         let mut sh = Command::new("/bin/bash");
         sh.arg("-c").arg(format!(
             "{} && echo \"$reply\" && read -r line; exit 0",
             shell_ping(w)
         ));
-        in_cgroup(&mut sh, &w.env.cg_dir(&w.agent), Some(NOBODY));
-        sh.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped());
-        let mut child = sh.spawn().expect("spawn bash");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
+        let (held, line) = Self::spawn(w, sh);
         assert_eq!(line.trim(), "ping", "the shell's echo went through");
-        Self(child)
+        held
     }
 
-    /// Lets the shell exit, and waits for it.
+    /// Runs `cmd` in the agent's cgroup as nobody; returns once it printed its first line.
+    fn spawn(w: &World, mut cmd: Command) -> (Self, String) {
+        use std::io::BufRead as _;
+        in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(NOBODY));
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn the held process");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read its first line");
+        (Self { child, out }, line)
+    }
+
+    /// Lets the process exit, and waits for it.
     fn end(mut self) {
-        drop(self.0.stdin.take());
-        assert!(self.0.wait().expect("wait").success());
+        drop(self.child.stdin.take());
+        assert!(self.child.wait().expect("wait").success());
+        drop(self.out);
     }
 }
 
@@ -373,19 +383,11 @@ fn the_kernel_knows_a_connected_process_until_it_exits() {
 
 #[test]
 fn a_thread_that_exits_leaves_its_process_known() {
-    use std::io::{BufRead as _, BufReader};
     let w = world("", &[]);
     let d = Daemon::start(&w.config);
     let mut cmd = Command::new(workspace_bin("pc-probe"));
     cmd.args(["thread", &w.echo.addr4().to_string()]);
-    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(NOBODY));
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn pc-probe");
-    // Kept open until the probe has exited: it prints once more on its way out.
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read the probe's answer");
+    let (held, line) = Held::spawn(&w, cmd);
     let r: Value = serde_json::from_str(&line).expect("JSON from the probe");
     for who in ["main", "thread"] {
         let rec = assert_intercepted(&w, &d, &r[who], 5);
@@ -400,9 +402,7 @@ fn a_thread_that_exits_leaves_its_process_known() {
         1,
         "a thread's exit keeps its process's generation"
     );
-    drop(child.stdin.take());
-    assert!(child.wait().expect("wait pc-probe").success());
-    drop(out);
+    held.end();
     assert_eq!(
         d.status()["kernel"]["processes"],
         0,
