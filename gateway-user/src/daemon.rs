@@ -281,11 +281,12 @@ impl State {
                 }
             }
             Request::AuditVerify => {
-                // Everything queued is committed first, so the head compared is the store's.
+                // The head is taken before the flush, which commits at least everything up
+                // to it; records appended meanwhile may follow it in the store.
+                let head = self.store.head();
                 if let Err(e) = self.store.flush().await {
                     return Response::err(format!("the store cannot be flushed: {e}"));
                 }
-                let head = self.store.head();
                 match self
                     .read(move |c| crate::store::query::verify(c, Some(head)))
                     .await

@@ -235,6 +235,31 @@ fn sigkill_under_load_loses_no_statement_the_server_ran() {
     assert_eq!(v["ok"], true, "{v}");
 }
 
+/// `audit verify` while a load is recorded: sessions keep appending while the chain is
+/// read, and their new records must not be taken for tampering (they were, in 23 of 32
+/// tries, when the store had to end exactly at the daemon's head).
+#[test]
+fn verify_passes_while_a_load_keeps_appending() {
+    let w = world_with("", None);
+    let mut bench = pgbench_load(&w, 60);
+    wait_load(&w, 500);
+    let mut heads = Vec::new();
+    for _ in 0..10 {
+        let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "verify", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("no JSON from audit verify ({e}): {}", text(&out));
+        });
+        assert!(out.status.success() && v["ok"] == true, "{v}");
+        heads.push(v["head_seq"].as_i64().expect("head"));
+    }
+    let _ = bench.kill();
+    let _ = bench.wait();
+    assert!(
+        heads.windows(2).all(|p| p[0] < p[1]),
+        "the load kept appending between the verifications: {heads:?}"
+    );
+}
+
 /// Line numbers (1-based) of a psql `-f -` run that failed because of the store.
 fn store_refusals(out: &Output) -> Vec<usize> {
     String::from_utf8_lossy(&out.stderr)

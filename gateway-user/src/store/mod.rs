@@ -876,6 +876,70 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `audit verify` through the daemon compares the chain with the head the daemon had
+    /// before flushing; a busy daemon has appended more by the time the chain is read.
+    #[tokio::test]
+    async fn verify_against_the_daemon_head_accepts_later_records_and_catches_a_cut_or_rewritten_end()
+     {
+        let dir = tmp("daemon-head");
+        let s = Store::open(&cfg(&dir, Durability::Commit)).expect("open");
+        let append = |n: i64| {
+            let s = s.clone();
+            async move {
+                s.append_durable(vec![rec(1, "statement", json!({"n": n}))])
+                    .await
+                    .expect("recorded")
+            }
+        };
+        for n in 0..3 {
+            append(n).await;
+        }
+        let head = s.head();
+        for n in 3..5 {
+            append(n).await;
+        }
+        s.flush().await.expect("flush");
+        let verify = |h: Head| s.read(|c| query::verify(c, Some(h))).expect("verify");
+
+        let v = verify(head);
+        assert!(
+            v.ok,
+            "records after the daemon's head were written since: {v:?}"
+        );
+        assert_eq!(v.chain.and_then(|c| c.head_seq), Some(head.seq + 2));
+        assert!(verify(s.head()).ok, "the head itself");
+
+        // The store ends before the head: records were cut off the end.
+        let ahead = Head {
+            seq: s.head().seq + 1,
+            hash: s.head().hash,
+        };
+        let v = verify(ahead);
+        assert!(!v.ok);
+        assert!(
+            v.problem
+                .as_deref()
+                .unwrap_or("")
+                .contains("removed from the end"),
+            "{v:?}"
+        );
+        assert_eq!(v.first_bad_seq, Some(s.head().seq + 1));
+
+        // The record at the head's place is another one: the end was rewritten (a chain that
+        // is whole again, with hashes recomputed, fits everything else).
+        let mut other = head;
+        other.hash[0] ^= 1;
+        let v = verify(other);
+        assert!(!v.ok);
+        assert!(
+            v.problem.as_deref().unwrap_or("").contains("rewritten"),
+            "{v:?}"
+        );
+        assert_eq!(v.first_bad_seq, Some(head.seq));
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_full_queue_is_an_error_not_a_wait() {
         let dir = tmp("queue");

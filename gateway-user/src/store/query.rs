@@ -211,7 +211,10 @@ pub struct Verification {
 }
 
 /// Verifies the whole chain from its anchor; `daemon_head`, when the daemon is running,
-/// also catches records removed from the end.
+/// also catches records removed from the end or a rewritten end. It is the head the
+/// daemon had when it asked the store to flush, so the store holds at least that much:
+/// records after it are ones written since (a busy daemon keeps appending while the
+/// chain is read), and the record at its sequence number must carry its hash.
 pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification, StoreError> {
     let anchor: Option<(i64, Vec<u8>)> = c
         .query_row("SELECT seq, prev_hash FROM anchor WHERE id = 1", [], |r| {
@@ -228,10 +231,16 @@ pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification,
     let mut st =
         c.prepare("SELECT seq, at_us, session, kind, body, hash FROM records ORDER BY seq")?;
     let mut last_prune: Option<Value> = None;
+    // The stored hash of the daemon's head record; checked against the chain by the walk.
+    let mut at_daemon_head: Option<Vec<u8>> = None;
+    let daemon_seq = daemon_head.map(|h| h.seq);
     let rows = st.query_map([], row)?.filter_map(|r| {
         let r = r.ok()?;
         if r.kind == "prune" {
             last_prune = serde_json::from_str(&r.body).ok();
+        }
+        if Some(r.seq) == daemon_seq {
+            at_daemon_head = Some(r.hash.clone());
         }
         Some(r)
     });
@@ -270,20 +279,9 @@ pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification,
     }
     if let Some(h) = daemon_head
         && h.seq > 0
+        && let Some((problem, seq)) = daemon_head_problem(&h, &v, at_daemon_head.as_deref())
     {
-        let head_ok = v.head_seq == Some(h.seq)
-            && v.head_hash.as_deref() == Some(chain::hex(&h.hash).as_str());
-        if !head_ok {
-            return Ok(bad(
-                format!(
-                    "the daemon's last record is {} but the store ends at {}: records were \
-                     removed from the end",
-                    h.seq,
-                    v.head_seq.map_or("nothing".into(), |s| s.to_string())
-                ),
-                Some(v.head_seq.map_or(h.seq, |s| s + 1)),
-            ));
-        }
+        return Ok(bad(problem, Some(seq)));
     }
     Ok(Verification {
         ok: true,
@@ -291,6 +289,39 @@ pub fn verify(c: &Connection, daemon_head: Option<Head>) -> Result<Verification,
         problem: None,
         first_bad_seq: None,
     })
+}
+
+/// What is wrong with the end of a clean chain, measured against the daemon's head (the
+/// problem and the first record that does not fit), or `None`. `stored` is the hash the
+/// store holds for the head's sequence number (already checked against the chain).
+fn daemon_head_problem(h: &Head, v: &Verified, stored: Option<&[u8]>) -> Option<(String, i64)> {
+    match v.head_seq {
+        Some(end) if end >= h.seq => {}
+        end => {
+            return Some((
+                format!(
+                    "the daemon's last record is {} but the store ends at {}: records were \
+                     removed from the end",
+                    h.seq,
+                    end.map_or("nothing".into(), |s| s.to_string())
+                ),
+                end.map_or(h.seq, |s| s + 1),
+            ));
+        }
+    }
+    match stored {
+        // Pruned since the daemon named it (the chain now starts after it): nothing to compare.
+        None if v.first_seq > h.seq => None,
+        Some(stored) if stored == h.hash => None,
+        _ => Some((
+            format!(
+                "record {} is not the one the daemon wrote (its hash differs from the \
+                 daemon's): the end of the chain was rewritten",
+                h.seq
+            ),
+            h.seq,
+        )),
+    }
 }
 
 /// Approvals and grants as the store has them (the live ones are the daemon's).
