@@ -1,8 +1,10 @@
 //! Hot reload of policies in a running daemon: on file change and on SIGHUP, a broken file
-//! keeps the previous policies and the error names file, line and column.
+//! keeps the previous policies and the error names file, line and column; statements
+//! prepared before a change run under the new policies.
 
 use std::{
-    process::Command,
+    io::{BufRead as _, BufReader, Read as _},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -161,4 +163,141 @@ fn a_daemon_with_broken_policies_does_not_start() {
         .output()
         .expect("check");
     assert_eq!(check.status.code(), Some(1));
+}
+
+/// What the second policy set adds: deletes from `t` refused, e-mail addresses masked.
+const TIGHTENED: &str = "\
+[[rule]]
+id = \"no-deletes-from-t\"
+sql = { kinds = [\"delete\"], tables = [\"t\"] }
+action = \"deny\"
+message = \"deleting from t is closed\"
+
+[[rule]]
+id = \"mask-emails\"
+sql = { kinds = [\"select\"] }
+action = \"mask\"
+mask = { columns = [\"*.email\"], strategy = \"redact\" }
+";
+
+/// A client that prepared its statements before the operator tightened the policies
+/// (drivers keep prepared statements for the life of a pooled connection) runs them under
+/// the new ones: the delete is refused, the read is masked, the session goes on, and the
+/// audit records each execution with the decision it ran under.
+#[test]
+fn statements_prepared_before_a_policy_change_run_under_the_new_policies() {
+    // Credentials give the daemon its catalog connection, to tell which table a column is.
+    let probe = Env::new();
+    let secret = pg::secret_file(&probe);
+    let w = pg::world_policy(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
+            secret.display()
+        ),
+        Some(""),
+        "watch_interval = \"100ms\"",
+        "",
+        "",
+    );
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int, email text); \
+         INSERT INTO t VALUES (1, 'ann@example.com'), (2, 'bob@example.com'); \
+         ALTER TABLE t OWNER TO app;",
+    );
+    let go = w.env.dir.join("go");
+    let mut cmd = Command::new(workspace_bin("pc-pg"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", pg::APP_PASSWORD, "shop", "reload"])
+        .arg(&go)
+        .stdout(Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    let mut client = cmd.spawn().expect("pc-pg");
+    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "prepared", "the client's first phase");
+
+    std::fs::write(w.env.dir.join("policies").join("test.toml"), TIGHTENED).expect("write");
+    let p = wait_until("the tightened policies", &w.daemon, |p| {
+        p["generation"] == 2
+    });
+    assert_eq!(p["rules"], 2, "{p}");
+    std::fs::write(&go, "").expect("go");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(client.wait().expect("wait").success(), "{rest}");
+    let v: Value = serde_json::from_str(rest.trim()).expect("json");
+    let r = &v["result"];
+
+    // Under the first (empty) set everything ran as sent.
+    assert_eq!(
+        r["before"],
+        serde_json::json!([[1, "ann@example.com"], [2, "bob@example.com"]]),
+        "{r}"
+    );
+    assert_eq!(r["deleted_before"], 0, "{r}");
+    // The same prepared read is masked now, every time.
+    for key in ["after", "read_again"] {
+        let rows = r[key].as_array().unwrap_or_else(|| panic!("{key}: {r}"));
+        let ids: Vec<i64> = rows.iter().filter_map(|row| row[0].as_i64()).collect();
+        assert_eq!(ids, [1, 2], "{key}: only the e-mail column is masked: {r}");
+        let emails: Vec<&str> = rows.iter().filter_map(|row| row[1].as_str()).collect();
+        assert_eq!(emails.len(), 2, "{key}: {r}");
+        assert!(
+            emails.iter().all(|e| *e == "[REDACTED:email]"),
+            "{key}: {r}"
+        );
+    }
+    // The prepared delete is refused with the rule's message; the session goes on.
+    assert_eq!(r["deleted_after"]["code"], "42501", "{r}");
+    assert!(
+        r["deleted_after"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deleting from t is closed")),
+        "{r}"
+    );
+    assert_eq!(
+        r["still_usable"][0],
+        serde_json::json!(["still usable"]),
+        "{r}"
+    );
+    // So is the SQL-level prepared one.
+    assert_eq!(r["sql_execute"]["code"], "42501", "{r}");
+    assert_eq!(
+        w.pg.sql("shop", "SELECT count(*) FROM t"),
+        "2",
+        "nothing was deleted"
+    );
+    assert!(
+        !w.pg.log().contains("EXECUTE p"),
+        "EXECUTE p reached the server"
+    );
+
+    // Each execution is on record with the decision it ran under.
+    let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "export"]);
+    assert!(out.status.success());
+    let executes: Vec<(String, String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "statement" && r["body"]["via"] == "execute")
+        .map(|r| {
+            let b = &r["body"];
+            let s = |k: &str| b[k].as_str().unwrap_or("").to_owned();
+            (s("sql"), s("verdict"), s("rule"))
+        })
+        .collect();
+    let read = "SELECT id, email FROM t ORDER BY id".to_owned();
+    let delete = "DELETE FROM t WHERE id = $1".to_owned();
+    assert_eq!(
+        executes,
+        [
+            (read.clone(), "allow".into(), "default".into()),
+            (delete.clone(), "allow".into(), "default".into()),
+            (read.clone(), "mask".into(), "mask-emails".into()),
+            (delete, "deny".into(), "no-deletes-from-t".into()),
+            (read.clone(), "mask".into(), "mask-emails".into()),
+        ],
+        "{executes:#?}"
+    );
 }

@@ -7,7 +7,8 @@
 //! ```
 //! Scenarios: `suite`, `big` (1,000,000 rows, digested), `cancel`, `rows SQL...` (typed
 //! rows of each statement), `distinct SQL` (streamed; row count and distinct values of
-//! column 1).
+//! column 1), `reload FILE` (prepares statements on table `t`, runs them, prints
+//! `prepared`, waits until FILE exists, runs them again: for policy changes in between).
 
 use std::time::Duration;
 
@@ -212,6 +213,61 @@ async fn big(c: &Client) -> Value {
     json!({"rows": n, "sha256": format!("{:x}", h.finalize())})
 }
 
+/// Statements prepared (extended protocol and SQL-level PREPARE) under one policy, run
+/// again after the test has changed it: what each run returned.
+async fn reload(c: &Client, go: &str) -> Value {
+    async fn rows(c: &Client, st: &tokio_postgres::Statement) -> Value {
+        match c.query(st, &[]).await {
+            Ok(rows) => json!(
+                rows.iter()
+                    .map(
+                        |r| match (r.try_get::<_, i32>(0), r.try_get::<_, Option<String>>(1)) {
+                            (Ok(id), Ok(email)) => json!([id, email]),
+                            (id, email) => json!({"row_error": format!("{id:?} {email:?}")}),
+                        }
+                    )
+                    .collect::<Vec<_>>()
+            ),
+            Err(e) => err(&e),
+        }
+    }
+    let read = c
+        .prepare("SELECT id, email FROM t ORDER BY id")
+        .await
+        .expect("prepare the read");
+    let delete = c
+        .prepare("DELETE FROM t WHERE id = $1")
+        .await
+        .expect("prepare the delete");
+    let before = rows(c, &read).await;
+    let deleted_before = match c.execute(&delete, &[&3i32]).await {
+        Ok(n) => json!(n),
+        Err(e) => err(&e),
+    };
+    let sql_prepare = simple(c, "PREPARE p AS DELETE FROM t WHERE id = 2").await;
+    println!("prepared");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::path::Path::new(go).exists() {
+        assert!(std::time::Instant::now() < deadline, "{go} never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = rows(c, &read).await;
+    let deleted_after = match c.execute(&delete, &[&1i32]).await {
+        Ok(n) => json!(n),
+        Err(e) => err(&e),
+    };
+    json!({
+        "before": before,
+        "deleted_before": deleted_before,
+        "sql_prepare": sql_prepare,
+        "after": after,
+        "deleted_after": deleted_after,
+        "still_usable": simple(c, "SELECT 'still usable'").await,
+        "sql_execute": simple(c, "EXECUTE p").await,
+        "read_again": rows(c, &read).await,
+    })
+}
+
 async fn cancel(c: &Client) -> Value {
     let token = c.cancel_token();
     let canceller = tokio::spawn(async move {
@@ -330,6 +386,7 @@ async fn main() {
         "cancel" => cancel(&client).await,
         "rows" => rows(&client, &a[5..]).await,
         "distinct" => distinct(&client, &a[5]).await,
+        "reload" => reload(&client, &a[5]).await,
         other => panic!("unknown scenario {other}"),
     };
     drop(client);

@@ -41,10 +41,12 @@ pub enum Expect {
     Parse {
         denied: Option<Denial>,
     },
-    /// `Bind`: the portal, and the judgement of the statement bound to it.
+    /// `Bind`: the portal, and the judgement of the statement bound to it (or the
+    /// error of the unreadable Bind sent for a refused one).
     Bind {
         portal: String,
         ctx: Option<Ctx>,
+        denied: Option<Denial>,
     },
     /// `Describe` of a statement: ParameterDescription, then RowDescription or NoData.
     DescribeStatement {
@@ -284,7 +286,10 @@ impl Tracker {
             // ---- extended query
             (_, be::ERROR_RESPONSE) => {
                 let route = match &head {
-                    X::Parse { denied: Some(d) } => Route::Deny(d.clone()),
+                    X::Parse { denied: Some(d) }
+                    | X::Bind {
+                        denied: Some(d), ..
+                    } => Route::Deny(d.clone()),
                     _ => Route::Pass,
                 };
                 self.skip_to_sync();
@@ -295,7 +300,7 @@ impl Tracker {
                 self.queue.pop_front();
                 Route::Pass
             }
-            (X::Bind { portal, ctx }, be::BIND_COMPLETE) => {
+            (X::Bind { portal, ctx, .. }, be::BIND_COMPLETE) => {
                 let b = Bound {
                     portal: portal.clone(),
                     ctx: ctx.clone(),
@@ -415,6 +420,7 @@ mod tests {
             Expect::Bind {
                 portal: String::new(),
                 ctx: None,
+                denied: None,
             },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
@@ -422,6 +428,7 @@ mod tests {
             Expect::Bind {
                 portal: String::new(),
                 ctx: None,
+                denied: None,
             },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
@@ -441,6 +448,42 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_bind_gets_its_error_rewritten_and_its_execute_skipped() {
+        let mut t = Tracker::default();
+        for e in [
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+                denied: deny(),
+            },
+            Expect::Execute { portal: "".into() },
+            Expect::Sync,
+            Expect::Bind {
+                portal: String::new(),
+                ctx: None,
+                denied: None,
+            },
+            Expect::Execute { portal: "".into() },
+            Expect::Sync,
+        ] {
+            t.push(e);
+        }
+        // The unreadable Bind fails; the server skips to Sync.
+        assert_eq!(
+            t.on_server(be::ERROR_RESPONSE),
+            Ok(Route::Deny(Denial {
+                rule: "r".into(),
+                message: "no".into()
+            }))
+        );
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        // The next pipeline is in step; an error of an unrefused Bind is the server's.
+        assert_eq!(t.on_server(be::ERROR_RESPONSE), Ok(Route::Pass));
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        assert!(t.is_idle());
+    }
+
+    #[test]
     fn an_earlier_error_skips_a_later_substitute() {
         let mut t = Tracker::default();
         for e in [
@@ -448,6 +491,7 @@ mod tests {
             Expect::Bind {
                 portal: String::new(),
                 ctx: None,
+                denied: None,
             },
             Expect::Execute { portal: "".into() },
             Expect::Parse { denied: deny() },
@@ -489,6 +533,7 @@ mod tests {
             Expect::Bind {
                 portal: String::new(),
                 ctx: None,
+                denied: None,
             },
             Expect::Execute { portal: "".into() },
             Expect::Sync,
@@ -520,6 +565,7 @@ mod tests {
         t.push(Expect::Bind {
             portal: String::new(),
             ctx: None,
+            denied: None,
         });
         assert!(t.on_server(be::PARSE_COMPLETE).is_err());
     }

@@ -189,6 +189,27 @@ impl Target {
 }
 
 /// `Describe` of a statement (`S`) or portal (`P`).
+/// A Bind the server refuses as soon as it reads its counts: two parameter format codes
+/// for three parameters ("bind message has 2 parameter formats but 3 parameters"). The
+/// server raises that error (or, first, that the statement does not exist) before it
+/// creates a portal, so the refusal leaves no trace but the error: in a transaction block
+/// the transaction is aborted, in a pipeline the server skips to the next Sync, exactly as
+/// if it had refused the client's own Bind.
+pub fn unreadable_bind(portal: &str, statement: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(portal.len() + statement.len() + 24);
+    put_cstr(&mut b, portal);
+    put_cstr(&mut b, statement);
+    b.put_i16(2);
+    b.put_i16(0);
+    b.put_i16(0);
+    b.put_i16(3);
+    for _ in 0..3 {
+        b.put_i32(-1);
+    }
+    b.put_i16(0);
+    Frame::new(fe::BIND, b.freeze())
+}
+
 pub fn describe(kind: u8, name: &str) -> Frame {
     let mut b = BytesMut::with_capacity(name.len() + 2);
     b.put_u8(kind);
@@ -413,6 +434,21 @@ pub fn command_tag(body: &[u8]) -> Result<&str, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_bind_names_the_clients_portal_and_statement_with_counts_that_disagree() {
+        let f = unreadable_bind("p1", "s1");
+        assert_eq!(f.tag, fe::BIND);
+        let mut want = b"p1\0s1\0".to_vec();
+        // Two parameter format codes, then three parameters: the server stops there.
+        want.extend([0, 2, 0, 0, 0, 0, 0, 3]);
+        assert!(f.body.starts_with(&want), "{:?}", f.body);
+        assert_eq!(
+            f.body.len(),
+            want.len() + 3 * 4 + 2,
+            "three NULLs, no result formats"
+        );
+    }
 
     #[test]
     fn parse_round_trip() {

@@ -489,7 +489,6 @@ async fn session(
     let state = Arc::new(Mutex::new(State {
         tracker: Tracker::default(),
         statements: HashMap::new(),
-        statement_sql: HashMap::new(),
         portals: HashMap::new(),
         recorded: 0,
         sql_prepared: HashMap::new(),
@@ -826,21 +825,37 @@ pub(crate) async fn inject_auth<R: AsyncRead + AsyncWrite + Unpin>(
 struct State {
     tracker: Tracker,
     /// Extended-protocol prepared statements, by name.
-    statements: HashMap<String, Arc<Judgement>>,
-    /// Their text, for the records of their executions.
-    statement_sql: HashMap<String, Arc<str>>,
-    /// Portals: the text of the statement each one holds.
-    portals: HashMap<String, Arc<str>>,
+    statements: HashMap<String, Prepared>,
+    /// Portals: the statement each one holds, for the records of their executions.
+    portals: HashMap<String, Portal>,
     /// Statements recorded in this session.
     recorded: u64,
     /// SQL-level `PREPARE`d statements, by name.
-    sql_prepared: HashMap<String, Arc<Judgement>>,
+    sql_prepared: HashMap<String, Prepared>,
     /// The server's standard_conforming_strings.
     scs: bool,
     /// When the oldest request not yet answered by ReadyForQuery arrived from the client,
     /// and when it was forwarded (latency metrics).
     received_at: Option<std::time::Instant>,
     sent_at: Option<std::time::Instant>,
+}
+
+/// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
+/// the decision it was prepared under, with the policy generation that decision came
+/// from. After a policy change it is judged again before it runs ([`rejudge`]).
+#[derive(Clone)]
+struct Prepared {
+    sql: Arc<str>,
+    judgement: Arc<Judgement>,
+    generation: u64,
+}
+
+/// A bound portal: the statement it runs and the decision that lets it (or the refusal
+/// its Bind got, which its Execute records).
+struct Portal {
+    sql: Arc<str>,
+    judgement: Arc<Judgement>,
+    refused: Option<Denial>,
 }
 
 struct JudgeCtx {
@@ -870,6 +885,12 @@ impl JudgeCtx {
         } else {
             truncate(sql, 200)
         }
+    }
+
+    /// The policy generation; read before judging, it is at most the one a judgement
+    /// came from (so a reload in between makes the statement judged again, never missed).
+    fn generation(&self) -> u64 {
+        self.policy.generation()
     }
 
     fn judge(&self, sql: &str, scs: bool) -> Arc<Judgement> {
@@ -914,7 +935,7 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
     {
         return None;
     }
-    let prepared = |n: &str| st.sql_prepared.get(n).cloned();
+    let prepared = |n: &str| st.sql_prepared.get(n).map(|p| p.judgement.clone());
     for k in 0..j.classification.statements.len() {
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
@@ -927,6 +948,66 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         }
     }
     None
+}
+
+/// The decision a prepared statement runs under. While the policies are those it was
+/// prepared under, `Ok(None)`: the decision made then holds. After a reload it is judged
+/// again (one decision event), so that a tightened policy also stops statements prepared
+/// before it and a new mask covers their results: `Ok(Some(..))` when it may still run,
+/// `Err` with the judgement and the refusal when not. A statement that now needs approval
+/// is refused: the client prepares it again, and that is held for approval.
+fn rejudge(
+    st: &State,
+    judge: &JudgeCtx,
+    p: &Prepared,
+) -> Result<Option<Prepared>, (Arc<Judgement>, Denial)> {
+    let generation = judge.generation();
+    if generation == p.generation {
+        return Ok(None);
+    }
+    let j = judge.judge(&p.sql, st.scs);
+    log_decision(judge, &p.sql, &j);
+    let refused = match j.decision.verdict {
+        Verdict::Deny => Some(denial_of(&j)),
+        Verdict::RequireApproval => Some(Denial {
+            rule: j.decision.rule.clone(),
+            message: format!(
+                "this statement was prepared before the policies changed and now needs \
+                 approval (rule {}); prepare it again to ask for it",
+                j.decision.rule
+            ),
+        }),
+        _ => unmaskable(st, judge, &j),
+    };
+    match refused {
+        Some(d) => Err((j, d)),
+        None => Ok(Some(Prepared {
+            sql: p.sql.clone(),
+            judgement: j,
+            generation,
+        })),
+    }
+}
+
+/// Judges again, after a policy change, the SQL-level prepared statements a query
+/// `EXECUTE`s, keeping the fresh decisions; the refusal when one may no longer run.
+fn rejudge_executes(st: &mut State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Denial> {
+    for s in &j.classification.statements {
+        let crate::policy::sql::lineage::Shape::Execute(name) = &s.shape else {
+            continue;
+        };
+        let Some(p) = st.sql_prepared.get(name) else {
+            continue;
+        };
+        match rejudge(st, judge, p) {
+            Ok(None) => {}
+            Ok(Some(fresh)) => {
+                st.sql_prepared.insert(name.clone(), fresh);
+            }
+            Err((_, d)) => return Err(d),
+        }
+    }
+    Ok(())
 }
 
 /// A statement to record before the message carrying it is forwarded.
@@ -1017,6 +1098,8 @@ enum Plan {
         frame: Frame,
         stmt: Stmt,
         judgement: Arc<Judgement>,
+        /// The policy generation it was judged under.
+        generation: u64,
         kind: HeldKind,
     },
     Close,
@@ -1035,10 +1118,13 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
     Ok(match f.tag {
         fe::QUERY => {
             let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
+            let generation = judge.generation();
             let j = judge.judge(&sql, st.scs);
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
-                _ => unmaskable(&st, judge, &j),
+                _ => rejudge_executes(&mut st, judge, &j)
+                    .err()
+                    .or_else(|| unmaskable(&st, judge, &j)),
             };
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "query",
@@ -1060,10 +1146,11 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     frame: f,
                     stmt: stmt(None),
                     judgement: j.clone(),
+                    generation,
                     kind: HeldKind::Query,
                 },
                 (_, None) => {
-                    remember_sql_prepares(&mut st, &j);
+                    remember_sql_prepares(&mut st, &j, &sql, generation);
                     Plan::Forward(
                         f,
                         Some(Expect::Query {
@@ -1077,6 +1164,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         }
         fe::PARSE => {
             let p = Parse::decode(&f.body).map_err(cp)?;
+            let generation = judge.generation();
             let j = judge.judge(&p.sql, st.scs);
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
@@ -1093,7 +1181,6 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             match (j.decision.verdict, refusal) {
                 (_, Some(denial)) => {
                     st.statements.remove(&p.name);
-                    st.statement_sql.remove(&p.name);
                     let stmt = stmt(Some(denial.clone()));
                     let sub = Parse {
                         name: p.name,
@@ -1112,29 +1199,82 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     frame: f,
                     stmt: stmt(None),
                     judgement: j.clone(),
+                    generation,
                     kind: HeldKind::Parse(p.name),
                 },
                 (_, None) => {
                     let stmt = stmt(None);
-                    st.statement_sql.insert(p.name.clone(), sql.clone());
-                    st.statements.insert(p.name, j.clone());
+                    st.statements.insert(
+                        p.name,
+                        Prepared {
+                            sql,
+                            judgement: j.clone(),
+                            generation,
+                        },
+                    );
                     Plan::Forward(f, Some(Expect::Parse { denied: None }), Some(stmt))
                 }
             }
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
-            let ctx = st.statements.get(&b.statement).cloned();
-            match st.statement_sql.get(&b.statement).cloned() {
-                Some(sql) => st.portals.insert(b.portal.clone(), sql),
-                None => st.portals.remove(&b.portal),
+            let Some(mut prepared) = st.statements.get(&b.statement).cloned() else {
+                // Not prepared through this session (or refused at Parse): the server
+                // refuses the Bind.
+                st.portals.remove(&b.portal);
+                let bind = Expect::Bind {
+                    portal: b.portal,
+                    ctx: None,
+                    denied: None,
+                };
+                return Ok(Plan::Forward(f, Some(bind), None));
             };
-            let masked = ctx.as_ref().is_some_and(|j| {
-                results::applies(j, 0, &|n| st.sql_prepared.get(n).cloned()).is_some()
-            });
+            match rejudge(&st, judge, &prepared) {
+                Ok(None) => {}
+                Ok(Some(fresh)) => {
+                    st.statements.insert(b.statement.clone(), fresh.clone());
+                    prepared = fresh;
+                }
+                Err((j, denial)) => {
+                    // The server fails a Bind it cannot read, before it touches any
+                    // portal; the client gets the denial, its Execute is skipped.
+                    st.portals.insert(
+                        b.portal.clone(),
+                        Portal {
+                            sql: prepared.sql,
+                            judgement: j,
+                            refused: Some(denial.clone()),
+                        },
+                    );
+                    let bind = Expect::Bind {
+                        portal: b.portal.clone(),
+                        ctx: None,
+                        denied: Some(denial),
+                    };
+                    return Ok(Plan::Forward(
+                        messages::unreadable_bind(&b.portal, &b.statement),
+                        Some(bind),
+                        None,
+                    ));
+                }
+            }
+            let j = prepared.judgement;
+            let masked = results::applies(&j, 0, &|n| {
+                st.sql_prepared.get(n).map(|p| p.judgement.clone())
+            })
+            .is_some();
+            st.portals.insert(
+                b.portal.clone(),
+                Portal {
+                    sql: prepared.sql,
+                    judgement: j.clone(),
+                    refused: None,
+                },
+            );
             let bind = Expect::Bind {
                 portal: b.portal.clone(),
-                ctx,
+                ctx: Some(j),
+                denied: None,
             };
             if masked {
                 // The portal's own description, with the result formats Bind chose, is
@@ -1170,16 +1310,14 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         }
         fe::EXECUTE => {
             let portal = messages::execute_portal(&f.body).map_err(cp)?;
-            // Each execution runs the statement again: recorded each time.
+            // Each execution runs the statement again: recorded each time, with the
+            // decision it runs under (an unknown portal's Execute fails at the server).
+            let p = st.portals.get(&portal);
             let stmt = Stmt {
                 via: "execute",
-                sql: st
-                    .portals
-                    .get(&portal)
-                    .cloned()
-                    .unwrap_or_else(|| "".into()),
-                judgement: None,
-                refused: None,
+                sql: p.map_or_else(|| "".into(), |p| p.sql.clone()),
+                judgement: p.map(|p| p.judgement.clone()),
+                refused: p.and_then(|p| p.refused.clone()),
                 name: Some(portal.clone()),
             };
             Plan::Forward(f, Some(Expect::Execute { portal }), Some(stmt))
@@ -1188,7 +1326,6 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             let t = messages::Target::decode(&f.body, "Close").map_err(cp)?;
             if t.kind == b'S' {
                 st.statements.remove(&t.name);
-                st.statement_sql.remove(&t.name);
             } else {
                 st.portals.remove(&t.name);
             }
@@ -1240,12 +1377,20 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
     })
 }
 
-/// SQL-level PREPARE: remember what the name was judged, for EXECUTE; forget on DEALLOCATE.
-fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>) {
+/// SQL-level PREPARE: remember what the name was judged (and the text it came in, to
+/// judge it again after a policy change), for EXECUTE; forget on DEALLOCATE.
+fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>, sql: &Arc<str>, generation: u64) {
     for s in &j.classification.statements {
         match (s.kind, &s.prepared) {
             (Kind::Prepare, Some(name)) => {
-                st.sql_prepared.insert(name.clone(), j.clone());
+                st.sql_prepared.insert(
+                    name.clone(),
+                    Prepared {
+                        sql: sql.clone(),
+                        judgement: j.clone(),
+                        generation,
+                    },
+                );
             }
             (Kind::Deallocate, _) => {
                 // DEALLOCATE name / ALL: the classifier does not keep the name; forgetting all
@@ -1408,6 +1553,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             frame,
             stmt,
             judgement,
+            generation,
             kind,
         }) = hold
         {
@@ -1461,7 +1607,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let (frame, expect) = match (&outcome, &kind) {
                 (ApprovalOutcome::Approved, HeldKind::Query) => {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    remember_sql_prepares(&mut st, &judgement);
+                    remember_sql_prepares(&mut st, &judgement, &sql, generation);
                     (
                         frame,
                         Expect::Query {
@@ -1472,8 +1618,14 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 (ApprovalOutcome::Approved, HeldKind::Parse(name)) => {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.statements.insert(name.clone(), judgement.clone());
-                    st.statement_sql.insert(name.clone(), sql.clone());
+                    st.statements.insert(
+                        name.clone(),
+                        Prepared {
+                            sql: sql.clone(),
+                            judgement: judgement.clone(),
+                            generation,
+                        },
+                    );
                     (frame, Expect::Parse { denied: None })
                 }
                 (refused, kind) => {
@@ -1667,7 +1819,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
             .unwrap_or_else(|e| e.into_inner())
             .sql_prepared
             .get(n)
-            .cloned()
+            .map(|p| p.judgement.clone())
     };
     loop {
         let mut out = BytesMut::new();
