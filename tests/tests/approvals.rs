@@ -181,6 +181,65 @@ fn a_held_statement_runs_after_approve_and_only_an_approver_may_approve() {
     );
 }
 
+/// The policies change while a statement waits for its approver: once approved it runs
+/// under the new ones, so a rule that now denies it refuses it after all, on record.
+#[test]
+fn a_statement_approved_after_a_policy_change_runs_under_the_new_policies() {
+    let w = setup();
+    let sql = "UPDATE t SET v = 3 WHERE id = 1";
+    let child = spawn_psql(&w, sql);
+    let id = wait_pending(&w, sql)["id"].as_str().expect("id").to_owned();
+    let generation = |w: &Pgw| w.daemon.status()["policy"]["generation"].as_i64();
+    let before = generation(&w);
+    std::fs::write(
+        w.env.dir.join("policies").join("test.toml"),
+        format!(
+            "{POLICY}\n[[rule]]\nid = \"no-updates\"\nsql = {{ kinds = [\"update\"] }}\n\
+             action = \"deny\"\nmessage = \"updates are closed\"\n"
+        ),
+    )
+    .expect("policy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while generation(&w) == before {
+        assert!(Instant::now() < deadline, "the policies were not reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = answer(&w, STAFF, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = wait(child);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("updates are closed") && t.contains("policies changed while it waited"),
+        "{t}"
+    );
+    assert_eq!(v_of(&w), "1", "the update did not run");
+    wait_state(&w, &id, "approved");
+    // The record of the held statement is followed by the record of its refusal.
+    let out = portcullis_as(&w.daemon.config, As::Root, &["audit", "export"]);
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "statement" && r["body"]["sql"] == sql)
+        .map(|r| r["body"].clone())
+        .collect();
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|b| {
+            (
+                b["verdict"].as_str().unwrap_or(""),
+                b["rule"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("require_approval", "hold-updates"), ("deny", "no-updates")],
+        "{records:#?}"
+    );
+}
+
 #[test]
 fn deny_and_timeout_fail_the_statement_with_the_reason() {
     let w = setup();

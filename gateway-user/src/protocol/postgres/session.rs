@@ -955,11 +955,13 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
 /// again (one decision event), so that a tightened policy also stops statements prepared
 /// before it and a new mask covers their results: `Ok(Some(..))` when it may still run,
 /// `Err` with the judgement and the refusal when not. A statement that now needs approval
-/// is refused: the client prepares it again, and that is held for approval.
+/// is refused (the client prepares it again, and that is held for approval), unless it
+/// has just been `approved` (held under the old policies, answered under the new).
 fn rejudge(
     st: &State,
     judge: &JudgeCtx,
     p: &Prepared,
+    approved: bool,
 ) -> Result<Option<Prepared>, (Arc<Judgement>, Denial)> {
     let generation = judge.generation();
     if generation == p.generation {
@@ -969,7 +971,7 @@ fn rejudge(
     log_decision(judge, &p.sql, &j);
     let refused = match j.decision.verdict {
         Verdict::Deny => Some(denial_of(&j)),
-        Verdict::RequireApproval => Some(Denial {
+        Verdict::RequireApproval if !approved => Some(Denial {
             rule: j.decision.rule.clone(),
             message: format!(
                 "this statement was prepared before the policies changed and now needs \
@@ -999,7 +1001,7 @@ fn rejudge_executes(st: &mut State, judge: &JudgeCtx, j: &Judgement) -> Result<(
         let Some(p) = st.sql_prepared.get(name) else {
             continue;
         };
-        match rejudge(st, judge, p) {
+        match rejudge(st, judge, p, false) {
             Ok(None) => {}
             Ok(Some(fresh)) => {
                 st.sql_prepared.insert(name.clone(), fresh);
@@ -1229,7 +1231,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 };
                 return Ok(Plan::Forward(f, Some(bind), None));
             };
-            match rejudge(&st, judge, &prepared) {
+            match rejudge(&st, judge, &prepared, false) {
                 Ok(None) => {}
                 Ok(Some(fresh)) => {
                     st.statements.insert(b.statement.clone(), fresh.clone());
@@ -1604,7 +1606,62 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     },
                 }
             };
+            // The policies may have changed while it waited: an approved statement runs
+            // under the current ones (their masks; their denial refuses it after all).
+            let (judgement, generation, now_refused) = if outcome == ApprovalOutcome::Approved {
+                let held = Prepared {
+                    sql: sql.clone(),
+                    judgement: judgement.clone(),
+                    generation,
+                };
+                let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                match rejudge(&st, judge, &held, true) {
+                    Ok(None) => (judgement, generation, None),
+                    Ok(Some(fresh)) => (fresh.judgement, fresh.generation, None),
+                    Err((j, d)) => (j, generation, Some(d)),
+                }
+            } else {
+                (judgement, generation, None)
+            };
+            let refused = now_refused.is_some() || outcome != ApprovalOutcome::Approved;
+            if let Some(d) = &now_refused {
+                // On record as refused, beside its held record and the approval.
+                let record = {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.recorded += 1;
+                    Stmt {
+                        via: stmt.via,
+                        sql: sql.clone(),
+                        judgement: Some(judgement.clone()),
+                        refused: Some(d.clone()),
+                        name: stmt.name.clone(),
+                    }
+                    .record(
+                        st.recorded,
+                        ctx.session,
+                        shared.store.config().redact_literals,
+                    )
+                };
+                if let Err(e) = shared.store.append_durable(vec![record]).await {
+                    tracing::error!(
+                        target: "portcullis::audit",
+                        error = %e,
+                        session = ctx.session,
+                        "the refusal of an approved statement could not be recorded"
+                    );
+                }
+            }
             let (frame, expect) = match (&outcome, &kind) {
+                (ApprovalOutcome::Approved, kind) if let Some(d) = now_refused => {
+                    let d = Denial {
+                        message: format!(
+                            "{} (approved, but the policies changed while it waited)",
+                            d.message
+                        ),
+                        ..d
+                    };
+                    substitute(kind, d)
+                }
                 (ApprovalOutcome::Approved, HeldKind::Query) => {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                     remember_sql_prepares(&mut st, &judgement, &sql, generation);
@@ -1644,7 +1701,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             };
             tracing::info!(
                 target: "portcullis::audit",
-                verdict = if outcome == ApprovalOutcome::Approved { "approved" } else { "refused" },
+                verdict = if refused { "refused" } else { "approved" },
                 rule = %judgement.decision.rule,
                 agent.name = %judge.subject.agent,
                 target.name = %judge.target,
