@@ -718,6 +718,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "ready"
     );
     crate::sdnotify::ready("protecting");
+    // A way around the gate that the kernel programs do not see (see unix_sockets.rs).
+    for e in crate::unix_sockets::scan(&cfg) {
+        if e.open_to_all() {
+            tracing::warn!(
+                target.name = %e.target,
+                path = %e.path,
+                fix = crate::unix_sockets::FIX,
+                "{}",
+                e.describe()
+            );
+        }
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -275,6 +275,29 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
     out
 }
 
+/// PostgreSQL Unix sockets beside the targets' TCP ports: a way around the gate.
+fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
+    let found = crate::unix_sockets::scan(cfg);
+    if found.is_empty() {
+        return vec![ok(
+            "no PostgreSQL Unix socket on this host listens for a target's port",
+        )];
+    }
+    found
+        .iter()
+        .map(|e| {
+            if e.open_to_all() {
+                warn(e.describe(), crate::unix_sockets::FIX)
+            } else {
+                ok(format!(
+                    "{}; only its owner and group may connect: keep agents out of them",
+                    e.describe()
+                ))
+            }
+        })
+        .collect()
+}
+
 fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<()> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -432,6 +455,7 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
         out.push(check_store(cfg));
         out.extend(check_secrets(cfg));
         out.extend(check_targets(cfg));
+        out.extend(check_unix_sockets(cfg));
         out.extend(check_pins(cfg));
         out.extend(check_issuers(cfg));
     }

@@ -27,4 +27,5 @@ pub mod sdnotify;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod unix_sockets;
 pub mod utc;

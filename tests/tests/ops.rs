@@ -392,6 +392,65 @@ fn the_unit_verifies_and_install_then_uninstall_leave_the_expected_files() {
     assert!(!groups.contains("portcullis-"), "{groups}");
 }
 
+/// A target's PostgreSQL also listens on a Unix socket, which connection interception does
+/// not see: the daemon warns at start and `doctor` says how to close it; once it is closed
+/// to other users, `doctor` only notes it.
+#[test]
+fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
+    let w = world_with("", None);
+    let sock = w.pg.socket_dir.join(format!(".s.PGSQL.{}", w.pg.port));
+    let path = sock.display().to_string();
+    let mode = |p: &Path| fs::metadata(p).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&sock),
+        0o777,
+        "the test server's socket is open to all, as by default"
+    );
+    let warned = w
+        .daemon
+        .logs
+        .wait_for("the Unix socket warning", Duration::from_secs(5), |v| {
+            v["path"].as_str() == Some(path.as_str())
+        });
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert!(
+        warned["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("unix_socket_permissions")),
+        "{warned}"
+    );
+    let doctor = || {
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(&w.daemon.config)
+            .arg("doctor")
+            .output()
+            .expect("doctor");
+        text(&out)
+    };
+    let t = doctor();
+    let line = t
+        .lines()
+        .find(|l| l.contains(&path))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(
+        line.starts_with("WARN") && line.contains("without passing the gate"),
+        "{line}"
+    );
+    assert!(line.contains("unix_socket_permissions = 0770"), "{line}");
+
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o770)).expect("chmod");
+    let t = doctor();
+    let line = t
+        .lines()
+        .find(|l| l.contains(&path))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(
+        line.starts_with("ok") && line.contains("only its owner and group may connect"),
+        "{line}"
+    );
+}
+
 #[test]
 fn doctor_reports_a_missing_bpffs_and_a_bad_config() {
     let env = Env::new();
