@@ -419,6 +419,7 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
             .is_some_and(|f| f.contains("unix_socket_permissions")),
         "{warned}"
     );
+    // doctor's line about the socket.
     let doctor = || {
         let out = Command::new(workspace_bin("portcullis"))
             .arg("--config")
@@ -426,13 +427,13 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
             .arg("doctor")
             .output()
             .expect("doctor");
-        text(&out)
+        let t = text(&out);
+        t.lines()
+            .find(|l| l.contains(&path))
+            .unwrap_or_else(|| panic!("no line about {path}: {t}"))
+            .to_owned()
     };
-    let t = doctor();
-    let line = t
-        .lines()
-        .find(|l| l.contains(&path))
-        .unwrap_or_else(|| panic!("{t}"));
+    let line = doctor();
     assert!(
         line.starts_with("WARN") && line.contains("without passing the gate"),
         "{line}"
@@ -440,11 +441,7 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
     assert!(line.contains("unix_socket_permissions = 0770"), "{line}");
 
     fs::set_permissions(&sock, fs::Permissions::from_mode(0o770)).expect("chmod");
-    let t = doctor();
-    let line = t
-        .lines()
-        .find(|l| l.contains(&path))
-        .unwrap_or_else(|| panic!("{t}"));
+    let line = doctor();
     assert!(
         line.starts_with("ok") && line.contains("only its owner and group may connect"),
         "{line}"

@@ -375,6 +375,15 @@ mod tests {
         })
     }
 
+    /// A Bind of the unnamed portal, refused or not.
+    fn unnamed_bind(denied: Option<Denial>) -> Expect {
+        Expect::Bind {
+            portal: String::new(),
+            ctx: None,
+            denied,
+        }
+    }
+
     fn feed(t: &mut Tracker, tags: &[u8]) -> Vec<Route> {
         tags.iter()
             .map(|&g| t.on_server(g).expect("in sync"))
@@ -404,10 +413,7 @@ mod tests {
         });
         assert_eq!(
             t.on_server(be::ERROR_RESPONSE),
-            Ok(Route::Deny(Denial {
-                rule: "r".into(),
-                message: "no".into()
-            }))
+            Ok(Route::Deny(deny().expect("a denial")))
         );
         assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
     }
@@ -417,19 +423,11 @@ mod tests {
         let mut t = Tracker::default();
         for e in [
             Expect::Parse { denied: None },
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: None,
-            },
+            unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
             Expect::Parse { denied: deny() },
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: None,
-            },
+            unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
         ] {
@@ -451,18 +449,10 @@ mod tests {
     fn a_refused_bind_gets_its_error_rewritten_and_its_execute_skipped() {
         let mut t = Tracker::default();
         for e in [
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: deny(),
-            },
+            unnamed_bind(deny()),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: None,
-            },
+            unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
         ] {
@@ -471,10 +461,7 @@ mod tests {
         // The unreadable Bind fails; the server skips to Sync.
         assert_eq!(
             t.on_server(be::ERROR_RESPONSE),
-            Ok(Route::Deny(Denial {
-                rule: "r".into(),
-                message: "no".into()
-            }))
+            Ok(Route::Deny(deny().expect("a denial")))
         );
         assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
         // The next pipeline is in step; an error of an unrefused Bind is the server's.
@@ -488,11 +475,7 @@ mod tests {
         let mut t = Tracker::default();
         for e in [
             Expect::Parse { denied: None },
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: None,
-            },
+            unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Parse { denied: deny() },
             Expect::Sync,
@@ -530,11 +513,7 @@ mod tests {
         // server's CopyInResponse arrives.
         let mut t = Tracker::default();
         for e in [
-            Expect::Bind {
-                portal: String::new(),
-                ctx: None,
-                denied: None,
-            },
+            unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
             Expect::CopyEnd,
@@ -562,11 +541,7 @@ mod tests {
     fn unexpected_messages_are_a_desync() {
         let mut t = Tracker::default();
         assert!(t.on_server(be::DATA_ROW).is_err(), "rows nobody asked for");
-        t.push(Expect::Bind {
-            portal: String::new(),
-            ctx: None,
-            denied: None,
-        });
+        t.push(unnamed_bind(None));
         assert!(t.on_server(be::PARSE_COMPLETE).is_err());
     }
 }
