@@ -299,3 +299,115 @@ fn a_million_masked_rows_stream_with_bounded_memory() {
         "daemon RSS grew from {before} KiB to {after} KiB while streaming"
     );
 }
+
+/// Prepared statements share one namespace on the server, whichever way they were made:
+/// a Parse runs with SQL `EXECUTE`, a `PREPARE` with Bind/Execute, and DEALLOCATE drops
+/// one name. Each way of reaching a statement prepared under a mask returns masked rows
+/// (under the shipped policies, whose masks do not name `execute`); a name in use cannot
+/// be prepared again under other text (the server would keep the old statement), and a
+/// name never prepared through the gate is refused, not run.
+#[test]
+fn every_way_to_a_prepared_statement_is_masked_with_it() {
+    let probe = Env::new();
+    let secret = secret_file(&probe);
+    let w = world_with(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
+            secret.display()
+        ),
+        None,
+    );
+    std::mem::forget(probe);
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE people (id int, email text); \
+         INSERT INTO people VALUES (1, 'alice@example.com'); ALTER TABLE people OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+P s1 SELECT email FROM people
+S
+WAIT 1
+Q EXECUTE s1
+WAIT 1
+Q PREPARE p1 AS SELECT 1
+WAIT 1
+Q PREPARE p2 AS SELECT email FROM people
+WAIT 1
+Q DEALLOCATE p1
+WAIT 1
+Q EXECUTE p2
+WAIT 1
+B - p2
+E - 0
+S
+WAIT 1
+P s1 SELECT 1
+B - s1
+E - 0
+S
+WAIT 1
+B - s1
+E - 0
+S
+WAIT 1
+Q PREPARE p2 AS SELECT 1
+WAIT 1
+Q EXECUTE nosuch
+WAIT 1
+B - nosuch
+E - 0
+S
+WAIT 1
+Q DISCARD ALL
+WAIT 1
+P s1 SELECT 1
+B - s1
+E - 0
+S
+WAIT 1
+X
+",
+    );
+    let hex = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let masked = format!("0001{:08x}{}", 16, hex(b"[REDACTED:email]"));
+    let rows: Vec<&str> = out
+        .iter()
+        .filter_map(|v| v["hex"].as_str())
+        .filter(|h| !h.is_empty())
+        .collect();
+    // EXECUTE of a Parse, EXECUTE after another name's DEALLOCATE, Bind of a PREPARE, Bind
+    // of the first s1 after the refused second one; then `SELECT 1` after DISCARD ALL.
+    assert_eq!(
+        rows,
+        [
+            masked.as_str(),
+            &masked,
+            &masked,
+            &masked,
+            &format!("0001{:08x}31", 1)
+        ],
+        "{out:#?}"
+    );
+    let refusals: Vec<&str> = out
+        .iter()
+        .filter(|v| v["t"] == "E")
+        .map(|v| {
+            assert_eq!(v["code"], "42501", "{v}");
+            v["message"].as_str().unwrap_or("")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 4, "{out:#?}");
+    for (m, what) in refusals.iter().zip([
+        "\"s1\" already exists",
+        "\"p2\" already exists",
+        "\"nosuch\" was not prepared through Portcullis",
+        "\"nosuch\" was not prepared through Portcullis",
+    ]) {
+        assert!(m.contains(what), "{m}");
+    }
+    // Every exchange ended with ReadyForQuery: the session stayed in step throughout.
+    assert_eq!(out.iter().filter(|v| v["t"] == "Z").count(), 14, "{out:#?}");
+}

@@ -123,8 +123,11 @@ pub struct StatementClass {
     /// Runs SQL that is not visible here: DO blocks, function and procedure bodies, rules,
     /// functions that execute text.
     pub dynamic_sql: bool,
-    /// Name of the prepared statement a PREPARE creates or an EXECUTE runs.
+    /// Name of the prepared statement a PREPARE creates, an EXECUTE runs or a DEALLOCATE
+    /// drops.
     pub prepared: Option<String>,
+    /// Drops every prepared statement of the session (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub drops_all_prepared: bool,
     /// The rows it returns and what their columns are computed from (for masking).
     pub shape: lineage::Shape,
 }
@@ -141,6 +144,7 @@ impl StatementClass {
             missing_where: false,
             dynamic_sql: false,
             prepared: None,
+            drops_all_prepared: false,
             shape: lineage::Shape::None,
         }
     }
@@ -878,6 +882,17 @@ impl Visitor for Collector<'_> {
             }
             S::Call(f) => self.function(&f.name),
             S::Prepare { name, .. } => self.c.prepared = Some(ident_name(name)),
+            // `ALL` is a keyword there; `"ALL"` names a statement.
+            S::Deallocate { name, .. } => {
+                if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") {
+                    self.c.drops_all_prepared = true;
+                } else {
+                    self.c.prepared = Some(ident_name(name));
+                }
+            }
+            S::Discard {
+                object_type: sqlparser::ast::DiscardObject::ALL,
+            } => self.c.drops_all_prepared = true,
             S::Execute {
                 name: Some(name), ..
             } => {

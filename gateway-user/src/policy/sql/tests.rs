@@ -137,3 +137,25 @@ proptest! {
         let _ = classify(&sql, LexOptions { standard_conforming_strings: scs });
     }
 }
+
+/// What the PostgreSQL engine keeps of prepared statements follows these: the name a
+/// DEALLOCATE drops, and the statements that drop them all.
+#[test]
+fn deallocate_and_discard_name_what_they_drop() {
+    let one = |sql: &str| {
+        let c = classify(sql, LexOptions::default());
+        let s = c
+            .statements
+            .first()
+            .unwrap_or_else(|| panic!("{sql}: {c:?}"))
+            .clone();
+        (s.prepared, s.drops_all_prepared)
+    };
+    assert_eq!(one("DEALLOCATE p1"), (Some("p1".into()), false));
+    assert_eq!(one("DEALLOCATE PREPARE P1"), (Some("p1".into()), false));
+    assert_eq!(one("DEALLOCATE \"S1\""), (Some("S1".into()), false));
+    assert_eq!(one("DEALLOCATE \"ALL\""), (Some("ALL".into()), false));
+    assert_eq!(one("DEALLOCATE ALL"), (None, true));
+    assert_eq!(one("DISCARD ALL"), (None, true));
+    assert_eq!(one("DISCARD PLANS"), (None, false));
+}

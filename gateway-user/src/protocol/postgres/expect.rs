@@ -46,6 +46,8 @@ pub enum Expect {
     Bind {
         portal: String,
         ctx: Option<Ctx>,
+        /// Which statement of the judgement the portal runs (see `Bound::at`).
+        at: usize,
         denied: Option<Denial>,
     },
     /// `Describe` of a statement: ParameterDescription, then RowDescription or NoData.
@@ -111,11 +113,15 @@ pub enum Route {
 pub struct Bound {
     pub portal: String,
     pub ctx: Option<Ctx>,
+    /// Which statement of the judgement the portal runs: 0 for a Parse, the `PREPARE`'s
+    /// place in its message for a statement prepared in SQL.
+    pub at: usize,
 }
 
 impl PartialEq for Bound {
     fn eq(&self, o: &Self) -> bool {
         self.portal == o.portal
+            && self.at == o.at
             && match (&self.ctx, &o.ctx) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -151,10 +157,19 @@ pub struct Tracker {
     described_params: bool,
     /// The server is in copy-in mode and the client has not ended the copy yet.
     copy_in: bool,
+    /// An extended-protocol error arrived before the client's Sync did: the server
+    /// discards what the client sends until that Sync, so nothing answers it.
+    skipping: bool,
 }
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
+        if self.skipping {
+            if !matches!(e, Expect::Sync) {
+                return;
+            }
+            self.skipping = false;
+        }
         if self.copy_in {
             match e {
                 // Ignored by the server during copy-in: no ReadyForQuery will answer it.
@@ -221,10 +236,13 @@ impl Tracker {
                 e,
                 Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
             ) {
-                break;
+                return;
             }
             self.queue.pop_front();
         }
+        // The client's Sync has not come yet (its messages may arrive in several reads):
+        // what it sends before it is discarded by the server too.
+        self.skipping = true;
     }
 
     pub fn on_server(&mut self, tag: u8) -> Result<Route, Desync> {
@@ -300,10 +318,16 @@ impl Tracker {
                 self.queue.pop_front();
                 Route::Pass
             }
-            (X::Bind { portal, ctx, .. }, be::BIND_COMPLETE) => {
+            (
+                X::Bind {
+                    portal, ctx, at, ..
+                },
+                be::BIND_COMPLETE,
+            ) => {
                 let b = Bound {
                     portal: portal.clone(),
                     ctx: ctx.clone(),
+                    at: *at,
                 };
                 self.queue.pop_front();
                 Route::Bound(b)
@@ -380,6 +404,7 @@ mod tests {
         Expect::Bind {
             portal: String::new(),
             ctx: None,
+            at: 0,
             denied,
         }
     }
@@ -468,6 +493,25 @@ mod tests {
         assert_eq!(t.on_server(be::ERROR_RESPONSE), Ok(Route::Pass));
         assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
         assert!(t.is_idle());
+    }
+
+    #[test]
+    fn messages_sent_after_an_error_and_before_the_sync_expect_nothing() {
+        let mut t = Tracker::default();
+        // The client's Bind went out alone; the server fails it before the rest arrives.
+        t.push(unnamed_bind(deny()));
+        assert!(matches!(
+            t.on_server(be::ERROR_RESPONSE),
+            Ok(Route::Deny(_))
+        ));
+        t.push(Expect::Execute { portal: "".into() });
+        t.push(Expect::Parse { denied: None });
+        t.push(Expect::Sync);
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        assert!(t.is_idle());
+        // After the Sync, messages are answered again.
+        t.push(Expect::Parse { denied: None });
+        assert_eq!(t.on_server(be::PARSE_COMPLETE), Ok(Route::Pass));
     }
 
     #[test]

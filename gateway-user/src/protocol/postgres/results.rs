@@ -26,10 +26,7 @@ use crate::{
     },
     policy::{
         model::MaskSpec,
-        sql::{
-            Kind,
-            lineage::{Item, Shape, StarSource},
-        },
+        sql::lineage::{Item, Shape, StarSource},
     },
 };
 
@@ -61,26 +58,27 @@ impl Applies {
 }
 
 /// Looks up what a SQL-level prepared statement was judged.
-pub type Prepared<'a> = dyn Fn(&str) -> Option<Ctx> + Sync + 'a;
+/// A prepared statement by name: its judgement and which of its statements it is.
+pub type Prepared<'a> = dyn Fn(&str) -> Option<(Ctx, usize)> + Sync + 'a;
 
 /// The masks and shape of statement `k` of a judged message; `EXECUTE name` takes the
 /// prepared statement's. `None`: nothing to mask.
-pub fn applies(j: &Ctx, k: usize, prepared: &dyn Fn(&str) -> Option<Ctx>) -> Option<Applies> {
+pub fn applies(
+    j: &Ctx,
+    k: usize,
+    prepared: &dyn Fn(&str) -> Option<(Ctx, usize)>,
+) -> Option<Applies> {
     let mut masks = j.decision.masks.clone();
     let statement = j.classification.statements.get(k);
     let mut source = statement.map(|_| (j.clone(), k));
     if let Some(Shape::Execute(name)) = statement.map(|s| &s.shape) {
-        source = prepared(name).and_then(|p| {
+        source = prepared(name).map(|(p, at)| {
             for m in &p.decision.masks {
                 if !masks.iter().any(|x| Arc::ptr_eq(x, m)) {
                     masks.push(m.clone());
                 }
             }
-            // The PREPARE may be any statement of the message it came in.
-            let at = p.classification.statements.iter().position(|s| {
-                s.prepared.as_deref() == Some(name.as_str()) && s.kind == Kind::Prepare
-            })?;
-            Some((p, at))
+            (p, at)
         });
     }
     (!masks.is_empty()).then_some(Applies { masks, source })
@@ -307,7 +305,7 @@ impl ResultMasking {
 
     /// BindComplete: which statement the portal now holds.
     pub fn on_bound(&mut self, b: Bound, prepared: &Prepared<'_>) {
-        match b.ctx.as_ref().and_then(|j| applies(j, 0, prepared)) {
+        match b.ctx.as_ref().and_then(|j| applies(j, b.at, prepared)) {
             Some(applies) => {
                 self.portals.insert(
                     b.portal,

@@ -488,10 +488,9 @@ async fn session(
         .class_of(&subject, &ctx.target.name, ctx.target.protocol.as_str());
     let state = Arc::new(Mutex::new(State {
         tracker: Tracker::default(),
-        statements: HashMap::new(),
+        prepared: HashMap::new(),
         portals: HashMap::new(),
         recorded: 0,
-        sql_prepared: HashMap::new(),
         scs,
         received_at: None,
         sent_at: None,
@@ -824,14 +823,13 @@ pub(crate) async fn inject_auth<R: AsyncRead + AsyncWrite + Unpin>(
 /// What the session remembers across messages.
 struct State {
     tracker: Tracker,
-    /// Extended-protocol prepared statements, by name.
-    statements: HashMap<String, Prepared>,
+    /// Prepared statements, by name: one namespace on the server for both ways of
+    /// making them (a Parse binds with SQL `EXECUTE`, a `PREPARE` with a Bind).
+    prepared: HashMap<String, Prepared>,
     /// Portals: the statement each one holds, for the records of their executions.
     portals: HashMap<String, Portal>,
     /// Statements recorded in this session.
     recorded: u64,
-    /// SQL-level `PREPARE`d statements, by name.
-    sql_prepared: HashMap<String, Prepared>,
     /// The server's standard_conforming_strings.
     scs: bool,
     /// When the oldest request not yet answered by ReadyForQuery arrived from the client,
@@ -848,13 +846,23 @@ struct Prepared {
     sql: Arc<str>,
     judgement: Arc<Judgement>,
     generation: u64,
+    /// Which statement of the judgement it is: 0 for a Parse; for a `PREPARE`, its place
+    /// in the message it came in.
+    at: usize,
+}
+
+impl State {
+    /// A prepared statement's judgement and place, for masking its results.
+    fn prepared_ctx(&self, name: &str) -> Option<(Arc<Judgement>, usize)> {
+        self.prepared.get(name).map(|p| (p.judgement.clone(), p.at))
+    }
 }
 
 /// A bound portal: the statement it runs and the decision that lets it (or the refusal
 /// its Bind got, which its Execute records).
 struct Portal {
     sql: Arc<str>,
-    judgement: Arc<Judgement>,
+    judgement: Option<Arc<Judgement>>,
     refused: Option<Denial>,
 }
 
@@ -935,7 +943,7 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
     {
         return None;
     }
-    let prepared = |n: &str| st.sql_prepared.get(n).map(|p| p.judgement.clone());
+    let prepared = |n: &str| st.prepared_ctx(n);
     for k in 0..j.classification.statements.len() {
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
@@ -987,24 +995,75 @@ fn rejudge(
             sql: p.sql.clone(),
             judgement: j,
             generation,
+            at: p.at,
         })),
     }
 }
 
-/// Judges again, after a policy change, the SQL-level prepared statements a query
-/// `EXECUTE`s, keeping the fresh decisions; the refusal when one may no longer run.
+/// Rule reported for a PREPARE or Parse of a name already in use, and for an EXECUTE or
+/// Bind of a name this session never prepared.
+pub const PREPARED_NAME_RULE: &str = "prepared-statement-name";
+
+/// What a query's `PREPARE`s and `EXECUTE`s name must be for its results to be masked
+/// by what the named statements were judged: a `PREPARE` must not take a name in use
+/// (the server keeps the statement it has; the judgement would be the new one's), and an
+/// `EXECUTE` must run a statement prepared through this session (else what it runs was
+/// never judged). The refusal when one is not.
+fn check_prepared_names(st: &State, j: &Judgement) -> Option<Denial> {
+    let mut made: Vec<&str> = Vec::new();
+    for s in &j.classification.statements {
+        match (s.kind, s.prepared.as_deref()) {
+            (Kind::Prepare, Some(name)) => {
+                if st.prepared.contains_key(name) || made.contains(&name) {
+                    return Some(name_in_use(name));
+                }
+                made.push(name);
+            }
+            (Kind::Execute, Some(name))
+                if !st.prepared.contains_key(name) && !made.contains(&name) =>
+            {
+                return Some(never_prepared(name));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn name_in_use(name: &str) -> Denial {
+    Denial {
+        rule: PREPARED_NAME_RULE.into(),
+        message: format!(
+            "a prepared statement named {name:?} already exists in this session; \
+             DEALLOCATE (or Close) it before preparing another under that name"
+        ),
+    }
+}
+
+fn never_prepared(name: &str) -> Denial {
+    Denial {
+        rule: PREPARED_NAME_RULE.into(),
+        message: format!(
+            "the prepared statement {name:?} was not prepared through Portcullis in this \
+             session, so what it runs was never judged; prepare it again"
+        ),
+    }
+}
+
+/// Judges again, after a policy change, the prepared statements a query `EXECUTE`s,
+/// keeping the fresh decisions; the refusal when one may no longer run.
 fn rejudge_executes(st: &mut State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Denial> {
     for s in &j.classification.statements {
         let crate::policy::sql::lineage::Shape::Execute(name) = &s.shape else {
             continue;
         };
-        let Some(p) = st.sql_prepared.get(name) else {
+        let Some(p) = st.prepared.get(name) else {
             continue;
         };
         match rejudge(st, judge, p, false) {
             Ok(None) => {}
             Ok(Some(fresh)) => {
-                st.sql_prepared.insert(name.clone(), fresh);
+                st.prepared.insert(name.clone(), fresh);
             }
             Err((_, d)) => return Err(d),
         }
@@ -1124,8 +1183,8 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             let j = judge.judge(&sql, st.scs);
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
-                _ => rejudge_executes(&mut st, judge, &j)
-                    .err()
+                _ => check_prepared_names(&st, &j)
+                    .or_else(|| rejudge_executes(&mut st, judge, &j).err())
                     .or_else(|| unmaskable(&st, judge, &j)),
             };
             let stmt = |refused: Option<Denial>| Stmt {
@@ -1168,7 +1227,11 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             let p = Parse::decode(&f.body).map_err(cp)?;
             let generation = judge.generation();
             let j = judge.judge(&p.sql, st.scs);
+            // The unnamed statement is replaced by every Parse; a named one is not: the
+            // server refuses the name while it exists.
+            let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
             let refusal = match j.decision.verdict {
+                _ if in_use => Some(name_in_use(&p.name)),
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => unmaskable(&st, judge, &j),
             };
@@ -1182,7 +1245,11 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             };
             match (j.decision.verdict, refusal) {
                 (_, Some(denial)) => {
-                    st.statements.remove(&p.name);
+                    // The server drops the unnamed statement before it parses the
+                    // substitute; a named one in use stays.
+                    if !in_use {
+                        st.prepared.remove(&p.name);
+                    }
                     let stmt = stmt(Some(denial.clone()));
                     let sub = Parse {
                         name: p.name,
@@ -1206,12 +1273,13 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 },
                 (_, None) => {
                     let stmt = stmt(None);
-                    st.statements.insert(
+                    st.prepared.insert(
                         p.name,
                         Prepared {
                             sql,
                             judgement: j.clone(),
                             generation,
+                            at: 0,
                         },
                     );
                     Plan::Forward(f, Some(Expect::Parse { denied: None }), Some(stmt))
@@ -1220,37 +1288,42 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
-            let Some(mut prepared) = st.statements.get(&b.statement).cloned() else {
-                // Not prepared through this session (or refused at Parse): the server
-                // refuses the Bind.
-                st.portals.remove(&b.portal);
-                let bind = Expect::Bind {
-                    portal: b.portal,
-                    ctx: None,
-                    denied: None,
-                };
-                return Ok(Plan::Forward(f, Some(bind), None));
-            };
-            match rejudge(&st, judge, &prepared, false) {
-                Ok(None) => {}
+            // Not prepared through this session (refused at Parse, or made where it was
+            // not judged): refused, not left to the server.
+            let known = st
+                .prepared
+                .get(&b.statement)
+                .cloned()
+                .ok_or_else(|| (None, never_prepared(&b.statement)));
+            let current = known.and_then(|p| match rejudge(&st, judge, &p, false) {
+                Ok(None) => Ok(p),
                 Ok(Some(fresh)) => {
-                    st.statements.insert(b.statement.clone(), fresh.clone());
-                    prepared = fresh;
+                    st.prepared.insert(b.statement.clone(), fresh.clone());
+                    Ok(fresh)
                 }
-                Err((j, denial)) => {
+                Err((j, denial)) => Err((Some((p.sql, j)), denial)),
+            });
+            let prepared = match current {
+                Ok(p) => p,
+                Err((judged, denial)) => {
                     // The server fails a Bind it cannot read, before it touches any
                     // portal; the client gets the denial, its Execute is skipped.
+                    let (sql, judgement) = match judged {
+                        Some((sql, j)) => (sql, Some(j)),
+                        None => ("".into(), None),
+                    };
                     st.portals.insert(
                         b.portal.clone(),
                         Portal {
-                            sql: prepared.sql,
-                            judgement: j,
+                            sql,
+                            judgement,
                             refused: Some(denial.clone()),
                         },
                     );
                     let bind = Expect::Bind {
                         portal: b.portal.clone(),
                         ctx: None,
+                        at: 0,
                         denied: Some(denial),
                     };
                     return Ok(Plan::Forward(
@@ -1259,23 +1332,21 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                         None,
                     ));
                 }
-            }
-            let j = prepared.judgement;
-            let masked = results::applies(&j, 0, &|n| {
-                st.sql_prepared.get(n).map(|p| p.judgement.clone())
-            })
-            .is_some();
+            };
+            let (j, at) = (prepared.judgement, prepared.at);
+            let masked = results::applies(&j, at, &|n| st.prepared_ctx(n)).is_some();
             st.portals.insert(
                 b.portal.clone(),
                 Portal {
                     sql: prepared.sql,
-                    judgement: j.clone(),
+                    judgement: Some(j.clone()),
                     refused: None,
                 },
             );
             let bind = Expect::Bind {
                 portal: b.portal.clone(),
                 ctx: Some(j),
+                at,
                 denied: None,
             };
             if masked {
@@ -1318,7 +1389,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             let stmt = Stmt {
                 via: "execute",
                 sql: p.map_or_else(|| "".into(), |p| p.sql.clone()),
-                judgement: p.map(|p| p.judgement.clone()),
+                judgement: p.and_then(|p| p.judgement.clone()),
                 refused: p.and_then(|p| p.refused.clone()),
                 name: Some(portal.clone()),
             };
@@ -1327,7 +1398,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
         fe::CLOSE => {
             let t = messages::Target::decode(&f.body, "Close").map_err(cp)?;
             if t.kind == b'S' {
-                st.statements.remove(&t.name);
+                st.prepared.remove(&t.name);
             } else {
                 st.portals.remove(&t.name);
             }
@@ -1380,24 +1451,27 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
 }
 
 /// SQL-level PREPARE: remember what the name was judged (and the text it came in, to
-/// judge it again after a policy change), for EXECUTE; forget on DEALLOCATE.
+/// judge it again after a policy change), for EXECUTE and Bind; DEALLOCATE forgets the
+/// name, DEALLOCATE ALL and DISCARD ALL every name (as the server does).
 fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>, sql: &Arc<str>, generation: u64) {
-    for s in &j.classification.statements {
+    for (at, s) in j.classification.statements.iter().enumerate() {
+        if s.drops_all_prepared {
+            st.prepared.clear();
+        }
         match (s.kind, &s.prepared) {
             (Kind::Prepare, Some(name)) => {
-                st.sql_prepared.insert(
+                st.prepared.insert(
                     name.clone(),
                     Prepared {
                         sql: sql.clone(),
                         judgement: j.clone(),
                         generation,
+                        at,
                     },
                 );
             }
-            (Kind::Deallocate, _) => {
-                // DEALLOCATE name / ALL: the classifier does not keep the name; forgetting all
-                // only loses masks the server no longer has statements for.
-                st.sql_prepared.clear();
+            (Kind::Deallocate, Some(name)) => {
+                st.prepared.remove(name);
             }
             _ => {}
         }
@@ -1613,6 +1687,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     sql: sql.clone(),
                     judgement: judgement.clone(),
                     generation,
+                    at: 0,
                 };
                 let st = state.lock().unwrap_or_else(|e| e.into_inner());
                 match rejudge(&st, judge, &held, true) {
@@ -1675,12 +1750,13 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 (ApprovalOutcome::Approved, HeldKind::Parse(name)) => {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.statements.insert(
+                    st.prepared.insert(
                         name.clone(),
                         Prepared {
                             sql: sql.clone(),
                             judgement: judgement.clone(),
                             generation,
+                            at: 0,
                         },
                     );
                     (frame, Expect::Parse { denied: None })
@@ -1874,9 +1950,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
         state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .sql_prepared
-            .get(n)
-            .map(|p| p.judgement.clone())
+            .prepared_ctx(n)
     };
     loop {
         let mut out = BytesMut::new();
