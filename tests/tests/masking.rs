@@ -411,3 +411,80 @@ X
     // Every exchange ended with ReadyForQuery: the session stayed in step throughout.
     assert_eq!(out.iter().filter(|v| v["t"] == "Z").count(), 14, "{out:#?}");
 }
+
+/// Side channels of a masked read, under the shipped policies: `pg_notify` would hand rows
+/// to a listener (the caller) unmasked, and an error can quote a value (`email::int`).
+/// The first is refused; the second's text is withheld, in both protocols, while an error
+/// that quotes only what the client wrote (a mistyped column) still reaches it.
+#[test]
+fn errors_and_notifications_do_not_carry_masked_values() {
+    let probe = Env::new();
+    let secret = secret_file(&probe);
+    let w = world_with(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
+            secret.display()
+        ),
+        None,
+    );
+    std::mem::forget(probe);
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE people (id int, email text); \
+         INSERT INTO people VALUES (1, 'alice@example.com'); ALTER TABLE people OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q LISTEN ch
+WAIT 1
+Q SELECT pg_notify('ch', email) FROM people
+WAIT 1
+Q SELECT email::int FROM people
+WAIT 1
+P - SELECT email::int FROM people
+B - -
+E - 0
+S
+WAIT 1
+Q SELECT emial FROM people
+WAIT 1
+X
+",
+    );
+    let text = serde_json::to_string(&out).expect("json");
+    let alice: String = "alice@example"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        !text.contains("alice@example") && !text.contains(&alice),
+        "a masked value got out: {out:#?}"
+    );
+    assert!(
+        !out.iter().any(|v| v["t"] == "A"),
+        "no notification: {out:#?}"
+    );
+    let errors: Vec<(&str, &str)> = out
+        .iter()
+        .filter(|v| v["t"] == "E")
+        .map(|v| {
+            (
+                v["code"].as_str().unwrap_or(""),
+                v["message"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(errors.len(), 4, "{out:#?}");
+    assert_eq!(errors[0].0, "42501");
+    assert!(
+        errors[0].1.contains("reaches beyond the data"),
+        "{errors:?}"
+    );
+    for (code, message) in &errors[1..3] {
+        assert_eq!(*code, "22P02");
+        assert!(message.contains("was withheld"), "{errors:?}");
+    }
+    assert_eq!(errors[3], ("42703", "column \"emial\" does not exist"));
+}

@@ -29,6 +29,9 @@ pub enum Danger {
     DynamicSql,
     /// Holds a backend for a chosen time (denial of service).
     Sleep,
+    /// Sends a computed payload to listening sessions (`pg_notify`): rows read under a
+    /// mask would reach a listener, the caller included, unmasked.
+    Notify,
 }
 
 impl Danger {
@@ -43,10 +46,11 @@ impl Danger {
             Self::Admin => "admin",
             Self::DynamicSql => "dynamic_sql",
             Self::Sleep => "sleep",
+            Self::Notify => "notify",
         }
     }
 
-    pub const ALL: [Danger; 9] = [
+    pub const ALL: [Danger; 10] = [
         Self::File,
         Self::LargeObject,
         Self::Remote,
@@ -56,6 +60,7 @@ impl Danger {
         Self::Admin,
         Self::DynamicSql,
         Self::Sleep,
+        Self::Notify,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -127,6 +132,7 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("pg_sleep", Danger::Sleep),
     ("pg_sleep_for", Danger::Sleep),
     ("pg_sleep_until", Danger::Sleep),
+    ("pg_notify", Danger::Notify),
 ];
 
 /// The danger of a function by its unqualified, lower-cased name.

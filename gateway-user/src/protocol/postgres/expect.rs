@@ -32,6 +32,8 @@ pub enum Expect {
     Query {
         denied: Option<Denial>,
         ctx: Option<Ctx>,
+        /// Its text, when it runs (errors are checked against it, see `withhold.rs`).
+        sql: Option<Arc<str>>,
     },
     /// `FunctionCall`: FunctionCallResponse or an error, then ReadyForQuery.
     FunctionCall {
@@ -212,6 +214,11 @@ impl Tracker {
     }
 
     /// The context of the query at the head, if it is one.
+    /// What the next server message answers.
+    pub fn head(&self) -> Option<&Expect> {
+        self.queue.front()
+    }
+
     pub fn head_query_ctx(&self) -> Option<&Ctx> {
         match self.queue.front() {
             Some(Expect::Query { ctx, .. }) => ctx.as_ref(),
@@ -421,6 +428,7 @@ mod tests {
         t.push(Expect::Query {
             denied: None,
             ctx: None,
+            sql: None,
         });
         let r = feed(&mut t, b"TDDCNTDCZ");
         assert_eq!(r[0], Route::Result(Owner::Query));
@@ -435,6 +443,7 @@ mod tests {
         t.push(Expect::Query {
             denied: deny(),
             ctx: None,
+            sql: None,
         });
         assert_eq!(
             t.on_server(be::ERROR_RESPONSE),

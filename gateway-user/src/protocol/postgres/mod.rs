@@ -23,6 +23,7 @@ pub mod session;
 pub mod startup;
 pub mod stream;
 pub mod tls;
+pub mod withhold;
 
 use std::{
     collections::HashMap,

@@ -303,6 +303,11 @@ impl ResultMasking {
         CopyMasker::new(p, format).map_err(|e| ResultError::Malformed(e.to_string()))
     }
 
+    /// Whether the rows of a portal are masked.
+    pub fn masks_portal(&self, name: &str) -> bool {
+        self.portals.contains_key(name)
+    }
+
     /// BindComplete: which statement the portal now holds.
     pub fn on_bound(&mut self, b: Bound, prepared: &Prepared<'_>) {
         match b.ctx.as_ref().and_then(|j| applies(j, b.at, prepared)) {

@@ -1200,6 +1200,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                     Some(Expect::Query {
                         denied: Some(d.clone()),
                         ctx: None,
+                        sql: None,
                     }),
                     Some(stmt(Some(d))),
                 ),
@@ -1217,6 +1218,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                         Some(Expect::Query {
                             denied: None,
                             ctx: Some(j.clone()),
+                            sql: Some(sql.clone()),
                         }),
                         Some(stmt(None)),
                     )
@@ -1745,6 +1747,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         Expect::Query {
                             denied: None,
                             ctx: Some(judgement.clone()),
+                            sql: Some(sql.clone()),
                         },
                     )
                 }
@@ -1812,6 +1815,7 @@ fn substitute(kind: &HeldKind, d: Denial) -> (Frame, Expect) {
             Expect::Query {
                 denied: Some(d),
                 ctx: None,
+                sql: None,
             },
         ),
         HeldKind::Parse(name) => (
@@ -1955,6 +1959,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
     loop {
         let mut out = BytesMut::new();
         while let Some(f) = server.try_frame()? {
+            let mut masked_sql = None;
             let (route, head) = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if f.tag == be::PARAMETER_STATUS
@@ -1964,6 +1969,10 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     st.scs = v == "on";
                 }
                 let head = st.tracker.head_query_ctx().cloned();
+                // Errors and notices of a masked statement may quote what it masks.
+                if matches!(f.tag, be::ERROR_RESPONSE | be::NOTICE_RESPONSE) {
+                    masked_sql = masked_statement_sql(&st, &masking);
+                }
                 (st.tracker.on_server(f.tag)?, head)
             };
             let handled = match route {
@@ -1999,7 +2008,10 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     Ok(())
                 }
                 Route::Pass => {
-                    f.encode(&mut out);
+                    match masked_sql.take() {
+                        Some(sql) => super::withhold::relay(f, &sql).encode(&mut out),
+                        None => f.encode(&mut out),
+                    }
                     Ok(())
                 }
             };
@@ -2018,6 +2030,26 @@ async fn server_to_client<R: AsyncRead + Unpin>(
         if !server.fill().await? {
             return Ok(End::Closed);
         }
+    }
+}
+
+/// The text of the statement the server is answering, when its results are masked.
+fn masked_statement_sql(st: &State, masking: &ResultMasking) -> Option<Arc<str>> {
+    match st.tracker.head()? {
+        Expect::Query {
+            ctx: Some(j),
+            sql: Some(sql),
+            ..
+        } => {
+            let prepared = |n: &str| st.prepared_ctx(n);
+            (0..j.classification.statements.len().max(1))
+                .any(|k| results::applies(j, k, &prepared).is_some())
+                .then(|| sql.clone())
+        }
+        Expect::Execute { portal } if masking.masks_portal(portal) => {
+            st.portals.get(portal).map(|p| p.sql.clone())
+        }
+        _ => None,
     }
 }
 
