@@ -39,9 +39,12 @@ pub enum Expect {
     FunctionCall {
         denied: Option<Denial>,
     },
-    /// `Parse`: ParseComplete (or the error of a denied statement's substitute).
+    /// `Parse`: ParseComplete (or the error of a denied statement's substitute). `name`:
+    /// the client's statement, when it was forwarded (what the engine keeps of it waits
+    /// for the server's answer).
     Parse {
         denied: Option<Denial>,
+        name: Option<String>,
     },
     /// `Bind`: the portal, and the judgement of the statement bound to it (or the
     /// error of the unreadable Bind sent for a refused one).
@@ -162,12 +165,17 @@ pub struct Tracker {
     /// An extended-protocol error arrived before the client's Sync did: the server
     /// discards what the client sends until that Sync, so nothing answers it.
     skipping: bool,
+    /// Statements of forwarded Parses the server failed or skipped: never made.
+    unmade: Vec<String>,
 }
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
         if self.skipping {
             if !matches!(e, Expect::Sync) {
+                if let Expect::Parse { name: Some(n), .. } = e {
+                    self.unmade.push(n);
+                }
                 return;
             }
             self.skipping = false;
@@ -219,6 +227,12 @@ impl Tracker {
         self.queue.front()
     }
 
+    /// Statements of forwarded Parses that the server failed or skipped since the last
+    /// call: they do not exist on the server.
+    pub fn take_unmade(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unmade)
+    }
+
     pub fn head_query_ctx(&self) -> Option<&Ctx> {
         match self.queue.front() {
             Some(Expect::Query { ctx, .. }) => ctx.as_ref(),
@@ -245,7 +259,9 @@ impl Tracker {
             ) {
                 return;
             }
-            self.queue.pop_front();
+            if let Some(Expect::Parse { name: Some(n), .. }) = self.queue.pop_front() {
+                self.unmade.push(n);
+            }
         }
         // The client's Sync has not come yet (its messages may arrive in several reads):
         // what it sends before it is discarded by the server too.
@@ -311,7 +327,9 @@ impl Tracker {
             // ---- extended query
             (_, be::ERROR_RESPONSE) => {
                 let route = match &head {
-                    X::Parse { denied: Some(d) }
+                    X::Parse {
+                        denied: Some(d), ..
+                    }
                     | X::Bind {
                         denied: Some(d), ..
                     } => Route::Deny(d.clone()),
@@ -456,11 +474,17 @@ mod tests {
     fn extended_pipeline_with_a_denied_parse() {
         let mut t = Tracker::default();
         for e in [
-            Expect::Parse { denied: None },
+            Expect::Parse {
+                denied: None,
+                name: None,
+            },
             unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
-            Expect::Parse { denied: deny() },
+            Expect::Parse {
+                denied: deny(),
+                name: None,
+            },
             unnamed_bind(None),
             Expect::Execute { portal: "".into() },
             Expect::Sync,
@@ -514,23 +538,55 @@ mod tests {
             Ok(Route::Deny(_))
         ));
         t.push(Expect::Execute { portal: "".into() });
-        t.push(Expect::Parse { denied: None });
+        t.push(Expect::Parse {
+            denied: None,
+            name: None,
+        });
         t.push(Expect::Sync);
         assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
         assert!(t.is_idle());
         // After the Sync, messages are answered again.
-        t.push(Expect::Parse { denied: None });
+        t.push(Expect::Parse {
+            denied: None,
+            name: None,
+        });
         assert_eq!(t.on_server(be::PARSE_COMPLETE), Ok(Route::Pass));
+    }
+
+    #[test]
+    fn parses_the_server_failed_or_skipped_are_reported_unmade() {
+        let parse = |n: &str| Expect::Parse {
+            denied: None,
+            name: Some(n.into()),
+        };
+        let mut t = Tracker::default();
+        t.push(parse("a"));
+        t.push(parse("b"));
+        assert_eq!(t.on_server(be::PARSE_COMPLETE), Ok(Route::Pass));
+        assert!(t.take_unmade().is_empty(), "a was made");
+        assert_eq!(t.on_server(be::ERROR_RESPONSE), Ok(Route::Pass));
+        // c arrives after the error, before the Sync: skipped by the server too.
+        t.push(parse("c"));
+        t.push(Expect::Sync);
+        assert_eq!(t.take_unmade(), ["b", "c"]);
+        assert_eq!(t.on_server(be::READY_FOR_QUERY), Ok(Route::Ready(0)));
+        assert!(t.is_idle() && t.take_unmade().is_empty());
     }
 
     #[test]
     fn an_earlier_error_skips_a_later_substitute() {
         let mut t = Tracker::default();
         for e in [
-            Expect::Parse { denied: None },
+            Expect::Parse {
+                denied: None,
+                name: None,
+            },
             unnamed_bind(None),
             Expect::Execute { portal: "".into() },
-            Expect::Parse { denied: deny() },
+            Expect::Parse {
+                denied: deny(),
+                name: None,
+            },
             Expect::Sync,
         ] {
             t.push(e);
@@ -549,7 +605,10 @@ mod tests {
     #[test]
     fn injected_describes_are_swallowed() {
         let mut t = Tracker::default();
-        t.push(Expect::Parse { denied: None });
+        t.push(Expect::Parse {
+            denied: None,
+            name: None,
+        });
         t.push(Expect::DescribeStatement {
             name: "s".into(),
             swallow: true,

@@ -849,6 +849,10 @@ struct Prepared {
     /// Which statement of the judgement it is: 0 for a Parse; for a `PREPARE`, its place
     /// in the message it came in.
     at: usize,
+    /// The server said it made it (ParseComplete; the PREPARE's query ended without an
+    /// error). Until then a failure forgets it, so that the client may prepare the name
+    /// again.
+    confirmed: bool,
 }
 
 impl State {
@@ -996,6 +1000,7 @@ fn rejudge(
             judgement: j,
             generation,
             at: p.at,
+            confirmed: p.confirmed,
         })),
     }
 }
@@ -1262,6 +1267,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                         sub.encode(),
                         Some(Expect::Parse {
                             denied: Some(denial),
+                            name: None,
                         }),
                         Some(stmt),
                     )
@@ -1275,6 +1281,7 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 },
                 (_, None) => {
                     let stmt = stmt(None);
+                    let name = Some(p.name.clone());
                     st.prepared.insert(
                         p.name,
                         Prepared {
@@ -1282,9 +1289,10 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                             judgement: j.clone(),
                             generation,
                             at: 0,
+                            confirmed: false,
                         },
                     );
-                    Plan::Forward(f, Some(Expect::Parse { denied: None }), Some(stmt))
+                    Plan::Forward(f, Some(Expect::Parse { denied: None, name }), Some(stmt))
                 }
             }
         }
@@ -1469,6 +1477,7 @@ fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>, sql: &Arc<str>, gen
                         judgement: j.clone(),
                         generation,
                         at,
+                        confirmed: false,
                     },
                 );
             }
@@ -1690,6 +1699,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     judgement: judgement.clone(),
                     generation,
                     at: 0,
+                    confirmed: false,
                 };
                 let st = state.lock().unwrap_or_else(|e| e.into_inner());
                 match rejudge(&st, judge, &held, true) {
@@ -1760,9 +1770,16 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             judgement: judgement.clone(),
                             generation,
                             at: 0,
+                            confirmed: false,
                         },
                     );
-                    (frame, Expect::Parse { denied: None })
+                    (
+                        frame,
+                        Expect::Parse {
+                            denied: None,
+                            name: Some(name.clone()),
+                        },
+                    )
                 }
                 (refused, kind) => {
                     let why = match refused {
@@ -1825,7 +1842,10 @@ fn substitute(kind: &HeldKind, d: Denial) -> (Frame, Expect) {
                 param_types: Vec::new(),
             }
             .encode(),
-            Expect::Parse { denied: Some(d) },
+            Expect::Parse {
+                denied: Some(d),
+                name: None,
+            },
         ),
     }
 }
@@ -1973,7 +1993,12 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 if matches!(f.tag, be::ERROR_RESPONSE | be::NOTICE_RESPONSE) {
                     masked_sql = masked_statement_sql(&st, &masking);
                 }
-                (st.tracker.on_server(f.tag)?, head)
+                settle_prepared(&mut st, f.tag);
+                let route = st.tracker.on_server(f.tag)?;
+                for name in st.tracker.take_unmade() {
+                    forget_unmade(&mut st, &name);
+                }
+                (route, head)
             };
             let handled = match route {
                 Route::Deny(d) => {
@@ -2030,6 +2055,45 @@ async fn server_to_client<R: AsyncRead + Unpin>(
         if !server.fill().await? {
             return Ok(End::Closed);
         }
+    }
+}
+
+/// What the server's answer means for the prepared statements the engine keeps: a
+/// ParseComplete, or a query that ends without an error, makes them; an error unmakes the
+/// ones still waiting (a failed Parse, a failed PREPARE), so the name is free again.
+fn settle_prepared(st: &mut State, tag: u8) {
+    let names: Vec<String> = match st.tracker.head() {
+        Some(Expect::Parse {
+            denied: None,
+            name: Some(n),
+        }) => vec![n.clone()],
+        Some(Expect::Query { ctx: Some(j), .. }) => j
+            .classification
+            .statements
+            .iter()
+            .filter(|s| s.kind == Kind::Prepare)
+            .filter_map(|s| s.prepared.clone())
+            .collect(),
+        _ => return,
+    };
+    for n in names {
+        match tag {
+            be::ERROR_RESPONSE => forget_unmade(st, &n),
+            be::PARSE_COMPLETE | be::READY_FOR_QUERY => {
+                if let Some(p) = st.prepared.get_mut(&n) {
+                    p.confirmed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A statement the server did not make. The unnamed one is gone on the server whatever
+/// made it (a Parse drops it first).
+fn forget_unmade(st: &mut State, name: &str) {
+    if name.is_empty() || st.prepared.get(name).is_some_and(|p| !p.confirmed) {
+        st.prepared.remove(name);
     }
 }
 
