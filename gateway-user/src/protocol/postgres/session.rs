@@ -2062,6 +2062,12 @@ async fn server_to_client<R: AsyncRead + Unpin>(
 /// ParseComplete, or a query that ends without an error, makes them; an error unmakes the
 /// ones still waiting (a failed Parse, a failed PREPARE), so the name is free again.
 fn settle_prepared(st: &mut State, tag: u8) {
+    if !matches!(
+        tag,
+        be::ERROR_RESPONSE | be::PARSE_COMPLETE | be::READY_FOR_QUERY
+    ) {
+        return;
+    }
     let names: Vec<String> = match st.tracker.head() {
         Some(Expect::Parse {
             denied: None,
