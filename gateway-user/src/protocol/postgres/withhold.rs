@@ -65,56 +65,112 @@ fn pieces(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The names the server puts in fields of their own (schema, table, column, data type,
+/// constraint): catalog names, not values, wherever the text quotes them.
+const NAMES: [u8; 5] = [b's', b't', b'c', b'd', b'n'];
+
+fn code_of(fields: &[(u8, String)]) -> &str {
+    fields
+        .iter()
+        .find(|(k, _)| *k == b'C')
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// Whether the text of field `k` quotes only what the client wrote (`sql`, lower case) or
+/// catalog names.
+fn field_known(k: u8, text: &str, code: &str, sql: &str, names: &[&str]) -> bool {
+    // A syntax or access error's hint suggests catalog names ("Perhaps you meant to
+    // reference the column \"people.email\"."), not values.
+    if k == b'H' && code.starts_with("42") {
+        return true;
+    }
+    pieces(text)
+        .iter()
+        .all(|p| names.contains(p) || sql.contains(&p.to_lowercase()))
+}
+
 /// Whether an error or notice raised while a masked statement ran may reach the client
 /// as it is.
 pub fn may_relay(tag: u8, fields: &[(u8, String)], sql: &str) -> bool {
-    if tag != be::ERROR_RESPONSE {
+    if tag != be::ERROR_RESPONSE || FREE_FORM.iter().any(|c| code_of(fields).starts_with(c)) {
         return false;
     }
-    let code = fields
-        .iter()
-        .find(|(k, _)| *k == b'C')
-        .map_or("", |(_, v)| v.as_str());
-    if FREE_FORM.iter().any(|c| code.starts_with(c)) {
-        return false;
-    }
-    // A syntax or access error's hint suggests catalog names ("Perhaps you meant to
-    // reference the column \"people.email\"."), not values.
-    let names_only = code.starts_with("42");
+    let code = code_of(fields);
     let sql = sql.to_lowercase();
+    let names: Vec<&str> = names_in(fields);
     fields
         .iter()
-        .filter(|(k, _)| TEXT.contains(k) && !(names_only && *k == b'H'))
-        .flat_map(|(_, v)| pieces(v))
-        .all(|p| sql.contains(&p.to_lowercase()))
+        .filter(|(k, _)| TEXT.contains(k))
+        .all(|(k, v)| field_known(*k, v, code, &sql, &names))
 }
 
-/// The error or notice with its text withheld.
-pub fn withheld(tag: u8, fields: &[(u8, String)]) -> Frame {
-    let code = fields
+fn names_in(fields: &[(u8, String)]) -> Vec<&str> {
+    fields
         .iter()
-        .find(|(k, _)| *k == b'C')
-        .map_or("", |(_, v)| v.as_str());
+        .filter(|(k, _)| NAMES.contains(k))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+fn generic(tag: u8, code: &str) -> String {
     let what = if tag == be::ERROR_RESPONSE {
         "error"
     } else {
         "notice"
     };
+    format!(
+        "portcullis: the server's {what} text (SQLSTATE {code}) was withheld: the \
+         statement's results are masked, and the text may quote a masked value"
+    )
+}
+
+/// The error or notice with all its text withheld.
+pub fn withheld(tag: u8, fields: &[(u8, String)]) -> Frame {
     let mut b = BytesMut::new();
     for (k, v) in fields.iter().filter(|(k, _)| KEPT.contains(k)) {
         b.put_u8(*k);
         put_cstr(&mut b, v);
     }
     b.put_u8(b'M');
-    put_cstr(
-        &mut b,
-        &format!(
-            "portcullis: the server's {what} text (SQLSTATE {code}) was withheld: the \
-             statement's results are masked, and the text may quote a masked value"
-        ),
-    );
+    put_cstr(&mut b, &generic(tag, code_of(fields)));
     b.put_u8(0);
     Frame::new(tag, b.freeze())
+}
+
+/// The error with the text of each field that may quote a value withheld: the message
+/// replaced, a detail, hint or context left out.
+fn partly_withheld(fields: &[(u8, String)], sql: &str) -> Frame {
+    let code = code_of(fields);
+    let sql = sql.to_lowercase();
+    let names = names_in(fields);
+    let mut b = BytesMut::new();
+    let mut left_out = false;
+    for (k, v) in fields {
+        if TEXT.contains(k) {
+            if field_known(*k, v, code, &sql, &names) {
+                b.put_u8(*k);
+                put_cstr(&mut b, v);
+            } else if *k == b'M' {
+                b.put_u8(b'M');
+                put_cstr(&mut b, &generic(be::ERROR_RESPONSE, code));
+            } else {
+                left_out = true;
+            }
+        } else if KEPT.contains(k) {
+            b.put_u8(*k);
+            put_cstr(&mut b, v);
+        }
+    }
+    if left_out {
+        b.put_u8(b'D');
+        put_cstr(
+            &mut b,
+            "portcullis: the server's detail was withheld: the statement's results are \
+             masked, and it may quote a masked value",
+        );
+    }
+    b.put_u8(0);
+    Frame::new(be::ERROR_RESPONSE, b.freeze())
 }
 
 /// `f` as the client may see it while a masked statement `sql` runs.
@@ -123,10 +179,12 @@ pub fn relay(f: Frame, sql: &str) -> Frame {
         // Unreadable: nothing of it is relayed.
         return withheld(f.tag, &[]);
     };
-    if may_relay(f.tag, &fields, sql) {
+    if f.tag != be::ERROR_RESPONSE || FREE_FORM.iter().any(|c| code_of(&fields).starts_with(c)) {
+        withheld(f.tag, &fields)
+    } else if may_relay(f.tag, &fields, sql) {
         f
     } else {
-        withheld(f.tag, &fields)
+        partly_withheld(&fields, sql)
     }
 }
 
@@ -260,6 +318,54 @@ mod tests {
         let keys: Vec<u8> = got.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, [b'S', b'C', b'n', b'M'], "{got:?}");
         assert!(text.contains("SQLSTATE 23505"), "{got:?}");
+    }
+
+    #[test]
+    fn a_message_naming_only_catalog_names_stays_while_a_detail_with_data_goes() {
+        let mut unique = fields(
+            "23505",
+            r#"duplicate key value violates unique constraint "people_email_key""#,
+            Some("Key (email)=(alice@example.com) already exists."),
+        );
+        unique.push((b'n', "people_email_key".into()));
+        let body = relay(
+            Frame::new(be::ERROR_RESPONSE, encode(&unique)),
+            "UPDATE people SET email = lower(email)",
+        );
+        let got = messages::error_fields(&body.body).expect("well formed");
+        let get = |k: u8| got.iter().find(|(c, _)| *c == k).map(|(_, v)| v.as_str());
+        assert_eq!(get(b'M'), Some(unique[2].1.as_str()), "{got:?}");
+        assert!(get(b'D').is_some_and(|d| d.contains("withheld") && !d.contains("alice")));
+        assert_eq!(get(b'n'), Some("people_email_key"));
+        // A not-null violation names the table and column in fields of their own.
+        let mut not_null = fields(
+            "23502",
+            r#"null value in column "email" of relation "people" violates not-null constraint"#,
+            Some("Failing row contains (1, null)."),
+        );
+        not_null.push((b't', "people".into()));
+        not_null.push((b'c', "email".into()));
+        let body = relay(
+            Frame::new(be::ERROR_RESPONSE, encode(&not_null)),
+            "INSERT INTO people (id) VALUES (1)",
+        );
+        let got = messages::error_fields(&body.body).expect("well formed");
+        assert_eq!(
+            got.iter()
+                .find(|(c, _)| *c == b'M')
+                .map(|(_, v)| v.as_str()),
+            Some(not_null[2].1.as_str())
+        );
+    }
+
+    fn encode(fields: &[(u8, String)]) -> bytes::Bytes {
+        let mut b = BytesMut::new();
+        for (k, v) in fields {
+            b.put_u8(*k);
+            put_cstr(&mut b, v);
+        }
+        b.put_u8(0);
+        b.freeze()
     }
 
     #[test]
