@@ -30,8 +30,9 @@ ALTER TABLE people OWNER TO app;
 ALTER VIEW people_v OWNER TO app;
 ";
 
-/// A gate whose target holds credentials (for the catalog) and the test policy.
-fn masked_world(extra: &str, policy: &str) -> Pgw {
+/// A gate whose target holds credentials (for the catalog), with `policy` (or the shipped
+/// policies).
+fn catalog_world(extra: &str, policy: Option<&str>) -> Pgw {
     let probe = Env::new();
     let secret = secret_file(&probe);
     let w = world_with(
@@ -39,11 +40,42 @@ fn masked_world(extra: &str, policy: &str) -> Pgw {
             "credentials = {{ user = \"app\", password_file = \"{}\" }}\n{extra}",
             secret.display()
         ),
-        Some(policy),
+        policy,
     );
     // The secret lives with the world's environment.
     std::mem::forget(probe);
+    w
+}
+
+/// The errors in a `wire` run: (SQLSTATE, message).
+fn wire_errors(out: &[serde_json::Value]) -> Vec<(&str, &str)> {
+    out.iter()
+        .filter(|v| v["t"] == "E")
+        .map(|v| {
+            (
+                v["code"].as_str().unwrap_or(""),
+                v["message"].as_str().unwrap_or(""),
+            )
+        })
+        .collect()
+}
+
+/// A gate with the catalog and the test policy, over the test tables.
+fn masked_world(extra: &str, policy: &str) -> Pgw {
+    let w = catalog_world(extra, Some(policy));
     w.pg.sql("shop", SETUP);
+    w
+}
+
+/// A gate with the catalog and the shipped policies, over one `people` row whose e-mail
+/// is alice's.
+fn shipped_world_with_alice() -> Pgw {
+    let w = catalog_world("", None);
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE people (id int, email text); \
+         INSERT INTO people VALUES (1, 'alice@example.com'); ALTER TABLE people OWNER TO app;",
+    );
     w
 }
 
@@ -309,21 +341,7 @@ fn a_million_masked_rows_stream_with_bounded_memory() {
 /// through the gate is refused, not run.
 #[test]
 fn every_way_to_a_prepared_statement_is_masked_with_it() {
-    let probe = Env::new();
-    let secret = secret_file(&probe);
-    let w = world_with(
-        &format!(
-            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
-            secret.display()
-        ),
-        None,
-    );
-    std::mem::forget(probe);
-    w.pg.sql(
-        "shop",
-        "CREATE TABLE people (id int, email text); \
-         INSERT INTO people VALUES (1, 'alice@example.com'); ALTER TABLE people OWNER TO app;",
-    );
+    let w = shipped_world_with_alice();
     let out = wire(
         &w,
         &w.agent,
@@ -409,16 +427,7 @@ X
         ],
         "{out:#?}"
     );
-    let errors: Vec<(&str, &str)> = out
-        .iter()
-        .filter(|v| v["t"] == "E")
-        .map(|v| {
-            (
-                v["code"].as_str().unwrap_or(""),
-                v["message"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let errors = wire_errors(&out);
     assert_eq!(errors.len(), 6, "{out:#?}");
     for ((code, m), (want_code, what)) in errors.iter().zip([
         ("42501", "\"s1\" already exists"),
@@ -442,21 +451,7 @@ X
 /// that quotes only what the client wrote (a mistyped column) still reaches it.
 #[test]
 fn errors_and_notifications_do_not_carry_masked_values() {
-    let probe = Env::new();
-    let secret = secret_file(&probe);
-    let w = world_with(
-        &format!(
-            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
-            secret.display()
-        ),
-        None,
-    );
-    std::mem::forget(probe);
-    w.pg.sql(
-        "shop",
-        "CREATE TABLE people (id int, email text); \
-         INSERT INTO people VALUES (1, 'alice@example.com'); ALTER TABLE people OWNER TO app;",
-    );
+    let w = shipped_world_with_alice();
     let out = wire(
         &w,
         &w.agent,
@@ -490,16 +485,7 @@ X
         !out.iter().any(|v| v["t"] == "A"),
         "no notification: {out:#?}"
     );
-    let errors: Vec<(&str, &str)> = out
-        .iter()
-        .filter(|v| v["t"] == "E")
-        .map(|v| {
-            (
-                v["code"].as_str().unwrap_or(""),
-                v["message"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let errors = wire_errors(&out);
     assert_eq!(errors.len(), 4, "{out:#?}");
     assert_eq!(errors[0].0, "42501");
     assert!(
