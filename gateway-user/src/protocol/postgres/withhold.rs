@@ -89,19 +89,28 @@ fn field_known(k: u8, text: &str, code: &str, sql: &str, names: &[&str]) -> bool
         .all(|p| names.contains(p) || sql.contains(&p.to_lowercase()))
 }
 
+/// The codes of the text fields that may quote a masked value; `None` when all text goes
+/// (a notice, or a class whose text is free-form).
+fn unknown_text(tag: u8, fields: &[(u8, String)], sql: &str) -> Option<Vec<u8>> {
+    let code = code_of(fields);
+    if tag != be::ERROR_RESPONSE || FREE_FORM.iter().any(|c| code.starts_with(c)) {
+        return None;
+    }
+    let sql = sql.to_lowercase();
+    let names = names_in(fields);
+    Some(
+        fields
+            .iter()
+            .filter(|(k, v)| TEXT.contains(k) && !field_known(*k, v, code, &sql, &names))
+            .map(|(k, _)| *k)
+            .collect(),
+    )
+}
+
 /// Whether an error or notice raised while a masked statement ran may reach the client
 /// as it is.
 pub fn may_relay(tag: u8, fields: &[(u8, String)], sql: &str) -> bool {
-    if tag != be::ERROR_RESPONSE || FREE_FORM.iter().any(|c| code_of(fields).starts_with(c)) {
-        return false;
-    }
-    let code = code_of(fields);
-    let sql = sql.to_lowercase();
-    let names: Vec<&str> = names_in(fields);
-    fields
-        .iter()
-        .filter(|(k, _)| TEXT.contains(k))
-        .all(|(k, v)| field_known(*k, v, code, &sql, &names))
+    unknown_text(tag, fields, sql).is_some_and(|u| u.is_empty())
 }
 
 fn names_in(fields: &[(u8, String)]) -> Vec<&str> {
@@ -124,47 +133,42 @@ fn generic(tag: u8, code: &str) -> String {
     )
 }
 
+fn put_field(b: &mut BytesMut, k: u8, v: &str) {
+    b.put_u8(k);
+    put_cstr(b, v);
+}
+
 /// The error or notice with all its text withheld.
 pub fn withheld(tag: u8, fields: &[(u8, String)]) -> Frame {
     let mut b = BytesMut::new();
     for (k, v) in fields.iter().filter(|(k, _)| KEPT.contains(k)) {
-        b.put_u8(*k);
-        put_cstr(&mut b, v);
+        put_field(&mut b, *k, v);
     }
-    b.put_u8(b'M');
-    put_cstr(&mut b, &generic(tag, code_of(fields)));
+    put_field(&mut b, b'M', &generic(tag, code_of(fields)));
     b.put_u8(0);
     Frame::new(tag, b.freeze())
 }
 
-/// The error with the text of each field that may quote a value withheld: the message
-/// replaced, a detail, hint or context left out.
-fn partly_withheld(fields: &[(u8, String)], sql: &str) -> Frame {
-    let code = code_of(fields);
-    let sql = sql.to_lowercase();
-    let names = names_in(fields);
+/// The error with the `unknown` text fields withheld: the message replaced, a detail,
+/// hint or context left out.
+fn partly_withheld(fields: &[(u8, String)], unknown: &[u8]) -> Frame {
     let mut b = BytesMut::new();
     let mut left_out = false;
     for (k, v) in fields {
-        if TEXT.contains(k) {
-            if field_known(*k, v, code, &sql, &names) {
-                b.put_u8(*k);
-                put_cstr(&mut b, v);
-            } else if *k == b'M' {
-                b.put_u8(b'M');
-                put_cstr(&mut b, &generic(be::ERROR_RESPONSE, code));
-            } else {
-                left_out = true;
+        if !unknown.contains(k) {
+            if TEXT.contains(k) || KEPT.contains(k) {
+                put_field(&mut b, *k, v);
             }
-        } else if KEPT.contains(k) {
-            b.put_u8(*k);
-            put_cstr(&mut b, v);
+        } else if *k == b'M' {
+            put_field(&mut b, b'M', &generic(be::ERROR_RESPONSE, code_of(fields)));
+        } else {
+            left_out = true;
         }
     }
     if left_out {
-        b.put_u8(b'D');
-        put_cstr(
+        put_field(
             &mut b,
+            b'D',
             "portcullis: the server's detail was withheld: the statement's results are \
              masked, and it may quote a masked value",
         );
@@ -179,12 +183,10 @@ pub fn relay(f: Frame, sql: &str) -> Frame {
         // Unreadable: nothing of it is relayed.
         return withheld(f.tag, &[]);
     };
-    if f.tag != be::ERROR_RESPONSE || FREE_FORM.iter().any(|c| code_of(&fields).starts_with(c)) {
-        withheld(f.tag, &fields)
-    } else if may_relay(f.tag, &fields, sql) {
-        f
-    } else {
-        partly_withheld(&fields, sql)
+    match unknown_text(f.tag, &fields, sql) {
+        None => withheld(f.tag, &fields),
+        Some(unknown) if unknown.is_empty() => f,
+        Some(unknown) => partly_withheld(&fields, &unknown),
     }
 }
 
@@ -361,8 +363,7 @@ mod tests {
     fn encode(fields: &[(u8, String)]) -> bytes::Bytes {
         let mut b = BytesMut::new();
         for (k, v) in fields {
-            b.put_u8(*k);
-            put_cstr(&mut b, v);
+            put_field(&mut b, *k, v);
         }
         b.put_u8(0);
         b.freeze()
