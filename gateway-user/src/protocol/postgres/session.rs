@@ -855,7 +855,26 @@ struct Prepared {
     confirmed: bool,
 }
 
+impl Prepared {
+    /// As it is prepared: not yet confirmed by the server.
+    fn new(sql: Arc<str>, judgement: Arc<Judgement>, generation: u64, at: usize) -> Self {
+        Self {
+            sql,
+            judgement,
+            generation,
+            at,
+            confirmed: false,
+        }
+    }
+}
+
 impl State {
+    /// The record of `stmt`, numbered as the session's next.
+    fn record(&mut self, stmt: &Stmt, session: i64, redact: bool) -> crate::store::Append {
+        self.recorded += 1;
+        stmt.record(self.recorded, session, redact)
+    }
+
     /// A prepared statement's judgement and place, for masking its results.
     fn prepared_ctx(&self, name: &str) -> Option<(Arc<Judgement>, usize)> {
         self.prepared.get(name).map(|p| (p.judgement.clone(), p.at))
@@ -996,12 +1015,35 @@ fn rejudge(
     match refused {
         Some(d) => Err((j, d)),
         None => Ok(Some(Prepared {
-            sql: p.sql.clone(),
             judgement: j,
             generation,
-            at: p.at,
-            confirmed: p.confirmed,
+            ..p.clone()
         })),
+    }
+}
+
+/// The statement a Bind of `name` runs, judged again after a policy change (and kept so).
+/// `Err`: the refused portal, for a name never prepared through this session (refused at
+/// Parse, or made where it was not judged) or a statement the current policies refuse.
+fn statement_to_bind(st: &mut State, judge: &JudgeCtx, name: &str) -> Result<Prepared, Portal> {
+    let Some(p) = st.prepared.get(name).cloned() else {
+        return Err(Portal {
+            sql: "".into(),
+            judgement: None,
+            refused: Some(never_prepared(name)),
+        });
+    };
+    match rejudge(st, judge, &p, false) {
+        Ok(None) => Ok(p),
+        Ok(Some(fresh)) => {
+            st.prepared.insert(name.to_owned(), fresh.clone());
+            Ok(fresh)
+        }
+        Err((j, denial)) => Err(Portal {
+            sql: p.sql,
+            judgement: Some(j),
+            refused: Some(denial),
+        }),
     }
 }
 
@@ -1282,60 +1324,26 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
                 (_, None) => {
                     let stmt = stmt(None);
                     let name = Some(p.name.clone());
-                    st.prepared.insert(
-                        p.name,
-                        Prepared {
-                            sql,
-                            judgement: j.clone(),
-                            generation,
-                            at: 0,
-                            confirmed: false,
-                        },
-                    );
+                    st.prepared
+                        .insert(p.name, Prepared::new(sql, j.clone(), generation, 0));
                     Plan::Forward(f, Some(Expect::Parse { denied: None, name }), Some(stmt))
                 }
             }
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
-            // Not prepared through this session (refused at Parse, or made where it was
-            // not judged): refused, not left to the server.
-            let known = st
-                .prepared
-                .get(&b.statement)
-                .cloned()
-                .ok_or_else(|| (None, never_prepared(&b.statement)));
-            let current = known.and_then(|p| match rejudge(&st, judge, &p, false) {
-                Ok(None) => Ok(p),
-                Ok(Some(fresh)) => {
-                    st.prepared.insert(b.statement.clone(), fresh.clone());
-                    Ok(fresh)
-                }
-                Err((j, denial)) => Err((Some((p.sql, j)), denial)),
-            });
-            let prepared = match current {
+            let prepared = match statement_to_bind(&mut st, judge, &b.statement) {
                 Ok(p) => p,
-                Err((judged, denial)) => {
+                Err(refused) => {
                     // The server fails a Bind it cannot read, before it touches any
                     // portal; the client gets the denial, its Execute is skipped.
-                    let (sql, judgement) = match judged {
-                        Some((sql, j)) => (sql, Some(j)),
-                        None => ("".into(), None),
-                    };
-                    st.portals.insert(
-                        b.portal.clone(),
-                        Portal {
-                            sql,
-                            judgement,
-                            refused: Some(denial.clone()),
-                        },
-                    );
                     let bind = Expect::Bind {
                         portal: b.portal.clone(),
                         ctx: None,
                         at: 0,
-                        denied: Some(denial),
+                        denied: refused.refused.clone(),
                     };
+                    st.portals.insert(b.portal.clone(), refused);
                     return Ok(Plan::Forward(
                         messages::unreadable_bind(&b.portal, &b.statement),
                         Some(bind),
@@ -1472,13 +1480,7 @@ fn remember_sql_prepares(st: &mut State, j: &Arc<Judgement>, sql: &Arc<str>, gen
             (Kind::Prepare, Some(name)) => {
                 st.prepared.insert(
                     name.clone(),
-                    Prepared {
-                        sql: sql.clone(),
-                        judgement: j.clone(),
-                        generation,
-                        at,
-                        confirmed: false,
-                    },
+                    Prepared::new(sql.clone(), j.clone(), generation, at),
                 );
             }
             (Kind::Deallocate, Some(name)) => {
@@ -1694,13 +1696,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             // The policies may have changed while it waited: an approved statement runs
             // under the current ones (their masks; their denial refuses it after all).
             let (judgement, generation, now_refused) = if outcome == ApprovalOutcome::Approved {
-                let held = Prepared {
-                    sql: sql.clone(),
-                    judgement: judgement.clone(),
-                    generation,
-                    at: 0,
-                    confirmed: false,
-                };
+                let held = Prepared::new(sql.clone(), judgement.clone(), generation, 0);
                 let st = state.lock().unwrap_or_else(|e| e.into_inner());
                 match rejudge(&st, judge, &held, true) {
                     Ok(None) => (judgement, generation, None),
@@ -1713,22 +1709,18 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let refused = now_refused.is_some() || outcome != ApprovalOutcome::Approved;
             if let Some(d) = &now_refused {
                 // On record as refused, beside its held record and the approval.
-                let record = {
-                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.recorded += 1;
-                    Stmt {
-                        via: stmt.via,
-                        sql: sql.clone(),
-                        judgement: Some(judgement.clone()),
-                        refused: Some(d.clone()),
-                        name: stmt.name.clone(),
-                    }
-                    .record(
-                        st.recorded,
-                        ctx.session,
-                        shared.store.config().redact_literals,
-                    )
+                let refusal = Stmt {
+                    via: stmt.via,
+                    sql: sql.clone(),
+                    judgement: Some(judgement.clone()),
+                    refused: Some(d.clone()),
+                    name: stmt.name.clone(),
                 };
+                let record = state.lock().unwrap_or_else(|e| e.into_inner()).record(
+                    &refusal,
+                    ctx.session,
+                    shared.store.config().redact_literals,
+                );
                 if let Err(e) = shared.store.append_durable(vec![record]).await {
                     tracing::error!(
                         target: "portcullis::audit",
@@ -1765,13 +1757,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                     st.prepared.insert(
                         name.clone(),
-                        Prepared {
-                            sql: sql.clone(),
-                            judgement: judgement.clone(),
-                            generation,
-                            at: 0,
-                            confirmed: false,
-                        },
+                        Prepared::new(sql.clone(), judgement.clone(), generation, 0),
                     );
                     (
                         frame,
@@ -1865,10 +1851,7 @@ async fn record_statements(
         plans
             .iter()
             .filter_map(|p| match p {
-                Plan::Forward(_, _, Some(stmt)) => {
-                    st.recorded += 1;
-                    Some(stmt.record(st.recorded, ctx.session, redact))
-                }
+                Plan::Forward(_, _, Some(stmt)) => Some(st.record(stmt, ctx.session, redact)),
                 _ => None,
             })
             .collect()
