@@ -498,3 +498,107 @@ X
     }
     assert_eq!(errors[3], ("42703", "column \"emial\" does not exist"));
 }
+
+#[test]
+fn copies_of_masked_columns_are_refused_unless_a_mask_covers_where_they_go() {
+    // The shipped policies mask `*.email`, and check the copies INSERT, UPDATE and
+    // CREATE TABLE make.
+    let w = shipped_world_with_alice();
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE notes (id serial, body text); CREATE TABLE archive (email text); \
+         ALTER TABLE notes OWNER TO app; ALTER TABLE archive OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q CREATE TABLE t1 AS SELECT email AS x FROM people
+WAIT 1
+Q CREATE VIEW v AS SELECT email AS contact FROM people
+WAIT 1
+Q INSERT INTO notes (body) SELECT contact FROM v
+WAIT 1
+P - INSERT INTO notes (body) SELECT upper(email) FROM people
+B - -
+E - 0
+S
+WAIT 1
+Q UPDATE people SET email = upper(email) WHERE id = 1
+WAIT 1
+Q INSERT INTO archive (email) SELECT email FROM people
+WAIT 1
+Q INSERT INTO notes (body) SELECT id::text FROM people
+WAIT 1
+Q CREATE VIEW w AS SELECT id AS c FROM people; INSERT INTO notes (body) SELECT c::text FROM w
+WAIT 1
+Q ALTER TABLE people RENAME COLUMN email TO contact
+WAIT 1
+Q SELECT email FROM archive
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 5, "{out:#?}");
+    for (code, message) in errors[..3].iter().chain(&errors[4..]) {
+        assert_eq!(*code, "42501", "{errors:?}");
+        assert!(
+            message.contains("mask-pii-columns")
+                && message.contains("people.email, which is masked"),
+            "{errors:?}"
+        );
+    }
+    assert!(
+        errors[0].1.contains("into t1.x, which no mask covers"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].1.contains("into notes.body"),
+        "through the view: {errors:?}"
+    );
+    assert!(errors[4].1.contains("into people.contact"), "{errors:?}");
+    // A view made earlier in the same message is not in the catalog yet.
+    assert_eq!(errors[3].0, "42501");
+    assert!(
+        errors[3].1.contains("cannot verify") && errors[3].1.contains("definitions changed"),
+        "{errors:?}"
+    );
+    // What was let through ran; the copy into a column the mask covers reads back masked.
+    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
+    assert_eq!(rows.len(), 1, "{out:#?}");
+    let redacted: String = "[REDACTED:email]"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        rows[0]["hex"]
+            .as_str()
+            .is_some_and(|h| h.ends_with(&redacted)),
+        "{out:#?}"
+    );
+    assert_eq!(
+        w.pg.sql("shop", "SELECT string_agg(body, ',') FROM notes")
+            .trim(),
+        "1",
+        "only the unmasked copy was made"
+    );
+    assert_eq!(
+        w.pg.sql("shop", "SELECT email FROM archive").trim(),
+        "ALICE@EXAMPLE.COM"
+    );
+    assert_eq!(
+        w.pg.sql(
+            "shop",
+            "SELECT to_regclass('t1') IS NULL, to_regclass('w') IS NULL"
+        )
+        .trim(),
+        "t|t"
+    );
+    // The refused statements never reached the server.
+    let log = w.pg.log();
+    assert!(!log.contains("AS x FROM people"), "{log}");
+    assert!(!log.contains("SELECT contact FROM v"), "{log}");
+    assert!(!log.contains("SELECT upper(email) FROM people"), "{log}");
+    assert!(!log.contains("RENAME COLUMN"), "{log}");
+}

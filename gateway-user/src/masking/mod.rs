@@ -1,4 +1,5 @@
 //! Masking: what a masked value becomes, and which values to mask.
+pub mod copies;
 pub mod detect;
 pub mod plan;
 pub mod rows;

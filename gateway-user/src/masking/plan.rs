@@ -167,13 +167,35 @@ pub enum Refusal {
     },
     #[error("rule {rule}: binary COPY of masked data is not supported; use text or CSV format")]
     BinaryCopy { rule: String },
+    #[error(
+        "rule {rule}: this would copy {from}, which is masked, into {dest}, which no mask \
+         covers (masks do not follow values copied inside the database); copy it into a \
+         column a mask covers, naming the target columns"
+    )]
+    Copy {
+        rule: String,
+        from: String,
+        dest: String,
+    },
+    #[error(
+        "rule {rule}: cannot verify in the catalog whether {from} is masked, so copying it \
+         into {dest}, which no mask covers, is refused"
+    )]
+    CopyUnverified {
+        rule: String,
+        from: String,
+        dest: String,
+    },
 }
 
 impl Refusal {
     /// The rule whose mask could not be honoured.
     pub fn rule(&self) -> &str {
         match self {
-            Self::Unresolved { rule, .. } | Self::BinaryCopy { rule } => rule,
+            Self::Unresolved { rule, .. }
+            | Self::BinaryCopy { rule }
+            | Self::Copy { rule, .. }
+            | Self::CopyUnverified { rule, .. } => rule,
         }
     }
 }

@@ -31,6 +31,9 @@ use sqlparser::ast::{
 
 use super::{TableName, ident_name, parts};
 
+mod stored;
+pub use stored::{Dest, Stored, stored};
+
 /// A column a value is read from; `column: None` is the whole row.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ColumnRef {
@@ -739,6 +742,11 @@ fn source_column(s: &Source, c: &str) -> Deps {
 // ---------------------------------------------------------------- queries
 
 fn query_items(q: &Query, parent: &Scope<'_>) -> Vec<Item> {
+    set_items(&q.body, &with_scope(q, parent))
+}
+
+/// The scope a query's body is read in: its parent's, and the query's CTEs.
+fn with_scope<'p>(q: &Query, parent: &'p Scope<'p>) -> Scope<'p> {
     let mut scope = Scope::child(parent);
     if let Some(with) = &q.with {
         for cte in &with.cte_tables {
@@ -776,7 +784,7 @@ fn query_items(q: &Query, parent: &Scope<'_>) -> Vec<Item> {
             });
         }
     }
-    set_items(&q.body, &scope)
+    scope
 }
 
 fn set_items(body: &SetExpr, scope: &Scope<'_>) -> Vec<Item> {

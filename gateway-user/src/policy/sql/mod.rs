@@ -130,6 +130,9 @@ pub struct StatementClass {
     pub drops_all_prepared: bool,
     /// The rows it returns and what their columns are computed from (for masking).
     pub shape: lineage::Shape,
+    /// Values it stores in tables that are computed from columns (for masking: a copy of
+    /// a masked column must land where a mask covers it).
+    pub stored: Vec<lineage::Stored>,
 }
 
 impl StatementClass {
@@ -146,6 +149,7 @@ impl StatementClass {
             prepared: None,
             drops_all_prepared: false,
             shape: lineage::Shape::None,
+            stored: Vec::new(),
         }
     }
 }
@@ -923,6 +927,7 @@ fn classify_statement(s: &Statement) -> StatementClass {
     };
     let _ = s.visit(&mut v);
     c.shape = lineage::shape(s);
+    c.stored = lineage::stored(s);
     c
 }
 

@@ -255,6 +255,11 @@ impl Catalog {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// What is known now, without asking the server.
+    pub fn cached(&self) -> Arc<Data> {
+        self.snapshot()
+    }
+
     fn snapshot(&self) -> Arc<Data> {
         let mut d = self.data.lock().unwrap_or_else(|e| e.into_inner());
         if d.at.elapsed() > TTL {

@@ -31,7 +31,7 @@ use super::{
     PgError, PgShared,
     approval::{ApprovalOutcome, ApprovalRequest},
     auth,
-    catalog::CatalogKey,
+    catalog::{Catalog, CatalogKey},
     codec::{Frame, SSL_REQUEST, Startup, decode},
     expect::{Denial, Expect, Owner, Route, Tracker},
     messages::{self, Notice, Parse, auth_codes, be, fe},
@@ -41,6 +41,7 @@ use super::{
 };
 use crate::{
     config::{PgAuth, PgTarget, TokenExpiry, TokenMode, UpstreamTls},
+    masking::plan::Refusal,
     oidc::OidcIdentity,
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
@@ -494,6 +495,7 @@ async fn session(
         scs,
         received_at: None,
         sent_at: None,
+        ddl_open: false,
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -511,6 +513,7 @@ async fn session(
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
         has_catalog: catalog.is_some(),
+        catalog: catalog.clone(),
         token_deadline,
         redact_all: shared.store.config().redact_literals,
         statements: [
@@ -836,6 +839,10 @@ struct State {
     /// and when it was forwarded (latency metrics).
     received_at: Option<std::time::Instant>,
     sent_at: Option<std::time::Instant>,
+    /// A statement that may change definitions (DDL, DO, CALL) went to the server since
+    /// the session was last idle outside a transaction: the catalog may not show what
+    /// names mean to this session.
+    ddl_open: bool,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -897,6 +904,7 @@ struct JudgeCtx {
     protocol: &'static str,
     /// Masking can look names up in the catalog.
     has_catalog: bool,
+    catalog: Option<Arc<Catalog>>,
     /// Unix seconds after which the session's token has expired (with `token_expiry =
     /// "end_session"`): the next statement ends the session.
     token_deadline: Option<i64>,
@@ -981,6 +989,71 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
     None
 }
 
+/// Whether a message copies a masked column where no mask covers it
+/// ([`crate::masking::copies`]), judged with what the catalog has cached. Without a
+/// catalog there is nothing to check: every column read from a table is masked or refused
+/// under a column rule then, copies included.
+fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal> {
+    let Some(catalog) = &judge.catalog else {
+        return Ok(());
+    };
+    if j.decision.masks.iter().all(|m| m.columns.is_empty()) {
+        return Ok(());
+    }
+    let statements = &j.classification.statements;
+    if statements.iter().all(|s| s.stored.is_empty()) {
+        return Ok(());
+    }
+    let data = catalog.cached();
+    for (k, s) in statements.iter().enumerate() {
+        // Definitions changed earlier in the session's transaction, or earlier in this
+        // message, are not in the catalog yet.
+        let trusted = !st.ddl_open && !statements[..k].iter().any(may_redefine);
+        crate::masking::copies::check(&j.decision.masks, &s.stored, &*data, trusted)?;
+    }
+    Ok(())
+}
+
+/// The refusal of a copy of a masked column (see [`copy_check`]).
+fn uncovered_copy(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Denial> {
+    copy_check(st, judge, j).err().map(|r| Denial {
+        rule: r.rule().to_owned(),
+        message: r.to_string(),
+    })
+}
+
+/// The names to look up in the catalog before [`copy_check`] can decide, when what it has
+/// cached does not show them.
+fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String>> {
+    match copy_check(st, judge, j) {
+        Err(Refusal::CopyUnverified { .. }) if !st.ddl_open => Some(
+            j.classification
+                .statements
+                .iter()
+                .flat_map(|s| crate::masking::copies::names(&s.stored))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Remembers that a message may change definitions the catalog does not show yet.
+fn note_redefinitions(st: &mut State, j: &Judgement) {
+    if j.classification.statements.iter().any(may_redefine) {
+        st.ddl_open = true;
+    }
+}
+
+/// Whether a statement may change what names mean.
+fn may_redefine(s: &crate::policy::sql::StatementClass) -> bool {
+    s.kinds.iter().any(|k| {
+        matches!(
+            k,
+            Kind::Create(_) | Kind::Alter(_) | Kind::Drop(_) | Kind::Do | Kind::Call
+        )
+    })
+}
+
 /// The decision a prepared statement runs under. While the policies are those it was
 /// prepared under, `Ok(None)`: the decision made then holds. After a reload it is judged
 /// again (one decision event), so that a tightened policy also stops statements prepared
@@ -1010,7 +1083,7 @@ fn rejudge(
                 j.decision.rule
             ),
         }),
-        _ => unmaskable(st, judge, &j),
+        _ => unmaskable(st, judge, &j).or_else(|| uncovered_copy(st, judge, &j)),
     };
     match refused {
         Some(d) => Err((j, d)),
@@ -1211,6 +1284,9 @@ enum Plan {
         kind: HeldKind,
     },
     Close,
+    /// The catalog must be asked about these names before the message can be judged;
+    /// then it is planned again.
+    Lookup(Frame, Vec<String>),
 }
 
 #[derive(Clone)]
@@ -1219,8 +1295,14 @@ enum HeldKind {
     Parse(String),
 }
 
-/// Judges one client message (no I/O; the lock is held briefly).
-fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgError> {
+/// Judges one client message (no I/O; the lock is held briefly). `looked_up`: the
+/// catalog has been asked what a [`Plan::Lookup`] wanted (it is not asked twice).
+fn plan(
+    state: &Mutex<State>,
+    judge: &JudgeCtx,
+    f: Frame,
+    looked_up: bool,
+) -> Result<Plan, PgError> {
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let cp = PgError::ClientProtocol;
     Ok(match f.tag {
@@ -1228,12 +1310,20 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
             let generation = judge.generation();
             let j = judge.judge(&sql, st.scs);
+            if j.decision.verdict != Verdict::Deny
+                && !looked_up
+                && let Some(names) = copy_lookup(&st, judge, &j)
+            {
+                return Ok(Plan::Lookup(f, names));
+            }
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => check_prepared_names(&st, &j)
                     .or_else(|| rejudge_executes(&mut st, judge, &j).err())
-                    .or_else(|| unmaskable(&st, judge, &j)),
+                    .or_else(|| unmaskable(&st, judge, &j))
+                    .or_else(|| uncovered_copy(&st, judge, &j)),
             };
+            note_redefinitions(&mut st, &j);
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "query",
                 sql: sql.clone(),
@@ -1279,11 +1369,19 @@ fn plan(state: &Mutex<State>, judge: &JudgeCtx, f: Frame) -> Result<Plan, PgErro
             // The unnamed statement is replaced by every Parse; a named one is not: the
             // server refuses the name while it exists.
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
+            if !in_use
+                && j.decision.verdict != Verdict::Deny
+                && !looked_up
+                && let Some(names) = copy_lookup(&st, judge, &j)
+            {
+                return Ok(Plan::Lookup(f, names));
+            }
             let refusal = match j.decision.verdict {
                 _ if in_use => Some(name_in_use(&p.name)),
                 Verdict::Deny => Some(denial_of(&j)),
-                _ => unmaskable(&st, judge, &j),
+                _ => unmaskable(&st, judge, &j).or_else(|| uncovered_copy(&st, judge, &j)),
             };
+            note_redefinitions(&mut st, &j);
             let sql: Arc<str> = p.sql.as_str().into();
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "parse",
@@ -1593,7 +1691,15 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 .unwrap_or_else(|e| e.into_inner())
                 .received_at
                 .get_or_insert(arrived);
-            match plan(&state, judge, f)? {
+            let mut planned = plan(&state, judge, f, false)?;
+            if let Plan::Lookup(f, names) = planned {
+                // Failures are logged there; the plan then refuses what it cannot verify.
+                if let Some(c) = &judge.catalog {
+                    let _ = c.lookup(shared, &[], &names).await;
+                }
+                planned = plan(&state, judge, f, true)?;
+            }
+            match planned {
                 p @ Plan::Hold { .. } => {
                     hold = Some(p);
                     break;
@@ -1622,7 +1728,9 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         expects.push(e);
                     }
                 }
-                Plan::Hold { .. } | Plan::Close => unreachable!("not collected"),
+                Plan::Hold { .. } | Plan::Close | Plan::Lookup(..) => {
+                    unreachable!("not collected")
+                }
             }
         }
         if close {
@@ -1980,6 +2088,12 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 let route = st.tracker.on_server(f.tag)?;
                 for name in st.tracker.take_unmade() {
                     forget_unmade(&mut st, &name);
+                }
+                if f.tag == be::READY_FOR_QUERY
+                    && st.tracker.is_idle()
+                    && messages::ready_status(&f.body).ok() == Some(b'I')
+                {
+                    st.ddl_open = false;
                 }
                 (route, head)
             };

@@ -1,0 +1,539 @@
+//! Stored values: what a write puts into a table, and which columns each value is computed
+//! from. Masking needs it because a mask covers columns where they are *read*: a value
+//! copied inside the database (`INSERT INTO notes(text) SELECT phone FROM people`, `CREATE
+//! TABLE t AS SELECT email AS x FROM users`) would be read back from its new place in the
+//! clear. Knowing where each stored value comes from and where it goes lets the engine
+//! refuse a copy whose new place no mask covers.
+//!
+//! Same conservative analysis as the output lineage: an expression depends on everything it
+//! mentions, unqualified names on every relation in scope. Destinations are what the text
+//! says: a named column, "the source's own names" (`CREATE TABLE t AS SELECT * FROM s`), or
+//! unknown (`INSERT INTO t SELECT ...` with no column list: the table's column order is in
+//! the catalog, not in the text).
+//!
+//! Pure: takes a parsed statement and returns facts.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use sqlparser::ast::{
+    AlterColumnOperation, AlterTable, AlterTableOperation, Assignment, AssignmentTarget,
+    ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind, ObjectName,
+    OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement, TableFactor,
+    TableObject, UpdateTableFromKind,
+};
+
+use super::{
+    ColumnRef, Deps, Item, Scope, StarSource, query_items, set_items, source_all, with_scope,
+};
+use crate::policy::sql::{TableName, explain_runs, expr_object_name, ident_name, parts};
+
+/// Where in the written table a value goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Dest {
+    /// This column.
+    Column(String),
+    /// Columns named as the source's own (`CREATE TABLE t AS SELECT * FROM s`).
+    SameNames,
+    /// Columns the text does not name (`INSERT INTO t SELECT ...` without a column list; a
+    /// position after a `*` of unknown width).
+    Unknown,
+}
+
+/// A value a statement stores, computed from table columns.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Stored {
+    pub table: TableName,
+    pub dest: Dest,
+    pub deps: Deps,
+}
+
+/// The values a statement stores that are computed from something: what `INSERT`,
+/// `UPDATE ... SET`, `INSERT ... ON CONFLICT DO UPDATE`, `MERGE`, `CREATE TABLE ... AS`,
+/// `SELECT ... INTO` and `CREATE MATERIALIZED VIEW` write, what `ALTER TABLE` renames or
+/// computes into a column, also inside `PREPARE`,
+/// `EXPLAIN ANALYZE` and data-modifying CTEs. Values that depend on nothing (literals,
+/// parameters) are left out.
+pub fn stored(stmt: &Statement) -> Vec<Stored> {
+    let mut out = Vec::new();
+    statement(stmt, &Scope::root(), &mut out);
+    out
+}
+
+fn statement(stmt: &Statement, scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    use Statement as S;
+    match stmt {
+        S::Query(q) => query(q, scope, out),
+        S::Insert(ins) => {
+            let table = match &ins.table {
+                TableObject::TableName(n) => TableName::from_object(n),
+                TableObject::TableFunction(_) | TableObject::TableQuery(_) => unknown_table(),
+            };
+            let columns: Vec<String> = ins.columns.iter().map(column_name).collect();
+            if let Some(src) = &ins.source {
+                let inner = with_scope(src, scope);
+                writes_in_ctes(src, &inner, out);
+                positional(&table, &columns, set_items(&src.body, &inner), out);
+            }
+            if let Some(OnInsert::OnConflict(c)) = &ins.on
+                && let OnConflictAction::DoUpdate(u) = &c.action
+            {
+                let mut s = Scope::child(scope);
+                if let TableObject::TableName(n) = &ins.table {
+                    let alias = ins.table_alias.as_ref().map(|a| ident_name(&a.alias));
+                    s.add_relation(n, alias, Vec::new());
+                    s.add_relation(n, Some("excluded".into()), Vec::new());
+                }
+                assignments(&table, &u.assignments, &s, out);
+            }
+        }
+        S::Update(u) => {
+            let mut s = Scope::child(scope);
+            s.add_from(std::slice::from_ref(&u.table));
+            if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
+                &u.from
+            {
+                s.add_from(f);
+            }
+            assignments(&factor_table(&u.table.relation), &u.assignments, &s, out);
+        }
+        S::Merge(m) => {
+            let mut s = Scope::child(scope);
+            s.add_factor(&m.table);
+            s.add_factor(&m.source);
+            let table = factor_table(&m.table);
+            for clause in &m.clauses {
+                match &clause.action {
+                    MergeAction::Update(u) => match &u.kind {
+                        MergeUpdateKind::Set(a) => assignments(&table, a, &s, out),
+                        // `UPDATE SET *` is not PostgreSQL; every column from the source.
+                        _ => push(&table, Dest::Unknown, everything(&s), out),
+                    },
+                    MergeAction::Insert(ins) => {
+                        let columns: Vec<String> = ins.columns.iter().map(column_name).collect();
+                        match &ins.kind {
+                            MergeInsertKind::Values(v) => {
+                                let items = set_items(&SetExpr::Values(v.clone()), &s);
+                                positional(&table, &columns, items, out);
+                            }
+                            MergeInsertKind::Row | MergeInsertKind::Wildcard => {
+                                push(&table, Dest::Unknown, everything(&s), out)
+                            }
+                        }
+                    }
+                    MergeAction::Delete { .. } | MergeAction::DoNothing { .. } => {}
+                }
+            }
+        }
+        S::CreateTable(ct) => {
+            if let Some(q) = &ct.query {
+                let columns: Vec<String> = ct.columns.iter().map(|c| ident_name(&c.name)).collect();
+                let inner = with_scope(q, scope);
+                writes_in_ctes(q, &inner, out);
+                named(
+                    &TableName::from_object(&ct.name),
+                    &columns,
+                    set_items(&q.body, &inner),
+                    out,
+                );
+            }
+        }
+        S::CreateView(v) if v.materialized => {
+            let columns: Vec<String> = v.columns.iter().map(|c| ident_name(&c.name)).collect();
+            named(
+                &TableName::from_object(&v.name),
+                &columns,
+                query_items(&v.query, scope),
+                out,
+            );
+        }
+        S::AlterTable(at) => alter_table(at, scope, out),
+        S::Prepare { statement: s, .. } => statement(s, scope, out),
+        S::Explain { statement: s, .. } if explain_runs(stmt) => statement(s, scope, out),
+        _ => {}
+    }
+}
+
+/// `ALTER TABLE` moves values under other names: a renamed column or table holds what the
+/// old one did, a generated column and a type change `USING` an expression store what it
+/// computes.
+fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    let table = TableName::from_object(&at.name);
+    let mut s = Scope::child(scope);
+    s.add_relation(&at.name, None, Vec::new());
+    let column = |c: &Ident| Deps {
+        columns: BTreeSet::from([ColumnRef {
+            table: table.clone(),
+            column: Some(ident_name(c)),
+        }]),
+        opaque: false,
+    };
+    for op in &at.operations {
+        match op {
+            AlterTableOperation::RenameColumn {
+                old_column_name,
+                new_column_name,
+            } => push(
+                &table,
+                Dest::Column(ident_name(new_column_name)),
+                column(old_column_name),
+                out,
+            ),
+            AlterTableOperation::RenameTable {
+                table_name: RenameTableNameKind::As(n) | RenameTableNameKind::To(n),
+            } => {
+                // The table stays in its schema.
+                let mut to = TableName::from_object(n);
+                to.schema = to.schema.or_else(|| table.schema.clone());
+                push(&to, Dest::SameNames, everything(&s), out);
+            }
+            AlterTableOperation::AddColumn { column_def, .. } => {
+                for o in &column_def.options {
+                    if let ColumnOption::Generated {
+                        generation_expr: Some(e),
+                        ..
+                    } = &o.option
+                    {
+                        let mut deps = Deps::default();
+                        s.expr_deps(e, &mut deps);
+                        push(
+                            &table,
+                            Dest::Column(ident_name(&column_def.name)),
+                            deps,
+                            out,
+                        );
+                    }
+                }
+            }
+            AlterTableOperation::AlterColumn {
+                column_name,
+                op: AlterColumnOperation::SetDataType { using: Some(e), .. },
+            } => {
+                let mut deps = Deps::default();
+                s.expr_deps(e, &mut deps);
+                push(&table, Dest::Column(ident_name(column_name)), deps, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A query: `SELECT ... INTO`, `WITH ... INSERT/UPDATE/MERGE`, and writes in its CTEs.
+fn query(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    let inner = with_scope(q, scope);
+    writes_in_ctes(q, &inner, out);
+    match q.body.as_ref() {
+        SetExpr::Select(sel) if sel.into.is_some() => {
+            let table = sel
+                .into
+                .as_ref()
+                .and_then(|i| i.targets.first())
+                .and_then(expr_object_name)
+                .map_or_else(unknown_table, |n| TableName::from_object(&n));
+            named(&table, &[], set_items(&q.body, &inner), out);
+        }
+        SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Merge(s) => statement(s, &inner, out),
+        _ => {}
+    }
+}
+
+/// Data-modifying statements in a query's CTEs (`WITH c AS (INSERT ... RETURNING ...)`),
+/// read in the scope of the CTEs before them.
+fn writes_in_ctes(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    if let Some(with) = &q.with {
+        for cte in &with.cte_tables {
+            query(&cte.query, scope, out);
+        }
+    }
+}
+
+/// `SET column = value, (a, b) = (...)`: each target gets what its value depends on (a
+/// tuple's columns each get the whole tuple's).
+fn assignments(table: &TableName, list: &[Assignment], scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    for a in list {
+        let mut deps = Deps::default();
+        scope.expr_deps(&a.value, &mut deps);
+        let targets = match &a.target {
+            AssignmentTarget::ColumnName(n) => std::slice::from_ref(n),
+            AssignmentTarget::Tuple(ns) => ns.as_slice(),
+        };
+        for n in targets {
+            push(table, Dest::Column(column_name(n)), deps.clone(), out);
+        }
+    }
+}
+
+/// Items stored by position into `columns` (INSERT): exact while no `*` of unknown width
+/// comes first; without a column list, the table's order decides, which the text does not
+/// show.
+fn positional(table: &TableName, columns: &[String], items: Vec<Item>, out: &mut Vec<Stored>) {
+    let mut exact = !columns.is_empty();
+    for (i, item) in items.into_iter().enumerate() {
+        let mut deps = Deps::default();
+        item.all_deps(&mut deps);
+        let dest = match &item {
+            Item::Column { .. } if exact => columns
+                .get(i)
+                .map_or(Dest::Unknown, |c| Dest::Column(c.clone())),
+            Item::Column { .. } => Dest::Unknown,
+            Item::Star(_) => {
+                exact = false;
+                Dest::Unknown
+            }
+        };
+        push(table, dest, deps, out);
+    }
+}
+
+/// Items that become the columns of a new table (CREATE TABLE AS, SELECT INTO,
+/// materialized views): named by the column list where it reaches, else by the items' own
+/// output names; a `*` over a table keeps that table's names.
+fn named(table: &TableName, columns: &[String], items: Vec<Item>, out: &mut Vec<Stored>) {
+    let mut exact = true;
+    for (i, item) in items.into_iter().enumerate() {
+        let listed = if exact { columns.get(i) } else { None };
+        let in_list = i < columns.len();
+        let (dest, deps) = match item {
+            Item::Column { name, deps } => {
+                let dest = match (listed, name) {
+                    (Some(c), _) => Dest::Column(c.clone()),
+                    (None, Some(n)) if !in_list => Dest::Column(n),
+                    _ => Dest::Unknown,
+                };
+                (dest, deps)
+            }
+            Item::Star(star) => {
+                exact = false;
+                let dest = match &star {
+                    StarSource::Relation(_) if columns.len() <= i => Dest::SameNames,
+                    _ => Dest::Unknown,
+                };
+                let mut deps = Deps::default();
+                Item::Star(star).all_deps(&mut deps);
+                (dest, deps)
+            }
+        };
+        push(table, dest, deps, out);
+    }
+}
+
+fn push(table: &TableName, dest: Dest, deps: Deps, out: &mut Vec<Stored>) {
+    if !deps.is_empty() {
+        out.push(Stored {
+            table: table.clone(),
+            dest,
+            deps,
+        });
+    }
+}
+
+/// Everything every source in scope holds (a MERGE inserting or updating the whole source
+/// row).
+fn everything(scope: &Scope<'_>) -> Deps {
+    let mut d = Deps::default();
+    for s in &scope.sources {
+        d.extend(&source_all(s));
+    }
+    d
+}
+
+/// A column named in a column list or a SET target: its first part (`SET col.field = ...`
+/// and `SET col[1] = ...` write `col`).
+fn column_name(n: &ObjectName) -> String {
+    parts(n).into_iter().next().unwrap_or_default()
+}
+
+fn factor_table(f: &TableFactor) -> TableName {
+    match f {
+        TableFactor::Table { name, .. } => TableName::from_object(name),
+        _ => unknown_table(),
+    }
+}
+
+/// A table the text does not name: only a pattern with `*` for the table covers it.
+fn unknown_table() -> TableName {
+    TableName {
+        schema: None,
+        name: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::sql::{LexOptions, classify};
+
+    /// `table.dest <- deps` per stored value.
+    fn stored_of(sql: &str) -> Vec<String> {
+        let c = classify(sql, LexOptions::default());
+        assert!(c.error.is_none(), "{sql}: {:?}", c.error);
+        c.statements
+            .iter()
+            .flat_map(|s| s.stored.iter())
+            .map(|s| {
+                let dest = match &s.dest {
+                    Dest::Column(c) => c.clone(),
+                    Dest::SameNames => "=".into(),
+                    Dest::Unknown => "?".into(),
+                };
+                let mut deps: Vec<String> = s
+                    .deps
+                    .columns
+                    .iter()
+                    .map(|r| match &r.column {
+                        Some(c) => format!("{}.{c}", r.table),
+                        None => format!("{}.*", r.table),
+                    })
+                    .collect();
+                if s.deps.opaque {
+                    deps.push("opaque".into());
+                }
+                format!("{}.{dest} <- {}", s.table, deps.join(" "))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn insert_select_goes_by_position_into_the_column_list() {
+        assert_eq!(
+            stored_of("INSERT INTO notes (body, at) SELECT phone, now() FROM people"),
+            ["notes.body <- people.phone"]
+        );
+        assert_eq!(
+            stored_of("INSERT INTO notes SELECT phone FROM people"),
+            ["notes.? <- people.phone"]
+        );
+        assert_eq!(
+            stored_of("INSERT INTO notes (a, b) SELECT * FROM people"),
+            ["notes.? <- people.*"]
+        );
+        assert_eq!(
+            stored_of("INSERT INTO notes (a) VALUES ((SELECT email FROM users LIMIT 1))"),
+            ["notes.a <- users.email"]
+        );
+        // Literals and parameters store nothing traced.
+        assert!(stored_of("INSERT INTO notes (a, b) VALUES ('x', $1)").is_empty());
+        assert!(stored_of("INSERT INTO notes DEFAULT VALUES").is_empty());
+    }
+
+    #[test]
+    fn update_set_and_on_conflict() {
+        assert_eq!(
+            stored_of("UPDATE people SET note = upper(phone), n = 1 WHERE email = 'a'"),
+            ["people.note <- people.phone"]
+        );
+        assert_eq!(
+            stored_of("UPDATE t SET x = u.email FROM users u WHERE u.id = t.id"),
+            ["t.x <- users.email"]
+        );
+        assert_eq!(
+            stored_of("UPDATE t SET (a, b) = (SELECT email, 1 FROM users)"),
+            // `email` could also be the outer t's.
+            ["t.a <- t.email users.email", "t.b <- t.email users.email"]
+        );
+        assert_eq!(
+            stored_of(
+                "INSERT INTO t (id, x) VALUES (1, 'a') \
+                 ON CONFLICT (id) DO UPDATE SET x = excluded.x || t.email"
+            ),
+            ["t.x <- t.email t.x"]
+        );
+    }
+
+    #[test]
+    fn new_tables_take_the_names_of_their_query() {
+        assert_eq!(
+            stored_of("CREATE TABLE t AS SELECT email AS x, lower(email), id FROM users"),
+            [
+                "t.x <- users.email",
+                "t.lower <- users.email",
+                "t.id <- users.id"
+            ]
+        );
+        assert_eq!(
+            stored_of("CREATE TABLE t AS SELECT * FROM users"),
+            ["t.= <- users.*"]
+        );
+        assert_eq!(
+            stored_of("CREATE TABLE t AS TABLE users"),
+            ["t.= <- users.*"]
+        );
+        assert_eq!(
+            stored_of("SELECT email AS contact INTO TEMP t FROM users"),
+            ["t.contact <- users.email"]
+        );
+        assert_eq!(
+            stored_of("CREATE MATERIALIZED VIEW m AS SELECT email || '' AS e FROM users"),
+            ["m.e <- users.email"]
+        );
+        // A plain view stores nothing: reads of it are traced through its definition.
+        assert!(stored_of("CREATE VIEW v AS SELECT email FROM users").is_empty());
+    }
+
+    #[test]
+    fn alter_table_renames_and_computed_columns() {
+        assert_eq!(
+            stored_of("ALTER TABLE people RENAME COLUMN phone TO contact"),
+            ["people.contact <- people.phone"]
+        );
+        assert_eq!(
+            stored_of("ALTER TABLE app.people RENAME TO folks"),
+            ["app.folks.= <- app.people.*"]
+        );
+        assert_eq!(
+            stored_of(
+                "ALTER TABLE people ADD COLUMN c text GENERATED ALWAYS AS (lower(email)) STORED"
+            ),
+            ["people.c <- people.email"]
+        );
+        assert_eq!(
+            stored_of("ALTER TABLE people ALTER COLUMN note TYPE text USING phone::text"),
+            ["people.note <- people.phone"]
+        );
+        assert!(stored_of("ALTER TABLE people ADD COLUMN n int DEFAULT 0").is_empty());
+    }
+
+    #[test]
+    fn merge_clauses() {
+        assert_eq!(
+            stored_of(
+                "MERGE INTO t USING users u ON t.id = u.id \
+                 WHEN MATCHED THEN UPDATE SET x = u.email \
+                 WHEN NOT MATCHED THEN INSERT (id, x) VALUES (u.id, u.phone)"
+            ),
+            [
+                "t.x <- users.email",
+                "t.id <- users.id",
+                "t.x <- users.phone"
+            ]
+        );
+    }
+
+    #[test]
+    fn writes_inside_other_statements_and_through_ctes() {
+        assert_eq!(
+            stored_of(
+                "WITH src AS (SELECT email AS e FROM users) \
+                 INSERT INTO notes (body) SELECT e FROM src"
+            ),
+            ["notes.body <- users.email"]
+        );
+        assert_eq!(
+            stored_of(
+                "WITH moved AS (INSERT INTO notes (body) SELECT phone FROM people RETURNING id) \
+                 SELECT count(*) FROM moved"
+            ),
+            ["notes.body <- people.phone"]
+        );
+        assert_eq!(
+            stored_of("PREPARE p AS INSERT INTO notes (body) SELECT email FROM users"),
+            ["notes.body <- users.email"]
+        );
+        assert_eq!(
+            stored_of("EXPLAIN ANALYZE INSERT INTO notes (body) SELECT email FROM users"),
+            ["notes.body <- users.email"]
+        );
+        // A plan alone stores nothing.
+        assert!(stored_of("EXPLAIN INSERT INTO notes (body) SELECT email FROM users").is_empty());
+    }
+}
