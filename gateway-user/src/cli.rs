@@ -367,7 +367,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(LogFormatArg::Text) => LogFormat::Text,
                 None => cfg.log.format,
             };
-            let _log_guard = telemetry::init(&cfg.log.level, format);
+            let _log_guard = telemetry::init(
+                &cfg.log.level,
+                format,
+                telemetry::batch::Limits {
+                    queue_bytes: cfg.log.queue_bytes,
+                    when_full: cfg.log.when_full,
+                },
+            );
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
                 config = %cfg.path.as_ref().map_or_else(|| "<embedded default>".into(), |p| p.display().to_string()),

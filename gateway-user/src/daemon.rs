@@ -115,6 +115,7 @@ impl crate::metrics::http::Probe for State {
             grants: self.approvals.grants().len(),
             webhooks: self.approvals.webhook_counts(),
             ready: false,
+            log_lines_dropped: crate::telemetry::batch::dropped_lines(),
         }
     }
 

@@ -5,7 +5,8 @@
 //! Lines are written by a background thread ([`batch`]): a slow reader of stderr (a pipe,
 //! journald under pressure) delays logs, not connections, and lines are written in batches
 //! (at most 10 ms late), so a busy daemon pays one write and one wake-up per batch, not per
-//! line. Bounded and lossless: past 8 MiB pending, logging threads wait rather than drop.
+//! line. Bounded: past `[log] queue_bytes` pending, lines are dropped and counted (or, with
+//! `when_full = "wait"`, logging threads wait).
 
 pub mod batch;
 pub mod json;
@@ -18,11 +19,11 @@ use crate::config::LogFormat;
 pub const AUDIT_TARGET: &str = "portcullis::audit";
 /// Installs the global subscriber. `RUST_LOG` overrides `level`. Keep the guard until the
 /// process ends: dropping it flushes the queue.
-pub fn init(level: &str, format: LogFormat) -> batch::Guard {
+pub fn init(level: &str, format: LogFormat, limits: batch::Limits) -> batch::Guard {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = batch::start(std::io::stderr(), "portcullis-log");
+    let (writer, guard) = batch::start(std::io::stderr(), "portcullis-log", limits);
     let registry = tracing_subscriber::registry().with(filter);
     // Colours only for a terminal; under journald (which sets JOURNAL_STREAM) no timestamp
     // either: the journal has its own.

@@ -360,6 +360,8 @@ pub fn canonical(addr: &str) -> String {
 pub struct Logs {
     lines: Mutex<Lines>,
     changed: Condvar,
+    /// The reader stops reading the daemon's stderr (a stalled journal).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -387,6 +389,23 @@ impl Lines {
 }
 
 impl Logs {
+    /// Stops reading the daemon's stderr: once the pipe is full the daemon's writes to it
+    /// block, as they do when journald stops reading.
+    pub fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn wait_while_paused(&self) {
+        while self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn push(&self, line: String) {
         self.lines.lock().expect("logs").pending.push(line);
         self.changed.notify_all();
@@ -527,10 +546,12 @@ impl Daemon {
         let stderr = child.get().stderr.take().expect("stderr");
         let sink = logs.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                match line {
-                    Ok(l) => sink.push(l),
-                    Err(_) => break,
+            let mut lines = BufReader::new(stderr).lines();
+            loop {
+                sink.wait_while_paused();
+                match lines.next() {
+                    Some(Ok(l)) => sink.push(l),
+                    _ => break,
                 }
             }
             sink.push("{\"message\":\"<stderr closed>\"}".into());

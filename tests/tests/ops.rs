@@ -611,3 +611,89 @@ fn the_deb_carries_what_install_lays_down() {
     let prerm = fs::read_to_string(control.join("prerm")).expect("prerm");
     assert!(prerm.contains("detach"), "{prerm}");
 }
+
+/// Runs 3,000 statements through the gate with psql while the daemon's stderr is not read
+/// (a stalled journal): each is a decision event, far more than `[log] queue_bytes` (the
+/// 64 KiB minimum) and the pipe hold. Returns psql and whether it finished within `within`.
+fn statements_while_the_journal_stalls(
+    w: &portcullis_tests::pg::Pgw,
+    within: Duration,
+) -> (std::process::Child, bool) {
+    use std::io::Write as _;
+    w.daemon.logs.pause();
+    let mut cmd = portcullis_tests::pg::psql_cmd(w, &w.agent, "disable");
+    cmd.args(["-A", "-t", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("psql");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all("SELECT 1;\n".repeat(3000).as_bytes())
+        .expect("script");
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("psql").is_some() {
+            return (child, true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, false)
+}
+
+#[test]
+fn a_stalled_journal_costs_log_lines_not_statements() {
+    let w = world_full("", None, "", "[log]\nqueue_bytes = 65536\n");
+    let (psql, finished) = statements_while_the_journal_stalls(&w, Duration::from_secs(120));
+    let out = psql.wait_with_output().expect("psql");
+    w.daemon.logs.resume();
+    assert!(finished, "statements stalled with the log reader");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3000);
+    // Once the journal reads again, the daemon says how many lines it could not write.
+    let warning =
+        w.daemon
+            .logs
+            .wait_for("the dropped-lines warning", Duration::from_secs(10), |v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("log lines were dropped"))
+            });
+    let dropped = warning["dropped"].as_u64().expect("dropped");
+    assert!(dropped > 1000, "{warning}");
+    assert!(
+        w.daemon.metric("portcullis_log_lines_dropped_total", &[]) >= dropped as f64,
+        "the metric counts them"
+    );
+    // The audit store holds every statement all the same.
+    let sessions = portcullis_json(&w.daemon.config, &["sessions", "--json"]);
+    let statements: u64 = sessions
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .filter_map(|s| s["statements"].as_u64())
+        .sum();
+    assert!(statements >= 3000, "{sessions}");
+}
+
+#[test]
+fn with_when_full_wait_no_line_is_lost_and_statements_wait_for_the_journal() {
+    let w = world_full(
+        "",
+        None,
+        "",
+        "[log]\nqueue_bytes = 65536\nwhen_full = \"wait\"\n",
+    );
+    let (psql, finished) = statements_while_the_journal_stalls(&w, Duration::from_secs(3));
+    assert!(!finished, "psql finished although the log reader stalled");
+    w.daemon.logs.resume();
+    let out = psql.wait_with_output().expect("psql");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3000);
+    assert_eq!(
+        w.daemon.metric("portcullis_log_lines_dropped_total", &[]),
+        0.0
+    );
+}

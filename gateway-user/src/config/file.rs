@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Duration, FailMode, LogFormat, Protocol};
+use super::{Duration, FailMode, LogFormat, LogWhenFull, Protocol};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -269,6 +269,11 @@ pub struct LogSection {
     pub level: String,
     #[serde(default = "default_format")]
     pub format: LogFormat,
+    /// Bytes of log lines that may wait for the writer thread.
+    #[serde(default = "default_log_queue")]
+    pub queue_bytes: Spanned<usize>,
+    #[serde(default = "default_when_full")]
+    pub when_full: LogWhenFull,
 }
 
 impl Default for LogSection {
@@ -276,8 +281,18 @@ impl Default for LogSection {
         Self {
             level: default_level(),
             format: default_format(),
+            queue_bytes: default_log_queue(),
+            when_full: default_when_full(),
         }
     }
+}
+
+fn default_log_queue() -> Spanned<usize> {
+    unspanned(crate::telemetry::batch::MAX_PENDING)
+}
+
+fn default_when_full() -> LogWhenFull {
+    LogWhenFull::Drop
 }
 
 fn default_level() -> String {

@@ -93,6 +93,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Smallest `[log] queue_bytes`: a few lines of the largest kind.
+pub const MIN_LOG_QUEUE: usize = 64 * 1024;
+
+/// What logging does when the queue in front of stderr is full (`[log] when_full`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogWhenFull {
+    /// Drop the line and count it: a stalled log reader never stalls connections.
+    Drop,
+    /// Wait for the writer: no line is lost, and whatever logs waits with the reader.
+    Wait,
+}
+
 /// Protocol engines a target can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -299,6 +312,8 @@ pub const WEBHOOK_EVENTS: [&str; 2] = ["approval_requested", "approval_decided"]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    pub queue_bytes: usize,
+    pub when_full: LogWhenFull,
 }
 
 /// A protected agent and how to recognise its processes.
@@ -597,6 +612,12 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         c.at(
             &raw.proxy.upstream_mark,
             "`upstream_mark` must not be 0: it marks the proxy's own connections",
+        );
+    }
+    if *raw.log.queue_bytes.get_ref() < MIN_LOG_QUEUE {
+        c.at(
+            &raw.log.queue_bytes,
+            format!("`queue_bytes` must be at least {MIN_LOG_QUEUE}"),
         );
     }
     if *raw.proxy.max_connections.get_ref() == 0 {
@@ -947,6 +968,8 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
+            queue_bytes: raw.log.queue_bytes.into_inner(),
+            when_full: raw.log.when_full,
         },
         policy: PolicyConfig {
             dir: policy_dir,

@@ -274,3 +274,21 @@ fn workers_default_to_the_cpus_and_are_bounded() {
         ["test.toml:2:11: `workers` must be between 1 and 1024"]
     );
 }
+
+#[test]
+fn the_log_queue_drops_by_default_and_has_a_floor() {
+    let c = parse("").expect("defaults");
+    assert_eq!(c.log.when_full, LogWhenFull::Drop);
+    assert_eq!(c.log.queue_bytes, crate::telemetry::batch::MAX_PENDING);
+    let c = parse("[log]\nqueue_bytes = 1048576\nwhen_full = \"wait\"\n").expect("valid");
+    assert_eq!(
+        (c.log.queue_bytes, c.log.when_full),
+        (1 << 20, LogWhenFull::Wait)
+    );
+    assert_eq!(
+        errors("[log]\nqueue_bytes = 100\n"),
+        ["test.toml:2:15: `queue_bytes` must be at least 65536"]
+    );
+    let e = errors("[log]\nwhen_full = \"block\"\n");
+    assert!(e[0].starts_with("test.toml:2:13"), "{e:?}");
+}

@@ -83,6 +83,7 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub ready: IntGauge,
     pub build_info: IntGaugeVec,
+    pub log_lines_dropped: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -306,6 +307,12 @@ impl Metrics {
                 &["result"],
             ),
             ready: gauge(&r, "portcullis_ready", "1 when /readyz would answer ready."),
+            log_lines_dropped: counter(
+                &r,
+                "portcullis_log_lines_dropped_total",
+                "Log lines dropped because whatever reads stderr (journald) did not keep up \
+                 ([log] when_full = \"drop\").",
+            ),
             build_info: gauge_vec(
                 &r,
                 "portcullis_build_info",
@@ -366,6 +373,7 @@ pub struct Snapshot {
     pub grants: usize,
     pub webhooks: [(&'static str, u64); 3],
     pub ready: bool,
+    pub log_lines_dropped: u64,
 }
 
 impl Snapshot {
@@ -403,6 +411,7 @@ impl Snapshot {
             set_counter(&m.webhook_deliveries.with_label_values(&[*result]), *n);
         }
         m.ready.set(i64::from(self.ready));
+        set_counter(&m.log_lines_dropped, self.log_lines_dropped);
     }
 }
 

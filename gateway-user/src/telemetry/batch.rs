@@ -7,23 +7,57 @@
 //! each, those wake-ups and context switches cost as much as the statements' own relaying.
 //! Batching costs at most one wake-up per interval whatever the rate.
 //!
-//! Bounded and lossless: past [`MAX_PENDING`] bytes, logging threads wait for the writer
-//! (a stalled reader of stderr delays logging, never loses lines). Lines are delayed by at
-//! most one interval; the guard writes what is left when the daemon exits.
+//! Bounded: past [`Limits::queue_bytes`] pending, what happens is the operator's choice
+//! ([`WhenFull`]). By default new lines are dropped and counted ([`dropped_lines`]), and
+//! once the writer catches up a warning says how many were lost: a stalled reader of
+//! stderr (journald hung on a slow disk, a paused pipe) costs log lines, never the
+//! connections whose threads log. With [`WhenFull::Wait`] logging threads wait for the
+//! writer instead: nothing is lost, and everything that logs stalls with the reader.
+//! Lines are delayed by at most one interval; the guard writes what is left when the
+//! daemon exits.
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread::JoinHandle,
     time::Duration,
 };
 
+pub use crate::config::LogWhenFull as WhenFull;
+
 /// Longest a line waits before it is written.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
-/// Pending bytes that wake the writer before its interval.
+/// Pending bytes that wake the writer before its interval (less for a smaller queue).
 pub const WAKE_AT: usize = 256 * 1024;
-/// Pending bytes past which logging threads wait.
+/// Default pending bytes past which lines are dropped or loggers wait.
 pub const MAX_PENDING: usize = 8 * 1024 * 1024;
+
+/// How much may wait for the writer, and what happens past that.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub queue_bytes: usize,
+    pub when_full: WhenFull,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue_bytes: MAX_PENDING,
+            when_full: WhenFull::Drop,
+        }
+    }
+}
+
+/// Lines dropped because the queue was full, since the process started.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped so far (`portcullis_log_lines_dropped_total`).
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
 
 #[derive(Default)]
 struct Pending {
@@ -32,9 +66,12 @@ struct Pending {
     /// Logging threads waiting on `drained` (the buffer was full): only then is it
     /// signalled, each signal being a system call.
     blocked: usize,
+    /// Lines dropped since the writer last took the buffer.
+    dropped: u64,
 }
 
 struct Shared {
+    limits: Limits,
     pending: Mutex<Pending>,
     /// Signalled when the buffer passes [`WAKE_AT`] or on stop.
     wake: Condvar,
@@ -53,8 +90,13 @@ pub struct Guard {
 }
 
 /// Starts the writer thread over `out`.
-pub fn start<W: Write + Send + 'static>(out: W, thread_name: &str) -> (BatchWriter, Guard) {
+pub fn start<W: Write + Send + 'static>(
+    out: W,
+    thread_name: &str,
+    limits: Limits,
+) -> (BatchWriter, Guard) {
     let shared = Arc::new(Shared {
+        limits,
         pending: Mutex::new(Pending::default()),
         wake: Condvar::new(),
         drained: Condvar::new(),
@@ -78,15 +120,16 @@ pub fn start<W: Write + Send + 'static>(out: W, thread_name: &str) -> (BatchWrit
 
 fn writer<W: Write>(s: &Shared, mut out: W) {
     let mut taken = Vec::with_capacity(64 * 1024);
+    let wake_at = WAKE_AT.min(s.limits.queue_bytes / 2);
     loop {
-        let stop = {
+        let (stop, dropped) = {
             let mut p = s.pending.lock().unwrap_or_else(|e| e.into_inner());
             // Idle: sleep until the first line (its writer wakes us).
             while p.buf.is_empty() && !p.stop {
                 p = s.wake.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             // Let the lines that follow gather, unless there are already plenty.
-            if p.buf.len() < WAKE_AT && !p.stop {
+            if p.buf.len() < wake_at && !p.stop {
                 p = s
                     .wake
                     .wait_timeout(p, FLUSH_EVERY)
@@ -96,12 +139,21 @@ fn writer<W: Write>(s: &Shared, mut out: W) {
             if p.blocked > 0 {
                 s.drained.notify_all();
             }
-            p.stop
+            (p.stop, std::mem::take(&mut p.dropped))
         };
         if !taken.is_empty() {
             // A failing stderr cannot be reported anywhere better: the lines are dropped.
             let _ = out.write_all(&taken).and_then(|()| out.flush());
             taken.clear();
+        }
+        if dropped > 0 {
+            // Through the subscriber, so in the daemon's format; it queues like any line.
+            tracing::warn!(
+                dropped,
+                queue_bytes = s.limits.queue_bytes,
+                "log lines were dropped: whatever reads the daemon's stderr (journald) did \
+                 not keep up; the audit store still holds every decision"
+            );
         }
         if stop {
             return;
@@ -118,7 +170,14 @@ impl Write for &BatchWriter {
             drop(p);
             return io::stderr().write(line);
         }
-        while p.buf.len() >= MAX_PENDING && !p.stop {
+        if p.buf.len() >= s.limits.queue_bytes && s.limits.when_full == WhenFull::Drop {
+            p.dropped += 1;
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            drop(p);
+            s.wake.notify_one();
+            return Ok(line.len());
+        }
+        while p.buf.len() >= s.limits.queue_bytes && !p.stop {
             s.wake.notify_one();
             p.blocked += 1;
             p = s.drained.wait(p).unwrap_or_else(|e| e.into_inner());
@@ -127,7 +186,7 @@ impl Write for &BatchWriter {
         let first = p.buf.is_empty();
         p.buf.extend_from_slice(line);
         // The writer sleeps until a first line comes, then gathers for an interval.
-        let wake = first || p.buf.len() >= WAKE_AT;
+        let wake = first || p.buf.len() >= WAKE_AT.min(s.limits.queue_bytes / 2);
         drop(p);
         // Signalled after unlocking, so that it does not wake only to wait for our lock.
         if wake {
@@ -183,7 +242,7 @@ mod tests {
     #[test]
     fn lines_arrive_whole_in_order_and_batched() {
         let sink = Sink::default();
-        let (w, guard) = start(sink.clone(), "test-log");
+        let (w, guard) = start(sink.clone(), "test-log", Limits::default());
         for i in 0..1000 {
             (&w).write_all(format!("line {i}\n").as_bytes())
                 .expect("write");
@@ -203,26 +262,77 @@ mod tests {
         assert_eq!(text, expected, "the guard writes what was pending");
     }
 
-    #[test]
-    fn a_stalled_writer_makes_loggers_wait_not_drop() {
-        /// Blocks its first write until released.
-        struct Slow(Arc<(Mutex<bool>, Condvar)>, Sink);
-        impl Write for Slow {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                let (m, c) = &*self.0;
-                let mut open = m.lock().expect("gate");
-                while !*open {
-                    open = c.wait(open).expect("gate");
-                }
-                self.1.write(b)
+    /// Blocks every write until released.
+    struct Slow(Arc<(Mutex<bool>, Condvar)>, Sink);
+
+    impl Write for Slow {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let (m, c) = &*self.0;
+            let mut open = m.lock().expect("gate");
+            while !*open {
+                open = c.wait(open).expect("gate");
             }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
+            self.1.write(b)
         }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn open(gate: &(Mutex<bool>, Condvar)) {
+        *gate.0.lock().expect("gate") = true;
+        gate.1.notify_all();
+    }
+
+    #[test]
+    fn a_stalled_writer_costs_lines_not_the_loggers_time() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let sink = Sink::default();
-        let (w, guard) = start(Slow(gate.clone(), sink.clone()), "test-log");
+        let limits = Limits {
+            queue_bytes: 1 << 20,
+            when_full: WhenFull::Drop,
+        };
+        let (w, guard) = start(Slow(gate.clone(), sink.clone()), "test-log", limits);
+        let line = vec![b'x'; 1024];
+        let before = dropped_lines();
+        // Ten times what the queue holds, while the writer is stuck in its first write.
+        let began = std::time::Instant::now();
+        for _ in 0..(10 * limits.queue_bytes / line.len()) {
+            (&w).write_all(&line).expect("write");
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "logging went on while the writer was stalled"
+        );
+        let dropped = dropped_lines() - before;
+        assert!(
+            dropped >= (8 * limits.queue_bytes / line.len()) as u64,
+            "{dropped} lines dropped"
+        );
+        open(&gate);
+        drop(guard);
+        let total: usize = sink.0.lock().expect("sink").iter().map(Vec::len).sum();
+        assert!(
+            // The batch the writer was stuck on, and a full queue behind it.
+            total <= 2 * limits.queue_bytes + 2 * line.len() && total >= line.len(),
+            "what was queued was written: {total} bytes"
+        );
+        assert_eq!(
+            total as u64 + dropped * line.len() as u64,
+            (10 * limits.queue_bytes) as u64,
+            "every line was written or counted as dropped"
+        );
+    }
+
+    #[test]
+    fn a_stalled_writer_makes_loggers_wait_when_configured() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let sink = Sink::default();
+        let limits = Limits {
+            queue_bytes: MAX_PENDING,
+            when_full: WhenFull::Wait,
+        };
+        let (w, guard) = start(Slow(gate.clone(), sink.clone()), "test-log", limits);
         let line = vec![b'x'; 64 * 1024];
         let logger = {
             let w = w.clone();
@@ -238,8 +348,7 @@ mod tests {
             !logger.is_finished(),
             "the logger waits while the writer is stalled"
         );
-        *gate.0.lock().expect("gate") = true;
-        gate.1.notify_all();
+        open(&gate);
         logger.join().expect("logger");
         drop(guard);
         let total: usize = sink.0.lock().expect("sink").iter().map(Vec::len).sum();
