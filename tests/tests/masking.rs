@@ -401,6 +401,12 @@ Q PREPARE p4 AS SELECT email FROM people
 WAIT 1
 Q EXECUTE p4
 WAIT 1
+Q PREPARE p5 AS SELECT email FROM people; SELECT 1/0; PREPARE p6 AS SELECT 1
+WAIT 1
+Q EXECUTE p5
+WAIT 1
+Q PREPARE p6 AS SELECT 2
+WAIT 1
 X
 ",
     );
@@ -413,7 +419,9 @@ X
         .collect();
     // EXECUTE of a Parse, EXECUTE after another name's DEALLOCATE, Bind of a PREPARE, Bind
     // of the first s1 after the refused second one; `SELECT 1` after DISCARD ALL; then the
-    // names whose first Parse and PREPARE failed at the server, prepared again.
+    // names whose first Parse and PREPARE failed at the server, prepared again; then a
+    // PREPARE that completed before a later statement of its query failed (the server
+    // keeps it), while the one after the failure was never made and is free.
     assert_eq!(
         rows,
         [
@@ -424,11 +432,12 @@ X
             &format!("0001{:08x}31", 1),
             &masked,
             &masked,
+            &masked,
         ],
         "{out:#?}"
     );
     let errors = wire_errors(&out);
-    assert_eq!(errors.len(), 6, "{out:#?}");
+    assert_eq!(errors.len(), 7, "{out:#?}");
     for ((code, m), (want_code, what)) in errors.iter().zip([
         ("42501", "\"s1\" already exists"),
         ("42501", "\"p2\" already exists"),
@@ -437,12 +446,13 @@ X
         // The server's own errors: the names stay free.
         ("42P01", "relation \"peeple\" does not exist"),
         ("42P01", "relation \"peeple\" does not exist"),
+        ("22012", "division by zero"),
     ]) {
         assert_eq!(*code, want_code, "{m}");
         assert!(m.contains(what), "{m}");
     }
     // Every exchange ended with ReadyForQuery: the session stayed in step throughout.
-    assert_eq!(out.iter().filter(|v| v["t"] == "Z").count(), 19, "{out:#?}");
+    assert_eq!(out.iter().filter(|v| v["t"] == "Z").count(), 22, "{out:#?}");
 }
 
 /// Side channels of a masked read, under the shipped policies: `pg_notify` would hand rows

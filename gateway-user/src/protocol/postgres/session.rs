@@ -2084,7 +2084,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 if matches!(f.tag, be::ERROR_RESPONSE | be::NOTICE_RESPONSE) {
                     masked_sql = masked_statement_sql(&st, &masking);
                 }
-                settle_prepared(&mut st, f.tag);
+                settle_prepared(&mut st, &f);
                 let route = st.tracker.on_server(f.tag)?;
                 for name in st.tracker.take_unmade() {
                     forget_unmade(&mut st, &name);
@@ -2156,12 +2156,16 @@ async fn server_to_client<R: AsyncRead + Unpin>(
 }
 
 /// What the server's answer means for the prepared statements the engine keeps: a
-/// ParseComplete, or a query that ends without an error, makes them; an error unmakes the
-/// ones still waiting (a failed Parse, a failed PREPARE), so the name is free again.
-fn settle_prepared(st: &mut State, tag: u8) {
+/// ParseComplete, a PREPARE's CommandComplete, or a query that ends without an error,
+/// makes them; an error unmakes the ones still waiting (a failed Parse, a failed PREPARE,
+/// one after the failed statement of its query), so the name is free again. A PREPARE
+/// that completed stays made when a later statement of its query fails: prepared
+/// statements are not transactional.
+fn settle_prepared(st: &mut State, f: &Frame) {
+    let tag = f.tag;
     if !matches!(
         tag,
-        be::ERROR_RESPONSE | be::PARSE_COMPLETE | be::READY_FOR_QUERY
+        be::ERROR_RESPONSE | be::PARSE_COMPLETE | be::READY_FOR_QUERY | be::COMMAND_COMPLETE
     ) {
         return;
     }
@@ -2179,6 +2183,20 @@ fn settle_prepared(st: &mut State, tag: u8) {
             .collect(),
         _ => return,
     };
+    if tag == be::COMMAND_COMPLETE {
+        // The query's PREPAREs complete in order: this is the first still waiting.
+        if messages::command_tag(&f.body).is_ok_and(|t| t == "PREPARE") {
+            for n in &names {
+                if let Some(p) = st.prepared.get_mut(n)
+                    && !p.confirmed
+                {
+                    p.confirmed = true;
+                    break;
+                }
+            }
+        }
+        return;
+    }
     for n in names {
         match tag {
             be::ERROR_RESPONSE => forget_unmade(st, &n),
