@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = messages::query_text(b);
         let _ = messages::Parse::decode(b);
         let _ = messages::Bind::decode(b);
+        let _ = messages::Bind::text_params(b);
         let _ = messages::Target::decode(b, "fuzz");
         let _ = messages::execute_portal(b);
         let _ = messages::row_description(b);

@@ -612,3 +612,45 @@ X
     assert!(!log.contains("SELECT upper(email) FROM people"), "{log}");
     assert!(!log.contains("RENAME COLUMN"), "{log}");
 }
+
+/// In the extended protocol the values are parameters, not part of the statement's text:
+/// an error that quotes what the client sent as a parameter reaches it whole, one that
+/// quotes a stored value it did not send is still withheld.
+#[test]
+fn errors_may_quote_the_parameters_the_client_sent() {
+    let w = shipped_world_with_alice();
+    w.pg.sql(
+        "shop",
+        "ALTER TABLE people ADD UNIQUE (email), ADD COLUMN n int CHECK (n >= 0);",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+P - INSERT INTO people (id, email) VALUES ($1, $2)
+BP - - 2 alice@example.com
+E - 0
+S
+WAIT 1
+P - UPDATE people SET n = $1 WHERE id = 1
+BP - - -5
+E - 0
+S
+WAIT 1
+X
+",
+    );
+    let errors: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "E").collect();
+    assert_eq!(errors.len(), 2, "{out:#?}");
+    assert_eq!(errors[0]["code"], "23505");
+    assert_eq!(
+        errors[0]["detail"], "Key (email)=(alice@example.com) already exists.",
+        "the client's own parameter: {out:#?}"
+    );
+    assert_eq!(errors[1]["code"], "23514");
+    let detail = errors[1]["detail"].as_str().unwrap_or_default();
+    assert!(
+        !detail.contains("alice@example.com") && detail.contains("withheld"),
+        "a stored value the client did not send: {out:#?}"
+    );
+}

@@ -6,7 +6,7 @@
 //! pc-pgwire HOST:PORT USER PASSWORD DB < script
 //! ```
 //! Script lines (one message each; `\n` in SQL written as `\n`):
-//! `Q sql` · `P name sql` · `B portal stmt [0|1 result format]` · `D S|P name` ·
+//! `Q sql` · `P name sql` · `B portal stmt [0|1 result format]` · `BP portal stmt value...` (text parameters, `\N` NULL) · `D S|P name` ·
 //! `E portal [maxrows]` · `C S|P name` · `S` (Sync) · `H` (Flush) · `F oid` (FunctionCall) ·
 //! `d text` (CopyData) · `c` (CopyDone) · `RAW hex` · `WAIT n` (read until n ReadyForQuery) ·
 //! `DIGEST` (from now on print DataRows as a running digest) · `READ_TO_END` (until the
@@ -210,6 +210,26 @@ fn main() {
                     }
                     None => b.put_i16(0),
                 }
+                Some(Frame::new(fe::BIND, b.freeze()))
+            }
+            // `BP portal statement value...`: text parameters (no spaces; `\N` is NULL),
+            // text results.
+            "BP" => {
+                let p: Vec<&str> = rest.split(' ').collect();
+                for name in &p[..2] {
+                    put_cstr(&mut b, if *name == "-" { "" } else { name });
+                }
+                b.put_i16(0);
+                b.put_i16((p.len() - 2) as i16);
+                for v in &p[2..] {
+                    if *v == "\\N" {
+                        b.put_i32(-1);
+                    } else {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(v.as_bytes());
+                    }
+                }
+                b.put_i16(0);
                 Some(Frame::new(fe::BIND, b.freeze()))
             }
             "D" | "C" => {

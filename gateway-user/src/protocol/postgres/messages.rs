@@ -159,6 +159,28 @@ impl Bind {
         })
     }
 
+    /// The parameters of a Bind sent in text format, as text (binary ones, NULLs and
+    /// text that is not UTF-8 are left out): what the client itself sent, which an error
+    /// may quote back.
+    pub fn text_params(body: &[u8]) -> Result<Vec<&str>, FrameError> {
+        let mut r = Reader::new(body, "Bind");
+        r.cstr()?;
+        r.cstr()?;
+        let nf = r.count16()?;
+        let formats: Vec<i16> = (0..nf).map(|_| r.i16()).collect::<Result<_, _>>()?;
+        let np = r.count16()?;
+        let mut out = Vec::with_capacity(np.min(r.remaining() / 4));
+        for i in 0..np {
+            let v = r.value()?;
+            if Self::format_of(&formats, i) == 0
+                && let Some(text) = v.and_then(|v| std::str::from_utf8(v).ok())
+            {
+                out.push(text);
+            }
+        }
+        Ok(out)
+    }
+
     /// The format of result column `i` (0 text, 1 binary).
     pub fn format_of(formats: &[i16], i: usize) -> i16 {
         match formats.len() {
@@ -491,6 +513,42 @@ mod tests {
         bad.put_i16(1);
         bad.put_i32(1_000_000);
         assert!(Bind::decode(&bad).is_err(), "value longer than the message");
+        assert!(
+            Bind::text_params(&bad).is_err(),
+            "value longer than the message"
+        );
+    }
+
+    #[test]
+    fn bind_text_parameters_leave_out_binary_null_and_non_utf8_ones() {
+        let mut b = BytesMut::new();
+        put_cstr(&mut b, "");
+        put_cstr(&mut b, "s");
+        // Formats per parameter: text, binary, text, text.
+        b.put_i16(4);
+        for f in [0, 1, 0, 0] {
+            b.put_i16(f);
+        }
+        b.put_i16(4);
+        for v in [&b"alice@example.com"[..], &[0, 0, 0, 7], &[0xff, 0xfe]] {
+            b.put_i32(v.len() as i32);
+            b.extend_from_slice(v);
+        }
+        b.put_i32(-1);
+        b.put_i16(0);
+        assert_eq!(Bind::text_params(&b).expect("valid"), ["alice@example.com"]);
+        // No format codes: every parameter is text.
+        let mut b = BytesMut::new();
+        put_cstr(&mut b, "");
+        put_cstr(&mut b, "");
+        b.put_i16(0);
+        b.put_i16(2);
+        for v in ["1", "x"] {
+            b.put_i32(v.len() as i32);
+            b.extend_from_slice(v.as_bytes());
+        }
+        b.put_i16(0);
+        assert_eq!(Bind::text_params(&b).expect("valid"), ["1", "x"]);
     }
 
     #[test]

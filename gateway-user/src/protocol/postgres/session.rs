@@ -894,6 +894,9 @@ struct Portal {
     sql: Arc<str>,
     judgement: Option<Arc<Judgement>>,
     refused: Option<Denial>,
+    /// For a masked portal: its statement and the parameters the client sent as text,
+    /// the text its errors may quote (see `withhold`).
+    sent: Option<Arc<str>>,
 }
 
 struct JudgeCtx {
@@ -1104,6 +1107,7 @@ fn statement_to_bind(st: &mut State, judge: &JudgeCtx, name: &str) -> Result<Pre
             sql: "".into(),
             judgement: None,
             refused: Some(never_prepared(name)),
+            sent: None,
         });
     };
     match rejudge(st, judge, &p, false) {
@@ -1116,6 +1120,7 @@ fn statement_to_bind(st: &mut State, judge: &JudgeCtx, name: &str) -> Result<Pre
             sql: p.sql,
             judgement: Some(j),
             refused: Some(denial),
+            sent: None,
         }),
     }
 }
@@ -1451,12 +1456,14 @@ fn plan(
             };
             let (j, at) = (prepared.judgement, prepared.at);
             let masked = results::applies(&j, at, &|n| st.prepared_ctx(n)).is_some();
+            let sent = masked.then(|| sent_text(&prepared.sql, &f.body));
             st.portals.insert(
                 b.portal.clone(),
                 Portal {
                     sql: prepared.sql,
                     judgement: Some(j.clone()),
                     refused: None,
+                    sent,
                 },
             );
             let bind = Expect::Bind {
@@ -2218,7 +2225,23 @@ fn forget_unmade(st: &mut State, name: &str) {
     }
 }
 
-/// The text of the statement the server is answering, when its results are masked.
+/// What the client sent for a portal: the statement's text and, a line each, the
+/// parameters it sent as text (a Bind that decoded once decodes again).
+fn sent_text(sql: &str, bind: &[u8]) -> Arc<str> {
+    let params = messages::Bind::text_params(bind).unwrap_or_default();
+    if params.is_empty() {
+        return sql.into();
+    }
+    let mut text = String::from(sql);
+    for p in params {
+        text.push('\n');
+        text.push_str(p);
+    }
+    text.into()
+}
+
+/// The text of the statement the server is answering, when its results are masked: what
+/// the client sent, which its errors may quote.
 fn masked_statement_sql(st: &State, masking: &ResultMasking) -> Option<Arc<str>> {
     match st.tracker.head()? {
         Expect::Query {
@@ -2231,9 +2254,10 @@ fn masked_statement_sql(st: &State, masking: &ResultMasking) -> Option<Arc<str>>
                 .any(|k| results::applies(j, k, &prepared).is_some())
                 .then(|| sql.clone())
         }
-        Expect::Execute { portal } if masking.masks_portal(portal) => {
-            st.portals.get(portal).map(|p| p.sql.clone())
-        }
+        Expect::Execute { portal } if masking.masks_portal(portal) => st
+            .portals
+            .get(portal)
+            .map(|p| p.sent.clone().unwrap_or_else(|| p.sql.clone())),
         _ => None,
     }
 }

@@ -3,9 +3,9 @@
 //! `invalid input syntax for type integer: "alice@example.com"`; a unique or check
 //! violation's DETAIL lists the row) or have a function print one (`RAISE NOTICE`). While
 //! such a statement runs, the engine relays an error only when every quoted or
-//! parenthesised piece of its text already appears in the statement the client sent (so
-//! it names the client's own identifiers and literals: `column "emial" does not exist`
-//! passes); otherwise, and for notices and the classes whose text is free-form (raised by
+//! parenthesised piece of its text already appears in what the client sent (the
+//! statement, and the text parameters of its Bind: so it names the client's own
+//! identifiers, literals and values: `column "emial" does not exist` passes); otherwise, and for notices and the classes whose text is free-form (raised by
 //! functions or the server's internals), it sends the same error with its text withheld:
 //! severity, SQLSTATE, position and the names of the schema, table, column, type and
 //! constraint stay. Pure: no I/O.
