@@ -654,3 +654,39 @@ X
         "a stored value the client did not send: {out:#?}"
     );
 }
+
+/// Without a catalog connection nothing can be verified (a table name may be a view over
+/// a masked column): reads of table columns are masked, and copies of them into places no
+/// mask covers are refused; a column computed from itself is no copy.
+#[test]
+fn without_a_catalog_copies_are_refused_and_self_updates_run() {
+    let w = world_with("", None);
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE items (id int, n int, label text); INSERT INTO items VALUES (1, 0, 'a'); \
+         ALTER TABLE items OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q UPDATE items SET n = n + 1 WHERE id = 1
+WAIT 1
+Q UPDATE items SET label = n::text WHERE id = 1
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 1, "{out:#?}");
+    assert_eq!(errors[0].0, "42501");
+    assert!(
+        errors[0].1.contains("cannot verify") && errors[0].1.contains("items.label"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        w.pg.sql("shop", "SELECT n, label FROM items").trim(),
+        "1|a",
+        "the self-update ran, the copy did not"
+    );
+}

@@ -14,8 +14,9 @@
 //! (`INSERT INTO t SELECT ...` without a column list, positions after a `*`) is covered by
 //! nothing.
 //!
-//! Only called with a catalog: without one every column read from a table is masked or
-//! refused under a column rule anyway (it might be a view), copies included.
+//! Without a catalog ([`super::plan::NoCatalog`]) nothing is confirmed, so every copy of
+//! a column into a place no mask covers is refused, as every read of a table column is
+//! masked or refused then (it might be a view).
 //!
 //! Pure: the catalog is reached through [`Resolve`], filled before checking.
 

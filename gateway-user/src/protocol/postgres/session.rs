@@ -994,12 +994,9 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
 
 /// Whether a message copies a masked column where no mask covers it
 /// ([`crate::masking::copies`]), judged with what the catalog has cached. Without a
-/// catalog there is nothing to check: every column read from a table is masked or refused
-/// under a column rule then, copies included.
+/// catalog nothing can be verified: a copy of any column into a place no mask covers is
+/// refused (as reads of table columns are masked or refused then).
 fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal> {
-    let Some(catalog) = &judge.catalog else {
-        return Ok(());
-    };
     if j.decision.masks.iter().all(|m| m.columns.is_empty()) {
         return Ok(());
     }
@@ -1007,7 +1004,10 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
     if statements.iter().all(|s| s.stored.is_empty()) {
         return Ok(());
     }
-    let data = catalog.cached();
+    let data: Arc<dyn crate::masking::plan::Resolve + Send + Sync> = match &judge.catalog {
+        Some(c) => c.cached(),
+        None => Arc::new(crate::masking::plan::NoCatalog),
+    };
     for (k, s) in statements.iter().enumerate() {
         // Definitions changed earlier in the session's transaction, or earlier in this
         // message, are not in the catalog yet.
@@ -1028,6 +1028,7 @@ fn uncovered_copy(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Denial>
 /// The names to look up in the catalog before [`copy_check`] can decide, when what it has
 /// cached does not show them.
 fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String>> {
+    judge.catalog.as_ref()?;
     match copy_check(st, judge, j) {
         Err(Refusal::CopyUnverified { .. }) if !st.ddl_open => Some(
             j.classification
