@@ -454,3 +454,40 @@ fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
         "{ends:?}"
     );
 }
+
+/// The `user_functions` matcher tells PostgreSQL's own functions by a list taken from a
+/// server's catalog: every function of the server the tests run is on it, and a function
+/// created in the database is not.
+#[test]
+fn the_built_in_function_list_covers_the_servers_catalog() {
+    let env = Env::new();
+    let pg = Pg::start(&env);
+    let names = pg.sql(
+        "postgres",
+        "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace",
+    );
+    let names: Vec<&str> = names
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(names.len() > 2500, "{} functions", names.len());
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|n| !portcullis::policy::sql::builtins::is_builtin(n))
+        .collect();
+    assert!(missing.is_empty(), "not in the built-in list: {missing:?}");
+    pg.sql(
+        "postgres",
+        "CREATE FUNCTION refresh_stats() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    );
+    let created = pg.sql(
+        "postgres",
+        "SELECT proname FROM pg_proc WHERE pronamespace <> 'pg_catalog'::regnamespace \
+         AND proname = 'refresh_stats'",
+    );
+    assert_eq!(created.trim(), "refresh_stats");
+    assert!(!portcullis::policy::sql::builtins::is_builtin(
+        created.trim()
+    ));
+}

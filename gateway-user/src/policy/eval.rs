@@ -114,6 +114,15 @@ pub fn sql_matches(m: &SqlMatch, s: &StatementClass) -> bool {
                 s.dangerous.iter().any(|(_, d)| cats.contains(d))
             }
         }
+        && m.user_functions.as_ref().is_none_or(|u| {
+            let calls = s.user_functions.iter().any(|f| {
+                let name = f.rsplit('.').next().unwrap_or(f);
+                !u.except
+                    .iter()
+                    .any(|p| glob::matches(p, f) || glob::matches(p, name))
+            });
+            calls == u.calls
+        })
         && m.missing_where.is_none_or(|w| w == s.missing_where)
         && m.dynamic_sql.is_none_or(|d| d == s.dynamic_sql)
 }

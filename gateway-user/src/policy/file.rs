@@ -97,8 +97,23 @@ pub struct SqlEntry {
     #[serde(default)]
     pub functions: Vec<String>,
     pub dangerous_functions: Option<Spanned<DangerEntry>>,
+    pub user_functions: Option<UserFunctionsEntry>,
     pub missing_where: Option<bool>,
     pub dynamic_sql: Option<bool>,
+}
+
+/// `true`/`false`, or `{ except = [...] }`: any function not built in but these.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UserFunctionsEntry {
+    Flag(bool),
+    Except(UserFunctionsExcept),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFunctionsExcept {
+    pub except: Vec<String>,
 }
 
 /// `true`/`false` or a list of categories.

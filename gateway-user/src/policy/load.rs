@@ -12,11 +12,11 @@ use toml::Spanned;
 
 use super::{
     eval::PolicySet,
-    file::{DangerEntry, PolicyFile, RuleEntry},
+    file::{DangerEntry, PolicyFile, RuleEntry, UserFunctionsEntry},
     glob,
     model::{
         Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, OidcMatch, Rule, SqlMatch,
-        Strategy, Unresolved, Verdict,
+        Strategy, Unresolved, UserFunctionsMatch, Verdict,
     },
     sql::{Danger, kind},
 };
@@ -364,6 +364,16 @@ fn compile_sql(ctx: &mut Ctx<'_>, s: &Spanned<crate::policy::file::SqlEntry>) ->
         tables_written: names(&e.tables_written),
         functions: e.functions.iter().map(|f| f.to_lowercase()).collect(),
         dangerous_functions,
+        user_functions: e.user_functions.as_ref().map(|u| match u {
+            UserFunctionsEntry::Flag(calls) => UserFunctionsMatch {
+                calls: *calls,
+                except: Vec::new(),
+            },
+            UserFunctionsEntry::Except(x) => UserFunctionsMatch {
+                calls: true,
+                except: x.except.iter().map(|f| f.to_lowercase()).collect(),
+            },
+        }),
         missing_where: e.missing_where,
         dynamic_sql: e.dynamic_sql,
     };
@@ -593,6 +603,7 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
                 && list_covers(&x.tables_written, &y.tables_written)
                 && list_covers(&x.functions, &y.functions)
                 && opt_covers(&x.dangerous_functions, &y.dangerous_functions)
+                && opt_covers(&x.user_functions, &y.user_functions)
                 && opt_covers(&x.missing_where, &y.missing_where)
                 && opt_covers(&x.dynamic_sql, &y.dynamic_sql)
         }
@@ -779,6 +790,47 @@ action = "deny"
         assert!(w[1].contains("`allow-claude`"), "{w:?}");
         // deny-deletes is broader than approve-deletes and more restrictive: not shadowed.
         assert!(!w.iter().any(|x| x.contains("`deny-deletes`")));
+    }
+
+    #[test]
+    fn user_functions_match_unless_excepted() {
+        let (set, r) = check(&[(
+            "p.toml",
+            r#"
+[[rule]]
+id = "hold-user-functions"
+sql = { user_functions = { except = ["uuid_generate_v4", "app.safe_*"] } }
+action = "require_approval"
+"#,
+        )]);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let set = set.expect("set");
+        let subject = Subject {
+            agent: "claude".into(),
+            uid: 1001,
+            ..Default::default()
+        };
+        let verdict = |sql: &str| {
+            crate::policy::store::judge(&set, &subject, "shop", "tcp", sql, LexOptions::default())
+                .decision
+                .verdict
+        };
+        use crate::policy::Verdict::{Allow, RequireApproval};
+        for (sql, want) in [
+            ("SELECT lower('A'), now()", Allow),
+            ("SELECT uuid_generate_v4()", Allow),
+            ("SELECT app.safe_total(1)", Allow),
+            ("SELECT app.total(1)", RequireApproval),
+            ("SELECT uuid_generate_v4(), purge()", RequireApproval),
+            ("CALL refresh_stats()", RequireApproval),
+        ] {
+            assert_eq!(verdict(sql), want, "{sql}");
+        }
+        let (_, r) = check(&[(
+            "p.toml",
+            "[[rule]]\nid = \"x\"\naction = \"deny\"\nsql = { user_functions = { exempt = [] } }\n",
+        )]);
+        assert!(!r.errors.is_empty(), "a misspelt key is an error");
     }
 
     #[test]

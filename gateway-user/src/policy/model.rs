@@ -192,8 +192,17 @@ pub struct SqlMatch {
     pub tables_written: Vec<String>,
     pub functions: Vec<String>,
     pub dangerous_functions: Option<DangerMatch>,
+    pub user_functions: Option<UserFunctionsMatch>,
     pub missing_where: Option<bool>,
     pub dynamic_sql: Option<bool>,
+}
+
+/// `user_functions`: whether the statement calls a function that is not PostgreSQL's own,
+/// leaving out those matching `except` (globs; `name` or `schema.name`, lower case).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UserFunctionsMatch {
+    pub calls: bool,
+    pub except: Vec<String>,
 }
 
 /// A compiled rule.

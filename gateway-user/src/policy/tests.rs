@@ -10,7 +10,7 @@
 //!
 //! Expectations: the decision (`allow`, `deny:RULE`, `approve:RULE`, `mask:RULE`) and
 //! `kinds:a,b` (every kind in the message) are always given; optional facets are
-//! `read:t1,t2`, `write:t`, `fn:f`, `danger:cat`, `where:missing|ok`, `dynamic:yes|no`,
+//! `read:t1,t2`, `write:t`, `fn:f`, `userfn:f` (not PostgreSQL's own), `danger:cat`, `where:missing|ok`, `dynamic:yes|no`,
 //! `stmts:N`, `error:syntax|too_complex|ambiguous`. A facet given is compared exactly.
 
 use std::collections::BTreeSet;
@@ -132,6 +132,7 @@ fn check(case: &Case, set: &super::PolicySet) -> Result<(), String> {
                 s.tables_written.iter().map(ToString::to_string).collect()
             })),
             "fn" => fmt_set(union(st, |s| s.functions.clone())),
+            "userfn" => fmt_set(union(st, |s| s.user_functions.clone())),
             "danger" => fmt_set(union(st, |s| {
                 s.dangerous
                     .iter()
@@ -159,7 +160,7 @@ fn check(case: &Case, set: &super::PolicySet) -> Result<(), String> {
             },
             other => return Err(format!("unknown expectation `{other}`")),
         };
-        let want = if matches!(key, "read" | "write" | "fn" | "danger") {
+        let want = if matches!(key, "read" | "write" | "fn" | "userfn" | "danger") {
             fmt_set(set_of(val))
         } else {
             val.to_owned()

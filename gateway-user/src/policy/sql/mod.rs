@@ -13,6 +13,7 @@
 //!
 //! Pure: no I/O, no state; `classify` takes text and lexical options and returns facts.
 
+pub mod builtins;
 pub mod functions;
 pub mod kind;
 pub mod lex;
@@ -117,6 +118,10 @@ pub struct StatementClass {
     pub tables_written: BTreeSet<TableName>,
     /// Functions called, unqualified, lower case.
     pub functions: BTreeSet<String>,
+    /// Functions called that are not PostgreSQL's own (see [`builtins`]), as written
+    /// (schema-qualified when they were): a built-in's name qualified with a schema other
+    /// than `pg_catalog` is someone else's function.
+    pub user_functions: BTreeSet<String>,
     pub dangerous: BTreeSet<(String, Danger)>,
     /// An UPDATE, DELETE or MERGE with no WHERE, or one that is always true.
     pub missing_where: bool,
@@ -143,6 +148,7 @@ impl StatementClass {
             tables_read: BTreeSet::new(),
             tables_written: BTreeSet::new(),
             functions: BTreeSet::new(),
+            user_functions: BTreeSet::new(),
             dangerous: BTreeSet::new(),
             missing_where: false,
             dynamic_sql: false,
@@ -621,7 +627,12 @@ impl Collector<'_> {
     }
 
     fn function(&mut self, name: &ObjectName) {
-        let f = parts(name).pop().unwrap_or_default();
+        let p = parts(name);
+        let f = p.last().cloned().unwrap_or_default();
+        let schema = p.len().checked_sub(2).map(|i| p[i].as_str());
+        if !(builtins::is_builtin(&f) && schema.is_none_or(|s| s == "pg_catalog")) {
+            self.c.user_functions.insert(p.join("."));
+        }
         if let Some(d) = functions::danger_of(&f) {
             self.c.dangerous.insert((f.clone(), d));
         }
