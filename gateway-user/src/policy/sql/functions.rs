@@ -13,7 +13,9 @@ use serde::Serialize;
 pub enum Danger {
     /// Reads or writes server files, lists server directories.
     File,
-    /// Server-side large-object import/export (files).
+    /// Server-side large-object import/export (files), and writing values into large
+    /// objects: a value copied there (`lo_from_bytea(0, convert_to(email, 'UTF8'))`) is
+    /// read back with `lo_get`, out from under its mask.
     LargeObject,
     /// Connects out from the server (dblink), possibly back to the same database.
     Remote,
@@ -88,6 +90,9 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("pg_current_logfile", Danger::File),
     ("lo_import", Danger::LargeObject),
     ("lo_export", Danger::LargeObject),
+    ("lo_from_bytea", Danger::LargeObject),
+    ("lo_put", Danger::LargeObject),
+    ("lowrite", Danger::LargeObject),
     ("dblink", Danger::Remote),
     ("dblink_exec", Danger::Remote),
     ("dblink_connect", Danger::Remote),
