@@ -546,6 +546,14 @@ Q ALTER TABLE people RENAME COLUMN email TO contact
 WAIT 1
 Q SELECT email FROM archive
 WAIT 1
+Q BEGIN
+WAIT 1
+Q CREATE TABLE scratch (a text)
+WAIT 1
+Q INSERT INTO scratch (a) SELECT id::text FROM people
+WAIT 1
+Q COMMIT
+WAIT 1
 X
 ",
     );
@@ -597,6 +605,9 @@ X
         w.pg.sql("shop", "SELECT email FROM archive").trim(),
         "ALICE@EXAMPLE.COM"
     );
+    // A table made earlier in the transaction does not make other tables' columns
+    // unverifiable: only what the session redefined is.
+    assert_eq!(w.pg.sql("shop", "SELECT a FROM scratch").trim(), "1");
     assert_eq!(
         w.pg.sql(
             "shop",

@@ -20,26 +20,105 @@
 //!
 //! Pure: the catalog is reached through [`Resolve`], filled before checking.
 
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
 use super::plan::{Refusal, Resolve, pattern_matches};
 use crate::policy::{
     glob,
     model::MaskSpec,
     sql::{
-        TableName,
+        StatementClass, TableName,
+        kind::{Kind, Object},
         lineage::{ColumnRef, Dest, Stored},
     },
 };
 
+/// Relations whose definitions the catalog may not show yet: changed by the session in a
+/// transaction that has not ended, or earlier in the same message. What the catalog says
+/// about them is not believed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Redefined {
+    #[default]
+    Nothing,
+    /// Relations by name (in any schema).
+    Names(BTreeSet<String>),
+    /// Anything may have changed (`DO`, `CALL`, a schema or an extension).
+    All,
+}
+
+impl Redefined {
+    pub fn covers(&self, name: &str) -> bool {
+        match self {
+            Self::Nothing => false,
+            Self::Names(n) => n.contains(name),
+            Self::All => true,
+        }
+    }
+
+    pub fn add(&mut self, other: Redefined) {
+        *self = match (std::mem::take(self), other) {
+            (Self::All, _) | (_, Self::All) => Self::All,
+            (Self::Nothing, x) | (x, Self::Nothing) => x,
+            (Self::Names(mut a), Self::Names(b)) => {
+                a.extend(b);
+                Self::Names(a)
+            }
+        };
+    }
+
+    /// What a statement may redefine: the relations DDL on tables and views names;
+    /// everything for DDL whose effect on relations is not known from its text (schemas,
+    /// extensions, types, rules) and for `DO` and `CALL`. DDL on indexes, sequences,
+    /// functions, triggers, roles and the like changes no relation's columns.
+    pub fn by(s: &StatementClass) -> Self {
+        let mut out = Self::Nothing;
+        for k in &s.kinds {
+            match k {
+                Kind::Create(o) | Kind::Alter(o) | Kind::Drop(o) => match o {
+                    Object::Table
+                    | Object::View
+                    | Object::MaterializedView
+                    | Object::ForeignTable => {
+                        let names: BTreeSet<String> =
+                            s.tables_written.iter().map(|t| t.name.clone()).collect();
+                        out.add(if names.is_empty() {
+                            Self::All
+                        } else {
+                            Self::Names(names)
+                        });
+                    }
+                    Object::Index
+                    | Object::Sequence
+                    | Object::Function
+                    | Object::Procedure
+                    | Object::Trigger
+                    | Object::Role
+                    | Object::Policy
+                    | Object::Collation
+                    | Object::Operator
+                    | Object::Aggregate
+                    | Object::TextSearch
+                    | Object::Server
+                    | Object::UserMapping
+                    | Object::ForeignDataWrapper => {}
+                    _ => out = Self::All,
+                },
+                Kind::Do | Kind::Call => out = Self::All,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// Refuses the first stored value that copies a masked column where no mask covers it.
-/// `trusted`: whether the catalog may be believed (not while the session has changed
-/// definitions it cannot see yet); when not, every source counts as unverified.
+/// What the catalog says about `redefined` relations is not believed: values read from
+/// them count as unverified.
 pub fn check(
     masks: &[Arc<MaskSpec>],
     stored: &[Stored],
     resolve: &dyn Resolve,
-    trusted: bool,
+    redefined: &Redefined,
 ) -> Result<(), Refusal> {
     let patterns: Vec<(&str, &str)> = masks
         .iter()
@@ -52,11 +131,7 @@ pub fn check(
         if !s.deps.opaque && s.deps.columns.iter().all(|r| is_own_place(s, r)) {
             continue;
         }
-        let sources = if trusted {
-            sources(s, resolve)
-        } else {
-            Sources::Unverified(unverified_name(s))
-        };
+        let sources = sources(s, resolve, redefined);
         for &(rule, pattern) in &patterns {
             let source = match &sources {
                 Sources::Known(refs) => match refs.iter().find(|r| pattern_matches(pattern, r)) {
@@ -65,7 +140,7 @@ pub fn check(
                 },
                 Sources::Unverified(name) => Source::Unverified(name.clone()),
             };
-            if covered(s, pattern, &patterns, resolve, trusted) {
+            if covered(s, pattern, &patterns, resolve, redefined) {
                 continue;
             }
             let dest = dest_shown(s);
@@ -109,15 +184,28 @@ enum Source {
     Unverified(String),
 }
 
-fn sources(s: &Stored, resolve: &dyn Resolve) -> Sources {
+fn sources(s: &Stored, resolve: &dyn Resolve, redefined: &Redefined) -> Sources {
     if s.deps.opaque {
         return Sources::Unverified("a value that cannot be traced".into());
     }
+    let changed = |r: &ColumnRef| {
+        Sources::Unverified(format!(
+            "{} (definitions changed in this session's transaction)",
+            shown(r)
+        ))
+    };
     let mut out = Vec::new();
     for r in s.deps.columns.iter().filter(|r| !is_own_place(s, r)) {
+        if redefined.covers(&r.table.name) {
+            return changed(r);
+        }
         let Some(expanded) = resolve.expand(r) else {
             return Sources::Unverified(shown(r));
         };
+        // A view over a redefined relation may read something else now.
+        if let Some(e) = expanded.iter().find(|e| redefined.covers(&e.table.name)) {
+            return changed(e);
+        }
         for e in expanded {
             match &e.column {
                 Some(_) => out.push(e),
@@ -141,19 +229,6 @@ fn is_own_place(s: &Stored, r: &ColumnRef) -> bool {
     matches!(&s.dest, Dest::Column(c) if r.table == s.table && r.column.as_ref() == Some(c))
 }
 
-fn unverified_name(s: &Stored) -> String {
-    let mut others = s.deps.columns.iter().filter(|r| !is_own_place(s, r));
-    others.next().map_or_else(
-        || "a value that cannot be traced".into(),
-        |r| {
-            format!(
-                "{} (definitions changed in this session's transaction)",
-                shown(r)
-            )
-        },
-    )
-}
-
 /// Whether the place a value goes is masked when read. A named column: any column rule
 /// covering it, by the name as written or (when the catalog knows the table) by every
 /// qualified table it may be. The source's own names (`CREATE TABLE t AS SELECT * FROM
@@ -163,7 +238,7 @@ fn covered(
     matched: &str,
     patterns: &[(&str, &str)],
     resolve: &dyn Resolve,
-    trusted: bool,
+    redefined: &Redefined,
 ) -> bool {
     let column = match &s.dest {
         Dest::Column(c) => c,
@@ -174,7 +249,7 @@ fn covered(
     if any(&s.table) {
         return true;
     }
-    if !trusted {
+    if redefined.covers(&s.table.name) {
         return false;
     }
     let r = ColumnRef {
@@ -298,7 +373,7 @@ mod tests {
         let c = classify(sql, LexOptions::default());
         assert!(c.error.is_none(), "{sql}: {:?}", c.error);
         let stored: Vec<Stored> = c.statements.into_iter().flat_map(|s| s.stored).collect();
-        check(masks, &stored, resolve, true).map_err(|e| e.to_string())
+        check(masks, &stored, resolve, &Redefined::Nothing).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -425,17 +500,58 @@ mod tests {
     }
 
     #[test]
-    fn an_untrusted_catalog_refuses_every_copy_of_a_column() {
+    fn what_the_session_redefined_is_not_believed() {
         let m = [mask("pii", &["*.email"])];
-        let c = classify(
-            "INSERT INTO notes (body) SELECT name FROM users",
-            LexOptions::default(),
-        );
-        let stored: Vec<Stored> = c.statements.into_iter().flat_map(|s| s.stored).collect();
-        let e = check(&m, &stored, &cat(), false)
-            .expect_err("untrusted")
+        let stored = |sql: &str| -> Vec<Stored> {
+            let c = classify(sql, LexOptions::default());
+            c.statements.into_iter().flat_map(|s| s.stored).collect()
+        };
+        let copy = stored("INSERT INTO notes (body) SELECT name FROM users");
+        assert_eq!(names(&copy), ["users"]);
+        let users = Redefined::Names(BTreeSet::from(["users".to_owned()]));
+        let e = check(&m, &copy, &cat(), &users)
+            .expect_err("users redefined")
             .to_string();
         assert!(e.contains("definitions changed"), "{e}");
-        assert_eq!(names(&stored), ["users"]);
+        assert!(check(&m, &copy, &cat(), &Redefined::All).is_err());
+        // Another relation changed: the catalog still speaks for users.
+        let orders = Redefined::Names(BTreeSet::from(["orders".to_owned()]));
+        assert_eq!(check(&m, &copy, &cat(), &orders), Ok(()));
+        // A view whose definition reads a redefined relation is not believed either.
+        let via_view = stored("INSERT INTO notes (body) SELECT contact FROM v");
+        let e = check(&m, &via_view, &cat(), &users)
+            .expect_err("view over users")
+            .to_string();
+        assert!(e.contains("definitions changed"), "{e}");
+    }
+
+    #[test]
+    fn what_a_statement_may_redefine() {
+        let by = |sql: &str| {
+            let c = classify(sql, LexOptions::default());
+            let mut r = Redefined::Nothing;
+            for s in &c.statements {
+                r.add(Redefined::by(s));
+            }
+            r
+        };
+        let names = |n: &[&str]| Redefined::Names(n.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(
+            by("CREATE OR REPLACE VIEW v AS SELECT 1 AS c"),
+            names(&["v"])
+        );
+        assert_eq!(
+            by("ALTER TABLE users RENAME COLUMN a TO b"),
+            names(&["users"])
+        );
+        assert_eq!(
+            by("CREATE TABLE t (x int); DROP VIEW w"),
+            names(&["t", "w"])
+        );
+        assert_eq!(by("CREATE INDEX ON users (email)"), Redefined::Nothing);
+        assert_eq!(by("SELECT 1"), Redefined::Nothing);
+        assert_eq!(by("DO $$ BEGIN END $$"), Redefined::All);
+        assert_eq!(by("CREATE EXTENSION hstore"), Redefined::All);
+        assert_eq!(by("ALTER SCHEMA a RENAME TO b"), Redefined::All);
     }
 }

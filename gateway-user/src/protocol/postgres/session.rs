@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     config::{PgAuth, PgTarget, TokenExpiry, TokenMode, UpstreamTls},
-    masking::plan::Refusal,
+    masking::{copies::Redefined, plan::Refusal},
     oidc::OidcIdentity,
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
@@ -495,7 +495,7 @@ async fn session(
         scs,
         received_at: None,
         sent_at: None,
-        ddl_open: false,
+        redefined: Redefined::Nothing,
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -839,10 +839,10 @@ struct State {
     /// and when it was forwarded (latency metrics).
     received_at: Option<std::time::Instant>,
     sent_at: Option<std::time::Instant>,
-    /// A statement that may change definitions (DDL, DO, CALL) went to the server since
-    /// the session was last idle outside a transaction: the catalog may not show what
+    /// Relations whose definitions statements sent since the session was last idle outside
+    /// a transaction may have changed (DDL, DO, CALL): the catalog may not show what their
     /// names mean to this session.
-    ddl_open: bool,
+    redefined: Redefined,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -1008,11 +1008,12 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
         Some(c) => c.cached(),
         None => Arc::new(crate::masking::plan::NoCatalog),
     };
-    for (k, s) in statements.iter().enumerate() {
-        // Definitions changed earlier in the session's transaction, or earlier in this
-        // message, are not in the catalog yet.
-        let trusted = !st.ddl_open && !statements[..k].iter().any(may_redefine);
-        crate::masking::copies::check(&j.decision.masks, &s.stored, &*data, trusted)?;
+    // Definitions changed earlier in the session's transaction, or earlier in this
+    // message, are not in the catalog yet.
+    let mut redefined = st.redefined.clone();
+    for s in statements {
+        crate::masking::copies::check(&j.decision.masks, &s.stored, &*data, &redefined)?;
+        redefined.add(Redefined::by(s));
     }
     Ok(())
 }
@@ -1030,7 +1031,7 @@ fn uncovered_copy(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Denial>
 fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String>> {
     judge.catalog.as_ref()?;
     match copy_check(st, judge, j) {
-        Err(Refusal::CopyUnverified { .. }) if !st.ddl_open => Some(
+        Err(Refusal::CopyUnverified { .. }) => Some(
             j.classification
                 .statements
                 .iter()
@@ -1041,21 +1042,11 @@ fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String
     }
 }
 
-/// Remembers that a message may change definitions the catalog does not show yet.
+/// Remembers the relations a message may redefine, which the catalog does not show yet.
 fn note_redefinitions(st: &mut State, j: &Judgement) {
-    if j.classification.statements.iter().any(may_redefine) {
-        st.ddl_open = true;
+    for s in &j.classification.statements {
+        st.redefined.add(Redefined::by(s));
     }
-}
-
-/// Whether a statement may change what names mean.
-fn may_redefine(s: &crate::policy::sql::StatementClass) -> bool {
-    s.kinds.iter().any(|k| {
-        matches!(
-            k,
-            Kind::Create(_) | Kind::Alter(_) | Kind::Drop(_) | Kind::Do | Kind::Call
-        )
-    })
 }
 
 /// The decision a prepared statement runs under. While the policies are those it was
@@ -2101,7 +2092,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     && st.tracker.is_idle()
                     && messages::ready_status(&f.body).ok() == Some(b'I')
                 {
-                    st.ddl_open = false;
+                    st.redefined = Redefined::Nothing;
                 }
                 (route, head)
             };
