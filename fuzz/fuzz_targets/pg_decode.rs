@@ -26,5 +26,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = messages::auth_code(b);
         let _ = messages::copy_response(b);
         let _ = messages::command_tag(b);
+        let _ = messages::notification(b);
     }
 });

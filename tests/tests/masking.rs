@@ -701,3 +701,45 @@ X
         "the self-update ran, the copy did not"
     );
 }
+
+/// A session that LISTENs receives whatever payload other sessions or triggers computed;
+/// under the shipped policies the detectors mask it. (The notifying session here is the
+/// listener itself: the server delivers its own notifications to it exactly as it does
+/// another session's, after the transaction, so the test does not depend on timing.)
+#[test]
+fn notification_payloads_go_through_the_detectors() {
+    let w = shipped_world_with_alice();
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q LISTEN ch
+WAIT 1
+Q NOTIFY ch, 'signup alice@example.com'
+WAIT 1
+Q NOTIFY ch, 'job 42 done'
+WAIT 1
+X
+",
+    );
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let payloads: Vec<&str> = out
+        .iter()
+        .filter(|v| v["t"] == "A")
+        .filter_map(|v| v["hex"].as_str())
+        .collect();
+    assert_eq!(payloads.len(), 2, "{out:#?}");
+    // pid, then the channel and the payload, each NUL-terminated.
+    assert!(
+        payloads[0].ends_with(&format!(
+            "{}00{}00",
+            hex("ch"),
+            hex("signup [REDACTED:email]")
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        payloads[1].ends_with(&format!("{}00{}00", hex("ch"), hex("job 42 done"))),
+        "{out:#?}"
+    );
+}

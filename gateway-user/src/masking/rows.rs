@@ -395,6 +395,36 @@ fn csv_write(v: &[u8], was_quoted: bool, d: u8, q: u8, e: u8, null: &[u8], out: 
     out.push(q);
 }
 
+/// A notification's payload under the masks of the session's `LISTEN`s. It is not a
+/// result of any statement, so a column rule cannot tell where it comes from: the payload
+/// is masked whole (whatever the rule's `unresolved`: a notification cannot be refused,
+/// only withheld); detectors mask what they find. `None`: unchanged.
+pub fn mask_payload(
+    masks: &[std::sync::Arc<crate::policy::model::MaskSpec>],
+    masker: &Masker,
+    payload: &str,
+) -> Option<String> {
+    if let Some(m) = masks.iter().find(|m| !m.columns.is_empty()) {
+        crate::metrics::get().masked_by_column.inc();
+        return Some(
+            masker
+                .replace(&m.strategy, "notification", payload)
+                .unwrap_or_default(),
+        );
+    }
+    let detection = super::plan::detection(masks)?;
+    match masker.detect(
+        &detection,
+        super::value::TypeClass::Text,
+        false,
+        payload.as_bytes(),
+    )? {
+        // A NULL has no place in a notification: the payload goes.
+        None => Some(String::new()),
+        Some(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -552,5 +582,34 @@ mod tests {
         c.feed(&masker(), b"\"a\"\"b\nc\",\"\"\n", &mut out)
             .expect("in test");
         assert_eq!(out, b"\"a\"\"b\nc\",[REDACTED:email]\n");
+    }
+
+    #[test]
+    fn notification_payloads_are_masked_by_detectors_or_whole() {
+        use std::sync::Arc;
+
+        use crate::policy::model::{MaskSpec, Strategy, Unresolved};
+        let spec = |columns: &[&str], detectors: &[&str]| {
+            Arc::new(MaskSpec {
+                rule: "r".into(),
+                columns: columns.iter().map(|c| (*c).into()).collect(),
+                detectors: detectors.iter().map(|d| (*d).into()).collect(),
+                strategy: Strategy::Redact { text: None },
+                unresolved: Unresolved::MaskAll,
+            })
+        };
+        let m = masker();
+        let detectors = [spec(&[], &["email"])];
+        assert_eq!(
+            mask_payload(&detectors, &m, "new user alice@example.com").as_deref(),
+            Some("new user [REDACTED:email]")
+        );
+        assert_eq!(mask_payload(&detectors, &m, "job 42 done"), None);
+        let columns = [spec(&["*.email"], &[])];
+        assert_eq!(
+            mask_payload(&columns, &m, "job 42 done").as_deref(),
+            Some("[REDACTED:notification]")
+        );
+        assert_eq!(mask_payload(&[], &m, "alice@example.com"), None);
     }
 }

@@ -436,6 +436,26 @@ pub fn parameter_status_frame(name: &str, value: &str) -> Frame {
     Frame::new(be::PARAMETER_STATUS, b.freeze())
 }
 
+/// `NotificationResponse`: the notifying backend's pid, the channel and the payload.
+pub fn notification(body: &[u8]) -> Result<(i32, &str, &str), FrameError> {
+    let mut r = Reader::new(body, "NotificationResponse");
+    let pid = r.i32()?;
+    let channel = r.cstr()?;
+    let payload = r.cstr()?;
+    if !r.is_empty() {
+        return Err(r.bad("bytes after the payload"));
+    }
+    Ok((pid, channel, payload))
+}
+
+pub fn notification_frame(pid: i32, channel: &str, payload: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i32(pid);
+    put_cstr(&mut b, channel);
+    put_cstr(&mut b, payload);
+    Frame::new(be::NOTIFICATION, b.freeze())
+}
+
 /// `CopyInResponse` / `CopyOutResponse`: the overall format and per-column formats.
 pub fn copy_response(body: &[u8]) -> Result<(i8, Vec<i16>), FrameError> {
     let mut r = Reader::new(body, "CopyResponse");
@@ -549,6 +569,23 @@ mod tests {
         }
         b.put_i16(0);
         assert_eq!(Bind::text_params(&b).expect("valid"), ["1", "x"]);
+    }
+
+    #[test]
+    fn notifications_round_trip_and_bad_ones_are_errors() {
+        let f = notification_frame(42, "jobs", "alice@example.com");
+        assert_eq!(f.tag, be::NOTIFICATION);
+        assert_eq!(
+            notification(&f.body).expect("valid"),
+            (42, "jobs", "alice@example.com")
+        );
+        assert!(
+            notification(&f.body[..f.body.len() - 1]).is_err(),
+            "truncated"
+        );
+        let mut extra = f.body.to_vec();
+        extra.push(b'x');
+        assert!(notification(&extra).is_err(), "trailing bytes");
     }
 
     #[test]

@@ -193,6 +193,11 @@ impl ResultMasking {
         }
     }
 
+    /// The install's masker (keyed hashes), for what is masked outside results.
+    pub fn masker(&self) -> &crate::masking::value::Masker {
+        &self.shared.masker
+    }
+
     /// What the catalog knows that this result needs; nothing when no column rule applies
     /// (detectors need no names) or the catalog cannot be reached (then every table column
     /// is undecidable).

@@ -41,8 +41,9 @@ use super::{
 };
 use crate::{
     config::{PgAuth, PgTarget, TokenExpiry, TokenMode, UpstreamTls},
-    masking::{copies::Redefined, plan::Refusal},
+    masking::{copies::Redefined, plan::Refusal, value::Masker},
     oidc::OidcIdentity,
+    policy::model::MaskSpec,
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
         cache::ClassKey,
@@ -496,6 +497,7 @@ async fn session(
         received_at: None,
         sent_at: None,
         redefined: Redefined::Nothing,
+        notify_masks: Vec::new(),
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -843,6 +845,9 @@ struct State {
     /// a transaction may have changed (DDL, DO, CALL): the catalog may not show what their
     /// names mean to this session.
     redefined: Redefined,
+    /// The masks of every `LISTEN` the session sent: notifications it receives are masked
+    /// by them (`masking::rows::mask_payload`).
+    notify_masks: Vec<Arc<MaskSpec>>,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -1042,10 +1047,22 @@ fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String
     }
 }
 
-/// Remembers the relations a message may redefine, which the catalog does not show yet.
+/// Remembers the relations a message may redefine, which the catalog does not show yet,
+/// and the masks its `LISTEN`s were judged under.
 fn note_redefinitions(st: &mut State, j: &Judgement) {
     for s in &j.classification.statements {
         st.redefined.add(Redefined::by(s));
+    }
+    if j.classification
+        .statements
+        .iter()
+        .any(|s| s.kinds.contains(&Kind::Listen))
+    {
+        for m in &j.decision.masks {
+            if !st.notify_masks.iter().any(|x| Arc::ptr_eq(x, m)) {
+                st.notify_masks.push(m.clone());
+            }
+        }
     }
 }
 
@@ -2070,6 +2087,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
         let mut out = BytesMut::new();
         while let Some(f) = server.try_frame()? {
             let mut masked_sql = None;
+            let mut notify_masks = None;
             let (route, head) = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if f.tag == be::PARAMETER_STATUS
@@ -2087,6 +2105,9 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 let route = st.tracker.on_server(f.tag)?;
                 for name in st.tracker.take_unmade() {
                     forget_unmade(&mut st, &name);
+                }
+                if f.tag == be::NOTIFICATION && !st.notify_masks.is_empty() {
+                    notify_masks = Some(st.notify_masks.clone());
                 }
                 if f.tag == be::READY_FOR_QUERY
                     && st.tracker.is_idle()
@@ -2129,9 +2150,12 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     Ok(())
                 }
                 Route::Pass => {
-                    match masked_sql.take() {
-                        Some(sql) => super::withhold::relay(f, &sql).encode(&mut out),
-                        None => f.encode(&mut out),
+                    match (masked_sql.take(), notify_masks.take()) {
+                        (Some(sql), _) => super::withhold::relay(f, &sql).encode(&mut out),
+                        (None, Some(masks)) => {
+                            masked_notification(f, &masks, masking.masker()).encode(&mut out)
+                        }
+                        (None, None) => f.encode(&mut out),
                     }
                     Ok(())
                 }
@@ -2214,6 +2238,20 @@ fn settle_prepared(st: &mut State, f: &Frame) {
 fn forget_unmade(st: &mut State, name: &str) {
     if name.is_empty() || st.prepared.get(name).is_some_and(|p| !p.confirmed) {
         st.prepared.remove(name);
+    }
+}
+
+/// A notification for a session that listened under masks, its payload masked. One that
+/// cannot be read is not relayed as it is: its payload goes.
+fn masked_notification(f: Frame, masks: &[Arc<MaskSpec>], masker: &Masker) -> Frame {
+    match messages::notification(&f.body) {
+        Ok((pid, channel, payload)) => {
+            match crate::masking::rows::mask_payload(masks, masker, payload) {
+                Some(masked) => messages::notification_frame(pid, channel, &masked),
+                None => f,
+            }
+        }
+        Err(_) => messages::notification_frame(0, "", ""),
     }
 }
 
