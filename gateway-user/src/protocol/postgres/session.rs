@@ -514,7 +514,6 @@ async fn session(
         class,
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
-        has_catalog: catalog.is_some(),
         catalog: catalog.clone(),
         token_deadline,
         redact_all: shared.store.config().redact_literals,
@@ -910,8 +909,7 @@ struct JudgeCtx {
     class: ClassKey,
     target: String,
     protocol: &'static str,
-    /// Masking can look names up in the catalog.
-    has_catalog: bool,
+    /// Where masking looks names up; `None`: no catalog connection for this target.
     catalog: Option<Arc<Catalog>>,
     /// Unix seconds after which the session's token has expired (with `token_expiry =
     /// "end_session"`): the next statement ends the session.
@@ -987,11 +985,9 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), judge.has_catalog) {
-            return Some(Denial {
-                rule: r.rule().to_owned(),
-                message: r.to_string(),
-            });
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), judge.catalog.is_some())
+        {
+            return Some(denial_of_refusal(&r));
         }
     }
     None
@@ -1023,33 +1019,39 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
     Ok(())
 }
 
-/// The refusal of a copy of a masked column (see [`copy_check`]).
-fn uncovered_copy(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Denial> {
-    copy_check(st, judge, j).err().map(|r| Denial {
-        rule: r.rule().to_owned(),
-        message: r.to_string(),
-    })
+/// What [`copy_check`] says of a message: `Ok(None)` it may run, `Ok(Some(..))` the
+/// refusal of a copy of a masked column, `Err(names)` the catalog has not cached what
+/// the check needs and is to be asked about these names first (unless `looked_up`: it
+/// has been, and what it still cannot confirm is refused).
+fn copy_verdict(
+    st: &State,
+    judge: &JudgeCtx,
+    j: &Judgement,
+    looked_up: bool,
+) -> Result<Option<Denial>, Vec<String>> {
+    match copy_check(st, judge, j) {
+        Ok(()) => Ok(None),
+        Err(Refusal::CopyUnverified { .. }) if !looked_up && judge.catalog.is_some() => Err(j
+            .classification
+            .statements
+            .iter()
+            .flat_map(|s| crate::masking::copies::names(&s.stored))
+            .collect()),
+        Err(r) => Ok(Some(denial_of_refusal(&r))),
+    }
 }
 
-/// The names to look up in the catalog before [`copy_check`] can decide, when what it has
-/// cached does not show them.
-fn copy_lookup(st: &State, judge: &JudgeCtx, j: &Judgement) -> Option<Vec<String>> {
-    judge.catalog.as_ref()?;
-    match copy_check(st, judge, j) {
-        Err(Refusal::CopyUnverified { .. }) => Some(
-            j.classification
-                .statements
-                .iter()
-                .flat_map(|s| crate::masking::copies::names(&s.stored))
-                .collect(),
-        ),
-        _ => None,
+/// The client's error for a mask that cannot be honoured.
+fn denial_of_refusal(r: &Refusal) -> Denial {
+    Denial {
+        rule: r.rule().to_owned(),
+        message: r.to_string(),
     }
 }
 
 /// Remembers the relations a message may redefine, which the catalog does not show yet,
 /// and the masks its `LISTEN`s were judged under.
-fn note_redefinitions(st: &mut State, j: &Judgement) {
+fn note_effects(st: &mut State, j: &Judgement) {
     for s in &j.classification.statements {
         st.redefined.add(Redefined::by(s));
     }
@@ -1095,7 +1097,8 @@ fn rejudge(
                 j.decision.rule
             ),
         }),
-        _ => unmaskable(st, judge, &j).or_else(|| uncovered_copy(st, judge, &j)),
+        // No catalog lookup on this path: what the cache cannot confirm is refused.
+        _ => unmaskable(st, judge, &j).or_else(|| copy_verdict(st, judge, &j, true).ok()?),
     };
     match refused {
         Some(d) => Err((j, d)),
@@ -1324,20 +1327,20 @@ fn plan(
             let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
             let generation = judge.generation();
             let j = judge.judge(&sql, st.scs);
-            if j.decision.verdict != Verdict::Deny
-                && !looked_up
-                && let Some(names) = copy_lookup(&st, judge, &j)
-            {
-                return Ok(Plan::Lookup(f, names));
-            }
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
-                _ => check_prepared_names(&st, &j)
-                    .or_else(|| rejudge_executes(&mut st, judge, &j).err())
-                    .or_else(|| unmaskable(&st, judge, &j))
-                    .or_else(|| uncovered_copy(&st, judge, &j)),
+                _ => {
+                    let copy = match copy_verdict(&st, judge, &j, looked_up) {
+                        Ok(copy) => copy,
+                        Err(names) => return Ok(Plan::Lookup(f, names)),
+                    };
+                    check_prepared_names(&st, &j)
+                        .or_else(|| rejudge_executes(&mut st, judge, &j).err())
+                        .or_else(|| unmaskable(&st, judge, &j))
+                        .or(copy)
+                }
             };
-            note_redefinitions(&mut st, &j);
+            note_effects(&mut st, &j);
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "query",
                 sql: sql.clone(),
@@ -1383,19 +1386,18 @@ fn plan(
             // The unnamed statement is replaced by every Parse; a named one is not: the
             // server refuses the name while it exists.
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
-            if !in_use
-                && j.decision.verdict != Verdict::Deny
-                && !looked_up
-                && let Some(names) = copy_lookup(&st, judge, &j)
-            {
-                return Ok(Plan::Lookup(f, names));
-            }
             let refusal = match j.decision.verdict {
                 _ if in_use => Some(name_in_use(&p.name)),
                 Verdict::Deny => Some(denial_of(&j)),
-                _ => unmaskable(&st, judge, &j).or_else(|| uncovered_copy(&st, judge, &j)),
+                _ => {
+                    let copy = match copy_verdict(&st, judge, &j, looked_up) {
+                        Ok(copy) => copy,
+                        Err(names) => return Ok(Plan::Lookup(f, names)),
+                    };
+                    unmaskable(&st, judge, &j).or(copy)
+                }
             };
-            note_redefinitions(&mut st, &j);
+            note_effects(&mut st, &j);
             let sql: Arc<str> = p.sql.as_str().into();
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "parse",
