@@ -72,8 +72,10 @@ struct Pending {
 
 struct Shared {
     limits: Limits,
+    /// Pending bytes that wake the writer early: [`WAKE_AT`], or half a smaller queue.
+    wake_at: usize,
     pending: Mutex<Pending>,
-    /// Signalled when the buffer passes [`WAKE_AT`] or on stop.
+    /// Signalled when the buffer passes `wake_at` or on stop.
     wake: Condvar,
     /// Signalled when the writer took the buffer.
     drained: Condvar,
@@ -97,6 +99,7 @@ pub fn start<W: Write + Send + 'static>(
 ) -> (BatchWriter, Guard) {
     let shared = Arc::new(Shared {
         limits,
+        wake_at: WAKE_AT.min(limits.queue_bytes / 2),
         pending: Mutex::new(Pending::default()),
         wake: Condvar::new(),
         drained: Condvar::new(),
@@ -120,7 +123,6 @@ pub fn start<W: Write + Send + 'static>(
 
 fn writer<W: Write>(s: &Shared, mut out: W) {
     let mut taken = Vec::with_capacity(64 * 1024);
-    let wake_at = WAKE_AT.min(s.limits.queue_bytes / 2);
     loop {
         let (stop, dropped) = {
             let mut p = s.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -129,7 +131,7 @@ fn writer<W: Write>(s: &Shared, mut out: W) {
                 p = s.wake.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             // Let the lines that follow gather, unless there are already plenty.
-            if p.buf.len() < wake_at && !p.stop {
+            if p.buf.len() < s.wake_at && !p.stop {
                 p = s
                     .wake
                     .wait_timeout(p, FLUSH_EVERY)
@@ -186,7 +188,7 @@ impl Write for &BatchWriter {
         let first = p.buf.is_empty();
         p.buf.extend_from_slice(line);
         // The writer sleeps until a first line comes, then gathers for an interval.
-        let wake = first || p.buf.len() >= WAKE_AT.min(s.limits.queue_bytes / 2);
+        let wake = first || p.buf.len() >= s.wake_at;
         drop(p);
         // Signalled after unlocking, so that it does not wake only to wait for our lock.
         if wake {
