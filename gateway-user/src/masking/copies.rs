@@ -22,7 +22,7 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use super::plan::{Refusal, Resolve, pattern_matches};
+use super::plan::{Refusal, Resolve, pattern_matches, pattern_parts};
 use crate::policy::{
     glob,
     model::MaskSpec,
@@ -274,11 +274,8 @@ fn covered(
 /// it in whatever schema it is in: a table whose schema is not known is covered only by a
 /// pattern for any schema.
 fn covers(pattern: &str, table: &TableName, column: Option<&str>) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
-    let (schema, t, c) = match p.as_slice() {
-        [t, c] => (None, *t, *c),
-        [s, t, c] => (Some(*s), *t, *c),
-        _ => return false,
+    let Some((schema, t, c)) = pattern_parts(pattern) else {
+        return false;
     };
     let schema_ok = match (schema, &table.schema) {
         (None, _) => true,

@@ -75,11 +75,8 @@ impl Resolve for NoCatalog {
 /// part) matches a column reference. A reference without a schema may be in any schema;
 /// a whole-row reference carries every column.
 pub fn pattern_matches(pattern: &str, r: &ColumnRef) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
-    let (schema, table, column) = match p.as_slice() {
-        [t, c] => (None, *t, *c),
-        [s, t, c] => (Some(*s), *t, *c),
-        _ => return false,
+    let Some((schema, table, column)) = pattern_parts(pattern) else {
+        return false;
     };
     if !glob::matches(table, &r.table.name) {
         return false;
@@ -92,6 +89,17 @@ pub fn pattern_matches(pattern: &str, r: &ColumnRef) -> bool {
     match &r.column {
         None => true,
         Some(c) => glob::matches(column, c),
+    }
+}
+
+/// A column pattern's parts: schema (`None`: any), table and column globs. `None`: not a
+/// pattern of two or three parts.
+pub fn pattern_parts(pattern: &str) -> Option<(Option<&str>, &str, &str)> {
+    let mut p = pattern.split('.');
+    match (p.next(), p.next(), p.next(), p.next()) {
+        (Some(t), Some(c), None, None) => Some((None, t, c)),
+        (Some(s), Some(t), Some(c), None) => Some((Some(s), t, c)),
+        _ => None,
     }
 }
 
