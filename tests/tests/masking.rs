@@ -3,6 +3,7 @@
 //! daemon with a catalog connection. Masked values never reach the client, by column and
 //! by detector, through expressions, `*`, views, CTEs, prepared statements and COPY.
 
+use portcullis::digest::hex;
 use portcullis_tests::{pg::*, *};
 use serde_json::json;
 
@@ -410,7 +411,6 @@ WAIT 1
 X
 ",
     );
-    let hex = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let masked = format!("0001{:08x}{}", 16, hex(b"[REDACTED:email]"));
     let rows: Vec<&str> = out
         .iter()
@@ -483,10 +483,7 @@ X
 ",
     );
     let text = serde_json::to_string(&out).expect("json");
-    let alice: String = "alice@example"
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let alice = hex(b"alice@example");
     assert!(
         !text.contains("alice@example") && !text.contains(&alice),
         "a masked value got out: {out:#?}"
@@ -585,10 +582,7 @@ X
     // What was let through ran; the copy into a column the mask covers reads back masked.
     let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
     assert_eq!(rows.len(), 1, "{out:#?}");
-    let redacted: String = "[REDACTED:email]"
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let redacted = hex(b"[REDACTED:email]");
     assert!(
         rows[0]["hex"]
             .as_str()
@@ -722,7 +716,6 @@ WAIT 1
 X
 ",
     );
-    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     let payloads: Vec<&str> = out
         .iter()
         .filter(|v| v["t"] == "A")
@@ -733,13 +726,13 @@ X
     assert!(
         payloads[0].ends_with(&format!(
             "{}00{}00",
-            hex("ch"),
-            hex("signup [REDACTED:email]")
+            hex(b"ch"),
+            hex(b"signup [REDACTED:email]")
         )),
         "{out:#?}"
     );
     assert!(
-        payloads[1].ends_with(&format!("{}00{}00", hex("ch"), hex("job 42 done"))),
+        payloads[1].ends_with(&format!("{}00{}00", hex(b"ch"), hex(b"job 42 done"))),
         "{out:#?}"
     );
 }

@@ -20,6 +20,7 @@ use std::{
 };
 
 use bytes::{BufMut, BytesMut};
+use portcullis::digest::hex;
 use portcullis::protocol::postgres::{
     auth::Scram,
     codec::{Frame, PROTOCOL_3_0, Startup, decode, put_cstr},
@@ -27,10 +28,6 @@ use portcullis::protocol::postgres::{
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
