@@ -618,6 +618,84 @@ X
     assert!(!log.contains("RENAME COLUMN"), "{log}");
 }
 
+/// An INSERT that names no columns, or spreads a table's `*`, stores by position: the
+/// catalog says which column each value lands in, so a copy into covered columns runs and
+/// one into an uncovered column is refused by its name; a table the catalog cannot show
+/// yet (made in the same transaction) cannot be placed, and the copy is refused.
+#[test]
+fn inserts_by_position_are_placed_by_the_catalog() {
+    let w = shipped_world_with_alice();
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE people_copy (LIKE people); CREATE TABLE notes (id int, body text); \
+         ALTER TABLE people_copy OWNER TO app; ALTER TABLE notes OWNER TO app;",
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q INSERT INTO people_copy SELECT * FROM people
+WAIT 1
+Q INSERT INTO people_copy SELECT id, email FROM people
+WAIT 1
+Q INSERT INTO notes SELECT id, email FROM people
+WAIT 1
+Q INSERT INTO notes SELECT * FROM people
+WAIT 1
+Q SELECT email FROM people_copy
+WAIT 1
+Q BEGIN
+WAIT 1
+Q CREATE TABLE scratch (id int, body text)
+WAIT 1
+Q INSERT INTO scratch SELECT * FROM people
+WAIT 1
+Q ROLLBACK
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 3, "{out:#?}");
+    for (code, message) in &errors {
+        assert_eq!(*code, "42501", "{errors:?}");
+        assert!(
+            message.contains("mask-pii-columns")
+                && message.contains("people.email, which is masked"),
+            "{errors:?}"
+        );
+    }
+    assert!(errors[0].1.contains("into notes.body"), "{errors:?}");
+    assert!(errors[1].1.contains("into notes.body"), "{errors:?}");
+    assert!(
+        errors[2].1.contains("scratch by position")
+            && errors[2].1.contains("does not show which column"),
+        "{errors:?}"
+    );
+    // Both copies into people_copy ran, and read back masked.
+    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
+    assert_eq!(rows.len(), 2, "{out:#?}");
+    let redacted = hex(b"[REDACTED:email]");
+    for r in rows {
+        assert!(
+            r["hex"].as_str().is_some_and(|h| h.ends_with(&redacted)),
+            "{out:#?}"
+        );
+    }
+    assert_eq!(
+        w.pg.sql(
+            "shop",
+            "SELECT count(*) FROM people_copy WHERE email = 'alice@example.com'"
+        )
+        .trim(),
+        "2"
+    );
+    assert_eq!(w.pg.sql("shop", "SELECT count(*) FROM notes").trim(), "0");
+    let log = w.pg.log();
+    assert!(!log.contains("INSERT INTO notes"), "{log}");
+    assert!(!log.contains("INSERT INTO scratch"), "{log}");
+}
+
 /// In the extended protocol the values are parameters, not part of the statement's text:
 /// an error that quotes what the client sent as a parameter reaches it whole, one that
 /// quotes a stored value it did not send is still withheld.

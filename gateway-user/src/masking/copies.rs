@@ -10,9 +10,10 @@
 //! [lineage](crate::policy::sql::lineage::stored), checked against the catalog as reads
 //! are: a view's column is what the view computes it from, a whole row (`*`,
 //! `to_jsonb(u)`) is each of its table's columns. What the catalog cannot confirm is
-//! treated as masked. Where a value goes is what the text says; a place it does not name
-//! (`INSERT INTO t SELECT ...` without a column list, positions after a `*`) is covered by
-//! nothing.
+//! treated as masked. Where a value goes is what the text says, and for an `INSERT`
+//! without a column list or after a table's `*`, what the catalog says the column at that
+//! position is ([`place`]); a place nobody can name (after the `*` of a function, a
+//! position the catalog cannot tell) is covered by nothing.
 //!
 //! Without a catalog ([`super::plan::NoCatalog`]) nothing is confirmed, so every copy of
 //! a column into a place no mask covers is refused, as every read of a table column is
@@ -29,7 +30,7 @@ use crate::policy::{
     sql::{
         StatementClass, TableName,
         kind::{Kind, Object},
-        lineage::{ColumnRef, Dest, Stored},
+        lineage::{ColumnRef, Deps, Dest, Slot, Stored},
     },
 };
 
@@ -127,7 +128,7 @@ pub fn check(
     if patterns.is_empty() {
         return Ok(());
     }
-    for s in stored {
+    for s in &place(stored, resolve, redefined) {
         if !s.deps.opaque && s.deps.columns.iter().all(|r| is_own_place(s, r)) {
             continue;
         }
@@ -144,7 +145,13 @@ pub fn check(
                 continue;
             }
             let dest = dest_shown(s);
+            let unplaced = matches!(s.dest, Dest::Position(_) | Dest::Spread { .. });
             return Err(match source {
+                Source::Masked(from) if unplaced => Refusal::CopyUnplaced {
+                    rule: rule.to_owned(),
+                    from,
+                    dest,
+                },
                 Source::Masked(from) => Refusal::Copy {
                     rule: rule.to_owned(),
                     from,
@@ -161,14 +168,78 @@ pub fn check(
     Ok(())
 }
 
-/// The names a check needs from the catalog: every relation the stored values read.
+/// The names a check needs from the catalog: every relation the stored values read, and
+/// the tables whose column order places a value.
 pub fn names(stored: &[Stored]) -> Vec<String> {
-    let mut out: Vec<String> = stored
-        .iter()
-        .flat_map(|s| s.deps.columns.iter().map(|c| c.table.name.clone()))
-        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for s in stored {
+        out.extend(s.deps.columns.iter().map(|c| c.table.name.clone()));
+        if let Dest::Position(slot) | Dest::Spread { slot, .. } = &s.dest {
+            out.push(s.table.name.clone());
+            out.extend(slot.after.iter().map(|t| t.name.clone()));
+        }
+    }
     out.sort();
     out.dedup();
+    out
+}
+
+/// Stored values with their INSERT positions named from the catalog: a [`Dest::Position`]
+/// becomes the column at that place, a [`Dest::Spread`] one value per column of its
+/// relation, each into the column at its place. What the catalog cannot tell (a table it
+/// does not know or whose name is ambiguous, one `redefined`, a position past the end)
+/// stays as it was, covered by nothing.
+pub fn place(stored: &[Stored], resolve: &dyn Resolve, redefined: &Redefined) -> Vec<Stored> {
+    let columns = |t: &TableName| {
+        if redefined.covers(&t.name) {
+            None
+        } else {
+            resolve.columns(t)
+        }
+    };
+    // The target columns and the position the slot stands for.
+    let target = |table: &TableName, slot: &Slot| -> Option<(Vec<String>, usize)> {
+        let mut at = slot.index;
+        for t in &slot.after {
+            at = (at + columns(t)?.len()).checked_sub(1)?;
+        }
+        let list = if slot.columns.is_empty() {
+            columns(table)?
+        } else {
+            slot.columns.clone()
+        };
+        Some((list, at))
+    };
+    let mut out = Vec::with_capacity(stored.len());
+    for s in stored {
+        let to = |list: &[String], at: usize, deps: Deps| Stored {
+            table: s.table.clone(),
+            dest: list
+                .get(at)
+                .map_or(Dest::Unknown, |c| Dest::Column(c.clone())),
+            deps,
+        };
+        match &s.dest {
+            Dest::Position(slot) => match target(&s.table, slot) {
+                Some((list, at)) => out.push(to(&list, at, s.deps.clone())),
+                None => out.push(s.clone()),
+            },
+            Dest::Spread { slot, of } => match target(&s.table, slot).zip(columns(of)) {
+                Some(((list, at), cols)) => {
+                    out.extend(cols.into_iter().enumerate().map(|(j, c)| {
+                        let mut deps = Deps::default();
+                        deps.columns.insert(ColumnRef {
+                            table: of.clone(),
+                            column: Some(c),
+                        });
+                        to(&list, at + j, deps)
+                    }))
+                }
+                None => out.push(s.clone()),
+            },
+            _ => out.push(s.clone()),
+        }
+    }
     out
 }
 
@@ -243,7 +314,7 @@ fn covered(
     let column = match &s.dest {
         Dest::Column(c) => c,
         Dest::SameNames => return covers(matched, &s.table, None),
-        Dest::Unknown => return false,
+        Dest::Position(_) | Dest::Spread { .. } | Dest::Unknown => return false,
     };
     let any = |t: &TableName| patterns.iter().any(|(_, p)| covers(p, t, Some(column)));
     if any(&s.table) {
@@ -298,6 +369,16 @@ fn dest_shown(s: &Stored) -> String {
     match &s.dest {
         Dest::Column(c) => format!("{t}.{c}"),
         Dest::SameNames => format!("{t} under the same column names"),
+        Dest::Position(slot) | Dest::Spread { slot, .. } => {
+            let n = slot.index + 1;
+            let after = if slot.after.is_empty() {
+                String::new()
+            } else {
+                let stars: Vec<String> = slot.after.iter().map(|t| format!("{t}.*")).collect();
+                format!(" after {}", stars.join(", "))
+            };
+            format!("{t} by position (item {n}{after})")
+        }
         Dest::Unknown => format!("{t} in columns the statement does not name"),
     }
 }
@@ -387,8 +468,12 @@ mod tests {
             "INSERT INTO notes (body) SELECT to_jsonb(u)::text FROM users u",
             // Through a view: v.contact is users.email.
             "INSERT INTO notes (body) SELECT contact FROM v",
-            // Without a column list the place is not known.
-            "INSERT INTO archive SELECT id, email FROM users",
+            // Without a column list the catalog names the place: notes.body.
+            "INSERT INTO notes SELECT id, email FROM users",
+            // users.* spreads id, name, email over notes(id, body) and past its end.
+            "INSERT INTO notes SELECT * FROM users",
+            // After orders.* (two columns) the third item would be a fourth notes column.
+            "INSERT INTO notes SELECT o.*, u.email FROM orders o, users u",
             "WITH c AS (SELECT email AS e FROM users) INSERT INTO notes (body) SELECT e FROM c",
             // Renaming the column moves its values out from under the mask.
             "ALTER TABLE users RENAME COLUMN email TO contact",
@@ -410,6 +495,11 @@ mod tests {
             "CREATE TABLE t AS SELECT id, email FROM users",
             "INSERT INTO notes (body) SELECT name FROM users",
             "INSERT INTO notes SELECT * FROM orders",
+            // By position into archive(id, email), which the rule covers.
+            "INSERT INTO archive SELECT id, email FROM users",
+            "INSERT INTO archive SELECT id, email FROM archive",
+            "INSERT INTO archive SELECT * FROM archive",
+            "INSERT INTO archive (id, email) SELECT * FROM archive",
             "INSERT INTO notes (body) VALUES ('a@example.com')",
             "UPDATE users SET name = 'x' WHERE email = 'a@example.com'",
             "CREATE VIEW w AS SELECT email AS c FROM users",
@@ -418,6 +508,59 @@ mod tests {
         ] {
             assert_eq!(run(sql, &m, &cat()), Ok(()), "{sql}");
         }
+    }
+
+    #[test]
+    fn inserts_by_position_are_placed_from_the_catalog() {
+        let m = [mask("pii", &["*.email"])];
+        let stored = |sql: &str| -> Vec<Stored> {
+            let c = classify(sql, LexOptions::default());
+            c.statements.into_iter().flat_map(|s| s.stored).collect()
+        };
+        let dests = |sql: &str, redefined: &Redefined| -> Vec<String> {
+            place(&stored(sql), &cat(), redefined)
+                .iter()
+                .map(|s| format!("{}.{}", s.table, dest_shown(s)))
+                .collect()
+        };
+        assert_eq!(
+            dests(
+                "INSERT INTO archive SELECT o.*, u.email FROM orders o, users u",
+                &Redefined::Nothing
+            ),
+            [
+                "archive.archive.id",
+                "archive.archive.email",
+                "archive.archive in columns the statement does not name"
+            ]
+        );
+        assert_eq!(
+            names(&stored(
+                "INSERT INTO archive SELECT o.*, u.email FROM orders o, users u"
+            )),
+            ["archive", "orders", "users"]
+        );
+        // A table the catalog does not know, or one the session changed, is not placed.
+        let e = run("INSERT INTO fresh SELECT id, email FROM users", &m, &cat())
+            .expect_err("unknown table");
+        assert!(e.contains("does not show which column"), "{e}");
+        assert!(e.contains("fresh by position (item 2)"), "{e}");
+        let archive = Redefined::Names(BTreeSet::from(["archive".to_owned()]));
+        let copy = stored("INSERT INTO archive SELECT id, email FROM users");
+        assert_eq!(check(&m, &copy, &cat(), &Redefined::Nothing), Ok(()));
+        let e = check(&m, &copy, &cat(), &archive)
+            .expect_err("archive redefined")
+            .to_string();
+        assert!(e.contains("archive by position (item 2)"), "{e}");
+        // Nor is a position after the `*` of a relation whose width is not believed.
+        let orders = Redefined::Names(BTreeSet::from(["orders".to_owned()]));
+        assert_eq!(
+            dests(
+                "INSERT INTO archive SELECT o.*, u.email FROM orders o, users u",
+                &orders
+            )[1],
+            "archive.archive by position (item 2 after orders.*)"
+        );
     }
 
     #[test]

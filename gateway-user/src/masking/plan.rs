@@ -194,6 +194,15 @@ pub enum Refusal {
         from: String,
         dest: String,
     },
+    #[error(
+        "rule {rule}: this would copy {from}, which is masked, into {dest}, and the catalog \
+         does not show which column that is, so it is refused; name the target columns"
+    )]
+    CopyUnplaced {
+        rule: String,
+        from: String,
+        dest: String,
+    },
 }
 
 impl Refusal {
@@ -203,7 +212,8 @@ impl Refusal {
             Self::Unresolved { rule, .. }
             | Self::BinaryCopy { rule }
             | Self::Copy { rule, .. }
-            | Self::CopyUnverified { rule, .. } => rule,
+            | Self::CopyUnverified { rule, .. }
+            | Self::CopyUnplaced { rule, .. } => rule,
         }
     }
 }

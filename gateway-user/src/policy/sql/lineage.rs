@@ -32,7 +32,7 @@ use sqlparser::ast::{
 use super::{TableName, ident_name, parts};
 
 mod stored;
-pub use stored::{Dest, Stored, stored};
+pub use stored::{Dest, Slot, Stored, stored};
 
 /// A column a value is read from; `column: None` is the whole row.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -7,9 +7,10 @@
 //!
 //! Same conservative analysis as the output lineage: an expression depends on everything it
 //! mentions, unqualified names on every relation in scope. Destinations are what the text
-//! says: a named column, "the source's own names" (`CREATE TABLE t AS SELECT * FROM s`), or
-//! unknown (`INSERT INTO t SELECT ...` with no column list: the table's column order is in
-//! the catalog, not in the text).
+//! says: a named column, "the source's own names" (`CREATE TABLE t AS SELECT * FROM s`), a
+//! position for the catalog to name (`INSERT INTO t SELECT ...` with no column list, or
+//! after a table's `*`: the table's column order and the `*`'s width are in the catalog,
+//! not in the text), or unknown (after a `*` of a function, whose width nobody knows).
 //!
 //! Pure: takes a parsed statement and returns facts.
 
@@ -35,9 +36,24 @@ pub enum Dest {
     Column(String),
     /// Columns named as the source's own (`CREATE TABLE t AS SELECT * FROM s`).
     SameNames,
-    /// Columns the text does not name (`INSERT INTO t SELECT ...` without a column list; a
-    /// position after a `*` of unknown width).
+    /// One INSERT target whose column the catalog names (no column list, or after a `*`).
+    Position(Slot),
+    /// A relation's `*` inserted by position: its j-th column goes to the target `j`
+    /// places after the slot's.
+    Spread { slot: Slot, of: TableName },
+    /// Columns nobody can name: a position after the `*` of a function or subquery
+    /// whose width is not known, a MERGE that inserts or updates whole rows.
     Unknown,
+}
+
+/// Where an inserted item lands: target number `index` plus the widths, less one each, of
+/// the relations whose `*` came before it, in `columns` (the statement's column list) or,
+/// when the statement has none, in the table's columns in order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Slot {
+    pub index: usize,
+    pub after: Vec<TableName>,
+    pub columns: Vec<String>,
 }
 
 /// A value a statement stores, computed from table columns.
@@ -263,21 +279,36 @@ fn assignments(table: &TableName, list: &[Assignment], scope: &Scope<'_>, out: &
     }
 }
 
-/// Items stored by position into `columns` (INSERT): exact while no `*` of unknown width
-/// comes first; without a column list, the table's order decides, which the text does not
-/// show.
+/// Items stored by position into `columns` (INSERT): exact while the list reaches and no
+/// `*` came first; otherwise a [`Slot`] for the catalog to name (the table's order, the
+/// widths of the `*`s before it), and unknown after a `*` whose width nobody knows.
 fn positional(table: &TableName, columns: &[String], items: Vec<Item>, out: &mut Vec<Stored>) {
-    let mut exact = !columns.is_empty();
-    for (i, item) in items.into_iter().enumerate() {
+    let mut after: Vec<TableName> = Vec::new();
+    let mut known_width = true;
+    for (index, item) in items.into_iter().enumerate() {
         let mut deps = Deps::default();
         item.all_deps(&mut deps);
+        let slot = |after: &[TableName]| Slot {
+            index,
+            after: after.to_vec(),
+            columns: columns.to_vec(),
+        };
         let dest = match &item {
-            Item::Column { .. } if exact => columns
-                .get(i)
+            _ if !known_width => Dest::Unknown,
+            Item::Column { .. } if after.is_empty() && !columns.is_empty() => columns
+                .get(index)
                 .map_or(Dest::Unknown, |c| Dest::Column(c.clone())),
-            Item::Column { .. } => Dest::Unknown,
-            Item::Star(_) => {
-                exact = false;
+            Item::Column { .. } => Dest::Position(slot(&after)),
+            Item::Star(StarSource::Relation(t)) => {
+                let d = Dest::Spread {
+                    slot: slot(&after),
+                    of: t.clone(),
+                };
+                after.push(t.clone());
+                d
+            }
+            Item::Star(StarSource::Deps(_)) => {
+                known_width = false;
                 Dest::Unknown
             }
         };
@@ -371,9 +402,20 @@ mod tests {
             .iter()
             .flat_map(|s| s.stored.iter())
             .map(|s| {
+                let slot = |sl: &Slot| {
+                    let list = if sl.columns.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" of {}", sl.columns.join(","))
+                    };
+                    let after: String = sl.after.iter().map(|t| format!("+{t}.*")).collect();
+                    format!("#{}{after}{list}", sl.index)
+                };
                 let dest = match &s.dest {
                     Dest::Column(c) => c.clone(),
                     Dest::SameNames => "=".into(),
+                    Dest::Position(sl) => slot(sl),
+                    Dest::Spread { slot: sl, of } => format!("{}<{of}.*>", slot(sl)),
                     Dest::Unknown => "?".into(),
                 };
                 let mut deps: Vec<String> = s
@@ -399,13 +441,27 @@ mod tests {
             stored_of("INSERT INTO notes (body, at) SELECT phone, now() FROM people"),
             ["notes.body <- people.phone"]
         );
+        // Without a column list, or after a table's `*`: a position for the catalog.
         assert_eq!(
-            stored_of("INSERT INTO notes SELECT phone FROM people"),
-            ["notes.? <- people.phone"]
+            stored_of("INSERT INTO notes SELECT id, phone FROM people"),
+            ["notes.#0 <- people.id", "notes.#1 <- people.phone"]
         );
         assert_eq!(
             stored_of("INSERT INTO notes (a, b) SELECT * FROM people"),
-            ["notes.? <- people.*"]
+            ["notes.#0 of a,b<people.*> <- people.*"]
+        );
+        assert_eq!(
+            stored_of("INSERT INTO archive SELECT p.*, u.email, now(), u.* FROM people p, users u"),
+            [
+                "archive.#0<people.*> <- people.*",
+                "archive.#1+people.* <- users.email",
+                "archive.#3+people.*<users.*> <- users.*"
+            ]
+        );
+        // Past a `*` whose width nobody knows, nothing is placed.
+        assert_eq!(
+            stored_of("INSERT INTO notes SELECT *, p.phone FROM people p, generate_series(1, 2)"),
+            ["notes.#0<people.*> <- people.*", "notes.? <- people.phone"]
         );
         assert_eq!(
             stored_of("INSERT INTO notes (a) VALUES ((SELECT email FROM users LIMIT 1))"),
