@@ -447,11 +447,14 @@ mod tests {
         }
     }
 
-    fn run(sql: &str, masks: &[Arc<MaskSpec>], resolve: &dyn Resolve) -> Result<(), String> {
+    fn stored(sql: &str) -> Vec<Stored> {
         let c = classify(sql, LexOptions::default());
         assert!(c.error.is_none(), "{sql}: {:?}", c.error);
-        let stored: Vec<Stored> = c.statements.into_iter().flat_map(|s| s.stored).collect();
-        check(masks, &stored, resolve, &Redefined::Nothing).map_err(|e| e.to_string())
+        c.statements.into_iter().flat_map(|s| s.stored).collect()
+    }
+
+    fn run(sql: &str, masks: &[Arc<MaskSpec>], resolve: &dyn Resolve) -> Result<(), String> {
+        check(masks, &stored(sql), resolve, &Redefined::Nothing).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -513,10 +516,6 @@ mod tests {
     #[test]
     fn inserts_by_position_are_placed_from_the_catalog() {
         let m = [mask("pii", &["*.email"])];
-        let stored = |sql: &str| -> Vec<Stored> {
-            let c = classify(sql, LexOptions::default());
-            c.statements.into_iter().flat_map(|s| s.stored).collect()
-        };
         let dests = |sql: &str, redefined: &Redefined| -> Vec<String> {
             place(&stored(sql), &cat(), redefined)
                 .iter()
@@ -642,10 +641,6 @@ mod tests {
     #[test]
     fn what_the_session_redefined_is_not_believed() {
         let m = [mask("pii", &["*.email"])];
-        let stored = |sql: &str| -> Vec<Stored> {
-            let c = classify(sql, LexOptions::default());
-            c.statements.into_iter().flat_map(|s| s.stored).collect()
-        };
         let copy = stored("INSERT INTO notes (body) SELECT name FROM users");
         assert_eq!(names(&copy), ["users"]);
         let users = Redefined::Names(BTreeSet::from(["users".to_owned()]));
