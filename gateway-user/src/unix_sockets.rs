@@ -1,10 +1,10 @@
 //! Unix sockets that lead to a target around the gate. A PostgreSQL server on the host
 //! listens on a Unix socket named after its port (`<dir>/.s.PGSQL.<port>`) beside its TCP
 //! port; connection interception only sees TCP, so a protected agent that may connect to
-//! that socket reaches the server without passing the gate. The kernel hook that could
-//! refuse such connects (`cgroup/connect_unix`, Linux 6.7) is not yet available through
-//! the eBPF library the daemon uses, so the daemon finds such sockets and says so (at start
-//! and in `portcullis doctor`); closing them to agents is the operator's part.
+//! that socket reaches the server without passing the gate. The daemon finds such sockets
+//! and says so (at start and in `portcullis doctor`); closing them to agents is the
+//! operator's part. (Why no kernel hook refuses them yet: docs/configuration.md, agent
+//! selection.)
 //!
 //! Parsing and matching are pure; [`scan`] reads `/proc/net/unix` and the sockets' modes.
 
