@@ -301,3 +301,103 @@ fn statements_prepared_before_a_policy_change_run_under_the_new_policies() {
         "{executes:#?}"
     );
 }
+
+/// Masks `*.email` wherever it is read, and checks the copies inserts make.
+const MASK_COPIES: &str = "\
+[[rule]]
+id = \"mask-emails\"
+sql = { kinds = [\"select\", \"insert\"] }
+action = \"mask\"
+mask = { columns = [\"*.email\"], strategy = \"redact\" }
+";
+
+/// A prepared statement judged again after a reload has its copy check done as at Parse:
+/// what the catalog cache has forgotten meanwhile (DDL through the gate empties it) is
+/// asked for, not refused as unverifiable.
+#[test]
+fn a_statement_judged_again_after_a_reload_asks_the_catalog() {
+    let probe = Env::new();
+    let secret = pg::secret_file(&probe);
+    let w = pg::world_policy(
+        &format!(
+            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
+            secret.display()
+        ),
+        Some(MASK_COPIES),
+        "watch_interval = \"100ms\"",
+        "",
+        "",
+    );
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE people (id int, email text); INSERT INTO people VALUES (1, 'a@x.org'); \
+         CREATE TABLE notes (body text); \
+         ALTER TABLE people OWNER TO app; ALTER TABLE notes OWNER TO app;",
+    );
+    let go = w.env.dir.join("go");
+    let script = format!(
+        "\
+P s1 INSERT INTO notes (body) SELECT id::text FROM people
+S
+WAIT 1
+Q CREATE TABLE scratch (a int)
+WAIT 1
+UNTIL {}
+B - s1
+E - 0
+S
+WAIT 1
+X
+",
+        go.display()
+    );
+    let mut cmd = Command::new(workspace_bin("pc-pgwire"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", pg::APP_PASSWORD, "shop"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    let mut client = cmd.spawn().expect("pc-pgwire");
+    {
+        use std::io::Write as _;
+        let mut stdin = client.stdin.take().expect("stdin");
+        stdin.write_all(script.as_bytes()).expect("script");
+    }
+    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut before = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).expect("read") > 0, "{before:?}");
+        let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+        if v.get("until").is_some() {
+            break;
+        }
+        before.push(v);
+    }
+    assert!(
+        before.iter().all(|v| v["t"] != "E"),
+        "prepared and DDL ran: {before:#?}"
+    );
+    let policies = w.env.dir.join("policies").join("test.toml");
+    std::fs::write(&policies, format!("{MASK_COPIES}\n{GOOD}")).expect("write");
+    wait_until("the reloaded policies", &w.daemon, |p| p["generation"] == 2);
+    std::fs::write(&go, "").expect("go");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    assert!(client.wait().expect("wait").success(), "{rest}");
+    let after: Vec<Value> = rest
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(after.iter().all(|v| v["t"] != "E"), "{after:#?}");
+    assert!(
+        after
+            .iter()
+            .any(|v| v["t"] == "C" && v["tag"] == "INSERT 0 1"),
+        "{after:#?}"
+    );
+    assert_eq!(
+        w.pg.sql("shop", "SELECT string_agg(body, ',') FROM notes"),
+        "1"
+    );
+}

@@ -10,7 +10,8 @@
 //! `E portal [maxrows]` · `C S|P name` · `S` (Sync) · `H` (Flush) · `F oid` (FunctionCall) ·
 //! `d text` (CopyData) · `c` (CopyDone) · `RAW hex` · `WAIT n` (read until n ReadyForQuery) ·
 //! `DIGEST` (from now on print DataRows as a running digest) · `READ_TO_END` (until the
-//! connection closes, at most 10 s) · `X` (Terminate).
+//! connection closes, at most 10 s) · `UNTIL path` (print `{"until": path}`, then wait for
+//! the file to exist, at most 30 s: the test does something meanwhile) · `X` (Terminate).
 //! Output: one JSON line per server message, then a summary line.
 
 use std::{
@@ -274,6 +275,19 @@ fn main() {
             }
             "DIGEST" => {
                 digest = Some((Sha256::new(), 0));
+                None
+            }
+            "UNTIL" => {
+                println!("{}", json!({ "until": rest }));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !std::path::Path::new(&rest).exists() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{rest} never appeared"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 None
             }
             "WAIT" => {

@@ -1072,25 +1072,36 @@ fn note_effects(st: &mut State, j: &Judgement) {
     }
 }
 
+/// What judging a prepared statement again says ([`rejudge`]).
+enum Rejudged {
+    /// The policies are those it was prepared under: the decision made then holds.
+    Same,
+    /// Judged again (one decision event); it may run under this.
+    Fresh(Prepared),
+    /// It may not run now: the judgement and the refusal.
+    Refused(Arc<Judgement>, Denial),
+    /// Its copy check needs the catalog asked about these names first; then judge again.
+    Lookup(Vec<String>),
+}
+
 /// The decision a prepared statement runs under. While the policies are those it was
-/// prepared under, `Ok(None)`: the decision made then holds. After a reload it is judged
-/// again (one decision event), so that a tightened policy also stops statements prepared
-/// before it and a new mask covers their results: `Ok(Some(..))` when it may still run,
-/// `Err` with the judgement and the refusal when not. A statement that now needs approval
-/// is refused (the client prepares it again, and that is held for approval), unless it
-/// has just been `approved` (held under the old policies, answered under the new).
+/// prepared under, [`Rejudged::Same`]. After a reload it is judged again, so that a
+/// tightened policy also stops statements prepared before it and a new mask covers their
+/// results. A statement that now needs approval is refused (the client prepares it again,
+/// and that is held for approval), unless it has just been `approved` (held under the old
+/// policies, answered under the new). `looked_up`: as for [`copy_verdict`].
 fn rejudge(
     st: &State,
     judge: &JudgeCtx,
     p: &Prepared,
     approved: bool,
-) -> Result<Option<Prepared>, (Arc<Judgement>, Denial)> {
+    looked_up: bool,
+) -> Rejudged {
     let generation = judge.generation();
     if generation == p.generation {
-        return Ok(None);
+        return Rejudged::Same;
     }
     let j = judge.judge(&p.sql, st.scs);
-    log_decision(judge, &p.sql, &j);
     let refused = match j.decision.verdict {
         Verdict::Deny => Some(denial_of(&j)),
         Verdict::RequireApproval if !approved => Some(Denial {
@@ -1101,43 +1112,60 @@ fn rejudge(
                 j.decision.rule
             ),
         }),
-        // No catalog lookup on this path: what the cache cannot confirm is refused.
-        _ => unmaskable(st, judge, &j).or_else(|| copy_verdict(st, judge, &j, true).ok()?),
+        _ => match copy_verdict(st, judge, &j, looked_up) {
+            Err(names) => return Rejudged::Lookup(names),
+            Ok(copy) => unmaskable(st, judge, &j).or(copy),
+        },
     };
+    log_decision(judge, &p.sql, &j);
     match refused {
-        Some(d) => Err((j, d)),
-        None => Ok(Some(Prepared {
+        Some(d) => Rejudged::Refused(j, d),
+        None => Rejudged::Fresh(Prepared {
             judgement: j,
             generation,
             ..p.clone()
-        })),
+        }),
     }
 }
 
+/// Why a Bind cannot go to the server as it is ([`statement_to_bind`]).
+enum Unbound {
+    /// Refused: the portal that stands for it.
+    Refused(Portal),
+    /// The catalog must be asked about these names first.
+    Lookup(Vec<String>),
+}
+
 /// The statement a Bind of `name` runs, judged again after a policy change (and kept so).
-/// `Err`: the refused portal, for a name never prepared through this session (refused at
-/// Parse, or made where it was not judged) or a statement the current policies refuse.
-fn statement_to_bind(st: &mut State, judge: &JudgeCtx, name: &str) -> Result<Prepared, Portal> {
+/// Refused: for a name never prepared through this session (refused at Parse, or made
+/// where it was not judged) or a statement the current policies refuse.
+fn statement_to_bind(
+    st: &mut State,
+    judge: &JudgeCtx,
+    name: &str,
+    looked_up: bool,
+) -> Result<Prepared, Unbound> {
     let Some(p) = st.prepared.get(name).cloned() else {
-        return Err(Portal {
+        return Err(Unbound::Refused(Portal {
             sql: "".into(),
             judgement: None,
             refused: Some(never_prepared(name)),
             sent: None,
-        });
+        }));
     };
-    match rejudge(st, judge, &p, false) {
-        Ok(None) => Ok(p),
-        Ok(Some(fresh)) => {
+    match rejudge(st, judge, &p, false, looked_up) {
+        Rejudged::Same => Ok(p),
+        Rejudged::Fresh(fresh) => {
             st.prepared.insert(name.to_owned(), fresh.clone());
             Ok(fresh)
         }
-        Err((j, denial)) => Err(Portal {
+        Rejudged::Refused(j, denial) => Err(Unbound::Refused(Portal {
             sql: p.sql,
             judgement: Some(j),
             refused: Some(denial),
             sent: None,
-        }),
+        })),
+        Rejudged::Lookup(names) => Err(Unbound::Lookup(names)),
     }
 }
 
@@ -1192,8 +1220,14 @@ fn never_prepared(name: &str) -> Denial {
 }
 
 /// Judges again, after a policy change, the prepared statements a query `EXECUTE`s,
-/// keeping the fresh decisions; the refusal when one may no longer run.
-fn rejudge_executes(st: &mut State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Denial> {
+/// keeping the fresh decisions: `Ok(Some(..))` the refusal when one may no longer run,
+/// `Err(names)` the catalog is to be asked about these first.
+fn rejudge_executes(
+    st: &mut State,
+    judge: &JudgeCtx,
+    j: &Judgement,
+    looked_up: bool,
+) -> Result<Option<Denial>, Vec<String>> {
     for s in &j.classification.statements {
         let crate::policy::sql::lineage::Shape::Execute(name) = &s.shape else {
             continue;
@@ -1201,15 +1235,16 @@ fn rejudge_executes(st: &mut State, judge: &JudgeCtx, j: &Judgement) -> Result<(
         let Some(p) = st.prepared.get(name) else {
             continue;
         };
-        match rejudge(st, judge, p, false) {
-            Ok(None) => {}
-            Ok(Some(fresh)) => {
+        match rejudge(st, judge, p, false, looked_up) {
+            Rejudged::Same => {}
+            Rejudged::Fresh(fresh) => {
                 st.prepared.insert(name.clone(), fresh);
             }
-            Err((_, d)) => return Err(d),
+            Rejudged::Refused(_, d) => return Ok(Some(d)),
+            Rejudged::Lookup(names) => return Err(names),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A statement to record before the message carrying it is forwarded.
@@ -1338,8 +1373,15 @@ fn plan(
                         Ok(copy) => copy,
                         Err(names) => return Ok(Plan::Lookup(f, names)),
                     };
-                    check_prepared_names(&st, &j)
-                        .or_else(|| rejudge_executes(&mut st, judge, &j).err())
+                    let names = check_prepared_names(&st, &j);
+                    // Judged again even when the names are refused: fresh decisions are
+                    // kept either way.
+                    let executes = match rejudge_executes(&mut st, judge, &j, looked_up) {
+                        Ok(d) => d,
+                        Err(names) => return Ok(Plan::Lookup(f, names)),
+                    };
+                    names
+                        .or(executes)
                         .or_else(|| unmaskable(&st, judge, &j))
                         .or(copy)
                 }
@@ -1450,9 +1492,10 @@ fn plan(
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
-            let prepared = match statement_to_bind(&mut st, judge, &b.statement) {
+            let prepared = match statement_to_bind(&mut st, judge, &b.statement, looked_up) {
                 Ok(p) => p,
-                Err(refused) => {
+                Err(Unbound::Lookup(names)) => return Ok(Plan::Lookup(f, names)),
+                Err(Unbound::Refused(refused)) => {
                     // The server fails a Bind it cannot read, before it touches any
                     // portal; the client gets the denial, its Execute is skipped.
                     let bind = Expect::Bind {
@@ -1827,11 +1870,31 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             // under the current ones (their masks; their denial refuses it after all).
             let (judgement, generation, now_refused) = if outcome == ApprovalOutcome::Approved {
                 let held = Prepared::new(sql.clone(), judgement.clone(), generation, 0);
-                let st = state.lock().unwrap_or_else(|e| e.into_inner());
-                match rejudge(&st, judge, &held, true) {
-                    Ok(None) => (judgement, generation, None),
-                    Ok(Some(fresh)) => (fresh.judgement, fresh.generation, None),
-                    Err((j, d)) => (j, generation, Some(d)),
+                let again = |looked_up| {
+                    let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    rejudge(&st, judge, &held, true, looked_up)
+                };
+                let mut rejudged = again(false);
+                if let Rejudged::Lookup(names) = &rejudged {
+                    if let Some(c) = &judge.catalog {
+                        let _ = c.lookup(shared, &[], names).await;
+                    }
+                    rejudged = again(true);
+                }
+                match rejudged {
+                    Rejudged::Same => (judgement, generation, None),
+                    Rejudged::Fresh(fresh) => (fresh.judgement, fresh.generation, None),
+                    Rejudged::Refused(j, d) => (j, generation, Some(d)),
+                    // Not after a lookup (what it cannot confirm is refused then).
+                    Rejudged::Lookup(_) => {
+                        let d = Denial {
+                            rule: judgement.decision.rule.clone(),
+                            message: "the catalog could not confirm what this statement \
+                                      copies; it is refused"
+                                .into(),
+                        };
+                        (judgement, generation, Some(d))
+                    }
                 }
             } else {
                 (judgement, generation, None)
