@@ -180,13 +180,10 @@ action = \"mask\"
 mask = { columns = [\"*.email\"], strategy = \"redact\" }
 ";
 
-/// A client that prepared its statements before the operator tightened the policies
-/// (drivers keep prepared statements for the life of a pooled connection) runs them under
-/// the new ones: the delete is refused, the read is masked, the session goes on, and the
-/// audit records each execution with the decision it ran under.
-#[test]
-fn statements_prepared_before_a_policy_change_run_under_the_new_policies() {
-    // Credentials give the daemon its catalog connection, to tell which table a column is.
+/// A gate under `policy` (reloaded when the file changes), with credentials: they give the
+/// daemon its catalog connection, to tell which table a column is. The second value holds
+/// the password file: keep it for as long as the world.
+fn watched_world_with_catalog(policy: &str) -> (pg::Pgw, Env) {
     let probe = Env::new();
     let secret = pg::secret_file(&probe);
     let w = pg::world_policy(
@@ -194,11 +191,21 @@ fn statements_prepared_before_a_policy_change_run_under_the_new_policies() {
             "credentials = {{ user = \"app\", password_file = \"{}\" }}",
             secret.display()
         ),
-        Some(""),
+        Some(policy),
         "watch_interval = \"100ms\"",
         "",
         "",
     );
+    (w, probe)
+}
+
+/// A client that prepared its statements before the operator tightened the policies
+/// (drivers keep prepared statements for the life of a pooled connection) runs them under
+/// the new ones: the delete is refused, the read is masked, the session goes on, and the
+/// audit records each execution with the decision it ran under.
+#[test]
+fn statements_prepared_before_a_policy_change_run_under_the_new_policies() {
+    let (w, _secret) = watched_world_with_catalog("");
     w.pg.sql(
         "shop",
         "CREATE TABLE t (id int, email text); \
@@ -316,18 +323,7 @@ mask = { columns = [\"*.email\"], strategy = \"redact\" }
 /// asked for, not refused as unverifiable.
 #[test]
 fn a_statement_judged_again_after_a_reload_asks_the_catalog() {
-    let probe = Env::new();
-    let secret = pg::secret_file(&probe);
-    let w = pg::world_policy(
-        &format!(
-            "credentials = {{ user = \"app\", password_file = \"{}\" }}",
-            secret.display()
-        ),
-        Some(MASK_COPIES),
-        "watch_interval = \"100ms\"",
-        "",
-        "",
-    );
+    let (w, _secret) = watched_world_with_catalog(MASK_COPIES);
     w.pg.sql(
         "shop",
         "CREATE TABLE people (id int, email text); INSERT INTO people VALUES (1, 'a@x.org'); \
