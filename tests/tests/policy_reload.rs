@@ -347,29 +347,8 @@ X
 ",
         go.display()
     );
-    let mut cmd = Command::new(workspace_bin("pc-pgwire"));
-    cmd.arg(w.pg.addr().to_string())
-        .args(["app", pg::APP_PASSWORD, "shop"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
-    let mut client = cmd.spawn().expect("pc-pgwire");
-    {
-        use std::io::Write as _;
-        let mut stdin = client.stdin.take().expect("stdin");
-        stdin.write_all(script.as_bytes()).expect("script");
-    }
-    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
-    let mut before = Vec::new();
-    loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).expect("read") > 0, "{before:?}");
-        let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-        if v.get("until").is_some() {
-            break;
-        }
-        before.push(v);
-    }
+    let (mut client, mut out) = wire_client(&w, &script);
+    let before = until(&mut out);
     assert!(
         before.iter().all(|v| v["t"] != "E"),
         "prepared and DDL ran: {before:#?}"
@@ -395,5 +374,103 @@ X
     assert_eq!(
         w.pg.sql("shop", "SELECT string_agg(body, ',') FROM notes"),
         "1"
+    );
+}
+
+/// A wire client with `script` as the agent, its output read line by line.
+fn wire_client(
+    w: &pg::Pgw,
+    script: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(workspace_bin("pc-pgwire"));
+    cmd.arg(w.pg.addr().to_string())
+        .args(["app", pg::APP_PASSWORD, "shop"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    let mut client = cmd.spawn().expect("pc-pgwire");
+    {
+        use std::io::Write as _;
+        let mut stdin = client.stdin.take().expect("stdin");
+        stdin.write_all(script.as_bytes()).expect("script");
+    }
+    let out = BufReader::new(client.stdout.take().expect("stdout"));
+    (client, out)
+}
+
+/// The server messages the client printed before it reached its next `UNTIL`.
+fn until(out: &mut BufReader<std::process::ChildStdout>) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).expect("read") > 0, "{seen:?}");
+        let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+        if v.get("until").is_some() {
+            return seen;
+        }
+        seen.push(v);
+    }
+}
+
+/// A session's LISTEN is judged again after a reload, as its prepared statements are:
+/// masks the new policies give it apply to the notifications it receives, and a policy
+/// that denies it stops them.
+#[test]
+fn listens_made_before_a_policy_change_get_the_new_policies() {
+    let (w, _secret) = watched_world_with_catalog(GOOD);
+    let go = |n: u64| w.env.dir.join(format!("go{n}"));
+    let script = format!(
+        "Q LISTEN ch\nWAIT 1\nUNTIL {}\nQ SELECT 1\nWAIT 1\nUNTIL {}\nQ SELECT 2\nWAIT 1\n\
+         UNTIL {}\nX\n",
+        go(2).display(),
+        go(3).display(),
+        go(4).display()
+    );
+    let (mut client, mut out) = wire_client(&w, &script);
+    let listened = until(&mut out);
+    assert!(listened.iter().all(|v| v["t"] != "E"), "{listened:#?}");
+    let policies = w.env.dir.join("policies").join("test.toml");
+    // Policies with `action` for `listen` become `generation`; a notification is sent; the
+    // client goes on to its next `UNTIL`: what it printed on the way.
+    let mut phase = |generation: u64, action: &str, notify: &str| {
+        let rule =
+            format!("[[rule]]\nid = \"listens\"\nsql = {{ kinds = [\"listen\"] }}\n{action}\n");
+        std::fs::write(&policies, format!("{GOOD}\n{rule}")).expect("write");
+        wait_until("the new policies", &w.daemon, |p| {
+            p["generation"] == generation
+        });
+        w.pg.sql("shop", &format!("NOTIFY ch, '{notify}'"));
+        std::fs::write(go(generation), "").expect("go");
+        until(&mut out)
+    };
+    let masked = phase(
+        2,
+        "action = \"mask\"\nmask = { detectors = [\"email\"], strategy = \"redact\" }",
+        "signup alice@example.com",
+    );
+    let denied = phase(3, "action = \"deny\"", "second bob@example.com");
+    std::fs::write(go(4), "").expect("go");
+    assert!(client.wait().expect("wait").success());
+    let notified: Vec<&str> = masked
+        .iter()
+        .filter(|v| v["t"] == "A")
+        .filter_map(|v| v["hex"].as_str())
+        .collect();
+    assert_eq!(notified.len(), 1, "{masked:#?}");
+    assert!(
+        notified[0].ends_with(&format!(
+            "{}00{}00",
+            portcullis::digest::hex(b"ch"),
+            portcullis::digest::hex(b"signup [REDACTED:email]")
+        )),
+        "{masked:#?}"
+    );
+    assert!(
+        denied.iter().all(|v| v["t"] != "A"),
+        "not delivered: {denied:#?}"
+    );
+    assert!(
+        denied.iter().any(|v| v["t"] == "C"),
+        "the session goes on: {denied:#?}"
     );
 }

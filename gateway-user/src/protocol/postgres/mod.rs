@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod codec;
 pub mod expect;
+pub mod listens;
 pub mod messages;
 pub mod record;
 pub mod results;

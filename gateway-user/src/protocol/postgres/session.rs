@@ -34,6 +34,7 @@ use super::{
     catalog::{Catalog, CatalogKey},
     codec::{Frame, SSL_REQUEST, Startup, decode},
     expect::{Denial, Expect, Owner, Route, Tracker},
+    listens::{Listens, Notify},
     messages::{self, Notice, Parse, auth_codes, be, fe},
     results::{self, ResultMasking},
     startup::{self, Accepted},
@@ -497,7 +498,7 @@ async fn session(
         received_at: None,
         sent_at: None,
         redefined: Redefined::Nothing,
-        notify_masks: Vec::new(),
+        listens: Listens::default(),
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -557,6 +558,7 @@ async fn session(
         Reader::new(s_read, sbuf, max, false),
         c_write,
         state,
+        &judge,
         ResultMasking::new(
             shared.clone(),
             ctx.session,
@@ -844,9 +846,8 @@ struct State {
     /// a transaction may have changed (DDL, DO, CALL): the catalog may not show what their
     /// names mean to this session.
     redefined: Redefined,
-    /// The masks of every `LISTEN` the session sent: notifications it receives are masked
-    /// by them (`masking::rows::mask_payload`).
-    notify_masks: Vec<Arc<MaskSpec>>,
+    /// The `LISTEN`s the session sent: what notifications it receives get.
+    listens: Listens,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -1054,21 +1055,19 @@ fn denial_of_refusal(r: &Refusal) -> Denial {
 }
 
 /// Remembers the relations a message may redefine, which the catalog does not show yet,
-/// and the masks its `LISTEN`s were judged under.
-fn note_effects(st: &mut State, j: &Judgement) {
+/// and, unless it is `refused`, its `LISTEN`s with the masks they were judged under
+/// (policy `generation`).
+fn note_effects(st: &mut State, j: &Judgement, sql: &Arc<str>, generation: u64, refused: bool) {
     for s in &j.classification.statements {
         st.redefined.add(Redefined::by(s));
     }
-    if j.classification
-        .statements
-        .iter()
-        .any(|s| s.kinds.contains(&Kind::Listen))
+    if !refused
+        && j.classification
+            .statements
+            .iter()
+            .any(|s| s.kinds.contains(&Kind::Listen))
     {
-        for m in &j.decision.masks {
-            if !st.notify_masks.iter().any(|x| Arc::ptr_eq(x, m)) {
-                st.notify_masks.push(m.clone());
-            }
-        }
+        st.listens.add(sql, &j.decision.masks, generation);
     }
 }
 
@@ -1386,7 +1385,7 @@ fn plan(
                         .or(copy)
                 }
             };
-            note_effects(&mut st, &j);
+            note_effects(&mut st, &j, &sql, generation, refusal.is_some());
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "query",
                 sql: sql.clone(),
@@ -1443,8 +1442,8 @@ fn plan(
                     unmaskable(&st, judge, &j).or(copy)
                 }
             };
-            note_effects(&mut st, &j);
             let sql: Arc<str> = p.sql.as_str().into();
+            note_effects(&mut st, &j, &sql, generation, refusal.is_some());
             let stmt = |refused: Option<Denial>| Stmt {
                 via: "parse",
                 sql: sql.clone(),
@@ -2138,6 +2137,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
     mut server: Reader<ReadHalf<R>>,
     client: Arc<tokio::sync::Mutex<WriteHalf<Stream>>>,
     state: Arc<Mutex<State>>,
+    judge: &JudgeCtx,
     mut masking: ResultMasking,
     traffic: &Traffic,
     target: &str,
@@ -2156,7 +2156,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
         let mut out = BytesMut::new();
         while let Some(f) = server.try_frame()? {
             let mut masked_sql = None;
-            let mut notify_masks = None;
+            let mut notify = Notify::Pass;
             let (route, head) = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if f.tag == be::PARAMETER_STATUS
@@ -2175,8 +2175,15 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 for name in st.tracker.take_unmade() {
                     forget_unmade(&mut st, &name);
                 }
-                if f.tag == be::NOTIFICATION && !st.notify_masks.is_empty() {
-                    notify_masks = Some(st.notify_masks.clone());
+                if f.tag == be::NOTIFICATION {
+                    let scs = st.scs;
+                    // A LISTEN the policies now deny stops notifications; one they would
+                    // hold for approval has had it.
+                    let judged = |sql: &str| {
+                        let j = judge.judge(sql, scs);
+                        (j.decision.verdict != Verdict::Deny).then(|| j.decision.masks.clone())
+                    };
+                    notify = st.listens.notify(judge.generation(), &judged);
                 }
                 if f.tag == be::READY_FOR_QUERY
                     && st.tracker.is_idle()
@@ -2219,12 +2226,16 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     Ok(())
                 }
                 Route::Pass => {
-                    match (masked_sql.take(), notify_masks.take()) {
+                    match (
+                        masked_sql.take(),
+                        std::mem::replace(&mut notify, Notify::Pass),
+                    ) {
                         (Some(sql), _) => super::withhold::relay(f, &sql).encode(&mut out),
-                        (None, Some(masks)) => {
+                        (None, Notify::Mask(masks)) => {
                             masked_notification(f, &masks, masking.masker()).encode(&mut out)
                         }
-                        (None, None) => f.encode(&mut out),
+                        (None, Notify::Drop) => {}
+                        (None, Notify::Pass) => f.encode(&mut out),
                     }
                     Ok(())
                 }
