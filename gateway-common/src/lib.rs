@@ -14,7 +14,7 @@
 
 /// Version of the map layout. Pinned maps live under `<pin_path>/maps/v<ABI_VERSION>`, so a
 /// daemon with a different layout never adopts maps it cannot read.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps, as declared in `gateway-ebpf` and pinned by the daemon.
 pub mod map_names {
@@ -36,6 +36,9 @@ pub mod map_names {
     /// Hash: tgid (`u32`) → generation (`u64`) of the process image that made a redirected
     /// connection; see [`crate::Origin::process_gen`].
     pub const PROCESSES: &str = "PC_PROCESSES";
+    /// Hash: [`crate::UnixName`] → target id (`u32`): the names of Unix sockets through
+    /// which a target is reached without TCP (a PostgreSQL target's `.s.PGSQL.<port>`).
+    pub const UNIX_NAMES: &str = "PC_UNIX_NAMES";
 }
 
 /// Names of the programs in the eBPF object.
@@ -52,6 +55,10 @@ pub mod program_names {
     pub const PROCESS_EXIT: &str = "pc_process_exit";
     /// Raw tracepoint `sched_process_exit` on kernels without `group_dead`: any task ended.
     pub const TASK_EXIT: &str = "pc_task_exit";
+    /// cgroup `connect_unix` (Linux 6.7): a protected process's connect to a Unix socket
+    /// by a target's socket name is refused. Its section says `connect4` (the eBPF library
+    /// knows no `connect_unix`); the daemon loads and attaches it itself.
+    pub const CONNECT_UNIX: &str = "pc_connect_unix";
     /// The raw tracepoints and the programs that can serve each, best first. All are
     /// loaded; the first the kernel attaches is used (one reading an argument this kernel's
     /// tracepoint lacks is refused at attach time).
@@ -79,6 +86,54 @@ pub const PROCESSES_CAPACITY: u32 = 65_536;
 pub const TARGETS_CAPACITY: u32 = 4_096;
 /// Capacity of each agent selector map.
 pub const AGENTS_CAPACITY: u32 = 4_096;
+/// Capacity of [`map_names::UNIX_NAMES`].
+pub const UNIX_NAMES_CAPACITY: u32 = 1_024;
+/// Longest Unix socket name (last path component) [`UnixName`] holds; longer names are
+/// never matched.
+pub const UNIX_NAME_LEN: usize = 32;
+/// `sizeof(sun_path)`: the longest path a Unix socket can be bound to.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// The last component of a Unix socket path, zero-padded, as the bytes of four words in
+/// memory order (words, so that a program clears and fills it with word stores): the key of
+/// [`map_names::UNIX_NAMES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnixName {
+    pub words: [u64; UNIX_NAME_LEN / 8],
+}
+
+impl UnixName {
+    /// `None` when the name is empty or longer than [`UNIX_NAME_LEN`].
+    pub fn new(name: &[u8]) -> Option<Self> {
+        if name.is_empty() || name.len() > UNIX_NAME_LEN {
+            return None;
+        }
+        let mut k = Self::default();
+        let mut i = 0;
+        while i < name.len() {
+            k.set(i, name[i]);
+            i += 1;
+        }
+        Some(k)
+    }
+
+    /// Sets byte `i` (below [`UNIX_NAME_LEN`]) of the name.
+    #[inline(always)]
+    pub fn set(&mut self, i: usize, b: u8) {
+        let shift = if cfg!(target_endian = "little") {
+            (i % 8) * 8
+        } else {
+            (7 - i % 8) * 8
+        };
+        if let Some(w) = self.words.get_mut(i / 8) {
+            *w |= u64::from(b) << shift;
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<UnixName>() == UNIX_NAME_LEN);
+
 /// Deepest cgroup level the programs walk when looking for a protected ancestor.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 
@@ -99,8 +154,11 @@ pub mod counter {
     /// A tracked entry was removed by the kernel because the client socket closed before
     /// the proxy took it (the proxy removes the entries it takes itself).
     pub const REMOVED_ON_CLOSE: u32 = 5;
+    /// A protected process tried to connect to a Unix socket by a target's socket name:
+    /// refused.
+    pub const REFUSED_UNIX: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Names, for logs and metrics, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -109,6 +167,7 @@ pub mod counter {
         "refused_netns",
         "tracked",
         "removed_on_close",
+        "refused_unix",
     ];
 }
 
@@ -289,6 +348,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: repr(C) array of bytes, no padding.
+    unsafe impl aya::Pod for super::UnixName {}
 }
 
 #[cfg(test)]

@@ -19,6 +19,12 @@
 //! 4. `pc_getpeername4` / `pc_getpeername6`: the client asking whom it is connected to
 //!    hears the original destination, not the proxy.
 //!
+//! Beside TCP, `pc_connect_unix` (cgroup `connect_unix`) refuses a protected process's
+//! connect to a Unix socket whose name, as the process wrote the path, is a target's
+//! (a PostgreSQL server's `.s.PGSQL.<port>`): that socket reaches the server without
+//! passing the gate. It sees the path before the kernel resolves it, so a link under
+//! another name is not refused (docs/configuration.md says what that leaves).
+//!
 //! Beside the flow, [`PC_PROCESSES`] gives each process image that connects a generation
 //! (its first redirected connect stores one; `pc_process_exec` and `pc_process_exit`, raw
 //! tracepoints, forget it when the process execs or its last task exits), so the proxy can
@@ -39,7 +45,8 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_storage_get,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+            bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock_addr, raw_tracepoint, sock_ops},
@@ -48,7 +55,8 @@ use aya_ebpf::{
 use gateway_common::{
     AF_INET, AF_INET6, AGENTS_CAPACITY, AgentRef, CONFIG_ENABLED, CONNS_CAPACITY, ConnKey,
     GlobalConfig, MAX_CGROUP_DEPTH, Origin, PROCESSES_CAPACITY, TARGETS_CAPACITY, TargetKey,
-    TargetValue, counter, ipv4_mapped, ipv4_unmapped,
+    TargetValue, UNIX_NAME_LEN, UNIX_NAMES_CAPACITY, UNIX_PATH_MAX, UnixName, counter, ipv4_mapped,
+    ipv4_unmapped,
 };
 
 /// Reads a `bpf_sock_ops` field straight off the context pointer. The verifier only allows
@@ -88,6 +96,9 @@ static PC_CONNS: HashMap<ConnKey, Origin, { CONNS_CAPACITY as usize }> = HashMap
 
 #[btf_map]
 static PC_PROCESSES: HashMap<u32, u64, { PROCESSES_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+static PC_UNIX_NAMES: HashMap<UnixName, u32, { UNIX_NAMES_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
 static PC_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
@@ -484,6 +495,155 @@ fn is_proxy(cfg: &GlobalConfig, dst: &Destination) -> bool {
         Some(v4) => v4 == cfg.proxy_ip4 && dst.port_be == cfg.proxy_port4,
         None => dst.addr == cfg.proxy_ip6 && dst.port_be == cfg.proxy_port6,
     }
+}
+
+/// Where `struct bpf_sock_addr_kern` (what a sock_addr program's context points to) keeps
+/// the address and its length: `sk`, `uaddr`, `tmp_reg`, `t_ctx`, `uaddrlen`, as since Linux
+/// 6.7, which added Unix sockets to these hooks. The daemon checks them against the
+/// kernel's BTF before it attaches the program.
+pub const SOCK_ADDR_KERN_UADDR: u64 = 8;
+pub const SOCK_ADDR_KERN_UADDRLEN: u64 = 32;
+/// `offsetof(struct sockaddr_un, sun_path)`.
+const SUN_PATH: u64 = 2;
+/// The path buffer: a power of two above [`UNIX_PATH_MAX`].
+const PATH_BUF: usize = 128;
+
+// Loaded by the daemon with the `connect_unix` attach type (its section name is a stand-in,
+// see `gateway_common::program_names::CONNECT_UNIX`). Refuses a protected process's connect
+// to a Unix socket path whose last component is a target's socket name. Fails open on
+// what it cannot read: the TCP hooks stay the guarantee.
+#[cgroup_sock_addr(connect4)]
+pub fn pc_connect_unix(ctx: SockAddrContext) -> i32 {
+    if unix_target(&ctx).is_some() {
+        count(counter::REFUSED_UNIX);
+        return REJECT;
+    }
+    ALLOW
+}
+
+/// The target whose socket name the connecting path ends in, for a protected process.
+#[inline(always)]
+fn unix_target(ctx: &SockAddrContext) -> Option<u32> {
+    let cfg = PC_CONFIG.get(0)?;
+    if cfg.flags & CONFIG_ENABLED == 0 {
+        return None;
+    }
+    protected_agent()?;
+    // The context points to the kernel's `bpf_sock_addr_kern`; the path is not one of the
+    // fields the verifier lets a program load, so it is read as kernel memory (a daemon
+    // with CAP_PERFMON may).
+    let kern = ctx.sock_addr as u64;
+    let mut uaddr: u64 = 0;
+    // SAFETY: the helper reads kernel memory safely (a fault is an error, not a crash);
+    // each destination is a local of the size given.
+    if unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut uaddr).cast(),
+            8,
+            (kern + SOCK_ADDR_KERN_UADDR) as *const _,
+        )
+    } != 0
+        || uaddr == 0
+    {
+        return None;
+    }
+    let mut len: u32 = 0;
+    // SAFETY: as above.
+    if unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut len).cast(),
+            4,
+            (kern + SOCK_ADDR_KERN_UADDRLEN) as *const _,
+        )
+    } != 0
+    {
+        return None;
+    }
+    // The length counts the address family's two bytes before the path; the kernel has
+    // capped it at `sizeof(struct sockaddr_un)`. Masks are how the verifier sees sizes
+    // bounded (a comparison may be folded into another register's copy).
+    let size = len.checked_sub(SUN_PATH as u32)?.min(UNIX_PATH_MAX as u32);
+    let size = u64::from(size & (PATH_BUF as u32 - 1));
+    let path = uaddr + SUN_PATH;
+    let end = path_end(path, size)?;
+    let key = last_component(path, end)?;
+    // SAFETY: the pointer into the map stays valid during the program.
+    unsafe { PC_UNIX_NAMES.get(key) }.copied()
+}
+
+/// Where a path of `size` bytes at kernel address `path` ends: its first NUL, or `size`
+/// (a client may pass the exact length without one). `None` for an empty or abstract
+/// name (first byte NUL). No loop: the kernel's string copy finds the NUL.
+#[inline(always)]
+fn path_end(path: u64, size: u64) -> Option<u64> {
+    if size == 0 {
+        return None;
+    }
+    let mut scratch = core::mem::MaybeUninit::<[u64; PATH_BUF / 8]>::uninit();
+    // One byte past `size` (inside the kernel's address buffer, which is larger) so that a
+    // path without a NUL is not cut by the terminator the copy writes.
+    let read = (size + 1) & (PATH_BUF as u64 - 1);
+    // SAFETY: the helper reads kernel memory safely and writes at most `read` bytes
+    // (less than the buffer's size) at the destination.
+    let copied = unsafe {
+        bpf_probe_read_kernel_str(scratch.as_mut_ptr().cast(), read as u32, path as *const _)
+    };
+    if copied <= 1 {
+        return None;
+    }
+    // `copied` counts the NUL it stopped at or wrote.
+    Some(core::cmp::min(copied as u64 - 1, size))
+}
+
+/// The last path component of the `end` bytes at kernel address `path`, as a map key;
+/// `None` when it is longer than a key holds. Only the tail is read (the component is at
+/// most [`UNIX_NAME_LEN`] bytes), and it is scanned backwards in one loop of constant
+/// bound, so the verifier has few states to follow; the name itself is copied by the
+/// kernel, not by a loop.
+#[inline(always)]
+fn last_component(path: u64, end: u64) -> Option<UnixName> {
+    const TAIL: u64 = UNIX_NAME_LEN as u64 + 1;
+    let tl = core::cmp::min(end, TAIL) & 63;
+    if tl == 0 || tl > TAIL {
+        return None;
+    }
+    let mut tail = [0u8; 64];
+    // SAFETY: as above; `tl` is at most the buffer's size.
+    if unsafe {
+        bpf_probe_read_kernel(
+            tail.as_mut_ptr().cast(),
+            tl as u32,
+            (path + end - tl) as *const _,
+        )
+    } != 0
+    {
+        return None;
+    }
+    // Bytes after the last `/` (the whole tail when it has none).
+    let mut n = 0u64;
+    while n < tl {
+        if *tail.get((tl - 1 - n) as usize)? == b'/' {
+            break;
+        }
+        n += 1;
+    }
+    let n = n & 63;
+    if n == 0 || n > UNIX_NAME_LEN as u64 {
+        return None;
+    }
+    let mut key = UnixName::default();
+    // SAFETY: as above; `n` is at most the key's size.
+    if unsafe {
+        bpf_probe_read_kernel(
+            key.words.as_mut_ptr().cast(),
+            n as u32,
+            (path + end - n) as *const _,
+        )
+    } != 0
+    {
+        return None;
+    }
+    Some(key)
 }
 
 /// The agent selecting the current task, by uid first, then by its cgroup or any ancestor.

@@ -719,7 +719,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "ready"
     );
     crate::sdnotify::ready("protecting");
-    // A way around the gate that the kernel programs do not see (see unix_sockets.rs).
+    // A way around the gate (see unix_sockets.rs): connects by the socket's name are
+    // refused when the kernel has the hook, links to it are not.
+    let guarded = *state
+        .kernel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unix_guard()
+        == ebpf::UnixGuard::Active;
     for e in crate::unix_sockets::scan(&cfg) {
         if e.open_to_all() {
             tracing::warn!(
@@ -727,7 +734,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 path = %e.path,
                 fix = crate::unix_sockets::FIX,
                 "{}",
-                e.describe()
+                e.describe(guarded)
             );
         }
     }

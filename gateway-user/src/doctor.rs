@@ -277,25 +277,42 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
 
 /// PostgreSQL Unix sockets beside the targets' TCP ports: a way around the gate.
 fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
+    // Whether a daemon pinned the hook (fail-closed; a fail-open daemon pins nothing).
+    let prefix = format!("{}@", gateway_common::program_names::CONNECT_UNIX);
+    let guarded = ebpf::pinned_state(&cfg.ebpf.pin_path).0.iter().any(|p| {
+        p.file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.starts_with(&prefix))
+    });
+    let mut out = vec![if guarded {
+        ok(
+            "the kernel refuses protected agents' connects to Unix sockets by a target's \
+            socket name (cgroup connect_unix)",
+        )
+    } else {
+        warn(
+            "no pinned connect_unix hook: the kernel does not refuse connects to targets' \
+             Unix sockets by name (needs Linux 6.7+ and a daemon in fail_mode closed)",
+            "close the sockets themselves (see below)",
+        )
+    }];
     let found = crate::unix_sockets::scan(cfg);
     if found.is_empty() {
-        return vec![ok(
+        out.push(ok(
             "no PostgreSQL Unix socket on this host listens for a target's port",
-        )];
+        ));
     }
-    found
-        .iter()
-        .map(|e| {
-            if e.open_to_all() {
-                warn(e.describe(), crate::unix_sockets::FIX)
-            } else {
-                ok(format!(
-                    "{}; only its owner and group may connect: keep agents out of them",
-                    e.describe()
-                ))
-            }
-        })
-        .collect()
+    out.extend(found.iter().map(|e| {
+        if e.open_to_all() {
+            warn(e.describe(guarded), crate::unix_sockets::FIX)
+        } else {
+            ok(format!(
+                "{}; only its owner and group may connect: keep agents out of them",
+                e.describe(guarded)
+            ))
+        }
+    }));
+    out
 }
 
 fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<()> {

@@ -1,10 +1,14 @@
 //! Unix sockets that lead to a target around the gate. A PostgreSQL server on the host
 //! listens on a Unix socket named after its port (`<dir>/.s.PGSQL.<port>`) beside its TCP
 //! port; connection interception only sees TCP, so a protected agent that may connect to
-//! that socket reaches the server without passing the gate. The daemon finds such sockets
-//! and says so (at start and in `portcullis doctor`); closing them to agents is the
-//! operator's part. (Why no kernel hook refuses them yet: docs/configuration.md, agent
-//! selection.)
+//! that socket reaches the server without passing the gate.
+//!
+//! On Linux 6.7+ `pc_connect_unix` refuses protected processes' connects to paths ending in
+//! one of [`guarded_names`]: what a client does by default (`psql` without `-h`, libpq's
+//! `host=/var/run/postgresql`) is refused. It sees the path as written, so a link to the
+//! socket under another name still reaches it: the daemon finds such sockets and says so
+//! (at start and in `portcullis doctor`), and closing them to agents stays the operator's
+//! part (docs/configuration.md, agent selection).
 //!
 //! Parsing and matching are pure; [`scan`] reads `/proc/net/unix` and the sockets' modes.
 
@@ -28,14 +32,21 @@ impl Exposure {
         self.mode.is_none_or(|m| m & 0o002 != 0)
     }
 
-    /// One sentence for a log or a report.
-    pub fn describe(&self) -> String {
+    /// One sentence for a log or a report; `guarded`: the kernel refuses protected
+    /// processes' connects by the socket's name ([`crate::ebpf::UnixGuard::Active`]).
+    pub fn describe(&self, guarded: bool) -> String {
         let mode = self
             .mode
             .map_or_else(|| "mode unknown".to_owned(), |m| format!("mode {m:04o}"));
+        let consequence = if guarded {
+            "the kernel refuses protected agents' connects by that name, but a link to it \
+             under another name reaches the server without passing the gate"
+        } else {
+            "a protected agent that may connect there reaches the server without passing \
+             the gate"
+        };
         format!(
-            "target {}: PostgreSQL also listens on the Unix socket {} ({mode}); a protected \
-             agent that may connect there reaches the server without passing the gate",
+            "target {}: PostgreSQL also listens on the Unix socket {} ({mode}); {consequence}",
             self.target, self.path
         )
     }
@@ -84,6 +95,28 @@ fn may_be_local(a: &TargetAddr, is_local: &dyn Fn(IpAddr) -> bool) -> bool {
         || (net.prefix_len() == net.max_prefix_len() && is_local(net.addr()))
 }
 
+/// The Unix socket names (last path component) through which a target may be reached on
+/// this host, with the target's id: `.s.PGSQL.<port>` for every port a target covers with
+/// an address that may be this host's. The kernel refuses protected processes' connects to
+/// paths ending in these names, in any directory.
+pub fn guarded_names(cfg: &Config, is_local: &dyn Fn(IpAddr) -> bool) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for t in &cfg.targets {
+        for a in t.addrs.iter().filter(|a| may_be_local(a, is_local)) {
+            let name = format!(".s.PGSQL.{}", a.port);
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, t.id));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `ip` is an address of this host (only such an address can be bound).
+pub fn is_local(ip: IpAddr) -> bool {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// The PostgreSQL sockets in `proc_net_unix` whose port a target covers on this host.
 pub fn exposures(
     cfg: &Config,
@@ -118,8 +151,6 @@ pub fn scan(cfg: &Config) -> Vec<Exposure> {
     let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
         return Vec::new();
     };
-    // Only an address of this host can be bound.
-    let is_local = |ip: IpAddr| std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok();
     let mode_of = |p: &str| {
         std::fs::metadata(p)
             .ok()
@@ -214,6 +245,37 @@ Num       RefCount Protocol Flags    Type St Inode Path
             path: pg,
             mode: Some(0o777),
         };
-        assert!(e.describe().contains("(mode 0777)"), "{}", e.describe());
+        assert!(
+            e.describe(false).contains("(mode 0777)"),
+            "{}",
+            e.describe(false)
+        );
+        assert!(e.describe(false).contains("without passing the gate"));
+        assert!(e.describe(true).contains("the kernel refuses"));
+    }
+
+    #[test]
+    fn the_names_guarded_are_the_socket_names_of_ports_targets_cover_here() {
+        let is_local = |ip: IpAddr| ip == IpAddr::from([192, 168, 1, 10]);
+        let c = cfg(&format!(
+            "{}{}{}",
+            target("db", "127.0.0.1:5432"),
+            target("remote", "10.1.2.3:5433"),
+            target("here", "192.168.1.10:6543"),
+        ));
+        assert_eq!(
+            guarded_names(&c, &is_local),
+            [
+                (".s.PGSQL.5432".to_owned(), 0),
+                (".s.PGSQL.6543".to_owned(), 2)
+            ]
+        );
+        // A port two targets cover is one name.
+        let twice = cfg(&format!(
+            "{}{}",
+            target("a", "127.0.0.1:5432"),
+            target("b", "*:5432")
+        ));
+        assert_eq!(guarded_names(&twice, &is_local).len(), 1);
     }
 }

@@ -151,6 +151,7 @@ fn ipv4_ipv6_and_mapped_destinations_are_redirected_with_identity() {
             "pc_sock_ops",
             "pc_getpeername4",
             "pc_getpeername6",
+            "pc_connect_unix",
             "pc_process_exec",
             "pc_process_exit"
         ]

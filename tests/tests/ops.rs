@@ -11,12 +11,12 @@ use std::{
 };
 
 use portcullis_tests::{
-    Daemon, Env, Tmpfs,
+    Daemon, Env, Tmpfs, in_cgroup,
     pg::{
-        logged_numbers, pgbench_load, psql, psql_script, recorded_numbers, text, wait_load,
+        logged_numbers, pg_bin, pgbench_load, psql, psql_script, recorded_numbers, text, wait_load,
         world_full, world_with,
     },
-    portcullis_json, workspace_bin,
+    portcullis_json, probe, workspace_bin,
 };
 
 fn promtool_check(exposition: &str) {
@@ -115,8 +115,8 @@ fn metrics_pass_promtool_and_move_as_a_workload_runs() {
     assert!(m("portcullis_audit_commit_duration_seconds_count", &[]) >= 1.0);
     // SELECT 1, 2 and 3 are one shape: its decision is kept once it was seen twice.
     assert_eq!(m("portcullis_policy_cached_shape_decisions", &[]), 1.0);
-    // Five cgroup programs and the two process hooks.
-    assert_eq!(m("portcullis_ebpf_programs_attached", &[]), 7.0);
+    // Six cgroup programs (with connect_unix) and the two process hooks.
+    assert_eq!(m("portcullis_ebpf_programs_attached", &[]), 8.0);
     assert_eq!(m("portcullis_ready", &[]), 1.0);
     assert_eq!(m("portcullis_connections_active", &[("agent", "a")]), 0.0);
     assert!(body.contains("portcullis_build_info{version=\""), "{body}");
@@ -446,6 +446,111 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
         line.starts_with("ok") && line.contains("only its owner and group may connect"),
         "{line}"
     );
+}
+
+/// On Linux 6.7+ a protected process's connect to a Unix socket by a target's socket name
+/// is refused by the kernel (cgroup `connect_unix`), in whatever directory and however the
+/// client passes the path (libpq's whole `sockaddr_un`, Rust's NUL-terminated length,
+/// Python's exact length, a relative path): `psql` over the socket fails, an unprotected one
+/// connects, another Unix socket is reached, and the refusal outlives the daemon (its link
+/// is pinned). The test machines run such a kernel: without the hook this test fails, it
+/// does not skip.
+#[test]
+fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
+    let mut w = world_with("", None);
+    let st = w.daemon.status();
+    assert_eq!(st["kernel"]["unix_guard"]["state"], "active", "{st}");
+    assert_eq!(st["kernel"]["unix_names"], 1, "{st}");
+    assert!(
+        st["kernel"]["programs"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "pc_connect_unix")),
+        "{st}"
+    );
+    let sock = w.pg.socket_dir.join(format!(".s.PGSQL.{}", w.pg.port));
+    // A real client over the socket (pg_hba trusts local connections: no password).
+    let psql_unix = |cgroup: &str| {
+        let mut cmd = Command::new(pg_bin().join("psql"));
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-U",
+            "app",
+            "-d",
+            "shop",
+            "-c",
+            "SELECT 40 + 2",
+        ])
+        .arg("-h")
+        .arg(&w.pg.socket_dir)
+        .args(["-p", &w.pg.port.to_string()])
+        .env("HOME", &w.env.dir);
+        in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), None);
+        cmd.output().expect("psql")
+    };
+    let refused = psql_unix(&w.agent);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("Operation not permitted"),
+        "{}",
+        text(&refused)
+    );
+    let direct = psql_unix(&w.direct);
+    assert!(direct.status.success(), "{}", text(&direct));
+    assert_eq!(String::from_utf8_lossy(&direct.stdout).trim(), "42");
+    // The same name in another directory, and a relative path.
+    let elsewhere = w.env.dir.join("elsewhere");
+    fs::create_dir_all(&elsewhere).expect("dir");
+    let other_dir = elsewhere.join(format!(".s.PGSQL.{}", w.pg.port));
+    let _same_name = std::os::unix::net::UnixListener::bind(&other_dir).expect("bind");
+    let path = sock.display().to_string();
+    for p in [path.as_str(), &other_dir.display().to_string()] {
+        let r = probe(&w.env, &w.agent, None, &["unix", p]);
+        assert_eq!(r["errno"], libc::EPERM, "{r}");
+        let r = probe(&w.env, &w.direct, None, &["unix", p]);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // Python passes the path's exact length, with no NUL; and a path relative to the
+    // socket's directory names it too.
+    let python = |cgroup: &str, path: &str, dir: &Path| {
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket, sys\n\
+             try:\n    socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('ok')\n\
+             except OSError as e:\n    print(e.errno)",
+            path,
+        ])
+        .current_dir(dir);
+        in_cgroup(&mut cmd, &w.env.cg_dir(cgroup), None);
+        String::from_utf8_lossy(&cmd.output().expect("python3").stdout)
+            .trim()
+            .to_owned()
+    };
+    let name = format!(".s.PGSQL.{}", w.pg.port);
+    for (p, dir) in [
+        (path.as_str(), w.env.dir.as_path()),
+        (&name, &w.pg.socket_dir),
+    ] {
+        assert_eq!(python(&w.agent, p, dir), libc::EPERM.to_string(), "{p}");
+        assert_eq!(python(&w.direct, p, dir), "ok", "{p}");
+    }
+    // Another Unix socket is no target's.
+    let other = elsewhere.join("other.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&other).expect("bind");
+    let r = probe(
+        &w.env,
+        &w.agent,
+        None,
+        &["unix", &other.display().to_string()],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(w.daemon.counter("refused_unix"), 5);
+    // With the daemon gone the pinned hook still refuses.
+    w.daemon.kill9();
+    let r = probe(&w.env, &w.agent, None, &["unix", &path]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
 }
 
 #[test]

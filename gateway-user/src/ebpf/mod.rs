@@ -10,13 +10,15 @@
 //!   are refused rather than let through. A new daemon attaches and pins its links first and only then removes
 //!   the old pins: there is no moment without a program attached.
 
+pub mod btf;
+pub mod connect_unix;
 pub mod conns;
 pub mod selection;
 
 use std::{
     fs,
     net::{SocketAddrV4, SocketAddrV6},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -30,7 +32,7 @@ use aya::{
     },
 };
 use gateway_common::{
-    ABI_VERSION, AgentRef, CONFIG_ENABLED, GlobalConfig, TargetKey, TargetValue, counter,
+    ABI_VERSION, AgentRef, CONFIG_ENABLED, GlobalConfig, TargetKey, TargetValue, UnixName, counter,
     map_names, program_names,
 };
 use serde::Serialize;
@@ -49,7 +51,7 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// The eBPF object built from `gateway-ebpf` by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
 
-const ALL_MAPS: [&str; 7] = [
+const ALL_MAPS: [&str; 8] = [
     map_names::CONFIG,
     map_names::TARGETS,
     map_names::AGENT_CGROUPS,
@@ -57,7 +59,18 @@ const ALL_MAPS: [&str; 7] = [
     map_names::ORIGINS,
     map_names::CONNS,
     map_names::COUNTERS,
+    map_names::UNIX_NAMES,
 ];
+
+/// Whether protected processes' connects to Unix sockets by a target's socket name are
+/// refused (`pc_connect_unix`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
+pub enum UnixGuard {
+    Active,
+    /// Not attached: why, in a sentence an operator can act on.
+    Unavailable(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -96,6 +109,8 @@ pub enum EbpfError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error(transparent)]
+    ConnectUnix(#[from] connect_unix::ConnectUnixError),
     #[error("cannot open the attach cgroup {path}: {source}", path = path.display())]
     AttachCgroup {
         path: PathBuf,
@@ -176,10 +191,24 @@ pub struct Kernel {
     layout: PinLayout,
     global: GlobalConfig,
     /// Links held in memory (fail-open mode): they detach when the daemon exits.
-    held_links: Vec<FdLink>,
+    held_links: Vec<AnyLink>,
     programs: Vec<ProgramStatus>,
     attach: Option<(String, PathBuf)>,
     fail_mode: FailMode,
+    unix_guard: UnixGuard,
+}
+
+/// An attached program's link: the library's, or one made with raw bpf(2) calls
+/// (`pc_connect_unix`).
+enum AnyLink {
+    Fd(FdLink),
+    Raw(OwnedFd),
+}
+
+impl From<FdLink> for AnyLink {
+    fn from(l: FdLink) -> Self {
+        Self::Fd(l)
+    }
 }
 
 /// One attached program, for `portcullis status`.
@@ -209,6 +238,9 @@ pub struct KernelStatus {
     pub cgroup_selectors: usize,
     pub uid_selectors: usize,
     pub target_prefixes: usize,
+    /// Unix socket names of targets that protected processes may not connect by.
+    pub unix_names: usize,
+    pub unix_guard: UnixGuard,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EbpfError {
@@ -247,7 +279,12 @@ impl Kernel {
             programs: Vec::new(),
             attach: None,
             fail_mode: cfg.ebpf.fail_mode,
+            unix_guard: UnixGuard::Unavailable("not attached yet".into()),
         })
+    }
+
+    pub fn unix_guard(&self) -> &UnixGuard {
+        &self.unix_guard
     }
 
     pub fn layout(&self) -> &PinLayout {
@@ -322,6 +359,11 @@ impl Kernel {
             self.map_mut(map_names::AGENT_UIDS)?,
             &sel.uids,
             map_names::AGENT_UIDS,
+        )?;
+        sync_hash::<UnixName, u32>(
+            self.map_mut(map_names::UNIX_NAMES)?,
+            &sel.unix_names,
+            map_names::UNIX_NAMES,
         )?;
         self.global.flags = CONFIG_ENABLED;
         let global = self.global;
@@ -409,6 +451,22 @@ impl Kernel {
             };
             programs.push(self.keep(name, link, id, attach_cgroup, stamp)?);
         }
+        // Unix sockets by a target's name: a kernel without the hook (before 6.7) or a
+        // layout the program does not read leaves them to the operator, as before.
+        self.unix_guard = match self.attach_connect_unix(cgroup, attach_cgroup, stamp) {
+            Ok(status) => {
+                programs.push(status);
+                UnixGuard::Active
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "connects to targets' Unix sockets are not refused by the kernel; \
+                     the TCP hooks are unaffected"
+                );
+                UnixGuard::Unavailable(e.to_string())
+            }
+        };
         // The process hooks are global. Pinned like the others, so that while no daemon runs
         // the kernel still forgets processes that exec or exit, and no generation can
         // outlive its process into a reused pid.
@@ -424,6 +482,23 @@ impl Kernel {
             programs.push(self.keep(name, link, id, tracepoint, stamp)?);
         }
         Ok(())
+    }
+
+    /// Loads `pc_connect_unix` with the `connect_unix` attach type, attaches it to the
+    /// cgroup and pins (or holds) its link.
+    fn attach_connect_unix(
+        &mut self,
+        cgroup: &fs::File,
+        attach_cgroup: &str,
+        stamp: u128,
+    ) -> Result<ProgramStatus, EbpfError> {
+        let name = program_names::CONNECT_UNIX;
+        let btf = fs::read("/sys/kernel/btf/vmlinux").map_err(io("read the kernel's BTF"))?;
+        connect_unix::check_layout(&btf)?;
+        let prog = connect_unix::load(OBJECT, &self.ebpf, name)?;
+        let id = connect_unix::prog_id(&prog)?;
+        let link = connect_unix::attach(&prog, cgroup)?;
+        self.keep(name, AnyLink::Raw(link), id, attach_cgroup, stamp)
     }
 
     /// Attaches the first of `candidates` (loaded raw tracepoint programs, best first) that
@@ -472,20 +547,26 @@ impl Kernel {
     fn keep(
         &mut self,
         name: &'static str,
-        link: FdLink,
+        link: impl Into<AnyLink>,
         id: u32,
         attached_to: &str,
         stamp: u128,
     ) -> Result<ProgramStatus, EbpfError> {
+        let link = link.into();
         let link_pin = match self.fail_mode {
             FailMode::Closed => {
                 let path = self.layout.links().join(format!("{name}@{stamp}"));
                 // The pin keeps the link (and so the attachment) after our fd closes.
-                let _pinned = link.pin(&path).map_err(|source| EbpfError::Pin {
-                    name,
-                    path: path.clone(),
-                    source,
-                })?;
+                match link {
+                    AnyLink::Fd(l) => {
+                        let _pinned = l.pin(&path).map_err(|source| EbpfError::Pin {
+                            name,
+                            path: path.clone(),
+                            source,
+                        })?;
+                    }
+                    AnyLink::Raw(fd) => connect_unix::pin(&fd, &path)?,
+                }
                 Some(path)
             }
             FailMode::Open => {
@@ -543,6 +624,9 @@ impl Kernel {
             map_names::PROCESSES => BpfHashMap::<&MapData, u32, u64>::try_from(map)
                 .map(|m| m.keys().count())
                 .unwrap_or(0),
+            map_names::UNIX_NAMES => BpfHashMap::<&MapData, UnixName, u32>::try_from(map)
+                .map(|m| m.keys().count())
+                .unwrap_or(0),
             map_names::CONNS => {
                 BpfHashMap::<&MapData, gateway_common::ConnKey, gateway_common::Origin>::try_from(
                     map,
@@ -577,6 +661,8 @@ impl Kernel {
             cgroup_selectors: self.count_keys(map_names::AGENT_CGROUPS),
             uid_selectors: self.count_keys(map_names::AGENT_UIDS),
             target_prefixes: self.count_keys(map_names::TARGETS),
+            unix_names: self.count_keys(map_names::UNIX_NAMES),
+            unix_guard: self.unix_guard.clone(),
         }
     }
 }

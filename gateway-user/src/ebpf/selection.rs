@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use aya::maps::lpm_trie::Key;
-use gateway_common::{AgentRef, SELECTED_BY_CGROUP, SELECTED_BY_UID, TargetKey, TargetValue};
+use gateway_common::{
+    AgentRef, SELECTED_BY_CGROUP, SELECTED_BY_UID, TargetKey, TargetValue, UnixName,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{cgroup::Hierarchy, config::Config};
@@ -19,6 +21,8 @@ pub struct Selection {
     pub targets: Vec<(Key<TargetKey>, TargetValue)>,
     pub cgroups: HashMap<u64, AgentRef>,
     pub uids: HashMap<u32, AgentRef>,
+    /// Unix socket names that lead to a target ([`crate::unix_sockets::guarded_names`]).
+    pub unix_names: HashMap<UnixName, u32>,
 }
 
 /// Where an agent was found, for status and logs.
@@ -39,6 +43,10 @@ impl Selection {
     pub fn build(cfg: &Config, h: &Hierarchy) -> (Self, Vec<AgentBinding>) {
         let mut sel = Self {
             targets: target_entries(cfg),
+            unix_names: crate::unix_sockets::guarded_names(cfg, &crate::unix_sockets::is_local)
+                .into_iter()
+                .filter_map(|(name, id)| Some((UnixName::new(name.as_bytes())?, id)))
+                .collect(),
             ..Self::default()
         };
         let mut bindings = Vec::new();

@@ -3,6 +3,7 @@
 //! ```text
 //! pc-probe connect ADDR [BYTES]          connect, echo BYTES (default 5), report
 //! pc-probe reset ADDR                    connect, then close with a reset at once
+//! pc-probe unix PATH                     connect to a Unix stream socket, report
 //! pc-probe fork ...                      a forked child does the rest
 //! pc-probe daemonize OUTFILE ...         a double-forked, setsid'd grandchild does the rest,
 //!                                        writing its JSON to OUTFILE
@@ -74,6 +75,15 @@ fn connect(addr: &str, bytes: usize) -> Value {
                            "peer": peer, "echoed": back.len()}),
         Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
                          "error": e.to_string(), "kind": format!("{:?}", e.kind())}),
+    }
+}
+
+/// A Unix stream connect: did it get through, and if not, with which errno.
+fn unix(path: &str) -> Value {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => json!({"ok": true, "path": path}),
+        Err(e) => json!({"ok": false, "path": path, "error": e.to_string(),
+                         "errno": e.raw_os_error()}),
     }
 }
 
@@ -355,6 +365,7 @@ fn run(args: &[String]) -> Value {
             connect(&args[1], bytes)
         }
         Some("reset") => reset(&args[1]),
+        Some("unix") => unix(&args[1]),
         Some("thread") => thread_then_wait(&args[1]),
         Some("rate") => rate(
             &args[1],
