@@ -47,6 +47,19 @@ pub fn status(s: &Status) -> String {
         k.in_flight,
         k.processes
     );
+    let _ = match &k.unix_guard {
+        crate::ebpf::UnixGuard::Active => writeln!(
+            o,
+            "unix       connects by {} target socket name(s) refused (a link under another name is not)",
+            k.unix_names
+        ),
+        crate::ebpf::UnixGuard::Unavailable(why) => {
+            writeln!(
+                o,
+                "unix       connects to targets' sockets not refused: {why}"
+            )
+        }
+    };
     let counters: Vec<String> = k.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
     let _ = writeln!(o, "kernel     {}", counters.join("  "));
     let pol = &s.policy;

@@ -547,6 +547,17 @@ fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
     );
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(w.daemon.counter("refused_unix"), 5);
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&w.daemon.config)
+        .arg("status")
+        .output()
+        .expect("status");
+    assert!(
+        text(&out).contains("unix       connects by 1 target socket name(s) refused"),
+        "{}",
+        text(&out)
+    );
     // With the daemon gone the pinned hook still refuses.
     w.daemon.kill9();
     let r = probe(&w.env, &w.agent, None, &["unix", &path]);
