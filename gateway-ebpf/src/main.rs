@@ -564,18 +564,19 @@ fn unix_target(ctx: &SockAddrContext) -> Option<u32> {
     // bounded (a comparison may be folded into another register's copy).
     let size = len.checked_sub(SUN_PATH as u32)?.min(UNIX_PATH_MAX as u32);
     let size = u64::from(size & (PATH_BUF as u32 - 1));
-    let path = uaddr + SUN_PATH;
-    let end = path_end(path, size)?;
-    let key = last_component(path, end)?;
+    let (name, end) = path_span(uaddr + SUN_PATH, size)?;
+    let key = last_component(name, end)?;
     // SAFETY: the pointer into the map stays valid during the program.
     unsafe { PC_UNIX_NAMES.get(key) }.copied()
 }
 
-/// Where a path of `size` bytes at kernel address `path` ends: its first NUL, or `size`
-/// (a client may pass the exact length without one). `None` for an empty or abstract
-/// name (first byte NUL). No loop: the kernel's string copy finds the NUL.
+/// The name in the `size` bytes of a Unix address's path at kernel address `path`: where
+/// it starts and how long it is. A filesystem path ends at its first NUL, or after `size`
+/// bytes (a client may pass the exact length without one); an abstract name (first byte
+/// NUL, no filesystem, no permissions: PostgreSQL's `unix_socket_directories = '@dir'`) is
+/// the `size - 1` bytes after it. No loop: the kernel's string copy finds the NUL.
 #[inline(always)]
-fn path_end(path: u64, size: u64) -> Option<u64> {
+fn path_span(path: u64, size: u64) -> Option<(u64, u64)> {
     if size == 0 {
         return None;
     }
@@ -588,11 +589,13 @@ fn path_end(path: u64, size: u64) -> Option<u64> {
     let copied = unsafe {
         bpf_probe_read_kernel_str(scratch.as_mut_ptr().cast(), read as u32, path as *const _)
     };
-    if copied <= 1 {
-        return None;
+    match copied {
+        // The first byte is the NUL: an abstract name.
+        1 if size > 1 => Some((path + 1, size - 1)),
+        // `copied` counts the NUL it stopped at or wrote.
+        c if c > 1 => Some((path, core::cmp::min(c as u64 - 1, size))),
+        _ => None,
     }
-    // `copied` counts the NUL it stopped at or wrote.
-    Some(core::cmp::min(copied as u64 - 1, size))
 }
 
 /// The last path component of the `end` bytes at kernel address `path`, as a map key;

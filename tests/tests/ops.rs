@@ -451,7 +451,8 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
 /// On Linux 6.7+ a protected process's connect to a Unix socket by a target's socket name
 /// is refused by the kernel (cgroup `connect_unix`), in whatever directory and however the
 /// client passes the path (libpq's whole `sockaddr_un`, Rust's NUL-terminated length,
-/// Python's exact length, a relative path): `psql` over the socket fails, an unprotected one
+/// Python's exact length, a relative path, an abstract name): `psql` over the socket fails,
+/// an unprotected one
 /// connects, another Unix socket is reached, and the refusal outlives the daemon (its link
 /// is pinned). The test machines run such a kernel: without the hook this test fails, it
 /// does not skip.
@@ -536,6 +537,20 @@ fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
         assert_eq!(python(&w.agent, p, dir), libc::EPERM.to_string(), "{p}");
         assert_eq!(python(&w.direct, p, dir), "ok", "{p}");
     }
+    // An abstract name (PostgreSQL's `unix_socket_directories = '@dir'`), which no file
+    // permission closes.
+    let abstract_name = format!("{}/.s.PGSQL.{}", w.env.dir.display(), w.pg.port);
+    let _abstract = {
+        use std::os::linux::net::SocketAddrExt as _;
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .expect("abstract name");
+        std::os::unix::net::UnixListener::bind_addr(&a).expect("bind abstract")
+    };
+    let at = format!("@{abstract_name}");
+    let r = probe(&w.env, &w.agent, None, &["unix", &at]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    let r = probe(&w.env, &w.direct, None, &["unix", &at]);
+    assert_eq!(r["ok"], true, "{r}");
     // Another Unix socket is no target's.
     let other = elsewhere.join("other.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&other).expect("bind");
@@ -546,7 +561,7 @@ fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
         &["unix", &other.display().to_string()],
     );
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(w.daemon.counter("refused_unix"), 5);
+    assert_eq!(w.daemon.counter("refused_unix"), 6);
     let out = Command::new(workspace_bin("portcullis"))
         .arg("--config")
         .arg(&w.daemon.config)

@@ -3,7 +3,8 @@
 //! ```text
 //! pc-probe connect ADDR [BYTES]          connect, echo BYTES (default 5), report
 //! pc-probe reset ADDR                    connect, then close with a reset at once
-//! pc-probe unix PATH                     connect to a Unix stream socket, report
+//! pc-probe unix PATH                     connect to a Unix stream socket (`@name`:
+//!                                        abstract), report
 //! pc-probe fork ...                      a forked child does the rest
 //! pc-probe daemonize OUTFILE ...         a double-forked, setsid'd grandchild does the rest,
 //!                                        writing its JSON to OUTFILE
@@ -78,9 +79,16 @@ fn connect(addr: &str, bytes: usize) -> Value {
     }
 }
 
-/// A Unix stream connect: did it get through, and if not, with which errno.
+/// A Unix stream connect: did it get through, and if not, with which errno. `@name` is the
+/// abstract name `name`.
 fn unix(path: &str) -> Value {
-    match std::os::unix::net::UnixStream::connect(path) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::SocketAddr};
+    let r = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a)),
+        None => std::os::unix::net::UnixStream::connect(path),
+    };
+    match r {
         Ok(_) => json!({"ok": true, "path": path}),
         Err(e) => json!({"ok": false, "path": path, "error": e.to_string(),
                          "errno": e.raw_os_error()}),
