@@ -728,11 +728,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .unix_guard()
         == ebpf::UnixGuard::Active;
     for e in crate::unix_sockets::scan(&cfg) {
-        if e.open_to_all() {
+        if e.exposed(guarded) {
             tracing::warn!(
                 target.name = %e.target,
                 path = %e.path,
-                fix = crate::unix_sockets::FIX,
+                fix = e.fix(),
                 "{}",
                 e.describe(guarded)
             );

@@ -303,8 +303,10 @@ fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
         ));
     }
     out.extend(found.iter().map(|e| {
-        if e.open_to_all() {
-            warn(e.describe(guarded), crate::unix_sockets::FIX)
+        if e.exposed(guarded) {
+            warn(e.describe(guarded), e.fix())
+        } else if e.is_abstract() {
+            ok(e.describe(guarded))
         } else {
             ok(format!(
                 "{}; only its owner and group may connect: keep agents out of them",

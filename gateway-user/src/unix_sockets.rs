@@ -26,29 +26,71 @@ pub struct Exposure {
 }
 
 impl Exposure {
+    /// An abstract name (`@...`, PostgreSQL's `unix_socket_directories = '@dir'`): no file,
+    /// so no permission closes it and no link names it.
+    pub fn is_abstract(&self) -> bool {
+        self.path.starts_with('@')
+    }
+
     /// Whether every user may connect (write permission for others on the socket file;
     /// the directories on the way must be searchable too, which they are by default).
     pub fn open_to_all(&self) -> bool {
         self.mode.is_none_or(|m| m & 0o002 != 0)
     }
 
+    /// Whether a protected agent may reach the server through it: a socket file open to all
+    /// (the kernel hook, `guarded`, refuses its name but not a link to it), an abstract
+    /// name unless the hook refuses it (no other name leads there).
+    pub fn exposed(&self, guarded: bool) -> bool {
+        if self.is_abstract() {
+            !guarded
+        } else {
+            self.open_to_all()
+        }
+    }
+
     /// One sentence for a log or a report; `guarded`: the kernel refuses protected
     /// processes' connects by the socket's name ([`crate::ebpf::UnixGuard::Active`]).
     pub fn describe(&self, guarded: bool) -> String {
-        let mode = self
-            .mode
-            .map_or_else(|| "mode unknown".to_owned(), |m| format!("mode {m:04o}"));
-        let consequence = if guarded {
-            "the kernel refuses protected agents' connects by that name, but a link to it \
-             under another name reaches the server without passing the gate"
+        let (what, consequence) = if self.is_abstract() {
+            (
+                "abstract Unix name".to_owned(),
+                if guarded {
+                    "the kernel refuses protected agents' connects to it (an abstract name has \
+                     no links)"
+                } else {
+                    "any process may connect to an abstract name: a protected agent reaches \
+                     the server without passing the gate"
+                },
+            )
         } else {
-            "a protected agent that may connect there reaches the server without passing \
-             the gate"
+            let mode = self
+                .mode
+                .map_or_else(|| "mode unknown".to_owned(), |m| format!("mode {m:04o}"));
+            (
+                format!("Unix socket ({mode})"),
+                if guarded {
+                    "the kernel refuses protected agents' connects by that name, but a link to \
+                     it under another name reaches the server without passing the gate"
+                } else {
+                    "a protected agent that may connect there reaches the server without \
+                     passing the gate"
+                },
+            )
         };
         format!(
-            "target {}: PostgreSQL also listens on the Unix socket {} ({mode}); {consequence}",
+            "target {}: PostgreSQL also listens on the {what} {}; {consequence}",
             self.target, self.path
         )
+    }
+
+    /// What to do about it.
+    pub fn fix(&self) -> &'static str {
+        if self.is_abstract() {
+            FIX_ABSTRACT
+        } else {
+            FIX
+        }
     }
 }
 
@@ -57,7 +99,12 @@ pub const FIX: &str = "close the socket to agents: in postgresql.conf set \
      unix_socket_permissions = 0770 and unix_socket_group to a group no agent is in, or \
      unix_socket_directories = '' for none, then restart PostgreSQL";
 
-/// Paths of the listening stream sockets in `/proc/net/unix` (abstract names excluded).
+/// What to do about an abstract name, which no permission closes.
+pub const FIX_ABSTRACT: &str = "run the daemon on Linux 6.7+ (its connect_unix hook refuses \
+     the name), or give PostgreSQL a directory instead: unix_socket_directories = '/dir' \
+     with unix_socket_permissions = 0770 (or '' for none), then restart PostgreSQL";
+
+/// Paths of the listening stream sockets in `/proc/net/unix`, abstract names as `@name`.
 pub fn listening_paths(proc_net_unix: &str) -> Vec<&str> {
     const ACCEPTCON: u32 = 0x0001_0000;
     proc_net_unix
@@ -69,14 +116,15 @@ pub fn listening_paths(proc_net_unix: &str) -> Vec<&str> {
             let flags = u32::from_str_radix(f.nth(3)?, 16).ok()?;
             let kind = f.next()?;
             let path = f.nth(2)?;
-            (flags & ACCEPTCON != 0 && kind == "0001" && path.starts_with('/')).then_some(path)
+            let named = path.starts_with('/') || path.starts_with('@');
+            (flags & ACCEPTCON != 0 && kind == "0001" && named).then_some(path)
         })
         .collect()
 }
 
 /// The port of a PostgreSQL socket path (`.../.s.PGSQL.5432` → 5432).
 pub fn postgres_port(path: &str) -> Option<u16> {
-    let name = path.rsplit('/').next()?;
+    let name = path.rsplit('/').next()?.trim_start_matches('@');
     name.strip_prefix(".s.PGSQL.")?.parse().ok()
 }
 
@@ -193,10 +241,13 @@ Num       RefCount Protocol Flags    Type St Inode Path
             [
                 "/var/run/postgresql/.s.PGSQL.5432",
                 "/tmp/.s.PGSQL.6543",
+                "@/tmp/.s.PGSQL.5432",
                 "/run/systemd/private"
             ],
-            "no connected, abstract, datagram or unbound sockets"
+            "no connected, datagram or unbound sockets"
         );
+        assert_eq!(postgres_port("@/tmp/.s.PGSQL.5432"), Some(5432));
+        assert_eq!(postgres_port("@.s.PGSQL.5433"), Some(5433));
         assert_eq!(
             postgres_port("/var/run/postgresql/.s.PGSQL.5432"),
             Some(5432)
@@ -212,8 +263,8 @@ Num       RefCount Protocol Flags    Type St Inode Path
         let found = |targets: &str| {
             exposures(&cfg(targets), PROC, &is_local, &mode)
                 .into_iter()
-                .map(|e| (e.open_to_all(), e))
-                .map(|(open, e)| (e.target, e.path, open))
+                .map(|e| (e.exposed(false), e))
+                .map(|(exposed, e)| (e.target, e.path, exposed))
                 .collect::<Vec<_>>()
         };
         let pg = "/var/run/postgresql/.s.PGSQL.5432".to_owned();
@@ -227,7 +278,11 @@ Num       RefCount Protocol Flags    Type St Inode Path
         ] {
             assert_eq!(
                 found(&target("db", address)),
-                [("db".to_owned(), pg.clone(), false)],
+                [
+                    ("db".to_owned(), pg.clone(), false),
+                    // No permission closes an abstract name.
+                    ("db".to_owned(), "@/tmp/.s.PGSQL.5432".to_owned(), true)
+                ],
                 "{address}"
             );
         }
@@ -245,6 +300,14 @@ Num       RefCount Protocol Flags    Type St Inode Path
             path: pg,
             mode: Some(0o777),
         };
+        let abs = Exposure {
+            target: "db".into(),
+            path: "@/tmp/.s.PGSQL.5432".into(),
+            mode: None,
+        };
+        assert!(abs.exposed(false) && !abs.exposed(true));
+        assert!(abs.describe(true).contains("abstract Unix name"));
+        assert_eq!(abs.fix(), FIX_ABSTRACT);
         assert!(
             e.describe(false).contains("(mode 0777)"),
             "{}",
