@@ -277,24 +277,38 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
 
 /// PostgreSQL Unix sockets beside the targets' TCP ports: a way around the gate.
 fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
-    // Whether a daemon pinned the hook (fail-closed; a fail-open daemon pins nothing).
-    let prefix = format!("{}@", gateway_common::program_names::CONNECT_UNIX);
-    let guarded = ebpf::pinned_state(&cfg.ebpf.pin_path).0.iter().any(|p| {
-        p.file_name()
-            .and_then(|f| f.to_str())
-            .is_some_and(|f| f.starts_with(&prefix))
-    });
-    let mut out = vec![if guarded {
-        ok(
+    // What the running daemon says; without one, whether the hook is pinned (it keeps
+    // refusing while no daemon runs).
+    let asked = crate::admin::client::call::<crate::admin::proto::Status>(
+        &cfg.admin.socket,
+        &crate::admin::proto::Request::Status,
+    );
+    let guard = match asked {
+        Ok(s) => s.kernel.unix_guard,
+        Err(_) => {
+            let prefix = format!("{}@", gateway_common::program_names::CONNECT_UNIX);
+            let pinned = ebpf::pinned_state(&cfg.ebpf.pin_path).0.iter().any(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with(&prefix))
+            });
+            if pinned {
+                ebpf::UnixGuard::Active
+            } else {
+                ebpf::UnixGuard::Unavailable("no daemon answers, and none pinned the hook".into())
+            }
+        }
+    };
+    let guarded = guard == ebpf::UnixGuard::Active;
+    let mut out = vec![match &guard {
+        ebpf::UnixGuard::Active => ok(
             "the kernel refuses protected agents' connects to Unix sockets by a target's \
-            socket name (cgroup connect_unix)",
-        )
-    } else {
-        warn(
-            "no pinned connect_unix hook: the kernel does not refuse connects to targets' \
-             Unix sockets by name (needs Linux 6.7+ and a daemon in fail_mode closed)",
-            "close the sockets themselves (see below)",
-        )
+             socket name (cgroup connect_unix)",
+        ),
+        ebpf::UnixGuard::Unavailable(why) => warn(
+            format!("the kernel does not refuse connects to targets' Unix sockets by name: {why}"),
+            "run the daemon on Linux 6.7+, or close the sockets themselves (see below)",
+        ),
     }];
     let found = crate::unix_sockets::scan(cfg);
     if found.is_empty() {

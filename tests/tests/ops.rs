@@ -573,10 +573,26 @@ fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
         "{}",
         text(&out)
     );
+    // doctor says so, from the daemon and, with the daemon gone, from the pinned link.
+    let doctor_line = |w: &portcullis_tests::pg::Pgw| {
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(&w.daemon.config)
+            .arg("doctor")
+            .output()
+            .expect("doctor");
+        let t = text(&out);
+        t.lines()
+            .find(|l| l.contains("connects to") && l.contains("by a target's socket name"))
+            .unwrap_or_else(|| panic!("no line about the Unix hook: {t}"))
+            .to_owned()
+    };
+    assert!(doctor_line(&w).starts_with("ok"), "{}", doctor_line(&w));
     // With the daemon gone the pinned hook still refuses.
     w.daemon.kill9();
     let r = probe(&w.env, &w.agent, None, &["unix", &path]);
     assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert!(doctor_line(&w).starts_with("ok"), "{}", doctor_line(&w));
 }
 
 #[test]
