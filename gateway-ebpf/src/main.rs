@@ -43,7 +43,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, lpm_trie::Key},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel as read_kernel,
         generated::{
             bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
             bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_sk_storage_get,
@@ -533,30 +533,14 @@ fn unix_target(ctx: &SockAddrContext) -> Option<u32> {
     // fields the verifier lets a program load, so it is read as kernel memory (a daemon
     // with CAP_PERFMON may).
     let kern = ctx.sock_addr as u64;
-    let mut uaddr: u64 = 0;
-    // SAFETY: the helper reads kernel memory safely (a fault is an error, not a crash);
-    // each destination is a local of the size given.
-    if unsafe {
-        bpf_probe_read_kernel(
-            (&raw mut uaddr).cast(),
-            8,
-            (kern + SOCK_ADDR_KERN_UADDR) as *const _,
+    // SAFETY: the helper reads kernel memory safely (a fault is an error, not a crash).
+    let (uaddr, len) = unsafe {
+        (
+            read_kernel::<u64>((kern + SOCK_ADDR_KERN_UADDR) as *const u64).ok()?,
+            read_kernel::<u32>((kern + SOCK_ADDR_KERN_UADDRLEN) as *const u32).ok()?,
         )
-    } != 0
-        || uaddr == 0
-    {
-        return None;
-    }
-    let mut len: u32 = 0;
-    // SAFETY: as above.
-    if unsafe {
-        bpf_probe_read_kernel(
-            (&raw mut len).cast(),
-            4,
-            (kern + SOCK_ADDR_KERN_UADDRLEN) as *const _,
-        )
-    } != 0
-    {
+    };
+    if uaddr == 0 {
         return None;
     }
     // The length counts the address family's two bytes before the path; the kernel has

@@ -123,11 +123,11 @@ pub fn check_kernel_config(text: Option<&str>, source: &str) -> Check {
 }
 
 fn check_btf() -> Check {
-    if Path::new("/sys/kernel/btf/vmlinux").exists() {
-        ok("BTF at /sys/kernel/btf/vmlinux")
+    if Path::new(ebpf::btf::KERNEL_BTF).exists() {
+        ok(format!("BTF at {}", ebpf::btf::KERNEL_BTF))
     } else {
         fail(
-            "no BTF (/sys/kernel/btf/vmlinux is missing)",
+            format!("no BTF ({} is missing)", ebpf::btf::KERNEL_BTF),
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         )
     }

@@ -9,6 +9,9 @@
 
 use std::collections::HashMap;
 
+/// Where the running kernel publishes its BTF.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
 const MAGIC: u16 = 0xeb9f;
 
 const KIND_INT: u32 = 1;

@@ -88,8 +88,9 @@ pub fn load(object: &[u8], ebpf: &aya::Ebpf, program: &str) -> Result<OwnedFd, C
         .maps()
         .filter_map(|(name, m)| Some((name, map_data(m)?.fd().as_fd().as_raw_fd())))
         .collect();
-    let maps: Vec<(&str, RawFd, &aya_obj::Map)> = obj
-        .maps
+    // Out of the object, as the library does, so they can be lent to its relocation.
+    let maps = std::mem::take(&mut obj.maps);
+    let resolved: Vec<(&str, RawFd, &aya_obj::Map)> = maps
         .iter()
         .map(|(name, m)| {
             fds.get(name.as_str())
@@ -98,12 +99,7 @@ pub fn load(object: &[u8], ebpf: &aya::Ebpf, program: &str) -> Result<OwnedFd, C
         })
         .collect::<Result<_, _>>()?;
     let text: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
-    // The relocations borrow the maps from the object being relocated: copy them out.
-    let owned: Vec<(String, RawFd, aya_obj::Map)> = maps
-        .into_iter()
-        .map(|(n, fd, m)| (n.to_owned(), fd, m.clone()))
-        .collect();
-    obj.relocate_maps(owned.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)
+    obj.relocate_maps(resolved.into_iter(), &text)
         .map_err(|e| bad(&e))?;
     obj.relocate_calls(&text).map_err(|e| bad(&e))?;
     let p = obj
@@ -114,14 +110,13 @@ pub fn load(object: &[u8], ebpf: &aya::Ebpf, program: &str) -> Result<OwnedFd, C
         .functions
         .get(&p.function_key())
         .ok_or_else(|| ConnectUnixError::Object(format!("no code for {program}")))?;
-    let license = p.license.clone();
     let name = CString::new(&program[..program.len().min(15)]).map_err(|e| bad(&e))?;
     let mut log = vec![0u8; 1 << 20];
     let mut attr = Attr::default();
     attr.u32(0, PROG_TYPE);
     attr.u32(4, f.instructions.len() as u32);
     attr.u64(8, f.instructions.as_ptr() as u64);
-    attr.u64(16, license.as_ptr() as u64);
+    attr.u64(16, p.license.as_ptr() as u64);
     attr.u32(24, 1);
     attr.u32(28, log.len() as u32);
     attr.u64(32, log.as_mut_ptr() as u64);
@@ -242,7 +237,7 @@ mod tests {
     /// The running kernel keeps the connecting address where the program reads it.
     #[test]
     fn the_running_kernel_has_the_layout_the_program_reads() {
-        let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
+        let btf = std::fs::read(btf::KERNEL_BTF).expect("kernel BTF");
         check_layout(&btf).expect("bpf_sock_addr_kern layout");
     }
 }

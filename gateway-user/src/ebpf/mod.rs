@@ -493,7 +493,7 @@ impl Kernel {
         stamp: u128,
     ) -> Result<ProgramStatus, EbpfError> {
         let name = program_names::CONNECT_UNIX;
-        let btf = fs::read("/sys/kernel/btf/vmlinux").map_err(io("read the kernel's BTF"))?;
+        let btf = fs::read(btf::KERNEL_BTF).map_err(io("read the kernel's BTF"))?;
         connect_unix::check_layout(&btf)?;
         let prog = connect_unix::load(OBJECT, &self.ebpf, name)?;
         let id = connect_unix::prog_id(&prog)?;
