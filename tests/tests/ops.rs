@@ -420,19 +420,7 @@ fn a_targets_postgresql_unix_socket_is_reported_as_a_way_around_the_gate() {
         "{warned}"
     );
     // doctor's line about the socket.
-    let doctor = || {
-        let out = Command::new(workspace_bin("portcullis"))
-            .arg("--config")
-            .arg(&w.daemon.config)
-            .arg("doctor")
-            .output()
-            .expect("doctor");
-        let t = text(&out);
-        t.lines()
-            .find(|l| l.contains(&path))
-            .unwrap_or_else(|| panic!("no line about {path}: {t}"))
-            .to_owned()
-    };
+    let doctor = || doctor_line(&w.daemon.config, &path, |l| l.contains(&path));
     let line = doctor();
     assert!(
         line.starts_with("WARN") && line.contains("without passing the gate"),
@@ -574,25 +562,34 @@ fn connects_to_a_targets_unix_socket_by_its_name_are_refused() {
         text(&out)
     );
     // doctor says so, from the daemon and, with the daemon gone, from the pinned link.
-    let doctor_line = |w: &portcullis_tests::pg::Pgw| {
-        let out = Command::new(workspace_bin("portcullis"))
-            .arg("--config")
-            .arg(&w.daemon.config)
-            .arg("doctor")
-            .output()
-            .expect("doctor");
-        let t = text(&out);
-        t.lines()
-            .find(|l| l.contains("connects to") && l.contains("by a target's socket name"))
-            .unwrap_or_else(|| panic!("no line about the Unix hook: {t}"))
-            .to_owned()
+    let hook_line = |config: &Path| {
+        doctor_line(config, "the Unix hook", |l| {
+            l.contains("connects to") && l.contains("by a target's socket name")
+        })
     };
-    assert!(doctor_line(&w).starts_with("ok"), "{}", doctor_line(&w));
+    let line = hook_line(&w.daemon.config);
+    assert!(line.starts_with("ok"), "{line}");
     // With the daemon gone the pinned hook still refuses.
     w.daemon.kill9();
     let r = probe(&w.env, &w.agent, None, &["unix", &path]);
     assert_eq!(r["errno"], libc::EPERM, "{r}");
-    assert!(doctor_line(&w).starts_with("ok"), "{}", doctor_line(&w));
+    let line = hook_line(&w.daemon.config);
+    assert!(line.starts_with("ok"), "{line}");
+}
+
+/// The line of `portcullis doctor`'s report that `pick` finds; `what` names it when none does.
+fn doctor_line(config: &Path, what: &str, pick: impl Fn(&str) -> bool) -> String {
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(config)
+        .arg("doctor")
+        .output()
+        .expect("doctor");
+    let t = text(&out);
+    t.lines()
+        .find(|l| pick(l))
+        .unwrap_or_else(|| panic!("no line about {what}: {t}"))
+        .to_owned()
 }
 
 #[test]
