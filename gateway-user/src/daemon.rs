@@ -20,13 +20,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::approvals::{Approvals, Service, webhook::Webhooks};
+use crate::target_names::{Observed, Sightings, apply as apply_names};
 use crate::{
     admin::{
         self, AdminError,
         authz::{Need, Peer},
         proto::{
             AgentStatus, ApprovalsView, Approved, PolicyStatus, Request, Response, SessionView,
-            Status, StoreStatus, TargetStatus,
+            HostStatus, Status, StoreStatus, TargetStatus,
         },
     },
     cgroup::{CgroupError, Hierarchy},
@@ -82,6 +83,9 @@ pub struct State {
     /// Trusted OIDC issuers (shared with the engines; replaced when a reload changes them).
     pub tokens: Arc<ArcSwap<crate::oidc::Validator>>,
     bindings: Mutex<Vec<AgentBinding>>,
+    /// What target host names resolved to. Its lock is also the one under which the
+    /// configuration is replaced (reload, re-resolution), so neither undoes the other.
+    names: Mutex<Sightings>,
     started: Instant,
 }
 
@@ -330,6 +334,7 @@ impl State {
 
     fn status(&self) -> Status {
         let cfg = self.config.load();
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let set = self.policy.current();
         let policy = PolicyStatus {
             source: cfg
@@ -405,7 +410,16 @@ impl State {
                 .map(|t| TargetStatus {
                     name: t.name.clone(),
                     protocol: t.protocol.as_str().to_owned(),
-                    addresses: t.addrs.iter().map(ToString::to_string).collect(),
+                    addresses: t.addrs().map(ToString::to_string).collect(),
+                    hosts: t
+                        .hosts
+                        .iter()
+                        .map(|h| HostStatus {
+                            name: h.name.to_string(),
+                            addresses: h.addrs.iter().map(ToString::to_string).collect(),
+                            error: names.failing(&h.name).map(str::to_owned),
+                        })
+                        .collect(),
                     token: t.pg.as_ref().and_then(|pg| match pg.token {
                         crate::config::TokenMode::Off => None,
                         crate::config::TokenMode::Optional => Some("optional".to_owned()),
@@ -504,7 +518,15 @@ impl State {
                 "reload: OIDC issuers replaced (their keys are fetched again)"
             );
         }
-        self.config.store(Arc::new(new));
+        warn_unresolved(&new);
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        // What the names resolved to before stays for `resolve_keep`, as between reloads.
+        names.observe_config(&new, Instant::now());
+        names.retain(&new, new.ebpf.resolve_keep.get());
+        let (followed, changes) = apply_names(&new, &names, new.ebpf.resolve_keep.get());
+        log_name_changes(&changes);
+        self.config.store(Arc::new(followed.unwrap_or(new)));
+        drop(names);
         match self.resync(true) {
             Ok(()) => tracing::info!(result = "ok", "configuration reloaded"),
             Err(e) => {
@@ -680,8 +702,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         hierarchy: hierarchy.clone(),
         proxy: shared.clone(),
         bindings: Mutex::new(Vec::new()),
+        names: Mutex::new(Sightings::default()),
         started: Instant::now(),
     });
+    state
+        .names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .observe_config(&cfg, Instant::now());
+    warn_unresolved(&cfg);
     state.resync(true)?;
     state
         .kernel
@@ -696,6 +725,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     tokio::spawn(rescan(state.clone(), shutdown.clone()));
+    tokio::spawn(follow_target_names(state.clone(), shutdown.clone()));
     tokio::spawn(watch_policies(state.clone(), shutdown.clone()));
     tokio::spawn(prune_old_sessions(state.clone(), shutdown.clone()));
 
@@ -823,6 +853,132 @@ async fn prune_old_sessions(state: Arc<State>, shutdown: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "pruning old sessions failed"),
         }
     }
+}
+
+/// Says which target host names did not resolve when the configuration loaded.
+fn warn_unresolved(cfg: &Config) {
+    for t in &cfg.targets {
+        for h in t.hosts.iter().filter(|h| h.error.is_some()) {
+            tracing::warn!(
+                target.name = %t.name,
+                host = %h.name,
+                error = h.error.as_deref().unwrap_or(""),
+                "a target's host name does not resolve: connections to it are not intercepted \
+                 until it does (looked up again every resolve_interval)"
+            );
+        }
+    }
+}
+
+fn log_name_changes(changes: &[crate::target_names::Change]) {
+    use crate::target_names::Change;
+    for c in changes {
+        match c {
+            Change::Added { target, name, addr } => tracing::info!(
+                target.name = %target, host = %name, address = %addr,
+                "target address added: the host name resolves to it"
+            ),
+            Change::Dropped { target, name, addr } => tracing::info!(
+                target.name = %target, host = %name, address = %addr,
+                "target address dropped: the host name has not resolved to it for resolve_keep"
+            ),
+            Change::Claimed { target, name, addr, by } => tracing::warn!(
+                target.name = %target, host = %name, address = %addr, owner = %by,
+                "the host name resolves to an address of another target; it stays that target's"
+            ),
+        }
+    }
+}
+
+/// Looks the target host names up again every `resolve_interval` and writes what they
+/// resolve to into the configuration and the kernel's target map (see `target_names`).
+async fn follow_target_names(state: Arc<State>, shutdown: CancellationToken) {
+    // Claims are logged once per (target, address), not at every round.
+    let mut claimed = std::collections::HashSet::new();
+    loop {
+        let every = state.config.load().ebpf.resolve_interval.get();
+        // `0s` turns it off; a reload may turn it on again.
+        let wait = if every.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            every
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if every.is_zero() {
+            continue;
+        }
+        let cfg = state.config.load_full();
+        let mut names: Vec<crate::config::HostPort> = cfg
+            .targets
+            .iter()
+            .flat_map(|t| t.hosts.iter().map(|h| h.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            continue;
+        }
+        let mut results = Vec::with_capacity(names.len());
+        for name in names {
+            let r = lookup(&name).await;
+            let m = &crate::metrics::get().target_lookups;
+            m.with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
+                .inc();
+            results.push((name, r));
+        }
+        let mut seen = state.names.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (name, r) in results {
+            let why = r.as_ref().err().cloned();
+            match seen.observe(&name, r, now) {
+                Observed::Failed => tracing::warn!(
+                    host = %name, error = why.as_deref().unwrap_or(""),
+                    "a target's host name no longer resolves: its addresses stay, and new ones \
+                     are not followed, until it does"
+                ),
+                Observed::Recovered => {
+                    tracing::info!(host = %name, "a target's host name resolves again");
+                }
+                Observed::Ok | Observed::StillFailing => {}
+            }
+        }
+        // The configuration now (a reload may have replaced the one looked at above).
+        let cfg = state.config.load_full();
+        let keep = cfg.ebpf.resolve_keep.get();
+        seen.retain(&cfg, keep);
+        let (next, mut changes) = apply_names(&cfg, &seen, keep);
+        changes.retain(|c| match c {
+            crate::target_names::Change::Claimed { target, addr, .. } => {
+                claimed.insert((target.clone(), *addr))
+            }
+            _ => true,
+        });
+        log_name_changes(&changes);
+        let Some(next) = next else {
+            continue;
+        };
+        state.config.store(Arc::new(next));
+        drop(seen);
+        if let Err(e) = state.resync(true) {
+            tracing::error!(error = %e, "writing target addresses to the kernel failed");
+        }
+    }
+}
+
+/// One lookup through the system resolver, at most 5 s.
+async fn lookup(name: &crate::config::HostPort) -> Result<Vec<crate::config::TargetAddr>, String> {
+    let found = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((name.host.as_str(), name.port)),
+    )
+    .await
+    .map_err(|_| "the lookup took longer than 5 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    name.addresses(found.map(|sa| sa.ip()))
+        .map_err(|e| e.to_string())
 }
 
 async fn rescan(state: Arc<State>, shutdown: CancellationToken) {

@@ -246,9 +246,28 @@ fn check_config(path: &Path, explicit: bool) -> (Vec<Check>, Option<Config>) {
 fn check_targets(cfg: &Config) -> Vec<Check> {
     let mut out = Vec::new();
     for t in &cfg.targets {
+        for h in &t.hosts {
+            match &h.error {
+                Some(e) => out.push(warn(
+                    format!("target {}: host name {} does not resolve: {e}", t.name, h.name),
+                    "fix the name or the resolver: connections to the addresses it will have \
+                     are not intercepted until the daemon resolves it",
+                )),
+                None => out.push(ok(format!(
+                    "target {}: {} resolves to {} (followed every {})",
+                    t.name,
+                    h.name,
+                    h.addrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    cfg.ebpf.resolve_interval
+                ))),
+            }
+        }
         let concrete: Vec<SocketAddr> = t
-            .addrs
-            .iter()
+            .addrs()
             .filter_map(|a| {
                 let net = a.net?;
                 (net.prefix_len() == net.max_prefix_len())

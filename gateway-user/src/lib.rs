@@ -26,6 +26,7 @@ pub mod replay;
 pub mod sdnotify;
 pub mod secret;
 pub mod store;
+pub mod target_names;
 pub mod telemetry;
 pub mod unix_sockets;
 pub mod utc;

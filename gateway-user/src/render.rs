@@ -144,6 +144,19 @@ pub fn status(s: &Status) -> String {
                 .map(|m| format!(" · OIDC token {m}"))
                 .unwrap_or_default()
         );
+        for h in &t.hosts {
+            let now = if h.addresses.is_empty() {
+                "nothing yet".to_owned()
+            } else {
+                h.addresses.join(", ")
+            };
+            let failing = h
+                .error
+                .as_ref()
+                .map(|e| format!(" · lookups fail: {e}"))
+                .unwrap_or_default();
+            let _ = writeln!(o, "  {:<16} {} → {now}{failing}", "", h.name);
+        }
     }
     if !s.oidc.is_empty() {
         let _ = writeln!(o, "\noidc issuers");

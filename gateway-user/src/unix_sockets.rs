@@ -150,7 +150,7 @@ fn may_be_local(a: &TargetAddr, is_local: &dyn Fn(IpAddr) -> bool) -> bool {
 pub fn guarded_names(cfg: &Config, is_local: &dyn Fn(IpAddr) -> bool) -> Vec<(String, u32)> {
     let mut out: Vec<(String, u32)> = Vec::new();
     for t in &cfg.targets {
-        for a in t.addrs.iter().filter(|a| may_be_local(a, is_local)) {
+        for a in t.addrs().filter(|a| may_be_local(a, is_local)) {
             let name = format!(".s.PGSQL.{}", a.port);
             if !out.iter().any(|(n, _)| *n == name) {
                 out.push((name, t.id));
@@ -178,8 +178,7 @@ pub fn exposures(
             continue;
         };
         for t in &cfg.targets {
-            if t.addrs
-                .iter()
+            if t.addrs()
                 .any(|a| a.port == port && may_be_local(a, is_local))
             {
                 out.push(Exposure {

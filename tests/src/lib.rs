@@ -522,15 +522,53 @@ impl Daemon {
         Self::spawn_env(config, None, env)
     }
 
+    /// In a mount namespace of its own where each `(file, over)` is bind-mounted over
+    /// `over` (e.g. a test's own `/etc/hosts`), seen by the daemon alone.
+    pub fn start_with_files(config: &Path, files: &[(&Path, &Path)]) -> Self {
+        use std::{ffi::CString, os::unix::ffi::OsStrExt, os::unix::process::CommandExt};
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+        let binds: Vec<(CString, CString)> = files.iter().map(|(f, o)| (c(f), c(o))).collect();
+        let root = CString::new("/").expect("root");
+        let mut cmd = Self::command(config);
+        // SAFETY: only system calls between fork and exec, on memory prepared before.
+        unsafe {
+            cmd.pre_exec(move || {
+                let check = |rc: libc::c_int| {
+                    if rc == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                };
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                for (file, over) in &binds {
+                    check(libc::mount(
+                        file.as_ptr(),
+                        over.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))?;
+                }
+                Ok(())
+            });
+        }
+        Self::launch(cmd, config)
+    }
+
     fn spawn(config: &Path, cgroup_dir: Option<&Path>) -> Self {
         Self::spawn_env(config, cgroup_dir, &[])
     }
 
-    fn spawn_env(config: &Path, cgroup_dir: Option<&Path>, env: &[(&str, &Path)]) -> Self {
+    fn command(config: &Path) -> Command {
         let mut cmd = Command::new(workspace_bin("portcullis"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         cmd.arg("--config")
             .arg(config)
             .args(["run", "--log-format", "json"])
@@ -538,9 +576,21 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn spawn_env(config: &Path, cgroup_dir: Option<&Path>, env: &[(&str, &Path)]) -> Self {
+        let mut cmd = Self::command(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         if let Some(dir) = cgroup_dir {
             in_cgroup(&mut cmd, dir, None);
         }
+        Self::launch(cmd, config)
+    }
+
+    fn launch(mut cmd: Command, config: &Path) -> Self {
         let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn portcullis")));
         let logs = Arc::new(Logs::default());
         let stderr = child.get().stderr.take().expect("stderr");
@@ -705,6 +755,16 @@ impl Echo {
 
     pub fn addr4(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.v4), self.port)
+    }
+
+    /// Serves at `v4` too, at the same port (peers recorded together).
+    pub fn also_on(&self, v4: Ipv4Addr) -> std::io::Result<SocketAddr> {
+        assert!(v4.is_loopback(), "tests only talk to loopback");
+        let l = StdListener::bind((v4, self.port))?;
+        let addr = l.local_addr()?;
+        let (peers, accepted) = (self.peers.clone(), self.accepted.clone());
+        std::thread::spawn(move || serve_echo(l, peers, accepted));
+        Ok(addr)
     }
 
     pub fn addr6(&self) -> SocketAddr {

@@ -779,3 +779,116 @@ fn the_benchmarks_plain_relay_carries_every_byte_and_the_half_close() {
         201
     );
 }
+
+/// A target named by a host name follows the name: the daemon (in a mount namespace of its
+/// own, with its own `/etc/hosts` and a resolver that reads only files, so no lookup leaves
+/// the host) looks it up again, intercepts the new address at once, keeps the old one for
+/// `resolve_keep`, and drops nothing while lookups fail.
+#[test]
+fn a_target_host_name_is_followed_when_it_moves() {
+    let env = Env::new();
+    let agent = env.cgroup("agents/a");
+    let old = Ipv4Addr::new(127, 0, 0, 61);
+    let new = Ipv4Addr::new(127, 0, 0, 62);
+    let echo = Echo::start(old);
+    let new_addr = echo.also_on(new).expect("echo on the second address");
+    let old_addr = echo.addr4();
+    let host = "pc-db.portcullis.test";
+    let hosts = env.dir.join("hosts");
+    let nss = env.dir.join("nsswitch.conf");
+    // Written in place (the bind mount follows the inode, not the name).
+    let point_at = |ip: Option<Ipv4Addr>| {
+        let line = ip.map(|ip| format!("{ip} {host}\n")).unwrap_or_default();
+        std::fs::write(&hosts, format!("127.0.0.1 localhost\n{line}")).expect("hosts");
+    };
+    point_at(Some(old));
+    std::fs::write(&nss, "hosts: files\n").expect("nsswitch");
+    let config = env.config(
+        "resolve_interval = \"200ms\"\nresolve_keep = \"3s\"",
+        &agents_and_target(
+            &[("a", &format!("cgroup = \"{agent}\""))],
+            &[format!("{host}:{}", echo.port)],
+        ),
+    );
+    let d = Daemon::start_with_files(
+        &config,
+        &[
+            (hosts.as_path(), std::path::Path::new("/etc/hosts")),
+            (nss.as_path(), std::path::Path::new("/etc/nsswitch.conf")),
+        ],
+    );
+    let connect = |to: std::net::SocketAddr| -> (bool, Value) {
+        let r = probe(&env, &agent, None, &["connect", &to.to_string(), "64"]);
+        assert_eq!(r["ok"], true, "{r}");
+        let local = s(&r["local"]).to_owned();
+        if echo.saw_peer(&local) {
+            return (false, r);
+        }
+        let rec = d.record_for(&local);
+        assert_eq!(rec["target.name"], "echo", "{rec}");
+        (true, r)
+    };
+
+    // At load: the old address is the target's, the other one is not.
+    assert!(connect(old_addr).0, "the name's address at load is intercepted");
+    assert!(!connect(new_addr).0, "an address the name does not have goes direct");
+
+    // The name moves: the new address is intercepted once a lookup has seen it, and the
+    // old one still is (an agent may hold the old answer).
+    let moved = Instant::now();
+    point_at(Some(new));
+    let added = d.logs.wait_for("the new address", Duration::from_secs(10), |v| {
+        v["message"] == "target address added: the host name resolves to it"
+            && v["address"] == new_addr.to_string()
+    });
+    assert_eq!(added["target.name"], "echo", "{added}");
+    assert_eq!(added["host"], format!("{host}:{}", echo.port), "{added}");
+    assert!(connect(new_addr).0, "the new address is intercepted");
+    if moved.elapsed() < Duration::from_secs(2) {
+        assert!(connect(old_addr).0, "the old address is kept for resolve_keep");
+    }
+
+    // Past resolve_keep the old address goes, and connections to it are direct again.
+    let dropped = d.logs.wait_for("the old address to go", Duration::from_secs(15), |v| {
+        v["message"]
+            == "target address dropped: the host name has not resolved to it for resolve_keep"
+    });
+    assert_eq!(dropped["address"], old_addr.to_string(), "{dropped}");
+    // Its last sighting was at most one interval (and a lookup) before the move.
+    assert!(
+        moved.elapsed() >= Duration::from_millis(2500),
+        "dropped {:?} after the move, before resolve_keep ran out; daemon log:\n{}",
+        moved.elapsed(),
+        d.logs.tail()
+    );
+    assert!(!connect(old_addr).0, "the dropped address goes direct");
+
+    // The name stops resolving: said once, counted, and nothing is dropped however long.
+    point_at(None);
+    d.logs.wait_for("the failing lookup", Duration::from_secs(10), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("a target's host name no longer resolves"))
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(connect(new_addr).0, "failing lookups drop nothing");
+    assert!(d.metric("portcullis_target_lookups_total", &[("result", "error")]) >= 1.0);
+    assert!(d.metric("portcullis_target_lookups_total", &[("result", "ok")]) >= 1.0);
+    let failed = d
+        .logs
+        .all()
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a target's host name no longer resolves"))
+        })
+        .count();
+    assert_eq!(failed, 1, "the failure is said once, not at every lookup");
+
+    // It resolves again.
+    point_at(Some(new));
+    d.logs.wait_for("the recovery", Duration::from_secs(10), |v| {
+        v["message"] == "a target's host name resolves again"
+    });
+}

@@ -163,9 +163,24 @@ pub struct TargetStatus {
     pub name: String,
     pub protocol: String,
     pub addresses: Vec<String>,
+    /// Host names among the addresses, with what they stand for now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostStatus>,
     /// PostgreSQL inject targets: `optional` or `required` when agents present tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// A host name in a target's addresses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// `host:port` as written.
+    pub name: String,
+    /// What it stands for now (its part of the target's `addresses`).
+    pub addresses: Vec<String>,
+    /// Why its lookups fail, while they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

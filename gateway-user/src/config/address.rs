@@ -1,5 +1,6 @@
 //! Target addresses: `ip:port`, `[ipv6]:port`, `cidr:port`, `[cidr6]:port`, `*:port` and
-//! `host:port` (resolved when the configuration loads).
+//! `host:port` (a [`HostPort`], resolved when the configuration loads and again while the
+//! daemon runs, see `crate::target_names`).
 //!
 //! The kernel matches destinations against these with a longest-prefix-match trie keyed by
 //! port then address (see `gateway_common::TargetKey`); [`TargetAddr::trie_prefix`] and
@@ -15,7 +16,7 @@ use gateway_common::{TargetKey, ipv4_mapped};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// One address pattern of a target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetAddr {
     /// `None` matches every address, of both families.
     pub net: Option<IpNet>,
@@ -34,14 +35,68 @@ pub enum AddressError {
     Resolve { host: String, reason: String },
 }
 
-impl TargetAddr {
-    /// Parses one pattern. Host names are resolved through the system resolver (blocking:
-    /// only called when the configuration loads), each address becoming a host route.
-    pub fn parse(input: &str) -> Result<Vec<Self>, AddressError> {
+/// A host name with a port, as a target's `address` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Resolves through the system resolver (blocking).
+    pub fn resolve(&self) -> Result<Vec<TargetAddr>, AddressError> {
+        let resolved = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| self.resolve_error(e.to_string()))?;
+        self.addresses(resolved.map(|sa| sa.ip()))
+    }
+
+    /// The host routes for the addresses a lookup returned, sorted, without duplicates;
+    /// an error when there are none.
+    pub fn addresses(
+        &self,
+        ips: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<Vec<TargetAddr>, AddressError> {
+        let mut out: Vec<TargetAddr> = ips
+            .into_iter()
+            .map(|ip| TargetAddr::host(ip, self.port))
+            .collect();
+        out.sort_by_key(ToString::to_string);
+        out.dedup();
+        if out.is_empty() {
+            return Err(self.resolve_error("no addresses".into()));
+        }
+        Ok(out)
+    }
+
+    fn resolve_error(&self, reason: String) -> AddressError {
+        AddressError::Resolve {
+            host: self.host.clone(),
+            reason,
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// One `address` entry as written: addresses, or a name to resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Fixed(TargetAddr),
+    Host(HostPort),
+}
+
+impl Pattern {
+    /// Parses one entry without resolving it.
+    pub fn parse(input: &str) -> Result<Self, AddressError> {
         let input = input.trim();
         let (host, port) = split_host_port(input)?;
         if host == "*" {
-            return Ok(vec![Self { net: None, port }]);
+            return Ok(Self::Fixed(TargetAddr { net: None, port }));
         }
         if host.contains('/') {
             let net: IpNet =
@@ -50,13 +105,13 @@ impl TargetAddr {
                         input: input.to_owned(),
                         reason: e.to_string(),
                     })?;
-            return Ok(vec![Self {
+            return Ok(Self::Fixed(TargetAddr {
                 net: Some(net.trunc()),
                 port,
-            }]);
+            }));
         }
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(vec![Self::host(ip, port)]);
+            return Ok(Self::Fixed(TargetAddr::host(ip, port)));
         }
         if host.is_empty()
             || !host
@@ -68,25 +123,24 @@ impl TargetAddr {
                 reason: "expected an IP address, a CIDR range, `*` or a DNS name".into(),
             });
         }
-        let resolved = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| AddressError::Resolve {
-                host: host.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let mut out: Vec<Self> = resolved.map(|sa| Self::host(sa.ip(), port)).collect();
-        out.sort_by_key(|a| a.to_string());
-        out.dedup();
-        if out.is_empty() {
-            return Err(AddressError::Resolve {
-                host: host.to_owned(),
-                reason: "no addresses".into(),
-            });
+        Ok(Self::Host(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        }))
+    }
+}
+
+impl TargetAddr {
+    /// Parses one pattern; a host name is resolved through the system resolver (blocking),
+    /// each address becoming a host route.
+    pub fn parse(input: &str) -> Result<Vec<Self>, AddressError> {
+        match Pattern::parse(input)? {
+            Pattern::Fixed(a) => Ok(vec![a]),
+            Pattern::Host(h) => h.resolve(),
         }
-        Ok(out)
     }
 
-    fn host(ip: IpAddr, port: u16) -> Self {
+    pub fn host(ip: IpAddr, port: u16) -> Self {
         let ip = canonical_ip(ip);
         let net = match ip {
             IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),

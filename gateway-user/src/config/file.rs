@@ -108,6 +108,10 @@ pub struct EbpfSection {
     pub fail_mode: FailMode,
     #[serde(default = "default_rescan")]
     pub rescan_interval: Duration,
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: Duration,
+    #[serde(default = "default_resolve_keep")]
+    pub resolve_keep: Duration,
 }
 
 impl Default for EbpfSection {
@@ -117,6 +121,8 @@ impl Default for EbpfSection {
             attach_cgroup: default_attach_cgroup(),
             fail_mode: default_fail_mode(),
             rescan_interval: default_rescan(),
+            resolve_interval: default_resolve_interval(),
+            resolve_keep: default_resolve_keep(),
         }
     }
 }
@@ -129,6 +135,12 @@ fn default_attach_cgroup() -> Spanned<String> {
 }
 fn default_fail_mode() -> FailMode {
     FailMode::Closed
+}
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_resolve_keep() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_rescan() -> Duration {
     Duration::from_secs(1)

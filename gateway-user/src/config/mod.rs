@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use address::TargetAddr;
+pub use address::{HostPort, Pattern, TargetAddr};
 pub use duration::Duration;
 pub use oidc::{OidcIssuer, ProcessMatch, TokenBinding, TokenExpiry, TokenMode};
 pub use source::{Location, Source};
@@ -246,6 +246,10 @@ pub struct EbpfConfig {
     pub attach_cgroup: String,
     pub fail_mode: FailMode,
     pub rescan_interval: Duration,
+    /// How often host names in target addresses are looked up again (`0s`: never).
+    pub resolve_interval: Duration,
+    /// How long an address a name no longer resolves to stays a target address.
+    pub resolve_keep: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -354,9 +358,33 @@ pub struct Target {
     pub id: u32,
     pub name: String,
     pub protocol: Protocol,
-    pub addrs: Vec<TargetAddr>,
+    /// Addresses, ranges and `*` patterns as written.
+    pub fixed: Vec<TargetAddr>,
+    /// Host names, with what they resolve to now.
+    pub hosts: Vec<ResolvedHost>,
     /// PostgreSQL settings (protocol `postgres` only).
     pub pg: Option<PgTarget>,
+}
+
+/// A host name among a target's addresses, and the addresses it stands for now: what it
+/// resolved to when the configuration loaded, then what `crate::target_names` keeps from
+/// the lookups since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedHost {
+    pub name: HostPort,
+    pub addrs: Vec<TargetAddr>,
+    /// Why the lookup at load failed; `addrs` is then empty until a later one succeeds.
+    pub error: Option<String>,
+}
+
+impl Target {
+    /// Every pattern the kernel matches for this target: the fixed ones, then each host
+    /// name's current addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = &TargetAddr> + '_ {
+        self.fixed
+            .iter()
+            .chain(self.hosts.iter().flat_map(|h| h.addrs.iter()))
+    }
 }
 
 impl Config {
@@ -410,8 +438,7 @@ impl Config {
         self.targets
             .iter()
             .filter_map(|t| {
-                t.addrs
-                    .iter()
+                t.addrs()
                     .filter_map(|a| a.prefix_len_matching(dst))
                     .max()
                     .map(|len| (len, t))
@@ -795,7 +822,8 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
         if list.is_empty() {
             c.at(&t.address, "a target needs at least one `address`");
         }
-        let mut addrs = Vec::new();
+        let mut fixed = Vec::new();
+        let mut hosts = Vec::new();
         for a in list {
             // A single string has no span of its own; point at the `address` value.
             let span = if a.span().is_empty() {
@@ -803,20 +831,44 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             } else {
                 a.span()
             };
-            match TargetAddr::parse(a.get_ref()) {
-                Ok(parsed) => {
-                    for p in parsed {
-                        let key = (p.trie_prefix(), p.trie_key());
-                        if let Some(other) = patterns.insert(key, name.clone()) {
-                            c.at_span(
-                                span.clone(),
-                                format!("`{p}` is already an address of target `{other}`"),
-                            );
-                        }
-                        addrs.push(p);
-                    }
+            let resolved = match Pattern::parse(a.get_ref()) {
+                Ok(Pattern::Fixed(p)) => {
+                    fixed.push(p);
+                    vec![p]
                 }
-                Err(e) => c.at_span(span, e.to_string()),
+                // A name that does not resolve now is no error: the daemon starts (its
+                // other targets protected), says so, and keeps looking it up.
+                Ok(Pattern::Host(name)) => match name.resolve() {
+                    Ok(found) => {
+                        hosts.push(ResolvedHost {
+                            name,
+                            addrs: found.clone(),
+                            error: None,
+                        });
+                        found
+                    }
+                    Err(e) => {
+                        hosts.push(ResolvedHost {
+                            name,
+                            addrs: Vec::new(),
+                            error: Some(e.to_string()),
+                        });
+                        Vec::new()
+                    }
+                },
+                Err(e) => {
+                    c.at_span(span, e.to_string());
+                    continue;
+                }
+            };
+            for p in &resolved {
+                let key = (p.trie_prefix(), p.trie_key());
+                if let Some(other) = patterns.insert(key, name.clone()) {
+                    c.at_span(
+                        span.clone(),
+                        format!("`{p}` is already an address of target `{other}`"),
+                    );
+                }
             }
         }
         let pg = validate_pg(&mut c, t, raw.oidc.len());
@@ -824,7 +876,8 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             id: i as u32,
             name,
             protocol: *t.protocol.get_ref(),
-            addrs,
+            fixed,
+            hosts,
             pg,
         });
     }
@@ -948,6 +1001,8 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
             attach_cgroup,
             fail_mode: raw.ebpf.fail_mode,
             rescan_interval: raw.ebpf.rescan_interval,
+            resolve_interval: raw.ebpf.resolve_interval,
+            resolve_keep: raw.ebpf.resolve_keep,
         },
         admin: AdminConfig {
             socket: raw.admin.socket,

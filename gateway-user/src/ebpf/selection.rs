@@ -95,7 +95,7 @@ pub fn target_entries(cfg: &Config) -> Vec<(Key<TargetKey>, TargetValue)> {
     cfg.targets
         .iter()
         .flat_map(|t| {
-            t.addrs.iter().map(|a| {
+            t.addrs().map(|a| {
                 (
                     Key::new(a.trie_prefix(), a.trie_key()),
                     TargetValue {

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub approval_wait_seconds: HistogramVec,
     /// OIDC tokens presented, by result (`accepted` or why not).
     pub tokens: IntCounterVec,
+    /// Lookups of host names in target addresses, by result (`ok`, `error`).
+    pub target_lookups: IntCounterVec,
     pub audit_commit_seconds: Histogram,
     // ---- snapshot metrics (set at scrape time)
     pub connections_refused: IntCounterVec,
@@ -205,6 +207,12 @@ impl Metrics {
                 &r,
                 "portcullis_oidc_tokens_total",
                 "OIDC tokens presented by agents, by result: accepted, or why they were refused.",
+                &["result"],
+            ),
+            target_lookups: counter_vec(
+                &r,
+                "portcullis_target_lookups_total",
+                "Lookups of host names in target addresses while the daemon runs, by result.",
                 &["result"],
             ),
             approval_wait_seconds: histogram_vec(

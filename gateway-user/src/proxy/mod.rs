@@ -608,7 +608,8 @@ mod tests {
             id: 0,
             name: "db".into(),
             protocol: crate::config::Protocol::Postgres,
-            addrs: vec![],
+            fixed: vec![],
+            hosts: vec![],
             pg: None,
         };
         let peer: SocketAddr = "127.0.0.1:50000".parse().expect("addr");
