@@ -487,12 +487,17 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
             .map_err(|d| d.to_string())?;
             let (set, report) = policy::load::load(&sources, cfg);
             let rules = set.as_ref().map_or(0, |s| s.rules.len());
+            let warnings: Vec<String> = cfg
+                .warnings()
+                .into_iter()
+                .chain(report.warnings.iter().map(ToString::to_string))
+                .collect();
             if json {
                 let v = serde_json::json!({
                     "files": sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>(),
                     "rules": rules,
                     "errors": report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "warnings": report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "warnings": warnings,
                 });
                 println!(
                     "{}",
@@ -502,14 +507,14 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
                 for e in &report.errors {
                     println!("error: {e}");
                 }
-                for w in &report.warnings {
+                for w in &warnings {
                     println!("warning: {w}");
                 }
                 println!(
                     "{} file(s), {rules} rule(s): {} error(s), {} warning(s)",
                     sources.len(),
                     report.errors.len(),
-                    report.warnings.len()
+                    warnings.len()
                 );
             }
             Ok(if report.is_ok() {

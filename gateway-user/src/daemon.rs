@@ -26,8 +26,8 @@ use crate::{
         self, AdminError,
         authz::{Need, Peer},
         proto::{
-            AgentStatus, ApprovalsView, Approved, PolicyStatus, Request, Response, SessionView,
-            HostStatus, Status, StoreStatus, TargetStatus,
+            AgentStatus, ApprovalsView, Approved, HostStatus, PolicyStatus, Request, Response,
+            SessionView, Status, StoreStatus, TargetStatus,
         },
     },
     cgroup::{CgroupError, Hierarchy},
@@ -857,16 +857,8 @@ async fn prune_old_sessions(state: Arc<State>, shutdown: CancellationToken) {
 
 /// Says which target host names did not resolve when the configuration loaded.
 fn warn_unresolved(cfg: &Config) {
-    for t in &cfg.targets {
-        for h in t.hosts.iter().filter(|h| h.error.is_some()) {
-            tracing::warn!(
-                target.name = %t.name,
-                host = %h.name,
-                error = h.error.as_deref().unwrap_or(""),
-                "a target's host name does not resolve: connections to it are not intercepted \
-                 until it does (looked up again every resolve_interval)"
-            );
-        }
+    for w in cfg.warnings() {
+        tracing::warn!("{w} (looked up again every resolve_interval)");
     }
 }
 
@@ -882,7 +874,12 @@ fn log_name_changes(changes: &[crate::target_names::Change]) {
                 target.name = %target, host = %name, address = %addr,
                 "target address dropped: the host name has not resolved to it for resolve_keep"
             ),
-            Change::Claimed { target, name, addr, by } => tracing::warn!(
+            Change::Claimed {
+                target,
+                name,
+                addr,
+                by,
+            } => tracing::warn!(
                 target.name = %target, host = %name, address = %addr, owner = %by,
                 "the host name resolves to an address of another target; it stays that target's"
             ),

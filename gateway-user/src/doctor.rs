@@ -249,12 +249,15 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
         for h in &t.hosts {
             match &h.error {
                 Some(e) => out.push(warn(
-                    format!("target {}: host name {} does not resolve: {e}", t.name, h.name),
+                    format!(
+                        "target {}: host name {} does not resolve: {e}",
+                        t.name, h.name
+                    ),
                     "fix the name or the resolver: connections to the addresses it will have \
                      are not intercepted until the daemon resolves it",
                 )),
                 None => out.push(ok(format!(
-                    "target {}: {} resolves to {} (followed every {})",
+                    "target {}: {} resolves to {} ({})",
                     t.name,
                     h.name,
                     h.addrs
@@ -262,7 +265,11 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(", "),
-                    cfg.ebpf.resolve_interval
+                    if cfg.ebpf.resolve_interval.get().is_zero() {
+                        "not followed: resolve_interval is 0s".to_owned()
+                    } else {
+                        format!("followed every {}", cfg.ebpf.resolve_interval)
+                    }
                 ))),
             }
         }

@@ -260,7 +260,10 @@ mod tests {
     }
 
     fn shown(cfg: &Config, target: usize) -> Vec<String> {
-        cfg.targets[target].addrs().map(ToString::to_string).collect()
+        cfg.targets[target]
+            .addrs()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
@@ -271,7 +274,10 @@ mod tests {
         seen.observe_config(&cfg, t0);
         let local = name("localhost:5432");
         let at_load = shown(&cfg, 0);
-        assert!(at_load.contains(&"127.0.0.1:5432".to_owned()), "{at_load:?}");
+        assert!(
+            at_load.contains(&"127.0.0.1:5432".to_owned()),
+            "{at_load:?}"
+        );
 
         // The name moves to 127.0.0.9: added at once, the old addresses stay.
         let t1 = t0 + Duration::from_secs(30);
@@ -284,7 +290,9 @@ mod tests {
         assert!(shown(&next, 0).contains(&"127.0.0.9:5432".to_owned()));
         assert!(shown(&next, 0).contains(&"127.0.0.1:5432".to_owned()));
         assert_eq!(changes.len(), 1, "{changes:?}");
-        assert!(matches!(&changes[0], Change::Added { addr, .. } if addr.to_string() == "127.0.0.9:5432"));
+        assert!(
+            matches!(&changes[0], Change::Added { addr, .. } if addr.to_string() == "127.0.0.9:5432")
+        );
 
         // Nothing new: no change.
         assert!(apply(&next, &seen, KEEP).0.is_none());
@@ -316,7 +324,10 @@ mod tests {
         );
         assert!(apply(&cfg, &seen, KEEP).0.is_none());
         seen.retain(&cfg, KEEP);
-        assert_eq!(seen.current(&local, KEEP).len(), cfg.targets[0].hosts[0].addrs.len());
+        assert_eq!(
+            seen.current(&local, KEEP).len(),
+            cfg.targets[0].hosts[0].addrs.len()
+        );
         assert_eq!(
             seen.observe(&local, Ok(addrs(&["127.0.0.1:5432"])), later),
             Observed::Recovered

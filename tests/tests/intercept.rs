@@ -782,8 +782,9 @@ fn the_benchmarks_plain_relay_carries_every_byte_and_the_half_close() {
 
 /// A target named by a host name follows the name: the daemon (in a mount namespace of its
 /// own, with its own `/etc/hosts` and a resolver that reads only files, so no lookup leaves
-/// the host) looks it up again, intercepts the new address at once, keeps the old one for
-/// `resolve_keep`, and drops nothing while lookups fail.
+/// the host) starts while the name does not resolve yet, looks it up again, intercepts a
+/// new address at once, keeps an old one for `resolve_keep`, and drops nothing while
+/// lookups fail.
 #[test]
 fn a_target_host_name_is_followed_when_it_moves() {
     let env = Env::new();
@@ -801,7 +802,7 @@ fn a_target_host_name_is_followed_when_it_moves() {
         let line = ip.map(|ip| format!("{ip} {host}\n")).unwrap_or_default();
         std::fs::write(&hosts, format!("127.0.0.1 localhost\n{line}")).expect("hosts");
     };
-    point_at(Some(old));
+    point_at(None);
     std::fs::write(&nss, "hosts: files\n").expect("nsswitch");
     let config = env.config(
         "resolve_interval = \"200ms\"\nresolve_keep = \"3s\"",
@@ -829,30 +830,64 @@ fn a_target_host_name_is_followed_when_it_moves() {
         (true, r)
     };
 
-    // At load: the old address is the target's, the other one is not.
-    assert!(connect(old_addr).0, "the name's address at load is intercepted");
-    assert!(!connect(new_addr).0, "an address the name does not have goes direct");
+    // The name does not resolve at start: the daemon starts all the same and says so.
+    let warned = d
+        .logs
+        .all()
+        .into_iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not resolve"))
+        })
+        .expect("a warning about the name at start");
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert!(!connect(old_addr).0, "no address yet: direct");
+
+    // It resolves: its address is the target's from the next lookup on.
+    point_at(Some(old));
+    d.logs
+        .wait_for("the first address", Duration::from_secs(10), |v| {
+            v["message"] == "target address added: the host name resolves to it"
+                && v["address"] == old_addr.to_string()
+        });
+    d.logs
+        .wait_for("the recovery", Duration::from_secs(10), |v| {
+            v["message"] == "a target's host name resolves again"
+        });
+    assert!(connect(old_addr).0, "the name's address is intercepted");
+    assert!(
+        !connect(new_addr).0,
+        "an address the name does not have goes direct"
+    );
 
     // The name moves: the new address is intercepted once a lookup has seen it, and the
     // old one still is (an agent may hold the old answer).
     let moved = Instant::now();
     point_at(Some(new));
-    let added = d.logs.wait_for("the new address", Duration::from_secs(10), |v| {
-        v["message"] == "target address added: the host name resolves to it"
-            && v["address"] == new_addr.to_string()
-    });
+    let added = d
+        .logs
+        .wait_for("the new address", Duration::from_secs(10), |v| {
+            v["message"] == "target address added: the host name resolves to it"
+                && v["address"] == new_addr.to_string()
+        });
     assert_eq!(added["target.name"], "echo", "{added}");
     assert_eq!(added["host"], format!("{host}:{}", echo.port), "{added}");
     assert!(connect(new_addr).0, "the new address is intercepted");
     if moved.elapsed() < Duration::from_secs(2) {
-        assert!(connect(old_addr).0, "the old address is kept for resolve_keep");
+        assert!(
+            connect(old_addr).0,
+            "the old address is kept for resolve_keep"
+        );
     }
 
     // Past resolve_keep the old address goes, and connections to it are direct again.
-    let dropped = d.logs.wait_for("the old address to go", Duration::from_secs(15), |v| {
-        v["message"]
-            == "target address dropped: the host name has not resolved to it for resolve_keep"
-    });
+    let dropped = d
+        .logs
+        .wait_for("the old address to go", Duration::from_secs(15), |v| {
+            v["message"]
+                == "target address dropped: the host name has not resolved to it for resolve_keep"
+        });
     assert_eq!(dropped["address"], old_addr.to_string(), "{dropped}");
     // Its last sighting was at most one interval (and a lookup) before the move.
     assert!(
@@ -865,11 +900,12 @@ fn a_target_host_name_is_followed_when_it_moves() {
 
     // The name stops resolving: said once, counted, and nothing is dropped however long.
     point_at(None);
-    d.logs.wait_for("the failing lookup", Duration::from_secs(10), |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("a target's host name no longer resolves"))
-    });
+    d.logs
+        .wait_for("the failing lookup", Duration::from_secs(10), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a target's host name no longer resolves"))
+        });
     std::thread::sleep(Duration::from_secs(4));
     assert!(connect(new_addr).0, "failing lookups drop nothing");
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "error")]) >= 1.0);
@@ -886,9 +922,22 @@ fn a_target_host_name_is_followed_when_it_moves() {
         .count();
     assert_eq!(failed, 1, "the failure is said once, not at every lookup");
 
-    // It resolves again.
+    // It resolves again: said a second time.
     point_at(Some(new));
-    d.logs.wait_for("the recovery", Duration::from_secs(10), |v| {
-        v["message"] == "a target's host name resolves again"
-    });
+    let recoveries = || {
+        d.logs
+            .all()
+            .iter()
+            .filter(|v| v["message"] == "a target's host name resolves again")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recoveries() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second recovery:\n{}",
+            d.logs.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

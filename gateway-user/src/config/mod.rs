@@ -429,6 +429,24 @@ impl Config {
         self.agents.iter().find(|a| a.name == name)
     }
 
+    /// What is not an error but leaves something unprotected: target host names that did
+    /// not resolve when the configuration loaded.
+    pub fn warnings(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .flat_map(|t| {
+                t.hosts.iter().filter_map(|h| {
+                    let e = h.error.as_ref()?;
+                    Some(format!(
+                        "target `{}`: `{}` does not resolve ({e}); connections to it are not \
+                         intercepted until it does",
+                        t.name, h.name
+                    ))
+                })
+            })
+            .collect()
+    }
+
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }

@@ -20,7 +20,14 @@ fn embedded_default_is_valid() {
         c.agents[0].selector.cgroup.as_deref(),
         Some("/portcullis/local")
     );
-    assert_eq!(c.targets[0].addrs().next().map(ToString::to_string).unwrap_or_default(), "*:5432");
+    assert_eq!(
+        c.targets[0]
+            .addrs()
+            .next()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        "*:5432"
+    );
     assert_eq!(
         c.proxy.listen_v4,
         Some("127.0.0.1:15001".parse().expect("addr"))
