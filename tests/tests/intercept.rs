@@ -941,3 +941,33 @@ fn a_target_host_name_is_followed_when_it_moves() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// TCP Fast Open connects from inside `sendto(MSG_FASTOPEN)`, with no `connect(2)`: the
+/// connect hooks run there too, so it is redirected like any other connection, IPv4 and
+/// IPv6 (the data sent with the SYN reaches the proxy, not the server).
+#[test]
+fn tcp_fast_open_is_intercepted_too() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    for target in [w.echo.addr4(), w.echo.addr6()] {
+        let r = probe(
+            &w.env,
+            &w.agent,
+            None,
+            &["fastopen", &target.to_string(), "300"],
+        );
+        assert_intercepted(&w, &d, &r, 300);
+        // The server is reached through the proxy only.
+        assert!(!w.echo.saw_peer(s(&r["local"])), "{r}");
+    }
+    // The same from an unprotected cgroup reaches the server itself.
+    let other = w.env.cgroup("other");
+    let r = probe(
+        &w.env,
+        &other,
+        None,
+        &["fastopen", &w.echo.addr4().to_string(), "300"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(w.echo.saw_peer(s(&r["local"])), "{r}");
+}

@@ -79,6 +79,83 @@ fn connect(addr: &str, bytes: usize) -> Value {
     }
 }
 
+/// `connect` without `connect(2)`: TCP Fast Open, the destination given to the first
+/// `sendto(MSG_FASTOPEN)` with the data (the kernel connects from inside the send).
+fn fastopen(addr: &str, bytes: usize) -> Value {
+    use std::os::fd::FromRawFd as _;
+    let a = loopback(addr);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let data = pattern(bytes);
+    // SAFETY: plain socket calls on a socket this function owns; the address structs are
+    // fully initialised and outlive the call.
+    let sent = unsafe {
+        let family = if a.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return json!({"ok": false, "error": std::io::Error::last_os_error().to_string()});
+        }
+        let n = match a {
+            SocketAddr::V4(v4) => {
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as libc::sa_family_t;
+                sa.sin_port = v4.port().to_be();
+                sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_FASTOPEN,
+                    (&raw const sa).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+            SocketAddr::V6(v6) => {
+                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sa.sin6_port = v6.port().to_be();
+                sa.sin6_addr.s6_addr = v6.ip().octets();
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_FASTOPEN,
+                    (&raw const sa).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+        };
+        let err = std::io::Error::last_os_error();
+        let s = TcpStream::from_raw_fd(fd);
+        if n < 0 {
+            return json!({"ok": false, "pid": pid, "error": err.to_string(),
+                          "errno": err.raw_os_error()});
+        }
+        (s, n as usize)
+    };
+    let (mut s, n) = sent;
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let result = (|| -> std::io::Result<Vec<u8>> {
+        s.write_all(&data[n..])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })();
+    match result {
+        Ok(back) => json!({"ok": back == data, "pid": pid, "local": local, "peer": peer,
+                           "echoed": back.len(), "sent_with_syn": n}),
+        Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
+                         "error": e.to_string()}),
+    }
+}
+
 /// A Unix stream connect: did it get through, and if not, with which errno. `@name` is the
 /// abstract name `name`.
 fn unix(path: &str) -> Value {
@@ -372,6 +449,7 @@ fn run(args: &[String]) -> Value {
             let bytes = args.get(2).map_or(5, |b| b.parse().expect("BYTES"));
             connect(&args[1], bytes)
         }
+        Some("fastopen") => fastopen(&args[1], args[2].parse().expect("BYTES")),
         Some("reset") => reset(&args[1]),
         Some("unix") => unix(&args[1]),
         Some("thread") => thread_then_wait(&args[1]),
