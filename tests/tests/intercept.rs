@@ -942,32 +942,31 @@ fn a_target_host_name_is_followed_when_it_moves() {
     }
 }
 
-/// TCP Fast Open connects from inside `sendto(MSG_FASTOPEN)`, with no `connect(2)`: the
-/// connect hooks run there too, so it is redirected like any other connection, IPv4 and
-/// IPv6 (the data sent with the SYN reaches the proxy, not the server).
+/// Stream sockets that do not connect the usual way: TCP Fast Open connects from inside
+/// `sendto(MSG_FASTOPEN)` with no `connect(2)`, and a Multipath TCP socket
+/// (`IPPROTO_MPTCP`, which falls back to plain TCP with a server that does not speak it)
+/// connects through its first subflow. Both are redirected like any other connection, IPv4
+/// and IPv6; the same from an unprotected cgroup reaches the server itself.
 #[test]
-fn tcp_fast_open_is_intercepted_too() {
+fn tcp_fast_open_and_multipath_tcp_are_intercepted_too() {
     let w = world("", &[]);
     let d = Daemon::start(&w.config);
-    for target in [w.echo.addr4(), w.echo.addr6()] {
+    let other = w.env.cgroup("other");
+    for how in ["fastopen", "mptcp"] {
+        for target in [w.echo.addr4(), w.echo.addr6()] {
+            let r = probe(&w.env, &w.agent, None, &[how, &target.to_string(), "300"]);
+            assert_intercepted(&w, &d, &r, 300);
+        }
         let r = probe(
             &w.env,
-            &w.agent,
+            &other,
             None,
-            &["fastopen", &target.to_string(), "300"],
+            &[how, &w.echo.addr4().to_string(), "300"],
         );
-        assert_intercepted(&w, &d, &r, 300);
-        // The server is reached through the proxy only.
-        assert!(!w.echo.saw_peer(s(&r["local"])), "{r}");
+        assert_eq!(r["ok"], true, "{how}: {r}");
+        assert!(
+            w.echo.saw_peer(s(&r["local"])),
+            "{how} should have gone direct: {r}"
+        );
     }
-    // The same from an unprotected cgroup reaches the server itself.
-    let other = w.env.cgroup("other");
-    let r = probe(
-        &w.env,
-        &other,
-        None,
-        &["fastopen", &w.echo.addr4().to_string(), "300"],
-    );
-    assert_eq!(r["ok"], true, "{r}");
-    assert!(w.echo.saw_peer(s(&r["local"])), "{r}");
 }

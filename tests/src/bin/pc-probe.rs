@@ -79,70 +79,84 @@ fn connect(addr: &str, bytes: usize) -> Value {
     }
 }
 
-/// `connect` without `connect(2)`: TCP Fast Open, the destination given to the first
-/// `sendto(MSG_FASTOPEN)` with the data (the kernel connects from inside the send).
-fn fastopen(addr: &str, bytes: usize) -> Value {
+/// `addr` as a C socket address.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage, and each branch writes a struct that
+    // fits in it (sockaddr_storage is the largest socket address).
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                let sa = (&raw mut ss).cast::<libc::sockaddr_in>();
+                (*sa).sin_family = libc::AF_INET as libc::sa_family_t;
+                (*sa).sin_port = v4.port().to_be();
+                (*sa).sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sa = (&raw mut ss).cast::<libc::sockaddr_in6>();
+                (*sa).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                (*sa).sin6_port = v6.port().to_be();
+                (*sa).sin6_addr.s6_addr = v6.ip().octets();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+}
+
+/// `connect` over a stream socket made by hand: `fastopen` connects from inside the first
+/// `sendto(MSG_FASTOPEN)` (TCP Fast Open, no `connect(2)`), `mptcp` is a Multipath TCP
+/// socket (`IPPROTO_MPTCP`, which falls back to TCP with a server that does not speak it).
+fn raw_stream(how: &str, addr: &str, bytes: usize) -> Value {
     use std::os::fd::FromRawFd as _;
     let a = loopback(addr);
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let data = pattern(bytes);
-    // SAFETY: plain socket calls on a socket this function owns; the address structs are
-    // fully initialised and outlive the call.
-    let sent = unsafe {
-        let family = if a.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return json!({"ok": false, "error": std::io::Error::last_os_error().to_string()});
-        }
-        let n = match a {
-            SocketAddr::V4(v4) => {
-                let mut sa: libc::sockaddr_in = std::mem::zeroed();
-                sa.sin_family = libc::AF_INET as libc::sa_family_t;
-                sa.sin_port = v4.port().to_be();
-                sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-                libc::sendto(
-                    fd,
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_FASTOPEN,
-                    (&raw const sa).cast(),
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
-            SocketAddr::V6(v6) => {
-                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sa.sin6_port = v6.port().to_be();
-                sa.sin6_addr.s6_addr = v6.ip().octets();
-                libc::sendto(
-                    fd,
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_FASTOPEN,
-                    (&raw const sa).cast(),
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
-        };
-        let err = std::io::Error::last_os_error();
-        let s = TcpStream::from_raw_fd(fd);
-        if n < 0 {
-            return json!({"ok": false, "pid": pid, "error": err.to_string(),
-                          "errno": err.raw_os_error()});
-        }
-        (s, n as usize)
+    let (sa, len) = sockaddr(a);
+    let family = if a.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
-    let (mut s, n) = sent;
+    let proto = if how == "mptcp" {
+        libc::IPPROTO_MPTCP
+    } else {
+        0
+    };
+    // SAFETY: a socket this function owns (the TcpStream takes it over at once); the
+    // address outlives the calls, which read `len` bytes of it.
+    let (mut s, sent) = unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, proto);
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return json!({"ok": false, "pid": pid, "error": e.to_string(), "errno": e.raw_os_error()});
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        let rc = if how == "fastopen" {
+            libc::sendto(
+                fd,
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_FASTOPEN,
+                (&raw const sa).cast(),
+                len,
+            )
+        } else {
+            libc::connect(fd, (&raw const sa).cast(), len) as isize
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return json!({"ok": false, "pid": pid, "error": e.to_string(), "errno": e.raw_os_error()});
+        }
+        (s, if how == "fastopen" { rc as usize } else { 0 })
+    };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let result = (|| -> std::io::Result<Vec<u8>> {
-        s.write_all(&data[n..])?;
+        s.write_all(&data[sent..])?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut back = Vec::new();
         s.read_to_end(&mut back)?;
@@ -150,7 +164,7 @@ fn fastopen(addr: &str, bytes: usize) -> Value {
     })();
     match result {
         Ok(back) => json!({"ok": back == data, "pid": pid, "local": local, "peer": peer,
-                           "echoed": back.len(), "sent_with_syn": n}),
+                           "echoed": back.len()}),
         Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
                          "error": e.to_string()}),
     }
@@ -449,7 +463,9 @@ fn run(args: &[String]) -> Value {
             let bytes = args.get(2).map_or(5, |b| b.parse().expect("BYTES"));
             connect(&args[1], bytes)
         }
-        Some("fastopen") => fastopen(&args[1], args[2].parse().expect("BYTES")),
+        Some(how @ ("fastopen" | "mptcp")) => {
+            raw_stream(how, &args[1], args[2].parse().expect("BYTES"))
+        }
         Some("reset") => reset(&args[1]),
         Some("unix") => unix(&args[1]),
         Some("thread") => thread_then_wait(&args[1]),
