@@ -154,6 +154,14 @@ impl Hierarchy {
         self.id_of(cgroup)
     }
 
+    /// [`escape_route`] out of `cgroup`, from the files' owners and modes.
+    pub fn escape_route(&self, cgroup: &str) -> Option<Escape> {
+        escape_route(cgroup, |c| {
+            let m = fs::metadata(self.dir(c).join("cgroup.procs")).ok()?;
+            Some((m.uid(), m.gid(), m.mode()))
+        })
+    }
+
     /// Moves a process into a cgroup (`0` = the caller).
     pub fn join(&self, cgroup: &str, pid: u32) -> Result<(), CgroupError> {
         let path = self.dir(cgroup).join("cgroup.procs");
@@ -291,6 +299,68 @@ pub fn describe(path: &str) -> CgroupInfo {
     info
 }
 
+/// Who besides root may write a cgroup's `cgroup.procs` (and so move processes into it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    Uid(u32),
+    Gid(u32),
+    Everyone,
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uid(u) => write!(f, "processes of uid {u}"),
+            Self::Gid(g) => write!(f, "processes of group {g}"),
+            Self::Everyone => f.write_str("every process"),
+        }
+    }
+}
+
+/// A way out of an agent's cgroup. A process may move a process into a cgroup when it may
+/// write that cgroup's `cgroup.procs` and the one of the nearest common ancestor of the two
+/// cgroups; so a non-root principal that may write a strict ancestor's `cgroup.procs` (a
+/// tree delegated to it, as systemd does with `user@UID.service` for a user's own units)
+/// can move its processes out of the agent's cgroup, and no longer be selected by it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Escape {
+    /// The nearest strict ancestor whose `cgroup.procs` it may write.
+    pub ancestor: String,
+    pub writer: Writer,
+}
+
+/// The nearest strict ancestor of cgroup `path` whose `cgroup.procs` someone other than root
+/// may write, given each cgroup's `cgroup.procs` owner, group and mode (`None`: not
+/// readable, skipped).
+pub fn escape_route(
+    path: &str,
+    procs_stat: impl Fn(&str) -> Option<(u32, u32, u32)>,
+) -> Option<Escape> {
+    let mut cur = path.trim_end_matches('/');
+    while let Some(i) = cur.rfind('/') {
+        cur = &cur[..i];
+        let ancestor = if cur.is_empty() { "/" } else { cur };
+        if let Some((uid, gid, mode)) = procs_stat(ancestor) {
+            let writer = if uid != 0 && mode & 0o200 != 0 {
+                Some(Writer::Uid(uid))
+            } else if gid != 0 && mode & 0o020 != 0 {
+                Some(Writer::Gid(gid))
+            } else if mode & 0o002 != 0 {
+                Some(Writer::Everyone)
+            } else {
+                None
+            };
+            if let Some(writer) = writer {
+                return Some(Escape {
+                    ancestor: ancestor.to_owned(),
+                    writer,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// Whether cgroup `path` is `ancestor` or below it.
 pub fn is_within(path: &str, ancestor: &str) -> bool {
     let a = ancestor.trim_end_matches('/');
@@ -349,6 +419,51 @@ pub enum BpffsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ancestor_writable_by_someone_but_root_is_a_way_out() {
+        // user@1000.service and below belong to uid 1000 (systemd delegation).
+        let stat = |c: &str| match c {
+            "/user.slice/user-1000.slice/user@1000.service"
+            | "/user.slice/user-1000.slice/user@1000.service/app.slice" => {
+                Some((1000, 1000, 0o644))
+            }
+            "/shared" => Some((0, 2000, 0o664)),
+            "/open" => Some((0, 0, 0o666)),
+            _ => Some((0, 0, 0o644)),
+        };
+        let e = escape_route(
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/agent.service",
+            stat,
+        )
+        .expect("delegated");
+        assert_eq!(
+            e.ancestor,
+            "/user.slice/user-1000.slice/user@1000.service/app.slice"
+        );
+        assert_eq!(e.writer, Writer::Uid(1000));
+        assert_eq!(
+            escape_route("/shared/a/b", stat).map(|e| (e.ancestor, e.writer)),
+            Some(("/shared".to_owned(), Writer::Gid(2000)))
+        );
+        assert_eq!(
+            escape_route("/open/a", stat).map(|e| e.writer),
+            Some(Writer::Everyone)
+        );
+        // Root's own cgroups: no way out. The cgroup itself being delegated is none either
+        // (a process must also write an ancestor).
+        assert_eq!(escape_route("/system.slice/bot.service", stat), None);
+        let own = |c: &str| {
+            Some(if c == "/x/a" {
+                (1000, 1000, 0o644)
+            } else {
+                (0, 0, 0o644)
+            })
+        };
+        assert_eq!(escape_route("/x/a", own), None);
+        // Unreadable ancestors are skipped, not taken for open ones.
+        assert_eq!(escape_route("/x/a", |_| None), None);
+    }
 
     const MOUNTINFO: &str = "\
 22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw

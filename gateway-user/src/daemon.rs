@@ -453,6 +453,9 @@ impl State {
                     note = b.note.as_deref().unwrap_or(""),
                     "agent selection"
                 );
+                if let Some(e) = &b.escape {
+                    tracing::warn!(agent.name = %b.agent, "agent's processes can leave its cgroup: {e}");
+                }
             }
         }
         *last = bindings;

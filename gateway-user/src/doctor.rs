@@ -301,6 +301,65 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
     out
 }
 
+/// Agents selected by a cgroup their own processes can leave (a delegated cgroup tree). What
+/// the running daemon found; without one, the cgroups as they are now (none is created).
+fn check_agents(cfg: &Config) -> Vec<Check> {
+    let escapes: Vec<(String, Option<String>)> =
+        match crate::admin::client::call::<crate::admin::proto::Status>(
+            &cfg.admin.socket,
+            &crate::admin::proto::Request::Status,
+        ) {
+            Ok(s) => s
+                .agents
+                .into_iter()
+                .filter(|a| !a.binding.cgroups.is_empty())
+                .map(|a| (a.name, a.binding.escape))
+                .collect(),
+            Err(_) => {
+                let Ok(h) = cgroup::Hierarchy::discover() else {
+                    return Vec::new();
+                };
+                cfg.agents
+                    .iter()
+                    .filter(|a| a.selector.kernel_by_cgroup())
+                    .map(|a| {
+                        let mut paths: Vec<String> = a
+                            .selector
+                            .cgroup
+                            .iter()
+                            .filter(|p| h.dir(p).is_dir())
+                            .cloned()
+                            .collect();
+                        if let Some(unit) = &a.selector.unit {
+                            paths.extend(
+                                h.find_named(unit, ebpf::selection::UNIT_SEARCH_DEPTH)
+                                    .into_iter()
+                                    .map(|(p, _)| p),
+                            );
+                        }
+                        let escape = paths.iter().find_map(|p| {
+                            h.escape_route(p)
+                                .map(|e| ebpf::selection::escape_note(p, &e))
+                        });
+                        (a.name.clone(), escape)
+                    })
+                    .collect()
+            }
+        };
+    escapes
+        .into_iter()
+        .map(|(name, escape)| match escape {
+            None => ok(format!(
+                "agent {name}: only root can move processes out of its cgroup"
+            )),
+            Some(e) => warn(format!("agent {name}: {e}"), FIX_ESCAPE),
+        })
+        .collect()
+}
+
+const FIX_ESCAPE: &str = "select a dedicated uid for the agent (it cannot change its uid), or \
+                          run it in a cgroup tree only root may write (a system unit)";
+
 /// PostgreSQL Unix sockets beside the targets' TCP ports: a way around the gate.
 fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
     // What the running daemon says; without one, whether the hook is pinned (it keeps
@@ -514,6 +573,7 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
         out.push(check_store(cfg));
         out.extend(check_secrets(cfg));
         out.extend(check_targets(cfg));
+        out.extend(check_agents(cfg));
         out.extend(check_unix_sockets(cfg));
         out.extend(check_pins(cfg));
         out.extend(check_issuers(cfg));

@@ -130,6 +130,9 @@ pub fn status(s: &Status) -> String {
         if let Some(n) = &a.binding.note {
             let _ = writeln!(o, "  {:<16} note: {n}", "");
         }
+        if let Some(e) = &a.binding.escape {
+            let _ = writeln!(o, "  {:<16} warning: {e}", "");
+        }
     }
     let _ = writeln!(o, "\ntargets");
     for t in &s.targets {

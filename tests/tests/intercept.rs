@@ -970,3 +970,94 @@ fn tcp_fast_open_and_multipath_tcp_are_intercepted_too() {
         );
     }
 }
+
+/// An agent selected by a cgroup inside a tree delegated to a user (as systemd delegates
+/// `user@UID.service` to its user) can move its processes out of that cgroup and connect
+/// unselected. The daemon says so at start, in `status` and in `doctor`, naming the uid and
+/// the remedy; the remedy (an agent that selects the uid) catches the escaped process.
+#[test]
+fn an_agent_that_can_leave_its_cgroup_is_reported_and_a_uid_agent_catches_it() {
+    let env = Env::new();
+    let deleg = env.cgroup("agents/deleg");
+    let agent = env.cgroup("agents/deleg/a");
+    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
+    let procs = env.cg_dir(&deleg).join("cgroup.procs");
+    // Delegated to nobody: it may move processes into `deleg`, the parent of the agent's.
+    let c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid path; chown has no other preconditions.
+    assert_eq!(
+        unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) },
+        0,
+        "chown"
+    );
+    let target = echo.addr4().to_string();
+    let sel = format!("cgroup = \"{agent}\"");
+    let config = |extra: &[(&str, &str)]| {
+        let mut agents = vec![("a", sel.as_str())];
+        agents.extend_from_slice(extra);
+        env.config(
+            "",
+            &agents_and_target(&agents, &[format!("127.0.0.2:{}", echo.port)]),
+        )
+    };
+    // The agent's process moves itself to `deleg` ("0" is the writer itself), then connects.
+    let escape = || {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "echo 0 > {} && exec {} connect {target} 64",
+            procs.display(),
+            probe_exe()
+        ));
+        run_json(&env, &agent, Some(NOBODY), cmd)
+    };
+
+    let cfg = config(&[]);
+    let d = Daemon::start(&cfg);
+    let warned = d.logs.wait_for("the warning", Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("agent's processes can leave its cgroup"))
+    });
+    assert_eq!(warned["agent.name"], "a", "{warned}");
+    let m = s(&warned["message"]);
+    assert!(m.contains("processes of uid 65534"), "{m}");
+    assert!(m.contains(&format!("{deleg}/cgroup.procs")), "{m}");
+    assert!(m.contains("`uid = 65534`"), "{m}");
+    let st = d.status();
+    let a = &st["agents"][0];
+    assert!(s(&a["binding"]["escape"]).contains("uid 65534"), "{a}");
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("doctor")
+        .output()
+        .expect("doctor");
+    let doctor = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        doctor
+            .lines()
+            .any(|l| l.starts_with("WARN") && l.contains("agent a: processes of uid 65534")),
+        "{doctor}"
+    );
+
+    // Which is true: out of its cgroup, it reaches the server itself.
+    let r = escape();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        echo.saw_peer(s(&r["local"])),
+        "the escape should go direct: {r}"
+    );
+    drop(d);
+
+    // The remedy: an agent for the uid. The same escape is intercepted, as that agent.
+    let d = Daemon::start(&config(&[("u", "uid = 65534")]));
+    let r = escape();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        !echo.saw_peer(s(&r["local"])),
+        "should have been proxied: {r}"
+    );
+    let rec = d.record_for(s(&r["local"]));
+    assert_eq!(rec["agent.name"], "u", "{rec}");
+    assert_eq!(rec["src.uid"].as_u64(), Some(u64::from(NOBODY)), "{rec}");
+}

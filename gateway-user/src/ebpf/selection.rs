@@ -13,7 +13,7 @@ use crate::{cgroup::Hierarchy, config::Config};
 
 /// How deep below the cgroup root a unit's cgroup is looked for
 /// (`/user.slice/user-1000.slice/user@1000.service/app.slice/x.service` is 5).
-const UNIT_SEARCH_DEPTH: usize = 8;
+pub const UNIT_SEARCH_DEPTH: usize = 8;
 
 /// The contents of the selection maps.
 #[derive(Clone, Default)]
@@ -34,6 +34,9 @@ pub struct AgentBinding {
     pub uids: Vec<u32>,
     /// Why the agent selects nothing right now (e.g. its unit is not running).
     pub note: Option<String>,
+    /// How its processes can leave its cgroup ([`crate::cgroup::escape_route`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<String>,
 }
 
 impl Selection {
@@ -74,6 +77,11 @@ impl Selection {
                 b.cgroups.extend(found);
             }
             if s.kernel_by_cgroup() {
+                b.escape = b
+                    .cgroups
+                    .iter()
+                    .find_map(|(path, _)| Some((path, h.escape_route(path)?)))
+                    .map(|(path, e)| escape_note(path, &e));
                 for (_, id) in &b.cgroups {
                     sel.cgroups.entry(*id).or_insert(by_cgroup);
                 }
@@ -88,6 +96,21 @@ impl Selection {
         }
         (sel, bindings)
     }
+}
+
+/// What `status`, the log and `doctor` say about an [`Escape`](crate::cgroup::Escape).
+pub fn escape_note(path: &str, e: &crate::cgroup::Escape) -> String {
+    let fix = match e.writer {
+        crate::cgroup::Writer::Uid(uid) => format!("add an agent that selects `uid = {uid}`"),
+        _ => "make those cgroups root's, or select the agent's processes by uid".to_owned(),
+    };
+    format!(
+        "{} may write {}/cgroup.procs, so they can move themselves out of {path} (a delegated \
+         cgroup tree, such as a systemd user manager's, which also starts units for its user \
+         anywhere in it) and connect unselected: {fix}",
+        e.writer,
+        e.ancestor.trim_end_matches('/')
+    )
 }
 
 /// Trie entries for every target address.
