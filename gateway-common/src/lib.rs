@@ -14,7 +14,7 @@
 
 /// Version of the map layout. Pinned maps live under `<pin_path>/maps/v<ABI_VERSION>`, so a
 /// daemon with a different layout never adopts maps it cannot read.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, as declared in `gateway-ebpf` and pinned by the daemon.
 pub mod map_names {
@@ -157,8 +157,11 @@ pub mod counter {
     /// A protected process tried to connect to a Unix socket by a target's socket name:
     /// refused.
     pub const REFUSED_UNIX: u32 = 6;
+    /// A protected process tried to connect to one of the daemon's own endpoints (the
+    /// metrics listener, [`super::TARGET_DAEMON`]): refused.
+    pub const REFUSED_DAEMON: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Names, for logs and metrics, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -168,6 +171,7 @@ pub mod counter {
         "tracked",
         "removed_on_close",
         "refused_unix",
+        "refused_daemon",
     ];
 }
 
@@ -231,6 +235,11 @@ pub struct TargetValue {
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
+
+/// `TargetValue::target_id` of the daemon's own endpoints (its metrics listener): a
+/// protected process's connect there is refused, not redirected, so an agent can neither
+/// read the metrics nor tie up the endpoint the operator's monitoring scrapes.
+pub const TARGET_DAEMON: u32 = u32::MAX;
 
 /// Which agent a cgroup or uid selects.
 #[repr(C)]

@@ -54,9 +54,9 @@ use aya_ebpf::{
 };
 use gateway_common::{
     AF_INET, AF_INET6, AGENTS_CAPACITY, AgentRef, CONFIG_ENABLED, CONNS_CAPACITY, ConnKey,
-    GlobalConfig, MAX_CGROUP_DEPTH, Origin, PROCESSES_CAPACITY, TARGETS_CAPACITY, TargetKey,
-    TargetValue, UNIX_NAME_LEN, UNIX_NAMES_CAPACITY, UNIX_PATH_MAX, UnixName, counter, ipv4_mapped,
-    ipv4_unmapped,
+    GlobalConfig, MAX_CGROUP_DEPTH, Origin, PROCESSES_CAPACITY, TARGET_DAEMON, TARGETS_CAPACITY,
+    TargetKey, TargetValue, UNIX_NAME_LEN, UNIX_NAMES_CAPACITY, UNIX_PATH_MAX, UnixName, counter,
+    ipv4_mapped, ipv4_unmapped,
 };
 
 /// Reads a `bpf_sock_ops` field straight off the context pointer. The verifier only allows
@@ -370,6 +370,10 @@ fn decide(ctx: &SockAddrContext, cfg: &GlobalConfig, dst: &Destination, family: 
         return Verdict::Pass;
     };
     let target_id = target.target_id;
+    if target_id == TARGET_DAEMON {
+        count(counter::REFUSED_DAEMON);
+        return Verdict::Reject;
+    }
     // A connection straight to the proxy is already where it must go.
     if is_proxy(cfg, dst) {
         count(counter::PASSED);

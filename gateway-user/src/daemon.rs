@@ -86,6 +86,8 @@ pub struct State {
     /// What target host names resolved to. Its lock is also the one under which the
     /// configuration is replaced (reload, re-resolution), so neither undoes the other.
     names: Mutex<Sightings>,
+    /// The daemon's own endpoints (the metrics listener), closed to protected processes.
+    endpoints: Mutex<Vec<std::net::SocketAddr>>,
     started: Instant,
 }
 
@@ -435,7 +437,11 @@ impl State {
     /// `force`).
     pub fn resync(&self, force: bool) -> Result<(), EbpfError> {
         let cfg = self.config.load();
-        let (sel, bindings) = Selection::build(&cfg, &self.hierarchy);
+        let (mut sel, bindings) = Selection::build(&cfg, &self.hierarchy);
+        // Last: where a target's pattern is the same, the endpoint's refusal wins.
+        sel.targets.extend(ebpf::selection::daemon_entries(
+            &self.endpoints.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
         let mut last = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
         if !force && *last == bindings {
             return Ok(());
@@ -706,6 +712,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         proxy: shared.clone(),
         bindings: Mutex::new(Vec::new()),
         names: Mutex::new(Sightings::default()),
+        endpoints: Mutex::new(Vec::new()),
         started: Instant::now(),
     });
     state
@@ -739,6 +746,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         ),
         None => None,
     };
+    if let Some(a) = metrics_addr {
+        *state.endpoints.lock().unwrap_or_else(|e| e.into_inner()) = vec![a];
+        state.resync(true)?;
+    }
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;

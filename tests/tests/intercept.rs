@@ -1061,3 +1061,34 @@ fn an_agent_that_can_leave_its_cgroup_is_reported_and_a_uid_agent_catches_it() {
     assert_eq!(rec["agent.name"], "u", "{rec}");
     assert_eq!(rec["src.uid"].as_u64(), Some(u64::from(NOBODY)), "{rec}");
 }
+
+/// The daemon's metrics endpoint is closed to protected processes: their connect fails with
+/// `EPERM` (counted as `refused_daemon`), so an agent can neither read the metrics nor tie
+/// up the endpoint the operator's monitoring scrapes; everyone else is served.
+#[test]
+fn protected_processes_cannot_reach_the_daemons_metrics_endpoint() {
+    let w = world("", &[]);
+    let d = Daemon::start(&w.config);
+    let metrics = d.metrics.expect("metrics endpoint").to_string();
+    let r = probe(&w.env, &w.agent, None, &["connect", &metrics, "16"]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert_eq!(d.counter("refused_daemon"), 1);
+    // An unprotected process, and the test itself, are served.
+    let other = w.env.cgroup("other");
+    let r = probe(&w.env, &other, None, &["connect", &metrics, "16"]);
+    assert!(
+        r["local"].is_string() && r["errno"].is_null(),
+        "connected: {r}"
+    );
+    assert_eq!(d.http_get("/healthz").0, 200);
+    // Targets are still reached through the proxy.
+    let r = probe(
+        &w.env,
+        &w.agent,
+        None,
+        &["connect", &w.echo.addr4().to_string(), "16"],
+    );
+    assert_intercepted(&w, &d, &r, 16);
+    assert_eq!(d.counter("refused_daemon"), 1);
+}

@@ -1,7 +1,10 @@
 //! What the kernel selects: target prefixes, agent cgroups and agent uids, computed from the
 //! configuration and the live cgroup tree.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use aya::maps::lpm_trie::Key;
 use gateway_common::{
@@ -9,7 +12,10 @@ use gateway_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{cgroup::Hierarchy, config::Config};
+use crate::{
+    cgroup::Hierarchy,
+    config::{Config, TargetAddr},
+};
 
 /// How deep below the cgroup root a unit's cgroup is looked for
 /// (`/user.slice/user-1000.slice/user@1000.service/app.slice/x.service` is 5).
@@ -96,6 +102,34 @@ impl Selection {
         }
         (sel, bindings)
     }
+}
+
+/// Trie entries that refuse protected processes' connects to the daemon's own endpoints
+/// ([`gateway_common::TARGET_DAEMON`]): each address, and for one bound to every address
+/// (`0.0.0.0`, `::`) the loopback ranges of its family, where local clients reach it.
+pub fn daemon_entries(endpoints: &[SocketAddr]) -> Vec<(Key<TargetKey>, TargetValue)> {
+    let value = TargetValue {
+        target_id: gateway_common::TARGET_DAEMON,
+        _pad: 0,
+    };
+    endpoints
+        .iter()
+        .flat_map(|e| {
+            let port = e.port();
+            let patterns: Vec<String> = match e.ip() {
+                IpAddr::V4(v4) if v4.is_unspecified() => vec![format!("127.0.0.0/8:{port}")],
+                IpAddr::V6(v6) if v6.is_unspecified() => {
+                    vec![format!("127.0.0.0/8:{port}"), format!("[::1]:{port}")]
+                }
+                _ => vec![e.to_string()],
+            };
+            patterns
+                .into_iter()
+                .flat_map(|p| TargetAddr::parse(&p).unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+        .map(|a| (Key::new(a.trie_prefix(), a.trie_key()), value))
+        .collect()
 }
 
 /// What `status`, the log and `doctor` say about an [`Escape`](crate::cgroup::Escape).
@@ -186,5 +220,24 @@ address = ["127.0.0.1:5432", "*:6432"]
         assert_eq!(sel.uids.get(&0).map(|a| a.agent_id), Some(3));
         assert_eq!(sel.targets.len(), 2);
         assert_eq!(sel.targets[1].0.prefix_len(), 16);
+    }
+
+    #[test]
+    fn the_daemons_endpoints_refuse_at_their_address_or_at_loopback_when_bound_to_all() {
+        let shown = |e: &[&str]| -> Vec<(u32, u32)> {
+            let addrs: Vec<SocketAddr> = e.iter().map(|a| a.parse().expect(a)).collect();
+            daemon_entries(&addrs)
+                .iter()
+                .map(|(k, v)| {
+                    assert_eq!(v.target_id, gateway_common::TARGET_DAEMON);
+                    (k.prefix_len(), u32::from(u16::from_be_bytes(k.data().port)))
+                })
+                .collect()
+        };
+        assert_eq!(shown(&["127.0.0.1:9477"]), [(144, 9477)]);
+        assert_eq!(shown(&["[::1]:9477"]), [(144, 9477)]);
+        assert_eq!(shown(&["0.0.0.0:9477"]), [(120, 9477)]);
+        assert_eq!(shown(&["[::]:9477"]), [(120, 9477), (144, 9477)]);
+        assert!(shown(&[]).is_empty());
     }
 }
