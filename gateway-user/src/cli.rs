@@ -264,11 +264,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, String> {
+    load_config_with(cli, crate::config::Lookups::Resolve)
+}
+
+fn load_config_with(cli: &Cli, lookups: crate::config::Lookups) -> Result<Config, String> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
-    Config::load_or_default(&path, explicit).map_err(|e| e.to_string())
+    Config::load_or_default_with(&path, explicit, lookups).map_err(|e| e.to_string())
 }
 
 pub fn main() -> ExitCode {
@@ -286,7 +290,8 @@ pub fn main() -> ExitCode {
 /// daemon keeps running on the last good one), the socket is read from it leniently so the
 /// daemon can still be asked, with a warning.
 fn admin_socket(cli: &Cli) -> Result<PathBuf, String> {
-    match load_config(cli) {
+    // Only the socket's path is needed: no name lookups.
+    match load_config_with(cli, crate::config::Lookups::Skip) {
         Ok(cfg) => Ok(cfg.admin.socket),
         Err(e) => {
             let path = cli
@@ -456,7 +461,7 @@ fn status(
         }
         Err(e) => {
             let mut msg = e.to_string();
-            if let Ok(cfg) = load_config(cli) {
+            if let Ok(cfg) = load_config_with(cli, crate::config::Lookups::Skip) {
                 let (links, maps) = ebpf::pinned_state(&cfg.ebpf.pin_path);
                 if !links.is_empty() {
                     msg.push_str(&format!(

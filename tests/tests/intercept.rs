@@ -874,6 +874,17 @@ fn a_target_host_name_is_followed_when_it_moves() {
     assert_eq!(added["target.name"], "echo", "{added}");
     assert_eq!(added["host"], format!("{host}:{}", echo.port), "{added}");
     assert!(connect(new_addr).0, "the new address is intercepted");
+    // `status` (which looks no name up itself) shows what the name stands for now.
+    let st = d.status();
+    let h = &st["targets"][0]["hosts"][0];
+    assert_eq!(h["name"], format!("{host}:{}", echo.port), "{h}");
+    let now: Vec<&str> = h["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .map(s)
+        .collect();
+    assert!(now.contains(&new_addr.to_string().as_str()), "{h}");
     if moved.elapsed() < Duration::from_secs(2) {
         assert!(
             connect(old_addr).0,
@@ -908,6 +919,13 @@ fn a_target_host_name_is_followed_when_it_moves() {
         });
     std::thread::sleep(Duration::from_secs(4));
     assert!(connect(new_addr).0, "failing lookups drop nothing");
+    let st = d.status();
+    let h = &st["targets"][0]["hosts"][0];
+    assert!(
+        h["error"].is_string(),
+        "status says why the lookups fail: {h}"
+    );
+    assert_eq!(h["addresses"][0], new_addr.to_string(), "{h}");
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "error")]) >= 1.0);
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "ok")]) >= 1.0);
     let failed = d

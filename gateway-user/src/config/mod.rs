@@ -351,6 +351,15 @@ impl AgentSelector {
     }
 }
 
+/// Whether loading a configuration resolves the host names in target addresses. Commands
+/// that only talk to the daemon skip it: they never wait on the resolver (a DNS outage does
+/// not slow `portcullis approve`), and their configuration's targets name no addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookups {
+    Resolve,
+    Skip,
+}
+
 /// A protected destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -390,11 +399,16 @@ impl Target {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, Lookups::Resolve)
+    }
+
+    /// [`Config::load`], host names resolved or not.
+    pub fn load_with(path: &Path, lookups: Lookups) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let mut cfg = Self::parse(&Source::new(path, text))?;
+        let mut cfg = Self::parse_with(&Source::new(path, text), lookups)?;
         cfg.path = Some(path.to_owned());
         Ok(cfg)
     }
@@ -407,14 +421,28 @@ impl Config {
     /// `path` if it exists; the embedded default if it does not and the caller did not name
     /// a file explicitly.
     pub fn load_or_default(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        Self::load_or_default_with(path, explicit, Lookups::Resolve)
+    }
+
+    /// [`Config::load_or_default`], host names resolved or not.
+    pub fn load_or_default_with(
+        path: &Path,
+        explicit: bool,
+        lookups: Lookups,
+    ) -> Result<Self, ConfigError> {
         if !explicit && !path.exists() {
-            return Self::embedded();
+            return Self::parse_with(&Source::new("<embedded default>", DEFAULT_CONFIG), lookups);
         }
-        Self::load(path)
+        Self::load_with(path, lookups)
     }
 
     /// Parses and validates configuration text.
     pub fn parse(src: &Source) -> Result<Self, ConfigError> {
+        Self::parse_with(src, Lookups::Resolve)
+    }
+
+    /// [`Config::parse`], host names resolved or not.
+    pub fn parse_with(src: &Source, lookups: Lookups) -> Result<Self, ConfigError> {
         let raw: file::ConfigFile = toml::from_str(&src.text).map_err(|e| {
             ConfigError::Invalid(vec![Diagnostic {
                 location: e.span().map(|s| src.locate(&s)),
@@ -422,7 +450,7 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }])
         })?;
-        validate(raw, src)
+        validate(raw, src, lookups)
     }
 
     pub fn agent(&self, name: &str) -> Option<&Agent> {
@@ -614,7 +642,7 @@ fn validate_pg(c: &mut Checker<'_>, t: &file::TargetEntry, issuers: usize) -> Op
     })
 }
 
-fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> {
+fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Config, ConfigError> {
     let mut c = Checker {
         src,
         out: Vec::new(),
@@ -856,6 +884,14 @@ fn validate(raw: file::ConfigFile, src: &Source) -> Result<Config, ConfigError> 
                 }
                 // A name that does not resolve now is no error: the daemon starts (its
                 // other targets protected), says so, and keeps looking it up.
+                Ok(Pattern::Host(name)) if lookups == Lookups::Skip => {
+                    hosts.push(ResolvedHost {
+                        name,
+                        addrs: Vec::new(),
+                        error: None,
+                    });
+                    Vec::new()
+                }
                 Ok(Pattern::Host(name)) => match name.resolve() {
                     Ok(found) => {
                         hosts.push(ResolvedHost {

@@ -299,3 +299,25 @@ fn the_log_queue_drops_by_default_and_has_a_floor() {
     let e = errors("[log]\nwhen_full = \"block\"\n");
     assert!(e[0].starts_with("test.toml:2:13"), "{e:?}");
 }
+
+#[test]
+fn host_names_are_resolved_at_load_unless_lookups_are_skipped() {
+    let text = "[[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddress = [\"localhost:5432\", \"127.0.0.9:1\"]\n";
+    let resolved = Config::parse(&Source::new("t.toml", text)).expect("valid");
+    let t = &resolved.targets[0];
+    assert_eq!(t.fixed.len(), 1);
+    assert_eq!(t.hosts[0].name.to_string(), "localhost:5432");
+    assert!(
+        t.hosts[0]
+            .addrs
+            .iter()
+            .any(|a| a.to_string() == "127.0.0.1:5432")
+    );
+    assert!(t.addrs().count() > 1);
+    assert!(resolved.warnings().is_empty());
+    // A client command's view: the name is kept, nothing is looked up.
+    let skipped = Config::parse_with(&Source::new("t.toml", text), Lookups::Skip).expect("valid");
+    let t = &skipped.targets[0];
+    assert!(t.hosts[0].addrs.is_empty() && t.hosts[0].error.is_none());
+    assert_eq!(t.addrs().count(), 1);
+}
