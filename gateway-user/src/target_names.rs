@@ -259,6 +259,15 @@ mod tests {
             .collect()
     }
 
+    /// A configuration with these targets, and what its names resolved to at load.
+    fn loaded(addresses: &[&[&str]]) -> (Config, Sightings, Instant) {
+        let cfg = config(addresses);
+        let t0 = Instant::now();
+        let mut seen = Sightings::default();
+        seen.observe_config(&cfg, t0);
+        (cfg, seen, t0)
+    }
+
     fn shown(cfg: &Config, target: usize) -> Vec<String> {
         cfg.targets[target]
             .addrs()
@@ -268,10 +277,7 @@ mod tests {
 
     #[test]
     fn a_new_address_is_added_and_an_old_one_kept_until_keep_runs_out() {
-        let cfg = config(&[&["localhost:5432"]]);
-        let t0 = Instant::now();
-        let mut seen = Sightings::default();
-        seen.observe_config(&cfg, t0);
+        let (cfg, mut seen, t0) = loaded(&[&["localhost:5432"]]);
         let local = name("localhost:5432");
         let at_load = shown(&cfg, 0);
         assert!(
@@ -308,10 +314,7 @@ mod tests {
 
     #[test]
     fn failing_lookups_drop_nothing_however_long_they_fail() {
-        let cfg = config(&[&["localhost:5432"]]);
-        let t0 = Instant::now();
-        let mut seen = Sightings::default();
-        seen.observe_config(&cfg, t0);
+        let (cfg, mut seen, t0) = loaded(&[&["localhost:5432"]]);
         let local = name("localhost:5432");
         let later = t0 + KEEP * 3;
         assert_eq!(
@@ -363,10 +366,7 @@ mod tests {
 
     #[test]
     fn an_address_another_target_has_stays_that_targets() {
-        let cfg = config(&[&["127.0.0.5:5432"], &["localhost:5432"]]);
-        let t0 = Instant::now();
-        let mut seen = Sightings::default();
-        seen.observe_config(&cfg, t0);
+        let (cfg, mut seen, t0) = loaded(&[&["127.0.0.5:5432"], &["localhost:5432"]]);
         seen.observe(
             &name("localhost:5432"),
             Ok(addrs(&["127.0.0.5:5432"])),

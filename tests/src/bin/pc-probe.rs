@@ -53,28 +53,36 @@ fn connect(addr: &str, bytes: usize) -> Value {
     let a = loopback(addr);
     // SAFETY: getpid/gettid have no preconditions.
     let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
-    let mut s = match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+    let s = match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
             return json!({"ok": false, "pid": pid, "error": e.to_string(),
                           "errno": e.raw_os_error(), "kind": format!("{:?}", e.kind())});
         }
     };
+    let mut v = echo_over(s, &pattern(bytes), 0);
+    v["pid"] = pid.into();
+    v["tid"] = tid.into();
+    v
+}
+
+/// Sends `data[sent..]` (the rest of what the connect sent), half-closes, reads the echo to
+/// the end: whether it came back whole, and the socket's addresses.
+fn echo_over(mut s: TcpStream, data: &[u8], sent: usize) -> Value {
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let data = pattern(bytes);
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let result = (|| -> std::io::Result<Vec<u8>> {
-        s.write_all(&data)?;
+        s.write_all(&data[sent..])?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut back = Vec::new();
         s.read_to_end(&mut back)?;
         Ok(back)
     })();
     match result {
-        Ok(back) => json!({"ok": back == data, "pid": pid, "tid": tid, "local": local,
-                           "peer": peer, "echoed": back.len()}),
-        Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
+        Ok(back) => json!({"ok": back == data, "local": local, "peer": peer,
+                           "echoed": back.len()}),
+        Err(e) => json!({"ok": false, "local": local, "peer": peer,
                          "error": e.to_string(), "kind": format!("{:?}", e.kind())}),
     }
 }
@@ -127,7 +135,7 @@ fn raw_stream(how: &str, addr: &str, bytes: usize) -> Value {
     };
     // SAFETY: a socket this function owns (the TcpStream takes it over at once); the
     // address outlives the calls, which read `len` bytes of it.
-    let (mut s, sent) = unsafe {
+    let (s, sent) = unsafe {
         let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, proto);
         if fd < 0 {
             let e = std::io::Error::last_os_error();
@@ -152,22 +160,9 @@ fn raw_stream(how: &str, addr: &str, bytes: usize) -> Value {
         }
         (s, if how == "fastopen" { rc as usize } else { 0 })
     };
-    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let result = (|| -> std::io::Result<Vec<u8>> {
-        s.write_all(&data[sent..])?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut back = Vec::new();
-        s.read_to_end(&mut back)?;
-        Ok(back)
-    })();
-    match result {
-        Ok(back) => json!({"ok": back == data, "pid": pid, "local": local, "peer": peer,
-                           "echoed": back.len()}),
-        Err(e) => json!({"ok": false, "pid": pid, "local": local, "peer": peer,
-                         "error": e.to_string()}),
-    }
+    let mut v = echo_over(s, &data, sent);
+    v["pid"] = pid.into();
+    v
 }
 
 /// A Unix stream connect: did it get through, and if not, with which errno. `@name` is the
