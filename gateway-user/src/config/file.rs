@@ -107,9 +107,9 @@ pub struct EbpfSection {
     #[serde(default = "default_fail_mode")]
     pub fail_mode: FailMode,
     #[serde(default = "default_rescan")]
-    pub rescan_interval: Duration,
+    pub rescan_interval: Spanned<Duration>,
     #[serde(default = "default_resolve_interval")]
-    pub resolve_interval: Duration,
+    pub resolve_interval: Spanned<Duration>,
     #[serde(default = "default_resolve_keep")]
     pub resolve_keep: Duration,
 }
@@ -136,14 +136,14 @@ fn default_attach_cgroup() -> Spanned<String> {
 fn default_fail_mode() -> FailMode {
     FailMode::Closed
 }
-fn default_resolve_interval() -> Duration {
-    Duration::from_secs(30)
+fn default_resolve_interval() -> Spanned<Duration> {
+    unspanned(Duration::from_secs(30))
 }
 fn default_resolve_keep() -> Duration {
     Duration::from_secs(3600)
 }
-fn default_rescan() -> Duration {
-    Duration::from_secs(1)
+fn default_rescan() -> Spanned<Duration> {
+    unspanned(Duration::from_secs(1))
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,7 +200,7 @@ pub struct StoreSection {
     pub retention: Option<Duration>,
     /// How often sessions past `retention` are pruned.
     #[serde(default = "default_prune_interval")]
-    pub prune_interval: Duration,
+    pub prune_interval: Spanned<Duration>,
     /// Record statements with their literals replaced by `?` (rules can ask for it too).
     #[serde(default)]
     pub redact_literals: bool,
@@ -220,8 +220,8 @@ impl Default for StoreSection {
     }
 }
 
-fn default_prune_interval() -> Duration {
-    Duration::from_secs(3600)
+fn default_prune_interval() -> Spanned<Duration> {
+    unspanned(Duration::from_secs(3600))
 }
 fn default_durability() -> Spanned<String> {
     unspanned("commit".to_owned())
@@ -334,7 +334,7 @@ pub struct PolicySection {
     pub approval_timeout: Duration,
     /// How often the policy directory is checked for changes.
     #[serde(default = "default_watch_interval")]
-    pub watch_interval: Duration,
+    pub watch_interval: Spanned<Duration>,
     /// Decisions kept in the cache (statement text and identity class).
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
@@ -366,8 +366,8 @@ fn default_approvers() -> Vec<String> {
 fn default_approval_timeout() -> Duration {
     Duration::from_secs(15 * 60)
 }
-fn default_watch_interval() -> Duration {
-    Duration::from_secs(1)
+fn default_watch_interval() -> Spanned<Duration> {
+    unspanned(Duration::from_secs(1))
 }
 fn default_cache_entries() -> usize {
     10_000

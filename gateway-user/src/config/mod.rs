@@ -494,6 +494,20 @@ impl Config {
     }
 }
 
+/// Shortest period of the daemon's background loops: a smaller one would make a loop spin
+/// (`0s`) or hammer what it polls.
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A loop's period, at least [`MIN_INTERVAL`] (or `0s` where that turns the loop off).
+fn interval(c: &mut Checker<'_>, v: &Spanned<Duration>, key: &str, zero_is_off: bool) -> Duration {
+    let d = *v.get_ref();
+    if d.get() < MIN_INTERVAL && !(zero_is_off && d.get().is_zero()) {
+        let off = if zero_is_off { " (or `0s`, off)" } else { "" };
+        c.at(v, format!("`{key}` must be at least 100ms{off}, not {d}"));
+    }
+    d
+}
+
 /// Collects diagnostics with positions.
 struct Checker<'a> {
     src: &'a Source,
@@ -1017,6 +1031,10 @@ fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Con
     }
 
     let oidc = oidc::validate(&mut c, &raw.oidc);
+    let rescan_interval = interval(&mut c, &raw.ebpf.rescan_interval, "rescan_interval", false);
+    let resolve_interval = interval(&mut c, &raw.ebpf.resolve_interval, "resolve_interval", true);
+    let prune_interval = interval(&mut c, &raw.store.prune_interval, "prune_interval", false);
+    let watch_interval = interval(&mut c, &raw.policy.watch_interval, "watch_interval", false);
 
     if (raw.daemon.tls_cert.is_some()) != (raw.daemon.tls_key.is_some()) {
         c.out.push(Diagnostic {
@@ -1054,8 +1072,8 @@ fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Con
             pin_path: raw.ebpf.pin_path.into_inner(),
             attach_cgroup,
             fail_mode: raw.ebpf.fail_mode,
-            rescan_interval: raw.ebpf.rescan_interval,
-            resolve_interval: raw.ebpf.resolve_interval,
+            rescan_interval,
+            resolve_interval,
             resolve_keep: raw.ebpf.resolve_keep,
         },
         admin: AdminConfig {
@@ -1069,7 +1087,7 @@ fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Con
             queue: *raw.store.queue.get_ref(),
             recording_limit: raw.store.recording_limit,
             retention: raw.store.retention,
-            prune_interval: raw.store.prune_interval,
+            prune_interval,
             redact_literals: raw.store.redact_literals,
         },
         webhooks,
@@ -1086,7 +1104,7 @@ fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Con
             on_parse_error,
             approvers: raw.policy.approvers,
             approval_timeout: raw.policy.approval_timeout,
-            watch_interval: raw.policy.watch_interval,
+            watch_interval,
             cache_entries: raw.policy.cache_entries,
         },
         agents,

@@ -321,3 +321,20 @@ fn host_names_are_resolved_at_load_unless_lookups_are_skipped() {
     assert!(t.hosts[0].addrs.is_empty() && t.hosts[0].error.is_none());
     assert_eq!(t.addrs().count(), 1);
 }
+
+#[test]
+fn loop_intervals_are_at_least_100ms_and_only_resolution_can_be_turned_off() {
+    let e = errors("[ebpf]\nrescan_interval = \"0s\"\n");
+    assert!(
+        e.iter().any(|e| e.contains("test.toml:2:")
+            && e.contains("`rescan_interval` must be at least 100ms, not 0s")),
+        "{e:?}"
+    );
+    let e = errors("[ebpf]\nresolve_interval = \"10ms\"\n");
+    assert!(e.iter().any(|e| e.contains("(or `0s`, off)")), "{e:?}");
+    assert!(parse("[ebpf]\nresolve_interval = \"0s\"\n").is_ok());
+    assert!(!errors("[store]\nprune_interval = \"1ms\"\n").is_empty());
+    assert!(!errors("[policy]\nwatch_interval = \"0s\"\n").is_empty());
+    let ok = parse("[ebpf]\nrescan_interval = \"100ms\"\n").expect("valid");
+    assert_eq!(ok.ebpf.rescan_interval, Duration::from_millis(100));
+}
