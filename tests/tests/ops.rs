@@ -75,6 +75,14 @@ fn metrics_pass_promtool_and_move_as_a_workload_runs() {
         m("portcullis_statements_total", &[("agent", "a")]) - before,
         4.0
     );
+    // The DROP, by the rule that refused it.
+    assert_eq!(
+        m(
+            "portcullis_rule_decisions_total",
+            &[("rule", "deny-destructive-ddl"), ("decision", "deny")]
+        ),
+        1.0
+    );
     assert_eq!(
         m(
             "portcullis_statements_total",

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub statements: IntCounterVec,
+    /// Decisions by the rule that made them.
+    pub rule_decisions: IntCounterVec,
     pub decision_seconds: Histogram,
     pub statement_seconds: HistogramVec,
     pub upstream_seconds: HistogramVec,
@@ -172,6 +174,12 @@ impl Metrics {
                 "portcullis_statements_total",
                 "Statements judged, by the decision made.",
                 &["agent", "target", "decision"],
+            ),
+            rule_decisions: counter_vec(
+                &r,
+                "portcullis_rule_decisions_total",
+                "Statements judged, by the rule that decided and its decision.",
+                &["rule", "decision"],
             ),
             decision_seconds: histogram(
                 &r,

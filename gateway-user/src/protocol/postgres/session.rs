@@ -1663,6 +1663,10 @@ fn log_decision(judge: &JudgeCtx, sql: &str, j: &Judgement) {
         Verdict::Deny => 3,
     }]
     .inc();
+    crate::metrics::get()
+        .rule_decisions
+        .with_label_values(&[d.rule.as_str(), d.verdict.as_str()])
+        .inc();
     if !tracing::enabled!(target: "portcullis::audit", tracing::Level::INFO) {
         return;
     }
