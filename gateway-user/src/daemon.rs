@@ -782,6 +782,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             );
         }
     }
+    // Another (see tcp_listeners.rs): a local server of a target's port reachable at an
+    // address no target names.
+    for g in crate::tcp_listeners::scan(&state.config.load()) {
+        tracing::warn!(
+            target.name = %g.target,
+            listener = %g.listener,
+            address = %g.reachable,
+            fix = crate::tcp_listeners::FIX,
+            "{}",
+            g.describe()
+        );
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -360,6 +360,19 @@ fn check_agents(cfg: &Config) -> Vec<Check> {
 const FIX_ESCAPE: &str = "select a dedicated uid for the agent (it cannot change its uid), or \
                           run it in a cgroup tree only root may write (a system unit)";
 
+/// Local servers of the targets' ports reachable at addresses no target names.
+fn check_listeners(cfg: &Config) -> Vec<Check> {
+    let gaps = crate::tcp_listeners::scan(cfg);
+    if gaps.is_empty() {
+        return vec![ok(
+            "every local server of a target's port is covered at each address it listens on",
+        )];
+    }
+    gaps.iter()
+        .map(|g| warn(g.describe(), crate::tcp_listeners::FIX))
+        .collect()
+}
+
 /// PostgreSQL Unix sockets beside the targets' TCP ports: a way around the gate.
 fn check_unix_sockets(cfg: &Config) -> Vec<Check> {
     // What the running daemon says; without one, whether the hook is pinned (it keeps
@@ -574,6 +587,7 @@ pub fn run(config: Option<&Path>) -> Vec<Check> {
         out.extend(check_secrets(cfg));
         out.extend(check_targets(cfg));
         out.extend(check_agents(cfg));
+        out.extend(check_listeners(cfg));
         out.extend(check_unix_sockets(cfg));
         out.extend(check_pins(cfg));
         out.extend(check_issuers(cfg));

@@ -27,6 +27,7 @@ pub mod sdnotify;
 pub mod secret;
 pub mod store;
 pub mod target_names;
+pub mod tcp_listeners;
 pub mod telemetry;
 pub mod unix_sockets;
 pub mod utc;

@@ -1110,3 +1110,57 @@ fn protected_processes_cannot_reach_the_daemons_metrics_endpoint() {
     assert_intercepted(&w, &d, &r, 16);
     assert_eq!(d.counter("refused_daemon"), 1);
 }
+
+/// A local server of a target's port that listens on more addresses than the target names
+/// (here 127.0.0.2 and ::1, the target naming only the first) can be reached around the
+/// gate. The daemon warns at start and `doctor` reports it, naming where; a target that
+/// covers both leaves nothing to report.
+#[test]
+fn a_local_server_reachable_at_an_address_the_target_does_not_name_is_reported() {
+    let env = Env::new();
+    let agent = env.cgroup("agents/a");
+    let echo = Echo::start(Ipv4Addr::new(127, 0, 0, 2));
+    let sel = format!("cgroup = \"{agent}\"");
+    let config = |addrs: &[String]| env.config("", &agents_and_target(&[("a", &sel)], addrs));
+    let v6 = echo.addr6().to_string();
+    let only_v4 = config(&[echo.addr4().to_string()]);
+    let d = Daemon::start(&only_v4);
+    let warned = d.logs.wait_for("the warning", Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("which no target covers"))
+    });
+    assert_eq!(warned["address"], v6, "{warned}");
+    assert_eq!(warned["target.name"], "echo", "{warned}");
+    let doctor = |cfg: &std::path::Path| {
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(cfg)
+            .arg("doctor")
+            .output()
+            .expect("doctor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = doctor(&only_v4);
+    assert!(
+        t.lines().any(|l| l.starts_with("WARN")
+            && l.contains(&format!("can be reached at {v6}, which no target covers"))),
+        "{t}"
+    );
+    // Which is true: the agent reaches it there directly.
+    let r = probe(&env, &agent, None, &["connect", &v6, "16"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        echo.saw_peer(s(&r["local"])),
+        "should have gone direct: {r}"
+    );
+    drop(d);
+
+    // Covered at both: nothing to report.
+    let both = config(&[echo.addr4().to_string(), v6.clone()]);
+    let t = doctor(&both);
+    assert!(
+        !t.contains(&format!("can be reached at {v6}")),
+        "nothing to report once covered: {t}"
+    );
+}
