@@ -88,6 +88,8 @@ pub struct State {
     names: Mutex<Sightings>,
     /// The daemon's own endpoints (the metrics listener), closed to protected processes.
     endpoints: Mutex<Vec<std::net::SocketAddr>>,
+    /// Local servers of targets' ports reachable where no target covers them.
+    uncovered: Mutex<Vec<crate::tcp_listeners::Gap>>,
     started: Instant,
 }
 
@@ -430,6 +432,13 @@ impl State {
                 })
                 .collect(),
             oidc: self.tokens.load().status(),
+            uncovered: self
+                .uncovered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(crate::tcp_listeners::Gap::describe)
+                .collect(),
         }
     }
 
@@ -713,6 +722,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         bindings: Mutex::new(Vec::new()),
         names: Mutex::new(Sightings::default()),
         endpoints: Mutex::new(Vec::new()),
+        uncovered: Mutex::new(Vec::new()),
         started: Instant::now(),
     });
     state
@@ -782,18 +792,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             );
         }
     }
-    // Another (see tcp_listeners.rs): a local server of a target's port reachable at an
-    // address no target names.
-    for g in crate::tcp_listeners::scan(&state.config.load()) {
-        tracing::warn!(
-            target.name = %g.target,
-            listener = %g.listener,
-            address = %g.reachable,
-            fix = crate::tcp_listeners::FIX,
-            "{}",
-            g.describe()
-        );
-    }
+    tokio::spawn(watch_listeners(state.clone(), shutdown.clone()));
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -1002,6 +1001,55 @@ async fn lookup(name: &crate::config::HostPort) -> Result<Vec<crate::config::Tar
     .map_err(|e| e.to_string())?;
     name.addresses(found.map(|sa| sa.ip()))
         .map_err(|e| e.to_string())
+}
+
+/// How often local servers are checked for addresses no target covers.
+const LISTENER_SCAN: Duration = Duration::from_secs(30);
+
+/// Another way around the gate (see `tcp_listeners.rs`): a local server of a target's port
+/// reachable at an address no target names. Checked at start and every [`LISTENER_SCAN`]
+/// (a server restarts with other addresses, a target changes): each new one is a warning,
+/// each closed one a note, the number now a gauge and `status` lists them.
+async fn watch_listeners(state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        let cfg = state.config.load_full();
+        let now = tokio::task::spawn_blocking(move || crate::tcp_listeners::scan(&cfg))
+            .await
+            .unwrap_or_default();
+        note_uncovered(&state, now);
+        tokio::select! {
+            () = tokio::time::sleep(LISTENER_SCAN) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Logs what changed since the last scan, and keeps `now` for `status` and the gauge.
+fn note_uncovered(state: &State, now: Vec<crate::tcp_listeners::Gap>) {
+    let mut known = state.uncovered.lock().unwrap_or_else(|e| e.into_inner());
+    for g in now.iter().filter(|g| !known.contains(g)) {
+        tracing::warn!(
+            target.name = %g.target,
+            listener = %g.listener,
+            address = %g.reachable,
+            fix = crate::tcp_listeners::FIX,
+            "{}",
+            g.describe()
+        );
+    }
+    for g in known.iter().filter(|g| !now.contains(g)) {
+        tracing::info!(
+            target.name = %g.target,
+            listener = %g.listener,
+            address = %g.reachable,
+            "no longer a way around the gate: the server stopped listening there, or a \
+             target covers it"
+        );
+    }
+    crate::metrics::get()
+        .uncovered_addresses
+        .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+    *known = now;
 }
 
 async fn rescan(state: Arc<State>, shutdown: CancellationToken) {

@@ -161,6 +161,12 @@ pub fn status(s: &Status) -> String {
             let _ = writeln!(o, "  {:<16} {} → {now}{failing}", "", h.name);
         }
     }
+    if !s.uncovered.is_empty() {
+        let _ = writeln!(o, "\naround the gate");
+        for u in &s.uncovered {
+            let _ = writeln!(o, "  {u}");
+        }
+    }
     if !s.oidc.is_empty() {
         let _ = writeln!(o, "\noidc issuers");
         for i in &s.oidc {

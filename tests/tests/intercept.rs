@@ -1154,6 +1154,11 @@ fn a_local_server_reachable_at_an_address_the_target_does_not_name_is_reported()
         echo.saw_peer(s(&r["local"])),
         "should have gone direct: {r}"
     );
+    // `status` lists it, the gauge counts it.
+    let st = d.status();
+    let listed = st["uncovered"].as_array().expect("uncovered");
+    assert!(listed.iter().any(|u| s(u).contains(&v6)), "{st}");
+    assert_eq!(d.metric("portcullis_uncovered_addresses", &[]), 1.0);
     drop(d);
 
     // Covered at both: nothing to report.

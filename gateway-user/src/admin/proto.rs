@@ -139,6 +139,9 @@ pub struct Status {
     /// Trusted OIDC issuers and the keys held for each.
     #[serde(default)]
     pub oidc: Vec<crate::oidc::keys::KeySummary>,
+    /// Local servers of targets' ports reachable at addresses no target covers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncovered: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

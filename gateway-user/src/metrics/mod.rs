@@ -65,6 +65,8 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Lookups of host names in target addresses, by result (`ok`, `error`).
     pub target_lookups: IntCounterVec,
+    /// Addresses at which a local server of a target's port is reachable unseen.
+    pub uncovered_addresses: IntGauge,
     pub audit_commit_seconds: Histogram,
     // ---- snapshot metrics (set at scrape time)
     pub connections_refused: IntCounterVec,
@@ -309,6 +311,12 @@ impl Metrics {
                 &r,
                 "portcullis_policy_cached_shape_decisions",
                 "Decisions kept by statement shape.",
+            ),
+            uncovered_addresses: gauge(
+                &r,
+                "portcullis_uncovered_addresses",
+                "Addresses at which a local server of a target's port accepts connections that \
+                 no target covers: ways around the gate (checked every 30 s).",
             ),
             approvals_pending: gauge(
                 &r,
