@@ -641,6 +641,22 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// `portcullis status`, as people read it.
+    pub fn status_text(&self) -> String {
+        let out = Command::new(workspace_bin("portcullis"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("status")
+            .output()
+            .expect("run portcullis status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A kernel counter from `status`.
     pub fn counter(&self, name: &str) -> u64 {
         self.status()["kernel"]["counters"]

@@ -885,6 +885,14 @@ fn a_target_host_name_is_followed_when_it_moves() {
         .map(s)
         .collect();
     assert!(now.contains(&new_addr.to_string().as_str()), "{h}");
+    let text = d.status_text();
+    assert!(
+        text.lines().any(|l| l
+            .trim_start()
+            .starts_with(&format!("{host}:{} → ", echo.port))
+            && l.contains(&new_addr.to_string())),
+        "{text}"
+    );
     if moved.elapsed() < Duration::from_secs(2) {
         assert!(
             connect(old_addr).0,
@@ -926,6 +934,8 @@ fn a_target_host_name_is_followed_when_it_moves() {
         "status says why the lookups fail: {h}"
     );
     assert_eq!(h["addresses"][0], new_addr.to_string(), "{h}");
+    let text = d.status_text();
+    assert!(text.contains("· lookups fail: "), "{text}");
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "error")]) >= 1.0);
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "ok")]) >= 1.0);
     let failed = d
@@ -1044,6 +1054,13 @@ fn an_agent_that_can_leave_its_cgroup_is_reported_and_a_uid_agent_catches_it() {
     let st = d.status();
     let a = &st["agents"][0];
     assert!(s(&a["binding"]["escape"]).contains("uid 65534"), "{a}");
+    let text = d.status_text();
+    assert!(
+        text.lines().any(|l| l
+            .trim_start()
+            .starts_with("warning: processes of uid 65534 may write")),
+        "{text}"
+    );
     let out = Command::new(workspace_bin("portcullis"))
         .arg("--config")
         .arg(&cfg)
@@ -1159,6 +1176,15 @@ fn a_local_server_reachable_at_an_address_the_target_does_not_name_is_reported()
     let listed = st["uncovered"].as_array().expect("uncovered");
     assert!(listed.iter().any(|u| s(u).contains(&v6)), "{st}");
     assert_eq!(d.metric("portcullis_uncovered_addresses", &[]), 1.0);
+    let text = d.status_text();
+    let section = text.split("\naround the gate\n").nth(1).unwrap_or_default();
+    assert!(
+        section
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(&format!("can be reached at {v6}"))),
+        "{text}"
+    );
     drop(d);
 
     // Covered at both: nothing to report.
