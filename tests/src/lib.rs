@@ -627,26 +627,20 @@ impl Daemon {
 
     /// `portcullis status --json`.
     pub fn status(&self) -> Value {
-        let out = Command::new(workspace_bin("portcullis"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(["status", "--json"])
-            .output()
-            .expect("run portcullis status");
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
+        serde_json::from_str(&self.status_output(&["--json"])).expect("status JSON")
     }
 
     /// `portcullis status`, as people read it.
     pub fn status_text(&self) -> String {
+        self.status_output(&[])
+    }
+
+    fn status_output(&self, extra: &[&str]) -> String {
         let out = Command::new(workspace_bin("portcullis"))
             .arg("--config")
             .arg(&self.config)
             .arg("status")
+            .args(extra)
             .output()
             .expect("run portcullis status");
         assert!(
