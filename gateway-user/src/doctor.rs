@@ -304,48 +304,46 @@ fn check_targets(cfg: &Config) -> Vec<Check> {
 /// Agents selected by a cgroup their own processes can leave (a delegated cgroup tree). What
 /// the running daemon found; without one, the cgroups as they are now (none is created).
 fn check_agents(cfg: &Config) -> Vec<Check> {
-    let escapes: Vec<(String, Option<String>)> =
-        match crate::admin::client::call::<crate::admin::proto::Status>(
-            &cfg.admin.socket,
-            &crate::admin::proto::Request::Status,
-        ) {
-            Ok(s) => s
-                .agents
-                .into_iter()
-                .filter(|a| !a.binding.cgroups.is_empty())
-                .map(|a| (a.name, a.binding.escape))
-                .collect(),
-            Err(_) => {
-                let Ok(h) = cgroup::Hierarchy::discover() else {
-                    return Vec::new();
-                };
-                cfg.agents
-                    .iter()
-                    .filter(|a| a.selector.kernel_by_cgroup())
-                    .map(|a| {
-                        let mut paths: Vec<String> = a
-                            .selector
-                            .cgroup
-                            .iter()
-                            .filter(|p| h.dir(p).is_dir())
-                            .cloned()
-                            .collect();
-                        if let Some(unit) = &a.selector.unit {
-                            paths.extend(
-                                h.find_named(unit, ebpf::selection::UNIT_SEARCH_DEPTH)
-                                    .into_iter()
-                                    .map(|(p, _)| p),
-                            );
-                        }
-                        let escape = paths.iter().find_map(|p| {
-                            h.escape_route(p)
-                                .map(|e| ebpf::selection::escape_note(p, &e))
-                        });
-                        (a.name.clone(), escape)
-                    })
-                    .collect()
-            }
-        };
+    let escapes: Vec<(String, Option<String>)> = match crate::admin::client::call::<
+        crate::admin::proto::Status,
+    >(
+        &cfg.admin.socket,
+        &crate::admin::proto::Request::Status,
+    ) {
+        Ok(s) => s
+            .agents
+            .into_iter()
+            .filter(|a| !a.binding.cgroups.is_empty())
+            .map(|a| (a.name, a.binding.escape))
+            .collect(),
+        Err(_) => {
+            let Ok(h) = cgroup::Hierarchy::discover() else {
+                return Vec::new();
+            };
+            cfg.agents
+                .iter()
+                .filter(|a| a.selector.kernel_by_cgroup())
+                .map(|a| {
+                    let mut paths: Vec<String> = a
+                        .selector
+                        .cgroup
+                        .iter()
+                        .filter(|p| h.dir(p).is_dir())
+                        .cloned()
+                        .collect();
+                    if let Some(unit) = &a.selector.unit {
+                        paths.extend(
+                            h.find_named(unit, ebpf::selection::UNIT_SEARCH_DEPTH)
+                                .into_iter()
+                                .map(|(p, _)| p),
+                        );
+                    }
+                    let escape = ebpf::selection::escape_of(&h, paths.iter().map(String::as_str));
+                    (a.name.clone(), escape)
+                })
+                .collect()
+        }
+    };
     escapes
         .into_iter()
         .map(|(name, escape)| match escape {

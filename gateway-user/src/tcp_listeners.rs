@@ -111,21 +111,20 @@ pub fn gaps(cfg: &Config, listeners: &[SocketAddr], local: &[IpAddr]) -> Vec<Gap
     let mut out = Vec::new();
     for &listener in listeners {
         let port = listener.port();
+        let reachable = reachable_at(listener, local);
         // The target that means this server: one covering its port at a local address.
         let Some(target) = cfg.targets.iter().find(|t| {
             t.addrs().any(|a| {
                 a.port == port
                     && a.net.is_none_or(|n| {
-                        reachable_at(listener, local)
-                            .iter()
-                            .chain(&[n.addr()])
-                            .any(|ip| n.contains(ip) && is_local(*ip))
+                        is_local(n.addr())
+                            || reachable.iter().any(|ip| n.contains(ip) && is_local(*ip))
                     })
             })
         }) else {
             continue;
         };
-        for ip in reachable_at(listener, local) {
+        for ip in reachable {
             let at = SocketAddr::new(ip, port);
             if cfg.target_for(at).is_none() {
                 out.push(Gap {

@@ -898,32 +898,21 @@ fn validate(raw: file::ConfigFile, src: &Source, lookups: Lookups) -> Result<Con
                 }
                 // A name that does not resolve now is no error: the daemon starts (its
                 // other targets protected), says so, and keeps looking it up.
-                Ok(Pattern::Host(name)) if lookups == Lookups::Skip => {
+                Ok(Pattern::Host(name)) => {
+                    let (addrs, error) = match lookups {
+                        Lookups::Skip => (Vec::new(), None),
+                        Lookups::Resolve => match name.resolve() {
+                            Ok(found) => (found, None),
+                            Err(e) => (Vec::new(), Some(e.to_string())),
+                        },
+                    };
                     hosts.push(ResolvedHost {
                         name,
-                        addrs: Vec::new(),
-                        error: None,
+                        addrs: addrs.clone(),
+                        error,
                     });
-                    Vec::new()
+                    addrs
                 }
-                Ok(Pattern::Host(name)) => match name.resolve() {
-                    Ok(found) => {
-                        hosts.push(ResolvedHost {
-                            name,
-                            addrs: found.clone(),
-                            error: None,
-                        });
-                        found
-                    }
-                    Err(e) => {
-                        hosts.push(ResolvedHost {
-                            name,
-                            addrs: Vec::new(),
-                            error: Some(e.to_string()),
-                        });
-                        Vec::new()
-                    }
-                },
                 Err(e) => {
                     c.at_span(span, e.to_string());
                     continue;

@@ -3,8 +3,10 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
+
+use ipnet::{IpNet, Ipv4Net};
 
 use aya::maps::lpm_trie::Key;
 use gateway_common::{
@@ -83,11 +85,7 @@ impl Selection {
                 b.cgroups.extend(found);
             }
             if s.kernel_by_cgroup() {
-                b.escape = b
-                    .cgroups
-                    .iter()
-                    .find_map(|(path, _)| Some((path, h.escape_route(path)?)))
-                    .map(|(path, e)| escape_note(path, &e));
+                b.escape = escape_of(h, b.cgroups.iter().map(|(path, _)| path.as_str()));
                 for (_, id) in &b.cgroups {
                     sel.cgroups.entry(*id).or_insert(by_cgroup);
                 }
@@ -112,28 +110,36 @@ pub fn daemon_entries(endpoints: &[SocketAddr]) -> Vec<(Key<TargetKey>, TargetVa
         target_id: gateway_common::TARGET_DAEMON,
         _pad: 0,
     };
+    let loopback4 = |port| TargetAddr {
+        net: Some(IpNet::V4(Ipv4Net::new_assert(
+            Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        ))),
+        port,
+    };
     endpoints
         .iter()
-        .flat_map(|e| {
-            let port = e.port();
-            let patterns: Vec<String> = match e.ip() {
-                IpAddr::V4(v4) if v4.is_unspecified() => vec![format!("127.0.0.0/8:{port}")],
-                IpAddr::V6(v6) if v6.is_unspecified() => {
-                    vec![format!("127.0.0.0/8:{port}"), format!("[::1]:{port}")]
-                }
-                _ => vec![e.to_string()],
-            };
-            patterns
-                .into_iter()
-                .flat_map(|p| TargetAddr::parse(&p).unwrap_or_default())
-                .collect::<Vec<_>>()
+        .flat_map(|e| match e.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => vec![loopback4(e.port())],
+            IpAddr::V6(v6) if v6.is_unspecified() => vec![
+                loopback4(e.port()),
+                TargetAddr::host(IpAddr::V6(Ipv6Addr::LOCALHOST), e.port()),
+            ],
+            ip => vec![TargetAddr::host(ip, e.port())],
         })
         .map(|a| (Key::new(a.trie_prefix(), a.trie_key()), value))
         .collect()
 }
 
+/// The way out of the first of an agent's cgroups that has one, as [`escape_note`] says it.
+pub fn escape_of<'a>(h: &Hierarchy, cgroups: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    cgroups
+        .into_iter()
+        .find_map(|path| Some(escape_note(path, &h.escape_route(path)?)))
+}
+
 /// What `status`, the log and `doctor` say about an [`Escape`](crate::cgroup::Escape).
-pub fn escape_note(path: &str, e: &crate::cgroup::Escape) -> String {
+fn escape_note(path: &str, e: &crate::cgroup::Escape) -> String {
     let fix = match e.writer {
         crate::cgroup::Writer::Uid(uid) => format!("add an agent that selects `uid = {uid}`"),
         _ => "make those cgroups root's, or select the agent's processes by uid".to_owned(),
