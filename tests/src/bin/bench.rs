@@ -516,6 +516,62 @@ impl StatementTimes {
     }
 }
 
+/// CPU time spent so far, in clock ticks: by one process (all its threads, ended ones
+/// included) and by the whole host. Read before and after a run, the differences divided by
+/// the transactions give what one transaction cost the proxy and the machine: on a host
+/// where the clients, the server and the proxy share the cores, that is what throughput
+/// is traded for.
+#[derive(Clone, Copy, Default)]
+struct CpuTicks {
+    process: f64,
+    host: f64,
+}
+
+impl CpuTicks {
+    fn read(pid: Option<u32>) -> Self {
+        let process = pid.map_or(0.0, |pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+            // Fields after the command name, which may hold spaces: state, then ppid
+            // onwards; utime and stime are the 11th and 12th of those.
+            let rest = &stat[stat.rfind(')').expect("a /proc/PID/stat line") + 1..];
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            f[10] + f[11]
+        });
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let cpu: Vec<f64> = stat
+            .lines()
+            .next()
+            .expect("the cpu line")
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // user nice system idle iowait irq softirq steal: all but idle and iowait.
+        let host = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu.get(7).unwrap_or(&0.0);
+        Self { process, host }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            process: self.process - before.process,
+            host: self.host - before.host,
+        }
+    }
+
+    /// Microseconds per transaction: (process, host).
+    fn per(self, transactions: f64) -> (f64, f64) {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let us = |ticks: f64| ticks / hz * 1e6 / transactions;
+        (us(self.process), us(self.host))
+    }
+}
+
 /// A server with pgbench data (scale 10) and the configuration of a gate in front of it.
 fn pg_setup() -> (Env, String, String, Pg, String) {
     let env = Env::new();
@@ -576,6 +632,15 @@ fn pg() {
     let mut results = vec![vec![(Vec::new(), Vec::new()); np]; 4];
     // gate[case] = the daemon's statement times over that case's Portcullis runs
     let mut gate = [StatementTimes::default(); 4];
+    // cpu[case][path] = (proxy us, host us) per transaction, one per run; the process whose
+    // CPU is counted for each path (none for direct).
+    let mut cpu = vec![vec![(Vec::new(), Vec::new()); np]; 4];
+    let pids = [
+        None,
+        Some(daemon.child.id()),
+        Some(bouncer.pid()),
+        Some(relay.pid()),
+    ];
     for round in 0..PG_ROUNDS {
         eprintln!("pg round {}/{PG_ROUNDS}", round + 1);
         for (ci, (mode, clients)) in cases.iter().enumerate() {
@@ -584,7 +649,13 @@ fn pg() {
                 let pi = (k + round) % np;
                 let (name, cg, port) = paths[pi];
                 let before = (name == "portcullis").then(|| StatementTimes::read(&daemon));
+                let ticks = CpuTicks::read(pids[pi]);
                 let (tps, lat) = pgbench(&env, cg, port, mode, *clients, PG_SECS);
+                let (proxy_us, host_us) = CpuTicks::read(pids[pi])
+                    .since(ticks)
+                    .per(tps * f64::from(PG_SECS));
+                cpu[ci][pi].0.push(proxy_us);
+                cpu[ci][pi].1.push(host_us);
                 if let Some(before) = before {
                     gate[ci].add(StatementTimes::read(&daemon).since(before));
                 }
@@ -671,6 +742,42 @@ fn pg() {
     println!(
         "plain relay: accept, connect, copy both ways on the daemon's thread layout, no \
          parsing, identity or records"
+    );
+    println!();
+    println!(
+        "{:<22} {:>10} {:>12} {:>10} {:>12} | {:>8} {:>11} {:>10} {:>12}",
+        "CPU per txn (us)",
+        "portcullis",
+        "plain relay",
+        "pgbouncer",
+        "P - relay",
+        "host: dir",
+        "portcullis",
+        "pgbouncer",
+        "plain relay"
+    );
+    for (ci, (mode, clients)) in cases.iter().enumerate() {
+        let c: Vec<(f64, f64)> = cpu[ci]
+            .iter()
+            .map(|(p, h)| (median(p.clone()), median(h.clone())))
+            .collect();
+        println!(
+            "{:<22} {:>10.1} {:>12.1} {:>10.1} {:>+12.1} | {:>8.1} {:>11.1} {:>10.1} {:>12.1}",
+            format!("{mode}, {clients} client(s)"),
+            c[1].0,
+            c[3].0,
+            c[2].0,
+            c[1].0 - c[3].0,
+            c[0].1,
+            c[1].1,
+            c[2].1,
+            c[3].1
+        );
+    }
+    println!(
+        "CPU per txn: the proxy process's user+system time over the transactions pgbench \
+         ran (left), and the whole host's (right: clients, server and proxy together); with \
+         8 clients the cores are saturated, so tps follows the host figure"
     );
     println!("targets:");
     for (ci, (mode, clients)) in cases.iter().enumerate() {
