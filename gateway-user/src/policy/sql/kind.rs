@@ -107,6 +107,18 @@ kinds! {
     /// `COPY ... TO/FROM 'file'`: server file system access.
     CopyFile = "copy_file",
     ; Create, Alter, Drop ;
+    /// `ALTER TABLE ... DROP COLUMN`: the column's values are gone (beside `alter_table`).
+    DropColumn = "drop_column",
+    /// A `DROP ... CASCADE` (or `ALTER TABLE ... DROP ... CASCADE`): it also drops whatever
+    /// depends on the object, which for a type, domain or extension includes table columns
+    /// (beside the statement's own `drop_<object>`).
+    DropCascade = "drop_cascade",
+    /// `DROP OWNED BY role`: drops every object the role owns, tables included.
+    DropOwned = "drop_owned",
+    /// `REASSIGN OWNED BY role TO other`: hands a role's objects to another.
+    ReassignOwned = "reassign_owned",
+    /// `LOAD 'library'`: loads a shared library into the server process.
+    Load = "load",
     AlterSystem = "alter_system",
     Comment = "comment",
     Grant = "grant",
@@ -172,6 +184,10 @@ impl Kind {
                 Create(_)
                     | Alter(_)
                     | Drop(_)
+                    | DropColumn
+                    | DropCascade
+                    | DropOwned
+                    | ReassignOwned
                     | Truncate
                     | Comment
                     | Refresh
@@ -181,7 +197,11 @@ impl Kind {
             ),
             "destructive" => matches!(
                 self,
-                Drop(Object::Database | Object::Schema | Object::Table) | Truncate
+                Drop(Object::Database | Object::Schema | Object::Table)
+                    | Truncate
+                    | DropColumn
+                    | DropCascade
+                    | DropOwned
             ),
             "privilege" => matches!(
                 self,
@@ -192,6 +212,7 @@ impl Kind {
                     | Drop(Object::Role)
                     | SetRole
                     | SetSessionAuthorization
+                    | ReassignOwned
             ),
             "transaction" => matches!(
                 self,
@@ -201,7 +222,7 @@ impl Kind {
             "prepared" => matches!(self, Prepare | Execute | Deallocate),
             "admin" => matches!(
                 self,
-                Vacuum | Analyze | Checkpoint | Reindex | Cluster | Lock | AlterSystem
+                Vacuum | Analyze | Checkpoint | Reindex | Cluster | Lock | AlterSystem | Load
             ),
             "copy" => matches!(self, CopyTo | CopyFrom | CopyProgram | CopyFile),
             "pubsub" => matches!(self, Listen | Notify | Unlisten),

@@ -31,8 +31,9 @@ use std::{
 use serde::Serialize;
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FromTable, Ident, MergeAction, ObjectName, ObjectNamePart,
-        ObjectType, Query, SetExpr, Statement, TableFactor, TableObject, Visit, Visitor,
+        AlterTableOperation, CopySource, CopyTarget, DropBehavior, Expr, FromTable, Ident,
+        MergeAction, ObjectName, ObjectNamePart, ObjectType, Query, ReferentialAction, SetExpr,
+        Statement, TableFactor, TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -368,6 +369,8 @@ fn after_parse_failure(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option
         ["DROP", "DATABASE", ..] => Kind::Drop(Object::Database),
         ["DROP", "SCHEMA", ..] => Kind::Drop(Object::Schema),
         ["DROP", "TABLE", ..] => Kind::Drop(Object::Table),
+        ["DROP", "OWNED", ..] => Kind::DropOwned,
+        ["REASSIGN", "OWNED", ..] => Kind::ReassignOwned,
         ["TRUNCATE", ..] => Kind::Truncate,
         ["CREATE", "ROLE" | "USER" | "GROUP", ..] => Kind::Create(Object::Role),
         ["ALTER", "ROLE" | "USER" | "GROUP", ..] => Kind::Alter(Object::Role),
@@ -400,6 +403,8 @@ fn by_keyword(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option<Statemen
             return Some(c);
         }
         ["ALTER", "SYSTEM", ..] => Kind::AlterSystem,
+        // sqlparser reads `LOAD DATA ...` (Hive) too; in PostgreSQL it is only a library.
+        ["LOAD", ..] => Kind::Load,
         ["CHECKPOINT", ..] => Kind::Checkpoint,
         ["REINDEX", ..] => Kind::Reindex,
         ["CLUSTER", ..] => Kind::Cluster,
@@ -569,6 +574,7 @@ fn own_kind(s: &Statement) -> Kind {
         S::Vacuum(_) => Kind::Vacuum,
         S::Analyze(_) => Kind::Analyze,
         S::Lock(_) | S::LockTables { .. } => Kind::Lock,
+        S::Load { .. } => Kind::Load,
         S::LISTEN { .. } => Kind::Listen,
         S::NOTIFY { .. } => Kind::Notify,
         S::UNLISTEN { .. } => Kind::Unlisten,
@@ -792,6 +798,17 @@ impl Visitor for Collector<'_> {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         use Statement as S;
         self.add_kind(own_kind(s));
+        if let S::AlterTable(at) = s
+            && at
+                .operations
+                .iter()
+                .any(|op| matches!(op, AlterTableOperation::DropColumn { .. }))
+        {
+            self.add_kind(Kind::DropColumn);
+        }
+        if cascades(s) {
+            self.add_kind(Kind::DropCascade);
+        }
         match s {
             S::Query(q) => {
                 if let SetExpr::Select(sel) = q.body.as_ref()
@@ -924,6 +941,35 @@ impl Visitor for Collector<'_> {
             self.plan_only -= 1;
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// Whether a DROP (or an `ALTER TABLE ... DROP`) says CASCADE: it then drops what depends
+/// on its objects too.
+fn cascades(s: &Statement) -> bool {
+    use Statement as S;
+    let cascade = |b: &Option<DropBehavior>| matches!(b, Some(DropBehavior::Cascade));
+    let action = |a: &Option<ReferentialAction>| matches!(a, Some(ReferentialAction::Cascade));
+    match s {
+        S::Drop { cascade, .. } => *cascade,
+        S::DropFunction(d) => cascade(&d.drop_behavior),
+        S::DropProcedure { drop_behavior, .. } => cascade(drop_behavior),
+        S::DropDomain(d) => cascade(&d.drop_behavior),
+        S::DropPolicy(d) => cascade(&d.drop_behavior),
+        S::DropRule(d) => cascade(&d.drop_behavior),
+        S::DropOperator(d) => cascade(&d.drop_behavior),
+        S::DropOperatorFamily(d) => cascade(&d.drop_behavior),
+        S::DropOperatorClass(d) => cascade(&d.drop_behavior),
+        S::DropExtension(d) => action(&d.cascade_or_restrict),
+        S::DropTrigger(d) => action(&d.option),
+        S::AlterTable(at) => at.operations.iter().any(|op| match op {
+            AlterTableOperation::DropColumn { drop_behavior, .. }
+            | AlterTableOperation::DropConstraint { drop_behavior, .. }
+            | AlterTableOperation::DropPrimaryKey { drop_behavior }
+            | AlterTableOperation::DropForeignKey { drop_behavior, .. } => cascade(drop_behavior),
+            _ => false,
+        }),
+        _ => false,
     }
 }
 
