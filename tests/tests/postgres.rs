@@ -37,6 +37,27 @@ fn denied_statements_never_reach_the_server_and_the_session_state_is_the_servers
         "2",
         "the table is still there"
     );
+    // A dropped column's values are as gone as a dropped table's; a loaded library runs
+    // inside the server.
+    for (sql, rule) in [
+        ("ALTER TABLE t DROP COLUMN id", "deny-destructive-ddl"),
+        ("LOAD 'auto_explain'", "deny-load"),
+    ] {
+        let o = psql_cmd(&w, &w.agent, "disable")
+            .args(["-v", "VERBOSITY=verbose", "-c", sql])
+            .output()
+            .expect("psql");
+        let out = text(&o);
+        assert!(
+            out.contains(rule) && out.contains("ERROR:  42501"),
+            "{sql}: {out}"
+        );
+    }
+    assert_eq!(
+        w.pg.sql("shop", "SELECT sum(id) FROM t"),
+        "3",
+        "id is still there"
+    );
 
     // Inside a transaction block: the block is aborted, exactly as the server would do.
     let script = "BEGIN;\nSELECT 1;\nDROP TABLE t;\nSELECT 2;\nROLLBACK;\nSELECT 'after' AS a;";
@@ -57,10 +78,9 @@ fn denied_statements_never_reach_the_server_and_the_session_state_is_the_servers
 
     // The server never saw the denied text.
     let log = w.pg.log();
-    assert!(
-        !log.contains("DROP TABLE t"),
-        "the server saw the DROP:\n{log}"
-    );
+    for sent in ["DROP TABLE t", "DROP COLUMN", "LOAD"] {
+        assert!(!log.contains(sent), "the server saw {sent}:\n{log}");
+    }
     assert!(
         log.contains("portcullis: statement refused by policy"),
         "{log}"
