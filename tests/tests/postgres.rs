@@ -124,6 +124,37 @@ fn denied_statements_never_reach_the_server_and_the_session_state_is_the_servers
 }
 
 #[test]
+fn connection_time_settings_that_would_escape_the_policies_are_refused() {
+    let w = world("");
+    let with_options = |options: &str, sql: &str| {
+        text(
+            &psql_cmd(&w, &w.agent, "disable")
+                .env("PGOPTIONS", options)
+                .args(["-c", sql])
+                .output()
+                .expect("psql"),
+        )
+    };
+    // A role set in the startup packet would skip the SET ROLE rule.
+    let out = with_options("-c role=postgres", "SELECT current_user");
+    assert!(out.contains("setting a role in `options`"), "{out}");
+    // A schema before pg_catalog would make `lower` or `=` someone else's code while the
+    // rules take them for PostgreSQL's own: refused at connection time and as a statement.
+    let out = with_options("-c search_path=public,pg_catalog", "SELECT 1");
+    assert!(
+        out.contains("search_path that puts a schema before pg_catalog"),
+        "{out}"
+    );
+    let out = with_options("", "SET search_path TO public, pg_catalog");
+    assert!(out.contains("deny-dangerous-functions"), "{out}");
+    // A path that leaves pg_catalog first is the usual case and passes.
+    let out = with_options("-c search_path=public", "SHOW search_path");
+    assert!(out.contains("public") && !out.contains("ERROR"), "{out}");
+    let log = w.pg.log();
+    assert!(!log.contains("search_path TO public, pg_catalog"), "{log}");
+}
+
+#[test]
 fn tls_on_both_legs_with_sslmode_require_and_injected_scram() {
     let env_probe = Env::new();
     let secret = secret_file(&env_probe);

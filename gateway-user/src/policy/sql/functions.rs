@@ -21,7 +21,9 @@ pub enum Danger {
     Remote,
     /// Cancels or terminates other sessions.
     Backend,
-    /// Changes server configuration or reloads it.
+    /// Changes server configuration or reloads it; also a `SET search_path` that puts a
+    /// schema before `pg_catalog` (built-in names would then resolve to that schema's
+    /// functions and operators).
     Config,
     /// Replication slots, WAL, backups, promotion.
     Replication,

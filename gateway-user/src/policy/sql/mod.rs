@@ -20,6 +20,7 @@ pub mod lex;
 pub mod lineage;
 pub mod predicate;
 pub mod quick;
+pub mod search_path;
 pub mod shapes;
 
 use std::{
@@ -809,6 +810,13 @@ impl Visitor for Collector<'_> {
         if cascades(s) {
             self.add_kind(Kind::DropCascade);
         }
+        if set_search_path(s).is_some_and(|p| search_path::shadows_catalog(&p)) {
+            // Unqualified built-in names would resolve to another schema's functions and
+            // operators: what `set_config('search_path', ...)` is refused for.
+            self.c
+                .dangerous
+                .insert(("search_path".into(), functions::Danger::Config));
+        }
         match s {
             S::Query(q) => {
                 if let SetExpr::Select(sel) = q.body.as_ref()
@@ -942,6 +950,33 @@ impl Visitor for Collector<'_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// The schemas a `SET [SESSION | LOCAL] search_path` lists, as PostgreSQL folds them (a
+/// string literal is one name, as written).
+fn set_search_path(s: &Statement) -> Option<Vec<String>> {
+    let Statement::Set(sqlparser::ast::Set::SingleAssignment {
+        variable, values, ..
+    }) = s
+    else {
+        return None;
+    };
+    if parts(variable) != ["search_path"] {
+        return None;
+    }
+    Some(
+        values
+            .iter()
+            .map(|v| match v {
+                Expr::Identifier(i) => ident_name(i),
+                Expr::Value(v) => match &v.value {
+                    sqlparser::ast::Value::SingleQuotedString(t) => t.clone(),
+                    other => other.to_string(),
+                },
+                other => other.to_string().to_lowercase(),
+            })
+            .collect(),
+    )
 }
 
 /// Whether a DROP (or an `ALTER TABLE ... DROP`) says CASCADE: it then drops what depends

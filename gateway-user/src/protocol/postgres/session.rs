@@ -48,7 +48,7 @@ use crate::{
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
         cache::ClassKey,
-        sql::{Kind, LexOptions},
+        sql::{Kind, LexOptions, search_path},
     },
     protocol::{ConnContext, End, Outcome, Session, Traffic},
     proxy::upstream::Upstream,
@@ -260,9 +260,26 @@ fn check_params(params: &[(String, String)]) -> Result<(), String> {
                             .into(),
                     );
                 }
+                for path in search_path::in_options(v) {
+                    shadowing_path(&path)?;
+                }
             }
+            "search_path" => shadowing_path(v)?,
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// Refuses a connection-time `search_path` that puts a schema before `pg_catalog`: the
+/// policies would take that schema's functions and operators for PostgreSQL's own.
+fn shadowing_path(value: &str) -> Result<(), String> {
+    if search_path::shadows_catalog(&search_path::parse_list(value)) {
+        return Err(format!(
+            "a search_path that puts a schema before pg_catalog (`{value}`) is not allowed \
+             through Portcullis: built-in function and operator names would resolve to that \
+             schema's; name pg_catalog first or leave it out"
+        ));
     }
     Ok(())
 }

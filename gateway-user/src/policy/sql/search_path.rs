@@ -1,0 +1,123 @@
+//! `search_path` values that let another schema's objects stand in for PostgreSQL's own.
+//!
+//! PostgreSQL searches `pg_catalog` before the path unless the path names it; named later,
+//! an unqualified `lower(email)` or `=` resolves to a function or operator of the same name
+//! in any schema listed before it. The classification's "built-in function" would then be
+//! someone else's code, out of sight of the rules that hold user functions. (`pg_temp` is
+//! never searched for functions or operators, so it may come first.)
+//!
+//! Pure: takes the list and says whether it is such a path.
+
+/// Whether a path puts a schema where functions and operators are looked up before
+/// `pg_catalog`. `schemas` are names as PostgreSQL folds them (unquoted lower-cased).
+pub fn shadows_catalog<S: AsRef<str>>(schemas: &[S]) -> bool {
+    let Some(at) = schemas.iter().position(|s| s.as_ref() == "pg_catalog") else {
+        return false;
+    };
+    schemas[..at].iter().any(|s| s.as_ref() != "pg_temp")
+}
+
+/// The schemas of a path written as a setting's value (`a, "B c", pg_catalog`): split at
+/// commas outside double quotes, unquoted names folded to lower case and trimmed, quoted
+/// ones kept (`""` is a quote inside them).
+pub fn parse_list(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c if quoted => cur.push(c),
+            c if c.is_whitespace() => {}
+            c => cur.extend(c.to_lowercase()),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// The value of every `search_path` a startup packet's `options` sets (`-c
+/// search_path=a,b`, `-csearch_path=a,b`, `--search_path=a,b`; a backslash escapes the
+/// next character, as PostgreSQL reads `options`).
+pub fn in_options(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    words
+        .iter()
+        .filter_map(|w| {
+            let w = w
+                .strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .unwrap_or(w);
+            let (name, value) = w.split_once('=')?;
+            // GUC names are case-insensitive, and `-` stands for `_` in them here.
+            (name.to_ascii_lowercase().replace('-', "_") == "search_path").then(|| value.into())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_schema_before_an_explicit_pg_catalog_shadows_it() {
+        for (path, shadows) in [
+            ("public", false),
+            ("\"$user\", public", false),
+            ("pg_catalog, evil", false),
+            ("pg_temp, pg_catalog, evil", false),
+            ("evil, pg_catalog", true),
+            ("\"$user\", pg_catalog", true),
+            ("public,PG_CATALOG", true),
+            // A quoted name keeps its case: not the catalog.
+            ("evil, \"PG_CATALOG\"", false),
+            ("", false),
+        ] {
+            assert_eq!(shadows_catalog(&parse_list(path)), shadows, "{path}");
+        }
+    }
+
+    #[test]
+    fn lists_split_outside_quotes_and_fold_unquoted_names() {
+        assert_eq!(
+            parse_list(r#" A , "b, ""c""" ,pg_catalog"#),
+            ["a", r#"b, "c""#, "pg_catalog"]
+        );
+    }
+
+    #[test]
+    fn options_yield_each_search_path_they_set() {
+        assert_eq!(
+            in_options(r"-c search_path=evil,pg_catalog --statement-timeout=5"),
+            ["evil,pg_catalog"]
+        );
+        assert_eq!(
+            in_options(r"--search-path=a,\ b -c SEARCH_PATH=c"),
+            ["a, b", "c"]
+        );
+        assert_eq!(in_options("-csearch_path=x"), ["x"]);
+        assert!(in_options("-c work_mem=4MB").is_empty());
+    }
+}
