@@ -32,9 +32,10 @@ use std::{
 use serde::Serialize;
 use sqlparser::{
     ast::{
-        AlterTableOperation, CopySource, CopyTarget, DropBehavior, Expr, FromTable, Ident,
-        MergeAction, ObjectName, ObjectNamePart, ObjectType, Query, ReferentialAction, SetExpr,
-        Statement, TableFactor, TableObject, Visit, Visitor,
+        AlterTableOperation, BinaryOperator, CopySource, CopyTarget, CreateAggregateOption,
+        DropBehavior, Expr, FromTable, Ident, MergeAction, ObjectName, ObjectNamePart, ObjectType,
+        OperatorOption, Query, ReferentialAction, SetExpr, Statement, TableFactor, TableObject,
+        Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -790,8 +791,20 @@ impl Visitor for Collector<'_> {
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e {
-            self.function(&f.name);
+        match e {
+            Expr::Function(f) => self.function(&f.name),
+            // `a OPERATOR(app.===) b` calls the function behind another schema's operator.
+            Expr::BinaryOp {
+                op: BinaryOperator::PGCustomBinaryOperator(name),
+                ..
+            } => {
+                if let [schema, .., _] = name.as_slice()
+                    && !schema.eq_ignore_ascii_case("pg_catalog")
+                {
+                    self.c.user_functions.insert(name.join("."));
+                }
+            }
+            _ => {}
         }
         ControlFlow::Continue(())
     }
@@ -913,6 +926,32 @@ impl Visitor for Collector<'_> {
                 ) {
                     for n in names {
                         self.write_target(n, false);
+                    }
+                }
+            }
+            // An operator or aggregate runs the functions it names wherever it is used
+            // later, under a name that shows none of them: they count as called here.
+            S::CreateOperator(op) => {
+                self.function(&op.function);
+                for o in &op.options {
+                    if let OperatorOption::Restrict(Some(f)) | OperatorOption::Join(Some(f)) = o {
+                        self.function(f);
+                    }
+                }
+            }
+            S::CreateAggregate(a) => {
+                for o in &a.options {
+                    use CreateAggregateOption as A;
+                    if let A::StateTransitionFunction(f)
+                    | A::FinalFunction(f)
+                    | A::CombineFunction(f)
+                    | A::SerialFunction(f)
+                    | A::DeserialFunction(f)
+                    | A::MovingStateTransitionFunction(f)
+                    | A::MovingInverseTransitionFunction(f)
+                    | A::MovingFinalFunction(f) = o
+                    {
+                        self.function(f);
                     }
                 }
             }
