@@ -514,7 +514,9 @@ fn copies_of_masked_columns_are_refused_unless_a_mask_covers_where_they_go() {
     w.pg.sql(
         "shop",
         "CREATE TABLE notes (id serial, body text); CREATE TABLE archive (email text); \
-         ALTER TABLE notes OWNER TO app; ALTER TABLE archive OWNER TO app;",
+         ALTER TABLE notes OWNER TO app; ALTER TABLE archive OWNER TO app; \
+         CREATE MATERIALIZED VIEW mv AS SELECT id, email FROM people; \
+         ALTER MATERIALIZED VIEW mv OWNER TO app;",
     );
     let out = wire(
         &w,
@@ -551,12 +553,20 @@ Q INSERT INTO scratch (a) SELECT id::text FROM people
 WAIT 1
 Q COMMIT
 WAIT 1
+Q ALTER MATERIALIZED VIEW mv RENAME COLUMN email TO contact
+WAIT 1
 X
 ",
     );
     let errors = wire_errors(&out);
-    assert_eq!(errors.len(), 5, "{out:#?}");
-    for (code, message) in errors[..3].iter().chain(&errors[4..]) {
+    assert_eq!(errors.len(), 6, "{out:#?}");
+    // A materialized view stores its rows: renamed, its column would be read unmasked.
+    assert_eq!(errors[5].0, "42501", "{errors:?}");
+    assert!(
+        errors[5].1.contains("mv.email, which is masked") && errors[5].1.contains("mv.contact"),
+        "{errors:?}"
+    );
+    for (code, message) in errors[..3].iter().chain(&errors[4..5]) {
         assert_eq!(*code, "42501", "{errors:?}");
         assert!(
             message.contains("mask-pii-columns")
@@ -616,6 +626,14 @@ X
     assert!(!log.contains("SELECT contact FROM v"), "{log}");
     assert!(!log.contains("SELECT upper(email) FROM people"), "{log}");
     assert!(!log.contains("RENAME COLUMN"), "{log}");
+    assert_eq!(
+        w.pg.sql(
+            "shop",
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'mv'::regclass AND attnum = 2"
+        )
+        .trim(),
+        "email"
+    );
 }
 
 /// An INSERT that names no columns, or spreads a table's `*`, stores by position: the

@@ -417,6 +417,7 @@ mod tests {
             ("notes", vec!["id", "body"]),
             ("archive", vec!["id", "email"]),
             ("v", vec!["contact"]),
+            ("mv", vec!["id", "email"]),
         ]))
     }
 
@@ -578,6 +579,24 @@ mod tests {
         // A renamed table is covered only by a rule for its new name.
         let by_table = [mask("pii", &["users.email"])];
         assert!(run("ALTER TABLE users RENAME TO folks", &by_table, &cat()).is_err());
+        // A materialized view holds its rows as a table does: renamed or moved, they are
+        // read under names the rule must cover.
+        let e = run(
+            "ALTER MATERIALIZED VIEW mv RENAME COLUMN email TO contact",
+            &m,
+            &cat(),
+        )
+        .expect_err("a masked column renamed");
+        assert!(e.contains("mv.email"), "{e}");
+        assert!(run("ALTER MATERIALIZED VIEW mv SET SCHEMA archive", &m, &cat()).is_err());
+        assert_eq!(
+            run(
+                "ALTER MATERIALIZED VIEW mv RENAME TO folks",
+                &[mask("pii", &["*.email"])],
+                &cat()
+            ),
+            Ok(())
+        );
         // `archive` is known to the catalog, in `public`.
         assert_eq!(
             run(

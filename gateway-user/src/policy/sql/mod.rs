@@ -501,6 +501,7 @@ fn own_kind(s: &Statement) -> Kind {
         S::AlterTable(_) => Kind::Alter(Object::Table),
         S::AlterSchema(_) => Kind::Alter(Object::Schema),
         S::AlterIndex { .. } => Kind::Alter(Object::Index),
+        S::AlterView(v) if v.materialized => Kind::Alter(Object::MaterializedView),
         S::AlterView(_) => Kind::Alter(Object::View),
         S::AlterFunction(_) => Kind::Alter(Object::Function),
         S::AlterType(_) => Kind::Alter(Object::Type),

@@ -18,10 +18,10 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 use sqlparser::ast::{
-    AlterColumnOperation, AlterTable, AlterTableOperation, Assignment, AssignmentTarget,
-    ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind, ObjectName,
-    OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement, TableFactor,
-    TableObject, UpdateTableFromKind,
+    AlterColumnOperation, AlterTable, AlterTableOperation, AlterViewOperation, Assignment,
+    AssignmentTarget, ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind,
+    ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement,
+    TableFactor, TableObject, UpdateTableFromKind,
 };
 
 use super::{
@@ -164,9 +164,68 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             );
         }
         S::AlterTable(at) => alter_table(at, scope, out),
+        // A materialized view stores its rows: renamed, they are read under the new names.
+        // (A view's columns are what the view reads, whatever they are called.)
+        S::AlterView(v) if v.materialized => {
+            let renamed = Renamed::new(&v.name, scope);
+            match &v.operation {
+                AlterViewOperation::RenameColumn {
+                    old_column_name,
+                    new_column_name,
+                } => renamed.column(old_column_name, new_column_name, out),
+                AlterViewOperation::RenameTo { new_name } => renamed.relation(new_name, out),
+                AlterViewOperation::SetSchema { schema_name } => renamed.schema(schema_name, out),
+                _ => {}
+            }
+        }
         S::Prepare { statement: s, .. } => statement(s, scope, out),
         S::Explain { statement: s, .. } if explain_runs(stmt) => statement(s, scope, out),
         _ => {}
+    }
+}
+
+/// A relation whose rows stay where they are under other names: a renamed column holds
+/// what the old one did, a renamed or moved relation all it did.
+struct Renamed<'a> {
+    table: TableName,
+    scope: Scope<'a>,
+}
+
+impl<'a> Renamed<'a> {
+    fn new(name: &ObjectName, parent: &'a Scope<'a>) -> Self {
+        let mut scope = Scope::child(parent);
+        scope.add_relation(name, None, Vec::new());
+        Self {
+            table: TableName::from_object(name),
+            scope,
+        }
+    }
+
+    fn column(&self, old: &Ident, new: &Ident, out: &mut Vec<Stored>) {
+        let deps = Deps {
+            columns: BTreeSet::from([ColumnRef {
+                table: self.table.clone(),
+                column: Some(ident_name(old)),
+            }]),
+            opaque: false,
+        };
+        push(&self.table, Dest::Column(ident_name(new)), deps, out);
+    }
+
+    /// `RENAME TO`: the relation stays in its schema.
+    fn relation(&self, new: &ObjectName, out: &mut Vec<Stored>) {
+        let mut to = TableName::from_object(new);
+        to.schema = to.schema.or_else(|| self.table.schema.clone());
+        push(&to, Dest::SameNames, everything(&self.scope), out);
+    }
+
+    /// `SET SCHEMA`: same name, another schema.
+    fn schema(&self, schema: &ObjectName, out: &mut Vec<Stored>) {
+        let to = TableName {
+            schema: parts(schema).pop(),
+            name: self.table.name.clone(),
+        };
+        push(&to, Dest::SameNames, everything(&self.scope), out);
     }
 }
 
@@ -174,35 +233,17 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, out: &mut Vec<Stored>) {
 /// old one did, a generated column and a type change `USING` an expression store what it
 /// computes.
 fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
-    let table = TableName::from_object(&at.name);
-    let mut s = Scope::child(scope);
-    s.add_relation(&at.name, None, Vec::new());
-    let column = |c: &Ident| Deps {
-        columns: BTreeSet::from([ColumnRef {
-            table: table.clone(),
-            column: Some(ident_name(c)),
-        }]),
-        opaque: false,
-    };
+    let renamed = Renamed::new(&at.name, scope);
+    let (table, s) = (&renamed.table, &renamed.scope);
     for op in &at.operations {
         match op {
             AlterTableOperation::RenameColumn {
                 old_column_name,
                 new_column_name,
-            } => push(
-                &table,
-                Dest::Column(ident_name(new_column_name)),
-                column(old_column_name),
-                out,
-            ),
+            } => renamed.column(old_column_name, new_column_name, out),
             AlterTableOperation::RenameTable {
                 table_name: RenameTableNameKind::As(n) | RenameTableNameKind::To(n),
-            } => {
-                // The table stays in its schema.
-                let mut to = TableName::from_object(n);
-                to.schema = to.schema.or_else(|| table.schema.clone());
-                push(&to, Dest::SameNames, everything(&s), out);
-            }
+            } => renamed.relation(n, out),
             AlterTableOperation::AddColumn { column_def, .. } => {
                 for o in &column_def.options {
                     if let ColumnOption::Generated {
@@ -212,12 +253,7 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
                     {
                         let mut deps = Deps::default();
                         s.expr_deps(e, &mut deps);
-                        push(
-                            &table,
-                            Dest::Column(ident_name(&column_def.name)),
-                            deps,
-                            out,
-                        );
+                        push(table, Dest::Column(ident_name(&column_def.name)), deps, out);
                     }
                 }
             }
@@ -227,7 +263,7 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             } => {
                 let mut deps = Deps::default();
                 s.expr_deps(e, &mut deps);
-                push(&table, Dest::Column(ident_name(column_name)), deps, out);
+                push(table, Dest::Column(ident_name(column_name)), deps, out);
             }
             _ => {}
         }
@@ -536,6 +572,21 @@ mod tests {
             stored_of("ALTER TABLE app.people RENAME TO folks"),
             ["app.folks.= <- app.people.*"]
         );
+        // A materialized view holds its rows as a table does.
+        assert_eq!(
+            stored_of("ALTER MATERIALIZED VIEW app.mv RENAME COLUMN phone TO contact"),
+            ["app.mv.contact <- app.mv.phone"]
+        );
+        assert_eq!(
+            stored_of("ALTER MATERIALIZED VIEW mv RENAME TO folks"),
+            ["folks.= <- mv.*"]
+        );
+        assert_eq!(
+            stored_of("ALTER MATERIALIZED VIEW app.mv SET SCHEMA archive"),
+            ["archive.mv.= <- app.mv.*"]
+        );
+        // A view stores nothing: its columns are what it reads, whatever they are called.
+        assert!(stored_of("ALTER VIEW v RENAME COLUMN phone TO contact").is_empty());
         assert_eq!(
             stored_of(
                 "ALTER TABLE people ADD COLUMN c text GENERATED ALWAYS AS (lower(email)) STORED"
