@@ -541,4 +541,21 @@ fn the_built_in_function_list_covers_the_servers_catalog() {
     assert!(!portcullis::policy::sql::builtins::is_builtin(
         created.trim()
     ));
+    // The same for operators: every name pg_catalog defines is known as PostgreSQL's own.
+    let operators = pg.sql(
+        "postgres",
+        "SELECT DISTINCT oprname FROM pg_operator \
+         WHERE oprnamespace = 'pg_catalog'::regnamespace",
+    );
+    let operators: Vec<&str> = operators
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(operators.len() > 70, "{} operators", operators.len());
+    let missing: Vec<&&str> = operators
+        .iter()
+        .filter(|n| !portcullis::policy::sql::builtins::is_builtin_operator(n))
+        .collect();
+    assert!(missing.is_empty(), "not in the operator list: {missing:?}");
 }

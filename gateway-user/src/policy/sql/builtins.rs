@@ -9,6 +9,8 @@
 //! taken for a user function until the list is regenerated: the cautious side. The
 //! end-to-end tests check the list against the server they start.
 //!
+//! The same for operators (`builtin_operators.txt`): an operator runs a function too.
+//!
 //! Pure.
 
 use std::sync::LazyLock;
@@ -57,6 +59,33 @@ static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
 /// Whether `name` (unqualified, as the classifier folds it) is one of PostgreSQL's own.
 pub fn is_builtin(name: &str) -> bool {
     NAMES.binary_search(&name).is_ok()
+}
+
+/// The operator names of `pg_catalog` in PostgreSQL 15 (`SELECT DISTINCT oprname FROM
+/// pg_operator WHERE oprnamespace = 'pg_catalog'::regnamespace`). An operator is a
+/// function call under another name; one by a name PostgreSQL does not define (`~~~`,
+/// an extension's `<=>`) runs someone else's function. A name is all that is known here:
+/// an operator an extension defines under a built-in name (`<->`) passes for the
+/// built-in.
+static OPERATORS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let mut v: Vec<&str> = include_str!("builtin_operators.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+});
+
+/// Whether an operator name is one PostgreSQL defines.
+pub fn is_builtin_operator(name: &str) -> bool {
+    OPERATORS.binary_search(&name).is_ok()
+}
+
+/// Every built-in operator name, for checking the list against a server.
+pub fn operator_names() -> &'static [&'static str] {
+    &OPERATORS
 }
 
 /// Every built-in name, for checking the list against a server.
@@ -108,5 +137,33 @@ mod tests {
         );
         assert!(is_builtin("pg_read_file") && !is_builtin("refresh_stats"));
         assert!(names().len() > 2500, "{}", names().len());
+    }
+
+    #[test]
+    fn operators_by_names_postgresql_does_not_define_run_someone_elses_functions() {
+        let users = |sql: &str| {
+            let c = classify(sql, LexOptions::default());
+            assert!(c.error.is_none(), "{sql}: {:?}", c.error);
+            c.statements[0]
+                .user_functions
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(users("SELECT 1 ~~~ 2"), ["~~~"]);
+        assert_eq!(
+            users("SELECT * FROM items ORDER BY embedding <=> '[1,2]'"),
+            ["<=>"]
+        );
+        assert_eq!(users("SELECT a OPERATOR(~~~) b FROM t"), ["~~~"]);
+        assert!(
+            users(
+                "SELECT a <<= b, a -|- b, j #- '{a}', a ~= b, x !~~* 'y', -a, |/ 4, \
+             a OPERATOR(pg_catalog.+) b, a OPERATOR(=) b FROM t WHERE a <> b AND a != b"
+            )
+            .is_empty()
+        );
+        assert!(is_builtin_operator("<<=") && !is_builtin_operator("<=>"));
+        assert!(operator_names().len() > 70, "{}", operator_names().len());
     }
 }

@@ -651,6 +651,18 @@ impl Collector<'_> {
         self.c.functions.insert(f);
     }
 
+    /// An operator by its name (`~~~`, `<=>`): one PostgreSQL does not define runs the
+    /// function some schema defines under it. Keyword operators (`AND`, `LIKE`) are
+    /// PostgreSQL's grammar, not names.
+    fn operator(&mut self, op: &str) {
+        if !op.is_empty()
+            && op.chars().all(|c| "+-*/<>=~!@#%^&|`?".contains(c))
+            && !builtins::is_builtin_operator(op)
+        {
+            self.c.user_functions.insert(op.to_owned());
+        }
+    }
+
     fn returning_reads(&mut self, target: &ObjectName, returning: bool) {
         if returning {
             self.c.tables_read.insert(TableName::from_object(target));
@@ -794,17 +806,20 @@ impl Visitor for Collector<'_> {
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         match e {
             Expr::Function(f) => self.function(&f.name),
-            // `a OPERATOR(app.===) b` calls the function behind another schema's operator.
+            // `a OPERATOR(app.===) b` calls the function behind another schema's operator;
+            // `OPERATOR(~~~)` that of whichever schema defines the name.
             Expr::BinaryOp {
                 op: BinaryOperator::PGCustomBinaryOperator(name),
                 ..
-            } => {
-                if let [schema, .., _] = name.as_slice()
-                    && !schema.eq_ignore_ascii_case("pg_catalog")
-                {
+            } => match name.as_slice() {
+                [op] => self.operator(op),
+                [schema, .., _] if !schema.eq_ignore_ascii_case("pg_catalog") => {
                     self.c.user_functions.insert(name.join("."));
                 }
-            }
+                _ => {}
+            },
+            Expr::BinaryOp { op, .. } => self.operator(&op.to_string()),
+            Expr::UnaryOp { op, .. } => self.operator(&op.to_string()),
             _ => {}
         }
         ControlFlow::Continue(())
