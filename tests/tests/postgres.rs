@@ -511,23 +511,38 @@ fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
 /// created in the database is not.
 #[test]
 fn the_built_in_function_list_covers_the_servers_catalog() {
+    use portcullis::policy::sql::builtins::{is_builtin, is_builtin_operator};
     let env = Env::new();
     let pg = Pg::start(&env);
-    let names = pg.sql(
-        "postgres",
+    // Every name `catalog` lists is known as PostgreSQL's own.
+    let all_known = |what: &str, catalog: &str, at_least: usize, known: fn(&str) -> bool| {
+        let names = pg.sql("postgres", catalog);
+        let names: Vec<&str> = names
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert!(names.len() > at_least, "{} {what}", names.len());
+        let missing: Vec<&&str> = names.iter().filter(|n| !known(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} not in the built-in list: {missing:?}"
+        );
+    };
+    all_known(
+        "functions",
         "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace",
+        2500,
+        is_builtin,
     );
-    let names: Vec<&str> = names
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    assert!(names.len() > 2500, "{} functions", names.len());
-    let missing: Vec<&&str> = names
-        .iter()
-        .filter(|n| !portcullis::policy::sql::builtins::is_builtin(n))
-        .collect();
-    assert!(missing.is_empty(), "not in the built-in list: {missing:?}");
+    // An operator runs a function too.
+    all_known(
+        "operators",
+        "SELECT DISTINCT oprname FROM pg_operator \
+         WHERE oprnamespace = 'pg_catalog'::regnamespace",
+        70,
+        is_builtin_operator,
+    );
     pg.sql(
         "postgres",
         "CREATE FUNCTION refresh_stats() RETURNS int LANGUAGE sql AS 'SELECT 1'",
@@ -538,24 +553,5 @@ fn the_built_in_function_list_covers_the_servers_catalog() {
          AND proname = 'refresh_stats'",
     );
     assert_eq!(created.trim(), "refresh_stats");
-    assert!(!portcullis::policy::sql::builtins::is_builtin(
-        created.trim()
-    ));
-    // The same for operators: every name pg_catalog defines is known as PostgreSQL's own.
-    let operators = pg.sql(
-        "postgres",
-        "SELECT DISTINCT oprname FROM pg_operator \
-         WHERE oprnamespace = 'pg_catalog'::regnamespace",
-    );
-    let operators: Vec<&str> = operators
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    assert!(operators.len() > 70, "{} operators", operators.len());
-    let missing: Vec<&&str> = operators
-        .iter()
-        .filter(|n| !portcullis::policy::sql::builtins::is_builtin_operator(n))
-        .collect();
-    assert!(missing.is_empty(), "not in the operator list: {missing:?}");
+    assert!(!is_builtin(created.trim()));
 }
