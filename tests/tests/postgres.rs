@@ -506,9 +506,9 @@ fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
     );
 }
 
-/// The `user_functions` matcher tells PostgreSQL's own functions by a list taken from a
-/// server's catalog: every function of the server the tests run is on it, and a function
-/// created in the database is not.
+/// The `user_functions` matcher tells PostgreSQL's own functions and operators by lists
+/// taken from a server's catalog: every function and operator name of the server the tests
+/// run on is on them, and a function created in the database is not.
 #[test]
 fn the_built_in_function_list_covers_the_servers_catalog() {
     use portcullis::policy::sql::builtins::{is_builtin, is_builtin_operator};
