@@ -119,6 +119,12 @@ kinds! {
     ReassignOwned = "reassign_owned",
     /// `LOAD 'library'`: loads a shared library into the server process.
     Load = "load",
+    /// `ALTER TABLE ... ENABLE | DISABLE | FORCE | NO FORCE ROW LEVEL SECURITY`: whether the
+    /// table's row security policies decide who sees which rows (beside `alter_table`).
+    RowSecurity = "row_security",
+    /// `ALTER TABLE | VIEW | MATERIALIZED VIEW | SCHEMA ... OWNER TO`: the new owner may do
+    /// anything with the object (beside the statement's own kind).
+    AlterOwner = "alter_owner",
     AlterSystem = "alter_system",
     Comment = "comment",
     Grant = "grant",
@@ -213,6 +219,11 @@ impl Kind {
                     | SetRole
                     | SetSessionAuthorization
                     | ReassignOwned
+                    | RowSecurity
+                    | AlterOwner
+                    | Create(Object::Policy)
+                    | Alter(Object::Policy)
+                    | Drop(Object::Policy)
             ),
             "transaction" => matches!(
                 self,

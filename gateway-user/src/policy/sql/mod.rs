@@ -32,10 +32,10 @@ use std::{
 use serde::Serialize;
 use sqlparser::{
     ast::{
-        AlterTableOperation, BinaryOperator, CopySource, CopyTarget, CreateAggregateOption,
-        DropBehavior, Expr, FromTable, Ident, MergeAction, ObjectName, ObjectNamePart, ObjectType,
-        OperatorOption, Query, ReferentialAction, SetExpr, Statement, TableFactor, TableObject,
-        Visit, Visitor,
+        AlterSchemaOperation, AlterTableOperation, AlterViewOperation, BinaryOperator, CopySource,
+        CopyTarget, CreateAggregateOption, DropBehavior, Expr, FromTable, Ident, MergeAction,
+        ObjectName, ObjectNamePart, ObjectType, OperatorOption, Query, ReferentialAction, SetExpr,
+        Statement, TableFactor, TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -292,6 +292,7 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     }
     let tokens = rewrite_table_statement(tokens);
     let fallback = after_parse_failure(&tokens);
+    let words = lex::leading_words(&tokens, 3).join(" ");
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect)
         .with_recursion_limit(RECURSION_LIMIT)
@@ -312,7 +313,18 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
             }
         });
     match (parsed, fallback) {
-        (Ok(stmt), _) => Ok(classify_statement(&stmt)),
+        (Ok(stmt), _) => {
+            let c = classify_statement(&stmt);
+            // The parser reads other dialects' statements too (`USE db`, `PRAGMA x`, and
+            // once `LOAD`, which PostgreSQL has): a statement of no kind known here is not
+            // one that may pass unexamined.
+            if c.kinds.contains(&Kind::Other) {
+                return Err(ClassifyError::Syntax(format!(
+                    "`{words}` is read as a statement of no kind known here"
+                )));
+            }
+            Ok(c)
+        }
         (Err(_), Some(c)) => Ok(c),
         (Err(e), None) => Err(e),
     }
@@ -828,13 +840,37 @@ impl Visitor for Collector<'_> {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         use Statement as S;
         self.add_kind(own_kind(s));
-        if let S::AlterTable(at) = s
-            && at
+        if let S::AlterTable(at) = s {
+            for op in &at.operations {
+                use AlterTableOperation as O;
+                match op {
+                    O::DropColumn { .. } => self.add_kind(Kind::DropColumn),
+                    O::OwnerTo { .. } => self.add_kind(Kind::AlterOwner),
+                    O::EnableRowLevelSecurity
+                    | O::DisableRowLevelSecurity
+                    | O::ForceRowLevelSecurity
+                    | O::NoForceRowLevelSecurity => self.add_kind(Kind::RowSecurity),
+                    // Turning a trigger off or on changes what runs on every row written.
+                    O::EnableTrigger { .. }
+                    | O::DisableTrigger { .. }
+                    | O::EnableAlwaysTrigger { .. }
+                    | O::EnableReplicaTrigger { .. } => {
+                        self.add_kind(Kind::Alter(Object::Trigger));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let new_owner = match s {
+            S::AlterView(v) => matches!(v.operation, AlterViewOperation::OwnerTo(_)),
+            S::AlterSchema(a) => a
                 .operations
                 .iter()
-                .any(|op| matches!(op, AlterTableOperation::DropColumn { .. }))
-        {
-            self.add_kind(Kind::DropColumn);
+                .any(|o| matches!(o, AlterSchemaOperation::OwnerTo { .. })),
+            _ => false,
+        };
+        if new_owner {
+            self.add_kind(Kind::AlterOwner);
         }
         if cascades(s) {
             self.add_kind(Kind::DropCascade);
