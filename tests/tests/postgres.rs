@@ -155,6 +155,52 @@ fn connection_time_settings_that_would_escape_the_policies_are_refused() {
 }
 
 #[test]
+fn a_superuser_agent_is_counted_and_said_once() {
+    let w = world("");
+    let superuser_sessions = || {
+        let (_, body) = w.daemon.http_get("/metrics");
+        metric_in(
+            &body,
+            "portcullis_pg_superuser_sessions_total",
+            &[("target", "pg")],
+        )
+    };
+    let warnings = || {
+        w.daemon
+            .logs
+            .all()
+            .iter()
+            .filter(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("database role is a superuser"))
+            })
+            .count()
+    };
+    let o = psql(&w, &w.agent, "disable", "SELECT 1");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!((superuser_sessions(), warnings()), (0.0, 0));
+    // The server reports is_superuser in the session's parameters.
+    w.pg.sql("shop", "ALTER ROLE app SUPERUSER");
+    for _ in 0..2 {
+        let o = psql(&w, &w.agent, "disable", "SELECT 1");
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(superuser_sessions(), 2.0);
+    let log = w.daemon.logs.wait_for(
+        "the superuser warning",
+        std::time::Duration::from_secs(10),
+        |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("database role is a superuser"))
+        },
+    );
+    assert_eq!(log["db.user"], "app", "{log}");
+    assert_eq!(warnings(), 1, "said once per target and role");
+}
+
+#[test]
 fn tls_on_both_legs_with_sslmode_require_and_injected_scram() {
     let env_probe = Env::new();
     let secret = secret_file(&env_probe);

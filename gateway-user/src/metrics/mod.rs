@@ -53,6 +53,8 @@ pub struct Metrics {
     pub statements: IntCounterVec,
     /// Decisions by the rule that made them.
     pub rule_decisions: IntCounterVec,
+    /// PostgreSQL sessions whose database role is a superuser, by target.
+    pub pg_superuser_sessions: IntCounterVec,
     pub decision_seconds: Histogram,
     pub statement_seconds: HistogramVec,
     pub upstream_seconds: HistogramVec,
@@ -182,6 +184,14 @@ impl Metrics {
                 "portcullis_rule_decisions_total",
                 "Statements judged, by the rule that decided and its decision.",
                 &["rule", "decision"],
+            ),
+            pg_superuser_sessions: counter_vec(
+                &r,
+                "portcullis_pg_superuser_sessions_total",
+                "PostgreSQL sessions whose database role is a superuser (the server reported \
+                 is_superuser = on): the policies are all that stands between them and the \
+                 server's files, configuration and every database.",
+                &["target"],
             ),
             decision_seconds: histogram(
                 &r,

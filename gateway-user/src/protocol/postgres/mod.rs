@@ -96,6 +96,8 @@ pub struct PgShared {
     pub tokens: Arc<arc_swap::ArcSwap<crate::oidc::Validator>>,
     /// Targets already warned about masking without a catalog.
     warned_no_catalog: Mutex<std::collections::HashSet<String>>,
+    /// (target, database role) pairs already warned about as superusers.
+    warned_superuser: Mutex<std::collections::HashSet<(String, String)>>,
     upstream_tls: Mutex<HashMap<String, (PgTarget, ClientTls)>>,
 }
 
@@ -124,6 +126,7 @@ impl PgShared {
             catalogs: catalog::Catalogs::default(),
             tokens,
             warned_no_catalog: Mutex::new(std::collections::HashSet::new()),
+            warned_superuser: Mutex::new(std::collections::HashSet::new()),
             upstream_tls: Mutex::new(HashMap::new()),
         })
     }
@@ -140,6 +143,31 @@ impl PgShared {
                 "column mask rules apply to this target but it has no `credentials` for \
                  catalog lookups: every column read from a table or view is masked (or \
                  refused) as undecidable; see docs/postgres.md"
+            );
+        }
+    }
+
+    /// Counts a session whose database role is a superuser, and says so once per target
+    /// and role: such an agent is one policy gap away from the server's files (`COPY ...
+    /// PROGRAM`, `pg_read_file`), its configuration and every database on it.
+    pub fn superuser_session(&self, target: &str, role: &str, agent: &str) {
+        crate::metrics::get()
+            .pg_superuser_sessions
+            .with_label_values(&[target])
+            .inc();
+        let first = self
+            .warned_superuser
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((target.to_owned(), role.to_owned()));
+        if first {
+            tracing::warn!(
+                target.name = %target,
+                db.user = %role,
+                agent.name = %agent,
+                "an agent's database role is a superuser: the policies are all that stands \
+                 between it and the server's files, configuration and every database; give \
+                 agents a role with only the privileges they need (see docs/postgres.md)"
             );
         }
     }

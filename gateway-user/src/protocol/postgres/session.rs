@@ -400,6 +400,11 @@ async fn session(
         .find(|(k, _)| k == "database")
         .map_or_else(|| client_user.clone(), |(_, v)| v.clone());
     let creds = pg.credentials.clone();
+    // The role the session runs as on the server.
+    let role = match (&pg.auth, &creds) {
+        (PgAuth::Inject, Some(c)) => c.user.clone(),
+        _ => client_user.clone(),
+    };
     if pg.auth == PgAuth::Inject {
         let user = creds.as_ref().map(|c| c.user.clone()).unwrap_or_default();
         params.retain(|(k, _)| k != "user");
@@ -462,17 +467,16 @@ async fn session(
 
     // ---- until the first ReadyForQuery: parameters and the backend key
     let mut scs = true;
+    let mut superuser = false;
     let mut key: Option<(i32, Bytes)> = None;
     loop {
         let f = server.frame().await?;
         match f.tag {
-            be::PARAMETER_STATUS => {
-                if let Ok((k, v)) = messages::parameter_status(&f.body)
-                    && k == "standard_conforming_strings"
-                {
-                    scs = v == "on";
-                }
-            }
+            be::PARAMETER_STATUS => match messages::parameter_status(&f.body) {
+                Ok((k, v)) if k == "standard_conforming_strings" => scs = v == "on",
+                Ok((k, v)) if k == "is_superuser" => superuser = v == "on",
+                _ => {}
+            },
             be::BACKEND_KEY_DATA => key = messages::backend_key(&f.body).ok(),
             be::ERROR_RESPONSE => {
                 send(&mut client.r, &[f], true).await?;
@@ -487,6 +491,9 @@ async fn session(
         if ready {
             break;
         }
+    }
+    if superuser {
+        shared.superuser_session(&ctx.target.name, &role, &ctx.agent.name);
     }
     let _cancel_guard = key.map(|(pid, k)| shared.cancels.insert(pid, k, upstream.addr));
     tracing::debug!(conn.id = ctx.id, db = %database, "postgres session ready");
