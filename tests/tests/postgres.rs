@@ -147,8 +147,18 @@ fn connection_time_settings_that_would_escape_the_policies_are_refused() {
     );
     let out = with_options("", "SET search_path TO public, pg_catalog");
     assert!(out.contains("deny-dangerous-functions"), "{out}");
-    // A path that leaves pg_catalog first is the usual case and passes.
-    let out = with_options("-c search_path=public", "SHOW search_path");
+    // A library loaded as the session starts runs inside the server, as LOAD would.
+    let out = with_options("-c session_preload_libraries=auto_explain", "SELECT 1");
+    assert!(
+        out.contains("loading libraries at connection time"),
+        "{out}"
+    );
+    // A path that leaves pg_catalog first is the usual case and passes, as do settings
+    // that merely contain a refused word.
+    let out = with_options(
+        "-c search_path=public -c application_name=controller",
+        "SHOW search_path",
+    );
     assert!(out.contains("public") && !out.contains("ERROR"), "{out}");
     let log = w.pg.log();
     assert!(!log.contains("search_path TO public, pg_catalog"), "{log}");

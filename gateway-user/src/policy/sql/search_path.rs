@@ -42,41 +42,6 @@ pub fn parse_list(value: &str) -> Vec<String> {
     out
 }
 
-/// The value of every `search_path` a startup packet's `options` sets (`-c
-/// search_path=a,b`, `-csearch_path=a,b`, `--search_path=a,b`; a backslash escapes the
-/// next character, as PostgreSQL reads `options`).
-pub fn in_options(options: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut chars = options.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => cur.extend(chars.next()),
-            c if c.is_whitespace() => {
-                if !cur.is_empty() {
-                    words.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        words.push(cur);
-    }
-    words
-        .iter()
-        .filter_map(|w| {
-            let w = w
-                .strip_prefix("--")
-                .or_else(|| w.strip_prefix("-c"))
-                .unwrap_or(w);
-            let (name, value) = w.split_once('=')?;
-            // GUC names are case-insensitive, and `-` stands for `_` in them here.
-            (name.to_ascii_lowercase().replace('-', "_") == "search_path").then(|| value.into())
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,19 +70,5 @@ mod tests {
             parse_list(r#" A , "b, ""c""" ,pg_catalog"#),
             ["a", r#"b, "c""#, "pg_catalog"]
         );
-    }
-
-    #[test]
-    fn options_yield_each_search_path_they_set() {
-        assert_eq!(
-            in_options(r"-c search_path=evil,pg_catalog --statement-timeout=5"),
-            ["evil,pg_catalog"]
-        );
-        assert_eq!(
-            in_options(r"--search-path=a,\ b -c SEARCH_PATH=c"),
-            ["a, b", "c"]
-        );
-        assert_eq!(in_options("-csearch_path=x"), ["x"]);
-        assert!(in_options("-c work_mem=4MB").is_empty());
     }
 }

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod expect;
 pub mod listens;
 pub mod messages;
+pub mod params;
 pub mod record;
 pub mod results;
 pub mod session;

@@ -48,7 +48,7 @@ use crate::{
     policy::{
         Judgement, PolicyStore, Subject, Verdict,
         cache::ClassKey,
-        sql::{Kind, LexOptions, search_path},
+        sql::{Kind, LexOptions},
     },
     protocol::{ConnContext, End, Outcome, Session, Traffic},
     proxy::upstream::Upstream,
@@ -236,54 +236,6 @@ fn denial_error(d: &Denial) -> Frame {
     .error()
 }
 
-/// Startup parameters that would change identity or protocol before any statement could
-/// be judged.
-fn check_params(params: &[(String, String)]) -> Result<(), String> {
-    for (k, v) in params {
-        let k_l = k.to_ascii_lowercase();
-        match k_l.as_str() {
-            "replication" => {
-                return Err("replication connections are not allowed through Portcullis".into());
-            }
-            "role" | "session_authorization" => {
-                return Err(format!(
-                    "setting `{k}` at connection time is not allowed through Portcullis; use \
-                     SET ROLE, which the policy judges"
-                ));
-            }
-            "options" => {
-                let l = v.to_ascii_lowercase();
-                if l.contains("role") || l.contains("session_authorization") {
-                    return Err(
-                        "setting a role in `options` at connection time is not allowed through \
-                         Portcullis; use SET ROLE, which the policy judges"
-                            .into(),
-                    );
-                }
-                for path in search_path::in_options(v) {
-                    shadowing_path(&path)?;
-                }
-            }
-            "search_path" => shadowing_path(v)?,
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Refuses a connection-time `search_path` that puts a schema before `pg_catalog`: the
-/// policies would take that schema's functions and operators for PostgreSQL's own.
-fn shadowing_path(value: &str) -> Result<(), String> {
-    if search_path::shadows_catalog(&search_path::parse_list(value)) {
-        return Err(format!(
-            "a search_path that puts a schema before pg_catalog (`{value}`) is not allowed \
-             through Portcullis: built-in function and operator names would resolve to that \
-             schema's; name pg_catalog first or leave it out"
-        ));
-    }
-    Ok(())
-}
-
 /// The process behind the connection as the rules see it; a token's identity is added
 /// once one is accepted.
 fn subject_of(ctx: &ConnContext) -> Subject {
@@ -386,7 +338,7 @@ async fn session(
             leftover,
         } => (client, version, params, leftover),
     };
-    if let Err(why) = check_params(&params) {
+    if let Err(why) = super::params::check(&params) {
         tell_fatal(&mut client, "42501", &why).await;
         return Err(PgError::Refused(why));
     }
