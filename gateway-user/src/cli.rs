@@ -586,6 +586,7 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
             };
             let lex = LexOptions {
                 standard_conforming_strings: !non_standard_strings,
+                ..LexOptions::default()
             };
             let j = policy::store::judge(&set, &subject, &t.name, t.protocol.as_str(), &sql, lex);
             if json {

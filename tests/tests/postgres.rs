@@ -164,6 +164,51 @@ fn connection_time_settings_that_would_escape_the_policies_are_refused() {
     assert!(!log.contains("search_path TO public, pg_catalog"), "{log}");
 }
 
+/// In SJIS (and the other client-only encodings) a multibyte character can end in a
+/// backslash byte: `ぁ\'` is, to a UTF-8 reader, an escaped quote inside a string, and to
+/// the server, which converts the text from the client encoding before reading it, two
+/// characters and the quote that ends the string. Such an encoding is refused at
+/// connection time and as a SET; where the server uses one anyway (a role's default),
+/// statements that are not all ASCII are refused as unclassifiable.
+#[test]
+fn an_encoding_that_reads_a_backslash_differently_cannot_smuggle_a_statement() {
+    let w = world("");
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE t (id int); INSERT INTO t VALUES (1); ALTER TABLE t OWNER TO app;",
+    );
+    let run = |encoding: Option<&str>, sql: &str| {
+        let mut cmd = psql_cmd(&w, &w.agent, "disable");
+        if let Some(e) = encoding {
+            cmd.env("PGCLIENTENCODING", e);
+        }
+        text(&cmd.args(["-c", sql]).output().expect("psql"))
+    };
+    let smuggled = "SELECT E'\u{3041}\\'; DROP TABLE t; --'";
+    // Asked for at connection time: refused.
+    let out = run(Some("SJIS"), "SELECT 1");
+    assert!(
+        out.contains("client_encoding `SJIS` is not allowed"),
+        "{out}"
+    );
+    // Asked for by a statement: refused.
+    let out = run(None, "SET client_encoding TO 'SJIS'");
+    assert!(out.contains("deny-dangerous-functions"), "{out}");
+    // The role's default puts the session in SJIS: the smuggling statement is refused,
+    // plain ASCII still runs.
+    w.pg.sql("shop", "ALTER ROLE app SET client_encoding = 'SJIS'");
+    let out = run(None, smuggled);
+    assert!(out.contains("on_parse_error"), "{out}");
+    let out = run(None, "SELECT count(*) AS n FROM t");
+    assert!(out.contains(" n ") && !out.contains("ERROR"), "{out}");
+    assert_eq!(
+        w.pg.sql("shop", "SELECT count(*) FROM t"),
+        "1",
+        "t is still there"
+    );
+    assert!(!w.pg.log().contains("DROP TABLE t"));
+}
+
 #[test]
 fn a_superuser_agent_is_counted_and_said_once() {
     let w = world("");

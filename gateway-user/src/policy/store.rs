@@ -128,6 +128,11 @@ impl PolicyStore {
         lex: LexOptions,
     ) -> Arc<Judgement> {
         let generation = self.generation();
+        // Text such an encoding may read otherwise is judged as it is refused, uncached.
+        if lex.multibyte_ascii && !sql.is_ascii() {
+            let set = self.current();
+            return Arc::new(decide(&set, subject, target, protocol, classify(sql, lex)));
+        }
         // The lexical options change how text reads: part of the key.
         let class = if lex.standard_conforming_strings {
             class

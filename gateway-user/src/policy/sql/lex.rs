@@ -22,20 +22,64 @@ pub struct LexOptions {
     /// plain `'...'` string escapes the next character; the tokenizer reads strings the
     /// standard way, so a statement with a backslash is then refused as unclassifiable.
     pub standard_conforming_strings: bool,
+    /// The client encoding lets a multibyte character end in an ASCII byte (SJIS, BIG5,
+    /// GBK, UHC, GB18030, JOHAB: see [`swallows_ascii`]). The server converts the text
+    /// before reading it, so `ぁ\'` in UTF-8 is, in SJIS, two characters and a quote: a
+    /// statement with any non-ASCII character is then refused as unclassifiable.
+    pub multibyte_ascii: bool,
 }
 
 impl Default for LexOptions {
     fn default() -> Self {
         Self {
             standard_conforming_strings: true,
+            multibyte_ascii: false,
         }
     }
+}
+
+/// Whether a client encoding (any of PostgreSQL's spellings: case and punctuation are
+/// ignored, as the server ignores them) is one whose multibyte characters may end in an
+/// ASCII byte, backslash included: PostgreSQL's client-only encodings and their aliases.
+pub fn swallows_ascii(encoding: &str) -> bool {
+    let name: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(
+        name.as_str(),
+        "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+            | "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "gb18030"
+            | "johab"
+    )
 }
 
 /// Tokens of one statement, without whitespace-only statements and without the `;`.
 pub type StatementTokens = Vec<TokenWithSpan>;
 
 pub fn split(sql: &str, opts: LexOptions) -> Result<Vec<StatementTokens>, ClassifyError> {
+    if opts.multibyte_ascii && !sql.is_ascii() {
+        return Err(ClassifyError::Ambiguous(
+            "the client encoding lets a multibyte character end in an ASCII byte and the \
+             text is not all ASCII: it could be read differently by the server"
+                .into(),
+        ));
+    }
     if !opts.standard_conforming_strings && sql.contains('\\') {
         return Err(ClassifyError::Ambiguous(
             "standard_conforming_strings is off and the text has a backslash: it could be \
@@ -167,9 +211,43 @@ mod tests {
     fn refuses_backslashes_when_strings_are_not_standard() {
         let off = LexOptions {
             standard_conforming_strings: false,
+            ..LexOptions::default()
         };
         assert!(split("select 'a\\'; drop table t; --'", off).is_err());
         assert!(split("select 'plain'", off).is_ok());
+    }
+
+    #[test]
+    fn refuses_non_ascii_text_when_the_encoding_can_swallow_ascii() {
+        let sjis = LexOptions {
+            multibyte_ascii: true,
+            ..LexOptions::default()
+        };
+        // UTF-8 sees a backslash before the quote; SJIS sees two characters, then a quote
+        // that ends the string.
+        assert!(split("select E'\u{3041}\\'; drop table t; --'", sjis).is_err());
+        assert!(
+            split(
+                "select E'\u{3041}\\'; drop table t; --'",
+                LexOptions::default()
+            )
+            .is_ok()
+        );
+        assert!(split("select 'plain ascii'", sjis).is_ok());
+        for name in [
+            "SJIS",
+            "Shift_JIS",
+            "windows-932",
+            "BIG5",
+            "gbk",
+            "UHC",
+            "GB18030",
+        ] {
+            assert!(swallows_ascii(name), "{name}");
+        }
+        for name in ["UTF8", "utf-8", "LATIN1", "EUC_JP", "SQL_ASCII", "WIN1252"] {
+            assert!(!swallows_ascii(name), "{name}");
+        }
     }
 
     #[test]

@@ -882,6 +882,12 @@ impl Visitor for Collector<'_> {
                 .dangerous
                 .insert(("search_path".into(), functions::Danger::Config));
         }
+        if set_client_encoding(s).is_some_and(|e| lex::swallows_ascii(&e)) {
+            // The server would read the session's text otherwise than the classifier.
+            self.c
+                .dangerous
+                .insert(("client_encoding".into(), functions::Danger::Config));
+        }
         match s {
             S::Query(q) => {
                 if let SetExpr::Select(sel) = q.body.as_ref()
@@ -1068,6 +1074,25 @@ fn set_search_path(s: &Statement) -> Option<Vec<String>> {
             })
             .collect(),
     )
+}
+
+/// The encoding a `SET client_encoding` or `SET NAMES` asks for.
+fn set_client_encoding(s: &Statement) -> Option<String> {
+    match s {
+        Statement::Set(sqlparser::ast::Set::SetNames { charset_name, .. }) => {
+            Some(charset_name.value.clone())
+        }
+        Statement::Set(sqlparser::ast::Set::SingleAssignment {
+            variable, values, ..
+        }) if parts(variable) == ["client_encoding"] => values.first().map(|v| match v {
+            Expr::Value(v) => match &v.value {
+                sqlparser::ast::Value::SingleQuotedString(t) => t.clone(),
+                other => other.to_string(),
+            },
+            other => other.to_string(),
+        }),
+        _ => None,
+    }
 }
 
 /// Whether a DROP (or an `ALTER TABLE ... DROP`) says CASCADE: it then drops what depends

@@ -134,7 +134,13 @@ proptest! {
         scs in any::<bool>(),
     ) {
         let sql = parts.join(" ");
-        let _ = classify(&sql, LexOptions { standard_conforming_strings: scs });
+        let _ = classify(
+            &sql,
+            LexOptions {
+                standard_conforming_strings: scs,
+                ..LexOptions::default()
+            },
+        );
     }
 }
 

@@ -8,7 +8,9 @@
 //! `pg_catalog` (built-in names would run that schema's functions, see
 //! [`search_path`](crate::policy::sql::search_path)); libraries loaded into the server
 //! process (`session_preload_libraries`, `local_preload_libraries`, with the
-//! `dynamic_library_path` and `jit_provider` that say where from), as `LOAD` is.
+//! `dynamic_library_path` and `jit_provider` that say where from), as `LOAD` is; a
+//! `client_encoding` whose multibyte characters can end in an ASCII byte (the server
+//! converts text before reading it, so it would read statements otherwise).
 //!
 //! Pure.
 
@@ -60,6 +62,11 @@ fn setting(name: &str, value: &str, in_options: bool) -> Result<(), String> {
                  resolve to that schema's; name pg_catalog first or leave it out"
             ))
         }
+        "client_encoding" if crate::policy::sql::lex::swallows_ascii(value) => Err(format!(
+            "client_encoding `{value}` is not allowed through Portcullis: its multibyte \
+             characters can end in an ASCII byte (a backslash), so the server could read a \
+             statement otherwise than the policies did; use UTF8"
+        )),
         n if LIBRARY_SETTINGS.contains(&n) => Err(format!(
             "loading libraries at connection time (`{n}`) is not allowed through \
              Portcullis, as LOAD is not"
@@ -148,6 +155,8 @@ mod tests {
             vec![("session_preload_libraries", "/tmp/x.so")],
             vec![("options", "-c local_preload_libraries=x")],
             vec![("options", "--dynamic-library-path=/tmp")],
+            vec![("client_encoding", "SJIS")],
+            vec![("options", "-c client_encoding=GBK")],
         ] {
             assert!(of(&bad).is_err(), "{bad:?}");
         }
@@ -160,6 +169,7 @@ mod tests {
             )],
             vec![("options", "-c search_path=app,public")],
             vec![("search_path", "pg_catalog, app")],
+            vec![("client_encoding", "UTF8")],
         ] {
             assert_eq!(of(&good), Ok(()), "{good:?}");
         }

@@ -236,6 +236,15 @@ fn denial_error(d: &Denial) -> Frame {
     .error()
 }
 
+/// What a ParameterStatus from the server changes in how statements are read.
+fn note_parameter(lex: &mut LexOptions, name: &str, value: &str) {
+    match name {
+        "standard_conforming_strings" => lex.standard_conforming_strings = value == "on",
+        "client_encoding" => lex.multibyte_ascii = crate::policy::sql::lex::swallows_ascii(value),
+        _ => {}
+    }
+}
+
 /// The process behind the connection as the rules see it; a token's identity is added
 /// once one is accepted.
 fn subject_of(ctx: &ConnContext) -> Subject {
@@ -418,15 +427,17 @@ async fn session(
     }
 
     // ---- until the first ReadyForQuery: parameters and the backend key
-    let mut scs = true;
+    let mut lex = LexOptions::default();
     let mut superuser = false;
     let mut key: Option<(i32, Bytes)> = None;
     loop {
         let f = server.frame().await?;
         match f.tag {
             be::PARAMETER_STATUS => match messages::parameter_status(&f.body) {
-                Ok((k, v)) if k == "standard_conforming_strings" => scs = v == "on",
-                Ok((k, v)) if k == "is_superuser" => superuser = v == "on",
+                Ok((k, v)) => {
+                    superuser |= k == "is_superuser" && v == "on";
+                    note_parameter(&mut lex, &k, &v);
+                }
                 _ => {}
             },
             be::BACKEND_KEY_DATA => key = messages::backend_key(&f.body).ok(),
@@ -470,7 +481,7 @@ async fn session(
         prepared: HashMap::new(),
         portals: HashMap::new(),
         recorded: 0,
-        scs,
+        lex,
         received_at: None,
         sent_at: None,
         redefined: Redefined::Nothing,
@@ -812,8 +823,8 @@ struct State {
     portals: HashMap<String, Portal>,
     /// Statements recorded in this session.
     recorded: u64,
-    /// The server's standard_conforming_strings.
-    scs: bool,
+    /// How the server reads text: its standard_conforming_strings and client_encoding.
+    lex: LexOptions,
     /// When the oldest request not yet answered by ReadyForQuery arrived from the client,
     /// and when it was forwarded (latency metrics).
     received_at: Option<std::time::Instant>,
@@ -915,7 +926,7 @@ impl JudgeCtx {
         self.policy.generation()
     }
 
-    fn judge(&self, sql: &str, scs: bool) -> Arc<Judgement> {
+    fn judge(&self, sql: &str, lex: LexOptions) -> Arc<Judgement> {
         let began = std::time::Instant::now();
         let j = self.policy.judge_sql(
             self.class,
@@ -923,9 +934,7 @@ impl JudgeCtx {
             &self.target,
             self.protocol,
             sql,
-            LexOptions {
-                standard_conforming_strings: scs,
-            },
+            lex,
         );
         crate::metrics::get()
             .decision_seconds
@@ -1076,7 +1085,7 @@ fn rejudge(
     if generation == p.generation {
         return Rejudged::Same;
     }
-    let j = judge.judge(&p.sql, st.scs);
+    let j = judge.judge(&p.sql, st.lex);
     let refused = match j.decision.verdict {
         Verdict::Deny => Some(denial_of(&j)),
         Verdict::RequireApproval if !approved => Some(Denial {
@@ -1340,7 +1349,7 @@ fn plan(
         fe::QUERY => {
             let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
             let generation = judge.generation();
-            let j = judge.judge(&sql, st.scs);
+            let j = judge.judge(&sql, st.lex);
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => {
@@ -1403,7 +1412,7 @@ fn plan(
         fe::PARSE => {
             let p = Parse::decode(&f.body).map_err(cp)?;
             let generation = judge.generation();
-            let j = judge.judge(&p.sql, st.scs);
+            let j = judge.judge(&p.sql, st.lex);
             // The unnamed statement is replaced by every Parse; a named one is not: the
             // server refuses the name while it exists.
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
@@ -2141,9 +2150,8 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if f.tag == be::PARAMETER_STATUS
                     && let Ok((k, v)) = messages::parameter_status(&f.body)
-                    && k == "standard_conforming_strings"
                 {
-                    st.scs = v == "on";
+                    note_parameter(&mut st.lex, &k, &v);
                 }
                 let head = st.tracker.head_query_ctx().cloned();
                 // Errors and notices of a masked statement may quote what it masks.
@@ -2156,11 +2164,11 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     forget_unmade(&mut st, &name);
                 }
                 if f.tag == be::NOTIFICATION {
-                    let scs = st.scs;
+                    let lex = st.lex;
                     // A LISTEN the policies now deny stops notifications; one they would
                     // hold for approval has had it.
                     let judged = |sql: &str| {
-                        let j = judge.judge(sql, scs);
+                        let j = judge.judge(sql, lex);
                         (j.decision.verdict != Verdict::Deny).then(|| j.decision.masks.clone())
                     };
                     notify = st.listens.notify(judge.generation(), &judged);
