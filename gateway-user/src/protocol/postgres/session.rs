@@ -433,13 +433,12 @@ async fn session(
     loop {
         let f = server.frame().await?;
         match f.tag {
-            be::PARAMETER_STATUS => match messages::parameter_status(&f.body) {
-                Ok((k, v)) => {
+            be::PARAMETER_STATUS => {
+                if let Ok((k, v)) = messages::parameter_status(&f.body) {
                     superuser |= k == "is_superuser" && v == "on";
                     note_parameter(&mut lex, &k, &v);
                 }
-                _ => {}
-            },
+            }
             be::BACKEND_KEY_DATA => key = messages::backend_key(&f.body).ok(),
             be::ERROR_RESPONSE => {
                 send(&mut client.r, &[f], true).await?;
