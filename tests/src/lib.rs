@@ -426,6 +426,15 @@ impl Logs {
         self.parsed().events.clone()
     }
 
+    /// How many events so far have a message `pred` accepts.
+    pub fn count_messages(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.parsed()
+            .events
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(&pred))
+            .count()
+    }
+
     /// Waits for an event matching `pred`.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;

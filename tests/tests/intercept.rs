@@ -940,14 +940,7 @@ fn a_target_host_name_is_followed_when_it_moves() {
     assert!(d.metric("portcullis_target_lookups_total", &[("result", "ok")]) >= 1.0);
     let failed = d
         .logs
-        .all()
-        .iter()
-        .filter(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("a target's host name no longer resolves"))
-        })
-        .count();
+        .count_messages(|m| m.starts_with("a target's host name no longer resolves"));
     assert_eq!(failed, 1, "the failure is said once, not at every lookup");
 
     // It resolves again: said a second time.

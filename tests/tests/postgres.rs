@@ -213,9 +213,7 @@ fn an_encoding_that_reads_a_backslash_differently_cannot_smuggle_a_statement() {
 fn a_superuser_agent_is_counted_and_said_once() {
     let w = world("");
     let superuser_sessions = || {
-        let (_, body) = w.daemon.http_get("/metrics");
-        metric_in(
-            &body,
+        w.daemon.metric(
             "portcullis_pg_superuser_sessions_total",
             &[("target", "pg")],
         )
@@ -223,14 +221,7 @@ fn a_superuser_agent_is_counted_and_said_once() {
     let warnings = || {
         w.daemon
             .logs
-            .all()
-            .iter()
-            .filter(|v| {
-                v["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("database role is a superuser"))
-            })
-            .count()
+            .count_messages(|m| m.contains("database role is a superuser"))
     };
     let o = psql(&w, &w.agent, "disable", "SELECT 1");
     assert!(o.status.success(), "{}", text(&o));
