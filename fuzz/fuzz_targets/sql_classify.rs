@@ -18,6 +18,11 @@ fuzz_target!(|data: &[u8]| {
         LexOptions::default(),
         LexOptions {
             standard_conforming_strings: false,
+            ..LexOptions::default()
+        },
+        LexOptions {
+            multibyte_ascii: true,
+            ..LexOptions::default()
         },
     ] {
         let fresh = classify(s, opts);

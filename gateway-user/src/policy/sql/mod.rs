@@ -199,8 +199,10 @@ pub fn classify_read(
     shapes: Option<&ShapeCache>,
     quick: Option<&quick::Quick<'_>>,
 ) -> Classification {
-    // A known shape needs no full tokenization when the quick lexer reads the text.
-    if let (Some(cache), Some(q)) = (shapes, quick)
+    // A known shape needs no full tokenization when the quick lexer reads the text (and
+    // the session's encoding reads it as the server does: see `LexOptions`).
+    if (!opts.multibyte_ascii || sql.is_ascii())
+        && let (Some(cache), Some(q)) = (shapes, quick)
         && let Some(c) = cache.get(&q.key)
     {
         return Classification {

@@ -165,3 +165,35 @@ fn deallocate_and_discard_name_what_they_drop() {
     assert_eq!(one("DISCARD ALL"), (None, true));
     assert_eq!(one("DISCARD PLANS"), (None, false));
 }
+
+/// A shape cached from a session in UTF-8 is not served to one whose encoding reads
+/// non-ASCII text otherwise: there the text is refused, as a fresh classification would.
+#[test]
+fn a_cached_shape_is_not_served_where_the_encoding_reads_text_otherwise() {
+    let cache = super::ShapeCache::default();
+    let sql = "SELECT id FROM t WHERE name = '\u{3041}' AND id = 1";
+    let utf8 = LexOptions::default();
+    let sjis = LexOptions {
+        multibyte_ascii: true,
+        ..LexOptions::default()
+    };
+    for _ in 0..2 {
+        assert!(
+            super::classify_with(sql, utf8, Some(&cache))
+                .error
+                .is_none()
+        );
+    }
+    let c = super::classify_with(sql, sjis, Some(&cache));
+    assert!(
+        matches!(c.error, Some(ClassifyError::Ambiguous(_))),
+        "{c:?}"
+    );
+    assert_eq!(c, classify(sql, sjis));
+    // ASCII text reads alike in every such encoding.
+    let ascii = "SELECT id FROM t WHERE name = 'a' AND id = 1";
+    assert_eq!(
+        super::classify_with(ascii, sjis, Some(&cache)),
+        classify(ascii, utf8)
+    );
+}
