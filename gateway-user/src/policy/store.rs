@@ -129,7 +129,7 @@ impl PolicyStore {
     ) -> Arc<Judgement> {
         let generation = self.generation();
         // Text such an encoding may read otherwise is judged as it is refused, uncached.
-        if lex.multibyte_ascii && !sql.is_ascii() {
+        if lex.may_misread(sql) {
             let set = self.current();
             return Arc::new(decide(&set, subject, target, protocol, classify(sql, lex)));
         }

@@ -314,12 +314,17 @@ impl ProcDir {
     }
 }
 
-/// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot. The command name
-/// (field 2) may contain spaces and parentheses, so fields are counted after the last `)`.
-pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+/// Field `n` of a `/proc/PID/stat` line, numbered as proc(5) numbers them, from 3 on. The
+/// command name (field 2) may contain spaces and parentheses, so fields are counted after
+/// the last `)`.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let after = &stat[stat.rfind(')')? + 1..];
-    // After ")" come fields 3.. ; field 22 is the 20th of them.
-    after.split_ascii_whitespace().nth(19)?.parse().ok()
+    after.split_ascii_whitespace().nth(n.checked_sub(3)?)
+}
+
+/// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    stat_field(stat, 22)?.parse().ok()
 }
 
 /// `/proc/PID/exe` of a deleted binary reads `/path (deleted)`.
@@ -543,6 +548,11 @@ mod tests {
         assert_eq!(parse_start_ticks(&stat_line(1, "a) (b c", 777)), Some(777));
         assert_eq!(parse_start_ticks("1 (x) S"), None);
         assert_eq!(parse_start_ticks("garbage"), None);
+        // Fields by their proc(5) numbers: 3 is the state, 20 the thread count.
+        let line = stat_line(1, "a) (b c", 777);
+        assert_eq!(stat_field(&line, 3), Some("S"));
+        assert_eq!(stat_field(&line, 20), Some("1"));
+        assert_eq!(stat_field(&line, 2), None);
         assert_eq!(comm_string(b"abc\0\0\0\0\0\0\0\0\0\0\0\0\0"), "abc");
     }
 }

@@ -532,15 +532,13 @@ impl CpuTicks {
         let process = pid.map_or(0.0, |pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-            // Fields after the command name, which may hold spaces: state, then ppid
-            // onwards; utime and stime are the 11th and 12th of those.
-            let rest = &stat[stat.rfind(')').expect("a /proc/PID/stat line") + 1..];
-            let f: Vec<f64> = rest
-                .split_whitespace()
-                .skip(1)
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect();
-            f[10] + f[11]
+            // utime and stime.
+            let ticks = |n| {
+                portcullis::proxy::identity::stat_field(&stat, n)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("field {n} of /proc/{pid}/stat: {stat}"))
+            };
+            ticks(14) + ticks(15)
         });
         let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
         let cpu: Vec<f64> = stat

@@ -44,17 +44,21 @@ const SQL_FORMS: &[&str] = &[
     "xmlserialize",
 ];
 
-static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
-    let mut v: Vec<&str> = include_str!("builtin_functions.txt")
+/// The names of a list file (one per line) and `extra`, sorted for binary search.
+fn sorted(list: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v: Vec<&str> = list
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .chain(SQL_FORMS.iter().copied())
+        .chain(extra.iter().copied())
         .collect();
     v.sort_unstable();
     v.dedup();
     v
-});
+}
+
+static NAMES: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| sorted(include_str!("builtin_functions.txt"), SQL_FORMS));
 
 /// Whether `name` (unqualified, as the classifier folds it) is one of PostgreSQL's own.
 pub fn is_builtin(name: &str) -> bool {
@@ -67,16 +71,8 @@ pub fn is_builtin(name: &str) -> bool {
 /// an extension's `<=>`) runs someone else's function. A name is all that is known here:
 /// an operator an extension defines under a built-in name (`<->`) passes for the
 /// built-in.
-static OPERATORS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
-    let mut v: Vec<&str> = include_str!("builtin_operators.txt")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-});
+static OPERATORS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| sorted(include_str!("builtin_operators.txt"), &[]));
 
 /// Whether an operator name is one PostgreSQL defines.
 pub fn is_builtin_operator(name: &str) -> bool {

@@ -29,6 +29,14 @@ pub struct LexOptions {
     pub multibyte_ascii: bool,
 }
 
+impl LexOptions {
+    /// Whether the server could read `sql` otherwise than this classifier: under an
+    /// encoding that can swallow ASCII, any text that is not all ASCII.
+    pub fn may_misread(self, sql: &str) -> bool {
+        self.multibyte_ascii && !sql.is_ascii()
+    }
+}
+
 impl Default for LexOptions {
     fn default() -> Self {
         Self {
@@ -73,7 +81,7 @@ pub fn swallows_ascii(encoding: &str) -> bool {
 pub type StatementTokens = Vec<TokenWithSpan>;
 
 pub fn split(sql: &str, opts: LexOptions) -> Result<Vec<StatementTokens>, ClassifyError> {
-    if opts.multibyte_ascii && !sql.is_ascii() {
+    if opts.may_misread(sql) {
         return Err(ClassifyError::Ambiguous(
             "the client encoding lets a multibyte character end in an ASCII byte and the \
              text is not all ASCII: it could be read differently by the server"

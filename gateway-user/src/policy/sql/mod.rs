@@ -201,7 +201,7 @@ pub fn classify_read(
 ) -> Classification {
     // A known shape needs no full tokenization when the quick lexer reads the text (and
     // the session's encoding reads it as the server does: see `LexOptions`).
-    if (!opts.multibyte_ascii || sql.is_ascii())
+    if !opts.may_misread(sql)
         && let (Some(cache), Some(q)) = (shapes, quick)
         && let Some(c) = cache.get(&q.key)
     {
@@ -289,12 +289,15 @@ fn classify_shape(
 }
 
 fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, ClassifyError> {
-    if let Some(c) = by_keyword(&tokens) {
+    // Read once for the keyword forms, the fallback and the error below (`TABLE t`, which
+    // the rewrite changes, is none of them).
+    let words = lex::leading_words(&tokens, 4);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    if let Some(c) = by_keyword(&words) {
         return Ok(c);
     }
     let tokens = rewrite_table_statement(tokens);
-    let fallback = after_parse_failure(&tokens);
-    let words = lex::leading_words(&tokens, 3).join(" ");
+    let fallback = after_parse_failure(&words);
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect)
         .with_recursion_limit(RECURSION_LIMIT)
@@ -322,7 +325,8 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
             // one that may pass unexamined.
             if c.kinds.contains(&Kind::Other) {
                 return Err(ClassifyError::Syntax(format!(
-                    "`{words}` is read as a statement of no kind known here"
+                    "`{}` is read as a statement of no kind known here",
+                    words.join(" ")
                 )));
             }
             Ok(c)
@@ -373,15 +377,13 @@ fn rewrite_table_statement(mut tokens: lex::StatementTokens) -> lex::StatementTo
 /// queries (so nothing else can run inside them) or whose class is already restrictive
 /// (held or denied by the shipped policies): a parse failure never makes a statement look
 /// more harmless than its first words say.
-fn after_parse_failure(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option<StatementClass> {
-    let w = lex::leading_words(tokens, 4);
-    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+fn after_parse_failure(w: &[&str]) -> Option<StatementClass> {
     let dynamic = |k: Kind| {
         let mut c = StatementClass::new(k);
         c.dynamic_sql = true;
         Some(c)
     };
-    let kind = match w.as_slice() {
+    let kind = match w {
         ["DROP", "DATABASE", ..] => Kind::Drop(Object::Database),
         ["DROP", "SCHEMA", ..] => Kind::Drop(Object::Schema),
         ["DROP", "TABLE", ..] => Kind::Drop(Object::Table),
@@ -409,10 +411,8 @@ fn after_parse_failure(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option
 
 /// Statements sqlparser does not parse, known by their first words. Their bodies are not
 /// needed: the kind is the fact policies act on.
-fn by_keyword(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Option<StatementClass> {
-    let w = lex::leading_words(tokens, 3);
-    let w: Vec<&str> = w.iter().map(String::as_str).collect();
-    let kind = match w.as_slice() {
+fn by_keyword(w: &[&str]) -> Option<StatementClass> {
+    let kind = match w {
         ["DO", ..] => {
             let mut c = StatementClass::new(Kind::Do);
             c.dynamic_sql = true;
@@ -670,7 +670,7 @@ impl Collector<'_> {
     /// PostgreSQL's grammar, not names.
     fn operator(&mut self, op: &str) {
         if !op.is_empty()
-            && op.chars().all(|c| "+-*/<>=~!@#%^&|`?".contains(c))
+            && op.bytes().all(quick::is_operator)
             && !builtins::is_builtin_operator(op)
         {
             self.c.user_functions.insert(op.to_owned());
@@ -842,40 +842,8 @@ impl Visitor for Collector<'_> {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         use Statement as S;
         self.add_kind(own_kind(s));
-        if let S::AlterTable(at) = s {
-            for op in &at.operations {
-                use AlterTableOperation as O;
-                match op {
-                    O::DropColumn { .. } => self.add_kind(Kind::DropColumn),
-                    O::OwnerTo { .. } => self.add_kind(Kind::AlterOwner),
-                    O::EnableRowLevelSecurity
-                    | O::DisableRowLevelSecurity
-                    | O::ForceRowLevelSecurity
-                    | O::NoForceRowLevelSecurity => self.add_kind(Kind::RowSecurity),
-                    // Turning a trigger off or on changes what runs on every row written.
-                    O::EnableTrigger { .. }
-                    | O::DisableTrigger { .. }
-                    | O::EnableAlwaysTrigger { .. }
-                    | O::EnableReplicaTrigger { .. } => {
-                        self.add_kind(Kind::Alter(Object::Trigger));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let new_owner = match s {
-            S::AlterView(v) => matches!(v.operation, AlterViewOperation::OwnerTo(_)),
-            S::AlterSchema(a) => a
-                .operations
-                .iter()
-                .any(|o| matches!(o, AlterSchemaOperation::OwnerTo { .. })),
-            _ => false,
-        };
-        if new_owner {
-            self.add_kind(Kind::AlterOwner);
-        }
-        if cascades(s) {
-            self.add_kind(Kind::DropCascade);
+        for k in implied_kinds(s) {
+            self.add_kind(k);
         }
         if set_search_path(s).is_some_and(|p| search_path::shadows_catalog(&p)) {
             // Unqualified built-in names would resolve to another schema's functions and
@@ -1051,16 +1019,16 @@ impl Visitor for Collector<'_> {
     }
 }
 
-/// The schemas a `SET [SESSION | LOCAL] search_path` lists, as PostgreSQL folds them (a
-/// string literal is one name, as written).
-fn set_search_path(s: &Statement) -> Option<Vec<String>> {
+/// The values a `SET [SESSION | LOCAL] name` gives, as PostgreSQL reads them: names
+/// folded as identifiers are, a string literal as written.
+fn set_values(s: &Statement, name: &str) -> Option<Vec<String>> {
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
         variable, values, ..
     }) = s
     else {
         return None;
     };
-    if parts(variable) != ["search_path"] {
+    if parts(variable) != [name] {
         return None;
     }
     Some(
@@ -1078,52 +1046,84 @@ fn set_search_path(s: &Statement) -> Option<Vec<String>> {
     )
 }
 
-/// The encoding a `SET client_encoding` or `SET NAMES` asks for.
-fn set_client_encoding(s: &Statement) -> Option<String> {
-    match s {
-        Statement::Set(sqlparser::ast::Set::SetNames { charset_name, .. }) => {
-            Some(charset_name.value.clone())
-        }
-        Statement::Set(sqlparser::ast::Set::SingleAssignment {
-            variable, values, ..
-        }) if parts(variable) == ["client_encoding"] => values.first().map(|v| match v {
-            Expr::Value(v) => match &v.value {
-                sqlparser::ast::Value::SingleQuotedString(t) => t.clone(),
-                other => other.to_string(),
-            },
-            other => other.to_string(),
-        }),
-        _ => None,
-    }
+/// The schemas a `SET search_path` lists.
+fn set_search_path(s: &Statement) -> Option<Vec<String>> {
+    set_values(s, "search_path")
 }
 
-/// Whether a DROP (or an `ALTER TABLE ... DROP`) says CASCADE: it then drops what depends
-/// on its objects too.
-fn cascades(s: &Statement) -> bool {
+/// The encoding a `SET client_encoding` or `SET NAMES` asks for.
+fn set_client_encoding(s: &Statement) -> Option<String> {
+    if let Statement::Set(sqlparser::ast::Set::SetNames { charset_name, .. }) = s {
+        return Some(charset_name.value.clone());
+    }
+    set_values(s, "client_encoding")?.into_iter().next()
+}
+
+/// The kinds a statement has beside its own: what its `ALTER TABLE` operations do
+/// (`drop_column`, `row_security`, `alter_owner`, `alter_trigger` for enabling or disabling
+/// one), `alter_owner` for the other `OWNER TO`s, and `drop_cascade` for a DROP that says
+/// CASCADE (it then drops what depends on its objects too).
+fn implied_kinds(s: &Statement) -> Vec<Kind> {
     use Statement as S;
     let cascade = |b: &Option<DropBehavior>| matches!(b, Some(DropBehavior::Cascade));
     let action = |a: &Option<ReferentialAction>| matches!(a, Some(ReferentialAction::Cascade));
+    let mut out = Vec::new();
+    let mut cascades = false;
     match s {
-        S::Drop { cascade, .. } => *cascade,
-        S::DropFunction(d) => cascade(&d.drop_behavior),
-        S::DropProcedure { drop_behavior, .. } => cascade(drop_behavior),
-        S::DropDomain(d) => cascade(&d.drop_behavior),
-        S::DropPolicy(d) => cascade(&d.drop_behavior),
-        S::DropRule(d) => cascade(&d.drop_behavior),
-        S::DropOperator(d) => cascade(&d.drop_behavior),
-        S::DropOperatorFamily(d) => cascade(&d.drop_behavior),
-        S::DropOperatorClass(d) => cascade(&d.drop_behavior),
-        S::DropExtension(d) => action(&d.cascade_or_restrict),
-        S::DropTrigger(d) => action(&d.option),
-        S::AlterTable(at) => at.operations.iter().any(|op| match op {
-            AlterTableOperation::DropColumn { drop_behavior, .. }
-            | AlterTableOperation::DropConstraint { drop_behavior, .. }
-            | AlterTableOperation::DropPrimaryKey { drop_behavior }
-            | AlterTableOperation::DropForeignKey { drop_behavior, .. } => cascade(drop_behavior),
-            _ => false,
-        }),
-        _ => false,
+        S::AlterTable(at) => {
+            for op in &at.operations {
+                use AlterTableOperation as O;
+                match op {
+                    O::DropColumn { drop_behavior, .. } => {
+                        out.push(Kind::DropColumn);
+                        cascades |= cascade(drop_behavior);
+                    }
+                    O::DropConstraint { drop_behavior, .. }
+                    | O::DropPrimaryKey { drop_behavior }
+                    | O::DropForeignKey { drop_behavior, .. } => {
+                        cascades |= cascade(drop_behavior);
+                    }
+                    O::OwnerTo { .. } => out.push(Kind::AlterOwner),
+                    O::EnableRowLevelSecurity
+                    | O::DisableRowLevelSecurity
+                    | O::ForceRowLevelSecurity
+                    | O::NoForceRowLevelSecurity => out.push(Kind::RowSecurity),
+                    // Turning a trigger off or on changes what runs on every row written.
+                    O::EnableTrigger { .. }
+                    | O::DisableTrigger { .. }
+                    | O::EnableAlwaysTrigger { .. }
+                    | O::EnableReplicaTrigger { .. } => out.push(Kind::Alter(Object::Trigger)),
+                    _ => {}
+                }
+            }
+        }
+        S::AlterView(v) if matches!(v.operation, AlterViewOperation::OwnerTo(_)) => {
+            out.push(Kind::AlterOwner);
+        }
+        S::AlterSchema(a)
+            if a.operations
+                .iter()
+                .any(|o| matches!(o, AlterSchemaOperation::OwnerTo { .. })) =>
+        {
+            out.push(Kind::AlterOwner);
+        }
+        S::Drop { cascade: c, .. } => cascades = *c,
+        S::DropFunction(d) => cascades = cascade(&d.drop_behavior),
+        S::DropProcedure { drop_behavior, .. } => cascades = cascade(drop_behavior),
+        S::DropDomain(d) => cascades = cascade(&d.drop_behavior),
+        S::DropPolicy(d) => cascades = cascade(&d.drop_behavior),
+        S::DropRule(d) => cascades = cascade(&d.drop_behavior),
+        S::DropOperator(d) => cascades = cascade(&d.drop_behavior),
+        S::DropOperatorFamily(d) => cascades = cascade(&d.drop_behavior),
+        S::DropOperatorClass(d) => cascades = cascade(&d.drop_behavior),
+        S::DropExtension(d) => cascades = action(&d.cascade_or_restrict),
+        S::DropTrigger(d) => cascades = action(&d.option),
+        _ => {}
     }
+    if cascades {
+        out.push(Kind::DropCascade);
+    }
+    out
 }
 
 fn classify_statement(s: &Statement) -> StatementClass {

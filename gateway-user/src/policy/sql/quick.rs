@@ -26,7 +26,7 @@ pub enum Piece<'a> {
 }
 
 /// PostgreSQL's operator characters; runs of them are one piece.
-fn is_operator(b: u8) -> bool {
+pub fn is_operator(b: u8) -> bool {
     b"+-*/<>=~!@#%^&|`?".contains(&b)
 }
 

@@ -43,9 +43,9 @@ pub fn check(params: &[(String, String)]) -> Result<(), String> {
     Ok(())
 }
 
+/// `name` lower-cased, as the server compares setting names.
 fn setting(name: &str, value: &str, in_options: bool) -> Result<(), String> {
-    let name = name.to_ascii_lowercase();
-    match name.as_str() {
+    match name {
         "role" | "session_authorization" if in_options => Err(
             "setting a role in `options` at connection time is not allowed through \
              Portcullis; use SET ROLE, which the policy judges"

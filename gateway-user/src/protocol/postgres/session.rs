@@ -361,11 +361,6 @@ async fn session(
         .find(|(k, _)| k == "database")
         .map_or_else(|| client_user.clone(), |(_, v)| v.clone());
     let creds = pg.credentials.clone();
-    // The role the session runs as on the server.
-    let role = match (&pg.auth, &creds) {
-        (PgAuth::Inject, Some(c)) => c.user.clone(),
-        _ => client_user.clone(),
-    };
     if pg.auth == PgAuth::Inject {
         let user = creds.as_ref().map(|c| c.user.clone()).unwrap_or_default();
         params.retain(|(k, _)| k != "user");
@@ -455,7 +450,12 @@ async fn session(
         }
     }
     if superuser {
-        shared.superuser_session(&ctx.target.name, &role, &ctx.agent.name);
+        // The role the session runs as on the server.
+        let role = match (&pg.auth, &pg.credentials) {
+            (PgAuth::Inject, Some(c)) => &c.user,
+            _ => &client_user,
+        };
+        shared.superuser_session(&ctx.target.name, role, &ctx.agent.name);
     }
     let _cancel_guard = key.map(|(pid, k)| shared.cancels.insert(pid, k, upstream.addr));
     tracing::debug!(conn.id = ctx.id, db = %database, "postgres session ready");
