@@ -188,7 +188,13 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let mut d = Daemon::start_with_env(&cfg, &[("NOTIFY_SOCKET", &sock)]);
     let mut buf = [0u8; 512];
     let mut next = || {
-        let n = rx.recv(&mut buf).expect("a notification");
+        // A signal meant for another test's child can interrupt the wait (EINTR): wait on.
+        let n = loop {
+            match rx.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r.expect("a notification"),
+            }
+        };
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let ready = next();
