@@ -636,6 +636,103 @@ X
     );
 }
 
+/// A foreign table's rows live on another server, where no mask of this gateway applies:
+/// a masked column copied into one (directly, through a partitioned table with a foreign
+/// partition, through a view over one) is refused, though the rule covers the place by
+/// name. The foreign server here is a second database of the test server, reached over
+/// its Unix socket.
+#[test]
+fn copies_of_masked_columns_into_foreign_tables_are_refused() {
+    let w = shipped_world_with_alice();
+    w.pg.sql("postgres", "CREATE DATABASE other");
+    w.pg.sql(
+        "other",
+        "CREATE TABLE remote_people (id int, email text); \
+         INSERT INTO remote_people VALUES (7, 'seven@example.net')",
+    );
+    w.pg.sql(
+        "shop",
+        &format!(
+            "CREATE EXTENSION postgres_fdw; \
+             CREATE SERVER elsewhere FOREIGN DATA WRAPPER postgres_fdw \
+               OPTIONS (host '{}', port '{}', dbname 'other'); \
+             CREATE USER MAPPING FOR app SERVER elsewhere \
+               OPTIONS (user 'postgres', password_required 'false'); \
+             CREATE FOREIGN TABLE remote_people (id int, email text) SERVER elsewhere; \
+             CREATE TABLE everyone (id int, email text) PARTITION BY RANGE (id); \
+             CREATE FOREIGN TABLE everyone_far PARTITION OF everyone \
+               FOR VALUES FROM (0) TO (1000) SERVER elsewhere \
+               OPTIONS (table_name 'remote_people'); \
+             CREATE VIEW remote_v AS SELECT id, email FROM remote_people; \
+             CREATE TABLE local_copy (email text); \
+             GRANT ALL ON remote_people, everyone, everyone_far, remote_v, local_copy TO app;",
+            w.pg.socket_dir.display(),
+            w.pg.port
+        ),
+    );
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q INSERT INTO remote_people (id, email) SELECT id, email FROM people
+WAIT 1
+Q INSERT INTO everyone SELECT id, email FROM people
+WAIT 1
+Q UPDATE remote_v SET email = p.email FROM people p WHERE remote_v.id = 7
+WAIT 1
+Q INSERT INTO remote_people (id, email) VALUES (8, 'agent@example.net')
+WAIT 1
+Q INSERT INTO local_copy (email) SELECT email FROM people
+WAIT 1
+Q SELECT email FROM remote_people ORDER BY id
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 3, "{out:#?}");
+    for ((code, message), dest) in
+        errors
+            .iter()
+            .zip(["remote_people.email", "everyone.email", "remote_v.email"])
+    {
+        assert_eq!(*code, "42501", "{errors:?}");
+        assert!(
+            message.contains("mask-pii-columns")
+                && message.contains("people.email, which is masked")
+                && message.contains(dest)
+                && message.contains("stored on another server"),
+            "{dest}: {errors:?}"
+        );
+    }
+    // What is no copy ran, and the foreign table reads back masked.
+    let rows: Vec<&str> = out
+        .iter()
+        .filter(|v| v["t"] == "D")
+        .filter_map(|v| v["hex"].as_str())
+        .collect();
+    let redacted = hex(b"[REDACTED:email]");
+    assert_eq!(rows.len(), 2, "{out:#?}");
+    assert!(rows.iter().all(|h| h.ends_with(&redacted)), "{out:#?}");
+    assert_eq!(
+        w.pg.sql(
+            "other",
+            "SELECT string_agg(email, ',' ORDER BY id) FROM remote_people"
+        )
+        .trim(),
+        "seven@example.net,agent@example.net",
+        "no masked value reached the other server"
+    );
+    assert_eq!(
+        w.pg.sql("shop", "SELECT email FROM local_copy").trim(),
+        "alice@example.com",
+        "a copy into a local place the rule covers runs"
+    );
+    let log = w.pg.log();
+    assert!(!log.contains("SELECT id, email FROM people"), "{log}");
+    assert!(!log.contains("SET email = p.email"), "{log}");
+}
+
 /// An INSERT that names no columns, or spreads a table's `*`, stores by position: the
 /// catalog says which column each value lands in, so a copy into covered columns runs and
 /// one into an uncovered column is refused by its name; a table the catalog cannot show

@@ -142,7 +142,17 @@ pub fn check(
                 Sources::Unverified(name) => Source::Unverified(name.clone()),
             };
             if covered(s, pattern, &patterns, resolve, redefined) {
-                continue;
+                // Covered where it is read through this gateway, if it is stored here.
+                let (Source::Masked(from) | Source::Unverified(from)) = source;
+                let here = stays_here(s, resolve);
+                if here == Some(true) {
+                    continue;
+                }
+                let (rule, dest) = (rule.to_owned(), dest_shown(s));
+                return Err(match here {
+                    Some(_) => Refusal::CopyElsewhere { rule, from, dest },
+                    None => Refusal::CopyUnverifiedPlace { rule, from, dest },
+                });
             }
             let dest = dest_shown(s);
             let unplaced = matches!(s.dest, Dest::Position(_) | Dest::Spread { .. });
@@ -168,12 +178,16 @@ pub fn check(
     Ok(())
 }
 
-/// The names a check needs from the catalog: every relation the stored values read, and
-/// the tables whose column order places a value.
+/// The names a check needs from the catalog: every relation the stored values read, the
+/// relations they are written to (where do they store their rows?), and the tables whose
+/// column order places a value.
 pub fn names(stored: &[Stored]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for s in stored {
         out.extend(s.deps.columns.iter().map(|c| c.table.name.clone()));
+        if s.existing && !s.table.name.is_empty() {
+            out.push(s.table.name.clone());
+        }
         if let Dest::Position(slot) | Dest::Spread { slot, .. } = &s.dest {
             out.push(s.table.name.clone());
             out.extend(slot.after.iter().map(|t| t.name.clone()));
@@ -218,6 +232,7 @@ pub fn place(stored: &[Stored], resolve: &dyn Resolve, redefined: &Redefined) ->
                 .get(at)
                 .map_or(Dest::Unknown, |c| Dest::Column(c.clone())),
             deps,
+            existing: s.existing,
         };
         match &s.dest {
             Dest::Position(slot) => match target(&s.table, slot) {
@@ -292,6 +307,20 @@ fn sources(s: &Stored, resolve: &dyn Resolve, redefined: &Redefined) -> Sources 
         }
     }
     Sources::Known(out)
+}
+
+/// Whether the relation a value is written to keeps it on this server, where the masks
+/// that cover its place apply when it is read. A table the statement creates, and rows a
+/// value stays in under another name, do ([`Stored::existing`]); for rows written into an
+/// existing relation the catalog says ([`Resolve::stores_elsewhere`]). A name the catalog
+/// does not show counts as local: a temporary table (never foreign, nor a parent of one)
+/// or one created in the session's open transaction, which could store elsewhere only
+/// through a foreign table attached to it there (see docs/postgres.md).
+fn stays_here(s: &Stored, resolve: &dyn Resolve) -> Option<bool> {
+    if !s.existing {
+        return Some(true);
+    }
+    resolve.stores_elsewhere(&s.table).map(|away| !away)
 }
 
 /// Whether `r` is the very column the value is written to (`SET n = n + 1`, `SET x =
@@ -418,6 +447,9 @@ mod tests {
             ("archive", vec!["id", "email"]),
             ("v", vec!["contact"]),
             ("mv", vec!["id", "email"]),
+            // A foreign table, and a view over it.
+            ("remote", vec!["id", "email"]),
+            ("remote_v", vec!["id", "email"]),
         ]))
     }
 
@@ -436,6 +468,10 @@ mod tests {
                 out.push(public("users", Some("email")));
             }
             Some(out)
+        }
+        /// A name not in the catalog was looked up and is not shown: local.
+        fn stores_elsewhere(&self, t: &TableName) -> Option<bool> {
+            Some(matches!(t.name.as_str(), "remote" | "remote_v"))
         }
         fn columns(&self, t: &TableName) -> Option<Vec<String>> {
             Some(
@@ -512,6 +548,53 @@ mod tests {
         ] {
             assert_eq!(run(sql, &m, &cat()), Ok(()), "{sql}");
         }
+    }
+
+    #[test]
+    fn a_covered_place_on_another_server_is_no_cover() {
+        let m = [mask("pii", &["*.email"])];
+        for sql in [
+            "INSERT INTO remote (id, email) SELECT id, email FROM users",
+            "INSERT INTO remote SELECT id, email FROM users",
+            "INSERT INTO remote_v (email) SELECT email FROM users",
+            "UPDATE remote SET email = u.email FROM users u WHERE u.id = remote.id",
+            "INSERT INTO remote (email) SELECT contact FROM v",
+        ] {
+            let e = run(sql, &m, &cat()).expect_err(sql);
+            assert!(e.contains("stored on another server"), "{sql}: {e}");
+            assert!(e.contains("remote"), "{sql}: {e}");
+        }
+        // What is not masked, or is already there, may go.
+        for sql in [
+            "INSERT INTO remote (id) SELECT id FROM users",
+            "INSERT INTO remote (email) VALUES ('a@example.com')",
+            "UPDATE remote SET email = lower(email)",
+            "INSERT INTO archive (email) SELECT email FROM remote",
+        ] {
+            assert_eq!(run(sql, &m, &cat()), Ok(()), "{sql}");
+        }
+        // Without a catalog, where a covered place stores its rows is not known.
+        let e = run(
+            "INSERT INTO archive (email) SELECT email FROM users",
+            &m,
+            &NoCatalog,
+        )
+        .expect_err("unverified place");
+        assert!(
+            e.contains("cannot verify") && e.contains("archive.email"),
+            "{e}"
+        );
+        // The check asks the catalog about the places written to, not tables created.
+        assert_eq!(
+            names(&stored(
+                "INSERT INTO remote (email) SELECT email FROM users"
+            )),
+            ["remote", "users"]
+        );
+        assert_eq!(
+            names(&stored("CREATE TABLE t AS SELECT email FROM users")),
+            ["users"]
+        );
     }
 
     #[test]
@@ -661,7 +744,7 @@ mod tests {
     fn what_the_session_redefined_is_not_believed() {
         let m = [mask("pii", &["*.email"])];
         let copy = stored("INSERT INTO notes (body) SELECT name FROM users");
-        assert_eq!(names(&copy), ["users"]);
+        assert_eq!(names(&copy), ["notes", "users"]);
         let users = Redefined::Names(BTreeSet::from(["users".to_owned()]));
         let e = check(&m, &copy, &cat(), &users)
             .expect_err("users redefined")

@@ -54,6 +54,12 @@ pub trait Resolve {
     /// A relation's columns in order (for `COPY table TO`, whose output has no names).
     /// `None`: not known, or the name is ambiguous.
     fn columns(&self, t: &TableName) -> Option<Vec<String>>;
+    /// Whether rows written into the relation `t` names (any of them, for a name in no
+    /// schema) may be stored on another server: a foreign table, a table with foreign
+    /// partitions or inheritance children, a view over one. `Some(false)` also for a name
+    /// the catalog looked up and does not show (a temporary table of the session, one
+    /// created in its open transaction: local, see `masking::copies`). `None`: not known.
+    fn stores_elsewhere(&self, t: &TableName) -> Option<bool>;
 }
 
 /// No catalog: nothing can be verified.
@@ -67,6 +73,9 @@ impl Resolve for NoCatalog {
         None
     }
     fn columns(&self, _: &TableName) -> Option<Vec<String>> {
+        None
+    }
+    fn stores_elsewhere(&self, _: &TableName) -> Option<bool> {
         None
     }
 }
@@ -203,6 +212,26 @@ pub enum Refusal {
         from: String,
         dest: String,
     },
+    #[error(
+        "rule {rule}: this would copy {from}, which is masked, into {dest}, whose rows are \
+         stored on another server (a foreign table, or a table or view that writes into \
+         one), where no mask of this gateway applies"
+    )]
+    CopyElsewhere {
+        rule: String,
+        from: String,
+        dest: String,
+    },
+    #[error(
+        "rule {rule}: cannot verify in the catalog that {dest} stores its rows on this \
+         server (not in a foreign table), so copying {from}, which is masked, into it is \
+         refused"
+    )]
+    CopyUnverifiedPlace {
+        rule: String,
+        from: String,
+        dest: String,
+    },
 }
 
 impl Refusal {
@@ -213,7 +242,9 @@ impl Refusal {
             | Self::BinaryCopy { rule }
             | Self::Copy { rule, .. }
             | Self::CopyUnverified { rule, .. }
-            | Self::CopyUnplaced { rule, .. } => rule,
+            | Self::CopyUnplaced { rule, .. }
+            | Self::CopyElsewhere { rule, .. }
+            | Self::CopyUnverifiedPlace { rule, .. } => rule,
         }
     }
 }
@@ -603,6 +634,9 @@ mod tests {
                 }
             }
             Some(out)
+        }
+        fn stores_elsewhere(&self, t: &TableName) -> Option<bool> {
+            table_cols(&t.name).map(|_| false)
         }
         fn columns(&self, t: &TableName) -> Option<Vec<String>> {
             Some(

@@ -97,6 +97,9 @@ pub struct Rel {
     pub name: String,
     /// `pg_class.relkind`.
     pub kind: u8,
+    /// Rows written into it may be stored on another server: a foreign table, or a table
+    /// with a foreign table among its partitions or inheritance children (at any depth).
+    pub foreign: bool,
     /// (attnum, name), in order.
     pub columns: Vec<(i16, String)>,
     /// For views: what each column is computed from.
@@ -177,6 +180,26 @@ impl Data {
         Some(out)
     }
 
+    /// Whether writes into `rel` may store rows elsewhere: it is foreign itself, or a view
+    /// reads (and so, when updatable, writes) a relation that is. `None`: a view's
+    /// definition could not be followed.
+    fn rel_stores_elsewhere(&self, rel: &Rel) -> Option<bool> {
+        if rel.foreign {
+            return Some(true);
+        }
+        if rel.view.is_none() {
+            return Some(false);
+        }
+        for r in self.expand_rel(rel, None, 0)? {
+            for under in self.candidates(&r.table) {
+                if under.foreign {
+                    return Some(true);
+                }
+            }
+        }
+        Some(false)
+    }
+
     fn expand_at(&self, r: &ColumnRef, depth: usize) -> Option<Vec<ColumnRef>> {
         let c = self.candidates(&r.table);
         if c.is_empty() {
@@ -206,6 +229,17 @@ impl Resolve for Data {
             [one] => Some(one.columns.iter().map(|(_, n)| n.clone()).collect()),
             _ => None,
         }
+    }
+
+    fn stores_elsewhere(&self, t: &TableName) -> Option<bool> {
+        if !self.knows_name(&t.name) {
+            return None;
+        }
+        let mut away = false;
+        for rel in self.candidates(t) {
+            away |= self.rel_stores_elsewhere(rel)?;
+        }
+        Some(away)
     }
 }
 
@@ -373,10 +407,19 @@ impl Catalog {
                 literal(&array_literal(names))
             ));
         }
+        // `foreign`: the relation is a foreign table or has one among its descendants
+        // (partitions, inheritance children), which an INSERT or UPDATE of it may write.
         let sql = format!(
             "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, \
              CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 \
-                  THEN pg_catalog.pg_get_viewdef(c.oid) END \
+                  THEN pg_catalog.pg_get_viewdef(c.oid) END, \
+             c.relkind = 'f' OR (c.relkind IN ('r', 'p') AND c.relhassubclass AND EXISTS ( \
+                  WITH RECURSIVE d(oid) AS ( \
+                    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid \
+                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                          JOIN d ON i.inhparent = d.oid) \
+                  SELECT FROM d JOIN pg_catalog.pg_class k ON k.oid = d.oid \
+                  WHERE k.relkind = 'f')) \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
@@ -398,6 +441,8 @@ impl Catalog {
                     schema: get(1).unwrap_or_default(),
                     name: get(2).unwrap_or_default(),
                     kind: get(3).and_then(|k| k.bytes().next()).unwrap_or(b'r'),
+                    // Not `f` (false) only when the server says so.
+                    foreign: get(7).as_deref() != Some("f"),
                     columns: Vec::new(),
                     view: None,
                 });

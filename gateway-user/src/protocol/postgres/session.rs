@@ -1016,16 +1016,16 @@ fn copy_verdict(
 ) -> Result<Option<Denial>, Vec<String>> {
     match copy_check(st, judge, j) {
         Ok(()) => Ok(None),
-        Err(Refusal::CopyUnverified { .. } | Refusal::CopyUnplaced { .. })
-            if !looked_up && judge.catalog.is_some() =>
-        {
-            Err(j
-                .classification
-                .statements
-                .iter()
-                .flat_map(|s| crate::masking::copies::names(&s.stored))
-                .collect())
-        }
+        Err(
+            Refusal::CopyUnverified { .. }
+            | Refusal::CopyUnplaced { .. }
+            | Refusal::CopyUnverifiedPlace { .. },
+        ) if !looked_up && judge.catalog.is_some() => Err(j
+            .classification
+            .statements
+            .iter()
+            .flat_map(|s| crate::masking::copies::names(&s.stored))
+            .collect()),
         Err(r) => Ok(Some(denial_of_refusal(&r))),
     }
 }

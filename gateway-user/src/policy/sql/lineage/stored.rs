@@ -62,6 +62,11 @@ pub struct Stored {
     pub table: TableName,
     pub dest: Dest,
     pub deps: Deps,
+    /// Written into rows of a relation that exists (`INSERT`, `UPDATE`, `MERGE`), which
+    /// may keep them on another server (a foreign table). Otherwise the value goes into a
+    /// table the statement creates (`CREATE TABLE ... AS`, `SELECT ... INTO`, a
+    /// materialized view), or stays in the rows it is in under another name (`ALTER`).
+    pub existing: bool,
 }
 
 /// The values a statement stores that are computed from something: what `INSERT`,
@@ -209,14 +214,14 @@ impl<'a> Renamed<'a> {
             }]),
             opaque: false,
         };
-        push(&self.table, Dest::Column(ident_name(new)), deps, out);
+        push_here(&self.table, Dest::Column(ident_name(new)), deps, out);
     }
 
     /// `RENAME TO`: the relation stays in its schema.
     fn relation(&self, new: &ObjectName, out: &mut Vec<Stored>) {
         let mut to = TableName::from_object(new);
         to.schema = to.schema.or_else(|| self.table.schema.clone());
-        push(&to, Dest::SameNames, everything(&self.scope), out);
+        push_here(&to, Dest::SameNames, everything(&self.scope), out);
     }
 
     /// `SET SCHEMA`: same name, another schema.
@@ -225,7 +230,7 @@ impl<'a> Renamed<'a> {
             schema: parts(schema).pop(),
             name: self.table.name.clone(),
         };
-        push(&to, Dest::SameNames, everything(&self.scope), out);
+        push_here(&to, Dest::SameNames, everything(&self.scope), out);
     }
 }
 
@@ -253,7 +258,7 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
                     {
                         let mut deps = Deps::default();
                         s.expr_deps(e, &mut deps);
-                        push(table, Dest::Column(ident_name(&column_def.name)), deps, out);
+                        push_here(table, Dest::Column(ident_name(&column_def.name)), deps, out);
                     }
                 }
             }
@@ -263,7 +268,7 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             } => {
                 let mut deps = Deps::default();
                 s.expr_deps(e, &mut deps);
-                push(table, Dest::Column(ident_name(column_name)), deps, out);
+                push_here(table, Dest::Column(ident_name(column_name)), deps, out);
             }
             _ => {}
         }
@@ -380,16 +385,27 @@ fn named(table: &TableName, columns: &[String], items: Vec<Item>, out: &mut Vec<
                 (dest, deps)
             }
         };
-        push(table, dest, deps, out);
+        push_here(table, dest, deps, out);
     }
 }
 
+/// A value written into rows of an existing relation.
 fn push(table: &TableName, dest: Dest, deps: Deps, out: &mut Vec<Stored>) {
+    push_as(table, dest, deps, true, out);
+}
+
+/// A value stored in a table the statement creates, or moved within its rows.
+fn push_here(table: &TableName, dest: Dest, deps: Deps, out: &mut Vec<Stored>) {
+    push_as(table, dest, deps, false, out);
+}
+
+fn push_as(table: &TableName, dest: Dest, deps: Deps, existing: bool, out: &mut Vec<Stored>) {
     if !deps.is_empty() {
         out.push(Stored {
             table: table.clone(),
             dest,
             deps,
+            existing,
         });
     }
 }
