@@ -490,7 +490,10 @@ fn policy_command(cfg: &Config, command: PolicyCommand) -> Result<ExitCode, Stri
                 None => policy::load::sources(cfg),
             }
             .map_err(|d| d.to_string())?;
-            let (set, report) = policy::load::load(&sources, cfg);
+            let (set, mut report) = policy::load::load(&sources, cfg);
+            if let Some(dir) = path.as_ref().or(cfg.policy.dir.as_ref()) {
+                policy::load::check_files(dir, &sources, &mut report);
+            }
             let rules = set.as_ref().map_or(0, |s| s.rules.len());
             let warnings: Vec<String> = cfg
                 .warnings()

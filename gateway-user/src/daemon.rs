@@ -61,6 +61,11 @@ pub enum DaemonError {
     Workers(std::io::Error),
     #[error("policies: {0}")]
     Policy(ConfigError),
+    #[error("configuration {}: {finding}", path.display())]
+    UnsafeConfig {
+        path: std::path::PathBuf,
+        finding: crate::config::trust::Finding,
+    },
     #[error("postgres engine: {0}")]
     Postgres(crate::protocol::postgres::PgError),
     #[error("OIDC: {0}")]
@@ -484,6 +489,19 @@ impl State {
         let mut new = match &current.path {
             None => (*current).clone(),
             Some(path) => match Config::load(path) {
+                Ok(_) if let Some(f) = crate::config::trust::check_config(path) => {
+                    self.policy
+                        .stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        config = %path.display(),
+                        result = "error",
+                        error = %f,
+                        "reload refused: the configuration file is not root's alone; the running configuration stays"
+                    );
+                    return;
+                }
                 Ok(mut c) => {
                     c.path = Some(path.clone());
                     c
@@ -666,6 +684,14 @@ fn raise_nofile() {
 }
 
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    if let Some(path) = &cfg.path
+        && let Some(f) = crate::config::trust::check_config(path)
+    {
+        return Err(DaemonError::UnsafeConfig {
+            path: path.clone(),
+            finding: f,
+        });
+    }
     let _instance = crate::instance::lock(&cfg.daemon.state_dir)?;
     raise_nofile();
     let hierarchy = Hierarchy::discover()?;

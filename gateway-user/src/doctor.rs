@@ -220,15 +220,31 @@ fn check_config(path: &Path, explicit: bool) -> (Vec<Check>, Option<Config>) {
             return (out, None);
         }
     };
-    match crate::policy::PolicyStore::open(&cfg) {
-        Ok(p) => out.push(ok(format!(
-            "policies: {} rule(s) from {}",
-            p.current().rules.len(),
-            cfg.policy
-                .dir
-                .as_ref()
-                .map_or_else(|| "the shipped set".into(), |d| d.display().to_string())
-        ))),
+    if let Some(p) = &cfg.path
+        && let Some(f) = crate::config::trust::check_config(p)
+    {
+        out.push(fail(
+            format!("configuration {}: {f}", p.display()),
+            "the daemon does not start with it; make it and the directories above it root's",
+        ));
+    }
+    match crate::policy::store::load_set(&cfg) {
+        Ok((set, warnings)) => {
+            out.push(ok(format!(
+                "policies: {} rule(s) from {}",
+                set.rules.len(),
+                cfg.policy
+                    .dir
+                    .as_ref()
+                    .map_or_else(|| "the shipped set".into(), |d| d.display().to_string())
+            )));
+            for w in warnings {
+                out.push(warn(
+                    format!("policies: {w}"),
+                    "`portcullis policy check` shows every warning",
+                ));
+            }
+        }
         Err(e) => {
             for line in e.to_string().lines().filter(|l| !l.trim().is_empty()) {
                 out.push(fail(

@@ -143,8 +143,10 @@ pub fn install(o: &InstallOptions) -> Result<Vec<String>, String> {
     write(&l.unit(), UNIT.as_bytes(), 0o644)?;
     log.push(format!("installed {}", l.unit().display()));
     write_new(&l.config(), &installed_config(), 0o644, &mut log)?;
+    // Readable by root alone: an agent must not read the rules it is judged by (the
+    // daemon warns about policy files every user may read, see config::trust).
     for (name, text) in BUILTIN {
-        write_new(&l.policies().join(name), text, 0o644, &mut log)?;
+        write_new(&l.policies().join(name), text, 0o640, &mut log)?;
     }
     let state = l.state();
     fs::create_dir_all(&state).map_err(|e| io(&state, e))?;

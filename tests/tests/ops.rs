@@ -745,7 +745,24 @@ fn the_deb_carries_what_install_lays_down() {
             fs::read(installed.join(by_install)).expect("installed"),
             "{in_deb} differs from what install writes"
         );
+        let mode =
+            |p: std::path::PathBuf| fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(
+            mode(unpacked.join(in_deb)),
+            mode(installed.join(by_install)),
+            "{in_deb}: the package and install give it different modes"
+        );
     }
+    // Policies are root's to read: an agent must not learn the rules it is judged by.
+    let policy = |root: &Path| {
+        fs::metadata(root.join("etc/portcullis/policies/10-deny-destructive.toml"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(policy(&unpacked), 0o640);
+    assert_eq!(policy(&installed), 0o640);
     // Configuration is kept on upgrade; the scripts create the groups and detach on removal.
     let control = env.dir.join("control");
     assert!(

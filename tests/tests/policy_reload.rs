@@ -474,3 +474,184 @@ fn listens_made_before_a_policy_change_get_the_new_policies() {
         "the session goes on: {denied:#?}"
     );
 }
+
+/// Writes `text` to `path` as `uid` (a shell run through `setpriv`); whether it could.
+fn write_as(uid: u32, path: &std::path::Path, text: &str) -> bool {
+    use std::io::Write as _;
+    let mut child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            "cat > \"$0\"",
+        ])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("setpriv");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    child.wait().expect("wait").success()
+}
+
+/// `portcullis doctor --json`: its exit code and checks.
+fn doctor(config: &std::path::Path) -> (Option<i32>, Value) {
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(config)
+        .args(["doctor", "--json"])
+        .output()
+        .expect("doctor");
+    let checks = serde_json::from_slice(&out.stdout).expect("json");
+    (out.status.code(), checks)
+}
+
+/// Whether a doctor check of `level` says `needle`.
+fn has(checks: &Value, level: &str, needle: &str) -> bool {
+    checks
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|c| c["level"] == level && c["what"].as_str().is_some_and(|w| w.contains(needle)))
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+}
+
+/// Policy and configuration files someone but root may change are not loaded: the daemon
+/// does not start with them, a reload keeps the previous ones and says which file and why.
+/// Policy files every user may read are reported.
+#[test]
+fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
+    const NOBODY: u32 = 65534;
+    let env = Env::new();
+    let dir = env.dir.join("policies");
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    let file = dir.join("10-base.toml");
+    std::fs::write(&file, GOOD).expect("write");
+    chmod(&file, 0o644);
+    let body = format!(
+        "[policy]\ndir = \"{}\"\nwatch_interval = \"100ms\"\n\n{}",
+        dir.display(),
+        agents_and_target(
+            &[("a", &format!("cgroup = \"{}\"", env.cgroup("a")))],
+            &["127.0.0.1:1".into()]
+        )
+    );
+    let config = env.config("", &body);
+    let d = Daemon::start(&config);
+    assert_eq!(policy(&d)["rules"], 1);
+    let canonical = std::fs::canonicalize(&file).expect("canonical");
+    let warned = d
+        .logs
+        .wait_for("the readable warning", Duration::from_secs(5), |v| {
+            v["warning"]
+                .as_str()
+                .is_some_and(|w| w.contains("readable by every user"))
+        });
+    assert!(
+        warned["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains(&canonical.display().to_string())),
+        "{warned}"
+    );
+
+    // Root's file, 0644: nobody else may write it.
+    assert!(!write_as(NOBODY, &file, "# allow everything\n"));
+    // Made writable by everyone, an agent's uid rewrites it: the daemon keeps the rules.
+    chmod(&file, 0o666);
+    assert!(write_as(NOBODY, &file, "# allow everything\n"));
+    let p = wait_until("the refused reload", &d, |p| p["reloads_failed"] == 1);
+    assert_eq!(p["rules"], 1, "the previous policies stay: {p}");
+    assert_eq!(p["generation"], 1, "{p}");
+    let err = d
+        .logs
+        .wait_for("the reload error", Duration::from_secs(5), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("policy reload failed"))
+        });
+    assert!(
+        err["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("10-base.toml")
+                && e.contains("writable by every user")
+                && e.contains("chmod o-w")),
+        "{err}"
+    );
+    // `policy check` says the same, and fails.
+    let check = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .args(["policy", "check"])
+        .output()
+        .expect("check");
+    assert_eq!(check.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("writable by every user"),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // Root's again (and the rules root meant): loaded.
+    chmod(&file, 0o600);
+    std::fs::write(&file, GOOD.replace("drop_*", "truncate")).expect("write");
+    let p = wait_until("the good reload", &d, |p| p["reloads_ok"] == 1);
+    assert_eq!(p["generation"], 2, "{p}");
+
+    // A configuration file others may change: SIGHUP does not load it.
+    chmod(&config, 0o646);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let p = wait_until("the refused SIGHUP", &d, |p| p["reloads_failed"] == 2);
+    assert_eq!(p["generation"], 2, "{p}");
+    drop(d);
+    // ... nor does a daemon start with it.
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writable by every user") && err.contains(&config.display().to_string()),
+        "{err}"
+    );
+    // Nor with a policy directory a user owns: they may add any file to it.
+    chmod(&config, 0o644);
+    std::os::unix::fs::chown(&dir, Some(NOBODY), None).expect("chown");
+    let out = Command::new(workspace_bin("portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("owned by uid {NOBODY}")) && err.contains("chown root:"),
+        "{err}"
+    );
+    // `doctor` fails on it too, and warns about the file everyone may read.
+    chmod(&file, 0o644);
+    let (code, checks) = doctor(&config);
+    assert_eq!(code, Some(1));
+    assert!(
+        has(&checks, "fail", &format!("owned by uid {NOBODY}")),
+        "{checks}"
+    );
+    std::os::unix::fs::chown(&dir, Some(0), None).expect("chown");
+    let (_, checks) = doctor(&config);
+    assert!(has(&checks, "warn", "readable by every user"), "{checks}");
+    assert!(!has(&checks, "fail", "policies"), "{checks}");
+}

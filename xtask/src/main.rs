@@ -176,6 +176,22 @@ fn deb(release: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The repository's configuration (the embedded default), copied where only root may
+/// change it: the daemon refuses a configuration file that someone else may change, and a
+/// checkout usually belongs to a developer.
+fn dev_config() -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let from = workspace_root().join("config/portcullis.toml");
+    let dir = PathBuf::from("/run/portcullis-xtask");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let to = dir.join("portcullis.toml");
+    std::fs::copy(&from, &to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))?;
+    Ok(to)
+}
+
 /// Fuzz targets in fuzz/fuzz_targets.
 const FUZZ_TARGETS: [&str; 4] = ["pg_decode", "sql_classify", "oidc_token", "masking"];
 
@@ -209,7 +225,10 @@ fn main() -> Result<()> {
             build(release)?;
             let profile = if release { "release" } else { "debug" };
             let bin = target_dir().join(profile).join("portcullis");
-            let config = config.unwrap_or_else(|| workspace_root().join("config/portcullis.toml"));
+            let config = match config {
+                Some(c) => c,
+                None => dev_config()?,
+            };
             eprintln!(
                 "xtask: starting {} with {}\nxtask: in another terminal: sudo {} exec -- psql -h 127.0.0.1 ...",
                 bin.display(),

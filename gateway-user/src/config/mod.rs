@@ -11,6 +11,7 @@ pub mod duration;
 pub mod file;
 pub mod oidc;
 pub mod source;
+pub mod trust;
 
 use std::{
     collections::HashMap,

@@ -113,6 +113,25 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Source>, Diagnostic> {
         .collect()
 }
 
+/// Adds to `report` what is unsafe about the files of the policy directory `dir`
+/// ([`crate::config::trust`]): files or directories someone but root may change are
+/// errors (the daemon does not load them), files every user may read warnings.
+pub fn check_files(dir: &Path, sources: &[Source], report: &mut Report) {
+    let files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+    for f in crate::config::trust::check_policies(dir, &files) {
+        let d = Diagnostic {
+            location: None,
+            path: f.file().to_owned(),
+            message: f.to_string(),
+        };
+        if f.is_error() {
+            report.errors.push(d);
+        } else {
+            report.warnings.push(d);
+        }
+    }
+}
+
 struct Ctx<'a> {
     src: &'a Source,
     report: &'a mut Report,

@@ -43,12 +43,18 @@ pub struct PolicyStore {
 }
 
 /// Loads the policies a configuration names; errors are every diagnostic.
+/// Files someone but root may change are refused like invalid ones
+/// ([`load::check_files`]).
 pub fn load_set(cfg: &Config) -> Result<(PolicySet, Vec<Diagnostic>), ConfigError> {
     let sources = load::sources(cfg).map_err(|d| ConfigError::Invalid(vec![d]))?;
-    let (set, Report { errors, warnings }) = load::load(&sources, cfg);
+    let (set, mut report) = load::load(&sources, cfg);
+    if let Some(dir) = &cfg.policy.dir {
+        load::check_files(dir, &sources, &mut report);
+    }
+    let Report { errors, warnings } = report;
     match set {
-        Some(set) => Ok((set, warnings)),
-        None => Err(ConfigError::Invalid(errors)),
+        Some(set) if errors.is_empty() => Ok((set, warnings)),
+        _ => Err(ConfigError::Invalid(errors)),
     }
 }
 
