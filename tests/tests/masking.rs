@@ -636,6 +636,52 @@ X
     );
 }
 
+/// Built-in functions that read every row of a table, schema or database named in a
+/// string, or run a query given as text, return values no column mask follows: they are
+/// dynamic SQL, for the policies to refuse or hold (here: refuse).
+#[test]
+fn functions_that_read_relations_named_in_strings_are_dynamic_sql() {
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"deny-dynamic\"\nsql = {{ dynamic_sql = true }}\naction = \"deny\"\n"
+    );
+    let w = masked_world("", &policy);
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q SELECT table_to_xml('people', true, false, '')
+WAIT 1
+Q SELECT schema_to_xml('public', true, false, '')
+WAIT 1
+Q SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', salary::text) FROM people')
+WAIT 1
+Q BEGIN; DECLARE c CURSOR FOR SELECT salary FROM people; SELECT cursor_to_xml('c', 10, true, false, '')
+WAIT 1
+Q ROLLBACK
+WAIT 1
+Q SELECT table_to_xmlschema('people', true, false, '') IS NOT NULL
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 4, "{out:#?}");
+    for (code, message) in &errors {
+        assert_eq!(*code, "42501", "{errors:?}");
+        assert!(message.contains("deny-dynamic"), "{errors:?}");
+    }
+    let shown = serde_json::to_string(&out).expect("json");
+    for secret in ["100000", "90000", "alice@example.com"] {
+        assert!(
+            !shown.contains(&hex(secret.as_bytes())),
+            "{secret} reached the client: {out:#?}"
+        );
+    }
+    // The schema of a table is no row of it.
+    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
+    assert_eq!(rows.len(), 1, "{out:#?}");
+}
+
 /// A foreign table's rows live on another server, where no mask of this gateway applies:
 /// a masked column copied into one (directly, through a partitioned table with a foreign
 /// partition, through a view over one) is refused, though the rule covers the place by

@@ -29,7 +29,9 @@ pub enum Danger {
     Replication,
     /// Statistics resets, advisory locks on others' behalf and other administration.
     Admin,
-    /// Runs a SQL string given as an argument (dynamic SQL in disguise).
+    /// Runs SQL given as text (dynamic SQL in disguise), or reads rows the statement does
+    /// not name as relations: every row of a table, schema, database or open cursor named
+    /// by a string argument (`table_to_xml('users', ...)`), which no column mask follows.
     DynamicSql,
     /// Holds a backend for a chosen time (denial of service).
     Sleep,
@@ -136,6 +138,17 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("query_to_xml", Danger::DynamicSql),
     ("query_to_xmlschema", Danger::DynamicSql),
     ("query_to_xml_and_xmlschema", Danger::DynamicSql),
+    ("table_to_xml", Danger::DynamicSql),
+    ("table_to_xml_and_xmlschema", Danger::DynamicSql),
+    ("schema_to_xml", Danger::DynamicSql),
+    ("schema_to_xml_and_xmlschema", Danger::DynamicSql),
+    ("database_to_xml", Danger::DynamicSql),
+    ("database_to_xml_and_xmlschema", Danger::DynamicSql),
+    ("cursor_to_xml", Danger::DynamicSql),
+    // Their query argument is SQL text: `ts_stat('SELECT to_tsvector(email) FROM users')`
+    // returns the words of every e-mail address.
+    ("ts_stat", Danger::DynamicSql),
+    ("ts_rewrite", Danger::DynamicSql),
     ("pg_sleep", Danger::Sleep),
     ("pg_sleep_for", Danger::Sleep),
     ("pg_sleep_until", Danger::Sleep),
