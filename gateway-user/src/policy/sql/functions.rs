@@ -77,6 +77,8 @@ impl Danger {
 const CATALOGUE: &[(&str, Danger)] = &[
     ("pg_read_file", Danger::File),
     ("pg_read_binary_file", Danger::File),
+    // PostgreSQL 15's name for the three-argument form that pre-dates `missing_ok`.
+    ("pg_read_file_old", Danger::File),
     ("pg_stat_file", Danger::File),
     ("pg_ls_dir", Danger::File),
     ("pg_ls_logdir", Danger::File),
@@ -109,6 +111,7 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("set_config", Danger::Config),
     ("pg_reload_conf", Danger::Config),
     ("pg_rotate_logfile", Danger::Config),
+    ("pg_rotate_logfile_old", Danger::Config),
     ("pg_log_backend_memory_contexts", Danger::Config),
     ("pg_promote", Danger::Replication),
     ("pg_switch_wal", Danger::Replication),
@@ -125,6 +128,16 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("pg_replication_slot_advance", Danger::Replication),
     ("pg_logical_slot_get_changes", Danger::Replication),
     ("pg_logical_slot_peek_changes", Danger::Replication),
+    // Decoded WAL: every change of every table, masked columns in the clear.
+    ("pg_logical_slot_get_binary_changes", Danger::Replication),
+    ("pg_logical_slot_peek_binary_changes", Danger::Replication),
+    ("pg_replication_origin_create", Danger::Replication),
+    ("pg_replication_origin_drop", Danger::Replication),
+    ("pg_replication_origin_advance", Danger::Replication),
+    ("pg_replication_origin_session_setup", Danger::Replication),
+    ("pg_replication_origin_session_reset", Danger::Replication),
+    ("pg_replication_origin_xact_setup", Danger::Replication),
+    ("pg_replication_origin_xact_reset", Danger::Replication),
     ("pg_logical_emit_message", Danger::Replication),
     ("pg_wal_replay_pause", Danger::Replication),
     ("pg_wal_replay_resume", Danger::Replication),
@@ -135,6 +148,9 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("pg_stat_reset_slru", Danger::Admin),
     ("pg_import_system_collations", Danger::Admin),
     ("pg_truncate_visibility_map", Danger::Admin),
+    ("pg_stat_reset_replication_slot", Danger::Admin),
+    ("pg_stat_reset_subscription_stats", Danger::Admin),
+    ("pg_stop_making_pinned_objects", Danger::Admin),
     ("query_to_xml", Danger::DynamicSql),
     ("query_to_xmlschema", Danger::DynamicSql),
     ("query_to_xml_and_xmlschema", Danger::DynamicSql),
@@ -157,6 +173,10 @@ const CATALOGUE: &[(&str, Danger)] = &[
 
 /// The danger of a function by its unqualified, lower-cased name.
 pub fn danger_of(name: &str) -> Option<Danger> {
+    if name.starts_with("binary_upgrade_") {
+        // pg_upgrade's: object identities and catalog rows set by hand.
+        return Some(Danger::Admin);
+    }
     CATALOGUE.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
 }
 
