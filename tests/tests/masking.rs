@@ -682,6 +682,56 @@ X
     assert_eq!(rows.len(), 1, "{out:#?}");
 }
 
+/// A sequence's value and an advisory lock's key are read back by any statement: set from a
+/// masked column they would carry it out. Such calls are the `side_channel` danger (here:
+/// refused); set from literals they run.
+#[test]
+fn values_kept_by_sequences_and_advisory_locks_cannot_come_from_rows() {
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"deny-side-channels\"\nsql = {{ dangerous_functions = [\"side_channel\"] }}\naction = \"deny\"\n"
+    );
+    let w = masked_world("", &policy);
+    w.pg.sql("shop", "CREATE SEQUENCE s; ALTER SEQUENCE s OWNER TO app;");
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+Q SELECT setval('s', salary) FROM people WHERE id = 1
+WAIT 1
+Q SELECT pg_advisory_lock(salary) FROM people WHERE id = 1
+WAIT 1
+Q SELECT setval('s', 7)
+WAIT 1
+Q SELECT last_value FROM s
+WAIT 1
+Q SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 2, "{out:#?}");
+    for (code, message) in &errors {
+        assert_eq!(*code, "42501", "{errors:?}");
+        assert!(message.contains("deny-side-channels"), "{errors:?}");
+    }
+    let rows: Vec<&str> = out
+        .iter()
+        .filter(|v| v["t"] == "D")
+        .filter_map(|v| v["hex"].as_str())
+        .collect();
+    assert_eq!(rows.len(), 3, "{out:#?}");
+    // setval's own answer, then the sequence's value: 7, never 100000; no lock taken.
+    assert!(rows[0].ends_with(&hex(b"7")), "{out:#?}");
+    assert!(rows[1].ends_with(&hex(b"7")), "{out:#?}");
+    assert!(rows[2].ends_with(&hex(b"0")), "{out:#?}");
+    assert!(
+        !serde_json::to_string(&out)
+            .expect("json")
+            .contains(&hex(b"100000"))
+    );
+}
+
 /// A foreign table's rows live on another server, where no mask of this gateway applies:
 /// a masked column copied into one (directly, through a partitioned table with a foreign
 /// partition, through a view over one) is refused, though the rule covers the place by

@@ -38,6 +38,13 @@ pub enum Danger {
     /// Sends a computed payload to listening sessions (`pg_notify`): rows read under a
     /// mask would reach a listener, the caller included, unmasked.
     Notify,
+    /// Keeps a value computed from rows where any session reads it back, past every mask:
+    /// a sequence's value (`setval`, then `currval` or `last_value`), an advisory lock's key
+    /// (`pg_locks.classid/objid`), a large object's OID (`lo_create`), the random seed
+    /// (`setseed`, then `random()`). Only calls with an argument computed from rows (a
+    /// column, a whole row, a subquery): with literals and parameters the caller knows the
+    /// value already.
+    SideChannel,
 }
 
 impl Danger {
@@ -53,10 +60,11 @@ impl Danger {
             Self::DynamicSql => "dynamic_sql",
             Self::Sleep => "sleep",
             Self::Notify => "notify",
+            Self::SideChannel => "side_channel",
         }
     }
 
-    pub const ALL: [Danger; 10] = [
+    pub const ALL: [Danger; 11] = [
         Self::File,
         Self::LargeObject,
         Self::Remote,
@@ -67,6 +75,7 @@ impl Danger {
         Self::DynamicSql,
         Self::Sleep,
         Self::Notify,
+        Self::SideChannel,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -178,6 +187,25 @@ pub fn danger_of(name: &str) -> Option<Danger> {
         return Some(Danger::Admin);
     }
     CATALOGUE.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
+}
+
+/// Functions that keep their arguments where other statements read them back
+/// ([`Danger::SideChannel`] when one is computed from rows).
+pub fn keeps_arguments(name: &str) -> bool {
+    matches!(
+        name,
+        "setval"
+            | "lo_create"
+            | "setseed"
+            | "pg_advisory_lock"
+            | "pg_advisory_lock_shared"
+            | "pg_advisory_xact_lock"
+            | "pg_advisory_xact_lock_shared"
+            | "pg_try_advisory_lock"
+            | "pg_try_advisory_lock_shared"
+            | "pg_try_advisory_xact_lock"
+            | "pg_try_advisory_xact_lock_shared"
+    )
 }
 
 /// Functions that execute SQL given as text, making the statement dynamic SQL.

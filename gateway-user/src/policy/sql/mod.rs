@@ -33,9 +33,10 @@ use serde::Serialize;
 use sqlparser::{
     ast::{
         AlterSchemaOperation, AlterTableOperation, AlterViewOperation, BinaryOperator, CopySource,
-        CopyTarget, CreateAggregateOption, DropBehavior, Expr, FromTable, Ident, MergeAction,
-        ObjectName, ObjectNamePart, ObjectType, OperatorOption, Query, ReferentialAction, SetExpr,
-        Statement, TableFactor, TableObject, Visit, Visitor,
+        CopyTarget, CreateAggregateOption, DropBehavior, Expr, FromTable, FunctionArg,
+        FunctionArgExpr, FunctionArguments, Ident, MergeAction, ObjectName, ObjectNamePart,
+        ObjectType, OperatorOption, Query, ReferentialAction, SetExpr, Statement, TableFactor,
+        TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -649,6 +650,15 @@ impl Collector<'_> {
         }
     }
 
+    /// A call, and whether it keeps an argument computed from rows (`from_rows`).
+    fn call(&mut self, name: &ObjectName, from_rows: bool) {
+        self.function(name);
+        let f = parts(name).pop().unwrap_or_default();
+        if from_rows && functions::keeps_arguments(&f) {
+            self.c.dangerous.insert((f, Danger::SideChannel));
+        }
+    }
+
     fn function(&mut self, name: &ObjectName) {
         let p = parts(name);
         let f = p.last().cloned().unwrap_or_default();
@@ -681,6 +691,42 @@ impl Collector<'_> {
         if returning {
             self.c.tables_read.insert(TableName::from_object(target));
         }
+    }
+}
+
+/// Whether a call's argument is computed from rows: it mentions a column, a whole row or a
+/// subquery (literals, parameters and functions of them are not).
+fn argument_reads_rows(a: &FunctionArg) -> bool {
+    struct V(bool);
+    impl Visitor for V {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.0 = true;
+            ControlFlow::Break(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if matches!(
+                e,
+                Expr::Identifier(_) | Expr::CompoundIdentifier(_) | Expr::QualifiedWildcard(..)
+            ) {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let (FunctionArg::Unnamed(e)
+    | FunctionArg::Named { arg: e, .. }
+    | FunctionArg::ExprNamed { arg: e, .. }) = a;
+    match e {
+        FunctionArgExpr::Expr(e) => {
+            let mut v = V(false);
+            let _ = e.visit(&mut v);
+            v.0
+        }
+        FunctionArgExpr::QualifiedWildcard(_)
+        | FunctionArgExpr::Wildcard
+        | FunctionArgExpr::WildcardWithOptions(_) => true,
     }
 }
 
@@ -800,15 +846,17 @@ impl Visitor for Collector<'_> {
         match tf {
             TableFactor::Table {
                 name,
-                args: Some(_),
+                args: Some(a),
                 ..
             } => {
                 // `FROM f(...)` is a function call whose name the visitor reports as a
                 // relation next.
-                self.function(name);
+                self.call(name, a.args.iter().any(argument_reads_rows));
                 self.skip_relations += 1;
             }
-            TableFactor::Function { name, .. } => self.function(name),
+            TableFactor::Function { name, args, .. } => {
+                self.call(name, args.iter().any(argument_reads_rows))
+            }
             TableFactor::UNNEST { .. } => {
                 self.c.functions.insert("unnest".to_owned());
             }
@@ -819,7 +867,15 @@ impl Visitor for Collector<'_> {
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         match e {
-            Expr::Function(f) => self.function(&f.name),
+            Expr::Function(f) => {
+                let from_rows = match &f.args {
+                    FunctionArguments::List(l) => l.args.iter().any(argument_reads_rows),
+                    // `f(SELECT ...)`
+                    FunctionArguments::Subquery(_) => true,
+                    FunctionArguments::None => false,
+                };
+                self.call(&f.name, from_rows);
+            }
             // `a OPERATOR(app.===) b` calls the function behind another schema's operator;
             // `OPERATOR(~~~)` that of whichever schema defines the name.
             Expr::BinaryOp {
