@@ -40,7 +40,8 @@ pub enum Danger {
     Notify,
     /// Keeps a value computed from rows where any session reads it back, past every mask:
     /// a sequence's value (`setval`, then `currval` or `last_value`), an advisory lock's key
-    /// (`pg_locks.classid/objid`), a large object's OID (`lo_create`), the random seed
+    /// (`pg_locks.classid/objid`), a large object's OID (`lo_create`), length
+    /// (`lo_truncate`) or descriptor position (`lo_lseek`, then `lo_tell`), the random seed
     /// (`setseed`, then `random()`). Only calls with an argument computed from rows (a
     /// column, a whole row, a subquery): with literals and parameters the caller knows the
     /// value already.
@@ -196,6 +197,11 @@ pub fn keeps_arguments(name: &str) -> bool {
         name,
         "setval"
             | "lo_create"
+            // A large object's length, and a descriptor's position (`lo_tell`).
+            | "lo_truncate"
+            | "lo_truncate64"
+            | "lo_lseek"
+            | "lo_lseek64"
             | "setseed"
             | "pg_advisory_lock"
             | "pg_advisory_lock_shared"
