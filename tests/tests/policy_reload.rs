@@ -30,6 +30,22 @@ fn wait_until(what: &str, d: &Daemon, pred: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// Waits for the `n`th failed reload of a daemon whose one rule (generation 1) stays, and
+/// returns the error it logged.
+fn failed_reload(d: &Daemon, n: u64) -> String {
+    let p = wait_until("a failed reload", d, |p| p["reloads_failed"] == n);
+    assert_eq!(p["rules"], 1, "the previous policies stay: {p}");
+    assert_eq!(p["generation"], 1, "{p}");
+    let err = d
+        .logs
+        .wait_for("the reload error", Duration::from_secs(5), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("policy reload failed"))
+        });
+    err["error"].as_str().unwrap_or_default().to_owned()
+}
+
 const GOOD: &str =
     "[[rule]]\nid = \"deny-drops\"\nsql = { kinds = [\"drop_*\"] }\naction = \"deny\"\n";
 
@@ -59,20 +75,9 @@ fn policy_files_reload_on_change_and_a_broken_file_keeps_the_last_good_set() {
         "[[rule]]\nid = \"x\"\naction = \"deny\"\nsql = { kinds = [\"select\"], oops = 1 }\n",
     )
     .expect("write");
-    let p = wait_until("a failed reload", &d, |p| p["reloads_failed"] == 1);
-    assert_eq!(p["rules"], 1, "previous policies stay: {p}");
-    assert_eq!(p["generation"], 1, "{p}");
-    let err = d
-        .logs
-        .wait_for("the reload error", Duration::from_secs(5), |v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("policy reload failed"))
-        });
+    let err = failed_reload(&d, 1);
     assert!(
-        err["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("20-more.toml:4:") && e.contains("oops")),
+        err.contains("20-more.toml:4:") && err.contains("oops"),
         "{err}"
     );
 
@@ -570,22 +575,11 @@ fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
     // Made writable by everyone, an agent's uid rewrites it: the daemon keeps the rules.
     chmod(&file, 0o666);
     assert!(write_as(NOBODY, &file, "# allow everything\n"));
-    let p = wait_until("the refused reload", &d, |p| p["reloads_failed"] == 1);
-    assert_eq!(p["rules"], 1, "the previous policies stay: {p}");
-    assert_eq!(p["generation"], 1, "{p}");
-    let err = d
-        .logs
-        .wait_for("the reload error", Duration::from_secs(5), |v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("policy reload failed"))
-        });
+    let err = failed_reload(&d, 1);
     assert!(
-        err["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("10-base.toml")
-                && e.contains("writable by every user")
-                && e.contains("chmod o-w")),
+        err.contains("10-base.toml")
+            && err.contains("writable by every user")
+            && err.contains("chmod o-w"),
         "{err}"
     );
     // `policy check` says the same, and fails.
