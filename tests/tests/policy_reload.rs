@@ -49,8 +49,10 @@ fn failed_reload(d: &Daemon, n: u64) -> String {
 const GOOD: &str =
     "[[rule]]\nid = \"deny-drops\"\nsql = { kinds = [\"drop_*\"] }\naction = \"deny\"\n";
 
-#[test]
-fn policy_files_reload_on_change_and_a_broken_file_keeps_the_last_good_set() {
+/// A test environment whose configuration reads the policy directory (`10-base.toml`:
+/// [`GOOD`]) and checks it every 100 ms: the environment, the directory, the
+/// configuration file.
+fn watched_policies() -> (Env, std::path::PathBuf, std::path::PathBuf) {
     let env = Env::new();
     let dir = env.dir.join("policies");
     std::fs::create_dir_all(&dir).expect("policy dir");
@@ -64,6 +66,12 @@ fn policy_files_reload_on_change_and_a_broken_file_keeps_the_last_good_set() {
         )
     );
     let config = env.config("", &body);
+    (env, dir, config)
+}
+
+#[test]
+fn policy_files_reload_on_change_and_a_broken_file_keeps_the_last_good_set() {
+    let (_env, dir, config) = watched_policies();
     let d = Daemon::start(&config);
     let p = policy(&d);
     assert_eq!(p["rules"], 1, "{p}");
@@ -538,21 +546,9 @@ fn chmod(path: &std::path::Path, mode: u32) {
 #[test]
 fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
     const NOBODY: u32 = 65534;
-    let env = Env::new();
-    let dir = env.dir.join("policies");
-    std::fs::create_dir_all(&dir).expect("policy dir");
+    let (_env, dir, config) = watched_policies();
     let file = dir.join("10-base.toml");
-    std::fs::write(&file, GOOD).expect("write");
     chmod(&file, 0o644);
-    let body = format!(
-        "[policy]\ndir = \"{}\"\nwatch_interval = \"100ms\"\n\n{}",
-        dir.display(),
-        agents_and_target(
-            &[("a", &format!("cgroup = \"{}\"", env.cgroup("a")))],
-            &["127.0.0.1:1".into()]
-        )
-    );
-    let config = env.config("", &body);
     let d = Daemon::start(&config);
     assert_eq!(policy(&d)["rules"], 1);
     let canonical = std::fs::canonicalize(&file).expect("canonical");
