@@ -157,25 +157,12 @@ fn a_daemon_with_broken_policies_does_not_start() {
         )
     );
     let config = env.config("", &body);
-    let out = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .output()
-        .expect("run");
-    assert!(!out.status.success(), "must refuse to start");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&config);
     assert!(
         err.contains("p.toml:3:10") && err.contains("unknown action `allw`"),
         "{err}"
     );
-    let check = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&config)
-        .args(["policy", "check"])
-        .output()
-        .expect("check");
-    assert_eq!(check.status.code(), Some(1));
+    assert_eq!(cli(&config, &["policy", "check"]).status.code(), Some(1));
 }
 
 /// What the second policy set adds: deletes from `t` refused, e-mail addresses masked.
@@ -514,14 +501,26 @@ fn write_as(uid: u32, path: &std::path::Path, text: &str) -> bool {
     child.wait().expect("wait").success()
 }
 
-/// `portcullis doctor --json`: its exit code and checks.
-fn doctor(config: &std::path::Path) -> (Option<i32>, Value) {
-    let out = Command::new(workspace_bin("portcullis"))
+/// `portcullis --config CONFIG ARGS...`, run to its end.
+fn cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("portcullis"))
         .arg("--config")
         .arg(config)
-        .args(["doctor", "--json"])
+        .args(args)
         .output()
-        .expect("doctor");
+        .expect("portcullis")
+}
+
+/// What a daemon that must not start with `config` says on its way out.
+fn refused_start(config: &std::path::Path) -> String {
+    let out = cli(config, &["run"]);
+    assert!(!out.status.success(), "must refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `portcullis doctor --json`: its exit code and checks.
+fn doctor(config: &std::path::Path) -> (Option<i32>, Value) {
+    let out = cli(config, &["doctor", "--json"]);
     let checks = serde_json::from_slice(&out.stdout).expect("json");
     (out.status.code(), checks)
 }
@@ -579,12 +578,7 @@ fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
         "{err}"
     );
     // `policy check` says the same, and fails.
-    let check = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&config)
-        .args(["policy", "check"])
-        .output()
-        .expect("check");
+    let check = cli(&config, &["policy", "check"]);
     assert_eq!(check.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&check.stdout).contains("writable by every user"),
@@ -605,14 +599,7 @@ fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
     assert_eq!(p["generation"], 2, "{p}");
     drop(d);
     // ... nor does a daemon start with it.
-    let out = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .output()
-        .expect("run");
-    assert!(!out.status.success(), "must refuse to start");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&config);
     assert!(
         err.contains("writable by every user") && err.contains(&config.display().to_string()),
         "{err}"
@@ -620,14 +607,7 @@ fn files_others_may_change_are_refused_and_files_others_may_read_reported() {
     // Nor with a policy directory a user owns: they may add any file to it.
     chmod(&config, 0o644);
     std::os::unix::fs::chown(&dir, Some(NOBODY), None).expect("chown");
-    let out = Command::new(workspace_bin("portcullis"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .output()
-        .expect("run");
-    assert!(!out.status.success(), "must refuse to start");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&config);
     assert!(
         err.contains(&format!("owned by uid {NOBODY}")) && err.contains("chown root:"),
         "{err}"
