@@ -29,6 +29,9 @@ pub struct Meta {
     pub gid: u32,
     /// Permission bits, with the sticky bit (`0o7777`).
     pub mode: u32,
+    /// It carries a POSIX access ACL: its group bits are then the ACL's mask, the most any
+    /// named user or group entry grants.
+    pub acl: bool,
 }
 
 /// Who besides root may change a path.
@@ -38,6 +41,8 @@ pub enum By {
     Owner(u32),
     /// Members of this group.
     Group(u32),
+    /// Users or groups its access control list names.
+    Acl,
     /// Every user.
     Everyone,
 }
@@ -82,6 +87,10 @@ impl std::fmt::Display for Finding {
                         "chown root:",
                     ),
                     By::Group(gid) => (format!("writable by group {gid}"), "chmod g-w"),
+                    By::Acl => (
+                        "writable by users or groups its ACL names".to_owned(),
+                        "setfacl -b",
+                    ),
                     By::Everyone => ("writable by every user".to_owned(), "chmod o-w"),
                 };
                 write!(
@@ -108,7 +117,26 @@ pub fn stat(path: &Path) -> io::Result<Meta> {
         uid: m.uid(),
         gid: m.gid(),
         mode: m.mode() & 0o7777,
+        acl: has_access_acl(path),
     })
+}
+
+/// Whether `path` has a POSIX access ACL (`system.posix_acl_access`).
+fn has_access_acl(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid NUL-terminated strings; a null buffer of size 0 asks for the size only.
+    let n = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n > 0
 }
 
 /// Who besides root and `me` may change `path` (canonical), checking it and every
@@ -132,6 +160,8 @@ pub fn changeable(
             Some(By::Owner(m.uid))
         } else if m.mode & 0o002 != 0 && !sticky {
             Some(By::Everyone)
+        } else if m.mode & 0o020 != 0 && m.acl && !sticky {
+            Some(By::Acl)
         } else if m.mode & 0o020 != 0 && m.gid != 0 && !sticky {
             Some(By::Group(m.gid))
         } else {
@@ -215,12 +245,22 @@ mod tests {
     fn fs(entries: &[(&str, u32, u32, u32)]) -> impl Fn(&Path) -> io::Result<Meta> {
         let mut m: HashMap<PathBuf, Meta> = entries
             .iter()
-            .map(|&(p, uid, gid, mode)| (PathBuf::from(p), Meta { uid, gid, mode }))
+            .map(|&(p, uid, gid, mode)| {
+                let meta = Meta {
+                    uid,
+                    gid,
+                    mode: mode & 0o7777,
+                    // Marked in the tests by a bit above the mode.
+                    acl: mode & 0o10000 != 0,
+                };
+                (PathBuf::from(p), meta)
+            })
             .collect();
         m.entry("/".into()).or_insert(Meta {
             uid: 0,
             gid: 0,
             mode: 0o755,
+            acl: false,
         });
         move |p: &Path| {
             m.get(p)
@@ -345,6 +385,27 @@ mod tests {
     }
 
     #[test]
+    fn an_acl_that_grants_writing_is_no_root_group() {
+        // Group root with write in the mask: some named entry may write.
+        let f = findings(&[
+            ETC,
+            DIR,
+            POLICIES,
+            ("/etc/portcullis/policies/a.toml", 0, 0, 0o10660),
+            ("/etc/portcullis/policies/b.toml", 0, 0, 0o10640),
+        ]);
+        assert_eq!(
+            f,
+            [Finding::Changeable {
+                path: "/etc/portcullis/policies/a.toml".into(),
+                of: "/etc/portcullis/policies/a.toml".into(),
+                by: By::Acl
+            }]
+        );
+        assert!(f[0].to_string().contains("setfacl -b"), "{}", f[0]);
+    }
+
+    #[test]
     fn the_daemons_own_user_is_trusted_like_root() {
         let f = policy_findings(
             Path::new("/home/dev/p"),
@@ -396,6 +457,57 @@ mod tests {
             &fs(&[]),
         );
         assert_eq!(f, []);
+    }
+
+    /// A POSIX access ACL (the kernel's xattr form): owner rw, user `uid` rw, group r,
+    /// mask rw, others nothing.
+    fn set_acl_granting(path: &Path, uid: u32) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let undefined = u32::MAX;
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, undefined),
+            (0x02, 6, uid),
+            (0x04, 4, undefined),
+            (0x10, 6, undefined),
+            (0x20, 0, undefined),
+        ] {
+            v.extend(tag.to_le_bytes());
+            v.extend(perm.to_le_bytes());
+            v.extend(id.to_le_bytes());
+        }
+        let p = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                v.as_ptr().cast(),
+                v.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setting an ACL: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn an_acl_on_the_real_file_system_is_seen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "").expect("write");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .expect("chmod");
+        assert_eq!(check_policies(dir.path(), std::slice::from_ref(&p)), []);
+        set_acl_granting(&p, 65534);
+        let c = std::fs::canonicalize(&p).expect("canonical");
+        assert_eq!(
+            check_policies(dir.path(), std::slice::from_ref(&p)),
+            [Finding::Changeable {
+                path: c.clone(),
+                of: c,
+                by: By::Acl
+            }]
+        );
     }
 
     #[test]
