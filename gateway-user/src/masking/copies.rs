@@ -157,6 +157,11 @@ pub fn check(
             let dest = dest_shown(s);
             let unplaced = matches!(s.dest, Dest::Position(_) | Dest::Spread { .. });
             return Err(match source {
+                Source::Masked(from) if let Dest::Kept(function) = &s.dest => Refusal::Kept {
+                    rule: rule.to_owned(),
+                    from,
+                    function: function.clone(),
+                },
                 Source::Masked(from) if unplaced => Refusal::CopyUnplaced {
                     rule: rule.to_owned(),
                     from,
@@ -343,7 +348,7 @@ fn covered(
     let column = match &s.dest {
         Dest::Column(c) => c,
         Dest::SameNames => return covers(matched, &s.table, None),
-        Dest::Position(_) | Dest::Spread { .. } | Dest::Unknown => return false,
+        Dest::Position(_) | Dest::Spread { .. } | Dest::Unknown | Dest::Kept(_) => return false,
     };
     let any = |t: &TableName| patterns.iter().any(|(_, p)| covers(p, t, Some(column)));
     if any(&s.table) {
@@ -409,6 +414,7 @@ fn dest_shown(s: &Stored) -> String {
             format!("{t} by position (item {n}{after})")
         }
         Dest::Unknown => format!("{t} in columns the statement does not name"),
+        Dest::Kept(f) => format!("what {f} keeps"),
     }
 }
 
@@ -594,6 +600,34 @@ mod tests {
         assert_eq!(
             names(&stored("CREATE TABLE t AS SELECT email FROM users")),
             ["users"]
+        );
+    }
+
+    #[test]
+    fn what_a_function_keeps_of_a_masked_column_is_refused() {
+        let m = [mask("pii", &["*.email"])];
+        for sql in [
+            "SELECT setval('s', length(email)) FROM users",
+            "SELECT pg_advisory_lock(('x' || encode(convert_to(email, 'UTF8'), 'hex'))::bit(64)::bigint) FROM users",
+            "SELECT setval('s', (SELECT length(max(contact)) FROM v))",
+        ] {
+            let e = run(sql, &m, &cat()).expect_err(sql);
+            assert!(
+                e.contains("would keep a value computed from public.users.email"),
+                "{sql}: {e}"
+            );
+        }
+        for sql in [
+            "SELECT setval(pg_get_serial_sequence('users', 'id'), coalesce(max(id), 1)) FROM users",
+            "SELECT setval('s', (SELECT max(id) FROM users))",
+        ] {
+            assert_eq!(run(sql, &m, &cat()), Ok(()), "{sql}");
+        }
+        // What the catalog cannot confirm counts as masked.
+        let e = run("SELECT setval('s', n) FROM unknown_rel", &m, &cat()).expect_err("unknown");
+        assert!(
+            e.contains("cannot verify") && e.contains("what setval keeps"),
+            "{e}"
         );
     }
 

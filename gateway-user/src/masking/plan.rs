@@ -232,6 +232,16 @@ pub enum Refusal {
         from: String,
         dest: String,
     },
+    #[error(
+        "rule {rule}: {function} would keep a value computed from {from}, which is masked, \
+         where any statement reads it back unmasked (a sequence's value, an advisory lock's \
+         key, a large object's OID, length or position, the random seed)"
+    )]
+    Kept {
+        rule: String,
+        from: String,
+        function: String,
+    },
 }
 
 impl Refusal {
@@ -244,7 +254,8 @@ impl Refusal {
             | Self::CopyUnverified { rule, .. }
             | Self::CopyUnplaced { rule, .. }
             | Self::CopyElsewhere { rule, .. }
-            | Self::CopyUnverifiedPlace { rule, .. } => rule,
+            | Self::CopyUnverifiedPlace { rule, .. }
+            | Self::Kept { rule, .. } => rule,
         }
     }
 }

@@ -14,20 +14,22 @@
 //!
 //! Pure: takes a parsed statement and returns facts.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, ops::ControlFlow};
 
 use serde::Serialize;
 use sqlparser::ast::{
     AlterColumnOperation, AlterTable, AlterTableOperation, AlterViewOperation, Assignment,
-    AssignmentTarget, ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind,
-    ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement,
-    TableFactor, TableObject, UpdateTableFromKind,
+    AssignmentTarget, ColumnOption, Expr, FunctionArguments, Ident, MergeAction, MergeInsertKind,
+    MergeUpdateKind, ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, Select,
+    SelectItem, SetExpr, Statement, TableFactor, TableObject, UpdateTableFromKind, Visit, Visitor,
 };
 
 use super::{
     ColumnRef, Deps, Item, Scope, StarSource, query_items, set_items, source_all, with_scope,
 };
-use crate::policy::sql::{TableName, explain_runs, expr_object_name, ident_name, parts};
+use crate::policy::sql::{
+    TableName, explain_runs, expr_object_name, functions::keeps_arguments, ident_name, parts,
+};
 
 /// Where in the written table a value goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -44,6 +46,10 @@ pub enum Dest {
     /// Columns nobody can name: a position after the `*` of a function or subquery
     /// whose width is not known, a MERGE that inserts or updates whole rows.
     Unknown,
+    /// No table: what this function keeps of its arguments, where any statement reads it
+    /// back (`setval`'s sequence value, an advisory lock's key; see
+    /// [`crate::policy::sql::functions::keeps_arguments`]). No mask covers it.
+    Kept(String),
 }
 
 /// Where an inserted item lands: target number `index` plus the widths, less one each, of
@@ -275,10 +281,14 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
     }
 }
 
-/// A query: `SELECT ... INTO`, `WITH ... INSERT/UPDATE/MERGE`, and writes in its CTEs.
+/// A query: `SELECT ... INTO`, `WITH ... INSERT/UPDATE/MERGE`, what its select list's
+/// calls keep, and writes in its CTEs.
 fn query(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
     let inner = with_scope(q, scope);
     writes_in_ctes(q, &inner, out);
+    if let SetExpr::Select(sel) = q.body.as_ref() {
+        kept(sel, &inner, out);
+    }
     match q.body.as_ref() {
         SetExpr::Select(sel) if sel.into.is_some() => {
             let table = sel
@@ -291,6 +301,57 @@ fn query(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
         }
         SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Merge(s) => statement(s, &inner, out),
         _ => {}
+    }
+}
+
+/// What calls in a select list keep of arguments computed from rows (`SELECT setval('s',
+/// max(id)) FROM t`): the arguments' columns, read in the select's scope. Calls inside
+/// nested queries, and outside the select list, are not traced here (the classifier
+/// counts them, and the statement stays a `side_channel` danger).
+fn kept(sel: &Select, scope: &Scope<'_>, out: &mut Vec<Stored>) {
+    struct Calls<'a, 's> {
+        scope: &'a Scope<'s>,
+        out: &'a mut Vec<Stored>,
+        nested: usize,
+    }
+    impl Visitor for Calls<'_, '_> {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.nested += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.nested -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if self.nested == 0
+                && let Expr::Function(f) = e
+                && let FunctionArguments::List(l) = &f.args
+            {
+                let name = parts(&f.name).pop().unwrap_or_default();
+                if keeps_arguments(&name) {
+                    let deps = self.scope.args_deps(&l.args);
+                    push_as(&unknown_table(), Dest::Kept(name), deps, false, self.out);
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut inner = Scope::child(scope);
+    inner.add_from(&sel.from);
+    for item in &sel.projection {
+        let (SelectItem::UnnamedExpr(e)
+        | SelectItem::ExprWithAlias { expr: e, .. }
+        | SelectItem::ExprWithAliases { expr: e, .. }) = item
+        else {
+            continue;
+        };
+        let _ = e.visit(&mut Calls {
+            scope: &inner,
+            out,
+            nested: 0,
+        });
     }
 }
 
@@ -469,6 +530,7 @@ mod tests {
                     Dest::Position(sl) => slot(sl),
                     Dest::Spread { slot: sl, of } => format!("{}<{of}.*>", slot(sl)),
                     Dest::Unknown => "?".into(),
+                    Dest::Kept(f) => format!("<{f}>"),
                 };
                 let mut deps: Vec<String> = s
                     .deps
@@ -576,6 +638,27 @@ mod tests {
         );
         // A plain view stores nothing: reads of it are traced through its definition.
         assert!(stored_of("CREATE VIEW v AS SELECT email FROM users").is_empty());
+    }
+
+    #[test]
+    fn what_calls_in_a_select_list_keep() {
+        assert_eq!(
+            stored_of("SELECT setval('s', salary) FROM people p WHERE p.id = 1"),
+            [".<setval> <- people.salary"]
+        );
+        assert_eq!(
+            stored_of(
+                "SELECT setval(pg_get_serial_sequence('t', 'id'), coalesce(max(id), 1)) FROM t"
+            ),
+            [".<setval> <- t.id"]
+        );
+        assert_eq!(
+            stored_of("SELECT setval('s', (SELECT max(id) FROM t))"),
+            [".<setval> <- t.id"]
+        );
+        // Literals keep nothing computed from rows; nested queries are not traced here.
+        assert!(stored_of("SELECT setval('s', 42), pg_advisory_lock(7)").is_empty());
+        assert!(stored_of("SELECT (SELECT setval('s', salary) FROM people)").is_empty());
     }
 
     #[test]
