@@ -48,6 +48,15 @@ fn catalog_world(extra: &str, policy: Option<&str>) -> Pgw {
     w
 }
 
+/// The hex bodies of the messages of type `tag` in a `wire` run (`D`: data rows, `A`:
+/// notifications), in order.
+fn wire_hex<'a>(out: &'a [serde_json::Value], tag: &str) -> Vec<&'a str> {
+    out.iter()
+        .filter(|v| v["t"] == tag)
+        .filter_map(|v| v["hex"].as_str())
+        .collect()
+}
+
 /// The errors in a `wire` run: (SQLSTATE, message).
 fn wire_errors(out: &[serde_json::Value]) -> Vec<(&str, &str)> {
     out.iter()
@@ -590,15 +599,10 @@ X
         "{errors:?}"
     );
     // What was let through ran; the copy into a column the mask covers reads back masked.
-    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
+    let rows = wire_hex(&out, "D");
     assert_eq!(rows.len(), 1, "{out:#?}");
     let redacted = hex(b"[REDACTED:email]");
-    assert!(
-        rows[0]["hex"]
-            .as_str()
-            .is_some_and(|h| h.ends_with(&redacted)),
-        "{out:#?}"
-    );
+    assert!(rows[0].ends_with(&redacted), "{out:#?}");
     assert_eq!(
         w.pg.sql("shop", "SELECT string_agg(body, ',') FROM notes")
             .trim(),
@@ -678,8 +682,7 @@ X
         );
     }
     // The schema of a table is no row of it.
-    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
-    assert_eq!(rows.len(), 1, "{out:#?}");
+    assert_eq!(wire_hex(&out, "D").len(), 1, "{out:#?}");
 }
 
 /// A sequence's value and an advisory lock's key are read back by any statement: set from a
@@ -724,11 +727,7 @@ X
     }
     assert_eq!(errors[2].0, "42501");
     assert!(errors[2].1.contains("deny-side-channels"), "{errors:?}");
-    let rows: Vec<&str> = out
-        .iter()
-        .filter(|v| v["t"] == "D")
-        .filter_map(|v| v["hex"].as_str())
-        .collect();
+    let rows = wire_hex(&out, "D");
     assert_eq!(rows.len(), 3, "{out:#?}");
     // The sequence repair ran (max(id) = 2); the sequence never held 100000; no lock.
     assert!(rows[0].ends_with(&hex(b"2")), "{out:#?}");
@@ -811,11 +810,7 @@ X
         );
     }
     // What is no copy ran, and the foreign table reads back masked.
-    let rows: Vec<&str> = out
-        .iter()
-        .filter(|v| v["t"] == "D")
-        .filter_map(|v| v["hex"].as_str())
-        .collect();
+    let rows = wire_hex(&out, "D");
     let redacted = hex(b"[REDACTED:email]");
     assert_eq!(rows.len(), 2, "{out:#?}");
     assert!(rows.iter().all(|h| h.ends_with(&redacted)), "{out:#?}");
@@ -893,14 +888,11 @@ X
         "{errors:?}"
     );
     // Both copies into people_copy ran, and read back masked.
-    let rows: Vec<&serde_json::Value> = out.iter().filter(|v| v["t"] == "D").collect();
+    let rows = wire_hex(&out, "D");
     assert_eq!(rows.len(), 2, "{out:#?}");
     let redacted = hex(b"[REDACTED:email]");
     for r in rows {
-        assert!(
-            r["hex"].as_str().is_some_and(|h| h.ends_with(&redacted)),
-            "{out:#?}"
-        );
+        assert!(r.ends_with(&redacted), "{out:#?}");
     }
     assert_eq!(
         w.pg.sql(
@@ -1014,11 +1006,7 @@ WAIT 1
 X
 ",
     );
-    let payloads: Vec<&str> = out
-        .iter()
-        .filter(|v| v["t"] == "A")
-        .filter_map(|v| v["hex"].as_str())
-        .collect();
+    let payloads = wire_hex(&out, "A");
     assert_eq!(payloads.len(), 2, "{out:#?}");
     // pid, then the channel and the payload, each NUL-terminated.
     assert!(
