@@ -407,24 +407,29 @@ impl Catalog {
                 literal(&array_literal(names))
             ));
         }
-        // `foreign`: the relation is a foreign table or has one among its descendants
+        // `elsewhere`: the relation is a foreign table or has one among its descendants
         // (partitions, inheritance children), which an INSERT or UPDATE of it may write.
+        // Computed once per relation, in the inner query (`OFFSET 0` keeps the planner
+        // from merging it into the join, where it would run once per column).
         let sql = format!(
             "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, \
              CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 \
                   THEN pg_catalog.pg_get_viewdef(c.oid) END, \
-             c.relkind = 'f' OR (c.relkind IN ('r', 'p') AND c.relhassubclass AND EXISTS ( \
-                  WITH RECURSIVE d(oid) AS ( \
-                    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid \
-                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
-                          JOIN d ON i.inhparent = d.oid) \
-                  SELECT FROM d JOIN pg_catalog.pg_class k ON k.oid = d.oid \
-                  WHERE k.relkind = 'f')) \
-             FROM pg_catalog.pg_class c \
+             c.elsewhere \
+             FROM (SELECT c.oid, c.relnamespace, c.relname, c.relkind, \
+                   c.relkind = 'f' OR (c.relkind IN ('r', 'p') AND c.relhassubclass AND EXISTS ( \
+                     WITH RECURSIVE d(oid) AS ( \
+                       SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                       WHERE i.inhparent = c.oid \
+                       UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                             JOIN d ON i.inhparent = d.oid) \
+                     SELECT FROM d JOIN pg_catalog.pg_class k ON k.oid = d.oid \
+                     WHERE k.relkind = 'f')) AS elsewhere \
+                   FROM pg_catalog.pg_class c WHERE {} OFFSET 0) c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
                   AND NOT a.attisdropped \
-             WHERE {} ORDER BY c.oid, a.attnum",
+             ORDER BY c.oid, a.attnum",
             filter.join(" OR ")
         );
         let rows = query(c, &sql).await?;
