@@ -22,6 +22,7 @@ use sqlparser::ast::{
     AssignmentTarget, ColumnOption, Expr, FunctionArguments, Ident, MergeAction, MergeInsertKind,
     MergeUpdateKind, ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, Select,
     SelectItem, SetExpr, Statement, TableFactor, TableObject, UpdateTableFromKind, Visit, Visitor,
+    visit_expressions,
 };
 
 use super::{
@@ -338,15 +339,33 @@ fn kept(sel: &Select, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             ControlFlow::Continue(())
         }
     }
+    let items: Vec<&Expr> = sel
+        .projection
+        .iter()
+        .filter_map(|item| match item {
+            SelectItem::UnnamedExpr(e)
+            | SelectItem::ExprWithAlias { expr: e, .. }
+            | SelectItem::ExprWithAliases { expr: e, .. } => Some(e),
+            _ => None,
+        })
+        .collect();
+    // The select's scope (its FROM, with the lineage of derived tables) is built only for
+    // a select list that calls such a function at all.
+    let calls_one = items.iter().any(|e| {
+        visit_expressions(*e, |x| match x {
+            Expr::Function(f) if keeps_arguments(&parts(&f.name).pop().unwrap_or_default()) => {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        })
+        .is_break()
+    });
+    if !calls_one {
+        return;
+    }
     let mut inner = Scope::child(scope);
     inner.add_from(&sel.from);
-    for item in &sel.projection {
-        let (SelectItem::UnnamedExpr(e)
-        | SelectItem::ExprWithAlias { expr: e, .. }
-        | SelectItem::ExprWithAliases { expr: e, .. }) = item
-        else {
-            continue;
-        };
+    for e in items {
         let _ = e.visit(&mut Calls {
             scope: &inner,
             out,
