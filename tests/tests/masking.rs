@@ -686,9 +686,11 @@ X
 }
 
 /// A sequence's value and an advisory lock's key are read back by any statement: set from a
-/// masked column they would carry it out. In a select list the gate traces what such a call
-/// keeps and refuses masked columns (the copy check); elsewhere the call is the
-/// `side_channel` danger (here: refused). Set from literals or unmasked columns they run.
+/// masked column they would carry it out. Wherever such a call is (select list, `WHERE`, a
+/// nested query) the gate traces what it keeps and refuses masked columns (the copy check);
+/// where it does not trace (a table function's arguments in `FROM`) the call is the
+/// `side_channel` danger (here: refused). Set from literals or unmasked columns they run:
+/// a job queue's worker locking the id of the job it takes is not held up.
 #[test]
 fn values_kept_by_sequences_and_advisory_locks_cannot_come_from_masked_columns() {
     let policy = format!(
@@ -706,18 +708,26 @@ Q SELECT pg_advisory_lock(salary) FROM people WHERE id = 1
 WAIT 1
 Q SELECT id FROM people WHERE pg_try_advisory_lock(salary)
 WAIT 1
+Q SELECT 1 WHERE EXISTS (SELECT FROM people WHERE pg_try_advisory_lock(salary))
+WAIT 1
+Q SELECT 1 FROM people p, LATERAL pg_advisory_xact_lock(p.id, p.salary)
+WAIT 1
+Q SELECT id FROM people WHERE id = 1 AND pg_try_advisory_lock(id)
+WAIT 1
 Q SELECT setval('s', (SELECT max(id) FROM people))
 WAIT 1
 Q SELECT last_value FROM s
 WAIT 1
-Q SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+Q SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1
+WAIT 1
+Q SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid > 2
 WAIT 1
 X
 ",
     );
     let errors = wire_errors(&out);
-    assert_eq!(errors.len(), 3, "{out:#?}");
-    for (code, message) in &errors[..2] {
+    assert_eq!(errors.len(), 5, "{out:#?}");
+    for (code, message) in &errors[..4] {
         assert_eq!(*code, "42501", "{errors:?}");
         assert!(
             message.contains("mask-people")
@@ -725,14 +735,17 @@ X
             "{errors:?}"
         );
     }
-    assert_eq!(errors[2].0, "42501");
-    assert!(errors[2].1.contains("deny-side-channels"), "{errors:?}");
+    assert_eq!(errors[4].0, "42501");
+    assert!(errors[4].1.contains("deny-side-channels"), "{errors:?}");
     let rows = wire_hex(&out, "D");
-    assert_eq!(rows.len(), 3, "{out:#?}");
-    // The sequence repair ran (max(id) = 2); the sequence never held 100000; no lock.
-    assert!(rows[0].ends_with(&hex(b"2")), "{out:#?}");
+    assert_eq!(rows.len(), 5, "{out:#?}");
+    // The job's lock was taken (id 1); the sequence repair ran (max(id) = 2); the sequence
+    // never held 100000; the one advisory lock is the job's.
+    assert!(rows[0].ends_with(&hex(b"1")), "{out:#?}");
     assert!(rows[1].ends_with(&hex(b"2")), "{out:#?}");
-    assert!(rows[2].ends_with(&hex(b"0")), "{out:#?}");
+    assert!(rows[2].ends_with(&hex(b"2")), "{out:#?}");
+    assert!(rows[3].ends_with(&hex(b"1")), "{out:#?}");
+    assert!(rows[4].ends_with(&hex(b"0")), "{out:#?}");
     assert!(
         !serde_json::to_string(&out)
             .expect("json")

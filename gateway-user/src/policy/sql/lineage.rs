@@ -31,7 +31,9 @@ use sqlparser::ast::{
 
 use super::{TableName, ident_name, parts};
 
+mod kept;
 mod stored;
+pub use kept::{Kept, kept};
 pub use stored::{Dest, Slot, Stored, stored};
 
 /// A column a value is read from; `column: None` is the whole row.

@@ -617,8 +617,9 @@ struct Collector<'a> {
     skip_relations: usize,
     /// Inside EXPLAIN without ANALYZE: nested statements are planned, not run.
     plan_only: usize,
-    /// Calls that keep an argument computed from rows ([`Danger::SideChannel`]).
-    side_channel_calls: usize,
+    /// Calls that keep an argument computed from rows ([`Danger::SideChannel`]), by the
+    /// address of their name in the statement's tree.
+    side_channel_calls: Vec<usize>,
 }
 
 struct CteFrame {
@@ -658,7 +659,8 @@ impl Collector<'_> {
         let f = parts(name).pop().unwrap_or_default();
         if from_rows && functions::keeps_arguments(&f) {
             self.c.dangerous.insert((f, Danger::SideChannel));
-            self.side_channel_calls += 1;
+            self.side_channel_calls
+                .push(std::ptr::from_ref(name) as usize);
         }
     }
 
@@ -1193,21 +1195,21 @@ fn classify_statement(s: &Statement) -> StatementClass {
         pending_targets: HashMap::new(),
         skip_relations: 0,
         plan_only: 0,
-        side_channel_calls: 0,
+        side_channel_calls: Vec::new(),
     };
     let _ = s.visit(&mut v);
     let side_channel_calls = v.side_channel_calls;
     c.shape = lineage::shape(s);
     c.stored = lineage::stored(s);
-    // Calls in a select list are traced to the columns they keep, for the copy check to
-    // judge against the masks; only when every such call is, the statement is no danger.
-    let traced = c
-        .stored
-        .iter()
-        .filter(|s| matches!(s.dest, lineage::Dest::Kept(_)))
-        .count();
-    if side_channel_calls <= traced {
-        c.dangerous.retain(|(_, d)| *d != Danger::SideChannel);
+    // Calls that keep values computed from rows are traced to the columns they keep, for
+    // the copy check to judge against the masks; only when every such call is (the same
+    // nodes of this tree), the statement is no danger.
+    if !side_channel_calls.is_empty() {
+        let kept = lineage::kept(s);
+        if side_channel_calls.iter().all(|a| kept.calls.contains(a)) {
+            c.dangerous.retain(|(_, d)| *d != Danger::SideChannel);
+        }
+        c.stored.extend(kept.stored);
     }
     c
 }

@@ -14,23 +14,20 @@
 //!
 //! Pure: takes a parsed statement and returns facts.
 
-use std::{collections::BTreeSet, ops::ControlFlow};
+use std::collections::BTreeSet;
 
 use serde::Serialize;
 use sqlparser::ast::{
     AlterColumnOperation, AlterTable, AlterTableOperation, AlterViewOperation, Assignment,
-    AssignmentTarget, ColumnOption, Expr, FunctionArguments, Ident, MergeAction, MergeInsertKind,
-    MergeUpdateKind, ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, Select,
-    SelectItem, SetExpr, Statement, TableFactor, TableObject, UpdateTableFromKind, Visit, Visitor,
-    visit_expressions,
+    AssignmentTarget, ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind,
+    ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement,
+    TableFactor, TableObject, UpdateTableFromKind,
 };
 
 use super::{
     ColumnRef, Deps, Item, Scope, StarSource, query_items, set_items, source_all, with_scope,
 };
-use crate::policy::sql::{
-    TableName, explain_runs, expr_object_name, functions::keeps_arguments, ident_name, parts,
-};
+use crate::policy::sql::{TableName, explain_runs, expr_object_name, ident_name, parts};
 
 /// Where in the written table a value goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -282,14 +279,10 @@ fn alter_table(at: &AlterTable, scope: &Scope<'_>, out: &mut Vec<Stored>) {
     }
 }
 
-/// A query: `SELECT ... INTO`, `WITH ... INSERT/UPDATE/MERGE`, what its select list's
-/// calls keep, and writes in its CTEs.
+/// A query: `SELECT ... INTO`, `WITH ... INSERT/UPDATE/MERGE`, and writes in its CTEs.
 fn query(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
     let inner = with_scope(q, scope);
     writes_in_ctes(q, &inner, out);
-    if let SetExpr::Select(sel) = q.body.as_ref() {
-        kept(sel, &inner, out);
-    }
     match q.body.as_ref() {
         SetExpr::Select(sel) if sel.into.is_some() => {
             let table = sel
@@ -302,75 +295,6 @@ fn query(q: &Query, scope: &Scope<'_>, out: &mut Vec<Stored>) {
         }
         SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Merge(s) => statement(s, &inner, out),
         _ => {}
-    }
-}
-
-/// What calls in a select list keep of arguments computed from rows (`SELECT setval('s',
-/// max(id)) FROM t`): the arguments' columns, read in the select's scope. Calls inside
-/// nested queries, and outside the select list, are not traced here (the classifier
-/// counts them, and the statement stays a `side_channel` danger).
-fn kept(sel: &Select, scope: &Scope<'_>, out: &mut Vec<Stored>) {
-    struct Calls<'a, 's> {
-        scope: &'a Scope<'s>,
-        out: &'a mut Vec<Stored>,
-        nested: usize,
-    }
-    impl Visitor for Calls<'_, '_> {
-        type Break = ();
-        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
-            self.nested += 1;
-            ControlFlow::Continue(())
-        }
-        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
-            self.nested -= 1;
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if self.nested == 0
-                && let Expr::Function(f) = e
-                && let FunctionArguments::List(l) = &f.args
-            {
-                let name = parts(&f.name).pop().unwrap_or_default();
-                if keeps_arguments(&name) {
-                    let deps = self.scope.args_deps(&l.args);
-                    push_as(&unknown_table(), Dest::Kept(name), deps, false, self.out);
-                }
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let items: Vec<&Expr> = sel
-        .projection
-        .iter()
-        .filter_map(|item| match item {
-            SelectItem::UnnamedExpr(e)
-            | SelectItem::ExprWithAlias { expr: e, .. }
-            | SelectItem::ExprWithAliases { expr: e, .. } => Some(e),
-            _ => None,
-        })
-        .collect();
-    // The select's scope (its FROM, with the lineage of derived tables) is built only for
-    // a select list that calls such a function at all.
-    let calls_one = items.iter().any(|e| {
-        visit_expressions(*e, |x| match x {
-            Expr::Function(f) if keeps_arguments(&parts(&f.name).pop().unwrap_or_default()) => {
-                ControlFlow::Break(())
-            }
-            _ => ControlFlow::Continue(()),
-        })
-        .is_break()
-    });
-    if !calls_one {
-        return;
-    }
-    let mut inner = Scope::child(scope);
-    inner.add_from(&sel.from);
-    for e in items {
-        let _ = e.visit(&mut Calls {
-            scope: &inner,
-            out,
-            nested: 0,
-        });
     }
 }
 
@@ -479,7 +403,13 @@ fn push_here(table: &TableName, dest: Dest, deps: Deps, out: &mut Vec<Stored>) {
     push_as(table, dest, deps, false, out);
 }
 
-fn push_as(table: &TableName, dest: Dest, deps: Deps, existing: bool, out: &mut Vec<Stored>) {
+pub(super) fn push_as(
+    table: &TableName,
+    dest: Dest,
+    deps: Deps,
+    existing: bool,
+    out: &mut Vec<Stored>,
+) {
     if !deps.is_empty() {
         out.push(Stored {
             table: table.clone(),
@@ -514,7 +444,7 @@ fn factor_table(f: &TableFactor) -> TableName {
 }
 
 /// A table the text does not name: only a pattern with `*` for the table covers it.
-fn unknown_table() -> TableName {
+pub(super) fn unknown_table() -> TableName {
     TableName {
         schema: None,
         name: String::new(),
@@ -524,7 +454,7 @@ fn unknown_table() -> TableName {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::sql::{LexOptions, classify};
+    use crate::policy::sql::{LexOptions, classify, functions::Danger};
 
     /// `table.dest <- deps` per stored value.
     fn stored_of(sql: &str) -> Vec<String> {
@@ -660,7 +590,7 @@ mod tests {
     }
 
     #[test]
-    fn what_calls_in_a_select_list_keep() {
+    fn what_calls_keep_wherever_they_are() {
         assert_eq!(
             stored_of("SELECT setval('s', salary) FROM people p WHERE p.id = 1"),
             [".<setval> <- people.salary"]
@@ -675,9 +605,87 @@ mod tests {
             stored_of("SELECT setval('s', (SELECT max(id) FROM t))"),
             [".<setval> <- t.id"]
         );
-        // Literals keep nothing computed from rows; nested queries are not traced here.
+        // Literals keep nothing computed from rows.
         assert!(stored_of("SELECT setval('s', 42), pg_advisory_lock(7)").is_empty());
-        assert!(stored_of("SELECT (SELECT setval('s', salary) FROM people)").is_empty());
+        // Outside the select list, in the scope of the query the call is in.
+        assert_eq!(
+            stored_of("SELECT id FROM jobs WHERE pg_try_advisory_lock(id) ORDER BY id LIMIT 1"),
+            [".<pg_try_advisory_lock> <- jobs.id"]
+        );
+        assert_eq!(
+            stored_of(
+                "SELECT j.id FROM jobs j JOIN people p ON pg_advisory_lock(p.salary) IS NOT NULL \
+                 GROUP BY j.id HAVING pg_try_advisory_lock(max(j.id)) \
+                 ORDER BY setval('s', max(j.id))"
+            ),
+            [
+                ".<pg_advisory_lock> <- people.salary",
+                ".<pg_try_advisory_lock> <- jobs.id",
+                ".<setval> <- jobs.id",
+            ]
+        );
+        // Nested queries, derived tables and CTEs in their own scope.
+        assert_eq!(
+            stored_of("SELECT (SELECT setseed(salary / 1e7) FROM people WHERE id = 1)"),
+            [".<setseed> <- people.salary"]
+        );
+        assert_eq!(
+            stored_of(
+                "WITH c AS (SELECT id, pg_try_advisory_lock(id) AS got FROM jobs) \
+                 SELECT * FROM (SELECT setval('s', c.id) FROM c) d"
+            ),
+            [".<pg_try_advisory_lock> <- jobs.id", ".<setval> <- jobs.id"]
+        );
+        assert_eq!(
+            stored_of(
+                "SELECT 1 FROM jobs WHERE id IN \
+                 (SELECT id FROM people WHERE pg_try_advisory_lock(hashtext(email)))"
+            ),
+            // An unqualified name may also be the outer query's column.
+            [".<pg_try_advisory_lock> <- jobs.email people.email"]
+        );
+        // Writes: UPDATE and DELETE in their target's scope, INSERT's source in its own.
+        assert_eq!(
+            stored_of("UPDATE jobs SET taken = true WHERE pg_try_advisory_lock(id)"),
+            [".<pg_try_advisory_lock> <- jobs.id"]
+        );
+        assert_eq!(
+            stored_of("DELETE FROM jobs USING people p WHERE pg_try_advisory_lock(p.salary)"),
+            [".<pg_try_advisory_lock> <- people.salary"]
+        );
+        assert_eq!(
+            stored_of(
+                "INSERT INTO log (n) SELECT 1 FROM people WHERE pg_try_advisory_lock(salary)"
+            ),
+            [".<pg_try_advisory_lock> <- people.salary"]
+        );
+    }
+
+    #[test]
+    fn every_side_channel_call_must_be_traced_for_the_danger_to_go() {
+        let danger = |sql: &str| {
+            classify(sql, LexOptions::default())
+                .statements
+                .iter()
+                .any(|c| c.dangerous.iter().any(|(_, d)| *d == Danger::SideChannel))
+        };
+        for sql in [
+            "SELECT id FROM jobs WHERE pg_try_advisory_lock(id)",
+            "SELECT (SELECT setseed(salary / 1e7) FROM people WHERE id = 1)",
+            "UPDATE jobs SET n = setval('s', n) WHERE pg_try_advisory_lock(id)",
+        ] {
+            assert!(!danger(sql), "{sql}");
+        }
+        // A table function's arguments, a view's definition and a cursor's query are not
+        // traced: one such call keeps the danger, whatever else was traced.
+        for sql in [
+            "SELECT * FROM people p, LATERAL pg_advisory_xact_lock(p.id, p.salary)",
+            "SELECT setval('s', x.id) FROM people x, LATERAL pg_advisory_xact_lock(x.salary)",
+            "CREATE VIEW v AS SELECT setval('s', salary) FROM people",
+            "DECLARE c CURSOR FOR SELECT pg_advisory_lock(salary) FROM people",
+        ] {
+            assert!(danger(sql), "{sql}");
+        }
     }
 
     #[test]
