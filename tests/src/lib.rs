@@ -581,7 +581,11 @@ impl Daemon {
         cmd.arg("--config")
             .arg(config)
             .args(["run", "--log-format", "json"])
-            .env("RUST_LOG", "info")
+            // `PC_DAEMON_LOG` sets the daemon's log filter (profiling: what logging costs).
+            .env(
+                "RUST_LOG",
+                std::env::var("PC_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
