@@ -34,11 +34,19 @@ use crate::policy::{
     },
 };
 
-/// Relations whose definitions the catalog may not show yet: changed by the session in a
-/// transaction that has not ended, or earlier in the same message. What the catalog says
-/// about them is not believed.
+/// What the catalog may not show yet: changed by the session in a transaction that has not
+/// ended, or earlier in the same message. What the catalog says about it is not believed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Redefined {
+pub struct Redefined {
+    relations: Relations,
+    /// Where rows written into existing relations are stored may have changed: a foreign
+    /// table created or altered, a partition or child attached ([`stays_here`]).
+    storage: bool,
+}
+
+/// Relations whose definitions may have changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum Relations {
     #[default]
     Nothing,
     /// Relations by name (in any schema).
@@ -48,21 +56,53 @@ pub enum Redefined {
 }
 
 impl Redefined {
-    pub fn covers(&self, name: &str) -> bool {
-        match self {
-            Self::Nothing => false,
-            Self::Names(n) => n.contains(name),
-            Self::All => true,
+    /// These relations (by name, in any schema).
+    pub fn names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            relations: Relations::Names(names.into_iter().map(str::to_owned).collect()),
+            storage: false,
         }
     }
 
+    /// Anything (`DO`, `CALL`, a schema or an extension), where rows are stored too.
+    pub fn all() -> Self {
+        Self {
+            relations: Relations::All,
+            storage: true,
+        }
+    }
+
+    /// Where rows written into existing relations are stored.
+    fn storage() -> Self {
+        Self {
+            relations: Relations::Nothing,
+            storage: true,
+        }
+    }
+
+    pub fn covers(&self, name: &str) -> bool {
+        match &self.relations {
+            Relations::Nothing => false,
+            Relations::Names(n) => n.contains(name),
+            Relations::All => true,
+        }
+    }
+
+    /// Whether the catalog is not believed about where rows written into a relation are
+    /// stored.
+    pub fn storage_changed(&self) -> bool {
+        self.storage
+    }
+
     pub fn add(&mut self, other: Redefined) {
-        *self = match (std::mem::take(self), other) {
-            (Self::All, _) | (_, Self::All) => Self::All,
-            (Self::Nothing, x) | (x, Self::Nothing) => x,
-            (Self::Names(mut a), Self::Names(b)) => {
+        use Relations as R;
+        self.storage |= other.storage;
+        self.relations = match (std::mem::take(&mut self.relations), other.relations) {
+            (R::All, _) | (_, R::All) => R::All,
+            (R::Nothing, x) | (x, R::Nothing) => x,
+            (R::Names(mut a), R::Names(b)) => {
                 a.extend(b);
-                Self::Names(a)
+                R::Names(a)
             }
         };
     }
@@ -71,21 +111,32 @@ impl Redefined {
     /// everything for DDL whose effect on relations is not known from its text (schemas,
     /// extensions, types, rules) and for `DO` and `CALL`. DDL on indexes, sequences,
     /// functions, triggers, roles and the like changes no relation's columns.
+    ///
+    /// Where rows written into existing relations are stored, too, for foreign table DDL
+    /// and attaching a partition or child, besides the relations they name.
     pub fn by(s: &StatementClass) -> Self {
-        let mut out = Self::Nothing;
+        let mut out = Self::default();
+        if s.attaches {
+            out.add(Self::storage());
+        }
         for k in &s.kinds {
+            if matches!(
+                k,
+                Kind::Create(Object::ForeignTable) | Kind::Alter(Object::ForeignTable)
+            ) {
+                out.add(Self::storage());
+            }
             match k {
                 Kind::Create(o) | Kind::Alter(o) | Kind::Drop(o) => match o {
                     Object::Table
                     | Object::View
                     | Object::MaterializedView
                     | Object::ForeignTable => {
-                        let names: BTreeSet<String> =
-                            s.tables_written.iter().map(|t| t.name.clone()).collect();
-                        out.add(if names.is_empty() {
-                            Self::All
+                        let names = s.tables_written.iter().map(|t| t.name.as_str());
+                        out.add(if s.tables_written.is_empty() {
+                            Self::all()
                         } else {
-                            Self::Names(names)
+                            Self::names(names)
                         });
                     }
                     Object::Index
@@ -102,9 +153,9 @@ impl Redefined {
                     | Object::Server
                     | Object::UserMapping
                     | Object::ForeignDataWrapper => {}
-                    _ => out = Self::All,
+                    _ => out.add(Self::all()),
                 },
-                Kind::Do | Kind::Call => out = Self::All,
+                Kind::Do | Kind::Call => out.add(Self::all()),
                 _ => {}
             }
         }
@@ -144,7 +195,7 @@ pub fn check(
             if covered(s, pattern, &patterns, resolve, redefined) {
                 // Covered where it is read through this gateway, if it is stored here.
                 let (Source::Masked(from) | Source::Unverified(from)) = source;
-                let here = stays_here(s, resolve);
+                let here = stays_here(s, resolve, redefined);
                 if here == Some(true) {
                     continue;
                 }
@@ -320,10 +371,15 @@ fn sources(s: &Stored, resolve: &dyn Resolve, redefined: &Redefined) -> Sources 
 /// existing relation the catalog says ([`Resolve::stores_elsewhere`]). A name the catalog
 /// does not show counts as local: a temporary table (never foreign, nor a parent of one)
 /// or one created in the session's open transaction, which could store elsewhere only
-/// through a foreign table attached to it there (see docs/postgres.md).
-fn stays_here(s: &Stored, resolve: &dyn Resolve) -> Option<bool> {
+/// through a foreign table created or attached there: after such a statement (and `DO`,
+/// `CALL`), until the transaction ends, the catalog is not believed about any relation's
+/// storage ([`Redefined::storage_changed`]).
+fn stays_here(s: &Stored, resolve: &dyn Resolve, redefined: &Redefined) -> Option<bool> {
     if !s.existing {
         return Some(true);
+    }
+    if redefined.storage_changed() {
+        return None;
     }
     resolve.stores_elsewhere(&s.table).map(|away| !away)
 }
@@ -497,7 +553,7 @@ mod tests {
     }
 
     fn run(sql: &str, masks: &[Arc<MaskSpec>], resolve: &dyn Resolve) -> Result<(), String> {
-        check(masks, &stored(sql), resolve, &Redefined::Nothing).map_err(|e| e.to_string())
+        check(masks, &stored(sql), resolve, &Redefined::default()).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -643,7 +699,7 @@ mod tests {
         assert_eq!(
             dests(
                 "INSERT INTO archive SELECT o.*, u.email FROM orders o, users u",
-                &Redefined::Nothing
+                &Redefined::default()
             ),
             [
                 "archive.archive.id",
@@ -662,15 +718,15 @@ mod tests {
             .expect_err("unknown table");
         assert!(e.contains("does not show which column"), "{e}");
         assert!(e.contains("fresh by position (item 2)"), "{e}");
-        let archive = Redefined::Names(BTreeSet::from(["archive".to_owned()]));
+        let archive = Redefined::names(["archive"]);
         let copy = stored("INSERT INTO archive SELECT id, email FROM users");
-        assert_eq!(check(&m, &copy, &cat(), &Redefined::Nothing), Ok(()));
+        assert_eq!(check(&m, &copy, &cat(), &Redefined::default()), Ok(()));
         let e = check(&m, &copy, &cat(), &archive)
             .expect_err("archive redefined")
             .to_string();
         assert!(e.contains("archive by position (item 2)"), "{e}");
         // Nor is a position after the `*` of a relation whose width is not believed.
-        let orders = Redefined::Names(BTreeSet::from(["orders".to_owned()]));
+        let orders = Redefined::names(["orders"]);
         assert_eq!(
             dests(
                 "INSERT INTO archive SELECT o.*, u.email FROM orders o, users u",
@@ -779,14 +835,14 @@ mod tests {
         let m = [mask("pii", &["*.email"])];
         let copy = stored("INSERT INTO notes (body) SELECT name FROM users");
         assert_eq!(names(&copy), ["notes", "users"]);
-        let users = Redefined::Names(BTreeSet::from(["users".to_owned()]));
+        let users = Redefined::names(["users"]);
         let e = check(&m, &copy, &cat(), &users)
             .expect_err("users redefined")
             .to_string();
         assert!(e.contains("definitions changed"), "{e}");
-        assert!(check(&m, &copy, &cat(), &Redefined::All).is_err());
+        assert!(check(&m, &copy, &cat(), &Redefined::all()).is_err());
         // Another relation changed: the catalog still speaks for users.
-        let orders = Redefined::Names(BTreeSet::from(["orders".to_owned()]));
+        let orders = Redefined::names(["orders"]);
         assert_eq!(check(&m, &copy, &cat(), &orders), Ok(()));
         // A view whose definition reads a redefined relation is not believed either.
         let via_view = stored("INSERT INTO notes (body) SELECT contact FROM v");
@@ -800,13 +856,13 @@ mod tests {
     fn what_a_statement_may_redefine() {
         let by = |sql: &str| {
             let c = classify(sql, LexOptions::default());
-            let mut r = Redefined::Nothing;
+            let mut r = Redefined::default();
             for s in &c.statements {
                 r.add(Redefined::by(s));
             }
             r
         };
-        let names = |n: &[&str]| Redefined::Names(n.iter().map(|s| (*s).to_owned()).collect());
+        let names = |n: &[&str]| Redefined::names(n.iter().copied());
         assert_eq!(
             by("CREATE OR REPLACE VIEW v AS SELECT 1 AS c"),
             names(&["v"])
@@ -819,10 +875,73 @@ mod tests {
             by("CREATE TABLE t (x int); DROP VIEW w"),
             names(&["t", "w"])
         );
-        assert_eq!(by("CREATE INDEX ON users (email)"), Redefined::Nothing);
-        assert_eq!(by("SELECT 1"), Redefined::Nothing);
-        assert_eq!(by("DO $$ BEGIN END $$"), Redefined::All);
-        assert_eq!(by("CREATE EXTENSION hstore"), Redefined::All);
-        assert_eq!(by("ALTER SCHEMA a RENAME TO b"), Redefined::All);
+        assert_eq!(by("CREATE INDEX ON users (email)"), Redefined::default());
+        assert_eq!(by("SELECT 1"), Redefined::default());
+        assert_eq!(by("DO $$ BEGIN END $$"), Redefined::all());
+        assert_eq!(by("CREATE EXTENSION hstore"), Redefined::all());
+        assert_eq!(by("ALTER SCHEMA a RENAME TO b"), Redefined::all());
+        assert!(!by("CREATE TABLE t (x int)").storage_changed());
+        // What may change where rows written into a relation are stored: the relations
+        // named, and storage.
+        for (sql, named) in [
+            (
+                "CREATE FOREIGN TABLE far (id int, email text) SERVER elsewhere",
+                &["far"][..],
+            ),
+            (
+                "CREATE FOREIGN TABLE far PARTITION OF everyone FOR VALUES FROM (0) TO (9) SERVER s",
+                &["far"],
+            ),
+            ("ALTER FOREIGN TABLE far RENAME TO archive", &["far"]),
+            (
+                "ALTER TABLE everyone ATTACH PARTITION far FOR VALUES FROM (0) TO (9)",
+                &["everyone"],
+            ),
+            ("ALTER TABLE far INHERIT everyone", &["everyone", "far"]),
+        ] {
+            let r = by(sql);
+            assert!(r.storage_changed(), "{sql}");
+            for n in named {
+                assert!(r.covers(n), "{sql}: {n}");
+            }
+            assert!(!r.covers("users"), "{sql}");
+        }
+        // A child taken from its parent changes what the parent holds, not where.
+        let r = by("ALTER TABLE kid NO INHERIT everyone");
+        assert_eq!(r, names(&["everyone", "kid"]));
+    }
+
+    #[test]
+    fn where_rows_are_stored_is_not_believed_after_a_foreign_table_is_attached() {
+        let m = [mask("pii", &["*.email"])];
+        let copy = stored("INSERT INTO archive (email) SELECT email FROM users");
+        assert_eq!(check(&m, &copy, &cat(), &Redefined::default()), Ok(()));
+        // A table created in the open transaction is local: the copy into it may go.
+        let created = Redefined::names(["archive"]);
+        assert_eq!(check(&m, &copy, &cat(), &created), Ok(()));
+        // After an ATTACH PARTITION, INHERIT or foreign table DDL in the transaction, the
+        // catalog (which does not see it) is not believed about where archive's rows go;
+        // what is not masked may still be copied.
+        let mut attached_far = Redefined::default();
+        attached_far.add(Redefined::by(
+            &classify("ALTER TABLE spare INHERIT archive", LexOptions::default()).statements[0],
+        ));
+        let e = check(&m, &copy, &cat(), &attached_far)
+            .expect_err("storage unknown")
+            .to_string();
+        assert!(
+            e.contains("cannot verify in the catalog that archive.email stores its rows"),
+            "{e}"
+        );
+        for sql in [
+            "UPDATE archive SET email = lower(email)",
+            "INSERT INTO archive (id) SELECT id FROM users",
+        ] {
+            assert_eq!(
+                check(&m, &stored(sql), &cat(), &attached_far),
+                Ok(()),
+                "{sql}"
+            );
+        }
     }
 }

@@ -32,11 +32,11 @@ use std::{
 use serde::Serialize;
 use sqlparser::{
     ast::{
-        AlterSchemaOperation, AlterTableOperation, AlterViewOperation, BinaryOperator, CopySource,
-        CopyTarget, CreateAggregateOption, DropBehavior, Expr, FromTable, FunctionArg,
-        FunctionArgExpr, FunctionArguments, Ident, MergeAction, ObjectName, ObjectNamePart,
-        ObjectType, OperatorOption, Query, ReferentialAction, SetExpr, Statement, TableFactor,
-        TableObject, Visit, Visitor,
+        AlterSchemaOperation, AlterTableOperation, AlterTableType, AlterViewOperation,
+        BinaryOperator, CopySource, CopyTarget, CreateAggregateOption, DropBehavior, Expr,
+        FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, MergeAction, ObjectName,
+        ObjectNamePart, ObjectType, OperatorOption, Query, ReferentialAction, SetExpr, Statement,
+        TableFactor, TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -137,6 +137,10 @@ pub struct StatementClass {
     pub prepared: Option<String>,
     /// Drops every prepared statement of the session (`DEALLOCATE ALL`, `DISCARD ALL`).
     pub drops_all_prepared: bool,
+    /// Makes one relation's rows part of another's (`ALTER TABLE ... ATTACH PARTITION`,
+    /// `INHERIT`): where rows written into the parent are stored may change (a foreign
+    /// table attached keeps them on another server).
+    pub attaches: bool,
     /// The rows it returns and what their columns are computed from (for masking).
     pub shape: lineage::Shape,
     /// Values it stores in tables that are computed from columns (for masking: a copy of
@@ -158,6 +162,7 @@ impl StatementClass {
             dynamic_sql: false,
             prepared: None,
             drops_all_prepared: false,
+            attaches: false,
             shape: lineage::Shape::None,
             stored: Vec::new(),
         }
@@ -513,6 +518,9 @@ fn own_kind(s: &Statement) -> Kind {
         }
         S::CreateTextSearch(_) => Kind::Create(Object::TextSearch),
         S::CreateAggregate(_) => Kind::Create(Object::Aggregate),
+        S::AlterTable(at) if at.table_type == Some(AlterTableType::Foreign) => {
+            Kind::Alter(Object::ForeignTable)
+        }
         S::AlterTable(_) => Kind::Alter(Object::Table),
         S::AlterSchema(_) => Kind::Alter(Object::Schema),
         S::AlterIndex { .. } => Kind::Alter(Object::Index),
@@ -1004,8 +1012,26 @@ impl Visitor for Collector<'_> {
                 }
             }
             S::CreateTable(ct) => self.write_target(&ct.name, true),
+            S::CreateForeignTable(ft) => self.write_target(&ft.name, true),
             S::CreateView(v) => self.write_target(&v.name, true),
-            S::AlterTable(at) => self.write_target(&at.name, true),
+            S::AlterTable(at) => {
+                self.write_target(&at.name, true);
+                // A child added to or taken from a parent changes which rows the parent
+                // holds, and where rows written into it may be stored.
+                for op in &at.operations {
+                    match op {
+                        AlterTableOperation::Inherit { parent } => {
+                            self.write_target(parent, false);
+                            self.c.attaches = true;
+                        }
+                        AlterTableOperation::NoInherit { parent } => {
+                            self.write_target(parent, false);
+                        }
+                        AlterTableOperation::AttachPartitionOf { .. } => self.c.attaches = true,
+                        _ => {}
+                    }
+                }
+            }
             S::Drop {
                 object_type, names, ..
             } => {

@@ -483,7 +483,7 @@ async fn session(
         lex,
         received_at: None,
         sent_at: None,
-        redefined: Redefined::Nothing,
+        redefined: Redefined::default(),
         listens: Listens::default(),
     }));
     let catalog = shared.catalogs.get(
@@ -2176,7 +2176,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     && st.tracker.is_idle()
                     && messages::ready_status(&f.body).ok() == Some(b'I')
                 {
-                    st.redefined = Redefined::Nothing;
+                    st.redefined = Redefined::default();
                 }
                 (route, head)
             };
