@@ -396,6 +396,14 @@ fn after_parse_failure(w: &[&str]) -> Option<StatementClass> {
         ["DROP", "OWNED", ..] => Kind::DropOwned,
         ["REASSIGN", "OWNED", ..] => Kind::ReassignOwned,
         ["TRUNCATE", ..] => Kind::Truncate,
+        // Before `ALTER USER`: a user mapping holds the credentials a foreign server is
+        // reached with, not a role.
+        ["ALTER", "USER", "MAPPING", ..] => Kind::Alter(Object::UserMapping),
+        ["DROP", "USER", "MAPPING", ..] => Kind::Drop(Object::UserMapping),
+        ["ALTER", "SERVER", ..] => Kind::Alter(Object::Server),
+        ["ALTER", "FOREIGN", "DATA", "WRAPPER", ..] => Kind::Alter(Object::ForeignDataWrapper),
+        // Creates a foreign table for every table of a remote schema.
+        ["IMPORT", "FOREIGN", "SCHEMA", ..] => Kind::Create(Object::ForeignTable),
         ["CREATE", "ROLE" | "USER" | "GROUP", ..] => Kind::Create(Object::Role),
         ["ALTER", "ROLE" | "USER" | "GROUP", ..] => Kind::Alter(Object::Role),
         ["DROP", "ROLE" | "USER" | "GROUP", ..] => Kind::Drop(Object::Role),
