@@ -1188,6 +1188,11 @@ fn implied_kinds(s: &Statement) -> Vec<Kind> {
                     | O::DisableTrigger { .. }
                     | O::EnableAlwaysTrigger { .. }
                     | O::EnableReplicaTrigger { .. } => out.push(Kind::Alter(Object::Trigger)),
+                    // So does turning a rule off or on (what a write is rewritten into).
+                    O::DisableRule { .. }
+                    | O::EnableRule { .. }
+                    | O::EnableAlwaysRule { .. }
+                    | O::EnableReplicaRule { .. } => out.push(Kind::Alter(Object::Rule)),
                     _ => {}
                 }
             }
