@@ -1,9 +1,10 @@
 //! What calls that keep their arguments keep (`setval`, advisory locks, large-object
 //! positions, `setseed`: [`keeps_arguments`]), wherever a statement makes them: in select
 //! lists, `WHERE`, `JOIN ... ON`, `GROUP BY`, `HAVING`, `ORDER BY`, nested queries, CTEs,
-//! derived tables, and the expressions of `UPDATE`, `DELETE`, `MERGE` and `INSERT ... ON
-//! CONFLICT` / `RETURNING`. A kept value is read back by any statement (a sequence's
-//! value, a lock held in `pg_locks`), so it is a copy to a place no mask covers:
+//! derived tables, `COPY (query) TO`, and the expressions of `UPDATE`, `DELETE`, `MERGE`
+//! and `INSERT ... ON CONFLICT` / `RETURNING`. A kept value is read back by any statement
+//! (a sequence's value, a lock held in `pg_locks`), so it is a copy to a place no mask
+//! covers:
 //! `SELECT 1 FROM users WHERE pg_advisory_lock(hashtext(email)) IS NULL` puts each e-mail
 //! address's hash where `pg_locks` shows it.
 //!
@@ -21,7 +22,7 @@
 use std::{collections::HashSet, ops::ControlFlow};
 
 use sqlparser::ast::{
-    Expr, FunctionArguments, OnInsert, Query, Select, SetExpr, Statement, TableObject,
+    CopySource, Expr, FunctionArguments, OnInsert, Query, Select, SetExpr, Statement, TableObject,
     UpdateTableFromKind, Visit, Visitor,
 };
 
@@ -103,6 +104,10 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, k: &mut Kept) {
         }
         // A materialized view runs its query when it is created (a view only when read).
         S::CreateView(v) if v.materialized => query(&v.query, scope, k),
+        S::Copy {
+            source: CopySource::Query(q),
+            ..
+        } => query(q, scope, k),
         S::Prepare { statement: s, .. } => statement(s, scope, k),
         S::Explain { statement: s, .. } if explain_runs(stmt) => statement(s, scope, k),
         _ => {}
