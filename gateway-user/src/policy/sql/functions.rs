@@ -13,9 +13,10 @@ use serde::Serialize;
 pub enum Danger {
     /// Reads or writes server files, lists server directories.
     File,
-    /// Server-side large-object import/export (files), and writing values into large
+    /// Server-side large-object import/export (files), writing values into large
     /// objects: a value copied there (`lo_from_bytea(0, convert_to(email, 'UTF8'))`) is
-    /// read back with `lo_get`, out from under its mask.
+    /// read back with `lo_get`, out from under its mask; and cutting or removing their
+    /// contents (`lo_truncate`, `lo_unlink`: data gone, as with `TRUNCATE` or `DROP TABLE`).
     LargeObject,
     /// Connects out from the server (dblink), possibly back to the same database.
     Remote,
@@ -109,6 +110,9 @@ const CATALOGUE: &[(&str, Danger)] = &[
     ("lo_from_bytea", Danger::LargeObject),
     ("lo_put", Danger::LargeObject),
     ("lowrite", Danger::LargeObject),
+    ("lo_truncate", Danger::LargeObject),
+    ("lo_truncate64", Danger::LargeObject),
+    ("lo_unlink", Danger::LargeObject),
     ("dblink", Danger::Remote),
     ("dblink_exec", Danger::Remote),
     ("dblink_connect", Danger::Remote),
