@@ -1,6 +1,7 @@
 //! Loading policy files into a [`PolicySet`]: parse every file, validate every rule, report
 //! every problem with its file, line and column, and warn about rules that can never
-//! decide anything because an earlier one covers them.
+//! decide anything because an earlier one covers them, and about column masks whose
+//! copies would go unchecked.
 
 use std::{
     collections::HashMap,
@@ -16,9 +17,12 @@ use super::{
     glob,
     model::{
         Action, DETECTORS, DangerMatch, IdentityMatch, MaskSpec, OidcMatch, Rule, SqlMatch,
-        Strategy, Unresolved, UserFunctionsMatch, Verdict,
+        Strategy, Unresolved, UserFunctionsMatch, Verdict, kind_matches,
     },
-    sql::{Danger, kind},
+    sql::{
+        Danger, kind,
+        kind::{Kind, Object},
+    },
 };
 use crate::config::{Config, Diagnostic, Source};
 
@@ -189,6 +193,7 @@ pub fn load(sources: &[Source], cfg: &Config) -> (Option<PolicySet>, Report) {
         }
     }
     shadowing(&rules, &mut report);
+    unchecked_copies(&rules, &mut report);
     if !report.is_ok() {
         return (None, report);
     }
@@ -659,6 +664,53 @@ fn shadowing(rules: &[Rule], report: &mut Report) {
     }
 }
 
+/// The statements through which a masked column's values can be copied where its mask
+/// does not follow them (the copy check's: `masking/copies.rs`).
+const STORING: [Kind; 9] = [
+    Kind::Insert,
+    Kind::Update,
+    Kind::Delete,
+    Kind::Merge,
+    Kind::Create(Object::Table),
+    Kind::Create(Object::MaterializedView),
+    Kind::Alter(Object::Table),
+    Kind::Alter(Object::MaterializedView),
+    Kind::Alter(Object::ForeignTable),
+];
+
+/// A column mask applies to the statements its rule's kinds match, and so does the copy
+/// check that keeps its columns from being copied where no mask covers them: a rule that
+/// lists only reads lets `INSERT INTO notes SELECT email FROM users` (and `setval` or an
+/// advisory lock kept from a masked column in a `DELETE`) through unchecked.
+fn unchecked_copies(rules: &[Rule], report: &mut Report) {
+    for r in rules {
+        let (Action::Mask(m), Some(sql)) = (&r.action, &r.sql) else {
+            continue;
+        };
+        if m.columns.is_empty() || sql.kinds.is_empty() {
+            continue;
+        }
+        let missing: Vec<String> = STORING
+            .iter()
+            .filter(|k| !sql.kinds.iter().any(|p| kind_matches(p, **k, false)))
+            .map(|k| k.name())
+            .collect();
+        if !missing.is_empty() {
+            report.warnings.push(Diagnostic {
+                location: Some(r.source.clone()),
+                path: r.source.path.clone(),
+                message: format!(
+                    "rule `{}` masks columns but its kinds leave out {}: values of the masked \
+                     columns copied by those statements into places no mask covers are not \
+                     refused (list them, or leave `kinds` out, to have copies checked)",
+                    r.id,
+                    missing.join(", ")
+                ),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,6 +861,48 @@ action = "deny"
         assert!(w[1].contains("`allow-claude`"), "{w:?}");
         // deny-deletes is broader than approve-deletes and more restrictive: not shadowed.
         assert!(!w.iter().any(|x| x.contains("`deny-deletes`")));
+    }
+
+    #[test]
+    fn column_masks_that_leave_out_writes_are_warned_about() {
+        let (_, r) = check(&[(
+            "p.toml",
+            r#"
+[[rule]]
+id = "mask-reads"
+sql = { kinds = ["select", "copy_to"] }
+action = "mask"
+mask = { columns = ["*.email"] }
+
+[[rule]]
+id = "mask-reads-and-writes"
+sql = { kinds = ["select", "@dml", "create_table", "create_materialized_view", "alter_*"] }
+action = "mask"
+mask = { columns = ["*.ssn"] }
+
+[[rule]]
+id = "mask-everywhere"
+action = "mask"
+mask = { columns = ["*.phone"] }
+
+[[rule]]
+id = "mask-values"
+sql = { kinds = ["select"] }
+action = "mask"
+mask = { detectors = ["email"] }
+"#,
+        )]);
+        assert!(r.is_ok(), "{:?}", r.errors);
+        let w = messages(&r.warnings);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(
+                "rule `mask-reads` masks columns but its kinds leave out insert, \
+                 update, delete, merge, create_table, create_materialized_view, alter_table, \
+                 alter_materialized_view, alter_foreign_table"
+            ),
+            "{w:?}"
+        );
     }
 
     #[test]

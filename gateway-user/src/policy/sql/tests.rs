@@ -21,6 +21,11 @@ fn on_worker_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         .expect("classifier thread panicked")
 }
 
+/// How long a classification of pathological input may take before it counts as a hang:
+/// far above what these inputs take on a loaded machine in a debug build (well under a
+/// second each), far below what quadratic or exponential work on them would.
+const HANG_GUARD: Duration = Duration::from_secs(10);
+
 fn quick(sql: String) -> (super::Classification, Duration) {
     on_worker_stack(move || {
         let t = Instant::now();
@@ -39,7 +44,7 @@ fn deep_parentheses_are_refused_quickly() {
             "depth {depth}: {:?}",
             c.error
         );
-        assert!(took < Duration::from_secs(2), "depth {depth} took {took:?}");
+        assert!(took < HANG_GUARD, "depth {depth} took {took:?}");
     }
 }
 
@@ -53,7 +58,7 @@ fn deep_subqueries_are_refused_quickly() {
     );
     let (c, took) = quick(sql);
     assert!(c.error.is_some());
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took < HANG_GUARD, "took {took:?}");
 }
 
 #[test]
@@ -62,7 +67,7 @@ fn the_longest_allowed_operator_chain_fits_the_stack() {
     let sql = format!("SELECT {}1 FROM t", "1+".repeat(MAX_OPERATOR_CHAIN - 1));
     let (c, took) = quick(sql);
     assert_eq!(c.error, None);
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took < HANG_GUARD, "took {took:?}");
     let sql = format!(
         "DELETE FROM t WHERE {}true",
         "true AND ".repeat(MAX_OPERATOR_CHAIN - 1)
@@ -82,7 +87,7 @@ fn longer_chains_are_refused_not_overflowed() {
             "{n}: {:?}",
             c.error
         );
-        assert!(took < Duration::from_secs(3), "{n} took {took:?}");
+        assert!(took < HANG_GUARD, "{n} took {took:?}");
     }
     let casts = format!("SELECT 1{}", "::int".repeat(100_000));
     assert!(matches!(
@@ -96,7 +101,7 @@ fn huge_flat_statements_are_fine() {
     let rows = vec!["(1, 'x', -2.5)"; 50_000].join(",");
     let (c, took) = quick(format!("INSERT INTO t VALUES {rows}"));
     assert_eq!(c.error, None);
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(took < HANG_GUARD, "took {took:?}");
 }
 
 #[test]
@@ -104,11 +109,11 @@ fn deep_nested_comments_and_long_literals() {
     let nested = format!("SELECT 1 {}{}", "/*".repeat(100_000), "*/".repeat(100_000));
     let (c, took) = quick(nested);
     assert_eq!(c.error, None, "nested comments are whitespace");
-    assert!(took < Duration::from_secs(2));
+    assert!(took < HANG_GUARD);
     let long = format!("SELECT '{}'", "x".repeat(10_000_000));
     let (c, took) = quick(long);
     assert_eq!(c.error, None);
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(took < HANG_GUARD, "took {took:?}");
 }
 
 proptest! {
