@@ -23,10 +23,10 @@ use std::{collections::BTreeSet, ops::ControlFlow};
 
 use serde::Serialize;
 use sqlparser::ast::{
-    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Expr, FromTable,
-    FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName, Query, SelectItem,
-    SelectItemQualifiedWildcardKind, SetExpr, Statement, TableAlias, TableFactor, TableObject,
-    TableWithJoins, UpdateTableFromKind, Visit, Visitor,
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Delete, Expr,
+    FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Insert, ObjectName, Query,
+    SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, TableAlias, TableFactor,
+    TableObject, TableWithJoins, Update, UpdateTableFromKind, Visit, Visitor,
 };
 
 use super::{TableName, ident_name, parts};
@@ -148,38 +148,19 @@ pub fn shape(stmt: &Statement) -> Shape {
             let Some(ret) = &ins.returning else {
                 return Shape::None;
             };
-            let mut scope = Scope::child(&root);
-            if let TableObject::TableName(n) = &ins.table {
-                let alias = ins.table_alias.as_ref().map(|a| ident_name(&a.alias));
-                scope.add_relation(n, alias, Vec::new());
-            }
-            rows(projection(ret, &scope))
+            rows(projection(ret, &Scope::of_insert(ins, false, &root)))
         }
         S::Update(u) => {
             let Some(ret) = &u.returning else {
                 return Shape::None;
             };
-            let mut scope = Scope::child(&root);
-            scope.add_from(std::slice::from_ref(&u.table));
-            if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
-                &u.from
-            {
-                scope.add_from(f);
-            }
-            rows(projection(ret, &scope))
+            rows(projection(ret, &Scope::of_update(u, &root)))
         }
         S::Delete(d) => {
             let Some(ret) = &d.returning else {
                 return Shape::None;
             };
-            let mut scope = Scope::child(&root);
-            match &d.from {
-                FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f) => scope.add_from(f),
-            }
-            if let Some(u) = &d.using {
-                scope.add_from(u);
-            }
-            rows(projection(ret, &scope))
+            rows(projection(ret, &Scope::of_delete(d, &root)))
         }
         S::Copy {
             source,
@@ -357,6 +338,43 @@ impl<'p> Scope<'p> {
             sources: Vec::new(),
             ctes: Vec::new(),
         }
+    }
+
+    /// Where an INSERT's `RETURNING` reads: its target, under its alias; with `excluded`,
+    /// where its `ON CONFLICT DO UPDATE` reads: the proposed row too.
+    fn of_insert(ins: &Insert, excluded: bool, parent: &'p Scope<'p>) -> Self {
+        let mut s = Self::child(parent);
+        if let TableObject::TableName(n) = &ins.table {
+            let alias = ins.table_alias.as_ref().map(|a| ident_name(&a.alias));
+            s.add_relation(n, alias, Vec::new());
+            if excluded {
+                s.add_relation(n, Some("excluded".into()), Vec::new());
+            }
+        }
+        s
+    }
+
+    /// Where an UPDATE's `SET`, `WHERE` and `RETURNING` read: its table and `FROM`.
+    fn of_update(u: &Update, parent: &'p Scope<'p>) -> Self {
+        let mut s = Self::child(parent);
+        s.add_from(std::slice::from_ref(&u.table));
+        if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &u.from
+        {
+            s.add_from(f);
+        }
+        s
+    }
+
+    /// Where a DELETE's `WHERE` and `RETURNING` read: its table and `USING`.
+    fn of_delete(d: &Delete, parent: &'p Scope<'p>) -> Self {
+        let mut s = Self::child(parent);
+        match &d.from {
+            FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f) => s.add_from(f),
+        }
+        if let Some(u) = &d.using {
+            s.add_from(u);
+        }
+        s
     }
 
     fn depth(&self) -> usize {
@@ -583,66 +601,77 @@ impl<'p> Scope<'p> {
 
     /// Everything an expression mentions, resolved in this scope.
     fn expr_deps(&self, e: &Expr, deps: &mut Deps) {
-        struct V<'a, 's> {
-            scope: &'a Scope<'s>,
-            deps: &'a mut Deps,
-            nested: usize,
-        }
-        impl Visitor for V<'_, '_> {
-            type Break = ();
-            fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-                if self.nested == 0 {
-                    if self.scope.depth() >= MAX_DEPTH {
-                        self.deps.opaque = true;
-                    } else {
-                        for it in query_items(q, self.scope) {
-                            it.all_deps(self.deps);
+        at_level(e, |node| match node {
+            Level::Query(q) => {
+                if self.depth() >= MAX_DEPTH {
+                    deps.opaque = true;
+                } else {
+                    for it in query_items(q, self) {
+                        it.all_deps(deps);
+                    }
+                }
+            }
+            Level::Expr(Expr::Identifier(i)) => self.unqualified(&ident_name(i), deps),
+            Level::Expr(Expr::CompoundIdentifier(ids)) => {
+                let p: Vec<String> = ids.iter().map(ident_name).collect();
+                self.column_ref(&p, deps);
+            }
+            Level::Expr(Expr::QualifiedWildcard(n, _)) => self.whole_row(n, deps),
+            Level::Expr(Expr::Function(f)) => {
+                if let FunctionArguments::List(l) = &f.args {
+                    for a in &l.args {
+                        if let FunctionArg::Unnamed(FunctionArgExpr::QualifiedWildcard(n))
+                        | FunctionArg::Named {
+                            arg: FunctionArgExpr::QualifiedWildcard(n),
+                            ..
+                        } = a
+                        {
+                            self.whole_row(n, deps);
                         }
                     }
                 }
-                self.nested += 1;
-                ControlFlow::Continue(())
             }
-            fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
-                self.nested -= 1;
-                ControlFlow::Continue(())
-            }
-            fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-                if self.nested > 0 {
-                    return ControlFlow::Continue(());
-                }
-                match e {
-                    Expr::Identifier(i) => self.scope.unqualified(&ident_name(i), self.deps),
-                    Expr::CompoundIdentifier(ids) => {
-                        let p: Vec<String> = ids.iter().map(ident_name).collect();
-                        self.scope.column_ref(&p, self.deps);
-                    }
-                    Expr::QualifiedWildcard(n, _) => self.scope.whole_row(n, self.deps),
-                    Expr::Function(f) => {
-                        if let FunctionArguments::List(l) = &f.args {
-                            for a in &l.args {
-                                if let FunctionArg::Unnamed(FunctionArgExpr::QualifiedWildcard(n))
-                                | FunctionArg::Named {
-                                    arg: FunctionArgExpr::QualifiedWildcard(n),
-                                    ..
-                                } = a
-                                {
-                                    self.scope.whole_row(n, self.deps);
-                                }
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                ControlFlow::Continue(())
-            }
-        }
-        let _ = e.visit(&mut V {
-            scope: self,
-            deps,
-            nested: 0,
+            Level::Expr(_) => {}
         });
     }
+}
+
+/// What a walk of one query level meets: a query nested in it (a subquery, a derived table;
+/// not entered) or an expression of the level itself.
+enum Level<'a> {
+    Query(&'a Query),
+    Expr(&'a Expr),
+}
+
+/// Calls `f` for every expression of `node` outside the queries nested in it, and once for
+/// each outermost nested query, whose own expressions are not walked: the caller reads
+/// those in the nested query's scope.
+fn at_level<V: Visit>(node: &V, f: impl FnMut(Level<'_>)) {
+    struct W<F> {
+        f: F,
+        nested: usize,
+    }
+    impl<F: FnMut(Level<'_>)> Visitor for W<F> {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if self.nested == 0 {
+                (self.f)(Level::Query(q));
+            }
+            self.nested += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.nested -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if self.nested == 0 {
+                (self.f)(Level::Expr(e));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let _ = node.visit(&mut W { f, nested: 0 });
 }
 
 fn split_alias(a: &Option<TableAlias>) -> (Option<String>, Vec<String>) {

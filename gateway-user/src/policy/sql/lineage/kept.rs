@@ -19,19 +19,18 @@
 //!
 //! Pure: takes a parsed statement and returns facts.
 
-use std::{collections::HashSet, ops::ControlFlow};
+use std::collections::HashSet;
 
 use sqlparser::ast::{
-    CopySource, Expr, FunctionArguments, OnInsert, Query, Select, SetExpr, Statement, TableObject,
-    UpdateTableFromKind, Visit, Visitor,
+    CopySource, Expr, FunctionArguments, OnInsert, Query, Select, SetExpr, Statement, Visit,
 };
 
 use super::{
-    MAX_DEPTH, Scope,
+    Level, MAX_DEPTH, Scope, at_level,
     stored::{Dest, Stored, push_as, unknown_table},
     with_scope,
 };
-use crate::policy::sql::{explain_runs, functions::keeps_arguments, ident_name, parts};
+use crate::policy::sql::{explain_runs, functions::keeps_arguments, parts};
 
 /// The values calls keep, and which calls were traced.
 #[derive(Debug, Default)]
@@ -58,38 +57,18 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, k: &mut Kept) {
             if let Some(src) = &ins.source {
                 query(src, scope, k);
             }
-            let mut s = Scope::child(scope);
-            if let TableObject::TableName(n) = &ins.table {
-                let alias = ins.table_alias.as_ref().map(|a| ident_name(&a.alias));
-                s.add_relation(n, alias, Vec::new());
-                s.add_relation(n, Some("excluded".into()), Vec::new());
-            }
             if let Some(on @ OnInsert::OnConflict(_)) = &ins.on {
-                exprs(on, &s, k);
+                exprs(on, &Scope::of_insert(ins, true, scope), k);
             }
             if let Some(r) = &ins.returning {
-                exprs(r, &s, k);
+                exprs(r, &Scope::of_insert(ins, false, scope), k);
             }
         }
         S::Update(u) => {
-            let mut s = Scope::child(scope);
-            s.add_from(std::slice::from_ref(&u.table));
-            if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
-                &u.from
-            {
-                s.add_from(f);
-            }
-            exprs(u, &s, k);
+            exprs(u, &Scope::of_update(u, scope), k);
         }
         S::Delete(d) => {
-            let mut s = Scope::child(scope);
-            let (sqlparser::ast::FromTable::WithFromKeyword(from)
-            | sqlparser::ast::FromTable::WithoutKeyword(from)) = &d.from;
-            s.add_from(from);
-            if let Some(using) = &d.using {
-                s.add_from(using);
-            }
-            exprs(d, &s, k);
+            exprs(d, &Scope::of_delete(d, scope), k);
         }
         S::Merge(m) => {
             let mut s = Scope::child(scope);
@@ -170,50 +149,28 @@ fn select<'p>(sel: &Select, scope: &'p Scope<'p>, k: &mut Kept) -> Scope<'p> {
 /// Traces the calls in `node` at this level in `scope`; nested queries (subqueries,
 /// derived tables) in their own scope, as children of this one.
 fn exprs<V: Visit>(node: &V, scope: &Scope<'_>, k: &mut Kept) {
-    struct Calls<'a, 's> {
-        scope: &'a Scope<'s>,
-        k: &'a mut Kept,
-        nested: usize,
-    }
-    impl Visitor for Calls<'_, '_> {
-        type Break = ();
-        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-            if self.nested == 0 {
-                query(q, self.scope, self.k);
+    at_level(node, |n| match n {
+        Level::Query(q) => query(q, scope, k),
+        Level::Expr(Expr::Function(f)) => {
+            let FunctionArguments::List(l) = &f.args else {
+                return;
+            };
+            let name = parts(&f.name).pop().unwrap_or_default();
+            if !keeps_arguments(&name) {
+                return;
             }
-            self.nested += 1;
-            ControlFlow::Continue(())
-        }
-        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
-            self.nested -= 1;
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if self.nested == 0
-                && let Expr::Function(f) = e
-                && let FunctionArguments::List(l) = &f.args
-            {
-                let name = parts(&f.name).pop().unwrap_or_default();
-                if keeps_arguments(&name) {
-                    let deps = self.scope.args_deps(&l.args);
-                    if !deps.is_empty() {
-                        self.k.calls.insert(std::ptr::from_ref(&f.name) as usize);
-                        push_as(
-                            &unknown_table(),
-                            Dest::Kept(name),
-                            deps,
-                            false,
-                            &mut self.k.stored,
-                        );
-                    }
-                }
+            let deps = scope.args_deps(&l.args);
+            if !deps.is_empty() {
+                k.calls.insert(std::ptr::from_ref(&f.name) as usize);
+                push_as(
+                    &unknown_table(),
+                    Dest::Kept(name),
+                    deps,
+                    false,
+                    &mut k.stored,
+                );
             }
-            ControlFlow::Continue(())
         }
-    }
-    let _ = node.visit(&mut Calls {
-        scope,
-        k,
-        nested: 0,
+        Level::Expr(_) => {}
     });
 }

@@ -21,7 +21,7 @@ use sqlparser::ast::{
     AlterColumnOperation, AlterTable, AlterTableOperation, AlterViewOperation, Assignment,
     AssignmentTarget, ColumnOption, Ident, MergeAction, MergeInsertKind, MergeUpdateKind,
     ObjectName, OnConflictAction, OnInsert, Query, RenameTableNameKind, SetExpr, Statement,
-    TableFactor, TableObject, UpdateTableFromKind,
+    TableFactor, TableObject,
 };
 
 use super::{
@@ -103,23 +103,12 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             if let Some(OnInsert::OnConflict(c)) = &ins.on
                 && let OnConflictAction::DoUpdate(u) = &c.action
             {
-                let mut s = Scope::child(scope);
-                if let TableObject::TableName(n) = &ins.table {
-                    let alias = ins.table_alias.as_ref().map(|a| ident_name(&a.alias));
-                    s.add_relation(n, alias, Vec::new());
-                    s.add_relation(n, Some("excluded".into()), Vec::new());
-                }
+                let s = Scope::of_insert(ins, true, scope);
                 assignments(&table, &u.assignments, &s, out);
             }
         }
         S::Update(u) => {
-            let mut s = Scope::child(scope);
-            s.add_from(std::slice::from_ref(&u.table));
-            if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
-                &u.from
-            {
-                s.add_from(f);
-            }
+            let s = Scope::of_update(u, scope);
             assignments(&factor_table(&u.table.relation), &u.assignments, &s, out);
         }
         S::Merge(m) => {
