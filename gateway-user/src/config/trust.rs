@@ -156,13 +156,16 @@ pub fn changeable(
         };
         // Above the path, a sticky directory lets only an entry's owner replace it.
         let sticky = !first && m.mode & 0o1000 != 0;
+        let group_writes = m.mode & 0o020 != 0;
         let by = if !trusted(m.uid) {
             Some(By::Owner(m.uid))
-        } else if m.mode & 0o002 != 0 && !sticky {
+        } else if sticky {
+            None
+        } else if m.mode & 0o002 != 0 {
             Some(By::Everyone)
-        } else if m.mode & 0o020 != 0 && m.acl && !sticky {
+        } else if group_writes && m.acl {
             Some(By::Acl)
-        } else if m.mode & 0o020 != 0 && m.gid != 0 && !sticky {
+        } else if group_writes && m.gid != 0 {
             Some(By::Group(m.gid))
         } else {
             None

@@ -72,14 +72,6 @@ impl Redefined {
         }
     }
 
-    /// Where rows written into existing relations are stored.
-    fn storage() -> Self {
-        Self {
-            relations: Relations::Nothing,
-            storage: true,
-        }
-    }
-
     pub fn covers(&self, name: &str) -> bool {
         match &self.relations {
             Relations::Nothing => false,
@@ -116,16 +108,7 @@ impl Redefined {
     /// and attaching a partition or child, besides the relations they name.
     pub fn by(s: &StatementClass) -> Self {
         let mut out = Self::default();
-        if s.attaches {
-            out.add(Self::storage());
-        }
         for k in &s.kinds {
-            if matches!(
-                k,
-                Kind::Create(Object::ForeignTable) | Kind::Alter(Object::ForeignTable)
-            ) {
-                out.add(Self::storage());
-            }
             match k {
                 Kind::Create(o) | Kind::Alter(o) | Kind::Drop(o) => match o {
                     Object::Table
@@ -159,6 +142,13 @@ impl Redefined {
                 _ => {}
             }
         }
+        out.storage |= s.attaches
+            || s.kinds.iter().any(|k| {
+                matches!(
+                    k,
+                    Kind::Create(Object::ForeignTable) | Kind::Alter(Object::ForeignTable)
+                )
+            });
         out
     }
 }

@@ -24,7 +24,7 @@ use std::{collections::BTreeSet, ops::ControlFlow};
 use serde::Serialize;
 use sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Delete, Expr,
-    FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Insert, ObjectName, Query,
+    FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Insert, Merge, ObjectName, Query,
     SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, TableAlias, TableFactor,
     TableObject, TableWithJoins, Update, UpdateTableFromKind, Visit, Visitor,
 };
@@ -374,6 +374,14 @@ impl<'p> Scope<'p> {
         if let Some(u) = &d.using {
             s.add_from(u);
         }
+        s
+    }
+
+    /// Where a MERGE's conditions, `SET`s and `VALUES` read: its target and source.
+    fn of_merge(m: &Merge, parent: &'p Scope<'p>) -> Self {
+        let mut s = Self::child(parent);
+        s.add_factor(&m.table);
+        s.add_factor(&m.source);
         s
     }
 

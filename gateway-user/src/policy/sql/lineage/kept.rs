@@ -64,18 +64,9 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, k: &mut Kept) {
                 exprs(r, &Scope::of_insert(ins, false, scope), k);
             }
         }
-        S::Update(u) => {
-            exprs(u, &Scope::of_update(u, scope), k);
-        }
-        S::Delete(d) => {
-            exprs(d, &Scope::of_delete(d, scope), k);
-        }
-        S::Merge(m) => {
-            let mut s = Scope::child(scope);
-            s.add_factor(&m.table);
-            s.add_factor(&m.source);
-            exprs(m, &s, k);
-        }
+        S::Update(u) => exprs(u, &Scope::of_update(u, scope), k),
+        S::Delete(d) => exprs(d, &Scope::of_delete(d, scope), k),
+        S::Merge(m) => exprs(m, &Scope::of_merge(m, scope), k),
         S::CreateTable(ct) => {
             if let Some(q) = &ct.query {
                 query(q, scope, k);

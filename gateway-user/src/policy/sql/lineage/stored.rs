@@ -112,9 +112,7 @@ fn statement(stmt: &Statement, scope: &Scope<'_>, out: &mut Vec<Stored>) {
             assignments(&factor_table(&u.table.relation), &u.assignments, &s, out);
         }
         S::Merge(m) => {
-            let mut s = Scope::child(scope);
-            s.add_factor(&m.table);
-            s.add_factor(&m.source);
+            let s = Scope::of_merge(m, scope);
             let table = factor_table(&m.table);
             for clause in &m.clauses {
                 match &clause.action {
