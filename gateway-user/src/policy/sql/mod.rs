@@ -21,6 +21,7 @@ pub mod lineage;
 pub mod predicate;
 pub mod quick;
 pub mod search_path;
+pub mod set_config;
 pub mod shapes;
 
 use std::{
@@ -302,7 +303,7 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     if let Some(c) = by_keyword(&words) {
         return Ok(c);
     }
-    let tokens = rewrite_table_statement(tokens);
+    let tokens = rewrite_catalog_operators(rewrite_table_statement(tokens));
     let fallback = after_parse_failure(&words);
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect)
@@ -375,6 +376,65 @@ fn rewrite_table_statement(mut tokens: lex::StatementTokens) -> lex::StatementTo
         word("FROM", Keyword::FROM),
     ];
     tokens.splice(first..=first, replacement);
+    tokens
+}
+
+/// `x OPERATOR(pg_catalog.=) ANY (...)` is `x = ANY (...)` with the operator spelled out
+/// (pg_dump and psql write their catalog queries so, against a search path that could
+/// shadow `=`); sqlparser reads `OPERATOR(...)` as a binary operator but not before
+/// `ANY`, `ALL` or `SOME`. The explicitly built-in operator becomes its bare token there,
+/// which the classifier takes for the built-in anyway. Other schemas' operators are left
+/// alone (the parser reads them elsewhere, and they are user functions).
+fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    let mut k = 0;
+    while k < tokens.len() {
+        if !word(&tokens[k].token, "operator") {
+            k += 1;
+            continue;
+        }
+        // The positions of the next six tokens that are not trivia: `(`, `pg_catalog`,
+        // `.`, the operator, `)`, and the quantifier.
+        let at: Vec<usize> = (k + 1..tokens.len())
+            .filter(|&i| !lex::is_trivia(&tokens[i].token))
+            .take(6)
+            .collect();
+        let shaped = |at: &[usize]| -> Option<Token> {
+            let [open, schema, dot, op, close, quant] = at else {
+                return None;
+            };
+            let catalog = match &tokens[*schema].token {
+                Token::Word(w) => match w.quote_style {
+                    None => w.value.eq_ignore_ascii_case("pg_catalog"),
+                    Some(_) => w.value == "pg_catalog",
+                },
+                _ => false,
+            };
+            let quantified = ["any", "all", "some"]
+                .iter()
+                .any(|q| word(&tokens[*quant].token, q));
+            let op = &tokens[*op].token;
+            (matches!(tokens[*open].token, Token::LParen)
+                && catalog
+                && matches!(tokens[*dot].token, Token::Period)
+                && !matches!(op, Token::Word(_) | Token::LParen | Token::RParen)
+                && builtins::is_builtin_operator(&op.to_string())
+                && matches!(tokens[*close].token, Token::RParen)
+                && quantified)
+                .then(|| op.clone())
+        };
+        match shaped(&at) {
+            Some(op) => {
+                let span = tokens[k].span;
+                tokens.splice(
+                    k..=at[4],
+                    [sqlparser::tokenizer::TokenWithSpan::new(op, span)],
+                );
+                k += 1;
+            }
+            None => k += 1,
+        }
+    }
     tokens
 }
 
@@ -564,12 +624,7 @@ fn own_kind(s: &Statement) -> Kind {
             sqlparser::ast::Set::SetRole { .. } => Kind::SetRole,
             sqlparser::ast::Set::SetSessionAuthorization(_) => Kind::SetSessionAuthorization,
             sqlparser::ast::Set::SingleAssignment { variable, .. } => {
-                let p = parts(variable);
-                match p.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                    ["role"] => Kind::SetRole,
-                    ["session_authorization"] => Kind::SetSessionAuthorization,
-                    _ => Kind::Set,
-                }
+                set_kind(&parts(variable).join("."))
             }
             _ => Kind::Set,
         },
@@ -636,6 +691,9 @@ struct Collector<'a> {
     /// Calls that keep an argument computed from rows ([`Danger::SideChannel`]), by the
     /// address of their name in the statement's tree.
     side_channel_calls: Vec<usize>,
+    /// `set_config(name, ...)` calls over `pg_settings` whose `name` the query's `WHERE`
+    /// fixes, by the address of the call: that name ([`set_config::pinned_name`]).
+    pinned_settings: HashMap<usize, String>,
 }
 
 struct CteFrame {
@@ -708,11 +766,37 @@ impl Collector<'_> {
         }
     }
 
+    /// What setting a parameter (by `SET` or `set_config`) may do beyond its kind:
+    /// `values` as PostgreSQL reads them (a path's schemas one by one).
+    fn setting(&mut self, name: &str, values: &[String]) {
+        let danger = match name {
+            // Unqualified built-in names would resolve to another schema's functions and
+            // operators.
+            "search_path" => search_path::shadows_catalog(values),
+            // The server would read the session's text otherwise than the classifier.
+            "client_encoding" => values.first().is_some_and(|e| lex::swallows_ascii(e)),
+            _ => false,
+        };
+        if danger {
+            self.c
+                .dangerous
+                .insert((name.to_owned(), functions::Danger::Config));
+        }
+    }
+
     fn returning_reads(&mut self, target: &ObjectName, returning: bool) {
         if returning {
             self.c.tables_read.insert(TableName::from_object(target));
         }
     }
+}
+
+/// `ARRAY(subquery)`: the keyword (a quoted `"array"` is a name, and takes no subquery in
+/// PostgreSQL's grammar) before a parenthesised query.
+fn is_array_constructor(f: &sqlparser::ast::Function) -> bool {
+    matches!(f.args, FunctionArguments::Subquery(_))
+        && matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)]
+            if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("array"))
 }
 
 /// Whether a call's argument is computed from rows: it mentions a column, a whole row or a
@@ -825,6 +909,12 @@ impl Visitor for Collector<'_> {
                 visible: if with.recursive { n } else { 0 },
             });
         }
+        if let Some(name) = set_config::pinned_name(q, |t| self.is_cte(t)) {
+            for f in set_config::select_list_calls(q) {
+                self.pinned_settings
+                    .insert(std::ptr::from_ref(f) as usize, name.clone());
+            }
+        }
         ControlFlow::Continue(())
     }
 
@@ -888,6 +978,28 @@ impl Visitor for Collector<'_> {
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         match e {
+            // `ARRAY(SELECT ...)` is PostgreSQL's array constructor, which the parser
+            // reports as a call of a function named `array`; no function runs (the query
+            // inside is visited like any other).
+            Expr::Function(f) if is_array_constructor(f) => {}
+            // A `SET` written as a call: judged as that `SET`.
+            Expr::Function(f)
+                if let Some(set) = set_config::setting(
+                    f,
+                    self.pinned_settings
+                        .get(&(std::ptr::from_ref(f) as usize))
+                        .map(String::as_str),
+                ) =>
+            {
+                self.c.functions.insert("set_config".to_owned());
+                self.add_kind(set_kind(&set.name));
+                let values = if set.name == "search_path" {
+                    search_path::parse_list(&set.value)
+                } else {
+                    vec![set.value]
+                };
+                self.setting(&set.name, &values);
+            }
             Expr::Function(f) => {
                 let from_rows = match &f.args {
                     FunctionArguments::List(l) => l.args.iter().any(argument_reads_rows),
@@ -922,18 +1034,8 @@ impl Visitor for Collector<'_> {
         for k in implied_kinds(s) {
             self.add_kind(k);
         }
-        if set_search_path(s).is_some_and(|p| search_path::shadows_catalog(&p)) {
-            // Unqualified built-in names would resolve to another schema's functions and
-            // operators: what `set_config('search_path', ...)` is refused for.
-            self.c
-                .dangerous
-                .insert(("search_path".into(), functions::Danger::Config));
-        }
-        if set_client_encoding(s).is_some_and(|e| lex::swallows_ascii(&e)) {
-            // The server would read the session's text otherwise than the classifier.
-            self.c
-                .dangerous
-                .insert(("client_encoding".into(), functions::Danger::Config));
+        if let Some((name, values)) = set_assignment(s) {
+            self.setting(&name, &values);
         }
         match s {
             S::Query(q) => {
@@ -1114,44 +1216,43 @@ impl Visitor for Collector<'_> {
     }
 }
 
-/// The values a `SET [SESSION | LOCAL] name` gives, as PostgreSQL reads them: names
-/// folded as identifiers are, a string literal as written.
-fn set_values(s: &Statement, name: &str) -> Option<Vec<String>> {
-    let Statement::Set(sqlparser::ast::Set::SingleAssignment {
-        variable, values, ..
-    }) = s
-    else {
-        return None;
-    };
-    if parts(variable) != [name] {
-        return None;
+/// The parameter a `SET [SESSION | LOCAL] name = ...` (or `SET NAMES`) sets and the values
+/// it gives, as PostgreSQL reads them: names folded as identifiers are, a string literal
+/// as written.
+fn set_assignment(s: &Statement) -> Option<(String, Vec<String>)> {
+    match s {
+        Statement::Set(sqlparser::ast::Set::SetNames { charset_name, .. }) => Some((
+            "client_encoding".to_owned(),
+            vec![charset_name.value.clone()],
+        )),
+        Statement::Set(sqlparser::ast::Set::SingleAssignment {
+            variable, values, ..
+        }) => {
+            let values = values
+                .iter()
+                .map(|v| match v {
+                    Expr::Identifier(i) => ident_name(i),
+                    Expr::Value(v) => match &v.value {
+                        sqlparser::ast::Value::SingleQuotedString(t) => t.clone(),
+                        other => other.to_string(),
+                    },
+                    other => other.to_string().to_lowercase(),
+                })
+                .collect();
+            Some((parts(variable).join("."), values))
+        }
+        _ => None,
     }
-    Some(
-        values
-            .iter()
-            .map(|v| match v {
-                Expr::Identifier(i) => ident_name(i),
-                Expr::Value(v) => match &v.value {
-                    sqlparser::ast::Value::SingleQuotedString(t) => t.clone(),
-                    other => other.to_string(),
-                },
-                other => other.to_string().to_lowercase(),
-            })
-            .collect(),
-    )
 }
 
-/// The schemas a `SET search_path` lists.
-fn set_search_path(s: &Statement) -> Option<Vec<String>> {
-    set_values(s, "search_path")
-}
-
-/// The encoding a `SET client_encoding` or `SET NAMES` asks for.
-fn set_client_encoding(s: &Statement) -> Option<String> {
-    if let Statement::Set(sqlparser::ast::Set::SetNames { charset_name, .. }) = s {
-        return Some(charset_name.value.clone());
+/// The kind of setting a parameter: `role` and `session_authorization` change who the
+/// session is.
+fn set_kind(name: &str) -> Kind {
+    match name {
+        "role" => Kind::SetRole,
+        "session_authorization" => Kind::SetSessionAuthorization,
+        _ => Kind::Set,
     }
-    set_values(s, "client_encoding")?.into_iter().next()
 }
 
 /// The kinds a statement has beside its own: what its `ALTER TABLE` operations do
@@ -1235,6 +1336,7 @@ fn classify_statement(s: &Statement) -> StatementClass {
         skip_relations: 0,
         plan_only: 0,
         side_channel_calls: Vec::new(),
+        pinned_settings: HashMap::new(),
     };
     let _ = s.visit(&mut v);
     let side_channel_calls = v.side_channel_calls;
