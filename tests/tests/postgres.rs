@@ -599,11 +599,12 @@ fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
 }
 
 /// The `user_functions` matcher tells PostgreSQL's own functions and operators by lists
-/// taken from a server's catalog: every function and operator name of the server the tests
-/// run on is on them, and a function created in the database is not.
+/// taken from a server's catalog, and masking its relations: every function, operator and
+/// relation name of `pg_catalog` on the server the tests run on is on them, and a function
+/// created in the database is not.
 #[test]
 fn the_built_in_function_list_covers_the_servers_catalog() {
-    use portcullis::policy::sql::builtins::{is_builtin, is_builtin_operator};
+    use portcullis::policy::sql::builtins::{is_builtin, is_builtin_operator, is_builtin_relation};
     let env = Env::new();
     let pg = Pg::start(&env);
     // Every name `catalog` lists is known as PostgreSQL's own.
@@ -635,6 +636,16 @@ fn the_built_in_function_list_covers_the_servers_catalog() {
         70,
         is_builtin_operator,
     );
+    // Masking knows the catalog's relations without a catalog connection.
+    all_known(
+        "relations",
+        "SELECT DISTINCT relname FROM pg_class \
+         WHERE relnamespace = 'pg_catalog'::regnamespace \
+         AND relkind IN ('r', 'v', 'm', 'p', 'f')",
+        100,
+        is_builtin_relation,
+    );
+    assert!(!is_builtin_relation("users"));
     pg.sql(
         "postgres",
         "CREATE FUNCTION refresh_stats() RETURNS int LANGUAGE sql AS 'SELECT 1'",
@@ -646,4 +657,86 @@ fn the_built_in_function_list_covers_the_servers_catalog() {
     );
     assert_eq!(created.trim(), "refresh_stats");
     assert!(!is_builtin(created.trim()));
+}
+
+/// `pg_dump` as an unprivileged user in the agent's cgroup.
+fn pg_dump(w: &Pgw, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(pg_bin().join("pg_dump"));
+    cmd.args(["-h", "127.0.0.1", "-U", "app", "-d", "shop"])
+        .args(["-p", &w.pg.port.to_string()])
+        .args(args)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("HOME", &w.env.dir);
+    in_cgroup(&mut cmd, &w.env.cg_dir(&w.agent), Some(65534));
+    cmd.output().expect("pg_dump")
+}
+
+/// The tools an agent reaches for first work through the gate with the shipped policies on
+/// a target without `credentials` (the default configuration's): psql's describe commands
+/// (array constructors, `OPERATOR(pg_catalog.~)`, columns of `pg_catalog`) and pg_dump
+/// (`set_config`, unqualified catalog names, `OPERATOR(pg_catalog.=) ANY`). Table data
+/// stays masked, and a session that may have made a relation standing in for a catalog
+/// gets no trust in unqualified names.
+#[test]
+fn psql_describe_commands_and_pg_dump_work_without_a_catalog_connection() {
+    let w = world("");
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text); \
+         INSERT INTO users VALUES (1, 'ann@example.com', 'Ann'); \
+         CREATE VIEW contacts AS SELECT id, email FROM users; \
+         ALTER TABLE users OWNER TO app; ALTER VIEW contacts OWNER TO app;",
+    );
+    let run = |m: &str| {
+        let o = psql(&w, &w.agent, "disable", m);
+        let out = text(&o);
+        assert!(o.status.success(), "{m}: {out}");
+        assert!(!out.contains("REDACTED"), "{m}: {out}");
+        out
+    };
+    // Names, types and owners, unmasked; nothing held for approval.
+    let dt = run("\\dt");
+    assert!(dt.contains("users") && dt.contains("app"), "{dt}");
+    let d = run("\\d users");
+    assert!(d.contains("email") && d.contains("users_pkey"), "{d}");
+    assert!(run("\\du").contains("app"));
+    assert!(run("\\dp").contains("contacts"));
+    assert!(run("\\d+ contacts").contains("FROM users"));
+    assert!(run("\\l").contains("shop"));
+
+    // pg_dump: the schema as the server has it, the data masked (no catalog: every
+    // column of a table of the database's is undecidable).
+    let schema = pg_dump(&w, &["-s"]);
+    let out = text(&schema);
+    assert!(schema.status.success(), "{out}");
+    assert!(out.contains("CREATE TABLE public.users"), "{out}");
+    assert!(out.contains("CREATE VIEW public.contacts"), "{out}");
+    let data = pg_dump(&w, &["-t", "users"]);
+    let out = text(&data);
+    assert!(data.status.success(), "{out}");
+    assert!(out.contains("COPY public.users"), "{out}");
+    assert!(!out.contains("ann@example.com"), "{out}");
+    assert!(out.contains("[REDACTED:unresolved]"), "{out}");
+
+    // A temporary view named like a catalog is searched before it: once a session may
+    // have made one, unqualified catalog names are as undecidable as any other.
+    let o = psql_script(
+        &w,
+        &w.agent,
+        "CREATE TEMP VIEW pg_class AS SELECT email AS relname FROM users;\n\
+         SELECT upper(relname) AS shadow FROM pg_class;\n",
+    );
+    let out = text(&o);
+    assert!(!out.to_lowercase().contains("ann@example.com"), "{out}");
+    assert!(out.contains("[REDACTED:unresolved]"), "{out}");
+    // Another session has no such view: the same name is the catalog's.
+    let o = psql(
+        &w,
+        &w.agent,
+        "disable",
+        "SELECT upper(relname) AS shadow FROM pg_class WHERE relname = 'users'",
+    );
+    assert!(text(&o).contains("USERS"), "{}", text(&o));
 }

@@ -629,7 +629,7 @@ mod tests {
         let e = run(
             "INSERT INTO archive (email) SELECT email FROM users",
             &m,
-            &NoCatalog,
+            &NoCatalog::default(),
         )
         .expect_err("unverified place");
         assert!(
@@ -785,7 +785,7 @@ mod tests {
         let e = run(
             "INSERT INTO notes (body) SELECT id::text FROM notes",
             &m,
-            &NoCatalog,
+            &NoCatalog::default(),
         )
         .expect_err("nothing verified");
         assert!(e.contains("cannot verify"), "{e}");
@@ -807,14 +807,14 @@ mod tests {
             "UPDATE unknown_rel SET n = n + 1",
             "INSERT INTO unknown_rel (id, n) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = excluded.n",
         ] {
-            assert_eq!(run(sql, &m, &NoCatalog), Ok(()), "{sql}");
+            assert_eq!(run(sql, &m, &NoCatalog::default()), Ok(()), "{sql}");
         }
         // Another relation's column of that name is a source.
         assert!(
             run(
                 "UPDATE unknown_rel SET n = n + 1 FROM other",
                 &m,
-                &NoCatalog
+                &NoCatalog::default()
             )
             .is_err()
         );

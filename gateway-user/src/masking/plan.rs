@@ -23,7 +23,7 @@ use crate::policy::{
     glob,
     model::{MaskSpec, Strategy, Unresolved},
     sql::{
-        TableName,
+        TableName, builtins,
         lineage::{ColumnRef, CopyFormat, Deps, Item, Shape, StarSource},
     },
 };
@@ -62,15 +62,55 @@ pub trait Resolve {
     fn stores_elsewhere(&self, t: &TableName) -> Option<bool>;
 }
 
-/// No catalog: nothing can be verified.
-pub struct NoCatalog;
+/// PostgreSQL's `FirstNormalObjectId`: every object initdb creates (the system catalogs,
+/// the system views, `information_schema`) has an OID below it, and every object created
+/// afterwards, a table of any user or extension, one at or above it (the OID counter skips
+/// the range below when it wraps around).
+pub const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
+/// No catalog: only what PostgreSQL itself defines is known. A column of a relation in
+/// `pg_catalog` or `information_schema` (schemas initdb creates, which only a superuser
+/// can add relations to) is that column, and a plain column whose table OID is below
+/// [`FIRST_NORMAL_OBJECT_ID`] comes from a system relation, not from any table of the
+/// database's (a rule that names a system catalog's column is not followed through the
+/// system views over it: that takes the catalog). Anything else cannot be verified.
+///
+/// An unqualified name of a `pg_catalog` relation (`pg_class`, as pg_dump writes its
+/// queries) names it only while the session has no temporary relation of that name, which
+/// would be searched first: `unqualified` says the session has sent nothing that may
+/// have created or renamed a relation ([`StatementClass::may_define_relations`]).
+///
+/// [`StatementClass::may_define_relations`]: crate::policy::sql::StatementClass::may_define_relations
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCatalog {
+    pub unqualified: bool,
+}
+
+impl NoCatalog {
+    /// The `pg_catalog` or `information_schema` relation a name is, if it is one.
+    fn system(&self, t: &TableName) -> Option<TableName> {
+        match t.schema.as_deref() {
+            Some("pg_catalog" | "information_schema") => Some(t.clone()),
+            None if self.unqualified && builtins::is_builtin_relation(&t.name) => Some(TableName {
+                schema: Some("pg_catalog".to_owned()),
+                name: t.name.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
 
 impl Resolve for NoCatalog {
-    fn origin(&self, _: u32, _: i16) -> Option<Vec<ColumnRef>> {
-        None
+    fn origin(&self, oid: u32, _: i16) -> Option<Vec<ColumnRef>> {
+        (oid < FIRST_NORMAL_OBJECT_ID).then(Vec::new)
     }
-    fn expand(&self, _: &ColumnRef) -> Option<Vec<ColumnRef>> {
-        None
+    fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>> {
+        self.system(&r.table).map(|table| {
+            vec![ColumnRef {
+                table,
+                column: r.column.clone(),
+            }]
+        })
     }
     fn columns(&self, _: &TableName) -> Option<Vec<String>> {
         None
@@ -537,8 +577,13 @@ fn plan_columns(
 
 /// Whether a statement's masks can be honoured at all, known before it runs: binary COPY
 /// cannot be masked, and with `unresolved = "deny"` a statement whose columns cannot be
-/// traced is refused before it reaches the server.
-pub fn precheck(masks: &[Arc<MaskSpec>], shape: &Shape, has_catalog: bool) -> Result<(), Refusal> {
+/// traced is refused before it reaches the server. `no_catalog`: the target has no
+/// catalog connection, and what is known without one.
+pub fn precheck(
+    masks: &[Arc<MaskSpec>],
+    shape: &Shape,
+    no_catalog: Option<NoCatalog>,
+) -> Result<(), Refusal> {
     let column_rules: Vec<&Arc<MaskSpec>> =
         masks.iter().filter(|m| !m.columns.is_empty()).collect();
     if masks.is_empty() {
@@ -569,7 +614,9 @@ pub fn precheck(masks: &[Arc<MaskSpec>], shape: &Shape, has_catalog: bool) -> Re
     for i in items {
         let mut d = Deps::default();
         i.all_deps(&mut d);
-        if d.opaque || (!has_catalog && !d.columns.is_empty()) {
+        let unverifiable =
+            no_catalog.is_some_and(|n| d.columns.iter().any(|c| n.system(&c.table).is_none()));
+        if d.opaque || unverifiable {
             let column = match i {
                 Item::Column { name, .. } => name.clone().unwrap_or_else(|| "?column?".into()),
                 Item::Star(_) => "*".into(),
@@ -792,9 +839,14 @@ mod tests {
     #[test]
     fn undecidable_columns_follow_the_rule() {
         // Without a catalog nothing that reads a table can be verified (it may be a view).
-        let fields = [f("id", 1, 1), f("one", 0, 0)];
+        let fields = [f("id", FIRST_NORMAL_OBJECT_ID + 1, 1), f("one", 0, 0)];
         assert_eq!(
-            masked("SELECT id, 1 AS one FROM users", &fields, &NoCatalog).expect("in test"),
+            masked(
+                "SELECT id, 1 AS one FROM users",
+                &fields,
+                &NoCatalog::default()
+            )
+            .expect("in test"),
             ["unresolved", "-"]
         );
         // A relation the catalog does not know.
@@ -820,6 +872,135 @@ mod tests {
     }
 
     #[test]
+    fn system_relations_are_known_without_the_catalog() {
+        let pii = mask(&["*.email", "*.password"], Unresolved::MaskAll);
+        let plan = |masks: &[Arc<MaskSpec>], sql: &str, fields: &[Field]| -> Vec<String> {
+            plan_rows(masks, &shape(sql), fields, &NoCatalog::default())
+                .expect("in test")
+                .columns
+                .iter()
+                .map(|c| c.whole.as_ref().map_or("-".into(), |(_, l)| l.to_string()))
+                .collect()
+        };
+        let (pg_class, pg_namespace, users) = (1259, 2615, FIRST_NORMAL_OBJECT_ID + 7);
+        // psql's `\dt`, in short: qualified catalogs, plain and computed columns.
+        assert_eq!(
+            plan(
+                &pii,
+                "SELECT n.nspname, c.relname, upper(c.relkind::text), \
+                 pg_catalog.pg_get_userbyid(c.relowner) AS owner \
+                 FROM pg_catalog.pg_class c \
+                 LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
+                &[
+                    f("nspname", pg_namespace, 2),
+                    f("relname", pg_class, 2),
+                    f("upper", 0, 0),
+                    f("owner", 0, 0),
+                ],
+            ),
+            ["-", "-", "-", "-"]
+        );
+        // information_schema's views; `*` of a system relation.
+        assert_eq!(
+            plan(
+                &pii,
+                "SELECT * FROM information_schema.tables",
+                &[f("table_name", 0, 0), f("table_type", 0, 0)],
+            ),
+            ["-", "-"]
+        );
+        // A rule's pattern still applies to a system column the statement names.
+        assert_eq!(
+            plan(
+                &pii,
+                "SELECT x.password FROM pg_catalog.pg_foo x",
+                &[f("password", 1, 3)],
+            ),
+            ["password"]
+        );
+        // An unqualified name may be a temporary table (searched before pg_catalog), and a
+        // table of the database's is unverifiable as before, beside a catalog's columns.
+        assert_eq!(
+            plan(
+                &pii,
+                "SELECT upper(relname) FROM pg_class",
+                &[f("upper", 0, 0)]
+            ),
+            ["unresolved"]
+        );
+        assert_eq!(
+            plan(
+                &pii,
+                "SELECT c.relname, u.name FROM pg_catalog.pg_class c, users u",
+                &[f("relname", pg_class, 2), f("name", users, 3)],
+            ),
+            ["-", "unresolved"]
+        );
+        // ... unless the session cannot have made one (pg_dump's queries are unqualified).
+        // Then a name that is not pg_catalog's is still unverifiable.
+        let searched = |sql: &str, fields: &[Field]| -> Vec<String> {
+            plan_rows(&pii, &shape(sql), fields, &NoCatalog { unqualified: true })
+                .expect("in test")
+                .columns
+                .iter()
+                .map(|c| c.whole.as_ref().map_or("-".into(), |(_, l)| l.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            searched(
+                "SELECT upper(x.relname), x.tableoid FROM pg_class x",
+                &[f("upper", 0, 0), f("tableoid", pg_class, -6)]
+            ),
+            ["-", "-"]
+        );
+        assert_eq!(
+            searched("SELECT upper(name) FROM users", &[f("upper", 0, 0)]),
+            ["unresolved"]
+        );
+        // Results not lined up with the statement: a system table's plain column is known
+        // by its OID alone; any other table's is not.
+        assert_eq!(
+            plan(
+                &pii,
+                "FETCH 1 FROM c",
+                &[f("relname", pg_class, 2), f("name", users, 3), f("x", 0, 0)]
+            ),
+            ["-", "unresolved", "unresolved"]
+        );
+        // `unresolved = "deny"` refuses before running only what reads other tables.
+        let deny = mask(&["*.email"], Unresolved::Deny);
+        let (qualified_only, searched) = (NoCatalog::default(), NoCatalog { unqualified: true });
+        assert_eq!(
+            precheck(
+                &deny,
+                &shape("SELECT c.relname FROM pg_catalog.pg_class c"),
+                Some(qualified_only)
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            precheck(
+                &deny,
+                &shape("SELECT relname FROM pg_class"),
+                Some(searched)
+            ),
+            Ok(())
+        );
+        for sql in [
+            "SELECT relname FROM pg_class",
+            "SELECT c.relname, u.id FROM pg_catalog.pg_class c, users u",
+        ] {
+            assert!(
+                matches!(
+                    precheck(&deny, &shape(sql), Some(NoCatalog::default())),
+                    Err(Refusal::Unresolved { .. })
+                ),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
     fn detectors_only_need_no_catalog() {
         let masks = vec![Arc::new(MaskSpec {
             rule: "d".into(),
@@ -832,7 +1013,7 @@ mod tests {
             &masks,
             &shape("SELECT * FROM users"),
             &[f("a", 0, 0)],
-            &NoCatalog,
+            &NoCatalog::default(),
         )
         .expect("in test");
         assert!(p.is_active());
@@ -855,7 +1036,7 @@ mod tests {
             &masks,
             &shape("COPY (SELECT * FROM users) TO STDOUT"),
             3,
-            &NoCatalog,
+            &NoCatalog::default(),
         )
         .expect("in test");
         assert!(
@@ -885,12 +1066,26 @@ mod tests {
     #[test]
     fn prechecks() {
         let deny = mask(&["users.email"], Unresolved::Deny);
-        assert!(precheck(&deny, &shape("SELECT email FROM users"), true).is_ok());
-        assert!(precheck(&deny, &shape("SELECT email FROM users"), false).is_err());
-        assert!(precheck(&deny, &shape("SELECT nope.x FROM users"), true).is_err());
-        assert!(precheck(&deny, &shape("FETCH 1 FROM c"), true).is_err());
+        assert!(precheck(&deny, &shape("SELECT email FROM users"), None).is_ok());
+        assert!(
+            precheck(
+                &deny,
+                &shape("SELECT email FROM users"),
+                Some(NoCatalog::default())
+            )
+            .is_err()
+        );
+        assert!(precheck(&deny, &shape("SELECT nope.x FROM users"), None).is_err());
+        assert!(precheck(&deny, &shape("FETCH 1 FROM c"), None).is_err());
         let all = mask(&["users.email"], Unresolved::MaskAll);
-        assert!(precheck(&all, &shape("SELECT email FROM users"), false).is_ok());
-        assert!(precheck(&all, &shape("COPY users TO STDOUT (FORMAT binary)"), true).is_err());
+        assert!(
+            precheck(
+                &all,
+                &shape("SELECT email FROM users"),
+                Some(NoCatalog::default())
+            )
+            .is_ok()
+        );
+        assert!(precheck(&all, &shape("COPY users TO STDOUT (FORMAT binary)"), None).is_err());
     }
 }

@@ -9,7 +9,9 @@
 //! taken for a user function until the list is regenerated: the cautious side. The
 //! end-to-end tests check the list against the server they start.
 //!
-//! The same for operators (`builtin_operators.txt`): an operator runs a function too.
+//! The same for operators (`builtin_operators.txt`): an operator runs a function too; and
+//! for the relations of `pg_catalog` (`builtin_relations.txt`), which masking knows
+//! without a catalog connection.
 //!
 //! Pure.
 
@@ -82,6 +84,18 @@ pub fn is_builtin_operator(name: &str) -> bool {
 /// Every built-in operator name, for checking the list against a server.
 pub fn operator_names() -> &'static [&'static str] {
     &OPERATORS
+}
+
+/// The relation names of `pg_catalog` in PostgreSQL 15, tables and views (`SELECT DISTINCT
+/// relname FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace AND relkind IN
+/// ('r', 'v', 'm', 'p', 'f')`): what an unqualified `pg_class` names unless the session
+/// has a temporary relation of that name (see `masking::plan::NoCatalog`).
+static RELATIONS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| sorted(include_str!("builtin_relations.txt"), &[]));
+
+/// Whether a relation name is one of `pg_catalog`'s.
+pub fn is_builtin_relation(name: &str) -> bool {
+    RELATIONS.binary_search(&name).is_ok()
 }
 
 /// Every built-in name, for checking the list against a server.

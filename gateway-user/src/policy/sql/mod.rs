@@ -150,6 +150,65 @@ pub struct StatementClass {
 }
 
 impl StatementClass {
+    /// Whether it may create or rename a relation (a temporary one that an unqualified
+    /// `pg_class` would then name, searched before `pg_catalog`), or runs code this
+    /// classification does not read (a DO block, a function of the database's), which may.
+    /// Only statements of kinds that never make a relation are known not to: reads, DML,
+    /// transaction control, settings, cursors, prepared statements (a `PREPARE`'s own
+    /// statement counts with its kinds), locks, notifications, maintenance, grants. (A
+    /// trigger runs code no statement names; as everywhere here, triggers are trusted.)
+    pub fn may_define_relations(&self) -> bool {
+        use Kind::*;
+        self.dynamic_sql
+            || !self.user_functions.is_empty()
+            || !self.kinds.iter().all(|k| {
+                matches!(
+                    k,
+                    Select
+                        | Insert
+                        | Update
+                        | Delete
+                        | Merge
+                        | Truncate
+                        | CopyTo
+                        | CopyFrom
+                        | Set
+                        | SetRole
+                        | SetSessionAuthorization
+                        | Reset
+                        | Show
+                        | Discard
+                        | Begin
+                        | Commit
+                        | Rollback
+                        | Savepoint
+                        | Release
+                        | RollbackToSavepoint
+                        | Prepare
+                        | Execute
+                        | Deallocate
+                        | Declare
+                        | Fetch
+                        | Close
+                        | Explain
+                        | Lock
+                        | Listen
+                        | Notify
+                        | Unlisten
+                        | Vacuum
+                        | Analyze
+                        | Refresh
+                        | Reindex
+                        | Cluster
+                        | Checkpoint
+                        | Comment
+                        | Grant
+                        | Revoke
+                        | SecurityLabel
+                )
+            })
+    }
+
     fn new(kind: Kind) -> Self {
         Self {
             kind,

@@ -1,5 +1,6 @@
 //! Robustness of the classifier: no panics on arbitrary input, quick errors on
-//! pathological input, and no stack overflow on the proxy's worker stacks.
+//! pathological input, and no stack overflow on the proxy's worker stacks. And which
+//! statements may define relations (what masking without a catalog needs to know).
 
 use std::time::{Duration, Instant};
 
@@ -201,4 +202,48 @@ fn a_cached_shape_is_not_served_where_the_encoding_reads_text_otherwise() {
         super::classify_with(ascii, sjis, Some(&cache)),
         classify(ascii, utf8)
     );
+}
+
+#[test]
+fn statements_that_may_define_relations() {
+    let may = |sql: &str| {
+        let c = classify(sql, LexOptions::default());
+        assert!(c.error.is_none(), "{sql}: {:?}", c.error);
+        c.statements
+            .iter()
+            .any(super::StatementClass::may_define_relations)
+    };
+    // What pg_dump and psql's describe commands send.
+    for sql in [
+        "SELECT pg_catalog.set_config('search_path', '', false)",
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        "BEGIN",
+        "SELECT c.relname FROM pg_class c WHERE c.oid = 1259",
+        "LOCK TABLE public.users IN ACCESS SHARE MODE",
+        "COPY public.users (id, email) TO stdout",
+        "DECLARE c CURSOR FOR SELECT 1",
+        "FETCH 10 FROM c",
+        "UPDATE users SET name = 'x' WHERE id = 1",
+        "PREPARE p AS SELECT 1",
+        "EXPLAIN SELECT 1",
+        "COMMIT",
+    ] {
+        assert!(!may(sql), "{sql}");
+    }
+    for sql in [
+        "CREATE TEMP VIEW pg_class AS SELECT 1 AS relname",
+        "CREATE TABLE pg_temp.pg_class (relname text)",
+        "SELECT 1 AS relname INTO TEMP pg_class",
+        "CREATE TEMP TABLE pg_class AS SELECT 1 AS relname",
+        "ALTER VIEW v RENAME TO pg_class",
+        "ALTER TABLE t RENAME TO pg_class",
+        "PREPARE p AS CREATE TABLE x AS SELECT 1",
+        "EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1",
+        "DO $$ BEGIN NULL; END $$",
+        "SELECT app.make_views()",
+        "CALL app.p()",
+        "SELECT * FROM app.f()",
+    ] {
+        assert!(may(sql), "{sql}");
+    }
 }

@@ -142,7 +142,8 @@ impl PgShared {
             tracing::warn!(
                 target.name = %target,
                 "column mask rules apply to this target but it has no `credentials` for \
-                 catalog lookups: every column read from a table or view is masked (or \
+                 catalog lookups: every column read from a table or view (other than \
+                 PostgreSQL's own, in pg_catalog and information_schema) is masked (or \
                  refused) as undecidable; see docs/postgres.md"
             );
         }

@@ -113,6 +113,7 @@ struct PlanKey {
     shape: Shape,
     catalog_generation: u64,
     ddl_pending: bool,
+    system_names: bool,
 }
 
 /// A plan's inputs as borrowed from the statement: compared with the last plan's key in
@@ -123,6 +124,7 @@ struct PlanInputs<'a> {
     shape: &'a Shape,
     catalog_generation: u64,
     ddl_pending: bool,
+    system_names: bool,
 }
 
 impl PlanInputs<'_> {
@@ -135,6 +137,7 @@ impl PlanInputs<'_> {
             && k.masks.iter().copied().eq(self.mask_ids())
             && k.catalog_generation == self.catalog_generation
             && k.ddl_pending == self.ddl_pending
+            && k.system_names == self.system_names
             && k.shape == *self.shape
     }
 
@@ -145,6 +148,7 @@ impl PlanInputs<'_> {
             shape: self.shape.clone(),
             catalog_generation: self.catalog_generation,
             ddl_pending: self.ddl_pending,
+            system_names: self.system_names,
         }
     }
 }
@@ -167,6 +171,9 @@ pub struct ResultMasking {
     portals: HashMap<String, PortalMask>,
     /// DDL ran in a transaction not yet ended: forget the catalog again when it ends.
     ddl_pending: bool,
+    /// Unqualified names of `pg_catalog`'s relations still name them in this session
+    /// (see [`NoCatalog`]); kept current by the session.
+    pub system_names: bool,
     scratch: Vec<u8>,
     last_plan: Option<(PlanKey, Arc<ResultPlan>)>,
 }
@@ -188,6 +195,7 @@ impl ResultMasking {
             copy: None,
             portals: HashMap::new(),
             ddl_pending: false,
+            system_names: true,
             scratch: Vec::new(),
             last_plan: None,
         }
@@ -209,22 +217,25 @@ impl ResultMasking {
         fields: &[Field],
         masks: &[Arc<MaskSpec>],
     ) -> (Arc<dyn Resolve + Send + Sync>, bool) {
+        let none = NoCatalog {
+            unqualified: self.system_names,
+        };
         if masks.iter().all(|m| m.columns.is_empty()) {
-            return (Arc::new(NoCatalog), true);
+            return (Arc::new(none), true);
         }
         let Some(cat) = &self.catalog else {
             self.shared.warn_no_catalog(&self.target);
-            return (Arc::new(NoCatalog), true);
+            return (Arc::new(none), true);
         };
         // This session changed definitions in a transaction that has not ended: the
         // catalog connection still sees the old ones, which must not be trusted.
         if self.ddl_pending {
-            return (Arc::new(NoCatalog), true);
+            return (Arc::new(none), true);
         }
         let (oids, names) = wanted(shape, fields);
         match cat.lookup(&self.shared, &oids, &names).await {
             Ok(data) => (data, true),
-            Err(_) => (Arc::new(NoCatalog), false),
+            Err(_) => (Arc::new(none), false),
         }
     }
 
@@ -238,6 +249,7 @@ impl ResultMasking {
             shape: a.shape(),
             catalog_generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
             ddl_pending: self.ddl_pending,
+            system_names: self.system_names,
         }
     }
 

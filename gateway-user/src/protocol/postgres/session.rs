@@ -485,6 +485,7 @@ async fn session(
         sent_at: None,
         redefined: Redefined::default(),
         listens: Listens::default(),
+        system_names: true,
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -834,6 +835,11 @@ struct State {
     redefined: Redefined,
     /// The `LISTEN`s the session sent: what notifications it receives get.
     listens: Listens,
+    /// Nothing the session sent may have created or renamed a relation, so an unqualified
+    /// name of one of `pg_catalog`'s relations still names it (no temporary relation of
+    /// that name is searched first): what masking may assume without a catalog connection
+    /// ([`crate::masking::plan::NoCatalog`]). Once false, false for the session.
+    system_names: bool,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -970,12 +976,31 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), judge.catalog.is_some())
-        {
+        let no_catalog = judge.catalog.is_none().then(|| no_catalog(st, j));
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), no_catalog) {
             return Some(denial_of_refusal(&r));
         }
     }
     None
+}
+
+/// What masking knows without a catalog connection when it judges `j`: unqualified names
+/// of `pg_catalog`'s relations are theirs only if neither the session before nor the
+/// message itself may have made a relation that would stand in for one.
+fn no_catalog(st: &State, j: &Judgement) -> crate::masking::plan::NoCatalog {
+    crate::masking::plan::NoCatalog {
+        unqualified: st.system_names && !defines_relations(j),
+    }
+}
+
+/// Whether a judged message may create or rename relations (one that cannot be
+/// classified may do anything).
+fn defines_relations(j: &Judgement) -> bool {
+    j.classification.error.is_some()
+        || j.classification
+            .statements
+            .iter()
+            .any(crate::policy::sql::StatementClass::may_define_relations)
 }
 
 /// Whether a message copies a masked column where no mask covers it
@@ -992,7 +1017,7 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
     }
     let data: Arc<dyn crate::masking::plan::Resolve + Send + Sync> = match &judge.catalog {
         Some(c) => c.cached(),
-        None => Arc::new(crate::masking::plan::NoCatalog),
+        None => Arc::new(no_catalog(st, j)),
     };
     // Definitions changed earlier in the session's transaction, or earlier in this
     // message, are not in the catalog yet.
@@ -1044,6 +1069,9 @@ fn denial_of_refusal(r: &Refusal) -> Denial {
 fn note_effects(st: &mut State, j: &Judgement, sql: &Arc<str>, generation: u64, refused: bool) {
     for s in &j.classification.statements {
         st.redefined.add(Redefined::by(s));
+    }
+    if !refused && defines_relations(j) {
+        st.system_names = false;
     }
     if !refused
         && j.classification
@@ -2153,6 +2181,7 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     note_parameter(&mut st.lex, &k, &v);
                 }
                 let head = st.tracker.head_query_ctx().cloned();
+                masking.system_names = st.system_names;
                 // Errors and notices of a masked statement may quote what it masks.
                 if matches!(f.tag, be::ERROR_RESPONSE | be::NOTICE_RESPONSE) {
                     masked_sql = masked_statement_sql(&st, &masking);
