@@ -362,8 +362,15 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     if let Some(c) = by_keyword(&words) {
         return Ok(c);
     }
-    let tokens = rewrite_catalog_operators(rewrite_table_statement(tokens));
-    let fallback = after_parse_failure(&words);
+    let owner_to = has_owner_to(&tokens);
+    let tokens = rewrite_create_options(rewrite_catalog_operators(rewrite_table_statement(tokens)));
+    let fallback = after_parse_failure(&words).map(|mut c| {
+        // What `ALTER ... OWNER TO` implies when it parses ([`implied_kinds`]).
+        if owner_to && words.first() == Some(&"ALTER") {
+            c.kinds.insert(Kind::AlterOwner);
+        }
+        c
+    });
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect)
         .with_recursion_limit(RECURSION_LIMIT)
@@ -497,6 +504,107 @@ fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::Statement
     tokens
 }
 
+/// Whether a statement has the words `OWNER TO` (outside strings and quoted names).
+fn has_owner_to(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> bool {
+    let mut words = tokens
+        .iter()
+        .filter(|t| !lex::is_trivia(&t.token))
+        .map(|t| {
+            matches!(&t.token, Token::Word(w) if w.quote_style.is_none()).then(|| match &t.token {
+                Token::Word(w) => w.value.to_ascii_uppercase(),
+                _ => String::new(),
+            })
+        });
+    let mut last = None;
+    for w in words.by_ref() {
+        if last.as_deref() == Some("OWNER") && w.as_deref() == Some("TO") {
+            return true;
+        }
+        last = w;
+    }
+    false
+}
+
+/// Clauses of `CREATE TABLE` and `CREATE MATERIALIZED VIEW` that sqlparser does not read
+/// and that neither embed an expression nor change what the statement reads or stores,
+/// removed before parsing: `LIKE t INCLUDING ALL` / `EXCLUDING ...` options (which parts
+/// of `t`'s definition to copy; `LIKE t` itself parses) and a trailing `WITH [NO] DATA`
+/// (whether the query runs now or at the first refresh; judged as if now).
+fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    let at: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !lex::is_trivia(&tokens[i].token))
+        .collect();
+    let create_table =
+        at.first()
+            .is_some_and(|&i| word(&tokens[i].token, "create"))
+            && at.iter().take(6).any(|&i| {
+                word(&tokens[i].token, "table") || word(&tokens[i].token, "materialized")
+            });
+    if !create_table {
+        return tokens;
+    }
+    let mut drop = Vec::new();
+    // `WITH DATA` / `WITH NO DATA` at the end (a `;` may follow).
+    let mut end = at.len();
+    if end > 0 && matches!(tokens[at[end - 1]].token, Token::SemiColon) {
+        end -= 1;
+    }
+    let tail: Vec<usize> = at[..end].iter().rev().take(3).rev().copied().collect();
+    match tail.as_slice() {
+        [.., w, n, d]
+            if word(&tokens[*w].token, "with")
+                && word(&tokens[*n].token, "no")
+                && word(&tokens[*d].token, "data") =>
+        {
+            drop.extend([*w, *n, *d]);
+        }
+        [.., w, d] if word(&tokens[*w].token, "with") && word(&tokens[*d].token, "data") => {
+            drop.extend([*w, *d]);
+        }
+        _ => {}
+    }
+    // `LIKE t INCLUDING x EXCLUDING y` as a table element: after `(` or `,`, a name,
+    // option pairs, then `,` or `)`. Nothing else is touched.
+    let mut k = 1;
+    while k < at.len() {
+        let starts = word(&tokens[at[k]].token, "like")
+            && matches!(tokens[at[k - 1]].token, Token::LParen | Token::Comma);
+        if !starts {
+            k += 1;
+            continue;
+        }
+        // The name: words joined by periods.
+        let mut j = k + 1;
+        while j < at.len() && matches!(tokens[at[j]].token, Token::Word(_)) {
+            j += 1;
+            if j < at.len() && matches!(tokens[at[j]].token, Token::Period) {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let mut options = Vec::new();
+        while j + 1 < at.len()
+            && (word(&tokens[at[j]].token, "including") || word(&tokens[at[j]].token, "excluding"))
+            && matches!(tokens[at[j + 1]].token, Token::Word(_))
+        {
+            options.extend([at[j], at[j + 1]]);
+            j += 2;
+        }
+        if j < at.len() && matches!(tokens[at[j]].token, Token::Comma | Token::RParen) {
+            drop.extend(options);
+        }
+        k = j.max(k + 1);
+    }
+    drop.sort_unstable();
+    drop.dedup();
+    for i in drop.into_iter().rev() {
+        tokens.remove(i);
+    }
+    tokens
+}
+
 /// Classification by leading keywords for statements sqlparser cannot always parse, used
 /// only when parsing failed. Limited to statements whose grammar embeds no expressions or
 /// queries (so nothing else can run inside them) or whose class is already restrictive
@@ -521,6 +629,9 @@ fn after_parse_failure(w: &[&str]) -> Option<StatementClass> {
         ["DROP", "USER", "MAPPING", ..] => Kind::Drop(Object::UserMapping),
         ["ALTER", "SERVER", ..] => Kind::Alter(Object::Server),
         ["ALTER", "FOREIGN", "DATA", "WRAPPER", ..] => Kind::Alter(Object::ForeignDataWrapper),
+        // Options, a new name or schema, an owner: no expression (`RESTART WITH 1`,
+        // `OWNED BY t.id`).
+        ["ALTER", "SEQUENCE", ..] => Kind::Alter(Object::Sequence),
         // Creates a foreign table for every table of a remote schema.
         ["IMPORT", "FOREIGN", "SCHEMA", ..] => Kind::Create(Object::ForeignTable),
         ["CREATE", "ROLE" | "USER" | "GROUP", ..] => Kind::Create(Object::Role),
@@ -753,6 +864,10 @@ struct Collector<'a> {
     /// `set_config(name, ...)` calls over `pg_settings` whose `name` the query's `WHERE`
     /// fixes, by the address of the call: that name ([`set_config::pinned_name`]).
     pinned_settings: HashMap<usize, String>,
+    /// `RANGE (...)`, `LIST (...)`, `HASH (...)` of `CREATE TABLE ... PARTITION BY`: the
+    /// parser reads the strategy as a call, by the address of its node; a keyword, not a
+    /// function (the key's own expressions are calls as anywhere).
+    partition_strategies: Vec<usize>,
 }
 
 struct CteFrame {
@@ -1041,6 +1156,10 @@ impl Visitor for Collector<'_> {
             // reports as a call of a function named `array`; no function runs (the query
             // inside is visited like any other).
             Expr::Function(f) if is_array_constructor(f) => {}
+            Expr::Function(f)
+                if self
+                    .partition_strategies
+                    .contains(&(std::ptr::from_ref(f) as usize)) => {}
             // A `SET` written as a call: judged as that `SET`.
             Expr::Function(f)
                 if let Some(set) = set_config::setting(
@@ -1180,7 +1299,19 @@ impl Visitor for Collector<'_> {
                     self.add_kind(Kind::CopyProgram);
                 }
             }
-            S::CreateTable(ct) => self.write_target(&ct.name, true),
+            S::CreateTable(ct) => {
+                self.write_target(&ct.name, true);
+                if let Some(Expr::Function(f)) = ct.partition_by.as_deref()
+                    && matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)]
+                        if i.quote_style.is_none()
+                            && ["range", "list", "hash"]
+                                .iter()
+                                .any(|k| i.value.eq_ignore_ascii_case(k)))
+                {
+                    self.partition_strategies
+                        .push(std::ptr::from_ref(f) as usize);
+                }
+            }
             S::CreateForeignTable(ft) => self.write_target(&ft.name, true),
             S::CreateView(v) => self.write_target(&v.name, true),
             S::AlterTable(at) => {
@@ -1396,6 +1527,7 @@ fn classify_statement(s: &Statement) -> StatementClass {
         plan_only: 0,
         side_channel_calls: Vec::new(),
         pinned_settings: HashMap::new(),
+        partition_strategies: Vec::new(),
     };
     let _ = s.visit(&mut v);
     let side_channel_calls = v.side_channel_calls;
