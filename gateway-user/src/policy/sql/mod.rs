@@ -532,18 +532,15 @@ fn has_owner_to(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> bool {
 /// (whether the query runs now or at the first refresh; judged as if now).
 fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
     let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
-    let at: Vec<usize> = (0..tokens.len())
-        .filter(|&i| !lex::is_trivia(&tokens[i].token))
-        .collect();
-    let create_table =
-        at.first()
-            .is_some_and(|&i| word(&tokens[i].token, "create"))
-            && at.iter().take(6).any(|&i| {
-                word(&tokens[i].token, "table") || word(&tokens[i].token, "materialized")
-            });
+    let mut lead = tokens.iter().filter(|t| !lex::is_trivia(&t.token)).take(6);
+    let create_table = lead.next().is_some_and(|t| word(&t.token, "create"))
+        && lead.any(|t| word(&t.token, "table") || word(&t.token, "materialized"));
     if !create_table {
         return tokens;
     }
+    let at: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !lex::is_trivia(&tokens[i].token))
+        .collect();
     let mut drop = Vec::new();
     // `WITH DATA` / `WITH NO DATA` at the end (a `;` may follow).
     let mut end = at.len();
