@@ -362,11 +362,13 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     if let Some(c) = by_keyword(&words) {
         return Ok(c);
     }
-    let owner_to = has_owner_to(&tokens);
-    let tokens = rewrite_create_options(rewrite_catalog_operators(rewrite_table_statement(tokens)));
-    let fallback = after_parse_failure(&words).map(|mut c| {
+    let outline = outline(&tokens);
+    let tokens = rewrite_identity_options(rewrite_create_options(rewrite_catalog_operators(
+        rewrite_table_statement(tokens),
+    )));
+    let fallback = after_parse_failure(&words, outline.expression_free).map(|mut c| {
         // What `ALTER ... OWNER TO` implies when it parses ([`implied_kinds`]).
-        if owner_to && words.first() == Some(&"ALTER") {
+        if outline.owner_to && words.first() == Some(&"ALTER") {
             c.kinds.insert(Kind::AlterOwner);
         }
         c
@@ -504,25 +506,81 @@ fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::Statement
     tokens
 }
 
-/// Whether a statement has the words `OWNER TO` (outside strings and quoted names).
-fn has_owner_to(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> bool {
-    let mut words = tokens
-        .iter()
-        .filter(|t| !lex::is_trivia(&t.token))
-        .map(|t| {
-            matches!(&t.token, Token::Word(w) if w.quote_style.is_none()).then(|| match &t.token {
-                Token::Word(w) => w.value.to_ascii_uppercase(),
-                _ => String::new(),
-            })
-        });
-    let mut last = None;
-    for w in words.by_ref() {
-        if last.as_deref() == Some("OWNER") && w.as_deref() == Some("TO") {
-            return true;
+/// What the fallback classification needs from a statement's whole text (its unquoted
+/// words and punctuation; strings and quoted names are single tokens).
+struct Outline {
+    /// The words `OWNER TO`.
+    owner_to: bool,
+    /// No parenthesis and no `DEFAULT`: nowhere an expression could be.
+    expression_free: bool,
+}
+
+fn outline(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Outline {
+    let mut o = Outline {
+        owner_to: false,
+        expression_free: true,
+    };
+    let mut owner = false;
+    for t in tokens.iter().filter(|t| !lex::is_trivia(&t.token)) {
+        let word = match &t.token {
+            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
+            _ => None,
+        };
+        o.owner_to |= owner && word.as_deref() == Some("TO");
+        owner = word.as_deref() == Some("OWNER");
+        if matches!(t.token, Token::LParen) || word.as_deref() == Some("DEFAULT") {
+            o.expression_free = false;
         }
-        last = w;
     }
-    false
+    o
+}
+
+/// `GENERATED ... AS IDENTITY (SEQUENCE NAME s ...)`, as pg_dump writes identity columns:
+/// the name of the sequence behind the column, which sqlparser does not read among the
+/// options, is taken out (only there: inside the parentheses after `IDENTITY`).
+fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    if !tokens.iter().any(|t| word(&t.token, "identity")) {
+        return tokens;
+    }
+    let at: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !lex::is_trivia(&tokens[i].token))
+        .collect();
+    let mut drop = Vec::new();
+    let mut k = 0;
+    while k + 1 < at.len() {
+        if !(word(&tokens[at[k]].token, "identity")
+            && matches!(tokens[at[k + 1]].token, Token::LParen))
+        {
+            k += 1;
+            continue;
+        }
+        let mut j = k + 2;
+        while j < at.len() && !matches!(tokens[at[j]].token, Token::RParen | Token::LParen) {
+            if j + 2 < at.len()
+                && word(&tokens[at[j]].token, "sequence")
+                && word(&tokens[at[j + 1]].token, "name")
+                && matches!(tokens[at[j + 2]].token, Token::Word(_))
+            {
+                let mut e = j + 3;
+                while e + 1 < at.len()
+                    && matches!(tokens[at[e]].token, Token::Period)
+                    && matches!(tokens[at[e + 1]].token, Token::Word(_))
+                {
+                    e += 2;
+                }
+                drop.extend(at[j..e].iter().copied());
+                j = e;
+            } else {
+                j += 1;
+            }
+        }
+        k = j;
+    }
+    for i in drop.into_iter().rev() {
+        tokens.remove(i);
+    }
+    tokens
 }
 
 /// Clauses of `CREATE TABLE` and `CREATE MATERIALIZED VIEW` that sqlparser does not read
@@ -607,7 +665,7 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
 /// queries (so nothing else can run inside them) or whose class is already restrictive
 /// (held or denied by the shipped policies): a parse failure never makes a statement look
 /// more harmless than its first words say.
-fn after_parse_failure(w: &[&str]) -> Option<StatementClass> {
+fn after_parse_failure(w: &[&str], expression_free: bool) -> Option<StatementClass> {
     let dynamic = |k: Kind| {
         let mut c = StatementClass::new(k);
         c.dynamic_sql = true;
@@ -629,6 +687,12 @@ fn after_parse_failure(w: &[&str]) -> Option<StatementClass> {
         // Options, a new name or schema, an owner: no expression (`RESTART WITH 1`,
         // `OWNED BY t.id`).
         ["ALTER", "SEQUENCE", ..] => Kind::Alter(Object::Sequence),
+        // Only the forms with nothing in parentheses and no default: a new owner, name or
+        // schema, a renamed or added enum value or attribute of a plain type, a constraint
+        // dropped or validated (`SET (RECEIVE = f)`, `SET DEFAULT`, `ADD CHECK (...)` are
+        // left refused).
+        ["ALTER", "TYPE", ..] if expression_free => Kind::Alter(Object::Type),
+        ["ALTER", "DOMAIN", ..] if expression_free => Kind::Alter(Object::Domain),
         // Creates a foreign table for every table of a remote schema.
         ["IMPORT", "FOREIGN", "SCHEMA", ..] => Kind::Create(Object::ForeignTable),
         ["CREATE", "ROLE" | "USER" | "GROUP", ..] => Kind::Create(Object::Role),
