@@ -874,13 +874,16 @@ mod tests {
     #[test]
     fn system_relations_are_known_without_the_catalog() {
         let pii = mask(&["*.email", "*.password"], Unresolved::MaskAll);
-        let plan = |masks: &[Arc<MaskSpec>], sql: &str, fields: &[Field]| -> Vec<String> {
-            plan_rows(masks, &shape(sql), fields, &NoCatalog::default())
+        let planned = |r: NoCatalog, sql: &str, fields: &[Field]| -> Vec<String> {
+            plan_rows(&pii, &shape(sql), fields, &r)
                 .expect("in test")
                 .columns
                 .iter()
                 .map(|c| c.whole.as_ref().map_or("-".into(), |(_, l)| l.to_string()))
                 .collect()
+        };
+        let plan = |_: &[Arc<MaskSpec>], sql: &str, fields: &[Field]| {
+            planned(NoCatalog::default(), sql, fields)
         };
         let (pg_class, pg_namespace, users) = (1259, 2615, FIRST_NORMAL_OBJECT_ID + 7);
         // psql's `\dt`, in short: qualified catalogs, plain and computed columns.
@@ -938,14 +941,8 @@ mod tests {
         );
         // ... unless the session cannot have made one (pg_dump's queries are unqualified).
         // Then a name that is not pg_catalog's is still unverifiable.
-        let searched = |sql: &str, fields: &[Field]| -> Vec<String> {
-            plan_rows(&pii, &shape(sql), fields, &NoCatalog { unqualified: true })
-                .expect("in test")
-                .columns
-                .iter()
-                .map(|c| c.whole.as_ref().map_or("-".into(), |(_, l)| l.to_string()))
-                .collect()
-        };
+        let searched =
+            |sql: &str, fields: &[Field]| planned(NoCatalog { unqualified: true }, sql, fields);
         assert_eq!(
             searched(
                 "SELECT upper(x.relname), x.tableoid FROM pg_class x",

@@ -411,13 +411,18 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     }
 }
 
+/// Whether a token is the unquoted word `w` (keywords are matched without case).
+fn is_word(t: &Token, w: &str) -> bool {
+    matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w))
+}
+
 /// `TABLE name` is `SELECT * FROM name`; sqlparser does not parse the short form.
 fn rewrite_table_statement(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
     use sqlparser::{keywords::Keyword, tokenizer::Word};
     let Some(first) = tokens.iter().position(|t| !lex::is_trivia(&t.token)) else {
         return tokens;
     };
-    let is_table = matches!(&tokens[first].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("table"));
+    let is_table = is_word(&tokens[first].token, "table");
     if !is_table {
         return tokens;
     }
@@ -454,10 +459,9 @@ fn rewrite_table_statement(mut tokens: lex::StatementTokens) -> lex::StatementTo
 /// which the classifier takes for the built-in anyway. Other schemas' operators are left
 /// alone (the parser reads them elsewhere, and they are user functions).
 fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
-    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
     let mut k = 0;
     while k < tokens.len() {
-        if !word(&tokens[k].token, "operator") {
+        if !is_word(&tokens[k].token, "operator") {
             k += 1;
             continue;
         }
@@ -480,7 +484,7 @@ fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::Statement
             };
             let quantified = ["any", "all", "some"]
                 .iter()
-                .any(|q| word(&tokens[*quant].token, q));
+                .any(|q| is_word(&tokens[*quant].token, q));
             let op = &tokens[*op].token;
             (matches!(tokens[*open].token, Token::LParen)
                 && catalog
@@ -539,8 +543,7 @@ fn outline(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Outline {
 /// the name of the sequence behind the column, which sqlparser does not read among the
 /// options, is taken out (only there: inside the parentheses after `IDENTITY`).
 fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
-    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
-    if !tokens.iter().any(|t| word(&t.token, "identity")) {
+    if !tokens.iter().any(|t| is_word(&t.token, "identity")) {
         return tokens;
     }
     let at: Vec<usize> = (0..tokens.len())
@@ -549,7 +552,7 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
     let mut drop = Vec::new();
     let mut k = 0;
     while k + 1 < at.len() {
-        if !(word(&tokens[at[k]].token, "identity")
+        if !(is_word(&tokens[at[k]].token, "identity")
             && matches!(tokens[at[k + 1]].token, Token::LParen))
         {
             k += 1;
@@ -558,8 +561,8 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
         let mut j = k + 2;
         while j < at.len() && !matches!(tokens[at[j]].token, Token::RParen | Token::LParen) {
             if j + 2 < at.len()
-                && word(&tokens[at[j]].token, "sequence")
-                && word(&tokens[at[j + 1]].token, "name")
+                && is_word(&tokens[at[j]].token, "sequence")
+                && is_word(&tokens[at[j + 1]].token, "name")
                 && matches!(tokens[at[j + 2]].token, Token::Word(_))
             {
                 let mut e = j + 3;
@@ -589,10 +592,9 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
 /// of `t`'s definition to copy; `LIKE t` itself parses) and a trailing `WITH [NO] DATA`
 /// (whether the query runs now or at the first refresh; judged as if now).
 fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
-    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
     let mut lead = tokens.iter().filter(|t| !lex::is_trivia(&t.token)).take(6);
-    let create_table = lead.next().is_some_and(|t| word(&t.token, "create"))
-        && lead.any(|t| word(&t.token, "table") || word(&t.token, "materialized"));
+    let create_table = lead.next().is_some_and(|t| is_word(&t.token, "create"))
+        && lead.any(|t| is_word(&t.token, "table") || is_word(&t.token, "materialized"));
     if !create_table {
         return tokens;
     }
@@ -608,13 +610,13 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
     let tail: Vec<usize> = at[..end].iter().rev().take(3).rev().copied().collect();
     match tail.as_slice() {
         [.., w, n, d]
-            if word(&tokens[*w].token, "with")
-                && word(&tokens[*n].token, "no")
-                && word(&tokens[*d].token, "data") =>
+            if is_word(&tokens[*w].token, "with")
+                && is_word(&tokens[*n].token, "no")
+                && is_word(&tokens[*d].token, "data") =>
         {
             drop.extend([*w, *n, *d]);
         }
-        [.., w, d] if word(&tokens[*w].token, "with") && word(&tokens[*d].token, "data") => {
+        [.., w, d] if is_word(&tokens[*w].token, "with") && is_word(&tokens[*d].token, "data") => {
             drop.extend([*w, *d]);
         }
         _ => {}
@@ -623,7 +625,7 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
     // option pairs, then `,` or `)`. Nothing else is touched.
     let mut k = 1;
     while k < at.len() {
-        let starts = word(&tokens[at[k]].token, "like")
+        let starts = is_word(&tokens[at[k]].token, "like")
             && matches!(tokens[at[k - 1]].token, Token::LParen | Token::Comma);
         if !starts {
             k += 1;
@@ -641,7 +643,8 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
         }
         let mut options = Vec::new();
         while j + 1 < at.len()
-            && (word(&tokens[at[j]].token, "including") || word(&tokens[at[j]].token, "excluding"))
+            && (is_word(&tokens[at[j]].token, "including")
+                || is_word(&tokens[at[j]].token, "excluding"))
             && matches!(tokens[at[j + 1]].token, Token::Word(_))
         {
             options.extend([at[j], at[j + 1]]);
