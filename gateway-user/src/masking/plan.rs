@@ -76,11 +76,12 @@ pub const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
 /// system views over it: that takes the catalog). Anything else cannot be verified.
 ///
 /// An unqualified name of a `pg_catalog` relation (`pg_class`, as pg_dump writes its
-/// queries) names it only while the session has no temporary relation of that name, which
-/// would be searched first: `unqualified` says the session has sent nothing that may
-/// have created or renamed a relation ([`StatementClass::may_define_relations`]).
+/// queries) names it only while the session has no temporary relation of that name and
+/// no schema before `pg_catalog` in its search path, which would be searched first:
+/// `unqualified` says the session has sent nothing that may have made either so
+/// ([`StatementClass::may_shadow_catalog`]).
 ///
-/// [`StatementClass::may_define_relations`]: crate::policy::sql::StatementClass::may_define_relations
+/// [`StatementClass::may_shadow_catalog`]: crate::policy::sql::StatementClass::may_shadow_catalog
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoCatalog {
     pub unqualified: bool,

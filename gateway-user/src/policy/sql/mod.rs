@@ -150,17 +150,20 @@ pub struct StatementClass {
 }
 
 impl StatementClass {
-    /// Whether it may create or rename a relation (a temporary one that an unqualified
-    /// `pg_class` would then name, searched before `pg_catalog`), or runs code this
-    /// classification does not read (a DO block, a function of the database's), which may.
+    /// Whether, after it, an unqualified name of one of `pg_catalog`'s relations
+    /// (`pg_class`) may name another relation: it may create or rename one (a temporary
+    /// one is searched before `pg_catalog`), sets a search path that puts a schema before
+    /// `pg_catalog` (the `config` danger `search_path`), or runs code this classification
+    /// does not read (a DO block, a function of the database's), which may do either.
     /// Only statements of kinds that never make a relation are known not to: reads, DML,
     /// transaction control, settings, cursors, prepared statements (a `PREPARE`'s own
     /// statement counts with its kinds), locks, notifications, maintenance, grants. (A
     /// trigger runs code no statement names; as everywhere here, triggers are trusted.)
-    pub fn may_define_relations(&self) -> bool {
+    pub fn may_shadow_catalog(&self) -> bool {
         use Kind::*;
         self.dynamic_sql
             || !self.user_functions.is_empty()
+            || self.dangerous.iter().any(|(name, _)| name == "search_path")
             || !self.kinds.iter().all(|k| {
                 matches!(
                     k,

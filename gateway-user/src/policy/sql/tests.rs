@@ -1,6 +1,7 @@
 //! Robustness of the classifier: no panics on arbitrary input, quick errors on
 //! pathological input, and no stack overflow on the proxy's worker stacks. And which
-//! statements may define relations (what masking without a catalog needs to know).
+//! statements may make an unqualified catalog name mean another relation (what masking
+//! without a catalog needs to know).
 
 use std::time::{Duration, Instant};
 
@@ -205,13 +206,13 @@ fn a_cached_shape_is_not_served_where_the_encoding_reads_text_otherwise() {
 }
 
 #[test]
-fn statements_that_may_define_relations() {
+fn statements_that_may_shadow_catalog_relations() {
     let may = |sql: &str| {
         let c = classify(sql, LexOptions::default());
         assert!(c.error.is_none(), "{sql}: {:?}", c.error);
         c.statements
             .iter()
-            .any(super::StatementClass::may_define_relations)
+            .any(super::StatementClass::may_shadow_catalog)
     };
     // What pg_dump and psql's describe commands send.
     for sql in [
@@ -227,6 +228,8 @@ fn statements_that_may_define_relations() {
         "PREPARE p AS SELECT 1",
         "EXPLAIN SELECT 1",
         "COMMIT",
+        // pg_catalog stays first.
+        "SET search_path = app, public",
     ] {
         assert!(!may(sql), "{sql}");
     }
@@ -243,6 +246,9 @@ fn statements_that_may_define_relations() {
         "SELECT app.make_views()",
         "CALL app.p()",
         "SELECT * FROM app.f()",
+        // A schema before pg_catalog: its `pg_class` would be found first.
+        "SET search_path = app, pg_catalog",
+        "SELECT set_config('search_path', 'app, pg_catalog', false)",
     ] {
         assert!(may(sql), "{sql}");
     }

@@ -835,8 +835,9 @@ struct State {
     redefined: Redefined,
     /// The `LISTEN`s the session sent: what notifications it receives get.
     listens: Listens,
-    /// Nothing the session sent may have created or renamed a relation, so an unqualified
-    /// name of one of `pg_catalog`'s relations still names it (no temporary relation of
+    /// Nothing the session sent may have created or renamed a relation or put a schema
+    /// before `pg_catalog` in its search path, so an unqualified name of one of
+    /// `pg_catalog`'s relations still names it (no temporary relation or other schema's of
     /// that name is searched first): what masking may assume without a catalog connection
     /// ([`crate::masking::plan::NoCatalog`]). Once false, false for the session.
     system_names: bool,
@@ -986,21 +987,21 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
 
 /// What masking knows without a catalog connection when it judges `j`: unqualified names
 /// of `pg_catalog`'s relations are theirs only if neither the session before nor the
-/// message itself may have made a relation that would stand in for one.
+/// message itself may have made them name another relation.
 fn no_catalog(st: &State, j: &Judgement) -> crate::masking::plan::NoCatalog {
     crate::masking::plan::NoCatalog {
-        unqualified: st.system_names && !defines_relations(j),
+        unqualified: st.system_names && !shadows_catalog(j),
     }
 }
 
-/// Whether a judged message may create or rename relations (one that cannot be
-/// classified may do anything).
-fn defines_relations(j: &Judgement) -> bool {
+/// Whether after a judged message an unqualified catalog name may name another relation
+/// (one that cannot be classified may do anything).
+fn shadows_catalog(j: &Judgement) -> bool {
     j.classification.error.is_some()
         || j.classification
             .statements
             .iter()
-            .any(crate::policy::sql::StatementClass::may_define_relations)
+            .any(crate::policy::sql::StatementClass::may_shadow_catalog)
 }
 
 /// Whether a message copies a masked column where no mask covers it
@@ -1070,7 +1071,7 @@ fn note_effects(st: &mut State, j: &Judgement, sql: &Arc<str>, generation: u64, 
     for s in &j.classification.statements {
         st.redefined.add(Redefined::by(s));
     }
-    if !refused && defines_relations(j) {
+    if !refused && shadows_catalog(j) {
         st.system_names = false;
     }
     if !refused
