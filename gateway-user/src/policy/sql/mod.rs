@@ -365,13 +365,18 @@ fn classify_tokens(tokens: lex::StatementTokens) -> Result<StatementClass, Class
     if let Some(c) = by_keyword(&words) {
         return Ok(c);
     }
-    let outline = outline(&tokens);
+    // Only an `ALTER` has a fallback that needs more than its first words.
+    let outline = if words.first() == Some(&"ALTER") {
+        outline(&tokens)
+    } else {
+        Outline::default()
+    };
     let tokens = rewrite_identity_options(rewrite_create_options(rewrite_catalog_operators(
         rewrite_table_statement(tokens),
     )));
     let fallback = after_parse_failure(&words, outline.expression_free).map(|mut c| {
         // What `ALTER ... OWNER TO` implies when it parses ([`implied_kinds`]).
-        if outline.owner_to && words.first() == Some(&"ALTER") {
+        if outline.owner_to {
             c.kinds.insert(Kind::AlterOwner);
         }
         c
@@ -514,7 +519,9 @@ fn rewrite_catalog_operators(mut tokens: lex::StatementTokens) -> lex::Statement
 }
 
 /// What the fallback classification needs from a statement's whole text (its unquoted
-/// words and punctuation; strings and quoted names are single tokens).
+/// words and punctuation; strings and quoted names are single tokens). The default, for
+/// statements not looked at: neither.
+#[derive(Default)]
 struct Outline {
     /// The words `OWNER TO`.
     owner_to: bool,
@@ -529,13 +536,9 @@ fn outline(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Outline {
     };
     let mut owner = false;
     for t in tokens.iter().filter(|t| !lex::is_trivia(&t.token)) {
-        let word = match &t.token {
-            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
-            _ => None,
-        };
-        o.owner_to |= owner && word.as_deref() == Some("TO");
-        owner = word.as_deref() == Some("OWNER");
-        if matches!(t.token, Token::LParen) || word.as_deref() == Some("DEFAULT") {
+        o.owner_to |= owner && is_word(&t.token, "to");
+        owner = is_word(&t.token, "owner");
+        if matches!(t.token, Token::LParen) || is_word(&t.token, "default") {
             o.expression_free = false;
         }
     }
@@ -545,7 +548,7 @@ fn outline(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Outline {
 /// `GENERATED ... AS IDENTITY (SEQUENCE NAME s ...)`, as pg_dump writes identity columns:
 /// the name of the sequence behind the column, which sqlparser does not read among the
 /// options, is taken out (only there: inside the parentheses after `IDENTITY`).
-fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+fn rewrite_identity_options(tokens: lex::StatementTokens) -> lex::StatementTokens {
     if !tokens.iter().any(|t| is_word(&t.token, "identity")) {
         return tokens;
     }
@@ -563,18 +566,11 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
         }
         let mut j = k + 2;
         while j < at.len() && !matches!(tokens[at[j]].token, Token::RParen | Token::LParen) {
-            if j + 2 < at.len()
+            if j + 1 < at.len()
                 && is_word(&tokens[at[j]].token, "sequence")
                 && is_word(&tokens[at[j + 1]].token, "name")
-                && matches!(tokens[at[j + 2]].token, Token::Word(_))
+                && let Some(e) = dotted_name_end(&tokens, &at, j + 2)
             {
-                let mut e = j + 3;
-                while e + 1 < at.len()
-                    && matches!(tokens[at[e]].token, Token::Period)
-                    && matches!(tokens[at[e + 1]].token, Token::Word(_))
-                {
-                    e += 2;
-                }
                 drop.extend(at[j..e].iter().copied());
                 j = e;
             } else {
@@ -583,9 +579,47 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
         }
         k = j;
     }
-    for i in drop.into_iter().rev() {
-        tokens.remove(i);
+    without(tokens, drop)
+}
+
+/// Where a name written as words joined by periods (`public.users`) that starts at
+/// `at[start]` ends (the index in `at` after it); `None` if no word starts there. `at`:
+/// the positions of the tokens that are not trivia.
+fn dotted_name_end(
+    tokens: &[sqlparser::tokenizer::TokenWithSpan],
+    at: &[usize],
+    start: usize,
+) -> Option<usize> {
+    let word = |i: usize| {
+        at.get(i)
+            .is_some_and(|&p| matches!(tokens[p].token, Token::Word(_)))
+    };
+    if !word(start) {
+        return None;
     }
+    let mut end = start + 1;
+    while at
+        .get(end)
+        .is_some_and(|&p| matches!(tokens[p].token, Token::Period))
+        && word(end + 1)
+    {
+        end += 2;
+    }
+    Some(end)
+}
+
+/// The tokens without those at positions `drop`.
+fn without(mut tokens: lex::StatementTokens, mut drop: Vec<usize>) -> lex::StatementTokens {
+    if drop.is_empty() {
+        return tokens;
+    }
+    drop.sort_unstable();
+    let mut i = 0;
+    tokens.retain(|_| {
+        let keep = drop.binary_search(&i).is_err();
+        i += 1;
+        keep
+    });
     tokens
 }
 
@@ -594,7 +628,7 @@ fn rewrite_identity_options(mut tokens: lex::StatementTokens) -> lex::StatementT
 /// removed before parsing: `LIKE t INCLUDING ALL` / `EXCLUDING ...` options (which parts
 /// of `t`'s definition to copy; `LIKE t` itself parses) and a trailing `WITH [NO] DATA`
 /// (whether the query runs now or at the first refresh; judged as if now).
-fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTokens {
+fn rewrite_create_options(tokens: lex::StatementTokens) -> lex::StatementTokens {
     let mut lead = tokens.iter().filter(|t| !lex::is_trivia(&t.token)).take(6);
     let create_table = lead.next().is_some_and(|t| is_word(&t.token, "create"))
         && lead.any(|t| is_word(&t.token, "table") || is_word(&t.token, "materialized"));
@@ -634,16 +668,10 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
             k += 1;
             continue;
         }
-        // The name: words joined by periods.
-        let mut j = k + 1;
-        while j < at.len() && matches!(tokens[at[j]].token, Token::Word(_)) {
-            j += 1;
-            if j < at.len() && matches!(tokens[at[j]].token, Token::Period) {
-                j += 1;
-            } else {
-                break;
-            }
-        }
+        let Some(mut j) = dotted_name_end(&tokens, &at, k + 1) else {
+            k += 1;
+            continue;
+        };
         let mut options = Vec::new();
         while j + 1 < at.len()
             && (is_word(&tokens[at[j]].token, "including")
@@ -658,12 +686,7 @@ fn rewrite_create_options(mut tokens: lex::StatementTokens) -> lex::StatementTok
         }
         k = j.max(k + 1);
     }
-    drop.sort_unstable();
-    drop.dedup();
-    for i in drop.into_iter().rev() {
-        tokens.remove(i);
-    }
-    tokens
+    without(tokens, drop)
 }
 
 /// Classification by leading keywords for statements sqlparser cannot always parse, used
@@ -1032,12 +1055,17 @@ impl Collector<'_> {
     }
 }
 
+/// Whether the parser's "call" is one of the keywords `words` before parentheses: a
+/// single unquoted name (a quoted one is a function's name).
+fn is_keyword_call(f: &sqlparser::ast::Function, words: &[&str]) -> bool {
+    matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)]
+        if i.quote_style.is_none() && words.iter().any(|w| i.value.eq_ignore_ascii_case(w)))
+}
+
 /// `ARRAY(subquery)`: the keyword (a quoted `"array"` is a name, and takes no subquery in
 /// PostgreSQL's grammar) before a parenthesised query.
 fn is_array_constructor(f: &sqlparser::ast::Function) -> bool {
-    matches!(f.args, FunctionArguments::Subquery(_))
-        && matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)]
-            if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("array"))
+    matches!(f.args, FunctionArguments::Subquery(_)) && is_keyword_call(f, &["array"])
 }
 
 /// Whether a call's argument is computed from rows: it mentions a column, a whole row or a
@@ -1369,11 +1397,7 @@ impl Visitor for Collector<'_> {
             S::CreateTable(ct) => {
                 self.write_target(&ct.name, true);
                 if let Some(Expr::Function(f)) = ct.partition_by.as_deref()
-                    && matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)]
-                        if i.quote_style.is_none()
-                            && ["range", "list", "hash"]
-                                .iter()
-                                .any(|k| i.value.eq_ignore_ascii_case(k)))
+                    && is_keyword_call(f, &["range", "list", "hash"])
                 {
                     self.partition_strategies
                         .push(std::ptr::from_ref(f) as usize);

@@ -104,7 +104,7 @@ const MAX_DEPTH: usize = 4_096;
 
 /// The operands of a chain of one connective (`a AND b AND c`), collected without
 /// recursion: a left-deep chain is as deep as it is long.
-fn operands<'a>(e: &'a Expr, connective: &BinaryOperator) -> Vec<&'a Expr> {
+pub(super) fn operands<'a>(e: &'a Expr, connective: &BinaryOperator) -> Vec<&'a Expr> {
     let mut out = Vec::new();
     let mut stack = vec![e];
     while let Some(x) = stack.pop() {
@@ -252,7 +252,8 @@ fn same(a: &Expr, b: &Expr) -> bool {
     strip(a) == strip(b)
 }
 
-fn strip(e: &Expr) -> &Expr {
+/// An expression without the parentheses around it.
+pub(super) fn strip(e: &Expr) -> &Expr {
     match e {
         Expr::Nested(inner) => strip(inner),
         other => other,

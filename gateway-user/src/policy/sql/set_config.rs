@@ -16,11 +16,11 @@
 //! Pure.
 
 use sqlparser::ast::{
-    BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
-    ObjectNamePart, Query, SelectItem, SetExpr, TableFactor, Value,
+    BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query,
+    SelectItem, SetExpr, TableFactor, Value,
 };
 
-use super::{TableName, ident_name};
+use super::{TableName, ident_name, parts, predicate};
 
 /// The parameter a `set_config` call sets and the value it gives, as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,14 +34,14 @@ pub struct Setting {
 /// `pg_catalog`) with a string literal value, a boolean literal `is_local`, and a name
 /// that is a string literal or the column `name` fixed to `pinned` by the query around it.
 pub fn setting(f: &Function, pinned: Option<&str>) -> Option<Setting> {
-    let builtin = match f.name.0.as_slice() {
-        [ObjectNamePart::Identifier(n)] => ident_name(n) == "set_config",
-        [ObjectNamePart::Identifier(s), ObjectNamePart::Identifier(n)] => {
-            ident_name(s) == "pg_catalog" && ident_name(n) == "set_config"
-        }
-        _ => false,
-    };
-    if !builtin {
+    if !matches!(
+        parts(&f.name)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["set_config"] | ["pg_catalog", "set_config"]
+    ) {
         return None;
     }
     let FunctionArguments::List(l) = &f.args else {
@@ -53,13 +53,15 @@ pub fn setting(f: &Function, pinned: Option<&str>) -> Option<Setting> {
     let [name, value, local] = l.args.as_slice() else {
         return None;
     };
-    let expr = |a: &FunctionArg| match a {
-        FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e.clone()),
-        _ => None,
-    };
+    fn expr(a: &FunctionArg) -> Option<&Expr> {
+        match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        }
+    }
     let name = match expr(name)? {
         Expr::Value(v) => string(&v.value)?,
-        Expr::Identifier(i) if is_name_column(&i) => pinned?.to_owned(),
+        Expr::Identifier(i) if is_name_column(i) => pinned?.to_owned(),
         _ => return None,
     };
     let value = match expr(value)? {
@@ -98,15 +100,7 @@ pub fn pinned_name(q: &Query, is_cte: impl Fn(&TableName) -> bool) -> Option<Str
     else {
         return None;
     };
-    let parts: Vec<String> = name
-        .0
-        .iter()
-        .map(|p| match p {
-            ObjectNamePart::Identifier(i) => ident_name(i),
-            other => other.to_string(),
-        })
-        .collect();
-    match parts
+    match parts(name)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>()
@@ -116,23 +110,25 @@ pub fn pinned_name(q: &Query, is_cte: impl Fn(&TableName) -> bool) -> Option<Str
         ["pg_settings"] if !is_cte(&TableName::from_object(name)) => {}
         _ => return None,
     }
-    let mut conds = Vec::new();
-    conjuncts(s.selection.as_ref()?, &mut conds);
-    conds.into_iter().find_map(|c| match c {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::Eq,
-            right,
-        } => match (left.as_ref(), right.as_ref()) {
-            (Expr::Identifier(i), Expr::Value(v)) | (Expr::Value(v), Expr::Identifier(i))
-                if is_name_column(i) =>
-            {
-                string(&v.value)
-            }
+    let conditions = predicate::operands(s.selection.as_ref()?, &BinaryOperator::And);
+    conditions
+        .into_iter()
+        .map(predicate::strip)
+        .find_map(|c| match c {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => match (left.as_ref(), right.as_ref()) {
+                (Expr::Identifier(i), Expr::Value(v)) | (Expr::Value(v), Expr::Identifier(i))
+                    if is_name_column(i) =>
+                {
+                    string(&v.value)
+                }
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    })
+        })
 }
 
 /// The calls in a query's own select list (not in nested queries): those a pinned name
@@ -152,21 +148,6 @@ pub fn select_list_calls(q: &Query) -> Vec<&Function> {
             _ => None,
         })
         .collect()
-}
-
-fn conjuncts<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
-    match e {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            conjuncts(left, out);
-            conjuncts(right, out);
-        }
-        Expr::Nested(inner) => conjuncts(inner, out),
-        other => out.push(other),
-    }
 }
 
 fn is_name_column(i: &Ident) -> bool {

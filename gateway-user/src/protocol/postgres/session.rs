@@ -973,11 +973,11 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         return None;
     }
     let prepared = |n: &str| st.prepared_ctx(n);
+    let no_catalog = judge.catalog.is_none().then(|| no_catalog(st, j));
     for k in 0..j.classification.statements.len() {
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        let no_catalog = judge.catalog.is_none().then(|| no_catalog(st, j));
         if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), no_catalog) {
             return Some(denial_of_refusal(&r));
         }
