@@ -121,6 +121,44 @@ impl Resolve for NoCatalog {
     }
 }
 
+/// The first resolver's answers, and the second's where the first does not know (a
+/// session's catalog that was not asked about something, then what is known without one).
+pub struct Either<A, B>(pub A, pub B);
+
+impl<A: Resolve, B: Resolve> Resolve for Either<A, B> {
+    fn origin(&self, oid: u32, attnum: i16) -> Option<Vec<ColumnRef>> {
+        self.0
+            .origin(oid, attnum)
+            .or_else(|| self.1.origin(oid, attnum))
+    }
+    fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>> {
+        self.0.expand(r).or_else(|| self.1.expand(r))
+    }
+    fn columns(&self, t: &TableName) -> Option<Vec<String>> {
+        self.0.columns(t).or_else(|| self.1.columns(t))
+    }
+    fn stores_elsewhere(&self, t: &TableName) -> Option<bool> {
+        self.0
+            .stores_elsewhere(t)
+            .or_else(|| self.1.stores_elsewhere(t))
+    }
+}
+
+impl<T: Resolve + ?Sized> Resolve for std::sync::Arc<T> {
+    fn origin(&self, oid: u32, attnum: i16) -> Option<Vec<ColumnRef>> {
+        (**self).origin(oid, attnum)
+    }
+    fn expand(&self, r: &ColumnRef) -> Option<Vec<ColumnRef>> {
+        (**self).expand(r)
+    }
+    fn columns(&self, t: &TableName) -> Option<Vec<String>> {
+        (**self).columns(t)
+    }
+    fn stores_elsewhere(&self, t: &TableName) -> Option<bool> {
+        (**self).stores_elsewhere(t)
+    }
+}
+
 /// Whether a rule's column pattern (`table.column` or `schema.table.column`, globs per
 /// part) matches a column reference. A reference without a schema may be in any schema;
 /// a whole-row reference carries every column.

@@ -7,9 +7,11 @@
 //! - every other type is masked to SQL NULL, the one value valid for any type (a number
 //!   column cannot carry `[REDACTED]`).
 //!
-//! Detectors look inside text-like values in both formats, and inside any value sent in
-//! text format (arrays, records, `inet`); a binary value of another type cannot be read, so
-//! when detectors apply it is masked to NULL rather than passed unread.
+//! Detectors look inside text-like values in both formats, inside any value sent in text
+//! format (arrays, records, `inet`), and inside binary arrays of text-like elements (an
+//! element's finding masks the array to NULL; arrays of numbers, dates or OIDs have
+//! nothing to find); any other binary value cannot be read, so when detectors apply it is
+//! masked to NULL rather than passed unread.
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
 
@@ -48,6 +50,54 @@ pub fn type_class(oid: u32) -> TypeClass {
         | 1184 | 1186 | 2950 | 5038 | 3220 => TypeClass::Opaque,
         _ => TypeClass::Other,
     }
+}
+
+/// A one-or-more-dimensional array in binary format (`array_send`): its elements' class
+/// and the elements (`None`: SQL NULL).
+#[derive(Debug)]
+struct BinaryArray<'a> {
+    class: TypeClass,
+    elements: Vec<Option<&'a [u8]>>,
+}
+
+/// Reads a binary array: `ndim`, a flags word, the element type's OID, `ndim` pairs of
+/// (size, lower bound), then each element as a length (-1: NULL) and its bytes. `None`:
+/// not a well-formed array (every count is checked against the bytes there are).
+fn binary_array(v: &[u8]) -> Option<BinaryArray<'_>> {
+    let mut at = 0;
+    let int = |at: &mut usize| -> Option<i32> {
+        let b = v.get(*at..*at + 4)?;
+        *at += 4;
+        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let ndim = usize::try_from(int(&mut at)?).ok().filter(|n| *n <= 6)?;
+    let _flags = int(&mut at)?;
+    let element_type = int(&mut at)? as u32;
+    let mut count: usize = if ndim == 0 { 0 } else { 1 };
+    for _ in 0..ndim {
+        let size = usize::try_from(int(&mut at)?).ok()?;
+        let _lower = int(&mut at)?;
+        count = count.checked_mul(size)?;
+    }
+    // Each element takes four bytes at least.
+    if count > v.len().saturating_sub(at) / 4 {
+        return None;
+    }
+    let mut elements = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = int(&mut at)?;
+        if len < 0 {
+            elements.push(None);
+            continue;
+        }
+        let end = at.checked_add(len as usize)?;
+        elements.push(Some(v.get(at..end)?));
+        at = end;
+    }
+    (at == v.len()).then_some(BinaryArray {
+        class: type_class(element_type),
+        elements,
+    })
 }
 
 /// The replacement text of a whole value, encoded for its type and format. `None` = NULL
@@ -186,7 +236,27 @@ impl Masker {
                 value.get(..1).unwrap_or_default(),
                 value.get(1..).unwrap_or_default(),
             ),
-            (TypeClass::Other, true) => return Some(None),
+            // A binary array is read element by element when its elements are of a type
+            // the detectors can read or have nothing to find in; any other binary value
+            // cannot be read.
+            (TypeClass::Other, true) => {
+                return match binary_array(value) {
+                    Some(a) if a.class == TypeClass::Opaque => None,
+                    Some(a) if matches!(a.class, TypeClass::Text | TypeClass::Json) => {
+                        let found = a.elements.into_iter().flatten().any(|e| {
+                            std::str::from_utf8(e).map_or(true, |s| {
+                                ALL.find(s)
+                                    .iter()
+                                    .any(|f| detection.strategy(f.detector).is_some())
+                            })
+                        });
+                        // An element's finding masks the whole array (to NULL): elements
+                        // of another length cannot be spliced in without rewriting it.
+                        found.then_some(None)
+                    }
+                    _ => Some(None),
+                };
+            }
             _ => (&[], value),
         };
         // Invalid UTF-8 cannot be searched reliably: mask it.
@@ -363,6 +433,60 @@ mod tests {
             "numbers become NULL"
         );
         assert_eq!(m.whole(&r, "column", TypeClass::Other, false, b"{a}"), None);
+    }
+
+    /// `array_send`'s layout: ndim, flags, element OID, (size, lower bound) per dimension,
+    /// then length-prefixed elements.
+    fn array_bytes(element_type: u32, dims: &[i32], elements: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(dims.len() as i32).to_be_bytes());
+        v.extend_from_slice(&i32::from(elements.iter().any(Option::is_none)).to_be_bytes());
+        v.extend_from_slice(&element_type.to_be_bytes());
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+            v.extend_from_slice(&1i32.to_be_bytes());
+        }
+        for e in elements {
+            match e {
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(b) => {
+                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    v.extend_from_slice(b);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn binary_arrays_are_read_element_by_element() {
+        let m = m();
+        let d = Detection {
+            detectors: vec![("email".into(), Strategy::Redact { text: None })],
+        };
+        // text[] without findings passes, with one is masked whole; oid[] has nothing to
+        // find; an array of another type cannot be read.
+        let clean = array_bytes(25, &[2], &[Some(b"a"), None]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &clean), None);
+        let found = array_bytes(25, &[2], &[Some(b"a"), Some(b"x@example.com")]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &found), Some(None));
+        let oids = array_bytes(26, &[2, 1], &[Some(&[0, 0, 0, 23]), Some(&[0, 0, 0, 25])]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &oids), None);
+        let empty = array_bytes(25, &[], &[]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &empty), None);
+        let records = array_bytes(2249, &[1], &[Some(b"\x00")]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &records), Some(None));
+        // Malformed: counts larger than the bytes, trailing bytes, truncation.
+        let mut long = array_bytes(25, &[1_000_000], &[Some(b"a")]);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &long), Some(None));
+        long = array_bytes(25, &[1], &[Some(b"a")]);
+        long.push(0);
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &long), Some(None));
+        assert_eq!(
+            m.detect(&d, TypeClass::Other, true, &clean[..clean.len() - 1]),
+            Some(None)
+        );
+        assert_eq!(m.detect(&d, TypeClass::Other, true, &[0, 0]), Some(None));
     }
 
     #[test]

@@ -1,19 +1,26 @@
-//! Catalog lookups for masking, on a connection of Portcullis's own.
+//! Catalog lookups for masking.
 //!
 //! Masking rules name columns (`public.users.email`); results name them by table OID and
-//! attribute number, statements by names that may be views. The catalog connection answers
-//! both: relation names and columns by OID or by name, and what each view column is
-//! computed from (its `pg_get_viewdef`, traced with the same lineage analysis as
-//! statements). It uses the target's `credentials` (the inject credentials, or ones given
-//! for the catalog alone in passthrough mode) and the client's database: OIDs are per
-//! database.
+//! attribute number, statements by names that may be views. The catalog answers both:
+//! relation names and columns by OID or by name, and what each view column is computed
+//! from (its `pg_get_viewdef`, traced with the same lineage analysis as statements).
 //!
-//! One connection per (server address, database, target), shared by every session, queries
-//! one at a time. Answers are cached as an immutable snapshot replaced on change; the cache
-//! is emptied after DDL through the gate (at the statement, and again when its transaction
-//! ends) and after [`TTL`] for changes made elsewhere. A relation the catalog does not
-//! show (dropped, or created in a transaction not yet committed) cannot be verified, and
-//! masking treats it as undecidable.
+//! Two ways to ask it ([`Backend`]):
+//! - **its own connection**, with the target's `credentials` (the inject credentials, or
+//!   ones given for the catalog alone in passthrough mode) and the client's database (OIDs
+//!   are per database): one per (server address, database, target), shared by every
+//!   session, queries one at a time;
+//! - **the session's own connection**, for a target without `credentials`: the session
+//!   engine asks before it forwards a statement that needs it, between the client's
+//!   requests ([`super::inband`]); this catalog is the session's alone, and sees what the
+//!   session itself changed in its open transaction. Answers are only read from the cache
+//!   here ([`Catalog::lookup`] does no I/O for it).
+//!
+//! Answers are cached as an immutable snapshot replaced on change; the cache is emptied
+//! after DDL through the gate (at the statement, and again when its transaction ends) and
+//! after [`TTL`] for changes made elsewhere. A relation the catalog does not show
+//! (dropped, or created in a transaction it cannot see) cannot be verified, and masking
+//! treats it as undecidable.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -47,7 +54,7 @@ pub const TTL: Duration = Duration::from_secs(30);
 /// Longest a catalog round trip may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Views over views are followed this deep.
-const MAX_ROUNDS: usize = 16;
+pub const MAX_ROUNDS: usize = 16;
 /// Largest catalog answer accepted (one message).
 const MAX_MESSAGE: usize = 16 << 20;
 
@@ -65,28 +72,47 @@ pub struct Catalogs {
 }
 
 impl Catalogs {
-    /// The catalog for a session; `None` when the target holds no credentials.
-    pub fn get(&self, key: CatalogKey, pg: &PgTarget, upstream: &Upstream) -> Option<Arc<Catalog>> {
-        let creds = pg.credentials.clone()?;
+    /// The catalog for a session: the shared one on a connection of its own when the
+    /// target holds credentials, else one of the session's own, asked on its connection.
+    pub fn get(&self, key: CatalogKey, pg: &PgTarget, upstream: &Upstream) -> Arc<Catalog> {
+        let Some(creds) = pg.credentials.clone() else {
+            return Arc::new(Catalog::new(key, Backend::Session));
+        };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let c = map.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Catalog {
+            Arc::new(Catalog::new(
                 key,
-                pg: pg.clone(),
-                creds,
-                upstream: Upstream {
-                    addr: upstream.addr,
-                    mark: upstream.mark,
-                    timeout: upstream.timeout,
-                    target: None,
+                Backend::Own {
+                    pg: Box::new(pg.clone()),
+                    creds,
+                    upstream: Upstream {
+                        addr: upstream.addr,
+                        mark: upstream.mark,
+                        timeout: upstream.timeout,
+                        target: None,
+                    },
+                    conn: tokio::sync::Mutex::new(None),
                 },
-                conn: tokio::sync::Mutex::new(None),
-                data: Mutex::new(Arc::new(Data::new())),
-                generation: std::sync::atomic::AtomicU64::new(1),
-            })
+            ))
         });
-        Some(c.clone())
+        c.clone()
     }
+}
+
+/// Where a catalog's questions go. (One per catalog, not per message: the size of the
+/// connection's variant does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    /// A connection of Portcullis's own, with the target's credentials.
+    Own {
+        pg: Box<PgTarget>,
+        creds: Credentials,
+        upstream: Upstream,
+        conn: tokio::sync::Mutex<Option<Reader<Stream>>>,
+    },
+    /// The session's own connection, between its client's requests (the session engine
+    /// asks; see [`super::inband`]).
+    Session,
 }
 
 /// A relation as the catalog shows it.
@@ -257,16 +283,51 @@ pub enum CatalogError {
 
 pub struct Catalog {
     key: CatalogKey,
-    pg: PgTarget,
-    creds: Credentials,
-    upstream: Upstream,
-    conn: tokio::sync::Mutex<Option<Reader<Stream>>>,
+    backend: Backend,
     data: Mutex<Arc<Data>>,
     /// Changes whenever what is known changes (plans made before are stale).
     generation: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
+    fn new(key: CatalogKey, backend: Backend) -> Self {
+        Self {
+            key,
+            backend,
+            data: Mutex::new(Arc::new(Data::new())),
+            generation: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Asked on the session's own connection: it sees what the session changed in its
+    /// open transaction, and only the session engine can ask it (between requests).
+    pub fn in_session(&self) -> bool {
+        matches!(self.backend, Backend::Session)
+    }
+
+    /// Which of `names` the cache knows nothing about (neither a relation nor its
+    /// absence), sorted and without repeats.
+    pub fn unknown_names(&self, names: &[String]) -> Vec<String> {
+        let data = self.snapshot();
+        let mut want: Vec<String> = names
+            .iter()
+            .filter(|n| !data.knows_name(n))
+            .cloned()
+            .collect();
+        want.sort();
+        want.dedup();
+        want
+    }
+
+    /// Takes in the rows of a [`lookup_sql`] query that asked about `names`: caches what
+    /// they show (and that the rest do not exist), and returns the names the views among
+    /// them read that the cache does not know yet (the next round).
+    pub fn absorb(&self, rows: Vec<Row>, names: &[String]) -> Vec<String> {
+        let (rels, next) = rels_from_rows(rows);
+        self.merge(rels, &[], names);
+        self.unknown_names(&next)
+    }
+
     /// Forgets everything (after DDL).
     pub fn invalidate(&self) {
         *self.data.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Data::new());
@@ -311,6 +372,11 @@ impl Catalog {
         oids: &[u32],
         names: &[String],
     ) -> Result<Arc<Data>, CatalogError> {
+        if self.in_session() {
+            // Asked before the statement was forwarded, if at all: what is cached is all
+            // there is (what it lacks is undecidable).
+            return Ok(self.snapshot());
+        }
         let mut want_oids: Vec<u32> = oids.to_vec();
         let mut want_names: Vec<String> = names.to_vec();
         for _ in 0..MAX_ROUNDS {
@@ -339,7 +405,9 @@ impl Catalog {
                         "catalog lookup failed"
                     );
                     // Whatever state the connection is in, start over next time.
-                    *self.conn.lock().await = None;
+                    if let Backend::Own { conn, .. } = &self.backend {
+                        *conn.lock().await = None;
+                    }
                     return Err(e);
                 }
             };
@@ -388,109 +456,34 @@ impl Catalog {
         oids: &[u32],
         names: &[String],
     ) -> Result<(Vec<Rel>, Vec<String>), CatalogError> {
-        let mut conn = self.conn.lock().await;
+        let Backend::Own { conn, .. } = &self.backend else {
+            unreachable!("a session's catalog is asked by its session");
+        };
+        let mut conn = conn.lock().await;
         if conn.is_none() {
             *conn = Some(self.connect(shared).await?);
         }
         let c = conn.as_mut().unwrap_or_else(|| unreachable!());
-        let mut filter = Vec::new();
-        if !oids.is_empty() {
-            let list: Vec<String> = oids.iter().map(u32::to_string).collect();
-            filter.push(format!(
-                "c.oid = ANY ('{{{}}}'::pg_catalog.oid[])",
-                list.join(",")
-            ));
-        }
-        if !names.is_empty() {
-            filter.push(format!(
-                "c.relname = ANY ({}::pg_catalog.name[])",
-                literal(&array_literal(names))
-            ));
-        }
-        // `elsewhere`: the relation is a foreign table or has one among its descendants
-        // (partitions, inheritance children), which an INSERT or UPDATE of it may write.
-        // Computed once per relation, in the inner query (`OFFSET 0` keeps the planner
-        // from merging it into the join, where it would run once per column).
-        let sql = format!(
-            "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, \
-             CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 \
-                  THEN pg_catalog.pg_get_viewdef(c.oid) END, \
-             c.elsewhere \
-             FROM (SELECT c.oid, c.relnamespace, c.relname, c.relkind, \
-                   c.relkind = 'f' OR (c.relkind IN ('r', 'p') AND c.relhassubclass AND EXISTS ( \
-                     WITH RECURSIVE d(oid) AS ( \
-                       SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
-                       WHERE i.inhparent = c.oid \
-                       UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
-                             JOIN d ON i.inhparent = d.oid) \
-                     SELECT FROM d JOIN pg_catalog.pg_class k ON k.oid = d.oid \
-                     WHERE k.relkind = 'f')) AS elsewhere \
-                   FROM pg_catalog.pg_class c WHERE {} OFFSET 0) c \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
-                  AND NOT a.attisdropped \
-             ORDER BY c.oid, a.attnum",
-            filter.join(" OR ")
-        );
-        let rows = query(c, &sql).await?;
-        let mut rels: Vec<Rel> = Vec::new();
-        let mut defs: HashMap<u32, String> = HashMap::new();
-        for row in rows {
-            let get = |i: usize| row.get(i).cloned().flatten();
-            let Some(oid) = get(0).and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if rels.last().is_none_or(|r| r.oid != oid) {
-                rels.push(Rel {
-                    oid,
-                    schema: get(1).unwrap_or_default(),
-                    name: get(2).unwrap_or_default(),
-                    kind: get(3).and_then(|k| k.bytes().next()).unwrap_or(b'r'),
-                    // Not `f` (false) only when the server says so.
-                    foreign: get(7).as_deref() != Some("f"),
-                    columns: Vec::new(),
-                    view: None,
-                });
-            }
-            let rel = rels.last_mut().unwrap_or_else(|| unreachable!());
-            if let (Some(att), Some(name)) = (get(4).and_then(|a| a.parse::<i16>().ok()), get(5)) {
-                rel.columns.push((att, name));
-            }
-            if let Some(def) = get(6) {
-                defs.insert(oid, def);
-            }
-        }
-        let mut next = Vec::new();
-        for rel in &mut rels {
-            if !matches!(rel.kind, b'v' | b'm') {
-                continue;
-            }
-            let deps = defs.get(&rel.oid).map(|d| view_deps(d, rel.columns.len()));
-            let deps = deps.unwrap_or_else(|| {
-                ViewDeps::All(Deps {
-                    columns: Default::default(),
-                    opaque: true,
-                })
-            });
-            let all: Vec<&Deps> = match &deps {
-                ViewDeps::All(d) => vec![d],
-                ViewDeps::Columns(c) => c.iter().collect(),
-            };
-            for d in all {
-                next.extend(d.columns.iter().map(|r| r.table.name.clone()));
-            }
-            rel.view = Some(deps);
-        }
-        Ok((rels, next))
+        let rows = query(c, &lookup_sql(oids, names)).await?;
+        Ok(rels_from_rows(rows))
     }
 
     async fn connect(&self, shared: &PgShared) -> Result<Reader<Stream>, CatalogError> {
-        let s = connect_server(shared, &self.key.target, &self.pg, &self.upstream).await?;
+        let Backend::Own {
+            pg,
+            creds,
+            upstream,
+            ..
+        } = &self.backend
+        else {
+            unreachable!("a session's catalog has no connection of its own");
+        };
+        let s = connect_server(shared, &self.key.target, pg, upstream).await?;
         let mut r = Reader::new(s, BytesMut::with_capacity(8192), MAX_MESSAGE, false);
         let startup = Startup::Startup {
             version: super::codec::PROTOCOL_3_0,
             params: vec![
-                ("user".into(), self.creds.user.clone()),
+                ("user".into(), creds.user.clone()),
                 ("database".into(), self.key.database.clone()),
                 ("application_name".into(), "portcullis-catalog".into()),
             ],
@@ -498,7 +491,7 @@ impl Catalog {
         r.r.write_all(&startup.encode())
             .await
             .map_err(PgError::ServerIo)?;
-        inject_auth(&mut r, &self.creds).await?;
+        inject_auth(&mut r, creds).await?;
         loop {
             let f = r.frame().await?;
             match f.tag {
@@ -510,6 +503,114 @@ impl Catalog {
         tracing::info!(catalog.target = %self.key.target, db = %self.key.database, "catalog connection ready");
         Ok(r)
     }
+}
+
+/// The query that asks about relations by OID and by name: one row per column (a row with
+/// no column for a relation without any), in OID and column order.
+///
+/// It may run on a client's own session, whose search path the client sets: every
+/// relation, function and operator in it is named with its schema (`pg_catalog`), so
+/// nothing the session has created can stand in for them.
+pub fn lookup_sql(oids: &[u32], names: &[String]) -> String {
+    let mut filter = Vec::new();
+    if !oids.is_empty() {
+        let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+        filter.push(format!(
+            "c.oid OPERATOR(pg_catalog.=) ANY ('{{{}}}'::pg_catalog.oid[])",
+            list.join(",")
+        ));
+    }
+    if !names.is_empty() {
+        filter.push(format!(
+            "c.relname OPERATOR(pg_catalog.=) ANY ({}::pg_catalog.name[])",
+            literal(&array_literal(names))
+        ));
+    }
+    if filter.is_empty() {
+        filter.push("false".into());
+    }
+    // `elsewhere`: the relation is a foreign table or has one among its descendants
+    // (partitions, inheritance children), which an INSERT or UPDATE of it may write.
+    // Computed once per relation, in the inner query (`OFFSET 0` keeps the planner from
+    // merging it into the join, where it would run once per column).
+    format!(
+        "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, \
+         CASE WHEN c.relkind OPERATOR(pg_catalog.=) ANY ('{{v,m}}'::pg_catalog.\"char\"[]) \
+              AND a.attnum OPERATOR(pg_catalog.=) 1 \
+              THEN pg_catalog.pg_get_viewdef(c.oid) END, \
+         c.elsewhere \
+         FROM (SELECT c.oid, c.relnamespace, c.relname, c.relkind, \
+               c.relkind OPERATOR(pg_catalog.=) 'f' \
+               OR (c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,p}}'::pg_catalog.\"char\"[]) \
+                   AND c.relhassubclass AND EXISTS ( \
+                 WITH RECURSIVE d(oid) AS ( \
+                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                   WHERE i.inhparent OPERATOR(pg_catalog.=) c.oid \
+                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                         JOIN d ON i.inhparent OPERATOR(pg_catalog.=) d.oid) \
+                 SELECT FROM d JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) d.oid \
+                 WHERE k.relkind OPERATOR(pg_catalog.=) 'f')) AS elsewhere \
+               FROM pg_catalog.pg_class c WHERE {} OFFSET 0) c \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
+              AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+         ORDER BY c.oid, a.attnum",
+        filter.join(" OR ")
+    )
+}
+
+/// The relations in the rows of a [`lookup_sql`] query, and the names their view
+/// definitions read.
+pub fn rels_from_rows(rows: Vec<Row>) -> (Vec<Rel>, Vec<String>) {
+    let mut rels: Vec<Rel> = Vec::new();
+    let mut defs: HashMap<u32, String> = HashMap::new();
+    for row in rows {
+        let get = |i: usize| row.get(i).cloned().flatten();
+        let Some(oid) = get(0).and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if rels.last().is_none_or(|r| r.oid != oid) {
+            rels.push(Rel {
+                oid,
+                schema: get(1).unwrap_or_default(),
+                name: get(2).unwrap_or_default(),
+                kind: get(3).and_then(|k| k.bytes().next()).unwrap_or(b'r'),
+                // Not `f` (false) only when the server says so.
+                foreign: get(7).as_deref() != Some("f"),
+                columns: Vec::new(),
+                view: None,
+            });
+        }
+        let rel = rels.last_mut().unwrap_or_else(|| unreachable!());
+        if let (Some(att), Some(name)) = (get(4).and_then(|a| a.parse::<i16>().ok()), get(5)) {
+            rel.columns.push((att, name));
+        }
+        if let Some(def) = get(6) {
+            defs.insert(oid, def);
+        }
+    }
+    let mut next = Vec::new();
+    for rel in &mut rels {
+        if !matches!(rel.kind, b'v' | b'm') {
+            continue;
+        }
+        let deps = defs.get(&rel.oid).map(|d| view_deps(d, rel.columns.len()));
+        let deps = deps.unwrap_or_else(|| {
+            ViewDeps::All(Deps {
+                columns: Default::default(),
+                opaque: true,
+            })
+        });
+        let all: Vec<&Deps> = match &deps {
+            ViewDeps::All(d) => vec![d],
+            ViewDeps::Columns(c) => c.iter().collect(),
+        };
+        for d in all {
+            next.extend(d.columns.iter().map(|r| r.table.name.clone()));
+        }
+        rel.view = Some(deps);
+    }
+    (rels, next)
 }
 
 /// What each column of a view is computed from, from its definition.
@@ -556,14 +657,15 @@ fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-fn error_message(body: &[u8]) -> String {
+pub fn error_message(body: &[u8]) -> String {
     messages::error_fields(body)
         .ok()
         .and_then(|fs| fs.into_iter().find(|(c, _)| *c == b'M').map(|(_, m)| m))
         .unwrap_or_else(|| "unknown error".into())
 }
 
-type Row = Vec<Option<String>>;
+/// A row of a catalog query, as text.
+pub type Row = Vec<Option<String>>;
 
 /// A simple query; its rows as text.
 async fn query(c: &mut Reader<Stream>, sql: &str) -> Result<Vec<Row>, CatalogError> {

@@ -75,6 +75,9 @@ pub enum Expect {
     /// Marker: the client ended a COPY FROM STDIN (CopyDone or CopyFail). Syncs sent before
     /// it, while the server was in copy-in mode, are ignored by the server.
     CopyEnd,
+    /// A catalog lookup the engine sent on the session's connection, between the client's
+    /// requests (`inband.rs`): everything up to its ReadyForQuery is the engine's.
+    Catalog,
 }
 
 impl std::fmt::Debug for Expect {
@@ -90,6 +93,7 @@ impl std::fmt::Debug for Expect {
             Self::Close => "Close",
             Self::Sync => "Sync",
             Self::CopyEnd => "CopyEnd",
+            Self::Catalog => "Catalog",
         };
         f.write_str(n)
     }
@@ -225,6 +229,25 @@ impl Tracker {
     /// What the next server message answers.
     pub fn head(&self) -> Option<&Expect> {
         self.queue.front()
+    }
+
+    /// Whether a server message answers the engine's own catalog lookup at the head:
+    /// `Some(true)` for its ReadyForQuery (the lookup is over), `Some(false)` for the rest
+    /// of its answer; `None`: the message is someone else's (asynchronous messages go to
+    /// the client even in the middle of a lookup).
+    pub fn on_catalog(&mut self, tag: u8) -> Option<bool> {
+        if matches!(
+            tag,
+            be::NOTICE_RESPONSE | be::NOTIFICATION | be::PARAMETER_STATUS
+        ) || !matches!(self.queue.front(), Some(Expect::Catalog))
+        {
+            return None;
+        }
+        let done = tag == be::READY_FOR_QUERY;
+        if done {
+            self.queue.pop_front();
+        }
+        Some(done)
     }
 
     /// Statements of forwarded Parses that the server failed or skipped since the last
@@ -452,6 +475,29 @@ mod tests {
         assert_eq!(r[0], Route::Result(Owner::Query));
         assert_eq!(r[4], Route::Pass, "notice");
         assert_eq!(r[8], Route::Ready(0));
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn the_engines_catalog_lookup_is_its_own_and_the_client_comes_after() {
+        let mut t = Tracker::default();
+        t.push(Expect::Catalog);
+        t.push(Expect::Query {
+            denied: None,
+            ctx: None,
+            sql: None,
+        });
+        // Its answer, an error included (the server skips to the lookup's own Sync), up
+        // to its ReadyForQuery; a notice in between is the client's.
+        assert_eq!(t.on_catalog(be::PARSE_COMPLETE), Some(false));
+        assert_eq!(t.on_catalog(be::NOTICE_RESPONSE), None);
+        assert_eq!(t.on_catalog(be::ERROR_RESPONSE), Some(false));
+        assert_eq!(t.on_catalog(be::READY_FOR_QUERY), Some(true));
+        // Then the client's query, untouched by the lookup's error.
+        assert_eq!(t.on_catalog(be::ROW_DESCRIPTION), None);
+        let r = feed(&mut t, b"TDCZ");
+        assert_eq!(r[0], Route::Result(Owner::Query));
+        assert_eq!(r[3], Route::Ready(0));
         assert!(t.is_idle());
     }
 

@@ -232,6 +232,37 @@ pub fn unreadable_bind(portal: &str, statement: &str) -> Frame {
     Frame::new(fe::BIND, b.freeze())
 }
 
+/// `Bind` of a statement without parameters to a portal, results as text.
+pub fn bind_plain(portal: &str, statement: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(portal.len() + statement.len() + 8);
+    put_cstr(&mut b, portal);
+    put_cstr(&mut b, statement);
+    b.put_i16(0);
+    b.put_i16(0);
+    b.put_i16(0);
+    Frame::new(fe::BIND, b.freeze())
+}
+
+/// `Execute` of a portal, every row.
+pub fn execute(portal: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(portal.len() + 5);
+    put_cstr(&mut b, portal);
+    b.put_i32(0);
+    Frame::new(fe::EXECUTE, b.freeze())
+}
+
+/// `Close` of a statement (`S`) or portal (`P`).
+pub fn close(kind: u8, name: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + 2);
+    b.put_u8(kind);
+    put_cstr(&mut b, name);
+    Frame::new(fe::CLOSE, b.freeze())
+}
+
+pub fn sync() -> Frame {
+    Frame::new(fe::SYNC, Bytes::new())
+}
+
 pub fn describe(kind: u8, name: &str) -> Frame {
     let mut b = BytesMut::with_capacity(name.len() + 2);
     b.put_u8(kind);

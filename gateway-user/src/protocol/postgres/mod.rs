@@ -7,6 +7,8 @@
 //! - [`startup`], [`tls`], [`auth`], [`cancel`]: connection start, TLS, authentication,
 //!   cancellation;
 //! - [`expect`]: which client message each server response answers;
+//! - [`catalog`], [`inband`]: what masking asks the catalog, on a connection of its own or
+//!   the session's;
 //! - [`session`]: the relay with enforcement;
 //! - [`approval`]: the hook for statements held for a person.
 
@@ -16,6 +18,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod codec;
 pub mod expect;
+pub mod inband;
 pub mod listens;
 pub mod messages;
 pub mod params;

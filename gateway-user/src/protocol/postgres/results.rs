@@ -86,7 +86,7 @@ pub fn applies(
 
 /// Tables a plan may need from the catalog: OIDs from the description, names from the
 /// statement.
-fn wanted(shape: &Shape, fields: &[Field]) -> (Vec<u32>, Vec<String>) {
+pub(super) fn wanted(shape: &Shape, fields: &[Field]) -> (Vec<u32>, Vec<String>) {
     let oids = fields
         .iter()
         .filter(|f| f.table_oid != 0)
@@ -227,13 +227,18 @@ impl ResultMasking {
             self.shared.warn_no_catalog(&self.target);
             return (Arc::new(none), true);
         };
-        // This session changed definitions in a transaction that has not ended: the
-        // catalog connection still sees the old ones, which must not be trusted.
-        if self.ddl_pending {
+        // This session changed definitions in a transaction that has not ended: a
+        // catalog connection of Portcullis's own still sees the old ones, which must not
+        // be trusted (the session's own connection sees them).
+        if self.ddl_pending && !cat.in_session() {
             return (Arc::new(none), true);
         }
         let (oids, names) = wanted(shape, fields);
         match cat.lookup(&self.shared, &oids, &names).await {
+            // What the session's catalog was not asked about (it is asked before the
+            // statement goes, between requests only) may still be one of PostgreSQL's
+            // own relations, known without it.
+            Ok(data) if cat.in_session() => (Arc::new(plan::Either(data, none)), true),
             Ok(data) => (data, true),
             Err(_) => (Arc::new(none), false),
         }

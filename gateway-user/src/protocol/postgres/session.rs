@@ -31,9 +31,10 @@ use super::{
     PgError, PgShared,
     approval::{ApprovalOutcome, ApprovalRequest},
     auth,
-    catalog::{Catalog, CatalogKey},
+    catalog::{self, Catalog, CatalogKey},
     codec::{Frame, SSL_REQUEST, Startup, decode},
     expect::{Denial, Expect, Owner, Route, Tracker},
+    inband,
     listens::{Listens, Notify},
     messages::{self, Notice, Parse, auth_codes, be, fe},
     results::{self, ResultMasking},
@@ -486,6 +487,9 @@ async fn session(
         redefined: Redefined::default(),
         listens: Listens::default(),
         system_names: true,
+        status: b'I',
+        lookup: None,
+        idle: Arc::new(tokio::sync::Notify::new()),
     }));
     let catalog = shared.catalogs.get(
         CatalogKey {
@@ -502,7 +506,7 @@ async fn session(
         class,
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
-        catalog: catalog.clone(),
+        catalog: Some(catalog.clone()),
         token_deadline,
         redact_all: shared.store.config().redact_literals,
         statements: [
@@ -550,7 +554,7 @@ async fn session(
             shared.clone(),
             ctx.session,
             ctx.target.name.clone(),
-            catalog,
+            Some(catalog),
         ),
         traffic,
         &ctx.target.name,
@@ -841,6 +845,12 @@ struct State {
     /// that name is searched first): what masking may assume without a catalog connection
     /// ([`crate::masking::plan::NoCatalog`]). Once false, false for the session.
     system_names: bool,
+    /// The transaction status of the last ReadyForQuery the client was sent.
+    status: u8,
+    /// The engine's own catalog lookup in flight on this connection ([`inband`]).
+    lookup: Option<inband::Waiting>,
+    /// Told when every answer to what was forwarded has come back.
+    idle: Arc<tokio::sync::Notify>,
 }
 
 /// A statement prepared in the session (a Parse, or an SQL-level PREPARE): its text and
@@ -985,6 +995,35 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
     None
 }
 
+/// For a catalog asked on the session's own connection, which nothing can be asked while
+/// results stream: the names masking will look for when the results of `j` (statement
+/// `at`, or all of them) arrive that the catalog has not cached, to be asked before the
+/// message is forwarded. `None`: nothing to ask (or a denied statement, which never runs).
+fn masking_names(
+    st: &State,
+    judge: &JudgeCtx,
+    j: &Arc<Judgement>,
+    at: Option<usize>,
+) -> Option<Vec<String>> {
+    let catalog = judge.catalog.as_ref().filter(|c| c.in_session())?;
+    if j.decision.verdict == Verdict::Deny {
+        return None;
+    }
+    let prepared = |n: &str| st.prepared_ctx(n);
+    let mut names = Vec::new();
+    let all = 0..j.classification.statements.len();
+    for k in at.map_or(all, |k| k..k + 1) {
+        let Some(a) = results::applies(j, k, &prepared) else {
+            continue;
+        };
+        if a.masks.iter().any(|m| !m.columns.is_empty()) {
+            names.extend(results::wanted(a.shape(), &[]).1);
+        }
+    }
+    let unknown = catalog.unknown_names(&names);
+    (!unknown.is_empty()).then_some(unknown)
+}
+
 /// What masking knows without a catalog connection when it judges `j`: unqualified names
 /// of `pg_catalog`'s relations are theirs only if neither the session before nor the
 /// message itself may have made them name another relation.
@@ -1017,6 +1056,10 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
         return Ok(());
     }
     let data: Arc<dyn crate::masking::plan::Resolve + Send + Sync> = match &judge.catalog {
+        // What the session's catalog has not been asked about may be PostgreSQL's own.
+        Some(c) if c.in_session() => {
+            Arc::new(crate::masking::plan::Either(c.cached(), no_catalog(st, j)))
+        }
         Some(c) => c.cached(),
         None => Arc::new(no_catalog(st, j)),
     };
@@ -1378,6 +1421,9 @@ fn plan(
             let sql: Arc<str> = messages::query_text(&f.body).map_err(cp)?.into();
             let generation = judge.generation();
             let j = judge.judge(&sql, st.lex);
+            if !looked_up && let Some(names) = masking_names(&st, judge, &j, None) {
+                return Ok(Plan::Lookup(f, names));
+            }
             let refusal = match j.decision.verdict {
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => {
@@ -1441,6 +1487,9 @@ fn plan(
             let p = Parse::decode(&f.body).map_err(cp)?;
             let generation = judge.generation();
             let j = judge.judge(&p.sql, st.lex);
+            if !looked_up && let Some(names) = masking_names(&st, judge, &j, Some(0)) {
+                return Ok(Plan::Lookup(f, names));
+            }
             // The unnamed statement is replaced by every Parse; a named one is not: the
             // server refuses the name while it exists.
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
@@ -1525,6 +1574,9 @@ fn plan(
                 }
             };
             let (j, at) = (prepared.judgement, prepared.at);
+            if !looked_up && let Some(names) = masking_names(&st, judge, &j, Some(at)) {
+                return Ok(Plan::Lookup(f, names));
+            }
             let masked = results::applies(&j, at, &|n| st.prepared_ctx(n)).is_some();
             let sent = masked.then(|| sent_text(&prepared.sql, &f.body));
             st.portals.insert(
@@ -1749,6 +1801,9 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     ctx: &ConnContext,
     traffic: &Traffic,
 ) -> Result<End, PgError> {
+    // The client's last message ended a request (a Sync, a simple query): the engine may
+    // put a catalog lookup of its own before the next one ([`inband`]).
+    let mut between_requests = true;
     loop {
         let mut plans = Vec::new();
         let mut hold = None;
@@ -1772,13 +1827,32 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 .unwrap_or_else(|e| e.into_inner())
                 .received_at
                 .get_or_insert(arrived);
+            let tag = f.tag;
             let mut planned = plan(&state, judge, f, false)?;
             if let Plan::Lookup(f, names) = planned {
-                // Failures are logged there; the plan then refuses what it cannot verify.
-                if let Some(c) = &judge.catalog {
-                    let _ = c.lookup(shared, &[], &names).await;
+                match &judge.catalog {
+                    // Asked on this connection: after what came before it has been sent,
+                    // and only between requests (never inside a client's batch).
+                    Some(c) if c.in_session() && between_requests => {
+                        send_plans(&mut plans, &mut server, &state, judge, shared, ctx, traffic)
+                            .await?;
+                        ask_in_session(&mut server, &state, c, &names, ctx, traffic).await?;
+                    }
+                    // Inside a client's batch nothing can be put in between.
+                    Some(c) if c.in_session() => {}
+                    // Failures are logged there; the plan then refuses what it cannot verify.
+                    Some(c) => {
+                        let _ = c.lookup(shared, &[], &names).await;
+                    }
+                    None => {}
                 }
                 planned = plan(&state, judge, f, true)?;
+            }
+            match tag {
+                fe::QUERY | fe::SYNC | fe::FUNCTION_CALL => between_requests = true,
+                // A copy's data belongs to the request that started it.
+                fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {}
+                _ => between_requests = false,
             }
             match planned {
                 p @ Plan::Hold { .. } => {
@@ -1792,37 +1866,10 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 p => plans.push(p),
             }
         }
-        record_statements(&mut plans, &state, shared, ctx).await?;
-        let mut out = BytesMut::new();
-        let mut expects = Vec::new();
-        let mut judged = Vec::new();
-        for p in plans {
-            match p {
-                Plan::Forward(f, e, stmt) => {
-                    f.encode(&mut out);
-                    expects.extend(e);
-                    judged.extend(stmt);
-                }
-                Plan::Inject(v) => {
-                    for (f, e) in v {
-                        f.encode(&mut out);
-                        expects.push(e);
-                    }
-                }
-                Plan::Hold { .. } | Plan::Close | Plan::Lookup(..) => {
-                    unreachable!("not collected")
-                }
-            }
-        }
         if close {
-            Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out);
+            plans.push(Plan::Close);
         }
-        let sent = flush_up(&mut server, &state, out, expects, traffic).await;
-        // Decision events after the statements left: logging is off their latency.
-        for s in &judged {
-            s.log(judge);
-        }
-        sent?;
+        send_plans(&mut plans, &mut server, &state, judge, shared, ctx, traffic).await?;
         if close {
             let _ = server.shutdown().await;
             return Ok(End::Closed);
@@ -2016,6 +2063,146 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// Records the planned messages, then forwards them (and the session's end, for a
+/// [`Plan::Close`] at the end) in one write; their decisions are logged after they left.
+async fn send_plans<W: AsyncWrite + Unpin>(
+    plans: &mut Vec<Plan>,
+    server: &mut WriteHalf<W>,
+    state: &Mutex<State>,
+    judge: &JudgeCtx,
+    shared: &PgShared,
+    ctx: &ConnContext,
+    traffic: &Traffic,
+) -> Result<(), PgError> {
+    if plans.is_empty() {
+        return Ok(());
+    }
+    record_statements(plans, state, shared, ctx).await?;
+    let mut out = BytesMut::new();
+    let mut expects = Vec::new();
+    let mut judged = Vec::new();
+    for p in plans.drain(..) {
+        match p {
+            Plan::Forward(f, e, stmt) => {
+                f.encode(&mut out);
+                expects.extend(e);
+                judged.extend(stmt);
+            }
+            Plan::Inject(v) => {
+                for (f, e) in v {
+                    f.encode(&mut out);
+                    expects.push(e);
+                }
+            }
+            Plan::Close => Frame::new(fe::TERMINATE, Bytes::new()).encode(&mut out),
+            Plan::Hold { .. } | Plan::Lookup(..) => unreachable!("not collected"),
+        }
+    }
+    let sent = flush_up(server, state, out, expects, traffic).await;
+    // Decision events after the statements left: logging is off their latency.
+    for s in &judged {
+        s.log(judge);
+    }
+    sent
+}
+
+/// Asks the session's own catalog about `names` on the session's connection ([`inband`]),
+/// views over views included, and caches the answers. Waits first for every answer to
+/// what was forwarded before (the transaction status must be known; at most
+/// [`catalog::TIMEOUT`], as a client in the middle of a COPY would never get there).
+/// A lookup that fails leaves the names unknown: masking then treats them as undecidable.
+async fn ask_in_session<W: AsyncWrite + Unpin>(
+    server: &mut WriteHalf<W>,
+    state: &Mutex<State>,
+    catalog: &Catalog,
+    names: &[String],
+    ctx: &ConnContext,
+    traffic: &Traffic,
+) -> Result<(), PgError> {
+    let mut want = catalog.unknown_names(names);
+    if want.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + catalog::TIMEOUT;
+    let status = loop {
+        let idle = state.lock().unwrap_or_else(|e| e.into_inner()).idle.clone();
+        let notified = idle.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.tracker.is_idle() {
+                break st.status;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            tracing::debug!(
+                conn.id = ctx.id,
+                "catalog lookup skipped: the session stayed busy"
+            );
+            return Ok(());
+        }
+    };
+    // A failed transaction block runs nothing until it ends.
+    if status == b'E' {
+        return Ok(());
+    }
+    let in_block = status == b'T';
+    for _ in 0..catalog::MAX_ROUNDS {
+        if want.is_empty() {
+            return Ok(());
+        }
+        let sql = catalog::lookup_sql(&[], &want);
+        let reply = exchange(server, state, inband::lookup(&sql, in_block), traffic).await?;
+        if let Some(error) = reply.error {
+            tracing::warn!(
+                conn.id = ctx.id,
+                error = %error,
+                "catalog lookup on the session's connection failed; its names stay undecidable"
+            );
+            if in_block {
+                let undone = exchange(server, state, inband::undo(), traffic).await?;
+                if undone.status != b'T' {
+                    tracing::error!(
+                        conn.id = ctx.id,
+                        error = undone.error.as_deref().unwrap_or(""),
+                        "a failed catalog lookup could not be rolled back to its savepoint"
+                    );
+                }
+            }
+            return Ok(());
+        }
+        want = catalog.absorb(reply.rows, &want);
+    }
+    Ok(())
+}
+
+/// Sends one of the engine's catalog batches and waits for its whole answer (the server
+/// answers in order: whatever the client sends meanwhile waits behind it there too).
+async fn exchange<W: AsyncWrite + Unpin>(
+    server: &mut WriteHalf<W>,
+    state: &Mutex<State>,
+    batch: BytesMut,
+    traffic: &Traffic,
+) -> Result<inband::Reply, PgError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        st.tracker.push(Expect::Catalog);
+        st.lookup = Some(inband::Waiting {
+            answer: inband::Answer::default(),
+            reply: tx,
+        });
+    }
+    server.write_all(&batch).await.map_err(PgError::ServerIo)?;
+    traffic
+        .to_upstream
+        .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    // Dropped only when the server side of the session ended, which ends the session.
+    rx.await
+        .map_err(|_| PgError::ServerIo(std::io::ErrorKind::ConnectionAborted.into()))
+}
+
 /// Most bytes a client may pipeline while a statement of its waits for approval.
 const HOLD_BUFFER: usize = 1 << 20;
 
@@ -2176,6 +2363,16 @@ async fn server_to_client<R: AsyncRead + Unpin>(
             let mut notify = Notify::Pass;
             let (route, head) = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                // The answer to the engine's own catalog lookup: kept, never relayed.
+                if let Some(done) = st.tracker.on_catalog(f.tag) {
+                    if let Some(w) = st.lookup.as_mut() {
+                        w.answer.take(&f);
+                    }
+                    if done && let Some(w) = st.lookup.take() {
+                        let _ = w.reply.send(w.answer.finish(&f.body));
+                    }
+                    continue;
+                }
                 if f.tag == be::PARAMETER_STATUS
                     && let Ok((k, v)) = messages::parameter_status(&f.body)
                 {
@@ -2202,11 +2399,14 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     };
                     notify = st.listens.notify(judge.generation(), &judged);
                 }
-                if f.tag == be::READY_FOR_QUERY
-                    && st.tracker.is_idle()
-                    && messages::ready_status(&f.body).ok() == Some(b'I')
-                {
-                    st.redefined = Redefined::default();
+                if f.tag == be::READY_FOR_QUERY {
+                    st.status = messages::ready_status(&f.body).unwrap_or(b'E');
+                    if st.tracker.is_idle() {
+                        if st.status == b'I' {
+                            st.redefined = Redefined::default();
+                        }
+                        st.idle.notify_one();
+                    }
                 }
                 (route, head)
             };
