@@ -519,6 +519,72 @@ fn psycopg3_sees_the_same_results() {
     assert_eq!(via, direct);
 }
 
+/// asyncpg (binary results, named prepared statements, a transaction block) against a
+/// target without `credentials`, under the shipped policies: every value is what a direct
+/// connection shows but the masked ones. The catalog is asked on asyncpg's own session;
+/// arrays of text come in binary and are read element by element (one that holds an
+/// address is nulled whole, the others pass).
+#[test]
+fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
+    let w = world("");
+    let reset = "DELETE FROM contacts WHERE id > 2; SELECT setval('contacts_id_seq', 2)";
+    w.pg.sql(
+        "shop",
+        "CREATE TABLE contacts (id serial PRIMARY KEY, name text, email text, tags text[], \
+         score numeric); \
+         INSERT INTO contacts (name, email, tags, score) VALUES \
+           ('Ann', 'ann@example.com', '{a,b}', 1.5), ('Bo', 'bo@example.com', '{x,bo@example.com}', 2); \
+         ALTER TABLE contacts OWNER TO app;",
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/asyncpg_check.py");
+    let run = |cg: &str| {
+        w.pg.sql("shop", reset);
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .arg(w.pg.addr().to_string())
+            .env("PGPASSWORD", APP_PASSWORD)
+            .env("HOME", &w.env.dir);
+        without_launcher(run_json(&w.env, cg, Some(65534), cmd))
+    };
+    let direct = run(&w.direct);
+    assert_eq!(direct["count"], 4, "{direct}");
+    let via = run(&w.agent);
+    // What the shipped masks make of the direct answer: `email` columns redacted, an
+    // array with an address in it nulled.
+    fn masked(v: &serde_json::Value) -> serde_json::Value {
+        use serde_json::Value as V;
+        match v {
+            V::Object(o) => V::Object(
+                o.iter()
+                    .map(|(k, x)| {
+                        let m = match (k.as_str(), x) {
+                            ("email", V::String(_)) => V::from("[REDACTED:email]"),
+                            ("tags", V::Array(a))
+                                if a.iter()
+                                    .any(|e| e.as_str().is_some_and(|s| s.contains('@'))) =>
+                            {
+                                V::Null
+                            }
+                            _ => masked(x),
+                        };
+                        (k.clone(), m)
+                    })
+                    .collect(),
+            ),
+            V::Array(a) => V::Array(a.iter().map(masked).collect()),
+            x => x.clone(),
+        }
+    }
+    assert_eq!(via, masked(&direct), "direct: {direct}");
+    assert_eq!(
+        via["rows"][0]["tags"],
+        serde_json::json!(["a", "b"]),
+        "{via}"
+    );
+    assert_eq!(via["rows"][1]["tags"], serde_json::Value::Null, "{via}");
+    assert_eq!(via["rows"][0]["name"], "Ann", "{via}");
+}
+
 #[test]
 fn bad_input_ends_the_connection_with_a_fatal_error_and_nothing_else() {
     let w = world_with("stall_timeout = \"1s\"", Some(""));

@@ -98,8 +98,6 @@ pub struct PgShared {
     /// Trusted OIDC issuers, for agents that present a token as their password (replaced
     /// whole when a reload changes `[[oidc]]`).
     pub tokens: Arc<arc_swap::ArcSwap<crate::oidc::Validator>>,
-    /// Targets already warned about masking without a catalog.
-    warned_no_catalog: Mutex<std::collections::HashSet<String>>,
     /// (target, database role) pairs already warned about as superusers.
     warned_superuser: Mutex<std::collections::HashSet<(String, String)>>,
     upstream_tls: Mutex<HashMap<String, (PgTarget, ClientTls)>>,
@@ -129,27 +127,9 @@ impl PgShared {
             )?,
             catalogs: catalog::Catalogs::default(),
             tokens,
-            warned_no_catalog: Mutex::new(std::collections::HashSet::new()),
             warned_superuser: Mutex::new(std::collections::HashSet::new()),
             upstream_tls: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Says once per target that column masks cannot be resolved without a catalog.
-    pub fn warn_no_catalog(&self, target: &str) {
-        let mut w = self
-            .warned_no_catalog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if w.insert(target.to_owned()) {
-            tracing::warn!(
-                target.name = %target,
-                "column mask rules apply to this target but it has no `credentials` for \
-                 catalog lookups: every column read from a table or view (other than \
-                 PostgreSQL's own, in pg_catalog and information_schema) is masked (or \
-                 refused) as undecidable; see docs/postgres.md"
-            );
-        }
     }
 
     /// Counts a session whose database role is a superuser, and says so once per target

@@ -162,8 +162,7 @@ pub struct ResultMasking {
     shared: Arc<PgShared>,
     /// The transcript of what the client receives.
     rec: super::record::Recorder,
-    target: String,
-    catalog: Option<Arc<Catalog>>,
+    catalog: Arc<Catalog>,
     /// Statements of the current simple query that have completed.
     query_index: usize,
     query_rows: Option<Arc<ResultPlan>>,
@@ -179,16 +178,10 @@ pub struct ResultMasking {
 }
 
 impl ResultMasking {
-    pub fn new(
-        shared: Arc<PgShared>,
-        session: i64,
-        target: String,
-        catalog: Option<Arc<Catalog>>,
-    ) -> Self {
+    pub fn new(shared: Arc<PgShared>, session: i64, catalog: Arc<Catalog>) -> Self {
         Self {
             rec: super::record::Recorder::new(shared.store.clone(), session),
             shared,
-            target,
             catalog,
             query_index: 0,
             query_rows: None,
@@ -208,9 +201,8 @@ impl ResultMasking {
 
     /// What the catalog knows that this result needs; nothing when no column rule applies
     /// (detectors need no names) or the catalog cannot be reached (then every table column
-    /// is undecidable).
-    /// The resolver, and whether a plan made with it may be reused (not after a failed
-    /// lookup, which may be transient).
+    /// is undecidable). The resolver, and whether a plan made with it may be reused (not
+    /// after a failed lookup, which may be transient).
     async fn resolver(
         &self,
         shape: &Shape,
@@ -223,10 +215,7 @@ impl ResultMasking {
         if masks.iter().all(|m| m.columns.is_empty()) {
             return (Arc::new(none), true);
         }
-        let Some(cat) = &self.catalog else {
-            self.shared.warn_no_catalog(&self.target);
-            return (Arc::new(none), true);
-        };
+        let cat = &self.catalog;
         // This session changed definitions in a transaction that has not ended: a
         // catalog connection of Portcullis's own still sees the old ones, which must not
         // be trusted (the session's own connection sees them).
@@ -252,7 +241,7 @@ impl ResultMasking {
             row_description: body,
             masks: &a.masks,
             shape: a.shape(),
-            catalog_generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
+            catalog_generation: self.catalog.generation(),
             ddl_pending: self.ddl_pending,
             system_names: self.system_names,
         }
@@ -372,9 +361,7 @@ impl ResultMasking {
         self.copy = None;
         if status == b'I' && self.ddl_pending {
             self.ddl_pending = false;
-            if let Some(c) = &self.catalog {
-                c.invalidate();
-            }
+            self.catalog.invalidate();
         }
     }
 
@@ -385,9 +372,7 @@ impl ResultMasking {
         let tag = messages::command_tag(body).unwrap_or_default();
         let first = tag.split(' ').next().unwrap_or_default();
         if matches!(first, "CREATE" | "ALTER" | "DROP" | "DO" | "CALL") {
-            if let Some(c) = &self.catalog {
-                c.invalidate();
-            }
+            self.catalog.invalidate();
             self.ddl_pending = true;
         }
     }

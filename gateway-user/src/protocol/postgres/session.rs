@@ -506,7 +506,7 @@ async fn session(
         class,
         target: ctx.target.name.clone(),
         protocol: ctx.target.protocol.as_str(),
-        catalog: Some(catalog.clone()),
+        catalog: catalog.clone(),
         token_deadline,
         redact_all: shared.store.config().redact_literals,
         statements: [
@@ -550,12 +550,7 @@ async fn session(
         c_write,
         state,
         &judge,
-        ResultMasking::new(
-            shared.clone(),
-            ctx.session,
-            ctx.target.name.clone(),
-            Some(catalog),
-        ),
+        ResultMasking::new(shared.clone(), ctx.session, catalog),
         traffic,
         &ctx.target.name,
     );
@@ -913,8 +908,8 @@ struct JudgeCtx {
     class: ClassKey,
     target: String,
     protocol: &'static str,
-    /// Where masking looks names up; `None`: no catalog connection for this target.
-    catalog: Option<Arc<Catalog>>,
+    /// Where masking looks names up: a connection of Portcullis's own, or this session's.
+    catalog: Arc<Catalog>,
     /// Unix seconds after which the session's token has expired (with `token_expiry =
     /// "end_session"`): the next statement ends the session.
     token_deadline: Option<i64>,
@@ -972,7 +967,7 @@ fn denial_of(j: &Judgement) -> Denial {
 
 /// Whether a statement's masks cannot be honoured (binary COPY; undecidable columns
 /// under `unresolved = "deny"`): the denial to send instead of running it.
-fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial> {
+fn unmaskable(st: &State, j: &Arc<Judgement>) -> Option<Denial> {
     if j.decision.masks.is_empty()
         && !j
             .classification
@@ -983,12 +978,12 @@ fn unmaskable(st: &State, judge: &JudgeCtx, j: &Arc<Judgement>) -> Option<Denial
         return None;
     }
     let prepared = |n: &str| st.prepared_ctx(n);
-    let no_catalog = judge.catalog.is_none().then(|| no_catalog(st, j));
     for k in 0..j.classification.statements.len() {
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), no_catalog) {
+        // The catalog decides the rest when the results arrive.
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), None) {
             return Some(denial_of_refusal(&r));
         }
     }
@@ -1005,7 +1000,7 @@ fn masking_names(
     j: &Arc<Judgement>,
     at: Option<usize>,
 ) -> Option<Vec<String>> {
-    let catalog = judge.catalog.as_ref().filter(|c| c.in_session())?;
+    let catalog = Some(&judge.catalog).filter(|c| c.in_session())?;
     if j.decision.verdict == Verdict::Deny {
         return None;
     }
@@ -1055,13 +1050,12 @@ fn copy_check(st: &State, judge: &JudgeCtx, j: &Judgement) -> Result<(), Refusal
     if statements.iter().all(|s| s.stored.is_empty()) {
         return Ok(());
     }
-    let data: Arc<dyn crate::masking::plan::Resolve + Send + Sync> = match &judge.catalog {
+    let c = &judge.catalog;
+    let data: Arc<dyn crate::masking::plan::Resolve + Send + Sync> = if c.in_session() {
         // What the session's catalog has not been asked about may be PostgreSQL's own.
-        Some(c) if c.in_session() => {
-            Arc::new(crate::masking::plan::Either(c.cached(), no_catalog(st, j)))
-        }
-        Some(c) => c.cached(),
-        None => Arc::new(no_catalog(st, j)),
+        Arc::new(crate::masking::plan::Either(c.cached(), no_catalog(st, j)))
+    } else {
+        c.cached()
     };
     // Definitions changed earlier in the session's transaction, or earlier in this
     // message, are not in the catalog yet.
@@ -1089,7 +1083,7 @@ fn copy_verdict(
             Refusal::CopyUnverified { .. }
             | Refusal::CopyUnplaced { .. }
             | Refusal::CopyUnverifiedPlace { .. },
-        ) if !looked_up && judge.catalog.is_some() => Err(j
+        ) if !looked_up => Err(j
             .classification
             .statements
             .iter()
@@ -1169,7 +1163,7 @@ fn rejudge(
         }),
         _ => match copy_verdict(st, judge, &j, looked_up) {
             Err(names) => return Rejudged::Lookup(names),
-            Ok(copy) => unmaskable(st, judge, &j).or(copy),
+            Ok(copy) => unmaskable(st, &j).or(copy),
         },
     };
     log_decision(judge, &p.sql, &j);
@@ -1438,10 +1432,7 @@ fn plan(
                         Ok(d) => d,
                         Err(names) => return Ok(Plan::Lookup(f, names)),
                     };
-                    names
-                        .or(executes)
-                        .or_else(|| unmaskable(&st, judge, &j))
-                        .or(copy)
+                    names.or(executes).or_else(|| unmaskable(&st, &j)).or(copy)
                 }
             };
             note_effects(&mut st, &j, &sql, generation, refusal.is_some());
@@ -1501,7 +1492,7 @@ fn plan(
                         Ok(copy) => copy,
                         Err(names) => return Ok(Plan::Lookup(f, names)),
                     };
-                    unmaskable(&st, judge, &j).or(copy)
+                    unmaskable(&st, &j).or(copy)
                 }
             };
             let sql: Arc<str> = p.sql.as_str().into();
@@ -1830,21 +1821,17 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let tag = f.tag;
             let mut planned = plan(&state, judge, f, false)?;
             if let Plan::Lookup(f, names) = planned {
-                match &judge.catalog {
+                let c = &judge.catalog;
+                if !c.in_session() {
+                    // Failures are logged there; the plan then refuses what it cannot
+                    // verify.
+                    let _ = c.lookup(shared, &[], &names).await;
+                } else if between_requests {
                     // Asked on this connection: after what came before it has been sent,
                     // and only between requests (never inside a client's batch).
-                    Some(c) if c.in_session() && between_requests => {
-                        send_plans(&mut plans, &mut server, &state, judge, shared, ctx, traffic)
-                            .await?;
-                        ask_in_session(&mut server, &state, c, &names, ctx, traffic).await?;
-                    }
-                    // Inside a client's batch nothing can be put in between.
-                    Some(c) if c.in_session() => {}
-                    // Failures are logged there; the plan then refuses what it cannot verify.
-                    Some(c) => {
-                        let _ = c.lookup(shared, &[], &names).await;
-                    }
-                    None => {}
+                    send_plans(&mut plans, &mut server, &state, judge, shared, ctx, traffic)
+                        .await?;
+                    ask_in_session(&mut server, &state, c, &names, ctx, traffic).await?;
                 }
                 planned = plan(&state, judge, f, true)?;
             }
@@ -1939,9 +1926,7 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 };
                 let mut rejudged = again(false);
                 if let Rejudged::Lookup(names) = &rejudged {
-                    if let Some(c) = &judge.catalog {
-                        let _ = c.lookup(shared, &[], names).await;
-                    }
+                    let _ = judge.catalog.lookup(shared, &[], names).await;
                     rejudged = again(true);
                 }
                 match rejudged {
