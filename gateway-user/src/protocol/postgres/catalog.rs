@@ -337,7 +337,10 @@ impl Catalog {
     /// Read before a lookup: a plan made from its answer is valid while this is unchanged.
     pub fn generation(&self) -> u64 {
         let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        if d.at.elapsed() > TTL {
+        // A session's catalog expires only where it can be asked again (before a
+        // statement is forwarded, [`Catalog::unknown_names`]), never under a result that
+        // was planned with it.
+        if d.at.elapsed() > TTL && !self.in_session() {
             // Expired: whatever was planned from it is stale too.
             drop(d);
             self.invalidate();
@@ -374,8 +377,9 @@ impl Catalog {
     ) -> Result<Arc<Data>, CatalogError> {
         if self.in_session() {
             // Asked before the statement was forwarded, if at all: what is cached is all
-            // there is (what it lacks is undecidable).
-            return Ok(self.snapshot());
+            // there is (what it lacks is undecidable). Not expired here: the statement
+            // was let go on this answer, however long it has run since.
+            return Ok(self.data.lock().unwrap_or_else(|e| e.into_inner()).clone());
         }
         let mut want_oids: Vec<u32> = oids.to_vec();
         let mut want_names: Vec<String> = names.to_vec();
@@ -706,6 +710,91 @@ mod tests {
         let a = array_literal(&names);
         assert_eq!(a, r#"{"users","we\"ird'\\name"}"#);
         assert_eq!(literal(&a), r#"E'{"users","we\\"ird\'\\\\name"}'"#);
+    }
+
+    #[test]
+    fn the_lookup_names_every_relation_function_and_operator_with_its_schema() {
+        let sql = lookup_sql(&[16384, 16390], &["users".into(), "o'dd".into()]);
+        let bare = sql
+            .replace("OPERATOR(pg_catalog.=)", "")
+            .replace("OPERATOR(pg_catalog.>)", "");
+        assert!(!bare.contains(['=', '<', '>', '~', '!']), "{bare}");
+        for name in [
+            "pg_class ",
+            "pg_namespace ",
+            "pg_attribute ",
+            "pg_inherits ",
+            "pg_get_viewdef(",
+            "oid[]",
+            "name[]",
+        ] {
+            let all = sql.matches(name).count();
+            let qualified = sql.matches(&format!("pg_catalog.{name}")).count();
+            assert!(all > 0 && all == qualified, "{name}: {sql}");
+        }
+        assert!(lookup_sql(&[], &[]).contains("WHERE false"));
+    }
+
+    #[test]
+    fn a_sessions_catalog_takes_in_rows_and_asks_next_for_what_views_read() {
+        let c = Catalog::new(
+            CatalogKey {
+                addr: "127.0.0.1:5432".parse().expect("addr"),
+                database: "shop".into(),
+                target: "pg".into(),
+            },
+            Backend::Session,
+        );
+        assert!(c.in_session());
+        let row = |v: &[Option<&str>]| -> Row { v.iter().map(|x| x.map(str::to_owned)).collect() };
+        let asked: Vec<String> = vec!["contacts".into(), "gone".into()];
+        assert_eq!(c.unknown_names(&asked), asked);
+        let view = vec![row(&[
+            Some("20000"),
+            Some("public"),
+            Some("contacts"),
+            Some("v"),
+            Some("1"),
+            Some("contact"),
+            Some(" SELECT users.email AS contact\n   FROM users;"),
+            Some("f"),
+        ])];
+        // The view reads users, not asked about yet; `gone` is known not to exist.
+        assert_eq!(c.absorb(view, &asked), vec!["users".to_owned()]);
+        assert!(c.unknown_names(&asked).is_empty());
+        let table = vec![
+            row(&[
+                Some("16390"),
+                Some("public"),
+                Some("users"),
+                Some("r"),
+                Some("1"),
+                Some("id"),
+                None,
+                Some("f"),
+            ]),
+            row(&[
+                Some("16390"),
+                Some("public"),
+                Some("users"),
+                Some("r"),
+                Some("2"),
+                Some("email"),
+                None,
+                Some("f"),
+            ]),
+        ];
+        assert!(c.absorb(table, &["users".into()]).is_empty());
+        let data = c.cached();
+        let origin = data.origin(20000, 1).expect("traced");
+        assert!(
+            origin
+                .iter()
+                .any(|r| r.table.name == "users" && r.column.as_deref() == Some("email")),
+            "{origin:?}"
+        );
+        assert_eq!(data.origin(16390, 1).expect("known").len(), 1);
+        assert!(data.origin(99999, 1).is_none(), "never asked: undecidable");
     }
 
     #[test]
