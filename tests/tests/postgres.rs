@@ -501,18 +501,24 @@ X
     );
 }
 
+/// A Python driver check (`tests/py/<script>`) run as an unprivileged user in `cgroup`:
+/// the JSON line it prints.
+fn python_check(w: &Pgw, script: &str, cgroup: &str) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .arg(w.pg.addr().to_string())
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("HOME", &w.env.dir);
+    without_launcher(run_json(&w.env, cgroup, Some(65534), cmd))
+}
+
 #[test]
 fn psycopg3_sees_the_same_results() {
     let w = world_with("", Some(""));
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/psycopg_check.py");
-    let run = |cg: &str| {
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .arg(w.pg.addr().to_string())
-            .env("PGPASSWORD", APP_PASSWORD)
-            .env("HOME", &w.env.dir);
-        without_launcher(run_json(&w.env, cg, Some(65534), cmd))
-    };
+    let run = |cg: &str| python_check(&w, "psycopg_check.py", cg);
     let direct = run(&w.direct);
     assert!(direct["ok"] == true, "{direct}");
     let via = run(&w.agent);
@@ -536,15 +542,9 @@ fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
            ('Ann', 'ann@example.com', '{a,b}', 1.5), ('Bo', 'bo@example.com', '{x,bo@example.com}', 2); \
          ALTER TABLE contacts OWNER TO app;",
     );
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/asyncpg_check.py");
     let run = |cg: &str| {
         w.pg.sql("shop", reset);
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .arg(w.pg.addr().to_string())
-            .env("PGPASSWORD", APP_PASSWORD)
-            .env("HOME", &w.env.dir);
-        without_launcher(run_json(&w.env, cg, Some(65534), cmd))
+        python_check(&w, "asyncpg_check.py", cg)
     };
     let direct = run(&w.direct);
     assert_eq!(direct["count"], 4, "{direct}");

@@ -376,10 +376,14 @@ fn pg_profile(args: &[String]) {
         Ok(p) => body.replace("protocol = \"postgres\"", &format!("protocol = \"{p}\"")),
         Err(_) => body,
     };
-    // The opaque relay takes no PostgreSQL keys.
+    // The opaque relay takes no PostgreSQL keys; PC_PROFILE_NO_CREDENTIALS=1 leaves the
+    // target without `credentials` (the catalog is then asked on each session's own
+    // connection).
     let body = if body.contains("\"tcp\"") {
         body.replace("credentials = ", "# credentials = ")
             .replace("upstream_tls = ", "# upstream_tls = ")
+    } else if std::env::var("PC_PROFILE_NO_CREDENTIALS").is_ok() {
+        body.replace("credentials = ", "# credentials = ")
     } else {
         body
     };
