@@ -18,11 +18,13 @@ use portcullis::{
     policy::{model::Strategy, sql::lineage::CopyFormat},
 };
 
-const CLASSES: [TypeClass; 5] = [
+const CLASSES: [TypeClass; 7] = [
     TypeClass::Text,
     TypeClass::Json,
     TypeClass::Jsonb,
     TypeClass::Opaque,
+    TypeClass::Array(25),
+    TypeClass::Array(23),
     TypeClass::Other,
 ];
 

@@ -24,6 +24,10 @@ async def main():
         out["in_transaction"] = [dict(r) for r in await c.fetch(
             "SELECT name, email, tags FROM contacts WHERE id > 2 ORDER BY id")]
     out["count"] = await c.fetchval("SELECT count(*) FROM contacts")
+    # Types asyncpg has no codec for: it asks the catalog about them first (in the middle
+    # of preparing the statement, after a Flush), then decodes with the answer.
+    out["composite"] = str(await c.fetchval("SELECT ROW(1, 'x')::pair"))
+    out["range"] = str(await c.fetchval("SELECT int4range(1, 5)"))
     out["catalog"] = await c.fetchval(
         "SELECT relname FROM pg_catalog.pg_class WHERE relname = 'contacts'")
     await c.close()

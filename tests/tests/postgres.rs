@@ -527,9 +527,10 @@ fn psycopg3_sees_the_same_results() {
 
 /// asyncpg (binary results, named prepared statements, a transaction block) against a
 /// target without `credentials`, under the shipped policies: every value is what a direct
-/// connection shows but the masked ones. The catalog is asked on asyncpg's own session;
-/// arrays of text come in binary and are read element by element (one that holds an
-/// address is nulled whole, the others pass).
+/// connection shows but the masked ones. The catalog is asked on asyncpg's own session
+/// (also in the middle of its prepare, after a Flush, where it looks up the types it has
+/// no codec for); arrays of text come in binary and are read element by element (one that
+/// holds an address is nulled whole, the others pass), ranges of numbers pass.
 #[test]
 fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
     let w = world("");
@@ -540,7 +541,7 @@ fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
          score numeric); \
          INSERT INTO contacts (name, email, tags, score) VALUES \
            ('Ann', 'ann@example.com', '{a,b}', 1.5), ('Bo', 'bo@example.com', '{x,bo@example.com}', 2); \
-         ALTER TABLE contacts OWNER TO app;",
+         ALTER TABLE contacts OWNER TO app; CREATE TYPE pair AS (a int, b text);",
     );
     let run = |cg: &str| {
         w.pg.sql("shop", reset);
@@ -548,7 +549,13 @@ fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
     };
     let direct = run(&w.direct);
     assert_eq!(direct["count"], 4, "{direct}");
-    let via = run(&w.agent);
+    let mut via = run(&w.agent);
+    // A record in binary format cannot be read by the detectors: nulled (asyncpg got its
+    // type from the catalog to decode it, which failed before the catalog was asked in
+    // the middle of its prepare).
+    assert_eq!(direct["composite"], "<Record a=1 b='x'>", "{direct}");
+    assert_eq!(via["composite"], "None", "{via}");
+    via["composite"] = direct["composite"].clone();
     // What the shipped masks make of the direct answer: `email` columns redacted, an
     // array with an address in it nulled.
     fn masked(v: &serde_json::Value) -> serde_json::Value {
@@ -583,6 +590,7 @@ fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
     );
     assert_eq!(via["rows"][1]["tags"], serde_json::Value::Null, "{via}");
     assert_eq!(via["rows"][0]["name"], "Ann", "{via}");
+    assert_eq!(via["range"], "<Range [1, 5)>", "{via}");
 }
 
 #[test]

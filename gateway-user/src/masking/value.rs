@@ -8,10 +8,12 @@
 //!   column cannot carry `[REDACTED]`).
 //!
 //! Detectors look inside text-like values in both formats, inside any value sent in text
-//! format (arrays, records, `inet`), and inside binary arrays of text-like elements (an
-//! element's finding masks the array to NULL; arrays of numbers, dates or OIDs have
-//! nothing to find); any other binary value cannot be read, so when detectors apply it is
-//! masked to NULL rather than passed unread.
+//! format (arrays, records, `inet`), and inside binary arrays of PostgreSQL's own
+//! text-like types (an element's finding masks the array to NULL; arrays of numbers,
+//! dates or OIDs, and ranges of numbers and dates, have nothing to find). What a binary
+//! value is cannot be told from its bytes, only from the column's type: any other binary
+//! value (a record, an enum, an array of the database's own type) cannot be read, so when
+//! detectors apply it is masked to NULL rather than passed unread.
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
 
@@ -37,7 +39,11 @@ pub enum TypeClass {
     Jsonb,
     /// Numbers, dates, booleans, UUIDs: no text inside, nothing to detect.
     Opaque,
-    /// Anything else (arrays, records, `inet`, extension types): readable in text format.
+    /// An array of one of PostgreSQL's own types (the element's OID): readable in text
+    /// format, and in binary format element by element.
+    Array(u32),
+    /// Anything else (records, enums, `inet`, extension types, arrays of those): readable
+    /// in text format.
     Other,
 }
 
@@ -48,15 +54,55 @@ pub fn type_class(oid: u32) -> TypeClass {
         3802 => TypeClass::Jsonb,
         16 | 20 | 21 | 23 | 26 | 28 | 29 | 700 | 701 | 790 | 1700 | 1082 | 1083 | 1266 | 1114
         | 1184 | 1186 | 2950 | 5038 | 3220 => TypeClass::Opaque,
-        _ => TypeClass::Other,
+        // Ranges and multiranges of numbers, timestamps and dates.
+        3904 | 3926 | 3906 | 3908 | 3910 | 3912 | 4451 | 4536 | 4532 | 4533 | 4534 | 4535 => {
+            TypeClass::Opaque
+        }
+        _ => match array_element(oid) {
+            Some(element) => TypeClass::Array(element),
+            None => TypeClass::Other,
+        },
     }
 }
 
-/// A one-or-more-dimensional array in binary format (`array_send`): its elements' class
-/// and the elements (`None`: SQL NULL).
+/// The element type of PostgreSQL's own array types (`pg_type.typelem` of the arrays
+/// initdb creates, which keep their OIDs): those whose elements are text-like or hold no
+/// text. Arrays of other types (and of the database's own) are [`TypeClass::Other`].
+fn array_element(oid: u32) -> Option<u32> {
+    Some(match oid {
+        1009 => 25,
+        1015 => 1043,
+        1014 => 1042,
+        1003 => 19,
+        1002 => 18,
+        199 => 114,
+        3807 => 3802,
+        1000 => 16,
+        1016 => 20,
+        1005 => 21,
+        1007 => 23,
+        1028 => 26,
+        1010 => 27,
+        1011 => 28,
+        1021 => 700,
+        1022 => 701,
+        1231 => 1700,
+        1182 => 1082,
+        1183 => 1083,
+        1270 => 1266,
+        1115 => 1114,
+        1185 => 1184,
+        1187 => 1186,
+        2951 => 2950,
+        _ => return None,
+    })
+}
+
+/// An array in binary format (`array_send`): its element type as it says, and the
+/// elements (`None`: SQL NULL).
 #[derive(Debug)]
 struct BinaryArray<'a> {
-    class: TypeClass,
+    element: u32,
     elements: Vec<Option<&'a [u8]>>,
 }
 
@@ -95,7 +141,7 @@ fn binary_array(v: &[u8]) -> Option<BinaryArray<'_>> {
         at = end;
     }
     (at == v.len()).then_some(BinaryArray {
-        class: type_class(element_type),
+        element: element_type,
         elements,
     })
 }
@@ -114,7 +160,7 @@ fn encode_whole(r: String, class: TypeClass, binary: bool) -> Option<Vec<u8>> {
             out.extend_from_slice(json.as_bytes());
             Some(out)
         }
-        TypeClass::Opaque | TypeClass::Other => None,
+        TypeClass::Opaque | TypeClass::Array(_) | TypeClass::Other => None,
     }
 }
 
@@ -236,27 +282,33 @@ impl Masker {
                 value.get(..1).unwrap_or_default(),
                 value.get(1..).unwrap_or_default(),
             ),
-            // A binary array is read element by element when its elements are of a type
-            // the detectors can read or have nothing to find in; any other binary value
-            // cannot be read.
-            (TypeClass::Other, true) => {
+            // A binary array of PostgreSQL's own element type is read element by element
+            // when the detectors can read its elements or they hold no text; any other
+            // binary value cannot be read (what it is cannot be told from its bytes).
+            (TypeClass::Array(element), true) => {
                 return match binary_array(value) {
-                    Some(a) if a.class == TypeClass::Opaque => None,
-                    Some(a) if matches!(a.class, TypeClass::Text | TypeClass::Json) => {
-                        let found = a.elements.into_iter().flatten().any(|e| {
-                            std::str::from_utf8(e).map_or(true, |s| {
-                                ALL.find(s)
-                                    .iter()
-                                    .any(|f| detection.strategy(f.detector).is_some())
-                            })
-                        });
-                        // An element's finding masks the whole array (to NULL): elements
-                        // of another length cannot be spliced in without rewriting it.
-                        found.then_some(None)
-                    }
-                    _ => Some(None),
+                    Some(a) if a.element != element => Some(None),
+                    Some(a) => match type_class(element) {
+                        TypeClass::Opaque => None,
+                        TypeClass::Text | TypeClass::Json => {
+                            let found = a.elements.into_iter().flatten().any(|e| {
+                                std::str::from_utf8(e).map_or(true, |s| {
+                                    ALL.find(s)
+                                        .iter()
+                                        .any(|f| detection.strategy(f.detector).is_some())
+                                })
+                            });
+                            // An element's finding masks the whole array (to NULL):
+                            // elements of another length cannot be spliced in without
+                            // rewriting it.
+                            found.then_some(None)
+                        }
+                        _ => Some(None),
+                    },
+                    None => Some(None),
                 };
             }
+            (TypeClass::Other, true) => return Some(None),
             _ => (&[], value),
         };
         // Invalid UTF-8 cannot be searched reliably: mask it.
@@ -464,29 +516,35 @@ mod tests {
         let d = Detection {
             detectors: vec![("email".into(), Strategy::Redact { text: None })],
         };
+        let detect = |oid: u32, v: &[u8]| m.detect(&d, type_class(oid), true, v);
         // text[] without findings passes, with one is masked whole; oid[] has nothing to
-        // find; an array of another type cannot be read.
+        // find; an empty array passes.
         let clean = array_bytes(25, &[2], &[Some(b"a"), None]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &clean), None);
+        assert_eq!(detect(1009, &clean), None);
         let found = array_bytes(25, &[2], &[Some(b"a"), Some(b"x@example.com")]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &found), Some(None));
+        assert_eq!(detect(1009, &found), Some(None));
         let oids = array_bytes(26, &[2, 1], &[Some(&[0, 0, 0, 23]), Some(&[0, 0, 0, 25])]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &oids), None);
-        let empty = array_bytes(25, &[], &[]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &empty), None);
-        let records = array_bytes(2249, &[1], &[Some(b"\x00")]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &records), Some(None));
+        assert_eq!(detect(1028, &oids), None);
+        assert_eq!(detect(1009, &array_bytes(25, &[], &[])), None);
+        // The bytes must say what the column's type says: an int4[] that claims text
+        // elements, or a record that happens to parse as an int4[] (a bytea field crafted
+        // to), is not read.
+        let int4s = array_bytes(23, &[1], &[Some(&[0, 0, 0, 7])]);
+        assert_eq!(detect(1007, &int4s), None);
+        assert_eq!(detect(1009, &int4s), Some(None));
+        assert_eq!(detect(2249, &int4s), Some(None));
         // Malformed: counts larger than the bytes, trailing bytes, truncation.
-        let mut long = array_bytes(25, &[1_000_000], &[Some(b"a")]);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &long), Some(None));
-        long = array_bytes(25, &[1], &[Some(b"a")]);
-        long.push(0);
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &long), Some(None));
         assert_eq!(
-            m.detect(&d, TypeClass::Other, true, &clean[..clean.len() - 1]),
+            detect(1009, &array_bytes(25, &[1_000_000], &[Some(b"a")])),
             Some(None)
         );
-        assert_eq!(m.detect(&d, TypeClass::Other, true, &[0, 0]), Some(None));
+        let mut long = array_bytes(25, &[1], &[Some(b"a")]);
+        long.push(0);
+        assert_eq!(detect(1009, &long), Some(None));
+        assert_eq!(detect(1009, &clean[..clean.len() - 1]), Some(None));
+        assert_eq!(detect(1009, &[0, 0]), Some(None));
+        // Ranges of numbers and dates hold no text.
+        assert_eq!(detect(3904, &[2, 0, 0, 0, 4, 0, 0, 0, 1]), None);
     }
 
     #[test]

@@ -221,6 +221,12 @@ impl Tracker {
         self.queue.is_empty()
     }
 
+    /// The server is discarding the client's messages up to its next Sync (an error
+    /// came before it): anything sent now would be discarded too.
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
     pub fn pending(&self) -> usize {
         self.queue.len()
     }

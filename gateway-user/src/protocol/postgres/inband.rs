@@ -4,10 +4,12 @@
 //! Masking and the copy check need to know what the relations a statement names are (a
 //! view is traced to the tables under it) and which table OIDs results will name. Nothing
 //! can be asked while results stream, so the session engine asks before it forwards the
-//! statement, and only between the client's requests: after a Sync, a simple query or a
-//! function call, once every answer to what was forwarded before has passed back. It then
-//! sends a batch of its own and keeps the answer (never relayed). What the client has on
-//! the server is left as it was:
+//! statement, and only where the client's stream leaves room ([`Gap`]): between its
+//! requests (after a Sync, a simple query or a function call), or inside a batch right
+//! after a Flush (as asyncpg prepares), where a Sync of the gate's would not close
+//! anything of the client's; and only once every answer to what was forwarded before has
+//! passed back. It then sends a batch of its own and keeps the answer (never relayed).
+//! What the client has on the server is left as it was:
 //! - its unnamed statement and portal: the batch uses a statement and a portal named
 //!   [`NAME`], closed before it ends (and closed first, in case an earlier batch failed
 //!   before its closes);
@@ -32,6 +34,52 @@ use super::{
     codec::Frame,
     messages::{self, be},
 };
+
+/// Where the client's stream stands: whether a batch of the gate's may go in before its
+/// next message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gap {
+    /// After a Sync, a simple query or a function call (or before anything).
+    Between,
+    /// Inside a batch, right after a Flush: the server has answered all of it once the
+    /// answers are in. `bound`: a portal was bound since the last Sync.
+    Flushed { bound: bool },
+    /// Inside a batch, after anything else: the server may still be working on it, or
+    /// wait for more of it.
+    Inside { bound: bool },
+}
+
+impl Gap {
+    /// After the client's message `tag`.
+    pub fn after(self, tag: u8) -> Self {
+        use super::messages::fe;
+        let bound = match self {
+            Self::Between => false,
+            Self::Flushed { bound } | Self::Inside { bound } => bound,
+        };
+        match tag {
+            fe::QUERY | fe::SYNC | fe::FUNCTION_CALL => Self::Between,
+            // A copy's data belongs to the request that started it.
+            fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => self,
+            fe::FLUSH => Self::Flushed { bound },
+            fe::BIND | fe::EXECUTE => Self::Inside { bound: true },
+            _ => Self::Inside { bound },
+        }
+    }
+
+    /// Whether a lookup may go in here, the transaction status (of the last
+    /// ReadyForQuery) being `status` once every answer has come. Never in a failed block
+    /// (it runs nothing). After a Flush, the lookup's Sync ends the client's batch's
+    /// implicit transaction when no block is open: harmless unless that transaction holds
+    /// a portal the client bound (it would be closed), so then not.
+    pub fn open(self, status: u8) -> bool {
+        match self {
+            Self::Between => matches!(status, b'I' | b'T'),
+            Self::Flushed { bound } => status == b'T' || (status == b'I' && !bound),
+            Self::Inside { .. } => false,
+        }
+    }
+}
 
 /// The statement, portal and savepoint the batches use.
 pub const NAME: &str = "portcullis_catalog";
@@ -188,6 +236,31 @@ mod tests {
         assert!(text.contains("RELEASE SAVEPOINT portcullis_catalog"));
         // Never the unnamed statement or portal: every Parse and Bind names NAME.
         assert!(!text.contains("P\0\0\0\x0e\0SELECT"));
+    }
+
+    #[test]
+    fn lookups_go_between_requests_and_after_a_flush_that_leaves_no_portal() {
+        use crate::protocol::postgres::messages::fe;
+        let after = |tags: &[u8]| tags.iter().fold(Gap::Between, |g, t| g.after(*t));
+        // asyncpg's prepare: Parse, Describe, Flush; then its next Parse.
+        let g = after(&[fe::PARSE, fe::DESCRIBE, fe::FLUSH]);
+        assert!(g.open(b'I') && g.open(b'T') && !g.open(b'E'));
+        // A portal bound in the implicit transaction would not survive the lookup's Sync;
+        // inside a block it would.
+        let g = after(&[fe::PARSE, fe::BIND, fe::EXECUTE, fe::FLUSH]);
+        assert!(!g.open(b'I') && g.open(b'T'));
+        assert!(!after(&[fe::PARSE, fe::BIND]).open(b'T'));
+        let g = after(&[fe::PARSE, fe::BIND, fe::EXECUTE, fe::SYNC]);
+        assert_eq!(g, Gap::Between);
+        assert!(g.open(b'I') && g.open(b'T') && !g.open(b'E'));
+        // A simple query's COPY data stays between requests.
+        assert_eq!(
+            after(&[fe::QUERY, fe::COPY_DATA, fe::COPY_DONE]),
+            Gap::Between
+        );
+        // A Sync after a Flush resets what was bound.
+        let g = after(&[fe::BIND, fe::FLUSH, fe::SYNC, fe::PARSE, fe::FLUSH]);
+        assert!(g.open(b'I'));
     }
 
     #[test]

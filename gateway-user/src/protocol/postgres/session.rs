@@ -1792,9 +1792,9 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     ctx: &ConnContext,
     traffic: &Traffic,
 ) -> Result<End, PgError> {
-    // The client's last message ended a request (a Sync, a simple query): the engine may
-    // put a catalog lookup of its own before the next one ([`inband`]).
-    let mut between_requests = true;
+    // Where the client's stream stands: whether the engine may put a catalog lookup of its
+    // own before the next message ([`inband`]).
+    let mut gap = inband::Gap::Between;
     loop {
         let mut plans = Vec::new();
         let mut hold = None;
@@ -1826,21 +1826,16 @@ async fn client_to_server_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     // Failures are logged there; the plan then refuses what it cannot
                     // verify.
                     let _ = c.lookup(shared, &[], &names).await;
-                } else if between_requests {
+                } else if !matches!(gap, inband::Gap::Inside { .. }) {
                     // Asked on this connection: after what came before it has been sent,
-                    // and only between requests (never inside a client's batch).
+                    // and only where the client's stream leaves room.
                     send_plans(&mut plans, &mut server, &state, judge, shared, ctx, traffic)
                         .await?;
-                    ask_in_session(&mut server, &state, c, &names, ctx, traffic).await?;
+                    ask_in_session(&mut server, &state, c, &names, gap, ctx, traffic).await?;
                 }
                 planned = plan(&state, judge, f, true)?;
             }
-            match tag {
-                fe::QUERY | fe::SYNC | fe::FUNCTION_CALL => between_requests = true,
-                // A copy's data belongs to the request that started it.
-                fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {}
-                _ => between_requests = false,
-            }
+            gap = gap.after(tag);
             match planned {
                 p @ Plan::Hold { .. } => {
                     hold = Some(p);
@@ -2092,8 +2087,9 @@ async fn send_plans<W: AsyncWrite + Unpin>(
 }
 
 /// Asks the session's own catalog about `names` on the session's connection ([`inband`]),
-/// views over views included, and caches the answers. Waits first for every answer to
-/// what was forwarded before (the transaction status must be known; at most
+/// views over views included, and caches the answers, where the client's stream leaves
+/// room (`gap`). Waits first for every answer to what was forwarded before (the
+/// transaction status must be known; at most
 /// [`catalog::TIMEOUT`], as a client in the middle of a COPY would never get there).
 /// A lookup that fails leaves the names unknown: masking then treats them as undecidable.
 async fn ask_in_session<W: AsyncWrite + Unpin>(
@@ -2101,6 +2097,7 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
     state: &Mutex<State>,
     catalog: &Catalog,
     names: &[String],
+    gap: inband::Gap,
     ctx: &ConnContext,
     traffic: &Traffic,
 ) -> Result<(), PgError> {
@@ -2117,6 +2114,10 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
         {
             let st = state.lock().unwrap_or_else(|e| e.into_inner());
             if st.tracker.is_idle() {
+                // Whatever is sent while the server skips to the client's Sync is lost.
+                if st.tracker.is_skipping() {
+                    return Ok(());
+                }
                 break st.status;
             }
         }
@@ -2128,8 +2129,7 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
             return Ok(());
         }
     };
-    // A failed transaction block runs nothing until it ends.
-    if status == b'E' {
+    if !gap.open(status) {
         return Ok(());
     }
     let in_block = status == b'T';
