@@ -616,13 +616,9 @@ fn plan_columns(
 
 /// Whether a statement's masks can be honoured at all, known before it runs: binary COPY
 /// cannot be masked, and with `unresolved = "deny"` a statement whose columns cannot be
-/// traced is refused before it reaches the server. `no_catalog`: the target has no
-/// catalog connection, and what is known without one.
-pub fn precheck(
-    masks: &[Arc<MaskSpec>],
-    shape: &Shape,
-    no_catalog: Option<NoCatalog>,
-) -> Result<(), Refusal> {
+/// traced is refused before it reaches the server (what the catalog decides, it decides
+/// when the results arrive).
+pub fn precheck(masks: &[Arc<MaskSpec>], shape: &Shape) -> Result<(), Refusal> {
     let column_rules: Vec<&Arc<MaskSpec>> =
         masks.iter().filter(|m| !m.columns.is_empty()).collect();
     if masks.is_empty() {
@@ -653,9 +649,7 @@ pub fn precheck(
     for i in items {
         let mut d = Deps::default();
         i.all_deps(&mut d);
-        let unverifiable =
-            no_catalog.is_some_and(|n| d.columns.iter().any(|c| n.system(&c.table).is_none()));
-        if d.opaque || unverifiable {
+        if d.opaque {
             let column = match i {
                 Item::Column { name, .. } => name.clone().unwrap_or_else(|| "?column?".into()),
                 Item::Star(_) => "*".into(),
@@ -663,11 +657,7 @@ pub fn precheck(
             return Err(Refusal::Unresolved {
                 rule: deny.rule.clone(),
                 column,
-                why: if d.opaque {
-                    "it references something that could not be resolved".into()
-                } else {
-                    "no catalog connection is configured for this target".into()
-                },
+                why: "it references something that could not be resolved".into(),
             });
         }
     }
@@ -992,37 +982,14 @@ mod tests {
             ),
             ["-", "unresolved", "unresolved"]
         );
-        // `unresolved = "deny"` refuses before running only what reads other tables.
+        // `unresolved = "deny"` refuses before running only what cannot be traced; the
+        // catalog decides the rest when the results arrive.
         let deny = mask(&["*.email"], Unresolved::Deny);
-        let (qualified_only, searched_names) =
-            (NoCatalog::default(), NoCatalog { unqualified: true });
-        assert_eq!(
-            precheck(
-                &deny,
-                &shape("SELECT c.relname FROM pg_catalog.pg_class c"),
-                Some(qualified_only)
-            ),
-            Ok(())
-        );
-        assert_eq!(
-            precheck(
-                &deny,
-                &shape("SELECT relname FROM pg_class"),
-                Some(searched_names)
-            ),
-            Ok(())
-        );
         for sql in [
+            "SELECT c.relname FROM pg_catalog.pg_class c",
             "SELECT relname FROM pg_class",
-            "SELECT c.relname, u.id FROM pg_catalog.pg_class c, users u",
         ] {
-            assert!(
-                matches!(
-                    precheck(&deny, &shape(sql), Some(NoCatalog::default())),
-                    Err(Refusal::Unresolved { .. })
-                ),
-                "{sql}"
-            );
+            assert_eq!(precheck(&deny, &shape(sql)), Ok(()), "{sql}");
         }
     }
 
@@ -1092,26 +1059,11 @@ mod tests {
     #[test]
     fn prechecks() {
         let deny = mask(&["users.email"], Unresolved::Deny);
-        assert!(precheck(&deny, &shape("SELECT email FROM users"), None).is_ok());
-        assert!(
-            precheck(
-                &deny,
-                &shape("SELECT email FROM users"),
-                Some(NoCatalog::default())
-            )
-            .is_err()
-        );
-        assert!(precheck(&deny, &shape("SELECT nope.x FROM users"), None).is_err());
-        assert!(precheck(&deny, &shape("FETCH 1 FROM c"), None).is_err());
+        assert!(precheck(&deny, &shape("SELECT email FROM users")).is_ok());
+        assert!(precheck(&deny, &shape("SELECT nope.x FROM users")).is_err());
+        assert!(precheck(&deny, &shape("FETCH 1 FROM c")).is_err());
         let all = mask(&["users.email"], Unresolved::MaskAll);
-        assert!(
-            precheck(
-                &all,
-                &shape("SELECT email FROM users"),
-                Some(NoCatalog::default())
-            )
-            .is_ok()
-        );
-        assert!(precheck(&all, &shape("COPY users TO STDOUT (FORMAT binary)"), None).is_err());
+        assert!(precheck(&all, &shape("SELECT email FROM users")).is_ok());
+        assert!(precheck(&all, &shape("COPY users TO STDOUT (FORMAT binary)")).is_err());
     }
 }

@@ -98,6 +98,41 @@ fn array_element(oid: u32) -> Option<u32> {
     })
 }
 
+/// What the detectors `detection` asks for find in `s`, counted in
+/// `portcullis_masked_values_total` (each one masks a value).
+fn findings(detection: &Detection, s: &str) -> Vec<Found> {
+    let mut found = ALL.find(s);
+    found.retain(|f| detection.strategy(f.detector).is_some());
+    let counter = &crate::metrics::get().masked_values;
+    for f in &found {
+        counter.with_label_values(&[f.detector]).inc();
+    }
+    found
+}
+
+/// Detectors inside a binary array whose column type says its elements are `element`
+/// ([`Masker::detect`]'s answer). Read element by element when the detectors can read its
+/// elements or they hold no text; an array whose header names another element type, or
+/// that is not well formed, cannot be read (what a binary value is cannot be told from its
+/// bytes) and is masked.
+fn detect_in_array(detection: &Detection, element: u32, value: &[u8]) -> Option<Option<Vec<u8>>> {
+    let Some(a) = binary_array(value).filter(|a| a.element == element) else {
+        return Some(None);
+    };
+    match type_class(element) {
+        TypeClass::Opaque => None,
+        TypeClass::Text | TypeClass::Json => {
+            let found = a.elements.into_iter().flatten().any(|e| {
+                std::str::from_utf8(e).map_or(true, |s| !findings(detection, s).is_empty())
+            });
+            // An element's finding masks the whole array (to NULL): elements of another
+            // length cannot be spliced in without rewriting it.
+            found.then_some(None)
+        }
+        _ => Some(None),
+    }
+}
+
 /// An array in binary format (`array_send`): its element type as it says, and the
 /// elements (`None`: SQL NULL).
 #[derive(Debug)]
@@ -282,32 +317,7 @@ impl Masker {
                 value.get(..1).unwrap_or_default(),
                 value.get(1..).unwrap_or_default(),
             ),
-            // A binary array of PostgreSQL's own element type is read element by element
-            // when the detectors can read its elements or they hold no text; any other
-            // binary value cannot be read (what it is cannot be told from its bytes).
-            (TypeClass::Array(element), true) => {
-                return match binary_array(value) {
-                    Some(a) if a.element != element => Some(None),
-                    Some(a) => match type_class(element) {
-                        TypeClass::Opaque => None,
-                        TypeClass::Text | TypeClass::Json => {
-                            let found = a.elements.into_iter().flatten().any(|e| {
-                                std::str::from_utf8(e).map_or(true, |s| {
-                                    ALL.find(s)
-                                        .iter()
-                                        .any(|f| detection.strategy(f.detector).is_some())
-                                })
-                            });
-                            // An element's finding masks the whole array (to NULL):
-                            // elements of another length cannot be spliced in without
-                            // rewriting it.
-                            found.then_some(None)
-                        }
-                        _ => Some(None),
-                    },
-                    None => Some(None),
-                };
-            }
+            (TypeClass::Array(element), true) => return detect_in_array(detection, element, value),
             (TypeClass::Other, true) => return Some(None),
             _ => (&[], value),
         };
@@ -315,14 +325,9 @@ impl Masker {
         let Ok(s) = std::str::from_utf8(text) else {
             return Some(None);
         };
-        let mut found = ALL.find(s);
-        found.retain(|f| detection.strategy(f.detector).is_some());
+        let found = findings(detection, s);
         if found.is_empty() {
             return None;
-        }
-        let counter = &crate::metrics::get().masked_values;
-        for f in &found {
-            counter.with_label_values(&[f.detector]).inc();
         }
         Some(self.splice(detection, s, &found, class).map(|body| {
             let mut out = Vec::with_capacity(prefix.len() + body.len());

@@ -982,8 +982,7 @@ fn unmaskable(st: &State, j: &Arc<Judgement>) -> Option<Denial> {
         let Some(a) = results::applies(j, k, &prepared) else {
             continue;
         };
-        // The catalog decides the rest when the results arrive.
-        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape(), None) {
+        if let Err(r) = crate::masking::plan::precheck(&a.masks, a.shape()) {
             return Some(denial_of_refusal(&r));
         }
     }
@@ -1000,8 +999,7 @@ fn masking_names(
     j: &Arc<Judgement>,
     at: Option<usize>,
 ) -> Option<Vec<String>> {
-    let catalog = Some(&judge.catalog).filter(|c| c.in_session())?;
-    if j.decision.verdict == Verdict::Deny {
+    if !judge.catalog.in_session() || j.decision.verdict == Verdict::Deny {
         return None;
     }
     let prepared = |n: &str| st.prepared_ctx(n);
@@ -1015,7 +1013,7 @@ fn masking_names(
             names.extend(results::wanted(a.shape(), &[]).1);
         }
     }
-    let unknown = catalog.unknown_names(&names);
+    let unknown = judge.catalog.unknown_names(&names);
     (!unknown.is_empty()).then_some(unknown)
 }
 
@@ -2106,8 +2104,8 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + catalog::TIMEOUT;
+    let idle = state.lock().unwrap_or_else(|e| e.into_inner()).idle.clone();
     let status = loop {
-        let idle = state.lock().unwrap_or_else(|e| e.into_inner()).idle.clone();
         let notified = idle.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -2179,10 +2177,7 @@ async fn exchange<W: AsyncWrite + Unpin>(
             reply: tx,
         });
     }
-    server.write_all(&batch).await.map_err(PgError::ServerIo)?;
-    traffic
-        .to_upstream
-        .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    write_up(server, &batch, traffic).await?;
     // Dropped only when the server side of the session ended, which ends the session.
     rx.await
         .map_err(|_| PgError::ServerIo(std::io::ErrorKind::ConnectionAborted.into()))
@@ -2315,7 +2310,16 @@ async fn flush_up<W: AsyncWrite + Unpin>(
         }
         st.sent_at.get_or_insert_with(std::time::Instant::now);
     }
-    server.write_all(&out).await.map_err(PgError::ServerIo)?;
+    write_up(server, &out, traffic).await
+}
+
+/// Writes to the server, counted as traffic to it.
+async fn write_up<W: AsyncWrite + Unpin>(
+    server: &mut WriteHalf<W>,
+    out: &[u8],
+    traffic: &Traffic,
+) -> Result<(), PgError> {
+    server.write_all(out).await.map_err(PgError::ServerIo)?;
     traffic
         .to_upstream
         .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
