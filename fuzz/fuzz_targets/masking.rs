@@ -13,20 +13,44 @@ use portcullis::{
         detect::NAMES,
         plan::{ColumnPlan, Detection, ResultPlan},
         rows::{CopyMasker, mask_data_row},
+        types::{TypeDef, Types},
         value::{Masker, TypeClass},
     },
     policy::{model::Strategy, sql::lineage::CopyFormat},
 };
 
-const CLASSES: [TypeClass; 7] = [
+const CLASSES: [TypeClass; 8] = [
     TypeClass::Text,
     TypeClass::Json,
     TypeClass::Jsonb,
-    TypeClass::Opaque,
+    TypeClass::Label,
     TypeClass::Array(25),
-    TypeClass::Array(23),
+    TypeClass::Array(16400),
+    TypeClass::Record,
     TypeClass::Other,
 ];
+
+/// The database's own types the records and arrays may name: an enum, an array of it,
+/// a composite and a domain over text.
+fn types() -> Arc<Types> {
+    let mut t = Types::default();
+    for (oid, kind, element, base, send) in [
+        (16400, b'e', 0, 0, None),
+        (16401, b'b', 16400, 0, Some("array_send")),
+        (16410, b'c', 0, 0, None),
+        (16420, b'd', 0, 25, None),
+    ] {
+        t.learn(&TypeDef {
+            oid,
+            kind,
+            element,
+            base,
+            send: send.map(String::from),
+            fields: vec![23, 25, 16400],
+        });
+    }
+    Arc::new(t)
+}
 
 fn strategy(b: u8) -> Option<Strategy> {
     match b % 6 {
@@ -79,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .map(|&b| {
             ColumnPlan::new(
-                CLASSES[usize::from(b & 7) % CLASSES.len()],
+                CLASSES[usize::from(b & 7)],
                 b & 8 != 0,
                 strategy(b >> 4).map(|s| (s, Arc::from("email"))),
             )
@@ -99,7 +123,11 @@ fuzz_target!(|data: &[u8]| {
                 .collect(),
         })
     });
-    let plan = ResultPlan { columns, detection };
+    let plan = ResultPlan {
+        columns,
+        detection,
+        types: types(),
+    };
     let masker = Masker::new([7u8; 32]);
 
     let mut out = Vec::new();

@@ -27,6 +27,10 @@ async def main():
     # Types asyncpg has no codec for: it asks the catalog about them first (in the middle
     # of preparing the statement, after a Flush), then decodes with the answer.
     out["composite"] = str(await c.fetchval("SELECT ROW(1, 'x')::pair"))
+    # The database's own types in binary: an enum, an array of it, a composite, a domain
+    # over citext and citext itself.
+    out["own_types"] = [dict(r) for r in await c.fetch(
+        "SELECT mood, moods, card, handle, alias FROM contacts ORDER BY id")]
     out["range"] = str(await c.fetchval("SELECT int4range(1, 5)"))
     out["catalog"] = await c.fetchval(
         "SELECT relname FROM pg_catalog.pg_class WHERE relname = 'contacts'")

@@ -3,4 +3,5 @@ pub mod copies;
 pub mod detect;
 pub mod plan;
 pub mod rows;
+pub mod types;
 pub mod value;

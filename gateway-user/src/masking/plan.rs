@@ -28,7 +28,7 @@ use crate::policy::{
     },
 };
 
-use super::value::{TypeClass, type_class};
+use super::{types::Types, value::TypeClass};
 
 /// A column of a RowDescription.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +240,8 @@ impl Detection {
 pub struct ResultPlan {
     pub columns: Vec<ColumnPlan>,
     pub detection: Option<Arc<Detection>>,
+    /// The database's own types, for what binary records and arrays hold.
+    pub types: Arc<Types>,
 }
 
 impl ResultPlan {
@@ -467,12 +469,14 @@ fn column_sources(
     Ok(out)
 }
 
-/// Plans a row result: `fields` from RowDescription.
+/// Plans a row result: `fields` from RowDescription; `types`, what is known about the
+/// database's own types among theirs.
 pub fn plan_rows(
     masks: &[Arc<MaskSpec>],
     shape: &Shape,
     fields: &[Field],
     resolve: &dyn Resolve,
+    types: Arc<Types>,
 ) -> Result<ResultPlan, Refusal> {
     let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
     let items = match shape {
@@ -493,9 +497,10 @@ pub fn plan_rows(
         columns: fields
             .iter()
             .zip(wholes)
-            .map(|(f, whole)| ColumnPlan::new(type_class(f.type_oid), f.format == 1, whole))
+            .map(|(f, whole)| ColumnPlan::new(types.class(f.type_oid), f.format == 1, whole))
             .collect(),
         detection: detection(masks),
+        types,
     })
 }
 
@@ -559,6 +564,7 @@ pub fn plan_copy(
                 .map(|whole| ColumnPlan::new(TypeClass::Text, false, whole))
                 .collect(),
             detection: detection(masks),
+            types: Default::default(),
         },
         format,
     ))
@@ -768,6 +774,7 @@ mod tests {
             &shape(sql),
             fields,
             r,
+            Default::default(),
         )?;
         Ok(p.columns
             .iter()
@@ -890,6 +897,7 @@ mod tests {
             &shape("SELECT upper(x) AS x FROM elsewhere"),
             &fields,
             &Cat,
+            Default::default(),
         );
         assert!(matches!(p, Err(Refusal::Unresolved { .. })), "{p:?}");
         // FETCH: plain columns by origin, computed ones undecidable.
@@ -904,7 +912,7 @@ mod tests {
     fn system_relations_are_known_without_the_catalog() {
         let pii = mask(&["*.email", "*.password"], Unresolved::MaskAll);
         let planned = |r: NoCatalog, sql: &str, fields: &[Field]| -> Vec<String> {
-            plan_rows(&pii, &shape(sql), fields, &r)
+            plan_rows(&pii, &shape(sql), fields, &r, Default::default())
                 .expect("in test")
                 .columns
                 .iter()
@@ -1007,6 +1015,7 @@ mod tests {
             &shape("SELECT * FROM users"),
             &[f("a", 0, 0)],
             &NoCatalog::default(),
+            Default::default(),
         )
         .expect("in test");
         assert!(p.is_active());

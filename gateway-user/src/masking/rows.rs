@@ -36,7 +36,7 @@ fn mask_value<'p>(
     }
     let d = plan.detection.as_ref()?;
     masker
-        .detect(d, col.class, col.binary, value)
+        .detect(d, &plan.types, col.class, col.binary, value)
         .map(|v| v.map(Cow::Owned))
 }
 
@@ -415,6 +415,7 @@ pub fn mask_payload(
     let detection = super::plan::detection(masks)?;
     match masker.detect(
         &detection,
+        &super::types::Types::default(),
         super::value::TypeClass::Text,
         false,
         payload.as_bytes(),
@@ -476,6 +477,7 @@ mod tests {
             detection: Some(Arc::new(Detection {
                 detectors: vec![("email".into(), Strategy::Redact { text: None })],
             })),
+            types: Default::default(),
         };
         let mut out = Vec::new();
         let body = row(&[
@@ -505,6 +507,7 @@ mod tests {
         let plan = ResultPlan {
             columns: vec![col(TypeClass::Text, false, redact())],
             detection: None,
+            types: Default::default(),
         };
         let mut out = Vec::new();
         for bad in [
@@ -530,6 +533,7 @@ mod tests {
                 detection: Some(Arc::new(Detection {
                     detectors: vec![("email".into(), Strategy::Redact { text: None })],
                 })),
+                types: Default::default(),
             },
             CopyFormat {
                 csv,

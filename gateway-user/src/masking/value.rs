@@ -5,15 +5,18 @@
 //!   both formats; `json` and `jsonb` get it as a JSON string (`jsonb` binary keeps its
 //!   version byte);
 //! - every other type is masked to SQL NULL, the one value valid for any type (a number
-//!   column cannot carry `[REDACTED]`).
+//!   column cannot carry `[REDACTED]`, an enum column only its own labels).
 //!
 //! Detectors look inside text-like values in both formats, inside any value sent in text
-//! format (arrays, records, `inet`), and inside binary arrays of PostgreSQL's own
-//! text-like types (an element's finding masks the array to NULL; arrays of numbers,
-//! dates or OIDs, and ranges of numbers and dates, have nothing to find). What a binary
-//! value is cannot be told from its bytes, only from the column's type: any other binary
-//! value (a record, an enum, an array of the database's own type) cannot be read, so when
-//! detectors apply it is masked to NULL rather than passed unread.
+//! format (arrays, records, `inet`), and inside binary values whose type says how to read
+//! them: enums (their label), records (field by field, each by the type its bytes name)
+//! and arrays (element by element), nested as deep as [`MAX_NESTING`]; a finding inside
+//! an enum, a record or an array masks the whole value to NULL. Numbers, dates, OIDs, and
+//! ranges of numbers and dates, have nothing to find. What a binary value is cannot be
+//! told from its bytes, only from the column's type ([`super::types`] for the database's
+//! own): any other binary value (an extension's type, a type the catalog was not asked
+//! about) cannot be read, so when detectors apply it is masked to NULL rather than passed
+//! unread.
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
 
@@ -22,6 +25,7 @@ use std::sync::LazyLock;
 use super::{
     detect::{Detectors, Found},
     plan::Detection,
+    types::Types,
 };
 use crate::policy::model::Strategy;
 
@@ -37,15 +41,25 @@ pub enum TypeClass {
     Json,
     /// `jsonb`: binary is a version byte then the JSON text.
     Jsonb,
+    /// An enum: its label's text in both formats, but only its own labels are valid
+    /// values (a masked one is NULL).
+    Label,
     /// Numbers, dates, booleans, UUIDs: no text inside, nothing to detect.
     Opaque,
-    /// An array of one of PostgreSQL's own types (the element's OID): readable in text
-    /// format, and in binary format element by element.
+    /// An array (the element type's OID): readable in text format, and in binary format
+    /// element by element.
     Array(u32),
-    /// Anything else (records, enums, `inet`, extension types, arrays of those): readable
-    /// in text format.
+    /// A record (a composite type, or an anonymous `ROW(...)`): readable in text format,
+    /// and in binary format field by field.
+    Record,
+    /// Anything else (`inet`, extension types, types not known): readable in text format
+    /// only.
     Other,
 }
+
+/// Records and arrays inside records and arrays are read this deep; a value nested
+/// deeper is masked.
+pub const MAX_NESTING: usize = 8;
 
 pub fn type_class(oid: u32) -> TypeClass {
     match oid {
@@ -58,6 +72,8 @@ pub fn type_class(oid: u32) -> TypeClass {
         3904 | 3926 | 3906 | 3908 | 3910 | 3912 | 4451 | 4536 | 4532 | 4533 | 4534 | 4535 => {
             TypeClass::Opaque
         }
+        // `record`: an anonymous row.
+        2249 => TypeClass::Record,
         _ => match array_element(oid) {
             Some(element) => TypeClass::Array(element),
             None => TypeClass::Other,
@@ -66,8 +82,9 @@ pub fn type_class(oid: u32) -> TypeClass {
 }
 
 /// The element type of PostgreSQL's own array types (`pg_type.typelem` of the arrays
-/// initdb creates, which keep their OIDs): those whose elements are text-like or hold no
-/// text. Arrays of other types (and of the database's own) are [`TypeClass::Other`].
+/// initdb creates, which keep their OIDs): those whose elements are text-like, records,
+/// or hold no text. Arrays of other built-in types are [`TypeClass::Other`]; arrays of the
+/// database's own types are learned ([`super::types`]).
 fn array_element(oid: u32) -> Option<u32> {
     Some(match oid {
         1009 => 25,
@@ -94,6 +111,7 @@ fn array_element(oid: u32) -> Option<u32> {
         1185 => 1184,
         1187 => 1186,
         2951 => 2950,
+        2287 => 2249,
         _ => return None,
     })
 }
@@ -110,27 +128,76 @@ fn findings(detection: &Detection, s: &str) -> Vec<Found> {
     found
 }
 
-/// Detectors inside a binary array whose column type says its elements are `element`
-/// ([`Masker::detect`]'s answer). Read element by element when the detectors can read its
-/// elements or they hold no text; an array whose header names another element type, or
-/// that is not well formed, cannot be read (what a binary value is cannot be told from its
-/// bytes) and is masked.
-fn detect_in_array(detection: &Detection, element: u32, value: &[u8]) -> Option<Option<Vec<u8>>> {
-    let Some(a) = binary_array(value).filter(|a| a.element == element) else {
-        return Some(None);
-    };
-    match type_class(element) {
-        TypeClass::Opaque => None,
-        TypeClass::Text | TypeClass::Json => {
-            let found = a.elements.into_iter().flatten().any(|e| {
-                std::str::from_utf8(e).map_or(true, |s| !findings(detection, s).is_empty())
-            });
-            // An element's finding masks the whole array (to NULL): elements of another
-            // length cannot be spliced in without rewriting it.
-            found.then_some(None)
-        }
-        _ => Some(None),
+/// Whether a binary value of `class` must be masked: a detector finds something in it, or
+/// it cannot be read. Enums and text-like values are read as text; records field by field
+/// and arrays element by element, each by its type (`types` for the database's own), to
+/// [`MAX_NESTING`] levels. An array whose header names another element type than its
+/// column's type, or a record or array that is not well formed, cannot be read (what a
+/// binary value is cannot be told from its bytes).
+fn hides(
+    detection: &Detection,
+    types: &Types,
+    class: TypeClass,
+    value: &[u8],
+    depth: usize,
+) -> bool {
+    let text =
+        |v: &[u8]| std::str::from_utf8(v).map_or(true, |s| !findings(detection, s).is_empty());
+    match class {
+        TypeClass::Opaque => false,
+        TypeClass::Text | TypeClass::Json | TypeClass::Label => text(value),
+        TypeClass::Jsonb => match value.split_first() {
+            Some((1, doc)) => text(doc),
+            _ => true,
+        },
+        _ if depth >= MAX_NESTING => true,
+        TypeClass::Array(element) => binary_array(value)
+            .filter(|a| a.element == element)
+            .is_none_or(|a| {
+                let class = types.class(element);
+                a.elements
+                    .into_iter()
+                    .flatten()
+                    .any(|e| hides(detection, types, class, e, depth + 1))
+            }),
+        TypeClass::Record => binary_record(value).is_none_or(|fields| {
+            fields.into_iter().any(|(oid, v)| {
+                v.is_some_and(|v| hides(detection, types, types.class(oid), v, depth + 1))
+            })
+        }),
+        TypeClass::Other => true,
     }
+}
+
+/// Reads a record in binary format (`record_send`): the field count, then each field as
+/// its type's OID, a length (-1: NULL) and its bytes. `None`: not a well-formed record
+/// (every count is checked against the bytes there are).
+#[allow(clippy::type_complexity)]
+fn binary_record(v: &[u8]) -> Option<Vec<(u32, Option<&[u8]>)>> {
+    let mut at = 0;
+    let int = |at: &mut usize| -> Option<i32> {
+        let b = v.get(*at..*at + 4)?;
+        *at += 4;
+        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let n = usize::try_from(int(&mut at)?).ok()?;
+    // Each field takes eight bytes at least.
+    if n > v.len().saturating_sub(at) / 8 {
+        return None;
+    }
+    let mut fields = Vec::with_capacity(n);
+    for _ in 0..n {
+        let oid = int(&mut at)? as u32;
+        let len = int(&mut at)?;
+        if len < 0 {
+            fields.push((oid, None));
+            continue;
+        }
+        let end = at.checked_add(len as usize)?;
+        fields.push((oid, Some(v.get(at..end)?)));
+        at = end;
+    }
+    (at == v.len()).then_some(fields)
 }
 
 /// An array in binary format (`array_send`): its element type as it says, and the
@@ -195,7 +262,11 @@ fn encode_whole(r: String, class: TypeClass, binary: bool) -> Option<Vec<u8>> {
             out.extend_from_slice(json.as_bytes());
             Some(out)
         }
-        TypeClass::Opaque | TypeClass::Array(_) | TypeClass::Other => None,
+        TypeClass::Label
+        | TypeClass::Opaque
+        | TypeClass::Array(_)
+        | TypeClass::Record
+        | TypeClass::Other => None,
     }
 }
 
@@ -302,11 +373,13 @@ impl Masker {
         encode_whole(self.replace(strategy, label, &text)?, class, binary)
     }
 
-    /// Applies detectors inside a value. `Ok(None)`: nothing found, keep the value;
+    /// Applies detectors inside a value (`types`: the database's own types, for what
+    /// records and arrays hold). `Ok(None)`: nothing found, keep the value;
     /// `Ok(Some(None))`: mask to NULL; `Ok(Some(Some(bytes)))`: the new value.
     pub fn detect(
         &self,
         detection: &Detection,
+        types: &Types,
         class: TypeClass,
         binary: bool,
         value: &[u8],
@@ -317,8 +390,11 @@ impl Masker {
                 value.get(..1).unwrap_or_default(),
                 value.get(1..).unwrap_or_default(),
             ),
-            (TypeClass::Array(element), true) => return detect_in_array(detection, element, value),
-            (TypeClass::Other, true) => return Some(None),
+            // An element's or a field's finding masks the whole value (to NULL): one of
+            // another length cannot be spliced in without rewriting it.
+            (TypeClass::Array(_) | TypeClass::Record | TypeClass::Other, true) => {
+                return hides(detection, types, class, value, 0).then_some(None);
+            }
             _ => (&[], value),
         };
         // Invalid UTF-8 cannot be searched reliably: mask it.
@@ -328,6 +404,10 @@ impl Masker {
         let found = findings(detection, s);
         if found.is_empty() {
             return None;
+        }
+        // A label spliced would not be one of the enum's.
+        if class == TypeClass::Label {
+            return Some(None);
         }
         Some(self.splice(detection, s, &found, class).map(|body| {
             let mut out = Vec::with_capacity(prefix.len() + body.len());
@@ -389,7 +469,10 @@ mod tests {
             TypeClass::Text,
             TypeClass::Json,
             TypeClass::Jsonb,
+            TypeClass::Label,
             TypeClass::Opaque,
+            TypeClass::Array(25),
+            TypeClass::Record,
             TypeClass::Other,
         ];
         let values: [&[u8]; 3] = [b"alice@example.com", b"\x01\"x\"", b"\xff\xfe not utf-8"];
@@ -521,7 +604,7 @@ mod tests {
         let d = Detection {
             detectors: vec![("email".into(), Strategy::Redact { text: None })],
         };
-        let detect = |oid: u32, v: &[u8]| m.detect(&d, type_class(oid), true, v);
+        let detect = |oid: u32, v: &[u8]| m.detect(&d, &Types::default(), type_class(oid), true, v);
         // text[] without findings passes, with one is masked whole; oid[] has nothing to
         // find; an empty array passes.
         let clean = array_bytes(25, &[2], &[Some(b"a"), None]);
@@ -552,6 +635,91 @@ mod tests {
         assert_eq!(detect(3904, &[2, 0, 0, 0, 4, 0, 0, 0, 1]), None);
     }
 
+    /// `record_send`'s layout: field count, then per field its type's OID and a
+    /// length-prefixed value.
+    fn record_bytes(fields: &[(u32, Option<&[u8]>)]) -> Vec<u8> {
+        let mut v = (fields.len() as i32).to_be_bytes().to_vec();
+        for (oid, f) in fields {
+            v.extend_from_slice(&oid.to_be_bytes());
+            match f {
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(b) => {
+                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    v.extend_from_slice(b);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn binary_records_and_enums_are_read_by_their_types() {
+        use crate::masking::types::TypeDef;
+        let m = m();
+        let d = Detection {
+            detectors: vec![("email".into(), Strategy::Redact { text: None })],
+        };
+        let mut types = Types::default();
+        let learn = |types: &mut Types, oid, kind, element| {
+            types.learn(&TypeDef {
+                oid,
+                kind,
+                element,
+                base: 0,
+                send: (element != 0).then(|| "array_send".into()),
+                fields: Vec::new(),
+            });
+        };
+        learn(&mut types, 16400, b'e', 0);
+        learn(&mut types, 16401, b'b', 16400);
+        learn(&mut types, 16410, b'c', 0);
+        learn(&mut types, 16411, b'b', 16410);
+        let detect = |oid: u32, v: &[u8]| m.detect(&d, &types, types.class(oid), true, v);
+        // An enum is its label: kept, or NULL when a detector finds something in it.
+        assert_eq!(detect(16400, b"happy"), None);
+        assert_eq!(detect(16400, b"x@example.com"), Some(None));
+        // A record, field by field, each by the type its bytes name (an anonymous ROW()
+        // is `record`, 2249), nested records and arrays of enums included.
+        let clean = record_bytes(&[(23, Some(&[0, 0, 0, 1])), (25, Some(b"x")), (16400, None)]);
+        assert_eq!(detect(16410, &clean), None);
+        assert_eq!(detect(2249, &clean), None);
+        let inner = record_bytes(&[(25, Some(b"a@example.com"))]);
+        let nested = record_bytes(&[(23, Some(&[0, 0, 0, 1])), (2249, Some(&inner))]);
+        assert_eq!(detect(16410, &nested), Some(None));
+        let moods = array_bytes(16400, &[2], &[Some(b"happy"), Some(b"sad")]);
+        assert_eq!(detect(16401, &moods), None);
+        let moods = array_bytes(16400, &[1], &[Some(b"a@example.com")]);
+        assert_eq!(detect(16401, &moods), Some(None));
+        let pairs = array_bytes(16410, &[1], &[Some(&clean)]);
+        assert_eq!(detect(16411, &pairs), None);
+        assert_eq!(
+            detect(2287, &array_bytes(2249, &[1], &[Some(&nested)])),
+            Some(None)
+        );
+        // A field of a type not known, a malformed record: not read.
+        let unknown = record_bytes(&[(16999, Some(b"x"))]);
+        assert_eq!(detect(16410, &unknown), Some(None));
+        assert_eq!(detect(16410, &clean[..clean.len() - 1]), Some(None));
+        assert_eq!(
+            detect(16410, &[0, 0, 1, 0]),
+            Some(None),
+            "more fields than bytes"
+        );
+        // Too deep: masked rather than followed.
+        let mut deep = record_bytes(&[(25, Some(b"x"))]);
+        for _ in 0..MAX_NESTING {
+            deep = record_bytes(&[(2249, Some(&deep))]);
+        }
+        assert_eq!(detect(2249, &deep), Some(None));
+        // Not known at all: not read.
+        assert_eq!(detect(16500, b"happy"), Some(None));
+        // In text format, an enum's finding is NULL too (a spliced label is no label).
+        assert_eq!(
+            m.detect(&d, &types, TypeClass::Label, false, b"x@example.com"),
+            Some(None)
+        );
+    }
+
     #[test]
     fn detection_inside_values() {
         let m = m();
@@ -562,12 +730,28 @@ mod tests {
                 ("us_ssn".into(), Strategy::Null),
             ],
         };
-        assert_eq!(m.detect(&d, TypeClass::Text, false, b"nothing here"), None);
-        let out = m.detect(&d, TypeClass::Text, false, b"mail alice@example.com now");
+        assert_eq!(
+            m.detect(
+                &d,
+                &Types::default(),
+                TypeClass::Text,
+                false,
+                b"nothing here"
+            ),
+            None
+        );
+        let out = m.detect(
+            &d,
+            &Types::default(),
+            TypeClass::Text,
+            false,
+            b"mail alice@example.com now",
+        );
         assert_eq!(out, Some(Some(b"mail [REDACTED:email] now".to_vec())));
         // jsonb binary: version byte kept, document still valid JSON.
         let out = m.detect(
             &d,
+            &Types::default(),
             TypeClass::Jsonb,
             true,
             b"\x01{\"e\": \"alice@example.com\"}",
@@ -578,20 +762,41 @@ mod tests {
         assert_eq!(doc["e"], "[REDACTED:email]");
         // Unreadable binary of an unknown type is not passed unread.
         assert_eq!(
-            m.detect(&d, TypeClass::Other, true, b"\x00\x01"),
+            m.detect(&d, &Types::default(), TypeClass::Other, true, b"\x00\x01"),
             Some(None)
         );
-        assert_eq!(m.detect(&d, TypeClass::Opaque, true, b"\x00\x01"), None);
+        assert_eq!(
+            m.detect(&d, &Types::default(), TypeClass::Opaque, true, b"\x00\x01"),
+            None
+        );
         // Arrays in text format: the literal stays valid.
-        let out = m.detect(&d, TypeClass::Other, false, b"{alice@example.com,bob}");
+        let out = m.detect(
+            &d,
+            &Types::default(),
+            TypeClass::Other,
+            false,
+            b"{alice@example.com,bob}",
+        );
         assert_eq!(out, Some(Some(b"{[REDACTED:email],bob}".to_vec())));
         // Only the wanted detectors; `null` takes the whole value.
         assert_eq!(
-            m.detect(&d, TypeClass::Text, false, b"key AKIAIOSFODNN7EXAMPLE"),
+            m.detect(
+                &d,
+                &Types::default(),
+                TypeClass::Text,
+                false,
+                b"key AKIAIOSFODNN7EXAMPLE"
+            ),
             None
         );
         assert_eq!(
-            m.detect(&d, TypeClass::Text, false, b"ssn 536-22-1234"),
+            m.detect(
+                &d,
+                &Types::default(),
+                TypeClass::Text,
+                false,
+                b"ssn 536-22-1234"
+            ),
             Some(None)
         );
     }

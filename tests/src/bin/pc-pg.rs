@@ -15,7 +15,10 @@ use std::time::Duration;
 use futures_util::{StreamExt as _, TryStreamExt as _, pin_mut};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage, types::Type};
+use tokio_postgres::{
+    AsyncMessage, Client, NoTls, SimpleQueryMessage,
+    types::{FromSql, Kind, Type},
+};
 
 fn err(e: &tokio_postgres::Error) -> Value {
     match e.as_db_error() {
@@ -287,13 +290,37 @@ async fn cancel(c: &Client) -> Value {
     })
 }
 
-/// One value as JSON, decoded by its type from the binary format tokio-postgres asks for.
+/// A value's bytes in binary format, whatever its type.
+struct Raw(Vec<u8>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(raw.to_vec()))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// One value as JSON, decoded by its type from the binary format tokio-postgres asks for:
+/// an enum as its label, a record or an array of the database's own types as
+/// `{"binary": hex}`.
 fn cell(r: &tokio_postgres::Row, i: usize) -> Value {
     let t = r.columns()[i].type_().clone();
-    let v = match t {
-        Type::INT4 => r.try_get::<_, Option<i32>>(i).map(|v| json!(v)),
-        Type::INT8 => r.try_get::<_, Option<i64>>(i).map(|v| json!(v)),
-        Type::JSON | Type::JSONB => r.try_get::<_, Option<Value>>(i).map(|v| json!(v)),
+    let raw = |i: usize| r.try_get::<_, Option<Raw>>(i).map(|v| v.map(|Raw(b)| b));
+    let v = match (t, r.columns()[i].type_().kind()) {
+        (Type::INT4, _) => r.try_get::<_, Option<i32>>(i).map(|v| json!(v)),
+        (Type::INT8, _) => r.try_get::<_, Option<i64>>(i).map(|v| json!(v)),
+        (Type::JSON | Type::JSONB, _) => r.try_get::<_, Option<Value>>(i).map(|v| json!(v)),
+        (_, Kind::Enum(_)) => {
+            raw(i).map(|v| json!(v.map(|b| String::from_utf8_lossy(&b).into_owned())))
+        }
+        (_, Kind::Composite(_) | Kind::Array(_) | Kind::Pseudo) => raw(i).map(|v| {
+            json!(v.map(
+                |b| json!({"binary": b.iter().map(|x| format!("{x:02x}")).collect::<String>()})
+            ))
+        }),
         _ => r.try_get::<_, Option<String>>(i).map(|v| json!(v)),
     };
     v.unwrap_or_else(|e| json!({"decode_error": e.to_string()}))

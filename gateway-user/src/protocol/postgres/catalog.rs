@@ -41,7 +41,10 @@ use super::{
 };
 use crate::{
     config::{Credentials, PgTarget},
-    masking::plan::{Resolve, qualified},
+    masking::{
+        plan::{Resolve, qualified},
+        types::{TypeDef, Types, learnable},
+    },
     policy::sql::{
         LexOptions, TableName, classify,
         lineage::{ColumnRef, Deps, Item, Shape},
@@ -57,6 +60,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_ROUNDS: usize = 16;
 /// Largest catalog answer accepted (one message).
 const MAX_MESSAGE: usize = 16 << 20;
+/// Most of the database's own types a session's catalog remembers having seen in results
+/// (to be asked about); a result of more types than that has the rest masked as unknown.
+const MAX_SEEN_TYPES: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CatalogKey {
@@ -148,6 +154,8 @@ pub struct Data {
     names: HashMap<String, Vec<u32>>,
     missing_oids: HashSet<u32>,
     missing_names: HashSet<String>,
+    /// The database's own types asked about.
+    types: Arc<Types>,
 }
 
 impl Data {
@@ -158,7 +166,13 @@ impl Data {
             names: HashMap::new(),
             missing_oids: HashSet::new(),
             missing_names: HashSet::new(),
+            types: Arc::default(),
         }
+    }
+
+    /// What is known about the database's own types.
+    pub fn types(&self) -> Arc<Types> {
+        self.types.clone()
     }
 
     fn knows_oid(&self, oid: u32) -> bool {
@@ -285,6 +299,9 @@ pub struct Catalog {
     key: CatalogKey,
     backend: Backend,
     data: Mutex<Arc<Data>>,
+    /// A session's catalog: the database's own types its results have named, to be
+    /// asked about before the next statement whose results are masked.
+    seen_types: Mutex<HashSet<u32>>,
     /// Changes whenever what is known changes (plans made before are stale).
     generation: std::sync::atomic::AtomicU64,
 }
@@ -295,6 +312,7 @@ impl Catalog {
             key,
             backend,
             data: Mutex::new(Arc::new(Data::new())),
+            seen_types: Mutex::new(HashSet::new()),
             generation: std::sync::atomic::AtomicU64::new(1),
         }
     }
@@ -326,6 +344,99 @@ impl Catalog {
         let (rels, next) = rels_from_rows(rows);
         self.merge(rels, &[], names);
         self.unknown_names(&next)
+    }
+
+    /// A result's description passed on a session's own connection: the database's own
+    /// types it names are remembered, to be asked about ([`Catalog::unlearned_types`])
+    /// before a statement whose results are masked is forwarded: a binary driver describes
+    /// a statement before it binds it with the result formats it wants.
+    pub fn saw_types(&self, types: impl IntoIterator<Item = u32>) {
+        let mut new = types.into_iter().filter(|t| learnable(*t)).peekable();
+        if new.peek().is_none() {
+            return;
+        }
+        let mut seen = self.seen_types.lock().unwrap_or_else(|e| e.into_inner());
+        for t in new {
+            if seen.len() >= MAX_SEEN_TYPES {
+                break;
+            }
+            seen.insert(t);
+        }
+    }
+
+    /// The types seen in results ([`Catalog::saw_types`]) that the cache knows nothing
+    /// about, sorted.
+    pub fn unlearned_types(&self) -> Vec<u32> {
+        let seen = self.seen_types.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.is_empty() {
+            return Vec::new();
+        }
+        let types = self.snapshot().types.clone();
+        let mut want: Vec<u32> = seen.iter().copied().filter(|t| !types.knows(*t)).collect();
+        want.sort_unstable();
+        want
+    }
+
+    /// Takes in the rows of a [`types_sql`] query that asked about `asked`: caches what
+    /// they show (and that the rest do not exist), and returns the types those are made of
+    /// that are still unknown (the next round).
+    pub fn absorb_types(&self, rows: Vec<Row>, asked: &[u32]) -> Vec<u32> {
+        let defs = types_from_rows(rows);
+        let mut next = Vec::new();
+        self.update(|d| {
+            let mut types = (*d.types).clone();
+            for def in &defs {
+                next.extend(types.learn(def));
+            }
+            for t in asked {
+                types.missing(*t);
+            }
+            next.retain(|t| !types.knows(*t));
+            d.types = Arc::new(types);
+        });
+        next.sort_unstable();
+        next.dedup();
+        next
+    }
+
+    /// What is known about the database's own types, without asking (and, for a
+    /// session's catalog, without expiring what results were planned with).
+    pub fn cached_types(&self) -> Arc<Types> {
+        if self.in_session() {
+            return self
+                .data
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .types
+                .clone();
+        }
+        self.snapshot().types.clone()
+    }
+
+    /// What the database's own types among `oids` are, asked on the catalog's own
+    /// connection where not cached; a session's catalog answers from its cache only (it
+    /// was asked before the statement was forwarded, [`Catalog::unlearned_types`]).
+    pub async fn learn_types(
+        &self,
+        shared: &PgShared,
+        oids: &[u32],
+    ) -> Result<Arc<Types>, CatalogError> {
+        if self.in_session() {
+            return Ok(self.cached_types());
+        }
+        let mut want: Vec<u32> = oids.iter().copied().filter(|t| learnable(*t)).collect();
+        for _ in 0..MAX_ROUNDS {
+            let types = self.snapshot().types.clone();
+            want.retain(|t| !types.knows(*t));
+            want.sort_unstable();
+            want.dedup();
+            if want.is_empty() {
+                return Ok(types);
+            }
+            let rows = self.ask(shared, &types_sql(&want)).await?;
+            want = self.absorb_types(rows, &want);
+        }
+        Err(CatalogError::TooDeep)
     }
 
     /// Forgets everything (after DDL).
@@ -394,27 +505,10 @@ impl Catalog {
             if want_oids.is_empty() && want_names.is_empty() {
                 return Ok(data);
             }
-            let fetched =
-                tokio::time::timeout(TIMEOUT, self.fetch(shared, &want_oids, &want_names))
-                    .await
-                    .map_err(|_| CatalogError::Timeout(TIMEOUT))
-                    .and_then(|r| r);
-            let (rels, next) = match fetched {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(
-                        catalog.target = %self.key.target,
-                        db = %self.key.database,
-                        error = %e,
-                        "catalog lookup failed"
-                    );
-                    // Whatever state the connection is in, start over next time.
-                    if let Backend::Own { conn, .. } = &self.backend {
-                        *conn.lock().await = None;
-                    }
-                    return Err(e);
-                }
-            };
+            let rows = self
+                .ask(shared, &lookup_sql(&want_oids, &want_names))
+                .await?;
+            let (rels, next) = rels_from_rows(rows);
             self.merge(rels, &want_oids, &want_names);
             want_oids.clear();
             want_names = next;
@@ -423,6 +517,29 @@ impl Catalog {
     }
 
     fn merge(&self, rels: Vec<Rel>, oids: &[u32], names: &[String]) {
+        self.update(|d| {
+            for r in rels {
+                let ids = d.names.entry(r.name.clone()).or_default();
+                if !ids.contains(&r.oid) {
+                    ids.push(r.oid);
+                }
+                d.rels.insert(r.oid, Arc::new(r));
+            }
+            for o in oids {
+                if !d.rels.contains_key(o) {
+                    d.missing_oids.insert(*o);
+                }
+            }
+            for n in names {
+                if !d.names.contains_key(n) {
+                    d.missing_names.insert(n.clone());
+                }
+            }
+        });
+    }
+
+    /// Replaces the snapshot with a changed copy.
+    fn update(&self, change: impl FnOnce(&mut Data)) {
         let mut guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
         let old = &**guard;
         let mut d = Data {
@@ -431,45 +548,40 @@ impl Catalog {
             names: old.names.clone(),
             missing_oids: old.missing_oids.clone(),
             missing_names: old.missing_names.clone(),
+            types: old.types.clone(),
         };
-        for r in rels {
-            let ids = d.names.entry(r.name.clone()).or_default();
-            if !ids.contains(&r.oid) {
-                ids.push(r.oid);
-            }
-            d.rels.insert(r.oid, Arc::new(r));
-        }
-        for o in oids {
-            if !d.rels.contains_key(o) {
-                d.missing_oids.insert(*o);
-            }
-        }
-        for n in names {
-            if !d.names.contains_key(n) {
-                d.missing_names.insert(n.clone());
-            }
-        }
+        change(&mut d);
         *guard = Arc::new(d);
         self.bump();
     }
 
-    /// One round: the relations, and the names their view definitions read.
-    async fn fetch(
-        &self,
-        shared: &PgShared,
-        oids: &[u32],
-        names: &[String],
-    ) -> Result<(Vec<Rel>, Vec<String>), CatalogError> {
+    /// One query on the catalog's own connection, within [`TIMEOUT`]; a failure is logged
+    /// and drops the connection (whatever state it is in, start over next time).
+    async fn ask(&self, shared: &PgShared, sql: &str) -> Result<Vec<Row>, CatalogError> {
         let Backend::Own { conn, .. } = &self.backend else {
             unreachable!("a session's catalog is asked by its session");
         };
-        let mut conn = conn.lock().await;
-        if conn.is_none() {
-            *conn = Some(self.connect(shared).await?);
+        let asked = tokio::time::timeout(TIMEOUT, async {
+            let mut conn = conn.lock().await;
+            if conn.is_none() {
+                *conn = Some(self.connect(shared).await?);
+            }
+            let c = conn.as_mut().unwrap_or_else(|| unreachable!());
+            query(c, sql).await
+        })
+        .await
+        .map_err(|_| CatalogError::Timeout(TIMEOUT))
+        .and_then(|r| r);
+        if let Err(e) = &asked {
+            tracing::warn!(
+                catalog.target = %self.key.target,
+                db = %self.key.database,
+                error = %e,
+                "catalog lookup failed"
+            );
+            *conn.lock().await = None;
         }
-        let c = conn.as_mut().unwrap_or_else(|| unreachable!());
-        let rows = query(c, &lookup_sql(oids, names)).await?;
-        Ok(rels_from_rows(rows))
+        asked
     }
 
     async fn connect(&self, shared: &PgShared) -> Result<Reader<Stream>, CatalogError> {
@@ -561,6 +673,51 @@ pub fn lookup_sql(oids: &[u32], names: &[String]) -> String {
          ORDER BY c.oid, a.attnum",
         filter.join(" OR ")
     )
+}
+
+/// The query that asks what the database's own types `oids` are
+/// ([`crate::masking::types`]): one row per type with its kind, array element, domain
+/// base, send function (by its C name, when it is one of PostgreSQL's own) and a
+/// composite's attribute types. Every relation and operator named with its schema, as in
+/// [`lookup_sql`].
+pub fn types_sql(oids: &[u32]) -> String {
+    let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+    format!(
+        "SELECT t.oid, t.typtype, t.typelem, t.typbasetype, \
+         CASE WHEN p.prolang OPERATOR(pg_catalog.=) 12::pg_catalog.oid THEN p.prosrc END, \
+         (SELECT pg_catalog.array_agg(a.atttypid ORDER BY a.attnum) \
+          FROM pg_catalog.pg_attribute a \
+          WHERE a.attrelid OPERATOR(pg_catalog.=) t.typrelid \
+            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped) \
+         FROM pg_catalog.pg_type t \
+         LEFT JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.typsend \
+         WHERE t.oid OPERATOR(pg_catalog.=) ANY ('{{{}}}'::pg_catalog.oid[])",
+        list.join(",")
+    )
+}
+
+/// The types in the rows of a [`types_sql`] query.
+pub fn types_from_rows(rows: Vec<Row>) -> Vec<TypeDef> {
+    let oid = |s: Option<&String>| s.and_then(|s| s.parse::<u32>().ok());
+    rows.iter()
+        .filter_map(|row| {
+            let get = |i: usize| row.get(i).and_then(Option::as_ref);
+            Some(TypeDef {
+                oid: oid(get(0))?,
+                kind: get(1)?.bytes().next()?,
+                element: oid(get(2)).unwrap_or(0),
+                base: oid(get(3)).unwrap_or(0),
+                send: get(4).cloned(),
+                // `{23,25}`: a field whose type cannot be read stays unknown (masked).
+                fields: get(5).map_or_else(Vec::new, |a| {
+                    a.trim_matches(|c| c == '{' || c == '}')
+                        .split(',')
+                        .map(|t| t.parse::<u32>().unwrap_or(0))
+                        .collect()
+                }),
+            })
+        })
+        .collect()
 }
 
 /// The relations in the rows of a [`lookup_sql`] query, and the names their view
@@ -703,6 +860,7 @@ async fn query(c: &mut Reader<Stream>, sql: &str) -> Result<Vec<Row>, CatalogErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::masking::value::TypeClass;
 
     #[test]
     fn literals_cannot_break_out() {
@@ -733,6 +891,89 @@ mod tests {
             assert!(all > 0 && all == qualified, "{name}: {sql}");
         }
         assert!(lookup_sql(&[], &[]).contains("WHERE false"));
+    }
+
+    #[test]
+    fn the_types_lookup_names_everything_with_its_schema() {
+        let sql = types_sql(&[16384, 16390]);
+        let bare = sql
+            .replace("OPERATOR(pg_catalog.=)", "")
+            .replace("OPERATOR(pg_catalog.>)", "");
+        assert!(!bare.contains(['=', '<', '>', '~', '!']), "{bare}");
+        for name in [
+            "pg_type ",
+            "pg_proc ",
+            "pg_attribute ",
+            "array_agg(",
+            "oid[]",
+        ] {
+            let all = sql.matches(name).count();
+            let qualified = sql.matches(&format!("pg_catalog.{name}")).count();
+            assert!(all > 0 && all == qualified, "{name}: {sql}");
+        }
+        assert!(sql.contains("'{16384,16390}'"), "{sql}");
+    }
+
+    #[test]
+    fn a_catalog_learns_types_in_rounds_and_remembers_what_it_saw() {
+        let c = Catalog::new(
+            CatalogKey {
+                addr: "127.0.0.1:5432".parse().expect("in test"),
+                database: "db".into(),
+                target: "t".into(),
+            },
+            Backend::Session,
+        );
+        let row =
+            |cols: &[Option<&str>]| -> Row { cols.iter().map(|c| c.map(String::from)).collect() };
+        // Results named PostgreSQL's own types (not remembered) and the database's own.
+        c.saw_types([25, 23, 16500, 16400]);
+        assert_eq!(c.unlearned_types(), vec![16400, 16500]);
+        // A composite whose second field is a domain, and an enum; 16500 is gone.
+        let next = c.absorb_types(
+            vec![
+                row(&[
+                    Some("16400"),
+                    Some("c"),
+                    Some("0"),
+                    Some("0"),
+                    None,
+                    Some("{23,16410}"),
+                ]),
+                row(&[
+                    Some("16420"),
+                    Some("e"),
+                    Some("0"),
+                    Some("0"),
+                    Some("enum_send"),
+                    None,
+                ]),
+            ],
+            &[16400, 16500],
+        );
+        assert_eq!(next, vec![16410]);
+        assert_eq!(c.unlearned_types(), Vec::<u32>::new());
+        let next = c.absorb_types(
+            vec![row(&[
+                Some("16410"),
+                Some("d"),
+                Some("0"),
+                Some("16420"),
+                None,
+                None,
+            ])],
+            &next,
+        );
+        assert!(next.is_empty());
+        let types = c.cached_types();
+        assert_eq!(types.class(16400), TypeClass::Record);
+        assert_eq!(types.class(16410), TypeClass::Label);
+        assert_eq!(types.class(16500), TypeClass::Other);
+        // Forgotten after DDL, asked again: the session still has them in its results.
+        c.invalidate();
+        assert_eq!(c.unlearned_types(), vec![16400, 16500]);
+        // Malformed rows are skipped, not trusted.
+        assert!(types_from_rows(vec![row(&[Some("x"), Some("e")]), row(&[Some("1")])]).is_empty());
     }
 
     #[test]

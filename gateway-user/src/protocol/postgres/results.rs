@@ -23,6 +23,7 @@ use crate::{
     masking::{
         plan::{self, Field, NoCatalog, Refusal, Resolve, ResultPlan},
         rows::{CopyMasker, mask_data_row},
+        types::{Types, learnable},
     },
     policy::{
         model::MaskSpec,
@@ -283,13 +284,32 @@ impl ResultMasking {
             })
             .collect();
         let (r, cacheable) = self.resolver(a.shape(), &fields, &a.masks).await;
-        let p = plan::plan_rows(&a.masks, a.shape(), &fields, &*r)?;
+        let (types, learned) = self.types(&fields).await;
+        let p = plan::plan_rows(&a.masks, a.shape(), &fields, &*r, types)?;
         tracing::debug!(
             masked = p.columns.iter().filter(|c| c.whole.is_some()).count(),
             detectors = p.detection.is_some(),
             "result masking planned"
         );
-        Ok((Arc::new(p), cacheable))
+        Ok((Arc::new(p), cacheable && learned))
+    }
+
+    /// What the catalog knows about the database's own types among the result's (how
+    /// their values are read and masked), and whether a plan made with it may be reused
+    /// (not after a failed lookup). Without any of them nothing is asked.
+    async fn types(&self, fields: &[Field]) -> (Arc<Types>, bool) {
+        let own: Vec<u32> = fields
+            .iter()
+            .map(|f| f.type_oid)
+            .filter(|t| learnable(*t))
+            .collect();
+        if own.is_empty() {
+            return (Arc::default(), true);
+        }
+        match self.catalog.learn_types(&self.shared, &own).await {
+            Ok(types) => (types, true),
+            Err(_) => (Arc::default(), false),
+        }
     }
 
     async fn plan_copy(&self, a: &Applies, body: &[u8]) -> Result<CopyMasker, ResultError> {

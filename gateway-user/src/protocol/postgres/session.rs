@@ -1567,6 +1567,17 @@ fn plan(
                 return Ok(Plan::Lookup(f, names));
             }
             let masked = results::applies(&j, at, &|n| st.prepared_ctx(n)).is_some();
+            // The portal's results are masked, and the session's results named types of
+            // the database's own not asked about yet (the client has described this
+            // statement before it chose binary formats for its results): asked now, as
+            // nothing can be asked while the results stream.
+            if !looked_up
+                && masked
+                && judge.catalog.in_session()
+                && !judge.catalog.unlearned_types().is_empty()
+            {
+                return Ok(Plan::Lookup(f, Vec::new()));
+            }
             let sent = masked.then(|| sent_text(&prepared.sql, &f.body));
             st.portals.insert(
                 b.portal.clone(),
@@ -2085,11 +2096,13 @@ async fn send_plans<W: AsyncWrite + Unpin>(
 }
 
 /// Asks the session's own catalog about `names` on the session's connection ([`inband`]),
-/// views over views included, and caches the answers, where the client's stream leaves
+/// views over views included, and about the database's own types its results have named
+/// ([`Catalog::unlearned_types`]), and caches the answers, where the client's stream leaves
 /// room (`gap`). Waits first for every answer to what was forwarded before (the
 /// transaction status must be known; at most
 /// [`catalog::TIMEOUT`], as a client in the middle of a COPY would never get there).
-/// A lookup that fails leaves the names unknown: masking then treats them as undecidable.
+/// A lookup that fails leaves the names unknown: masking then treats them as undecidable
+/// (and values of types not known as unreadable).
 async fn ask_in_session<W: AsyncWrite + Unpin>(
     server: &mut WriteHalf<W>,
     state: &Mutex<State>,
@@ -2100,7 +2113,8 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
     traffic: &Traffic,
 ) -> Result<(), PgError> {
     let mut want = catalog.unknown_names(names);
-    if want.is_empty() {
+    let mut types = catalog.unlearned_types();
+    if want.is_empty() && types.is_empty() {
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + catalog::TIMEOUT;
@@ -2131,11 +2145,15 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
         return Ok(());
     }
     let in_block = status == b'T';
-    for _ in 0..catalog::MAX_ROUNDS {
-        if want.is_empty() {
+    // Relations first, then types, a round each until nothing is left to ask.
+    for _ in 0..2 * catalog::MAX_ROUNDS {
+        let sql = if !want.is_empty() {
+            catalog::lookup_sql(&[], &want)
+        } else if !types.is_empty() {
+            catalog::types_sql(&types)
+        } else {
             return Ok(());
-        }
-        let sql = catalog::lookup_sql(&[], &want);
+        };
         let reply = exchange(server, state, inband::lookup(&sql, in_block), traffic).await?;
         if let Some(error) = reply.error {
             tracing::warn!(
@@ -2155,7 +2173,11 @@ async fn ask_in_session<W: AsyncWrite + Unpin>(
             }
             return Ok(());
         }
-        want = catalog.absorb(reply.rows, &want);
+        if !want.is_empty() {
+            want = catalog.absorb(reply.rows, &want);
+        } else {
+            types = catalog.absorb_types(reply.rows, &types);
+        }
     }
     Ok(())
 }
@@ -2366,6 +2388,12 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                     && let Ok((k, v)) = messages::parameter_status(&f.body)
                 {
                     note_parameter(&mut st.lex, &k, &v);
+                }
+                if f.tag == be::ROW_DESCRIPTION
+                    && judge.catalog.in_session()
+                    && let Ok(types) = messages::row_description_types(&f.body)
+                {
+                    judge.catalog.saw_types(types);
                 }
                 let head = st.tracker.head_query_ctx().cloned();
                 masking.system_names = st.system_names;
