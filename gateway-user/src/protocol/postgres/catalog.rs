@@ -3,7 +3,9 @@
 //! Masking rules name columns (`public.users.email`); results name them by table OID and
 //! attribute number, statements by names that may be views. The catalog answers both:
 //! relation names and columns by OID or by name, and what each view column is computed
-//! from (its `pg_get_viewdef`, traced with the same lineage analysis as statements).
+//! from (its `pg_get_viewdef`, traced with the same lineage analysis as statements). It
+//! also says what the database's own types in results are ([`types_sql`],
+//! [`crate::masking::types`]), which binary values cannot tell.
 //!
 //! Two ways to ask it ([`Backend`]):
 //! - **its own connection**, with the target's `credentials` (the inject credentials, or

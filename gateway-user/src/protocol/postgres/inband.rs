@@ -2,7 +2,8 @@
 //! `credentials` (Portcullis has no connection of its own to ask on).
 //!
 //! Masking and the copy check need to know what the relations a statement names are (a
-//! view is traced to the tables under it) and which table OIDs results will name. Nothing
+//! view is traced to the tables under it) and which table OIDs results will name, and
+//! masking what the database's own types in its results are in binary format. Nothing
 //! can be asked while results stream, so the session engine asks before it forwards the
 //! statement, and only where the client's stream leaves room ([`Gap`]): between its
 //! requests (after a Sync, a simple query or a function call), or inside a batch right
