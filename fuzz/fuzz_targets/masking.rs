@@ -24,7 +24,7 @@ const CLASSES: [TypeClass; 8] = [
     TypeClass::Json,
     TypeClass::Jsonb,
     TypeClass::Label,
-    TypeClass::Array(25),
+    TypeClass::Bytes,
     TypeClass::Array(16400),
     TypeClass::Record,
     TypeClass::Other,

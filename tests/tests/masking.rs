@@ -1203,9 +1203,10 @@ X
 /// before the Bind that chose binary results (tokio-postgres described the statement
 /// first, so the gate has seen its types). Under the shipped policies: an enum is its
 /// label, a record is read field by field (a field's type learned in a second round), an
-/// array of enums element by element, citext and a domain over it are text. Values
-/// without findings pass byte for byte; a record with an address or an SSN in a field is
-/// NULL; an address in citext is redacted in place. Before, every one of them was NULL.
+/// array of enums element by element, citext and a domain over it are text, and `bytea`
+/// is read as its bytes (in text format too). Values without findings pass byte for byte;
+/// a record or a `bytea` with an address or an SSN in it is NULL; an address in citext is
+/// redacted in place. Before, every one of them was NULL.
 #[test]
 fn the_databases_own_types_in_binary_are_read_as_the_catalog_says() {
     for credentials in [true, false] {
@@ -1220,14 +1221,15 @@ fn the_databases_own_types_in_binary_are_read_as_the_catalog_says() {
              CREATE TYPE pair AS (a int, b text); CREATE DOMAIN handle AS citext; \
              CREATE TYPE level AS ENUM ('low', 'high'); CREATE TYPE tagged AS (l level, note text); \
              CREATE TABLE pets (id int, mood mood, moods mood[], card pair, alias citext, \
-                                handle handle, tag tagged); \
+                                handle handle, tag tagged, blob bytea); \
              INSERT INTO pets VALUES \
-               (1, 'happy', '{happy,sad}', ROW(1, 'x'), 'Ann@Example.com', 'Ann', ROW('low', 'fine')), \
+               (1, 'happy', '{happy,sad}', ROW(1, 'x'), 'Ann@Example.com', 'Ann', ROW('low', 'fine'), \
+                '\\x0001ff'), \
                (2, 'sad', '{sad}', ROW(2, 'bo@example.com'), 'Bo', 'bo@example.com', \
-                ROW('high', 'ssn 536-22-1234')); \
+                ROW('high', 'ssn 536-22-1234'), convert_to('mail bo@example.com', 'UTF8')); \
              ALTER TABLE pets OWNER TO app;",
         );
-        let sql = "SELECT id, mood, moods, card, alias, handle, tag FROM pets ORDER BY id";
+        let sql = "SELECT id, mood, moods, card, alias, handle, tag, blob FROM pets ORDER BY id";
         let direct = pc_pg_with(&w, &w.direct, "rows", &[sql]);
         let rows = &direct["result"][0];
         assert_eq!(rows[0][1], "happy", "{direct}");
@@ -1237,10 +1239,16 @@ fn the_databases_own_types_in_binary_are_read_as_the_catalog_says() {
         want[1][3] = serde_json::Value::Null;
         want[1][5] = json!("[REDACTED:email]");
         want[1][6] = serde_json::Value::Null;
+        want[1][7] = serde_json::Value::Null;
         let via = pc_pg_with(&w, &w.agent, "rows", &[sql]);
         assert_eq!(
             via["result"][0], want,
             "credentials = {credentials}; direct: {direct}"
+        );
+        // bytea in text format (hex): read as bytes too.
+        assert_eq!(
+            psql_rows(&w, "SELECT id, blob FROM pets ORDER BY id"),
+            "1|\\x0001ff\n2|"
         );
     }
 }

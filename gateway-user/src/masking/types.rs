@@ -135,6 +135,7 @@ impl Types {
                 ),
                 Some(s) if TEXT_SENDS.contains(&s) => (Entry::Class(TypeClass::Text), Vec::new()),
                 Some("json_send") => (Entry::Class(TypeClass::Json), Vec::new()),
+                Some("byteasend") => (Entry::Class(TypeClass::Bytes), Vec::new()),
                 Some("jsonb_send") => (Entry::Class(TypeClass::Jsonb), Vec::new()),
                 Some(s) if OPAQUE_SENDS.contains(&s) => {
                     (Entry::Class(TypeClass::Opaque), Vec::new())

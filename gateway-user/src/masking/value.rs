@@ -8,10 +8,10 @@
 //!   column cannot carry `[REDACTED]`, an enum column only its own labels).
 //!
 //! Detectors look inside text-like values in both formats, inside any value sent in text
-//! format (arrays, records, `inet`), and inside binary values whose type says how to read
-//! them: enums (their label), records (field by field, each by the type its bytes name)
+//! format (arrays, records, `inet`), inside `bytea` (its bytes, in both formats), and inside
+//! binary values whose type says how to read them: enums (their label), records (field by field, each by the type its bytes name)
 //! and arrays (element by element), nested as deep as [`MAX_NESTING`]; a finding inside
-//! an enum, a record or an array masks the whole value to NULL. Numbers, dates, OIDs, and
+//! an enum, a `bytea`, a record or an array masks the whole value to NULL. Numbers, dates, OIDs, and
 //! ranges of numbers and dates, have nothing to find. What a binary value is cannot be
 //! told from its bytes, only from the column's type ([`super::types`] for the database's
 //! own): any other binary value (an extension's type, a type the catalog was not asked
@@ -44,6 +44,10 @@ pub enum TypeClass {
     /// An enum: its label's text in both formats, but only its own labels are valid
     /// values (a masked one is NULL).
     Label,
+    /// `bytea`: its bytes in binary format, `\x` and their hex digits in text format (or
+    /// the escape format, which is text). Detectors look at the bytes as text; a finding
+    /// masks the value (to NULL).
+    Bytes,
     /// Numbers, dates, booleans, UUIDs: no text inside, nothing to detect.
     Opaque,
     /// An array (the element type's OID): readable in text format, and in binary format
@@ -66,6 +70,7 @@ pub fn type_class(oid: u32) -> TypeClass {
         25 | 1043 | 1042 | 19 | 18 | 705 | 142 => TypeClass::Text,
         114 => TypeClass::Json,
         3802 => TypeClass::Jsonb,
+        17 => TypeClass::Bytes,
         16 | 20 | 21 | 23 | 26 | 28 | 29 | 700 | 701 | 790 | 1700 | 1082 | 1083 | 1266 | 1114
         | 1184 | 1186 | 2950 | 5038 | 3220 => TypeClass::Opaque,
         // Ranges and multiranges of numbers, timestamps and dates.
@@ -112,6 +117,7 @@ fn array_element(oid: u32) -> Option<u32> {
         1187 => 1186,
         2951 => 2950,
         2287 => 2249,
+        1001 => 17,
         _ => return None,
     })
 }
@@ -146,6 +152,7 @@ fn hides(
     match class {
         TypeClass::Opaque => false,
         TypeClass::Text | TypeClass::Json | TypeClass::Label => text(value),
+        TypeClass::Bytes => !findings(detection, &String::from_utf8_lossy(value)).is_empty(),
         TypeClass::Jsonb => match value.split_first() {
             Some((1, doc)) => text(doc),
             _ => true,
@@ -167,6 +174,18 @@ fn hides(
         }),
         TypeClass::Other => true,
     }
+}
+
+/// The bytes of hex digits (`bytea`'s text format after its `\x`). `None`: not hex.
+fn unhex(digits: &[u8]) -> Option<Vec<u8>> {
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    digits
+        .chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
 }
 
 /// Reads a record in binary format (`record_send`): the field count, then each field as
@@ -263,6 +282,7 @@ fn encode_whole(r: String, class: TypeClass, binary: bool) -> Option<Vec<u8>> {
             Some(out)
         }
         TypeClass::Label
+        | TypeClass::Bytes
         | TypeClass::Opaque
         | TypeClass::Array(_)
         | TypeClass::Record
@@ -392,8 +412,22 @@ impl Masker {
             ),
             // An element's or a field's finding masks the whole value (to NULL): one of
             // another length cannot be spliced in without rewriting it.
-            (TypeClass::Array(_) | TypeClass::Record | TypeClass::Other, true) => {
+            (
+                TypeClass::Array(_) | TypeClass::Record | TypeClass::Bytes | TypeClass::Other,
+                true,
+            ) => {
                 return hides(detection, types, class, value, 0).then_some(None);
+            }
+            // `bytea_output = hex`: the bytes are read; the escape format is read as
+            // text (a finding spliced in could break an escape: NULL).
+            (TypeClass::Bytes, false) => {
+                let bytes = match value.strip_prefix(b"\\x") {
+                    Some(digits) => unhex(digits),
+                    None => Some(value.to_vec()),
+                };
+                return bytes
+                    .is_none_or(|b| hides(detection, types, class, &b, 0))
+                    .then_some(None);
             }
             _ => (&[], value),
         };
@@ -650,6 +684,38 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn bytea_is_read_as_text_in_both_formats() {
+        let m = m();
+        let d = Detection {
+            detectors: vec![("email".into(), Strategy::Redact { text: None })],
+        };
+        let t = Types::default();
+        let detect = |binary: bool, v: &[u8]| m.detect(&d, &t, type_class(17), binary, v);
+        // Binary: the bytes themselves, UTF-8 or not.
+        assert_eq!(detect(true, b"\x00\x01\xff"), None);
+        assert_eq!(detect(true, b"\xff mail bo@example.com \x00"), Some(None));
+        // Text: hex digits are decoded; the escape format is text already; hex that is
+        // not hex is not read.
+        assert_eq!(detect(false, b"\\x0001ff"), None);
+        let hex: String = b"bo@example.com"
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(detect(false, format!("\\x{hex}").as_bytes()), Some(None));
+        assert_eq!(
+            detect(false, format!("\\x{}", hex.to_uppercase()).as_bytes()),
+            Some(None)
+        );
+        assert_eq!(detect(false, b"\\x0g"), Some(None));
+        assert_eq!(detect(false, b"\\x012"), Some(None));
+        assert_eq!(detect(false, b"\\001bo@example.com"), Some(None));
+        assert_eq!(detect(false, b"\\001 nothing"), None);
+        // Arrays of bytea, element by element.
+        let blobs = array_bytes(17, &[1], &[Some(b"\x00bo@example.com")]);
+        assert_eq!(m.detect(&d, &t, type_class(1001), true, &blobs), Some(None));
     }
 
     #[test]
