@@ -1204,7 +1204,7 @@ X
 /// first, so the gate has seen its types). Under the shipped policies: an enum is its
 /// label, a record is read field by field (a field's type learned in a second round), an
 /// array of enums element by element, citext and a domain over it are text, and `bytea`
-/// is read as its bytes (in text format too). Values without findings pass byte for byte;
+/// is read as its bytes (in text format too), `inet` as its address. Values without findings pass byte for byte;
 /// a record or a `bytea` with an address or an SSN in it is NULL; an address in citext is
 /// redacted in place. Before, every one of them was NULL.
 #[test]
@@ -1221,19 +1221,22 @@ fn the_databases_own_types_in_binary_are_read_as_the_catalog_says() {
              CREATE TYPE pair AS (a int, b text); CREATE DOMAIN handle AS citext; \
              CREATE TYPE level AS ENUM ('low', 'high'); CREATE TYPE tagged AS (l level, note text); \
              CREATE TABLE pets (id int, mood mood, moods mood[], card pair, alias citext, \
-                                handle handle, tag tagged, blob bytea); \
+                                handle handle, tag tagged, blob bytea, addr inet); \
              INSERT INTO pets VALUES \
                (1, 'happy', '{happy,sad}', ROW(1, 'x'), 'Ann@Example.com', 'Ann', ROW('low', 'fine'), \
-                '\\x0001ff'), \
+                '\\x0001ff', '10.1.2.3'), \
                (2, 'sad', '{sad}', ROW(2, 'bo@example.com'), 'Bo', 'bo@example.com', \
-                ROW('high', 'ssn 536-22-1234'), convert_to('mail bo@example.com', 'UTF8')); \
+                ROW('high', 'ssn 536-22-1234'), convert_to('mail bo@example.com', 'UTF8'), \
+                '2001:db8::1'); \
              ALTER TABLE pets OWNER TO app;",
         );
-        let sql = "SELECT id, mood, moods, card, alias, handle, tag, blob FROM pets ORDER BY id";
+        let sql =
+            "SELECT id, mood, moods, card, alias, handle, tag, blob, addr FROM pets ORDER BY id";
         let direct = pc_pg_with(&w, &w.direct, "rows", &[sql]);
         let rows = &direct["result"][0];
         assert_eq!(rows[0][1], "happy", "{direct}");
         assert!(rows[0][3]["binary"].is_string(), "{direct}");
+        assert!(rows[1][8]["binary"].is_string(), "{direct}");
         let mut want = rows.clone();
         want[0][4] = json!("[REDACTED:email]");
         want[1][3] = serde_json::Value::Null;

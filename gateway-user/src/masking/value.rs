@@ -44,6 +44,9 @@ pub enum TypeClass {
     /// An enum: its label's text in both formats, but only its own labels are valid
     /// values (a masked one is NULL).
     Label,
+    /// `inet` and `cidr`: an address, read as its text in both formats (the binary form is
+    /// rendered); a finding masks the value (to NULL: a spliced address is none).
+    Inet,
     /// `bytea`: its bytes in binary format, `\x` and their hex digits in text format (or
     /// the escape format, which is text). Detectors look at the bytes as text; a finding
     /// masks the value (to NULL).
@@ -67,12 +70,35 @@ pub const MAX_NESTING: usize = 8;
 
 pub fn type_class(oid: u32) -> TypeClass {
     match oid {
-        25 | 1043 | 1042 | 19 | 18 | 705 | 142 => TypeClass::Text,
+        // text, varchar, bpchar, name, "char", unknown, xml, refcursor.
+        25 | 1043 | 1042 | 19 | 18 | 705 | 142 | 1790 => TypeClass::Text,
         114 => TypeClass::Json,
         3802 => TypeClass::Jsonb,
         17 => TypeClass::Bytes,
+        650 | 869 => TypeClass::Inet,
         16 | 20 | 21 | 23 | 26 | 28 | 29 | 700 | 701 | 790 | 1700 | 1082 | 1083 | 1266 | 1114
         | 1184 | 1186 | 2950 | 5038 | 3220 => TypeClass::Opaque,
+        // OIDs and their vectors, the reg* aliases of OIDs (binary: the OID), tid, xid8,
+        // snapshots, geometry, MAC addresses, bit strings.
+        22
+        | 24
+        | 27
+        | 30
+        | 2202..=2206
+        | 3734
+        | 3769
+        | 4089
+        | 4096
+        | 4191
+        | 5069
+        | 2970
+        | 600..=604
+        | 628
+        | 718
+        | 774
+        | 829
+        | 1560
+        | 1562 => TypeClass::Opaque,
         // Ranges and multiranges of numbers, timestamps and dates.
         3904 | 3926 | 3906 | 3908 | 3910 | 3912 | 4451 | 4536 | 4532 | 4533 | 4534 | 4535 => {
             TypeClass::Opaque
@@ -118,6 +144,33 @@ fn array_element(oid: u32) -> Option<u32> {
         2951 => 2950,
         2287 => 2249,
         1001 => 17,
+        143 => 142,
+        2201 => 1790,
+        651 => 650,
+        1041 => 869,
+        791 => 790,
+        3221 => 3220,
+        5039 => 5038,
+        1006 => 22,
+        1008 => 24,
+        1012 => 29,
+        1013 => 30,
+        2207..=2211 => oid - 5,
+        3735 => 3734,
+        3770 => 3769,
+        4090 => 4089,
+        4097 => 4096,
+        4192 => 4191,
+        271 => 5069,
+        2949 => 2970,
+        1017..=1020 => oid - 417,
+        1027 => 604,
+        629 => 628,
+        719 => 718,
+        775 => 774,
+        1040 => 829,
+        1561 => 1560,
+        1563 => 1562,
         _ => return None,
     })
 }
@@ -153,6 +206,7 @@ fn hides(
         TypeClass::Opaque => false,
         TypeClass::Text | TypeClass::Json | TypeClass::Label => text(value),
         TypeClass::Bytes => !findings(detection, &String::from_utf8_lossy(value)).is_empty(),
+        TypeClass::Inet => binary_inet(value).is_none_or(|a| text(a.as_bytes())),
         TypeClass::Jsonb => match value.split_first() {
             Some((1, doc)) => text(doc),
             _ => true,
@@ -173,6 +227,21 @@ fn hides(
             })
         }),
         TypeClass::Other => true,
+    }
+}
+
+/// The address of an `inet` or `cidr` in binary format (`inet_send`: family, prefix
+/// bits, whether it is a cidr, the address's length, the address), as text. `None`: not
+/// well formed.
+fn binary_inet(v: &[u8]) -> Option<String> {
+    match v {
+        [2, _, _, 4, a @ ..] => {
+            Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(a).ok()?).to_string())
+        }
+        [3, _, _, 16, a @ ..] => {
+            Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(a).ok()?).to_string())
+        }
+        _ => None,
     }
 }
 
@@ -283,6 +352,7 @@ fn encode_whole(r: String, class: TypeClass, binary: bool) -> Option<Vec<u8>> {
         }
         TypeClass::Label
         | TypeClass::Bytes
+        | TypeClass::Inet
         | TypeClass::Opaque
         | TypeClass::Array(_)
         | TypeClass::Record
@@ -413,7 +483,11 @@ impl Masker {
             // An element's or a field's finding masks the whole value (to NULL): one of
             // another length cannot be spliced in without rewriting it.
             (
-                TypeClass::Array(_) | TypeClass::Record | TypeClass::Bytes | TypeClass::Other,
+                TypeClass::Array(_)
+                | TypeClass::Record
+                | TypeClass::Bytes
+                | TypeClass::Inet
+                | TypeClass::Other,
                 true,
             ) => {
                 return hides(detection, types, class, value, 0).then_some(None);
@@ -439,8 +513,8 @@ impl Masker {
         if found.is_empty() {
             return None;
         }
-        // A label spliced would not be one of the enum's.
-        if class == TypeClass::Label {
+        // A label spliced would not be one of the enum's, an address spliced no address.
+        if matches!(class, TypeClass::Label | TypeClass::Inet) {
             return Some(None);
         }
         Some(self.splice(detection, s, &found, class).map(|body| {
@@ -716,6 +790,62 @@ mod tests {
         // Arrays of bytea, element by element.
         let blobs = array_bytes(17, &[1], &[Some(b"\x00bo@example.com")]);
         assert_eq!(m.detect(&d, &t, type_class(1001), true, &blobs), Some(None));
+    }
+
+    #[test]
+    fn addresses_are_read_as_text_and_masked_whole() {
+        let m = m();
+        let d = Detection {
+            detectors: vec![("ip_address".into(), Strategy::Redact { text: None })],
+        };
+        let t = Types::default();
+        let detect =
+            |oid: u32, binary: bool, v: &[u8]| m.detect(&d, &t, type_class(oid), binary, v);
+        assert_eq!(detect(869, true, &[2, 32, 0, 4, 10, 1, 2, 3]), Some(None));
+        assert_eq!(
+            detect(
+                650,
+                true,
+                &[
+                    3, 128, 1, 16, 0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+                ]
+            ),
+            Some(None)
+        );
+        assert_eq!(
+            detect(869, true, &[2, 32, 0, 4, 10, 1]),
+            Some(None),
+            "truncated"
+        );
+        assert_eq!(
+            detect(869, false, b"10.1.2.3/24"),
+            Some(None),
+            "not spliced"
+        );
+        // Without the address detector there is nothing to find in one.
+        let email = Detection {
+            detectors: vec![("email".into(), Strategy::Redact { text: None })],
+        };
+        assert_eq!(
+            m.detect(
+                &email,
+                &t,
+                type_class(869),
+                true,
+                &[2, 32, 0, 4, 10, 1, 2, 3]
+            ),
+            None
+        );
+        // PostgreSQL's OID-like and geometric types, and arrays of them, hold no text.
+        for oid in [2205, 2206, 24, 27, 600, 829, 1560, 5069] {
+            assert_eq!(detect(oid, true, &[0, 0, 0, 1]), None, "{oid}");
+        }
+        let regclasses = array_bytes(2205, &[1], &[Some(&[0, 0, 4, 0])]);
+        assert_eq!(detect(2210, true, &regclasses), None);
+        let regtypes = array_bytes(2206, &[1], &[Some(&[0, 0, 0, 25])]);
+        assert_eq!(detect(2211, true, &regtypes), None);
+        let points = array_bytes(600, &[1], &[Some(&[0; 16])]);
+        assert_eq!(detect(1017, true, &points), None);
     }
 
     #[test]

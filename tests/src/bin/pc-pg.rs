@@ -304,7 +304,7 @@ impl<'a> FromSql<'a> for Raw {
 }
 
 /// One value as JSON, decoded by its type from the binary format tokio-postgres asks for:
-/// an enum as its label, `bytea`, a record or an array as `{"binary": hex}`.
+/// an enum as its label, `bytea`, `inet`, a record or an array as `{"binary": hex}`.
 fn cell(r: &tokio_postgres::Row, i: usize) -> Value {
     let t = r.columns()[i].type_().clone();
     let raw = |i: usize| r.try_get::<_, Option<Raw>>(i).map(|v| v.map(|Raw(b)| b));
@@ -315,11 +315,13 @@ fn cell(r: &tokio_postgres::Row, i: usize) -> Value {
         (_, Kind::Enum(_)) => {
             raw(i).map(|v| json!(v.map(|b| String::from_utf8_lossy(&b).into_owned())))
         }
-        (Type::BYTEA, _) | (_, Kind::Composite(_) | Kind::Array(_) | Kind::Pseudo) => raw(i).map(|v| {
-            json!(v.map(
-                |b| json!({"binary": b.iter().map(|x| format!("{x:02x}")).collect::<String>()})
-            ))
-        }),
+        (Type::BYTEA | Type::INET, _) | (_, Kind::Composite(_) | Kind::Array(_) | Kind::Pseudo) => {
+            raw(i).map(|v| {
+                json!(v.map(
+                    |b| json!({"binary": b.iter().map(|x| format!("{x:02x}")).collect::<String>()})
+                ))
+            })
+        }
         _ => r.try_get::<_, Option<String>>(i).map(|v| json!(v)),
     };
     v.unwrap_or_else(|e| json!({"decode_error": e.to_string()}))
