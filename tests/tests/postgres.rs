@@ -530,7 +530,10 @@ fn psycopg3_sees_the_same_results() {
 /// connection shows but the masked ones. The catalog is asked on asyncpg's own session
 /// (also in the middle of its prepare, after a Flush, where it looks up the types it has
 /// no codec for); arrays of text come in binary and are read element by element (one that
-/// holds an address is nulled whole, the others pass), ranges of numbers pass.
+/// holds an address is nulled whole, the others pass), ranges of numbers pass, and the
+/// database's own types (an enum, an array of it, a composite) are read as the session's
+/// catalog says they are: asked before the Bind, once asyncpg's prepare has described
+/// them.
 #[test]
 fn asyncpg_sees_its_tables_with_only_the_masked_values_changed() {
     let w = world("");
