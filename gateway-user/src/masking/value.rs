@@ -262,30 +262,52 @@ fn unhex(digits: &[u8]) -> Option<Vec<u8>> {
 /// (every count is checked against the bytes there are).
 #[allow(clippy::type_complexity)]
 fn binary_record(v: &[u8]) -> Option<Vec<(u32, Option<&[u8]>)>> {
-    let mut at = 0;
-    let int = |at: &mut usize| -> Option<i32> {
-        let b = v.get(*at..*at + 4)?;
-        *at += 4;
-        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let n = usize::try_from(int(&mut at)?).ok()?;
+    let mut c = Cursor { v, at: 0 };
+    let n = usize::try_from(c.int()?).ok()?;
     // Each field takes eight bytes at least.
-    if n > v.len().saturating_sub(at) / 8 {
+    if n > c.left() / 8 {
         return None;
     }
     let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
-        let oid = int(&mut at)? as u32;
-        let len = int(&mut at)?;
-        if len < 0 {
-            fields.push((oid, None));
-            continue;
-        }
-        let end = at.checked_add(len as usize)?;
-        fields.push((oid, Some(v.get(at..end)?)));
-        at = end;
+        let oid = c.int()? as u32;
+        fields.push((oid, c.value()?));
     }
-    (at == v.len()).then_some(fields)
+    c.done().then_some(fields)
+}
+
+/// Reads the big-endian integers and length-prefixed values of a binary array or record.
+struct Cursor<'a> {
+    v: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn int(&mut self) -> Option<i32> {
+        let b = self.v.get(self.at..self.at + 4)?;
+        self.at += 4;
+        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A length (-1: NULL) and that many bytes. `None`: past the end.
+    fn value(&mut self) -> Option<Option<&'a [u8]>> {
+        let len = self.int()?;
+        if len < 0 {
+            return Some(None);
+        }
+        let end = self.at.checked_add(len as usize)?;
+        let v = self.v.get(self.at..end)?;
+        self.at = end;
+        Some(Some(v))
+    }
+
+    fn left(&self) -> usize {
+        self.v.len().saturating_sub(self.at)
+    }
+
+    fn done(&self) -> bool {
+        self.at == self.v.len()
+    }
 }
 
 /// An array in binary format (`array_send`): its element type as it says, and the
@@ -300,37 +322,25 @@ struct BinaryArray<'a> {
 /// (size, lower bound), then each element as a length (-1: NULL) and its bytes. `None`:
 /// not a well-formed array (every count is checked against the bytes there are).
 fn binary_array(v: &[u8]) -> Option<BinaryArray<'_>> {
-    let mut at = 0;
-    let int = |at: &mut usize| -> Option<i32> {
-        let b = v.get(*at..*at + 4)?;
-        *at += 4;
-        Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let ndim = usize::try_from(int(&mut at)?).ok().filter(|n| *n <= 6)?;
-    let _flags = int(&mut at)?;
-    let element_type = int(&mut at)? as u32;
+    let mut c = Cursor { v, at: 0 };
+    let ndim = usize::try_from(c.int()?).ok().filter(|n| *n <= 6)?;
+    let _flags = c.int()?;
+    let element_type = c.int()? as u32;
     let mut count: usize = if ndim == 0 { 0 } else { 1 };
     for _ in 0..ndim {
-        let size = usize::try_from(int(&mut at)?).ok()?;
-        let _lower = int(&mut at)?;
+        let size = usize::try_from(c.int()?).ok()?;
+        let _lower = c.int()?;
         count = count.checked_mul(size)?;
     }
     // Each element takes four bytes at least.
-    if count > v.len().saturating_sub(at) / 4 {
+    if count > c.left() / 4 {
         return None;
     }
     let mut elements = Vec::with_capacity(count);
     for _ in 0..count {
-        let len = int(&mut at)?;
-        if len < 0 {
-            elements.push(None);
-            continue;
-        }
-        let end = at.checked_add(len as usize)?;
-        elements.push(Some(v.get(at..end)?));
-        at = end;
+        elements.push(c.value()?);
     }
-    (at == v.len()).then_some(BinaryArray {
+    c.done().then_some(BinaryArray {
         element: element_type,
         elements,
     })
@@ -695,23 +705,33 @@ mod tests {
             v.extend_from_slice(&1i32.to_be_bytes());
         }
         for e in elements {
-            match e {
-                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
-                Some(b) => {
-                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                    v.extend_from_slice(b);
-                }
-            }
+            put_value(&mut v, *e);
         }
         v
+    }
+
+    /// A length-prefixed value (-1: NULL).
+    fn put_value(v: &mut Vec<u8>, e: Option<&[u8]>) {
+        match e {
+            None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(b) => {
+                v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                v.extend_from_slice(b);
+            }
+        }
+    }
+
+    /// The e-mail detector, redacting.
+    fn emails() -> Detection {
+        Detection {
+            detectors: vec![("email".into(), Strategy::Redact { text: None })],
+        }
     }
 
     #[test]
     fn binary_arrays_are_read_element_by_element() {
         let m = m();
-        let d = Detection {
-            detectors: vec![("email".into(), Strategy::Redact { text: None })],
-        };
+        let d = emails();
         let detect = |oid: u32, v: &[u8]| m.detect(&d, &Types::default(), type_class(oid), true, v);
         // text[] without findings passes, with one is masked whole; oid[] has nothing to
         // find; an empty array passes.
@@ -749,13 +769,7 @@ mod tests {
         let mut v = (fields.len() as i32).to_be_bytes().to_vec();
         for (oid, f) in fields {
             v.extend_from_slice(&oid.to_be_bytes());
-            match f {
-                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
-                Some(b) => {
-                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                    v.extend_from_slice(b);
-                }
-            }
+            put_value(&mut v, *f);
         }
         v
     }
@@ -763,9 +777,7 @@ mod tests {
     #[test]
     fn bytea_is_read_as_text_in_both_formats() {
         let m = m();
-        let d = Detection {
-            detectors: vec![("email".into(), Strategy::Redact { text: None })],
-        };
+        let d = emails();
         let t = Types::default();
         let detect = |binary: bool, v: &[u8]| m.detect(&d, &t, type_class(17), binary, v);
         // Binary: the bytes themselves, UTF-8 or not.
@@ -823,9 +835,7 @@ mod tests {
             "not spliced"
         );
         // Without the address detector there is nothing to find in one.
-        let email = Detection {
-            detectors: vec![("email".into(), Strategy::Redact { text: None })],
-        };
+        let email = emails();
         assert_eq!(
             m.detect(
                 &email,
@@ -852,9 +862,7 @@ mod tests {
     fn binary_records_and_enums_are_read_by_their_types() {
         use crate::masking::types::TypeDef;
         let m = m();
-        let d = Detection {
-            detectors: vec![("email".into(), Strategy::Redact { text: None })],
-        };
+        let d = emails();
         let mut types = Types::default();
         let learn = |types: &mut Types, oid, kind, element| {
             types.learn(&TypeDef {
@@ -926,28 +934,13 @@ mod tests {
                 ("us_ssn".into(), Strategy::Null),
             ],
         };
-        assert_eq!(
-            m.detect(
-                &d,
-                &Types::default(),
-                TypeClass::Text,
-                false,
-                b"nothing here"
-            ),
-            None
-        );
-        let out = m.detect(
-            &d,
-            &Types::default(),
-            TypeClass::Text,
-            false,
-            b"mail alice@example.com now",
-        );
+        let none = Types::default();
+        let detect = |class, binary, v: &[u8]| m.detect(&d, &none, class, binary, v);
+        assert_eq!(detect(TypeClass::Text, false, b"nothing here"), None);
+        let out = detect(TypeClass::Text, false, b"mail alice@example.com now");
         assert_eq!(out, Some(Some(b"mail [REDACTED:email] now".to_vec())));
         // jsonb binary: version byte kept, document still valid JSON.
-        let out = m.detect(
-            &d,
-            &Types::default(),
+        let out = detect(
             TypeClass::Jsonb,
             true,
             b"\x01{\"e\": \"alice@example.com\"}",
@@ -957,42 +950,18 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&v[1..]).expect("valid JSON");
         assert_eq!(doc["e"], "[REDACTED:email]");
         // Unreadable binary of an unknown type is not passed unread.
-        assert_eq!(
-            m.detect(&d, &Types::default(), TypeClass::Other, true, b"\x00\x01"),
-            Some(None)
-        );
-        assert_eq!(
-            m.detect(&d, &Types::default(), TypeClass::Opaque, true, b"\x00\x01"),
-            None
-        );
+        assert_eq!(detect(TypeClass::Other, true, b"\x00\x01"), Some(None));
+        assert_eq!(detect(TypeClass::Opaque, true, b"\x00\x01"), None);
         // Arrays in text format: the literal stays valid.
-        let out = m.detect(
-            &d,
-            &Types::default(),
-            TypeClass::Other,
-            false,
-            b"{alice@example.com,bob}",
-        );
+        let out = detect(TypeClass::Other, false, b"{alice@example.com,bob}");
         assert_eq!(out, Some(Some(b"{[REDACTED:email],bob}".to_vec())));
         // Only the wanted detectors; `null` takes the whole value.
         assert_eq!(
-            m.detect(
-                &d,
-                &Types::default(),
-                TypeClass::Text,
-                false,
-                b"key AKIAIOSFODNN7EXAMPLE"
-            ),
+            detect(TypeClass::Text, false, b"key AKIAIOSFODNN7EXAMPLE"),
             None
         );
         assert_eq!(
-            m.detect(
-                &d,
-                &Types::default(),
-                TypeClass::Text,
-                false,
-                b"ssn 536-22-1234"
-            ),
+            detect(TypeClass::Text, false, b"ssn 536-22-1234"),
             Some(None)
         );
     }
