@@ -1255,3 +1255,41 @@ fn the_databases_own_types_in_binary_are_read_as_the_catalog_says() {
         );
     }
 }
+
+/// The statement and portal name the catalog lookups on a session use is refused to the
+/// client (a lookup would close a statement or portal of the client's under it), in every
+/// form: a Parse, a PREPARE, a Bind. The session goes on.
+#[test]
+fn the_name_the_sessions_catalog_uses_is_reserved() {
+    let w = world_with("", None);
+    let out = wire(
+        &w,
+        &w.agent,
+        "\
+P portcullis_catalog SELECT 1
+S
+WAIT 1
+Q PREPARE portcullis_catalog AS SELECT 1
+WAIT 1
+P s1 SELECT 1
+B portcullis_catalog s1
+E portcullis_catalog
+S
+WAIT 1
+Q SELECT 'still here'
+WAIT 1
+X
+",
+    );
+    let errors = wire_errors(&out);
+    assert_eq!(errors.len(), 3, "{out:#?}");
+    for (code, message) in &errors {
+        assert_eq!(*code, "42501", "{out:#?}");
+        assert!(message.contains("reserved"), "{message}");
+    }
+    assert!(
+        out.iter()
+            .any(|m| m["t"] == "D" && m.to_string().contains(&hex(b"still here"))),
+        "{out:#?}"
+    );
+}

@@ -82,7 +82,8 @@ impl Gap {
     }
 }
 
-/// The statement, portal and savepoint the batches use.
+/// The statement, portal and savepoint the batches use; the session engine refuses it to
+/// clients as a statement or portal name.
 pub const NAME: &str = "portcullis_catalog";
 
 /// Largest answer kept (all its rows' bytes); a larger one counts as a failed lookup.

@@ -1229,6 +1229,7 @@ fn check_prepared_names(st: &State, j: &Judgement) -> Option<Denial> {
     let mut made: Vec<&str> = Vec::new();
     for s in &j.classification.statements {
         match (s.kind, s.prepared.as_deref()) {
+            (Kind::Prepare, Some(inband::NAME)) => return Some(reserved_name(inband::NAME)),
             (Kind::Prepare, Some(name)) => {
                 if st.prepared.contains_key(name) || made.contains(&name) {
                     return Some(name_in_use(name));
@@ -1252,6 +1253,18 @@ fn name_in_use(name: &str) -> Denial {
         message: format!(
             "a prepared statement named {name:?} already exists in this session; \
              DEALLOCATE (or Close) it before preparing another under that name"
+        ),
+    }
+}
+
+/// The statement and portal name the catalog lookups on a session use ([`inband::NAME`]):
+/// a client's statement or portal of that name would be closed by one.
+fn reserved_name(name: &str) -> Denial {
+    Denial {
+        rule: PREPARED_NAME_RULE.into(),
+        message: format!(
+            "the name {name:?} is reserved for Portcullis's own catalog lookups on the \
+             session; prepare or bind under another name"
         ),
     }
 }
@@ -1483,6 +1496,7 @@ fn plan(
             // server refuses the name while it exists.
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
             let refusal = match j.decision.verdict {
+                _ if p.name == inband::NAME => Some(reserved_name(&p.name)),
                 _ if in_use => Some(name_in_use(&p.name)),
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => {
@@ -1542,7 +1556,17 @@ fn plan(
         }
         fe::BIND => {
             let b = messages::Bind::decode(&f.body).map_err(cp)?;
-            let prepared = match statement_to_bind(&mut st, judge, &b.statement, looked_up) {
+            let bound = if b.portal == inband::NAME {
+                Err(Unbound::Refused(Portal {
+                    sql: "".into(),
+                    judgement: None,
+                    refused: Some(reserved_name(&b.portal)),
+                    sent: None,
+                }))
+            } else {
+                statement_to_bind(&mut st, judge, &b.statement, looked_up)
+            };
+            let prepared = match bound {
                 Ok(p) => p,
                 Err(Unbound::Lookup(names)) => return Ok(Plan::Lookup(f, names)),
                 Err(Unbound::Refused(refused)) => {
