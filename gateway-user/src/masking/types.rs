@@ -113,14 +113,6 @@ impl Types {
         !learnable(oid) || self.map.contains_key(&oid)
     }
 
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     /// Takes in one type the catalog showed; returns the types its values are made of
     /// (elements, fields, a domain's base) that are still to be learned.
     pub fn learn(&mut self, def: &TypeDef) -> Vec<u32> {

@@ -8,15 +8,16 @@
 //!   column cannot carry `[REDACTED]`, an enum column only its own labels).
 //!
 //! Detectors look inside text-like values in both formats, inside any value sent in text
-//! format (arrays, records, `inet`), inside `bytea` (its bytes, in both formats), and inside
-//! binary values whose type says how to read them: enums (their label), records (field by field, each by the type its bytes name)
-//! and arrays (element by element), nested as deep as [`MAX_NESTING`]; a finding inside
-//! an enum, a `bytea`, a record or an array masks the whole value to NULL. Numbers, dates, OIDs, and
-//! ranges of numbers and dates, have nothing to find. What a binary value is cannot be
-//! told from its bytes, only from the column's type ([`super::types`] for the database's
-//! own): any other binary value (an extension's type, a type the catalog was not asked
-//! about) cannot be read, so when detectors apply it is masked to NULL rather than passed
-//! unread.
+//! format (arrays, records), inside `bytea` (its bytes, in both formats) and `inet` (its
+//! address), and inside binary values whose type says how to read them: enums (their
+//! label), records (field by field, each by the type its bytes name) and arrays (element
+//! by element), nested as deep as [`MAX_NESTING`]; a finding inside an enum, an address,
+//! a `bytea`, a record or an array masks the whole value to NULL. Numbers, dates, OIDs,
+//! and ranges of numbers and dates, have nothing to find. What a binary value is cannot
+//! be told from its bytes, only from the column's type ([`super::types`] for the
+//! database's own): any other binary value (an extension's type, a type the catalog was
+//! not asked about) cannot be read, so when detectors apply it is masked to NULL rather
+//! than passed unread.
 
 use std::{fs, os::unix::fs::OpenOptionsExt as _, path::Path};
 
@@ -59,8 +60,7 @@ pub enum TypeClass {
     /// A record (a composite type, or an anonymous `ROW(...)`): readable in text format,
     /// and in binary format field by field.
     Record,
-    /// Anything else (`inet`, extension types, types not known): readable in text format
-    /// only.
+    /// Anything else (extension types, types not known): readable in text format only.
     Other,
 }
 

@@ -172,11 +172,6 @@ impl Data {
         }
     }
 
-    /// What is known about the database's own types.
-    pub fn types(&self) -> Arc<Types> {
-        self.types.clone()
-    }
-
     fn knows_oid(&self, oid: u32) -> bool {
         self.rels.contains_key(&oid) || self.missing_oids.contains(&oid)
     }
@@ -401,18 +396,14 @@ impl Catalog {
         next
     }
 
-    /// What is known about the database's own types, without asking (and, for a
-    /// session's catalog, without expiring what results were planned with).
+    /// What is known about the database's own types, as cached: without asking, and
+    /// without expiring what a session's results were planned with.
     pub fn cached_types(&self) -> Arc<Types> {
-        if self.in_session() {
-            return self
-                .data
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .types
-                .clone();
-        }
-        self.snapshot().types.clone()
+        self.data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .types
+            .clone()
     }
 
     /// What the database's own types among `oids` are, asked on the catalog's own
@@ -872,47 +863,51 @@ mod tests {
         assert_eq!(literal(&a), r#"E'{"users","we\\"ird\'\\\\name"}'"#);
     }
 
-    #[test]
-    fn the_lookup_names_every_relation_function_and_operator_with_its_schema() {
-        let sql = lookup_sql(&[16384, 16390], &["users".into(), "o'dd".into()]);
+    /// Every operator in `sql` is `pg_catalog`'s by name, and each of `names` (relations,
+    /// functions, array types) appears only with its schema.
+    fn assert_qualified(sql: &str, names: &[&str]) {
         let bare = sql
             .replace("OPERATOR(pg_catalog.=)", "")
             .replace("OPERATOR(pg_catalog.>)", "");
         assert!(!bare.contains(['=', '<', '>', '~', '!']), "{bare}");
-        for name in [
-            "pg_class ",
-            "pg_namespace ",
-            "pg_attribute ",
-            "pg_inherits ",
-            "pg_get_viewdef(",
-            "oid[]",
-            "name[]",
-        ] {
+        for name in names {
             let all = sql.matches(name).count();
             let qualified = sql.matches(&format!("pg_catalog.{name}")).count();
             assert!(all > 0 && all == qualified, "{name}: {sql}");
         }
+    }
+
+    #[test]
+    fn the_lookup_names_every_relation_function_and_operator_with_its_schema() {
+        let sql = lookup_sql(&[16384, 16390], &["users".into(), "o'dd".into()]);
+        assert_qualified(
+            &sql,
+            &[
+                "pg_class ",
+                "pg_namespace ",
+                "pg_attribute ",
+                "pg_inherits ",
+                "pg_get_viewdef(",
+                "oid[]",
+                "name[]",
+            ],
+        );
         assert!(lookup_sql(&[], &[]).contains("WHERE false"));
     }
 
     #[test]
     fn the_types_lookup_names_everything_with_its_schema() {
         let sql = types_sql(&[16384, 16390]);
-        let bare = sql
-            .replace("OPERATOR(pg_catalog.=)", "")
-            .replace("OPERATOR(pg_catalog.>)", "");
-        assert!(!bare.contains(['=', '<', '>', '~', '!']), "{bare}");
-        for name in [
-            "pg_type ",
-            "pg_proc ",
-            "pg_attribute ",
-            "array_agg(",
-            "oid[]",
-        ] {
-            let all = sql.matches(name).count();
-            let qualified = sql.matches(&format!("pg_catalog.{name}")).count();
-            assert!(all > 0 && all == qualified, "{name}: {sql}");
-        }
+        assert_qualified(
+            &sql,
+            &[
+                "pg_type ",
+                "pg_proc ",
+                "pg_attribute ",
+                "array_agg(",
+                "oid[]",
+            ],
+        );
         assert!(sql.contains("'{16384,16390}'"), "{sql}");
     }
 

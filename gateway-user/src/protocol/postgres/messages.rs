@@ -309,23 +309,6 @@ pub fn row_description(body: &[u8]) -> Result<Vec<Field>, FrameError> {
     Ok(out)
 }
 
-/// The type OIDs of a `RowDescription`'s fields, without copying their names.
-pub fn row_description_types(body: &[u8]) -> Result<Vec<u32>, FrameError> {
-    let mut r = Reader::new(body, "RowDescription");
-    let n = r.count16()?;
-    let mut out = Vec::with_capacity(n.min(r.remaining() / 19));
-    for _ in 0..n {
-        r.cstr()?;
-        r.i32()?;
-        r.i16()?;
-        out.push(r.i32()? as u32);
-        r.i16()?;
-        r.i32()?;
-        r.i16()?;
-    }
-    Ok(out)
-}
-
 /// The values of a `DataRow` (`None` = NULL), borrowed from its body.
 pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, FrameError> {
     let mut r = Reader::new(body, "DataRow");

@@ -2415,9 +2415,9 @@ async fn server_to_client<R: AsyncRead + Unpin>(
                 }
                 if f.tag == be::ROW_DESCRIPTION
                     && judge.catalog.in_session()
-                    && let Ok(types) = messages::row_description_types(&f.body)
+                    && let Ok(fields) = messages::row_description(&f.body)
                 {
-                    judge.catalog.saw_types(types);
+                    judge.catalog.saw_types(fields.iter().map(|f| f.type_oid));
                 }
                 let head = st.tracker.head_query_ctx().cloned();
                 masking.system_names = st.system_names;
