@@ -359,6 +359,49 @@ fn a_store_on_a_full_disk_fails_closed_and_recovers() {
 }
 
 #[test]
+fn a_spool_without_space_to_grow_refuses_statements_until_there_is_space() {
+    // The store on a 2 MiB tmpfs filled before the first statement: the spool has no
+    // space allocated yet and cannot get any.
+    let mount = Tmpfs::mount("pc-nospool", "2m");
+    let db = mount.0.join("portcullis.db");
+    let w = world_full(
+        "",
+        None,
+        "",
+        &format!("[store]\npath = \"{}\"\n", db.display()),
+    );
+    let filler = mount.fill();
+    let out = psql_script(&w, &w.agent, "SELECT 515151 AS k;\n");
+    assert_eq!(store_refusals(&out), [1], "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot allocate space in") && stderr.contains(".spool"),
+        "the refusal does not say why: {stderr}"
+    );
+    assert!(
+        !logged_numbers(&w.pg.log()).contains(&515151),
+        "a statement the store refused ran"
+    );
+    fs::remove_file(&filler).expect("rm filler");
+    let out = psql_script(&w, &w.agent, "SELECT 525252 AS k;\n");
+    assert!(
+        out.status.success() && store_refusals(&out).is_empty() && text(&out).contains("525252"),
+        "{}",
+        text(&out)
+    );
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        export(&w)
+            .iter()
+            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == "SELECT 525252 AS k;"),
+        "the statement after space came back was not recorded"
+    );
+    drop(w);
+    drop(mount);
+}
+
+#[test]
 fn a_store_that_cannot_be_opened_stops_the_daemon_with_the_reason() {
     let env = portcullis_tests::Env::new();
     let m = Tmpfs::mount("pc-ro", "1m,ro");

@@ -15,6 +15,7 @@
 //! See docs/audit.md for the guarantees and their limits.
 
 pub mod chain;
+mod mapped;
 pub mod query;
 pub mod redact;
 pub mod spool;

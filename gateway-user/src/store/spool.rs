@@ -1,29 +1,39 @@
-//! The spool: records on their way into the database, in an append-only file beside it
+//! The spool: records on their way into the database, in a file beside it
 //! (`<store>.spool`, mode 0600).
 //!
 //! Appending a record means giving it its place in the chain (sequence number and hash,
-//! [`chain::record_hash`]) and writing its line here with one `write(2)`; from then on it
-//! survives the daemon being killed. The writer thread moves spooled records into SQLite in
-//! large transactions and empties the file once the database holds (and has synced) all of
-//! them. A daemon that starts with records in the spool imports them first. This keeps an
-//! SQLite transaction, with its locks and page writes, off the path of every statement.
+//! [`chain::record_hash`]) and copying its line into the file through a shared mapping
+//! ([`mapped`]): from then on it survives the daemon being killed, and no system call was
+//! made for it. The writer thread moves spooled records into SQLite in large transactions
+//! and empties the spool once the database holds (and has synced) all of them. A daemon
+//! that starts with records in the spool imports them first. This keeps an SQLite
+//! transaction, with its locks and page writes, off the path of every statement.
 //!
 //! A line is `seq TAB at_us TAB session TAB kind TAB hash-hex TAB body-json LF`. The body is
-//! compact JSON, which never holds a raw tab or line feed. A line without its line feed at
-//! the end of the file is an unfinished write (its records were never acknowledged).
+//! compact JSON, which never holds a raw tab, line feed or zero byte. The file is allocated
+//! ahead and the records end at its first zero byte: an append copies its lines but their
+//! first byte, then the zero after them, and the first byte last, so until an append is
+//! whole the spool ends where it ended before. Emptying the spool writes a zero at its start
+//! (the bytes after it are never read again). A line without its line feed before the zero
+//! is an unfinished write (its records were never acknowledged).
 //!
 //! The codec ([`encode`], [`decode`]) is pure; [`Spool`] does the file I/O.
 
 use std::{
     fs::File,
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
 };
 
 use super::{
     Append, Head, StoreError,
     chain::{self, Row},
+    mapped::{self, Mapped},
 };
+
+/// The spool file is allocated and mapped in steps of this many bytes (at least; it
+/// doubles as it grows).
+const GROW: usize = 1 << 20;
 
 /// The spool file of the store at `db`.
 pub fn path_for(db: &Path) -> PathBuf {
@@ -33,6 +43,7 @@ pub fn path_for(db: &Path) -> PathBuf {
 /// Gives `records` their sequence numbers and hashes after `head` (which moves on), and
 /// appends their lines to `out`.
 pub fn seal(head: &mut Head, records: Vec<Append>, out: &mut Vec<u8>) -> Vec<Row> {
+    out.reserve(records.iter().map(|a| a.body.len() + LINE_HEAD).sum());
     records
         .into_iter()
         .map(|a| {
@@ -54,20 +65,17 @@ pub fn seal(head: &mut Head, records: Vec<Append>, out: &mut Vec<u8>) -> Vec<Row
         .collect()
 }
 
+/// Room for a line's fields before its body: four numbers and a kind, the hash in hex,
+/// six separators.
+const LINE_HEAD: usize = 4 * 20 + 64 + 6;
+
 /// One record's line.
 pub fn encode(r: &Row, out: &mut Vec<u8>) {
-    use std::fmt::Write as _;
-    let mut head = String::with_capacity(96);
-    let _ = write!(
-        head,
-        "{}\t{}\t{}\t{}\t{}\t",
-        r.seq,
-        r.at_us,
-        r.session,
-        r.kind,
-        chain::hex(&r.hash)
-    );
-    out.extend_from_slice(head.as_bytes());
+    use std::io::Write as _;
+    // Writing to a vector cannot fail.
+    let _ = write!(out, "{}\t{}\t{}\t{}\t", r.seq, r.at_us, r.session, r.kind);
+    out.extend_from_slice(chain::hex(&r.hash).as_bytes());
+    out.push(b'\t');
     out.extend_from_slice(r.body.as_bytes());
     out.push(b'\n');
 }
@@ -83,7 +91,10 @@ pub struct Decoded {
     pub bad: Option<(usize, String)>,
 }
 
+/// The records of a spool file: its lines up to the first zero byte.
 pub fn decode(bytes: &[u8]) -> Decoded {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let bytes = &bytes[..end];
     let mut d = Decoded::default();
     let mut at = 0;
     while at < bytes.len() {
@@ -171,10 +182,11 @@ pub fn continuing(head: &mut Head, rows: Vec<Row>) -> (Vec<Row>, Option<String>)
 pub struct Spool {
     file: File,
     path: PathBuf,
-    /// Bytes of whole records in the file.
-    len: u64,
-    /// A failed write may have left part of a line after `len`: cut before the next one.
-    torn: bool,
+    /// The file, mapped over its allocated size; `None` until the first append.
+    map: Option<Mapped>,
+    /// Bytes of whole records at the start of the file. A zero byte follows them, unless
+    /// they fill the file.
+    len: usize,
     /// The last record sealed and spooled.
     pub head: Head,
     /// Spooled and not yet in the database, in sequence order.
@@ -185,20 +197,24 @@ pub struct Spool {
 
 impl Spool {
     /// Opens (creating) the spool of a database whose head is `head`. The file must hold
-    /// nothing the database lacks (see [`Spool::read`]).
+    /// nothing the database lacks (see [`Spool::read`]); new records follow what it holds.
+    /// Nothing is allocated yet: a full disk refuses the first append, not the opening.
     pub fn open(path: &Path, head: Head) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .mode(0o600)
             .open(path)?;
-        let len = file.metadata()?.len();
+        let held = std::fs::read(path)?;
+        let len = held.iter().position(|&b| b == 0).unwrap_or(held.len());
         Ok(Self {
             file,
             path: path.to_owned(),
+            map: None,
             len,
-            torn: false,
             head,
             unsaved: Vec::new(),
             blocked: None,
@@ -218,18 +234,12 @@ impl Spool {
         &self.path
     }
 
-    /// Seals `groups` in order and writes them with one `write(2)`; returns each group's
-    /// last sequence number. On failure nothing is kept: the head stays, the file is cut
-    /// back, and the caller gets the error.
+    /// Seals `groups` in order and copies their lines into the file; returns each group's
+    /// last sequence number. On failure (no space can be allocated) nothing is kept: the
+    /// head stays, and the caller gets the error.
     pub fn append(&mut self, groups: Vec<Vec<Append>>) -> Result<Vec<i64>, StoreError> {
         if let Some(why) = &self.blocked {
             return Err(StoreError::Write(why.clone()));
-        }
-        if self.torn {
-            self.file
-                .set_len(self.len)
-                .map_err(|e| self.failed("cannot cut back an unfinished write", e))?;
-            self.torn = false;
         }
         let mut head = self.head;
         let mut out = Vec::new();
@@ -240,39 +250,77 @@ impl Spool {
             lasts.push(head.seq);
         }
         if !out.is_empty() {
-            if let Err(e) = self.file.write_all(&out) {
-                self.torn = true;
-                // Cut now if possible, so that the file ends in a whole line.
-                if self.file.set_len(self.len).is_ok() {
-                    self.torn = false;
-                }
-                return Err(self.failed("cannot write", e));
+            // Room for the lines and the zero after them.
+            match self.room(out.len() + 1) {
+                Ok(to) => publish(to, &out),
+                Err(e) => return Err(self.failed("cannot allocate space in", e)),
             }
-            self.len += out.len() as u64;
+            self.len += out.len();
         }
         self.head = head;
         self.unsaved.extend(sealed);
         Ok(lasts)
     }
 
+    /// The mapped bytes after the records, at least `need` of them; grows the file (its
+    /// blocks allocated before they are mapped) when it has fewer.
+    fn room(&mut self, need: usize) -> io::Result<&mut [u8]> {
+        let mapped = self.map.as_ref().map_or(0, Mapped::len);
+        if self.len + need > mapped {
+            let size = (self.len + need)
+                .max(mapped.saturating_mul(2))
+                .next_multiple_of(GROW);
+            mapped::allocate(&self.file, size)?;
+            self.map = None;
+            self.map = Some(Mapped::new(&self.file, size)?);
+        }
+        match &mut self.map {
+            Some(m) => Ok(&mut m.bytes_mut()[self.len..]),
+            None => Err(io::Error::other("the spool is not mapped")),
+        }
+    }
+
     fn failed(&self, what: &str, e: io::Error) -> StoreError {
         StoreError::Write(format!("{what} {}: {e}", self.path.display()))
     }
 
-    /// fsyncs what was written (`strict`).
+    /// fsyncs what was written (`strict`): `fdatasync` writes out the pages the mapping
+    /// changed, like any others of the file.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 
-    /// Empties the file when the database holds every record in it. Call only after the
-    /// database synced what it took.
+    /// Empties the spool when the database holds every record in it. Call only after the
+    /// database synced what it took. The file keeps its size and its pages; a zero at its
+    /// start ends the records.
     pub fn truncate_if_saved(&mut self) -> io::Result<()> {
-        if self.unsaved.is_empty() && self.len > 0 && !self.torn {
-            self.file.set_len(0)?;
+        if self.unsaved.is_empty() && self.len > 0 {
             self.len = 0;
+            self.room(1)?[0] = 0;
         }
         Ok(())
     }
+
+    /// At a clean stop: unmaps the file and cuts it back to the records it holds (none once
+    /// the database has them all).
+    pub fn release(&mut self) -> io::Result<()> {
+        self.map = None;
+        self.file.set_len(self.len as u64)
+    }
+}
+
+/// Copies `lines` to the start of `to` (which holds at least one byte more), so that a
+/// reader of the file after the process died at any point sees either none of them or
+/// all: every byte but the first, then the zero that will end the records, and the first
+/// byte last. `to[0]` is the zero that ends the records until then.
+fn publish(to: &mut [u8], lines: &[u8]) {
+    let n = lines.len();
+    to[1..n].copy_from_slice(&lines[1..]);
+    to[n] = 0;
+    // A process stopped at any instruction has made every store before it (into the page
+    // cache, which outlives it) and none after; only the compiler could reorder them.
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::Release);
+    to[0] = lines[0];
 }
 
 #[cfg(test)]
@@ -361,24 +409,93 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_write_keeps_nothing_and_a_blocked_spool_refuses() {
-        let dir = std::env::temp_dir().join(format!("pc-spool-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("t.db.spool");
-        let _ = std::fs::remove_file(&path);
+    fn a_blocked_spool_refuses_and_an_emptied_one_reads_as_empty() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.db.spool");
         let mut s = Spool::open(&path, Head::default()).expect("open");
         assert_eq!(s.append(vec![appends(2), appends(1)]).expect("ok"), [2, 3]);
+        let seqs = |p: &Path| {
+            let d = Spool::read(p).expect("read");
+            assert_eq!((d.torn, d.bad.is_none()), (0, true));
+            d.rows.iter().map(|r| r.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&path), [1, 2, 3]);
+        let size = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(size, GROW as u64, "allocated ahead");
         s.blocked = Some("the database cannot write".into());
         let e = s.append(vec![appends(1)]).expect_err("blocked");
         assert!(e.to_string().contains("cannot write"), "{e}");
         assert_eq!(s.head.seq, 3);
         s.blocked = None;
+        // Not emptied while records wait for the database.
+        s.truncate_if_saved().expect("truncate");
+        assert_eq!(seqs(&path), [1, 2, 3]);
         s.unsaved.clear();
         s.truncate_if_saved().expect("truncate");
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        assert!(
+            seqs(&path).is_empty(),
+            "a zero at the start ends the records"
+        );
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), size);
+        // The next lines overwrite the old ones; what is left of those is never read.
         assert_eq!(s.append(vec![appends(1)]).expect("after"), [4]);
+        assert_eq!(seqs(&path), [4]);
+        // A spool opened again continues after what it holds.
+        let head = s.head;
+        drop(s);
+        let mut s = Spool::open(&path, head).expect("reopen");
+        assert_eq!(s.append(vec![appends(1)]).expect("more"), [5]);
+        assert_eq!(seqs(&path), [4, 5]);
+        s.release().expect("release");
+        assert_eq!(seqs(&path), [4, 5]);
+        assert!(
+            std::fs::metadata(&path).expect("meta").len() < 1024,
+            "cut back"
+        );
+    }
+
+    #[test]
+    fn the_spool_grows_past_its_first_allocation() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.db.spool");
+        let mut s = Spool::open(&path, Head::default()).expect("open");
+        let big = |i: i64| Append {
+            session: 1,
+            kind: "result",
+            body: json!({"rows": "x".repeat(300_000), "i": i}).into(),
+            at_us: i,
+        };
+        for i in 0..8 {
+            s.append(vec![vec![big(i)]]).expect("append");
+        }
         let d = Spool::read(&path).expect("read");
-        assert_eq!(d.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [4]);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(d.rows.len(), 8);
+        assert!(std::fs::metadata(&path).expect("meta").len() >= 8 * 300_000);
+    }
+
+    #[test]
+    fn an_append_is_seen_whole_or_not_at_all() {
+        let mut head = Head::default();
+        let mut first = Vec::new();
+        seal(&mut head, appends(1), &mut first);
+        let mut more = Vec::new();
+        seal(&mut head, appends(2), &mut more);
+        // Stale lines from before the spool was last emptied follow the zero.
+        let mut file = first.clone();
+        file.push(0);
+        file.extend_from_slice(&more);
+        file.extend_from_slice(&more);
+        assert_eq!(decode(&file).rows.len(), 1);
+        // The process stopped after copying every byte but the first: nothing new shows.
+        let mut stopped = file.clone();
+        let at = first.len();
+        stopped[at + 1..at + more.len()].copy_from_slice(&more[1..]);
+        stopped[at + more.len()] = 0;
+        let d = decode(&stopped);
+        assert_eq!((d.rows.len(), d.torn, d.bad.is_none()), (1, 0, true));
+        // Once the first byte is in, all of it does.
+        publish(&mut file[at..], &more);
+        let d = decode(&file);
+        assert_eq!((d.rows.len(), d.torn, d.bad.is_none()), (3, 0, true));
     }
 }

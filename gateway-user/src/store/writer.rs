@@ -547,6 +547,11 @@ impl Writer {
                 break;
             }
         }
+        // A clean stop leaves the spool cut back to what it holds: nothing, once the
+        // database has synced it all.
+        if let Err(e) = self.spool().release() {
+            tracing::warn!(error = %e, "cannot cut back the audit spool");
+        }
     }
 
     /// Spools the records appended without waiting, then `groups` (fsynced in `strict`),
