@@ -1276,13 +1276,18 @@ B portcullis_catalog s1
 E portcullis_catalog
 S
 WAIT 1
+Q DECLARE portcullis_catalog CURSOR WITH HOLD FOR SELECT 1
+WAIT 1
+P s2 DECLARE Portcullis_Catalog CURSOR WITH HOLD FOR SELECT 1
+S
+WAIT 1
 Q SELECT 'still here'
 WAIT 1
 X
 ",
     );
     let errors = wire_errors(&out);
-    assert_eq!(errors.len(), 3, "{out:#?}");
+    assert_eq!(errors.len(), 5, "{out:#?}");
     for (code, message) in &errors {
         assert_eq!(*code, "42501", "{out:#?}");
         assert!(message.contains("reserved"), "{message}");

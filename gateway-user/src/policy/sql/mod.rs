@@ -136,6 +136,9 @@ pub struct StatementClass {
     /// Name of the prepared statement a PREPARE creates, an EXECUTE runs or a DEALLOCATE
     /// drops.
     pub prepared: Option<String>,
+    /// Names of the cursors a `DECLARE` opens (portals of the session, in the namespace
+    /// the extended protocol's Bind uses).
+    pub cursors: Vec<String>,
     /// Drops every prepared statement of the session (`DEALLOCATE ALL`, `DISCARD ALL`).
     pub drops_all_prepared: bool,
     /// Makes one relation's rows part of another's (`ALTER TABLE ... ATTACH PARTITION`,
@@ -224,6 +227,7 @@ impl StatementClass {
             missing_where: false,
             dynamic_sql: false,
             prepared: None,
+            cursors: Vec::new(),
             drops_all_prepared: false,
             attaches: false,
             shape: lineage::Shape::None,
@@ -1467,6 +1471,10 @@ impl Visitor for Collector<'_> {
             }
             S::Call(f) => self.function(&f.name),
             S::Prepare { name, .. } => self.c.prepared = Some(ident_name(name)),
+            S::Declare { stmts, .. } => self
+                .c
+                .cursors
+                .extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name))),
             // `ALL` is a keyword there; `"ALL"` names a statement.
             S::Deallocate { name, .. } => {
                 if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") {

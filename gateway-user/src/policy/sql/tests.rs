@@ -173,6 +173,26 @@ fn deallocate_and_discard_name_what_they_drop() {
     assert_eq!(one("DISCARD PLANS"), (None, false));
 }
 
+/// DECLARE names the cursors (portals) it opens, as the server folds them.
+#[test]
+fn declare_names_its_cursors() {
+    let cursors = |sql: &str| {
+        let c = classify(sql, LexOptions::default());
+        c.statements
+            .first()
+            .unwrap_or_else(|| panic!("{sql}: {c:?}"))
+            .cursors
+            .clone()
+    };
+    assert_eq!(cursors("DECLARE c1 CURSOR FOR SELECT 1"), ["c1"]);
+    assert_eq!(
+        cursors("DECLARE Portcullis_Catalog CURSOR WITH HOLD FOR SELECT 1"),
+        ["portcullis_catalog"]
+    );
+    assert_eq!(cursors("DECLARE \"C2\" BINARY CURSOR FOR SELECT 1"), ["C2"]);
+    assert!(cursors("SELECT 1").is_empty());
+}
+
 /// A shape cached from a session in UTF-8 is not served to one whose encoding reads
 /// non-ASCII text otherwise: there the text is refused, as a fresh classification would.
 #[test]

@@ -1227,6 +1227,9 @@ pub const PREPARED_NAME_RULE: &str = "prepared-statement-name";
 /// never judged). The refusal when one is not.
 fn check_prepared_names(st: &State, j: &Judgement) -> Option<Denial> {
     let mut made: Vec<&str> = Vec::new();
+    if declares_reserved(j) {
+        return Some(reserved_name(inband::NAME));
+    }
     for s in &j.classification.statements {
         match (s.kind, s.prepared.as_deref()) {
             (Kind::Prepare, Some(inband::NAME)) => return Some(reserved_name(inband::NAME)),
@@ -1247,6 +1250,14 @@ fn check_prepared_names(st: &State, j: &Judgement) -> Option<Denial> {
     None
 }
 
+/// Whether a `DECLARE` in `j` opens a cursor under [`inband::NAME`].
+fn declares_reserved(j: &Judgement) -> bool {
+    j.classification
+        .statements
+        .iter()
+        .any(|s| s.cursors.iter().any(|c| c == inband::NAME))
+}
+
 fn name_in_use(name: &str) -> Denial {
     Denial {
         rule: PREPARED_NAME_RULE.into(),
@@ -1258,7 +1269,7 @@ fn name_in_use(name: &str) -> Denial {
 }
 
 /// The statement and portal name the catalog lookups on a session use ([`inband::NAME`]):
-/// a client's statement or portal of that name would be closed by one.
+/// a client's statement, portal or cursor (`DECLARE`) of that name would be closed by one.
 fn reserved_name(name: &str) -> Denial {
     Denial {
         rule: PREPARED_NAME_RULE.into(),
@@ -1497,6 +1508,7 @@ fn plan(
             let in_use = !p.name.is_empty() && st.prepared.contains_key(&p.name);
             let refusal = match j.decision.verdict {
                 _ if p.name == inband::NAME => Some(reserved_name(&p.name)),
+                _ if declares_reserved(&j) => Some(reserved_name(inband::NAME)),
                 _ if in_use => Some(name_in_use(&p.name)),
                 Verdict::Deny => Some(denial_of(&j)),
                 _ => {
