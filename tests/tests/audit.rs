@@ -275,10 +275,9 @@ fn store_refusals(out: &Output) -> Vec<usize> {
         .collect()
 }
 
-#[test]
-fn a_store_on_a_full_disk_fails_closed_and_recovers() {
-    // The store on a 2 MiB tmpfs.
-    let mount = Tmpfs::mount("pc-small", "2m");
+/// A daemon whose store is on a 2 MiB tmpfs of its own.
+fn store_on_a_small_disk(name: &str) -> (Tmpfs, Pgw) {
+    let mount = Tmpfs::mount(name, "2m");
     let db = mount.0.join("portcullis.db");
     let w = world_full(
         "",
@@ -286,6 +285,42 @@ fn a_store_on_a_full_disk_fails_closed_and_recovers() {
         "",
         &format!("[store]\npath = \"{}\"\n", db.display()),
     );
+    (mount, w)
+}
+
+/// `SELECT n AS k` runs again within 10 s, unrefused, and its record is in a store that
+/// verifies.
+fn runs_again_and_is_recorded(w: &Pgw, n: u64) {
+    let sql = format!("SELECT {n} AS k;");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = psql_script(w, &w.agent, &format!("{sql}\n"));
+        if out.status.success()
+            && store_refusals(&out).is_empty()
+            && text(&out).contains(&n.to_string())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store did not recover: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        export(w)
+            .iter()
+            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == sql.as_str()),
+        "{sql} was not recorded"
+    );
+}
+
+#[test]
+fn a_store_on_a_full_disk_fails_closed_and_recovers() {
+    let (mount, w) = store_on_a_small_disk("pc-small");
     assert!(
         psql_script(&w, &w.agent, "SELECT 1 AS k;\n")
             .status
@@ -332,44 +367,16 @@ fn a_store_on_a_full_disk_fails_closed_and_recovers() {
     );
     // Space again: statements run and are recorded again.
     fs::remove_file(&filler).expect("rm filler");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = psql_script(&w, &w.agent, "SELECT 424242 AS k;\n");
-        if out.status.success() && store_refusals(&out).is_empty() && text(&out).contains("424242")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the store did not recover: {}",
-            text(&out)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
-    assert_eq!(v["ok"], true, "{v}");
-    assert!(
-        export(&w)
-            .iter()
-            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == "SELECT 424242 AS k;"),
-        "the statement after recovery was not recorded"
-    );
+    runs_again_and_is_recorded(&w, 424242);
     drop(w);
     drop(mount);
 }
 
 #[test]
 fn a_spool_without_space_to_grow_refuses_statements_until_there_is_space() {
-    // The store on a 2 MiB tmpfs filled before the first statement: the spool has no
-    // space allocated yet and cannot get any.
-    let mount = Tmpfs::mount("pc-nospool", "2m");
-    let db = mount.0.join("portcullis.db");
-    let w = world_full(
-        "",
-        None,
-        "",
-        &format!("[store]\npath = \"{}\"\n", db.display()),
-    );
+    // Filled before the first statement: the spool has no space allocated yet and cannot
+    // get any.
+    let (mount, w) = store_on_a_small_disk("pc-nospool");
     let filler = mount.fill();
     let out = psql_script(&w, &w.agent, "SELECT 515151 AS k;\n");
     assert_eq!(store_refusals(&out), [1], "{}", text(&out));
@@ -383,20 +390,7 @@ fn a_spool_without_space_to_grow_refuses_statements_until_there_is_space() {
         "a statement the store refused ran"
     );
     fs::remove_file(&filler).expect("rm filler");
-    let out = psql_script(&w, &w.agent, "SELECT 525252 AS k;\n");
-    assert!(
-        out.status.success() && store_refusals(&out).is_empty() && text(&out).contains("525252"),
-        "{}",
-        text(&out)
-    );
-    let v = portcullis_json(&w.daemon.config, &["audit", "verify", "--json"]);
-    assert_eq!(v["ok"], true, "{v}");
-    assert!(
-        export(&w)
-            .iter()
-            .any(|r| r["kind"] == "statement" && r["body"]["sql"] == "SELECT 525252 AS k;"),
-        "the statement after space came back was not recorded"
-    );
+    runs_again_and_is_recorded(&w, 525252);
     drop(w);
     drop(mount);
 }
