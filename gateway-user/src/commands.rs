@@ -303,7 +303,10 @@ fn audit(
                          by comparing with the daemon's head (run without --store)"
                     );
                     let spool = store::spool::path_for(path);
-                    let waiting = store::spool::Spool::read(&spool).map_or(0, |d| d.rows.len());
+                    // Records the database already has may still be in the spool.
+                    let held = c.head_seq.unwrap_or(0);
+                    let waiting = store::spool::Spool::read(&spool)
+                        .map_or(0, |d| d.rows.iter().filter(|r| r.seq > held).count());
                     if waiting > 0 {
                         println!(
                             "note: {waiting} record(s) in {} are not in the database yet; the \

@@ -260,6 +260,48 @@ fn verify_passes_while_a_load_keeps_appending() {
     );
 }
 
+/// Statement records in the spool's files (`.spool`, `.spool.1`): lines up to each file's
+/// first zero byte whose kind is `statement`.
+fn spooled_statements(db: &Path) -> usize {
+    ["spool", "spool.1"]
+        .iter()
+        .map(|ext| {
+            let bytes = fs::read(db.with_extension(format!("db.{ext}"))).unwrap_or_default();
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end])
+                .lines()
+                .filter(|l| l.split('\t').nth(3) == Some("statement"))
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn the_spool_empties_under_a_load_that_never_pauses() {
+    let w = world_with("", None);
+    let mut bench = pgbench_load(&w, 60);
+    wait_load(&w, 500);
+    let db = w.store_path();
+    let start = logged_numbers(&w.pg.log()).len();
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(500));
+        held.push(spooled_statements(&db));
+    }
+    let ran = logged_numbers(&w.pg.log()).len() - start;
+    let _ = bench.kill();
+    let _ = bench.wait();
+    // Checkpoints come once a second and the two files take turns, so the spool holds
+    // about two seconds of statements at most. With one file, emptied only when no record
+    // waited, it held every statement since the load began.
+    let most = held.iter().copied().max().unwrap_or(0);
+    assert!(ran > 600, "the load ran only {ran} statements in 6 s");
+    assert!(
+        most < ran / 2,
+        "the spool kept up to {most} statements while {ran} ran in 6 s: {held:?}"
+    );
+}
+
 /// Line numbers (1-based) of a psql `-f -` run that failed because of the store.
 fn store_refusals(out: &Output) -> Vec<usize> {
     String::from_utf8_lossy(&out.stderr)

@@ -487,8 +487,15 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
         tracing::warn!(spool = %path.display(), bytes = d.torn, "an unfinished write at the end of the audit spool was dropped (its records were never acknowledged)");
     }
     if let Some(why) = problem.or(d.bad.map(|(at, why)| format!("line at byte {at}: {why}"))) {
-        let aside = PathBuf::from(format!("{}.rejected-{}", path.display(), now_us()));
-        let _ = std::fs::copy(path, &aside);
+        let at = now_us();
+        let aside = PathBuf::from(format!("{}.rejected-{at}", path.display()));
+        for (i, part) in spool::parts_of(path).iter().enumerate() {
+            let kept = match i {
+                0 => aside.clone(),
+                _ => PathBuf::from(format!("{}.{i}", aside.display())),
+            };
+            let _ = std::fs::copy(part, kept);
+        }
         tracing::error!(spool = %path.display(), kept = %aside.display(), problem = %why, imported = n, "the audit spool does not continue the chain; the rest was not imported");
     } else if n > 0 {
         tracing::info!(
@@ -497,18 +504,21 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
             "imported records from the audit spool"
         );
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(0))
-        .map_err(|e| format!("cannot empty {}: {e}", path.display()))?;
+    for part in spool::parts_of(path) {
+        match std::fs::OpenOptions::new().write(true).open(&part) {
+            Ok(f) => f.set_len(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| format!("cannot empty {}: {e}", part.display()))?;
+    }
     Ok(head)
 }
 
 /// The database and its WAL hold statements and results: root's alone.
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
-    for suffix in ["", "-wal", "-shm", ".spool"] {
+    for suffix in ["", "-wal", "-shm", ".spool", ".spool.1"] {
         let p = PathBuf::from(format!("{}{suffix}", path.display()));
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
     }

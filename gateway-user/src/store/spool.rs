@@ -1,11 +1,12 @@
-//! The spool: records on their way into the database, in a file beside it
-//! (`<store>.spool`, mode 0600).
+//! The spool: records on their way into the database, in two files beside it
+//! (`<store>.spool` and `<store>.spool.1`, mode 0600).
 //!
 //! Appending a record means giving it its place in the chain (sequence number and hash,
 //! [`chain::record_hash`]) and copying its line into the file through a shared mapping
 //! ([`mapped`]): from then on it survives the daemon being killed, and no system call was
-//! made for it. The writer thread moves spooled records into SQLite in large transactions
-//! and empties the spool once the database holds (and has synced) all of them. A daemon
+//! made for it. The writer thread moves spooled records into SQLite in large transactions.
+//! Appends go to one file while the other waits for the database to hold (and have synced)
+//! everything in it; then it is emptied and takes the appends ([`parts_of`]). A daemon
 //! that starts with records in the spool imports them first. This keeps an SQLite
 //! transaction, with its locks and page writes, off the path of every statement.
 //!
@@ -178,15 +179,23 @@ pub fn continuing(head: &mut Head, rows: Vec<Row>) -> (Vec<Row>, Option<String>)
     (out, None)
 }
 
-/// The open spool file, the chain's head, and the records not yet in the database.
+/// The spool's two files: `path` and `path.1`. Appends go to one of them; the other is
+/// emptied once the database has synced everything in it, and then takes the appends. So
+/// the spool empties under a load that never pauses (a single file would only be emptied
+/// at a moment when no record waits for the database, which a steady load never gives).
+pub fn parts_of(path: &Path) -> [PathBuf; 2] {
+    [
+        path.to_owned(),
+        PathBuf::from(format!("{}.1", path.display())),
+    ]
+}
+
+/// The spool: its two files, the chain's head, and the records not yet in the database.
 pub struct Spool {
-    file: File,
+    parts: [Part; 2],
+    /// The part appends go to.
+    active: usize,
     path: PathBuf,
-    /// The file, mapped over its allocated size; `None` until the first append.
-    map: Option<Mapped>,
-    /// Bytes of whole records at the start of the file. A zero byte follows them, unless
-    /// they fill the file.
-    len: usize,
     /// The last record sealed and spooled.
     pub head: Head,
     /// Spooled and not yet in the database, in sequence order.
@@ -195,11 +204,22 @@ pub struct Spool {
     pub blocked: Option<String>,
 }
 
-impl Spool {
-    /// Opens (creating) the spool of a database whose head is `head`. The file must hold
-    /// nothing the database lacks (see [`Spool::read`]); new records follow what it holds.
-    /// Nothing is allocated yet: a full disk refuses the first append, not the opening.
-    pub fn open(path: &Path, head: Head) -> io::Result<Self> {
+/// One file of the spool.
+struct Part {
+    file: File,
+    path: PathBuf,
+    /// The file, mapped over its allocated size; `None` until the first append.
+    map: Option<Mapped>,
+    /// Bytes of whole records at the start of the file. A zero byte follows them, unless
+    /// they fill the file.
+    len: usize,
+    /// The sequence number of the last record copied in (0: none since it was emptied, or
+    /// held when the spool was opened, which the database has).
+    last: i64,
+}
+
+impl Part {
+    fn open(path: &Path) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -215,51 +235,17 @@ impl Spool {
             path: path.to_owned(),
             map: None,
             len,
-            head,
-            unsaved: Vec::new(),
-            blocked: None,
+            last: 0,
         })
     }
 
-    /// What the spool at `path` holds (empty when there is none).
-    pub fn read(path: &Path) -> io::Result<Decoded> {
-        match std::fs::read(path) {
-            Ok(b) => Ok(decode(&b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Decoded::default()),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Seals `groups` in order and copies their lines into the file; returns each group's
-    /// last sequence number. On failure (no space can be allocated) nothing is kept: the
-    /// head stays, and the caller gets the error.
-    pub fn append(&mut self, groups: Vec<Vec<Append>>) -> Result<Vec<i64>, StoreError> {
-        if let Some(why) = &self.blocked {
-            return Err(StoreError::Write(why.clone()));
-        }
-        let mut head = self.head;
-        let mut out = Vec::new();
-        let mut sealed = Vec::new();
-        let mut lasts = Vec::with_capacity(groups.len());
-        for g in groups {
-            sealed.extend(seal(&mut head, g, &mut out));
-            lasts.push(head.seq);
-        }
-        if !out.is_empty() {
-            // Room for the lines and the zero after them.
-            match self.room(out.len() + 1) {
-                Ok(to) => publish(to, &out),
-                Err(e) => return Err(self.failed("cannot allocate space in", e)),
-            }
-            self.len += out.len();
-        }
-        self.head = head;
-        self.unsaved.extend(sealed);
-        Ok(lasts)
+    /// Copies `lines` after the records, the last of them numbered `last`.
+    fn put(&mut self, lines: &[u8], last: i64) -> io::Result<()> {
+        // Room for the lines and the zero after them.
+        publish(self.room(lines.len() + 1)?, lines);
+        self.len += lines.len();
+        self.last = last;
+        Ok(())
     }
 
     /// The mapped bytes after the records, at least `need` of them; grows the file (its
@@ -280,32 +266,120 @@ impl Spool {
         }
     }
 
-    fn failed(&self, what: &str, e: io::Error) -> StoreError {
-        StoreError::Write(format!("{what} {}: {e}", self.path.display()))
+    /// Ends the records at the start of the file; its size and pages stay.
+    fn empty(&mut self) -> io::Result<()> {
+        if self.len > 0 {
+            self.len = 0;
+            self.room(1)?[0] = 0;
+        }
+        self.last = 0;
+        Ok(())
+    }
+}
+
+impl Spool {
+    /// Opens (creating) the spool of a database whose head is `head`. Its files must hold
+    /// nothing the database lacks (see [`Spool::read`]); new records follow what they
+    /// hold. Nothing is allocated yet: a full disk refuses the first append, not the
+    /// opening.
+    pub fn open(path: &Path, head: Head) -> io::Result<Self> {
+        let [a, b] = parts_of(path);
+        Ok(Self {
+            parts: [Part::open(&a)?, Part::open(&b)?],
+            active: 0,
+            path: path.to_owned(),
+            head,
+            unsaved: Vec::new(),
+            blocked: None,
+        })
+    }
+
+    /// What the spool at `path` holds (empty when there is none): the records of both
+    /// files, in sequence order.
+    pub fn read(path: &Path) -> io::Result<Decoded> {
+        let mut all = Decoded::default();
+        for p in parts_of(path) {
+            let d = match std::fs::read(&p) {
+                Ok(b) => decode(&b),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Decoded::default(),
+                Err(e) => return Err(e),
+            };
+            all.rows.extend(d.rows);
+            all.torn += d.torn;
+            if all.bad.is_none() {
+                all.bad = d
+                    .bad
+                    .map(|(at, why)| (at, format!("{}: {why}", p.display())));
+            }
+        }
+        all.rows.sort_by_key(|r| r.seq);
+        Ok(all)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Seals `groups` in order and copies their lines into the active file; returns each
+    /// group's last sequence number. On failure (no space can be allocated) nothing is
+    /// kept: the head stays, and the caller gets the error.
+    pub fn append(&mut self, groups: Vec<Vec<Append>>) -> Result<Vec<i64>, StoreError> {
+        if let Some(why) = &self.blocked {
+            return Err(StoreError::Write(why.clone()));
+        }
+        let mut head = self.head;
+        let mut out = Vec::new();
+        let mut sealed = Vec::new();
+        let mut lasts = Vec::with_capacity(groups.len());
+        for g in groups {
+            sealed.extend(seal(&mut head, g, &mut out));
+            lasts.push(head.seq);
+        }
+        if !out.is_empty() {
+            let part = &mut self.parts[self.active];
+            if let Err(e) = part.put(&out, head.seq) {
+                return Err(StoreError::Write(format!(
+                    "cannot allocate space in {}: {e}",
+                    part.path.display()
+                )));
+            }
+        }
+        self.head = head;
+        self.unsaved.extend(sealed);
+        Ok(lasts)
     }
 
     /// fsyncs what was written (`strict`): `fdatasync` writes out the pages the mapping
-    /// changed, like any others of the file.
+    /// changed, like any others of the file. Only the active file takes appends.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.parts[self.active].file.sync_data()
     }
 
-    /// Empties the spool when the database holds every record in it. Call only after the
-    /// database synced what it took. The file keeps its size and its pages; a zero at its
-    /// start ends the records.
+    /// Empties the files whose records the database holds, and turns the appends to an
+    /// empty file. Call only after the database synced every record it took (all but the
+    /// `unsaved` ones).
     pub fn truncate_if_saved(&mut self) -> io::Result<()> {
-        if self.unsaved.is_empty() && self.len > 0 {
-            self.len = 0;
-            self.room(1)?[0] = 0;
+        let through = self.unsaved.first().map_or(self.head.seq, |r| r.seq - 1);
+        for p in &mut self.parts {
+            if p.len > 0 && p.last <= through {
+                p.empty()?;
+            }
+        }
+        let other = 1 - self.active;
+        if self.parts[self.active].len > 0 && self.parts[other].len == 0 {
+            self.active = other;
         }
         Ok(())
     }
 
-    /// At a clean stop: unmaps the file and cuts it back to the records it holds (none once
-    /// the database has them all).
+    /// At a clean stop: unmaps the files and cuts them back to the records they hold (none
+    /// once the database has them all).
     pub fn release(&mut self) -> io::Result<()> {
-        self.map = None;
-        self.file.set_len(self.len as u64)
+        for p in &mut self.parts {
+            p.map = None;
+            p.file.set_len(p.len as u64)?;
+        }
+        Ok(())
     }
 }
 
@@ -452,6 +526,50 @@ mod tests {
             std::fs::metadata(&path).expect("meta").len() < 1024,
             "cut back"
         );
+    }
+
+    #[test]
+    fn a_load_that_never_pauses_still_empties_the_spool() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.db.spool");
+        let mut s = Spool::open(&path, Head::default()).expect("open");
+        let seqs = |p: &Path| {
+            let d = Spool::read(p).expect("read");
+            d.rows.iter().map(|r| r.seq).collect::<Vec<_>>()
+        };
+        // The database takes what is spooled, but by the time it has synced it, more
+        // records wait: there is never a moment with none.
+        let mut saved = 0;
+        for round in 0..6 {
+            s.append(vec![appends(3)]).expect("append");
+            let taken = s.unsaved.len() - 1;
+            s.unsaved.drain(..taken);
+            saved += taken;
+            s.truncate_if_saved().expect("truncate");
+            let held = seqs(&path);
+            assert!(
+                held.len() <= 7,
+                "round {round}: the spool keeps {} records",
+                held.len()
+            );
+            assert_eq!(held.last(), Some(&s.head.seq), "the newest stays");
+            assert!(
+                held.windows(2).all(|w| w[0] + 1 == w[1]),
+                "in order: {held:?}"
+            );
+        }
+        assert_eq!(saved, 6 * 3 - 1);
+        s.unsaved.clear();
+        s.truncate_if_saved().expect("truncate");
+        s.truncate_if_saved().expect("again");
+        assert!(seqs(&path).is_empty());
+        // Both files exist, mode 0600, at most their allocation in size.
+        for p in parts_of(&path) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let m = std::fs::metadata(&p).expect("part");
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+            assert!(m.len() <= GROW as u64);
+        }
     }
 
     #[test]
