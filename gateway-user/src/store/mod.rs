@@ -487,13 +487,8 @@ fn recover(conn: &rusqlite::Connection, path: &Path) -> Result<Head, String> {
         tracing::warn!(spool = %path.display(), bytes = d.torn, "an unfinished write at the end of the audit spool was dropped (its records were never acknowledged)");
     }
     if let Some(why) = problem.or(d.bad.map(|(at, why)| format!("line at byte {at}: {why}"))) {
-        let at = now_us();
-        let aside = PathBuf::from(format!("{}.rejected-{at}", path.display()));
-        for (i, part) in spool::parts_of(path).iter().enumerate() {
-            let kept = match i {
-                0 => aside.clone(),
-                _ => PathBuf::from(format!("{}.{i}", aside.display())),
-            };
+        let aside = PathBuf::from(format!("{}.rejected-{}", path.display(), now_us()));
+        for (part, kept) in spool::parts_of(path).iter().zip(spool::parts_of(&aside)) {
             let _ = std::fs::copy(part, kept);
         }
         tracing::error!(spool = %path.display(), kept = %aside.display(), problem = %why, imported = n, "the audit spool does not continue the chain; the rest was not imported");

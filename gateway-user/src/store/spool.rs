@@ -92,10 +92,14 @@ pub struct Decoded {
     pub bad: Option<(usize, String)>,
 }
 
+/// Where a spool file's records end: at its first zero byte, or its end.
+fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())
+}
+
 /// The records of a spool file: its lines up to the first zero byte.
 pub fn decode(bytes: &[u8]) -> Decoded {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    let bytes = &bytes[..end];
+    let bytes = &bytes[..records_end(bytes)];
     let mut d = Decoded::default();
     let mut at = 0;
     while at < bytes.len() {
@@ -228,8 +232,7 @@ impl Part {
             .write(true)
             .mode(0o600)
             .open(path)?;
-        let held = std::fs::read(path)?;
-        let len = held.iter().position(|&b| b == 0).unwrap_or(held.len());
+        let len = records_end(&std::fs::read(path)?);
         Ok(Self {
             file,
             path: path.to_owned(),
